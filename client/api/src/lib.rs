@@ -1,0 +1,226 @@
+//! The JSON shapes of the sandboxd HTTP API, version 1.
+//!
+//! This crate is the single place where the public wire format is written down in Rust. The daemon
+//! serialises these types and the client library deserialises them; `openapi.yaml` describes the
+//! same shapes for everyone else. Request types reject unknown fields so that a misspelt option is a
+//! 400 instead of being silently ignored.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// Channel byte of standard output in log records and websocket messages.
+pub const CHANNEL_STDOUT: u8 = 1;
+/// Channel byte of standard error in log records and websocket messages.
+pub const CHANNEL_STDERR: u8 = 2;
+
+/// Body of `POST /v1/sandboxes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// The program and its arguments; the program is looked up in `PATH` inside the sandbox.
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory inside the sandbox; `/work` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Host name inside the sandbox; derived from the name or the id when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Optional unique, human-friendly name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Resource limits of a sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Wall-clock limit: the sandbox is killed (reason `timeout`) when it runs longer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+}
+
+/// Where a sandbox is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    /// Accepted and being set up; lasts milliseconds.
+    Creating,
+    Running,
+    /// The command ended (on its own, killed or timed out); `exit_code` is set.
+    Exited,
+    /// The sandbox could not be started or was lost; `reason` and `error` say why.
+    Failed,
+}
+
+impl SandboxState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Creating => "creating",
+            SandboxState::Running => "running",
+            SandboxState::Exited => "exited",
+            SandboxState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "creating" => SandboxState::Creating,
+            "running" => SandboxState::Running,
+            "exited" => SandboxState::Exited,
+            "failed" => SandboxState::Failed,
+            _ => return None,
+        })
+    }
+
+    /// True once the sandbox can no longer change state by itself.
+    pub fn is_final(self) -> bool {
+        matches!(self, SandboxState::Exited | SandboxState::Failed)
+    }
+}
+
+/// Why a sandbox ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// The command exited (or died of a signal it did not get from the API).
+    Exited,
+    /// Killed through `POST /kill` or `DELETE`.
+    Killed,
+    /// `limits.timeout_secs` ran out.
+    Timeout,
+    /// The command could not be executed (not found, not executable...).
+    ExecFailed,
+    /// Setting up the sandbox failed.
+    SpawnFailed,
+    /// Its monitor disappeared without recording an exit status (for instance after a host crash).
+    Lost,
+}
+
+impl EndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Exited => "exited",
+            EndReason::Killed => "killed",
+            EndReason::Timeout => "timeout",
+            EndReason::ExecFailed => "exec_failed",
+            EndReason::SpawnFailed => "spawn_failed",
+            EndReason::Lost => "lost",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "exited" => EndReason::Exited,
+            "killed" => EndReason::Killed,
+            "timeout" => EndReason::Timeout,
+            "exec_failed" => EndReason::ExecFailed,
+            "spawn_failed" => EndReason::SpawnFailed,
+            "lost" => EndReason::Lost,
+            _ => return None,
+        })
+    }
+}
+
+/// A sandbox as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sandbox {
+    pub id: Uuid,
+    pub name: Option<String>,
+    pub state: SandboxState,
+    /// Exit code of the command, `128 + N` when it died of signal N; null until it ends.
+    pub exit_code: Option<i32>,
+    /// Name of the signal that ended the command (`"SIGKILL"`), if one did.
+    pub signal: Option<String>,
+    pub reason: Option<EndReason>,
+    /// Human-readable detail when the sandbox failed.
+    pub error: Option<String>,
+    pub hostname: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub started_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+    pub labels: BTreeMap<String, String>,
+    /// The request the sandbox was created from.
+    pub spec: CreateSandbox,
+}
+
+/// Body of `GET /v1/sandboxes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxList {
+    pub items: Vec<Sandbox>,
+    /// Pass as `cursor=` to get the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Body of `POST /v1/sandboxes/{id}/kill`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KillRequest {
+    /// Signal name (`"SIGTERM"`, `"TERM"`) or number; SIGKILL when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+}
+
+/// The last text message of a log websocket, sent after the last byte of output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEnd {
+    pub exit_code: Option<i32>,
+    pub signal: Option<String>,
+    pub reason: Option<EndReason>,
+    /// Offset just past the last byte of output (in the combined stdout+stderr stream).
+    pub offset: u64,
+}
+
+/// Body of `GET /v1/info`: what this host can enforce.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Info {
+    pub version: String,
+    /// `"privileged"` (a root helper, one uid range per sandbox) or `"rootless"`.
+    pub mode: String,
+    pub user_namespaces: bool,
+    pub namespaces: Vec<String>,
+    pub cgroup: CgroupInfo,
+    pub overlayfs: bool,
+    pub network_modes: Vec<String>,
+    /// Host uids of the sandboxes: in privileged mode each sandbox gets `size` ids from its own slot.
+    pub uid_ranges: UidRanges,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupInfo {
+    /// `"v1"`, `"hybrid"`, `"v2"` or `"none"`.
+    pub version: String,
+    /// Controllers mounted on this host (not yet enforced by sandboxd).
+    pub controllers: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UidRanges {
+    pub base: u32,
+    pub size: u32,
+    pub slots: u32,
+}
+
+/// The one error shape of the API: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code such as `invalid_request`, `not_found`, `conflict`.
+    pub code: String,
+    pub message: String,
+}

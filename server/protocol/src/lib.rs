@@ -1,0 +1,15 @@
+//! What the unprivileged daemon and the privileged helper say to each other, and the files they share.
+//!
+//! * [`wire`]: the request/response enums of the helper socket and their framing.
+//! * [`layout`]: the per-sandbox directory the helper creates and the daemon reads.
+//! * [`status`]: the exit record a monitor writes when its sandbox ends.
+//! * [`logindex`]: the record format that says which bytes of the output log came from which stream.
+//! * [`control`]: the line protocol of a monitor's control socket (kill, exit notification).
+//!
+//! Nothing here performs I/O beyond encoding and decoding; both sides bring their own sockets.
+
+pub mod control;
+pub mod layout;
+pub mod logindex;
+pub mod status;
+pub mod wire;

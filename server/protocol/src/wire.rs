@@ -1,0 +1,183 @@
+//! Messages on the helper socket.
+//!
+//! Framing: every message is a little-endian `u32` length followed by that many bytes of JSON.
+//! A frame longer than [`MAX_FRAME`] is a protocol error and closes the connection. The first
+//! request on a connection must be [`Request::Hello`] with [`PROTOCOL_VERSION`]; the helper answers
+//! every request with exactly one [`Response`], in order, and never exits because one request failed.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Bumped whenever a message changes shape. The helper refuses other versions.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame either side accepts.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// A request from the daemon. The helper validates every field; see `server/helper/src/validate.rs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Hello { version: u32 },
+    /// What the helper can do on this host.
+    Info,
+    /// Create the sandbox directory and start the sandbox under a new monitor.
+    Spawn(SpawnRequest),
+    /// Remove every trace of a sandbox that is no longer running.
+    Destroy { id: Uuid },
+    /// Ids of all sandbox directories that exist, so the daemon can reconcile after a crash.
+    List,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnRequest {
+    pub id: Uuid,
+    /// Which uid/gid range the sandbox gets in privileged mode; must be `None` in rootless mode.
+    pub uid_slot: Option<u32>,
+    pub command: Vec<String>,
+    /// `KEY=VALUE` pairs, in order.
+    pub env: Vec<(String, String)>,
+    pub cwd: String,
+    pub hostname: String,
+    pub timeout_secs: Option<u64>,
+}
+
+/// The helper's answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Hello { version: u32, mode: Mode },
+    Info(HelperInfo),
+    Spawned(Spawned),
+    Destroyed,
+    List { ids: Vec<Uuid> },
+    Error(HelperError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The helper runs as root and gives each sandbox its own uid/gid range.
+    Privileged,
+    /// The helper has only its user's rights; sandboxes map that single uid.
+    Rootless,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Privileged => "privileged",
+            Mode::Rootless => "rootless",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelperInfo {
+    pub mode: Mode,
+    pub user_namespaces: bool,
+    pub cgroup_version: String,
+    pub cgroup_controllers: Vec<String>,
+    pub overlayfs: bool,
+    pub uid_base: u32,
+    pub uid_range_size: u32,
+    pub uid_slots: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spawned {
+    /// Host pid of the sandbox's init (for display and host-side checks only; never used to signal).
+    pub init_pid: i32,
+    /// Host uid that root inside the sandbox maps to.
+    pub host_uid: u32,
+    pub started_at_unix_ms: i64,
+    /// Set when the command could not be executed: the sandbox has already ended and its
+    /// `status.json` is written.
+    pub exec_error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct HelperError {
+    pub code: HelperErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HelperErrorCode {
+    /// The request was malformed or failed validation.
+    Invalid,
+    /// The sandbox (or uid slot) exists already or is still running.
+    Busy,
+    NotFound,
+    /// The kernel refused a step of the setup.
+    SetupFailed,
+    Internal,
+}
+
+impl HelperError {
+    pub fn new(code: HelperErrorCode, message: impl Into<String>) -> Self {
+        HelperError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME}")]
+    TooLarge(usize),
+    #[error("malformed message")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Encode a message as one frame (length prefix included).
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let body = serde_json::to_vec(msg)?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// Read a frame's length prefix, refusing lengths over [`MAX_FRAME`].
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_le_bytes(prefix) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Decode a frame body (without its length prefix).
+pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
+    Ok(serde_json::from_slice(body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trips_and_rejects_unknown_fields() {
+        let req = Request::Destroy { id: Uuid::nil() };
+        let frame = encode(&req).unwrap();
+        let len = frame_len(frame[..4].try_into().unwrap()).unwrap();
+        assert_eq!(len, frame.len() - 4);
+        assert_eq!(decode::<Request>(&frame[4..]).unwrap(), req);
+        let bad = br#"{"op":"destroy","id":"00000000-0000-0000-0000-000000000000","path":"/etc"}"#;
+        assert!(decode::<Request>(bad).is_err());
+    }
+
+    #[test]
+    fn oversized_frames_are_refused() {
+        assert!(frame_len(((MAX_FRAME + 1) as u32).to_le_bytes()).is_err());
+    }
+}
