@@ -1,0 +1,280 @@
+//! The `sbx` command line: argument definitions, dispatch to one module per verb, and the shared
+//! pieces (errors, id resolution, copying output).
+
+mod args;
+mod info;
+mod inspect;
+mod kill;
+mod logs;
+mod ls;
+mod output;
+mod rm;
+mod run;
+mod wait;
+
+use clap::{Parser, Subcommand};
+use sandboxd_api::Sandbox;
+use sandboxd_client::{Client, ClientError, ListQuery, DEFAULT_URL};
+
+/// Exit status for errors of the daemon, the API or sbx itself (as `docker run` uses it).
+pub const EXIT_DAEMON_ERROR: u8 = 125;
+
+/// Exit status when stdout or stderr was closed under us (as if killed by SIGPIPE).
+const EXIT_BROKEN_PIPE: u8 = 141;
+
+/// Command line of sandboxd.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sbx",
+    version,
+    about = "Run and manage sandboxes of a sandboxd daemon"
+)]
+pub struct Cli {
+    /// Base URL of the daemon.
+    #[arg(long, global = true, env = "SANDBOXD_URL", default_value = DEFAULT_URL)]
+    url: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a sandbox running CMD and stream its output until it exits.
+    Run(run::RunArgs),
+    /// List sandboxes.
+    Ls(ls::LsArgs),
+    /// Show one sandbox as JSON.
+    Inspect(inspect::InspectArgs),
+    /// Print the output of a sandbox.
+    Logs(logs::LogsArgs),
+    /// Wait for a sandbox to end, print its exit code and exit with it.
+    Wait(wait::WaitArgs),
+    /// Send a signal to a sandbox (SIGKILL by default).
+    Kill(kill::KillArgs),
+    /// Remove sandboxes.
+    Rm(rm::RmArgs),
+    /// Show what the daemon's host can enforce.
+    Info(info::InfoArgs),
+}
+
+/// Why a verb failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+
+    #[error("writing output")]
+    Output(#[source] std::io::Error),
+
+    #[error("encoding json")]
+    Json(#[source] serde_json::Error),
+
+    #[error("sandbox {id} failed: {error}")]
+    SandboxFailed { id: String, error: String },
+
+    #[error("id prefix {prefix:?} matches {count} sandboxes")]
+    AmbiguousId { prefix: String, count: usize },
+
+    #[error("sandbox {id} is {state}; kill it first or use -f")]
+    StillRunning { id: String, state: &'static str },
+
+    #[error("log stream of {id} ended before the sandbox did")]
+    NoLogEnd { id: String },
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe => EXIT_BROKEN_PIPE,
+            _ => EXIT_DAEMON_ERROR,
+        }
+    }
+
+    fn failed(sandbox: &Sandbox) -> Self {
+        CliError::SandboxFailed {
+            id: sandbox.id.to_string(),
+            error: sandbox
+                .error
+                .clone()
+                .or_else(|| sandbox.reason.map(|r| r.as_str().to_owned()))
+                .unwrap_or_else(|| "unknown error".to_owned()),
+        }
+    }
+}
+
+/// Prints an error as one line `sbx: message: cause: cause` on stderr. A closed stdout is not
+/// worth a message: the reader went away on purpose (`sbx logs x | head`).
+pub fn report(error: &CliError) {
+    if error.exit_code() == EXIT_BROKEN_PIPE {
+        return;
+    }
+    eprintln!("sbx: {}", error_chain(error));
+}
+
+/// The error and its causes joined by `: `, skipping a cause whose text the previous one already
+/// contains (reqwest repeats itself).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut last = line.clone();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !last.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        last = text;
+        source = cause.source();
+    }
+    line
+}
+
+/// Runs the verb and returns the process's exit status.
+pub async fn run(cli: Cli) -> Result<u8, CliError> {
+    let client = Client::new(&cli.url)?;
+    match cli.command {
+        Command::Run(args) => run::run(&client, args).await,
+        Command::Ls(args) => ls::run(&client, args).await,
+        Command::Inspect(args) => inspect::run(&client, args).await,
+        Command::Logs(args) => logs::run(&client, args).await,
+        Command::Wait(args) => wait::run(&client, args).await,
+        Command::Kill(args) => kill::run(&client, args).await,
+        Command::Rm(args) => rm::run(&client, args).await,
+        Command::Info(args) => info::run(&client, args).await,
+    }
+}
+
+/// Finds a sandbox by id, name, or a unique prefix of its id as `sbx ls` shows it (12 hex digits).
+/// The daemon is asked first; the prefix search lists sandboxes only when it does not know `arg`.
+async fn resolve(client: &Client, arg: &str) -> Result<Sandbox, CliError> {
+    let not_found = match client.get(arg).await {
+        Ok(sandbox) => return Ok(sandbox),
+        Err(e) if e.is_not_found() && is_id_prefix(arg) => e,
+        Err(e) => return Err(e.into()),
+    };
+    let prefix = arg.replace('-', "").to_ascii_lowercase();
+    let mut matches: Vec<Sandbox> = client
+        .list_all(&ListQuery::default())
+        .await?
+        .into_iter()
+        .filter(|s| s.id.simple().to_string().starts_with(&prefix))
+        .collect();
+    match matches.len() {
+        0 => Err(not_found.into()),
+        1 => Ok(matches.remove(0)),
+        count => Err(CliError::AmbiguousId {
+            prefix: arg.to_owned(),
+            count,
+        }),
+    }
+}
+
+fn is_id_prefix(arg: &str) -> bool {
+    let hex = arg.replace('-', "");
+    (1..32).contains(&hex.len()) && hex.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("sbx").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_takes_the_command_after_options() {
+        let cli = parse(&[
+            "run",
+            "--name",
+            "n",
+            "-e",
+            "A=1",
+            "--env",
+            "B=2",
+            "--label",
+            "k=v",
+            "--cwd",
+            "/tmp",
+            "--timeout",
+            "5",
+            "-d",
+            "--",
+            "sh",
+            "-c",
+            "echo hi",
+        ])
+        .expect("valid");
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        let spec = args.spec();
+        assert_eq!(spec.command, ["sh", "-c", "echo hi"]);
+        assert_eq!(spec.name.as_deref(), Some("n"));
+        assert_eq!(spec.env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(spec.env.get("B").map(String::as_str), Some("2"));
+        assert_eq!(spec.labels.get("k").map(String::as_str), Some("v"));
+        assert_eq!(spec.cwd.as_deref(), Some("/tmp"));
+        assert_eq!(spec.limits.timeout_secs, Some(5));
+        assert!(args.detach);
+    }
+
+    #[test]
+    fn run_command_flags_are_not_sbx_flags() {
+        let cli = parse(&["run", "ls", "-l", "--name", "x"]).expect("valid");
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.spec().command, ["ls", "-l", "--name", "x"]);
+        assert_eq!(args.spec().name, None);
+    }
+
+    #[test]
+    fn usage_errors_are_clap_errors_with_status_2() {
+        for bad in [
+            &["run"][..],
+            &["run", "--env", "NOEQUALS", "--", "true"],
+            &["run", "--label", "=v", "--", "true"],
+            &["run", "--timeout", "0", "--", "true"],
+            &["run", "--timeout", "soon", "--", "true"],
+            &["ls", "--state", "sleeping"],
+            &["logs", "--stream", "stdin", "x"],
+            &["rm"],
+            &["frobnicate"],
+        ] {
+            let err = parse(bad).expect_err(&format!("{bad:?} should not parse"));
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn url_is_global() {
+        let cli = parse(&["ls", "--url", "http://h:1"]).expect("valid");
+        assert_eq!(cli.url, "http://h:1");
+    }
+
+    #[test]
+    fn id_prefixes() {
+        assert!(is_id_prefix("0123456789ab"));
+        assert!(is_id_prefix("0123abcd-ef"));
+        assert!(!is_id_prefix("web-server"));
+        assert!(!is_id_prefix(""));
+        assert!(!is_id_prefix("0123456789abcdef0123456789abcdef"));
+    }
+
+    #[test]
+    fn error_chain_skips_repeats() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("inner"));
+        assert_eq!(error_chain(&e), "outer: inner");
+    }
+}

@@ -1,0 +1,105 @@
+//! `sbx run`: create a sandbox, stream its output live, exit with its exit code.
+
+use clap::Args;
+use sandboxd_api::{CreateSandbox, Limits, SandboxState};
+use sandboxd_client::Client;
+
+use super::args::{parse_env, parse_label};
+use super::output::{copy_events, exit_status, println_checked};
+use super::{CliError, EXIT_DAEMON_ERROR};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Unique name of the sandbox.
+    #[arg(long)]
+    name: Option<String>,
+    /// Set an environment variable (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "K=V", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Attach a label (repeatable).
+    #[arg(short = 'l', long = "label", value_name = "K=V", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Working directory inside the sandbox (default /work).
+    #[arg(short = 'w', long, value_name = "DIR")]
+    cwd: Option<String>,
+    /// Host name inside the sandbox.
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Kill the sandbox after this many seconds.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: Option<u64>,
+    /// Print the sandbox id and return at once.
+    #[arg(short, long)]
+    pub(super) detach: bool,
+    /// The command and its arguments.
+    #[arg(
+        value_name = "CMD",
+        required = true,
+        num_args = 1..,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    command: Vec<String>,
+}
+
+impl RunArgs {
+    pub(super) fn spec(&self) -> CreateSandbox {
+        CreateSandbox {
+            command: self.command.clone(),
+            env: self.env.iter().cloned().collect(),
+            cwd: self.cwd.clone(),
+            hostname: self.hostname.clone(),
+            name: self.name.clone(),
+            labels: self.labels.iter().cloned().collect(),
+            limits: Limits {
+                timeout_secs: self.timeout,
+            },
+        }
+    }
+}
+
+pub async fn run(client: &Client, args: RunArgs) -> Result<u8, CliError> {
+    let sandbox = client.create(&args.spec()).await?;
+    let id = sandbox.id.to_string();
+    if args.detach {
+        println_checked(&id)?;
+        return Ok(0);
+    }
+    if sandbox.state == SandboxState::Failed {
+        return Err(CliError::failed(&sandbox));
+    }
+
+    let interrupts = tokio::spawn(forward_interrupts(client.clone(), id.clone()));
+    let copied = copy_events(client.follow_logs(&id, 0), None).await;
+    interrupts.abort();
+    let end = copied?.ok_or_else(|| CliError::NoLogEnd { id: id.clone() })?;
+
+    // `LogEnd` has the exit status but not whether the sandbox failed, nor why.
+    match client.get(&id).await {
+        Ok(sandbox) if sandbox.state == SandboxState::Failed => Err(CliError::failed(&sandbox)),
+        Ok(sandbox) if sandbox.state.is_final() => {
+            Ok(exit_status(sandbox.exit_code.or(end.exit_code)))
+        }
+        _ => Ok(exit_status(end.exit_code)),
+    }
+}
+
+/// The first Ctrl-C is passed on to the sandbox as SIGINT, the second kills it, and a third gives
+/// up on the daemon and exits at once.
+async fn forward_interrupts(client: Client, id: String) {
+    let mut count = 0u32;
+    while tokio::signal::ctrl_c().await.is_ok() {
+        count += 1;
+        let signal = match count {
+            1 => "SIGINT",
+            2 => "SIGKILL",
+            _ => {
+                eprintln!("sbx: interrupted; sandbox {id} may still be running");
+                std::process::exit(i32::from(EXIT_DAEMON_ERROR));
+            }
+        };
+        if let Err(e) = client.kill(&id, Some(signal)).await {
+            eprintln!("sbx: forwarding {signal} to {id}: {e}");
+        }
+    }
+}
