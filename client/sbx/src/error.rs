@@ -10,7 +10,7 @@ pub enum ClientError {
     InvalidUrl { url: String, reason: String },
 
     /// The request never got an HTTP answer (connection refused, reset, timed out...).
-    #[error("cannot reach sandboxd at {url}")]
+    #[error("cannot reach sandboxd")]
     Connect {
         url: String,
         #[source]
