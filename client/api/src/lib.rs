@@ -153,6 +153,12 @@ pub struct Sandbox {
     pub labels: BTreeMap<String, String>,
     /// The request the sandbox was created from.
     pub spec: CreateSandbox,
+    /// Host pid of the sandbox's init while it runs (for host-side inspection only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_pid: Option<i32>,
+    /// Host uid that root inside the sandbox maps to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_uid: Option<u32>,
 }
 
 /// Body of `GET /v1/sandboxes`.
