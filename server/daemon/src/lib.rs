@@ -1,1 +1,29 @@
-//! placeholder
+//! `sandboxd`: the unprivileged HTTP daemon in front of `sandboxd-helper`.
+//!
+//! The binary (`main.rs`) parses its configuration, starts the helper, drops privileges and only
+//! then builds the tokio runtime and calls into this library. Everything after the privilege drop
+//! lives here so that it can be tested without root and without the real helper:
+//!
+//! * [`config`]: command-line arguments and the resolved configuration.
+//! * [`privileges`]: user lookup and the privilege drop (the only use of `nix` in the daemon).
+//! * [`helper_client`]: the [`helper_client::Helper`] trait, its socket client and a fake.
+//! * [`store`]: every SQL statement.
+//! * [`validate`]: parses a `CreateSandbox` request once into a validated type.
+//! * [`sandboxes`]: the lifecycle service (create, watch, kill, delete, reconcile).
+//! * [`logs`]: reading and following a sandbox's output log.
+//! * [`api`]: the HTTP router, one module per resource.
+
+pub mod api;
+pub mod config;
+pub mod helper_client;
+pub mod logs;
+pub mod privileges;
+pub mod sandboxes;
+pub mod store;
+pub mod validate;
+
+/// Milliseconds since the Unix epoch, the time unit of the database.
+pub fn now_unix_ms() -> i64 {
+    let now = time::OffsetDateTime::now_utc();
+    (now.unix_timestamp_nanos() / 1_000_000) as i64
+}

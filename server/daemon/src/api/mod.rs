@@ -1,0 +1,103 @@
+//! The HTTP API (v1). [`routes`] is the single route table: [`app`] builds the router from it and
+//! a test checks it against `openapi.yaml`. One module per resource.
+
+mod error;
+mod extract;
+mod health;
+mod info;
+mod logs;
+mod sandboxes;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, Method, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{on, MethodFilter, MethodRouter};
+use axum::Router;
+
+pub use error::ApiError;
+
+use crate::sandboxes::Service;
+
+/// The contract, served at `GET /openapi.yaml`.
+pub const OPENAPI_YAML: &str = include_str!("../../../../openapi.yaml");
+
+#[derive(Clone)]
+pub struct AppState {
+    pub svc: Arc<Service>,
+}
+
+/// One route of the API.
+pub struct Route {
+    pub method: Method,
+    pub path: &'static str,
+    pub handler: MethodRouter<AppState>,
+}
+
+fn route(method: Method, path: &'static str, handler: MethodRouter<AppState>) -> Route {
+    Route {
+        method,
+        path,
+        handler,
+    }
+}
+
+/// Every route of the API, in one place.
+pub fn routes() -> Vec<Route> {
+    use axum::routing::{delete, get, post};
+    vec![
+        route(Method::GET, "/healthz", get(health::healthz)),
+        route(Method::GET, "/openapi.yaml", get(openapi)),
+        route(Method::GET, "/v1/info", get(info::info)),
+        route(Method::POST, "/v1/sandboxes", post(sandboxes::create)),
+        route(Method::GET, "/v1/sandboxes", get(sandboxes::list)),
+        route(Method::GET, "/v1/sandboxes/{id}", get(sandboxes::get)),
+        route(Method::DELETE, "/v1/sandboxes/{id}", delete(sandboxes::delete)),
+        route(Method::POST, "/v1/sandboxes/{id}/wait", post(sandboxes::wait)),
+        route(Method::POST, "/v1/sandboxes/{id}/kill", post(sandboxes::kill)),
+        route(Method::GET, "/v1/sandboxes/{id}/logs", get(logs::logs)),
+    ]
+}
+
+/// The whole HTTP application.
+pub fn app(state: AppState) -> Router {
+    let mut router: Router<AppState> = Router::new();
+    let mut by_path: Vec<(&'static str, MethodRouter<AppState>)> = Vec::new();
+    for r in routes() {
+        match by_path.iter_mut().find(|(p, _)| *p == r.path) {
+            Some((_, existing)) => {
+                let merged = std::mem::replace(existing, on(MethodFilter::GET, not_found));
+                *existing = merged.merge(r.handler);
+            }
+            None => by_path.push((r.path, r.handler)),
+        }
+    }
+    for (path, handler) in by_path {
+        router = router.route(path, handler);
+    }
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(extract::MAX_BODY))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI_YAML)
+}
+
+#[cfg(test)]
+mod tests;

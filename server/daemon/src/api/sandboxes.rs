@@ -1,0 +1,142 @@
+//! `/v1/sandboxes`: create, list, get, wait, kill and delete.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use base64::Engine;
+use sandboxd_api::{CreateSandbox, KillRequest, Sandbox, SandboxList, SandboxState};
+use serde::Deserialize;
+
+use super::extract::{ApiJson, ApiQuery, IdOrName, OptionalJson};
+use super::{ApiError, AppState};
+use crate::store::ListQuery;
+use crate::validate::ValidCreate;
+
+const DEFAULT_LIMIT: u32 = 100;
+const MAX_LIMIT: u32 = 1000;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateParams {
+    #[serde(default)]
+    wait: bool,
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    ApiQuery(params): ApiQuery<CreateParams>,
+    ApiJson(body): ApiJson<CreateSandbox>,
+) -> Result<impl IntoResponse, ApiError> {
+    let valid = ValidCreate::parse(body)?;
+    let sandbox = state.svc.create(valid, params.wait).await?;
+    Ok((StatusCode::CREATED, Json(sandbox)))
+}
+
+/// The cursor is the sequence number of the last row of the previous page, base64-encoded so
+/// that clients treat it as opaque.
+fn encode_cursor(seq: i64) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("s{seq}"))
+}
+
+fn decode_cursor(cursor: &str) -> Option<i64> {
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    text.strip_prefix('s')?.parse().ok().filter(|n| *n > 0)
+}
+
+/// `state=`, `label=key=value` (repeatable), `limit=`, `cursor=`.
+fn list_query(params: Vec<(String, String)>) -> Result<ListQuery, ApiError> {
+    let mut q = ListQuery {
+        limit: DEFAULT_LIMIT,
+        ..Default::default()
+    };
+    for (key, value) in params {
+        match key.as_str() {
+            "state" => {
+                q.state = Some(SandboxState::parse(&value).ok_or_else(|| {
+                    ApiError::invalid("state: must be creating, running, exited or failed")
+                })?)
+            }
+            "label" => {
+                let (k, v) = value
+                    .split_once('=')
+                    .ok_or_else(|| ApiError::invalid("label: must be key=value"))?;
+                q.labels.push((k.to_owned(), v.to_owned()));
+            }
+            "limit" => {
+                q.limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::invalid(format!("limit: must be between 1 and {MAX_LIMIT}"))
+                    })?
+            }
+            "cursor" => {
+                q.before_seq = Some(
+                    decode_cursor(&value).ok_or_else(|| ApiError::invalid("cursor: invalid"))?,
+                )
+            }
+            other => return Err(ApiError::invalid(format!("unknown query parameter {other:?}"))),
+        }
+    }
+    Ok(q)
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    ApiQuery(params): ApiQuery<Vec<(String, String)>>,
+) -> Result<Json<SandboxList>, ApiError> {
+    let q = list_query(params)?;
+    let (items, next) = state.svc.list(&q).await?;
+    Ok(Json(SandboxList {
+        items,
+        next_cursor: next.map(encode_cursor),
+    }))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    IdOrName(id): IdOrName,
+) -> Result<Json<Sandbox>, ApiError> {
+    Ok(Json(state.svc.find(&id).await?))
+}
+
+pub async fn wait(
+    State(state): State<AppState>,
+    IdOrName(id): IdOrName,
+) -> Result<Json<Sandbox>, ApiError> {
+    let sandbox = state.svc.find(&id).await?;
+    Ok(Json(state.svc.wait(sandbox.id).await?))
+}
+
+pub async fn kill(
+    State(state): State<AppState>,
+    IdOrName(id): IdOrName,
+    OptionalJson(body): OptionalJson<KillRequest>,
+) -> Result<Json<Sandbox>, ApiError> {
+    Ok(Json(state.svc.kill(&id, body.signal.as_deref()).await?))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    IdOrName(id): IdOrName,
+) -> Result<StatusCode, ApiError> {
+    state.svc.delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        assert_eq!(decode_cursor(&encode_cursor(42)), Some(42));
+        assert_eq!(decode_cursor("garbage!"), None);
+        assert_eq!(decode_cursor(""), None);
+    }
+}

@@ -1,0 +1,276 @@
+//! Talking to `sandboxd-helper`: the [`Helper`] trait, the real client over `helper.sock`, and a
+//! [`FakeHelper`] that lets the rest of the daemon be tested without root or the real helper.
+//!
+//! The helper answers requests strictly in order, one response per request, so the real client
+//! keeps one connection and serialises requests through a mutex.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex};
+
+use futures_util::future::BoxFuture;
+use sandboxd_protocol::wire::{
+    self, FrameError, HelperError, HelperInfo, Mode, Request, Response, SpawnRequest, Spawned,
+    PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HelperClientError {
+    #[error("connecting to the helper socket {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("helper connection failed")]
+    Io(#[from] std::io::Error),
+    #[error("helper frame")]
+    Frame(#[from] FrameError),
+    #[error("helper refused: {0}")]
+    Refused(#[from] HelperError),
+    #[error("helper speaks protocol version {0}, the daemon {PROTOCOL_VERSION}")]
+    Version(u32),
+    #[error("unexpected helper response to {request}: {response}")]
+    Unexpected {
+        request: &'static str,
+        response: String,
+    },
+}
+
+/// The requests the daemon makes of the helper. Implementations must be cheap to share.
+pub trait Helper: Send + Sync + 'static {
+    /// Whether sandboxes get their own uid range (and so need a uid slot).
+    fn mode(&self) -> Mode;
+    /// Send one request and wait for its response.
+    fn call(&self, request: Request) -> BoxFuture<'_, Result<Response, HelperClientError>>;
+}
+
+fn unexpected(request: &'static str, response: Response) -> HelperClientError {
+    match response {
+        Response::Error(e) => HelperClientError::Refused(e),
+        other => HelperClientError::Unexpected {
+            request,
+            response: format!("{other:?}"),
+        },
+    }
+}
+
+/// Typed wrappers over [`Helper::call`].
+pub async fn spawn(h: &dyn Helper, req: SpawnRequest) -> Result<Spawned, HelperClientError> {
+    match h.call(Request::Spawn(req)).await? {
+        Response::Spawned(s) => Ok(s),
+        other => Err(unexpected("spawn", other)),
+    }
+}
+
+pub async fn destroy(h: &dyn Helper, id: Uuid) -> Result<(), HelperClientError> {
+    match h.call(Request::Destroy { id }).await? {
+        Response::Destroyed => Ok(()),
+        other => Err(unexpected("destroy", other)),
+    }
+}
+
+pub async fn list(h: &dyn Helper) -> Result<Vec<Uuid>, HelperClientError> {
+    match h.call(Request::List).await? {
+        Response::List { ids } => Ok(ids),
+        other => Err(unexpected("list", other)),
+    }
+}
+
+pub async fn info(h: &dyn Helper) -> Result<HelperInfo, HelperClientError> {
+    match h.call(Request::Info).await? {
+        Response::Info(i) => Ok(i),
+        other => Err(unexpected("info", other)),
+    }
+}
+
+/// The real client: one connection to `<state>/helper.sock`.
+pub struct SocketHelper {
+    stream: Arc<Mutex<UnixStream>>,
+    mode: Mode,
+}
+
+impl SocketHelper {
+    /// Connect and say hello; the helper's answer tells the mode it runs in.
+    pub async fn connect(path: &Path) -> Result<Self, HelperClientError> {
+        let mut stream =
+            UnixStream::connect(path)
+                .await
+                .map_err(|source| HelperClientError::Connect {
+                    path: path.to_owned(),
+                    source,
+                })?;
+        let hello = Request::Hello {
+            version: PROTOCOL_VERSION,
+        };
+        match round_trip(&mut stream, &hello).await? {
+            Response::Hello { version, mode } if version == PROTOCOL_VERSION => Ok(SocketHelper {
+                stream: Arc::new(Mutex::new(stream)),
+                mode,
+            }),
+            Response::Hello { version, .. } => Err(HelperClientError::Version(version)),
+            other => Err(unexpected("hello", other)),
+        }
+    }
+}
+
+async fn round_trip(stream: &mut UnixStream, req: &Request) -> Result<Response, HelperClientError> {
+    let frame = wire::encode(req)?;
+    stream.write_all(&frame).await?;
+    let mut prefix = [0u8; 4];
+    stream.read_exact(&mut prefix).await?;
+    let len = wire::frame_len(prefix)?;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    Ok(wire::decode(&body)?)
+}
+
+impl Helper for SocketHelper {
+    fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    fn call(&self, request: Request) -> BoxFuture<'_, Result<Response, HelperClientError>> {
+        // Holding the lock across the whole exchange keeps responses paired with requests. If a
+        // caller were cancelled mid-exchange the stream would be out of step, so the exchange runs
+        // in its own task that always completes.
+        let stream = Arc::clone(&self.stream);
+        Box::pin(async move {
+            let task = tokio::spawn(async move {
+                let mut guard = stream.lock().await;
+                round_trip(&mut guard, &request).await
+            });
+            task.await
+                .map_err(|e| HelperClientError::Io(std::io::Error::other(e)))?
+        })
+    }
+}
+
+/// How the [`FakeHelper`] answers `Spawn`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FakeSpawn {
+    /// Create the sandbox directory with an exit status of 0 and no monitor, as if the command
+    /// ended at once.
+    ExitAtOnce,
+    /// Refuse with a setup error.
+    Fail,
+}
+
+/// A helper that works on a temp directory instead of the kernel, for tests.
+pub struct FakeHelper {
+    pub state_dir: PathBuf,
+    pub mode: Mode,
+    pub spawn: FakeSpawn,
+    /// Every request received, in order.
+    pub requests: StdMutex<Vec<Request>>,
+}
+
+impl FakeHelper {
+    pub fn new(state_dir: &Path, mode: Mode, spawn: FakeSpawn) -> Arc<Self> {
+        Arc::new(FakeHelper {
+            state_dir: state_dir.to_owned(),
+            mode,
+            spawn,
+            requests: StdMutex::new(Vec::new()),
+        })
+    }
+
+    fn answer(&self, request: &Request) -> Response {
+        use sandboxd_protocol::layout::SandboxDir;
+        use sandboxd_protocol::status::{ExitReason, ExitStatus};
+        match request {
+            Request::Hello { version } => Response::Hello {
+                version: *version,
+                mode: self.mode,
+            },
+            Request::Info => Response::Info(HelperInfo {
+                mode: self.mode,
+                user_namespaces: true,
+                cgroup_version: "v2".into(),
+                cgroup_controllers: vec!["cpu".into(), "memory".into(), "pids".into()],
+                overlayfs: false,
+                uid_base: 100_000_000,
+                uid_range_size: 65536,
+                uid_slots: 1024,
+            }),
+            Request::Spawn(req) => {
+                if self.spawn == FakeSpawn::Fail {
+                    return Response::Error(HelperError::new(
+                        wire::HelperErrorCode::SetupFailed,
+                        "fake setup failure",
+                    ));
+                }
+                let dir = SandboxDir::new(&self.state_dir, req.id);
+                let now = crate::now_unix_ms();
+                let status = ExitStatus {
+                    exit_code: 0,
+                    signal: None,
+                    reason: ExitReason::Exited,
+                    started_at_unix_ms: now,
+                    finished_at_unix_ms: now,
+                    error: None,
+                };
+                let made = std::fs::create_dir_all(dir.root())
+                    .and_then(|()| std::fs::write(dir.output_log(), b""))
+                    .and_then(|()| std::fs::write(dir.output_index(), b""))
+                    .and_then(|()| {
+                        std::fs::write(
+                            dir.status(),
+                            serde_json::to_vec(&status).unwrap_or_default(),
+                        )
+                    });
+                match made {
+                    Ok(()) => Response::Spawned(Spawned {
+                        init_pid: 4242,
+                        host_uid: 100_000_000 + req.uid_slot.unwrap_or(0) * 65536,
+                        started_at_unix_ms: now,
+                        exec_error: None,
+                    }),
+                    Err(e) => Response::Error(HelperError::new(
+                        wire::HelperErrorCode::Internal,
+                        e.to_string(),
+                    )),
+                }
+            }
+            Request::Destroy { id } => {
+                let dir = SandboxDir::new(&self.state_dir, *id);
+                match std::fs::remove_dir_all(dir.root()) {
+                    Ok(()) => Response::Destroyed,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Response::Destroyed,
+                    Err(e) => Response::Error(HelperError::new(
+                        wire::HelperErrorCode::Internal,
+                        e.to_string(),
+                    )),
+                }
+            }
+            Request::List => {
+                let dir = self.state_dir.join(sandboxd_protocol::layout::SANDBOXES_DIR);
+                let ids = std::fs::read_dir(dir)
+                    .map(|rd| {
+                        rd.filter_map(|e| e.ok())
+                            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Response::List { ids }
+            }
+        }
+    }
+}
+
+impl Helper for FakeHelper {
+    fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    fn call(&self, request: Request) -> BoxFuture<'_, Result<Response, HelperClientError>> {
+        let response = self.answer(&request);
+        if let Ok(mut log) = self.requests.lock() {
+            log.push(request);
+        }
+        Box::pin(async move { Ok(response) })
+    }
+}

@@ -1,0 +1,372 @@
+//! The sandbox lifecycle: create, watch, wait, kill, delete, and reconciliation at start.
+//!
+//! Every running sandbox has one watcher task (see [`watcher`]) holding a connection to its
+//! monitor; when the monitor closes it the watcher records the exit in the store and notifies
+//! everyone waiting through a `tokio::sync::watch` channel kept in the in-memory registry. No
+//! per-sandbox polling happens anywhere.
+
+pub mod monitor;
+mod watcher;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sandboxd_api::{EndReason, Info, Sandbox, SandboxState};
+use sandboxd_protocol::control::ALLOWED_SIGNALS;
+use sandboxd_protocol::layout::SandboxDir;
+use sandboxd_protocol::wire::{HelperErrorCode, Mode, SpawnRequest};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::helper_client::{self, Helper, HelperClientError};
+use crate::store::{Ending, ListQuery, NewSandbox, Store, StoreError};
+use crate::validate::ValidCreate;
+use monitor::MonitorError;
+
+/// How long `DELETE` waits for a killed sandbox to end.
+const DELETE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("no such sandbox")]
+    NotFound,
+    #[error("the name is already taken")]
+    NameTaken,
+    #[error("no free uid range: too many sandboxes are running")]
+    NoCapacity,
+    #[error("the sandbox is not running")]
+    NotRunning,
+    #[error("signal {0:?} is not allowed")]
+    BadSignal(String),
+    #[error("setting up sandbox {id} failed")]
+    SpawnFailed {
+        id: Uuid,
+        #[source]
+        source: HelperClientError,
+    },
+    #[error("the sandbox did not stop in time")]
+    StopTimeout,
+    #[error("the sandbox is still busy: {0}")]
+    Busy(String),
+    #[error("store")]
+    Store(#[from] StoreError),
+    #[error("helper")]
+    Helper(#[from] HelperClientError),
+    #[error("monitor")]
+    Monitor(#[from] MonitorError),
+    #[error("internal task failed")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// The lifecycle service shared by all handlers.
+pub struct Service {
+    store: Store,
+    helper: Arc<dyn Helper>,
+    state_dir: PathBuf,
+    uid_slots: u32,
+    /// One entry per sandbox that is not final yet; the value turns `true` when it is.
+    live: Mutex<HashMap<Uuid, watch::Sender<bool>>>,
+}
+
+impl Service {
+    pub fn new(store: Store, helper: Arc<dyn Helper>, state_dir: &Path, uid_slots: u32) -> Arc<Self> {
+        Arc::new(Service {
+            store,
+            helper,
+            state_dir: state_dir.to_owned(),
+            uid_slots,
+            live: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn dir(&self, id: Uuid) -> SandboxDir {
+        SandboxDir::new(&self.state_dir, id)
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, watch::Sender<bool>>> {
+        // A panic while holding this lock cannot leave the map inconsistent (every operation is a
+        // single insert or remove), so a poisoned lock is still usable.
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(&self, id: Uuid) {
+        self.registry().entry(id).or_insert_with(|| watch::channel(false).0);
+    }
+
+    /// Mark a sandbox final for everyone waiting on it.
+    fn notify_final(&self, id: Uuid) {
+        if let Some(tx) = self.registry().remove(&id) {
+            tx.send_replace(true);
+        }
+    }
+
+    /// A receiver that turns `true` when the sandbox is final; `None` if it already is (or is
+    /// unknown).
+    pub fn subscribe(&self, id: Uuid) -> Option<watch::Receiver<bool>> {
+        self.registry().get(&id).map(watch::Sender::subscribe)
+    }
+
+    /// Find a sandbox by id (anything that parses as a UUID) or by name.
+    pub async fn find(&self, id_or_name: &str) -> Result<Sandbox, ServiceError> {
+        let found = match Uuid::parse_str(id_or_name) {
+            Ok(id) => self.store.get(id).await?,
+            Err(_) => self.store.get_by_name(id_or_name).await?,
+        };
+        found.ok_or(ServiceError::NotFound)
+    }
+
+    pub async fn list(&self, q: &ListQuery) -> Result<(Vec<Sandbox>, Option<i64>), ServiceError> {
+        Ok(self.store.list(q).await?)
+    }
+
+    /// Create and start a sandbox; with `wait`, answer only once it has ended.
+    pub async fn create(self: &Arc<Self>, v: ValidCreate, wait: bool) -> Result<Sandbox, ServiceError> {
+        // The setup runs in its own task so that a client hanging up cannot leave a row in
+        // `creating` without a watcher.
+        let svc = Arc::clone(self);
+        let id = tokio::spawn(async move { svc.create_and_start(v).await }).await??;
+        if wait {
+            self.wait(id).await
+        } else {
+            self.store.get(id).await?.ok_or(ServiceError::NotFound)
+        }
+    }
+
+    async fn create_and_start(self: Arc<Self>, v: ValidCreate) -> Result<Uuid, ServiceError> {
+        let id = Uuid::new_v4();
+        let hostname = v.hostname_for(id);
+        let new = NewSandbox {
+            id,
+            name: v.name.clone(),
+            hostname: hostname.clone(),
+            created_at_ms: crate::now_unix_ms(),
+            spec: v.spec.clone(),
+        };
+        let slots = (self.helper.mode() == Mode::Privileged).then_some(self.uid_slots);
+        self.register(id);
+        let uid_slot = match self.store.insert_creating(&new, slots).await {
+            Ok(slot) => slot,
+            Err(e) => {
+                self.registry().remove(&id);
+                return Err(match e {
+                    StoreError::NameTaken => ServiceError::NameTaken,
+                    StoreError::NoCapacity => ServiceError::NoCapacity,
+                    other => other.into(),
+                });
+            }
+        };
+        let request = SpawnRequest {
+            id,
+            uid_slot,
+            command: v.command.clone(),
+            env: v.env_for(&hostname),
+            cwd: v.cwd.clone(),
+            hostname,
+            timeout_secs: v.timeout_secs,
+        };
+        match helper_client::spawn(&*self.helper, request).await {
+            Ok(spawned) => {
+                self.store
+                    .set_running(id, spawned.started_at_unix_ms, spawned.init_pid, spawned.host_uid)
+                    .await?;
+                if let Some(e) = &spawned.exec_error {
+                    tracing::info!(%id, error = %e, "command could not be executed");
+                }
+                self.start_watcher(id);
+                Ok(id)
+            }
+            Err(source) => {
+                tracing::error!(%id, error = %source, "spawning a sandbox failed");
+                let end = Ending {
+                    state: SandboxState::Failed,
+                    exit_code: None,
+                    signal: None,
+                    reason: EndReason::SpawnFailed,
+                    error: Some(match &source {
+                        HelperClientError::Refused(e) => e.message.clone(),
+                        other => other.to_string(),
+                    }),
+                    finished_at_ms: crate::now_unix_ms(),
+                };
+                if let Err(e) = self.store.finish(id, &end).await {
+                    tracing::error!(%id, error = %e, "recording a failed spawn failed");
+                }
+                // Keep both errors: the spawn failure is reported, a cleanup failure is logged.
+                if let Err(e) = helper_client::destroy(&*self.helper, id).await {
+                    tracing::warn!(%id, error = %e, "removing a failed sandbox failed");
+                }
+                self.notify_final(id);
+                Err(ServiceError::SpawnFailed { id, source })
+            }
+        }
+    }
+
+    fn start_watcher(self: &Arc<Self>, id: Uuid) {
+        self.register(id);
+        tokio::spawn(watcher::watch(Arc::clone(self), id));
+    }
+
+    /// Wait until the sandbox is final and return it.
+    pub async fn wait(&self, id: Uuid) -> Result<Sandbox, ServiceError> {
+        // Subscribe before reading the row, so that an exit in between is not missed.
+        if let Some(mut rx) = self.subscribe(id) {
+            // An error means the sender is gone, which happens only after it was set final.
+            let _ = rx.wait_for(|done| *done).await;
+        }
+        self.store.get(id).await?.ok_or(ServiceError::NotFound)
+    }
+
+    /// Deliver a signal (a name like `SIGTERM`/`TERM` or a number; SIGKILL when absent).
+    pub async fn kill(&self, id_or_name: &str, signal: Option<&str>) -> Result<Sandbox, ServiceError> {
+        let signo = match signal {
+            Some(s) => parse_signal(s).ok_or_else(|| ServiceError::BadSignal(s.to_owned()))?,
+            None => 9,
+        };
+        let sandbox = self.find(id_or_name).await?;
+        if sandbox.state != SandboxState::Running {
+            return Err(ServiceError::NotRunning);
+        }
+        match monitor::kill(&self.dir(sandbox.id).monitor_socket(), signo).await {
+            Ok(()) => {}
+            Err(MonitorError::Gone(_)) => return Err(ServiceError::NotRunning),
+            Err(e) => return Err(e.into()),
+        }
+        self.store.get(sandbox.id).await?.ok_or(ServiceError::NotFound)
+    }
+
+    /// Stop (SIGKILL) if needed, remove every trace through the helper, then forget the row.
+    pub async fn delete(&self, id_or_name: &str) -> Result<(), ServiceError> {
+        let sandbox = self.find(id_or_name).await?;
+        let id = sandbox.id;
+        if !sandbox.state.is_final() {
+            match monitor::kill(&self.dir(id).monitor_socket(), 9).await {
+                Ok(()) | Err(MonitorError::Gone(_)) => {}
+                Err(e) => tracing::warn!(%id, error = %e, "kill before delete failed"),
+            }
+            tokio::time::timeout(DELETE_STOP_TIMEOUT, self.wait(id))
+                .await
+                .map_err(|_| ServiceError::StopTimeout)??;
+        }
+        match helper_client::destroy(&*self.helper, id).await {
+            Ok(()) => {}
+            Err(HelperClientError::Refused(e)) if e.code == HelperErrorCode::NotFound => {}
+            Err(HelperClientError::Refused(e)) if e.code == HelperErrorCode::Busy => {
+                return Err(ServiceError::Busy(e.message));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if !self.store.delete(id).await? {
+            return Err(ServiceError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// What this host can do, from the helper's point of view plus the daemon's constants.
+    pub async fn info(&self) -> Result<Info, ServiceError> {
+        let h = helper_client::info(&*self.helper).await?;
+        Ok(Info {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            mode: h.mode.as_str().to_owned(),
+            user_namespaces: h.user_namespaces,
+            namespaces: ["user", "pid", "mount", "uts", "ipc", "net", "cgroup"]
+                .map(String::from)
+                .to_vec(),
+            cgroup: sandboxd_api::CgroupInfo {
+                version: h.cgroup_version,
+                controllers: h.cgroup_controllers,
+            },
+            overlayfs: h.overlayfs,
+            network_modes: vec!["none".to_owned()],
+            uid_ranges: sandboxd_api::UidRanges {
+                base: h.uid_base,
+                size: h.uid_range_size,
+                slots: h.uid_slots,
+            },
+        })
+    }
+
+    /// Bring the store and the sandbox directories back in line after a (possibly unclean) stop:
+    /// live rows get a watcher again or are marked lost, directories without a row are removed.
+    pub async fn reconcile(self: &Arc<Self>) -> Result<(), ServiceError> {
+        let on_disk: HashSet<Uuid> = helper_client::list(&*self.helper).await?.into_iter().collect();
+        for sandbox in self.store.live().await? {
+            let id = sandbox.id;
+            if on_disk.contains(&id) {
+                tracing::info!(%id, "watching sandbox again after restart");
+                self.start_watcher(id);
+            } else {
+                tracing::warn!(%id, "sandbox directory is gone; marking the sandbox lost");
+                self.store.finish(id, &lost("the sandbox directory disappeared")).await?;
+            }
+        }
+        let known: HashSet<Uuid> = self.store.ids().await?.into_iter().collect();
+        for id in on_disk.difference(&known) {
+            match helper_client::destroy(&*self.helper, *id).await {
+                Ok(()) => tracing::info!(%id, "removed a sandbox directory without a row"),
+                Err(e) => tracing::warn!(%id, error = %e, "could not remove an orphaned sandbox"),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn lost(why: &str) -> Ending {
+    Ending {
+        state: SandboxState::Failed,
+        exit_code: None,
+        signal: None,
+        reason: EndReason::Lost,
+        error: Some(why.to_owned()),
+        finished_at_ms: crate::now_unix_ms(),
+    }
+}
+
+/// `SIGTERM`, `TERM` or `15`, limited to the signals a monitor agrees to deliver.
+pub fn parse_signal(s: &str) -> Option<i32> {
+    let n = match s.parse::<i32>() {
+        Ok(n) => n,
+        Err(_) => {
+            let upper = s.to_ascii_uppercase();
+            let name = if upper.starts_with("SIG") {
+                upper
+            } else {
+                format!("SIG{upper}")
+            };
+            name.parse::<nix::sys::signal::Signal>().ok()? as i32
+        }
+    };
+    ALLOWED_SIGNALS.contains(&n).then_some(n)
+}
+
+/// `"SIGKILL"` for 9.
+pub fn signal_name(n: i32) -> String {
+    nix::sys::signal::Signal::try_from(n)
+        .map(|s| s.as_str().to_owned())
+        .unwrap_or_else(|_| format!("SIG{n}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_parse_by_name_and_number() {
+        assert_eq!(parse_signal("SIGTERM"), Some(15));
+        assert_eq!(parse_signal("term"), Some(15));
+        assert_eq!(parse_signal("9"), Some(9));
+        assert_eq!(parse_signal("SIGSEGV"), None);
+        assert_eq!(parse_signal("0"), None);
+        assert_eq!(parse_signal("bogus"), None);
+        assert_eq!(signal_name(9), "SIGKILL");
+    }
+}

@@ -1,0 +1,427 @@
+//! The SQLite store: every SQL statement of the daemon lives in this module.
+//!
+//! Writes go through a pool of exactly one connection so that they are serialised (SQLite allows
+//! one writer anyway) and multi-statement steps such as uid slot allocation cannot race; reads use
+//! a separate pool, which WAL mode lets run beside the writer.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sandboxd_api::{CreateSandbox, EndReason, Sandbox, SandboxState};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::Row;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+const COLUMNS: &str = "seq, id, name, state, exit_code, signal, reason, error, hostname, \
+     created_at, started_at, finished_at, labels, spec, init_pid, host_uid";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("opening the database")]
+    Open(#[source] sqlx::Error),
+    #[error("migrating the database")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database query failed")]
+    Query(#[from] sqlx::Error),
+    #[error("the name is already taken")]
+    NameTaken,
+    #[error("no free uid slot")]
+    NoCapacity,
+    #[error("corrupt row {id}: {what}")]
+    Corrupt { id: String, what: String },
+}
+
+/// What the daemon knows before the sandbox is started.
+#[derive(Debug, Clone)]
+pub struct NewSandbox {
+    pub id: Uuid,
+    pub name: Option<String>,
+    pub hostname: String,
+    pub created_at_ms: i64,
+    pub spec: CreateSandbox,
+}
+
+/// How `GET /v1/sandboxes` narrows the list.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub state: Option<SandboxState>,
+    pub labels: Vec<(String, String)>,
+    pub limit: u32,
+    /// Only rows created before the row with this sequence number.
+    pub before_seq: Option<i64>,
+}
+
+/// How a sandbox ended, as stored.
+#[derive(Debug, Clone)]
+pub struct Ending {
+    pub state: SandboxState,
+    pub exit_code: Option<i32>,
+    pub signal: Option<String>,
+    pub reason: EndReason,
+    pub error: Option<String>,
+    pub finished_at_ms: i64,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl Store {
+    /// Open (creating if needed) the database at `path` and apply the migrations.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            // sqlx does not enable WAL by itself; readers then never block the writer.
+            .journal_mode(SqliteJournalMode::Wal)
+            // NORMAL in WAL mode is durable against process crashes, which is what reconciliation
+            // relies on; a power loss may lose the last transactions, which reconciliation repairs.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await
+            .map_err(StoreError::Open)?;
+        MIGRATOR.run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(StoreError::Open)?;
+        Ok(Store { writer, reader })
+    }
+
+    /// Insert a row in state `creating`. With `uid_slots`, also allocate the lowest uid slot that
+    /// no live sandbox holds. Returns the allocated slot.
+    pub async fn insert_creating(
+        &self,
+        new: &NewSandbox,
+        uid_slots: Option<u32>,
+    ) -> Result<Option<u32>, StoreError> {
+        let labels = serde_json::to_string(&new.spec.labels).map_err(corrupt_json(new.id))?;
+        let spec = serde_json::to_string(&new.spec).map_err(corrupt_json(new.id))?;
+        let mut tx = self.writer.begin().await?;
+        let slot = match uid_slots {
+            None => None,
+            Some(slots) => {
+                // The lowest free slot is either 0 or right after a used one.
+                let row = sqlx::query(
+                    "SELECT s FROM (
+                         SELECT 0 AS s
+                         UNION ALL
+                         SELECT uid_slot + 1 FROM sandboxes
+                          WHERE uid_slot IS NOT NULL AND state IN ('creating', 'running')
+                     )
+                     WHERE s < ?1 AND s NOT IN (
+                         SELECT uid_slot FROM sandboxes
+                          WHERE uid_slot IS NOT NULL AND state IN ('creating', 'running'))
+                     ORDER BY s LIMIT 1",
+                )
+                .bind(i64::from(slots))
+                .fetch_optional(&mut *tx)
+                .await?;
+                match row {
+                    Some(r) => Some(u32::try_from(r.try_get::<i64, _>(0)?).map_err(|_| {
+                        StoreError::Corrupt {
+                            id: new.id.to_string(),
+                            what: "uid slot out of range".into(),
+                        }
+                    })?),
+                    None => return Err(StoreError::NoCapacity),
+                }
+            }
+        };
+        let inserted = sqlx::query(
+            "INSERT INTO sandboxes (id, name, state, hostname, created_at, labels, spec, uid_slot)
+             VALUES (?, ?, 'creating', ?, ?, ?, ?, ?)",
+        )
+        .bind(new.id.to_string())
+        .bind(new.name.as_deref())
+        .bind(&new.hostname)
+        .bind(new.created_at_ms)
+        .bind(labels)
+        .bind(spec)
+        .bind(slot.map(i64::from))
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(StoreError::NameTaken)
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tx.commit().await?;
+        Ok(slot)
+    }
+
+    pub async fn set_running(
+        &self,
+        id: Uuid,
+        started_at_ms: i64,
+        init_pid: i32,
+        host_uid: u32,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE sandboxes SET state = 'running', started_at = ?, init_pid = ?, host_uid = ?
+             WHERE id = ? AND state = 'creating'",
+        )
+        .bind(started_at_ms)
+        .bind(init_pid)
+        .bind(i64::from(host_uid))
+        .bind(id.to_string())
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    /// Record how a live sandbox ended. Returns false when it was already final (or gone).
+    pub async fn finish(&self, id: Uuid, end: &Ending) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE sandboxes
+                SET state = ?, exit_code = ?, signal = ?, reason = ?, error = ?, finished_at = ?
+              WHERE id = ? AND state IN ('creating', 'running')",
+        )
+        .bind(end.state.as_str())
+        .bind(end.exit_code)
+        .bind(end.signal.as_deref())
+        .bind(end.reason.as_str())
+        .bind(end.error.as_deref())
+        .bind(end.finished_at_ms)
+        .bind(id.to_string())
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM sandboxes WHERE id = ?")
+            .bind(id.to_string())
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn get(&self, id: Uuid) -> Result<Option<Sandbox>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM sandboxes WHERE id = ?");
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|r| to_sandbox(&r).map(|(_, s)| s)).transpose()
+    }
+
+    pub async fn get_by_name(&self, name: &str) -> Result<Option<Sandbox>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM sandboxes WHERE name = ?");
+        let row = sqlx::query(&sql)
+            .bind(name)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|r| to_sandbox(&r).map(|(_, s)| s)).transpose()
+    }
+
+    /// One page of sandboxes, newest first, and the sequence number to continue before.
+    pub async fn list(&self, q: &ListQuery) -> Result<(Vec<Sandbox>, Option<i64>), StoreError> {
+        let mut sql = format!("SELECT {COLUMNS} FROM sandboxes WHERE 1 = 1");
+        if q.state.is_some() {
+            sql.push_str(" AND state = ?");
+        }
+        if q.before_seq.is_some() {
+            sql.push_str(" AND seq < ?");
+        }
+        for _ in &q.labels {
+            sql.push_str(
+                " AND EXISTS (SELECT 1 FROM json_each(sandboxes.labels) \
+                 WHERE json_each.key = ? AND json_each.value = ?)",
+            );
+        }
+        sql.push_str(" ORDER BY seq DESC LIMIT ?");
+        let mut query = sqlx::query(&sql);
+        if let Some(state) = q.state {
+            query = query.bind(state.as_str());
+        }
+        if let Some(seq) = q.before_seq {
+            query = query.bind(seq);
+        }
+        for (k, v) in &q.labels {
+            query = query.bind(k).bind(v);
+        }
+        let limit = i64::from(q.limit.max(1));
+        let rows = query.bind(limit + 1).fetch_all(&self.reader).await?;
+        let mut items = Vec::with_capacity(rows.len());
+        let mut last_seq = None;
+        for row in rows.iter().take(q.limit.max(1) as usize) {
+            let (seq, sandbox) = to_sandbox(row)?;
+            last_seq = Some(seq);
+            items.push(sandbox);
+        }
+        let next = if rows.len() as i64 > limit {
+            last_seq
+        } else {
+            None
+        };
+        Ok((items, next))
+    }
+
+    /// Every sandbox in `creating` or `running`, for reconciliation.
+    pub async fn live(&self) -> Result<Vec<Sandbox>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM sandboxes WHERE state IN ('creating', 'running') ORDER BY seq"
+        );
+        let rows = sqlx::query(&sql).fetch_all(&self.reader).await?;
+        rows.iter().map(|r| to_sandbox(r).map(|(_, s)| s)).collect()
+    }
+
+    /// Ids of every row.
+    pub async fn ids(&self) -> Result<Vec<Uuid>, StoreError> {
+        let rows = sqlx::query("SELECT id FROM sandboxes")
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.try_get(0)?;
+                parse_uuid(&id)
+            })
+            .collect()
+    }
+}
+
+fn corrupt_json(id: Uuid) -> impl Fn(serde_json::Error) -> StoreError {
+    move |e| StoreError::Corrupt {
+        id: id.to_string(),
+        what: e.to_string(),
+    }
+}
+
+fn parse_uuid(id: &str) -> Result<Uuid, StoreError> {
+    Uuid::from_str(id).map_err(|e| StoreError::Corrupt {
+        id: id.to_owned(),
+        what: e.to_string(),
+    })
+}
+
+fn time_of(ms: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+fn to_sandbox(row: &SqliteRow) -> Result<(i64, Sandbox), StoreError> {
+    let id_text: String = row.try_get("id")?;
+    let bad = |what: &str| StoreError::Corrupt {
+        id: id_text.clone(),
+        what: what.to_owned(),
+    };
+    let id = parse_uuid(&id_text)?;
+    let state: String = row.try_get("state")?;
+    let state = SandboxState::parse(&state).ok_or_else(|| bad("state"))?;
+    let reason: Option<String> = row.try_get("reason")?;
+    let reason = match reason {
+        Some(r) => Some(EndReason::parse(&r).ok_or_else(|| bad("reason"))?),
+        None => None,
+    };
+    let labels: String = row.try_get("labels")?;
+    let labels: BTreeMap<String, String> =
+        serde_json::from_str(&labels).map_err(|_| bad("labels"))?;
+    let spec: String = row.try_get("spec")?;
+    let spec: CreateSandbox = serde_json::from_str(&spec).map_err(|_| bad("spec"))?;
+    let host_uid: Option<i64> = row.try_get("host_uid")?;
+    let sandbox = Sandbox {
+        id,
+        name: row.try_get("name")?,
+        state,
+        exit_code: row.try_get("exit_code")?,
+        signal: row.try_get("signal")?,
+        reason,
+        error: row.try_get("error")?,
+        hostname: row.try_get("hostname")?,
+        created_at: time_of(row.try_get("created_at")?),
+        started_at: row.try_get::<Option<i64>, _>("started_at")?.map(time_of),
+        finished_at: row.try_get::<Option<i64>, _>("finished_at")?.map(time_of),
+        labels,
+        spec,
+        init_pid: row.try_get("init_pid")?,
+        host_uid: host_uid.and_then(|u| u32::try_from(u).ok()),
+    };
+    Ok((row.try_get("seq")?, sandbox))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new(name: Option<&str>) -> NewSandbox {
+        NewSandbox {
+            id: Uuid::new_v4(),
+            name: name.map(str::to_owned),
+            hostname: "h".into(),
+            created_at_ms: 1,
+            spec: CreateSandbox {
+                command: vec!["true".into()],
+                env: Default::default(),
+                cwd: None,
+                hostname: None,
+                name: name.map(str::to_owned),
+                labels: [("a".to_string(), "1".to_string())].into(),
+                limits: Default::default(),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn slots_are_lowest_free_and_names_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        let a = new(Some("a"));
+        assert_eq!(store.insert_creating(&a, Some(2)).await.unwrap(), Some(0));
+        let b = new(None);
+        assert_eq!(store.insert_creating(&b, Some(2)).await.unwrap(), Some(1));
+        assert!(matches!(
+            store.insert_creating(&new(None), Some(2)).await,
+            Err(StoreError::NoCapacity)
+        ));
+        assert!(matches!(
+            store.insert_creating(&new(Some("a")), None).await,
+            Err(StoreError::NameTaken)
+        ));
+        let end = Ending {
+            state: SandboxState::Exited,
+            exit_code: Some(0),
+            signal: None,
+            reason: EndReason::Exited,
+            error: None,
+            finished_at_ms: 2,
+        };
+        assert!(store.finish(a.id, &end).await.unwrap());
+        assert!(!store.finish(a.id, &end).await.unwrap());
+        assert_eq!(store.insert_creating(&new(None), Some(2)).await.unwrap(), Some(0));
+        let q = ListQuery {
+            labels: vec![("a".into(), "1".into())],
+            limit: 2,
+            ..Default::default()
+        };
+        let (items, next) = store.list(&q).await.unwrap();
+        assert_eq!(items.len(), 2);
+        let (rest, none) = store
+            .list(&ListQuery {
+                before_seq: next,
+                ..q
+            })
+            .await
+            .unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].id, a.id);
+        assert!(none.is_none());
+    }
+}

@@ -1,0 +1,265 @@
+//! Parse a `CreateSandbox` request once into a [`ValidCreate`]; nothing downstream re-checks it.
+
+use std::collections::BTreeMap;
+
+use sandboxd_api::CreateSandbox;
+use uuid::Uuid;
+
+pub const MAX_ARGS: usize = 4096;
+pub const MAX_COMMAND_BYTES: usize = 256 * 1024;
+pub const MAX_ENV: usize = 1024;
+pub const MAX_CWD_BYTES: usize = 4096;
+pub const MAX_LABELS: usize = 64;
+pub const MAX_LABEL_VALUE: usize = 255;
+pub const MAX_TIMEOUT_SECS: u64 = 31_536_000;
+
+pub const DEFAULT_CWD: &str = "/work";
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A request that failed validation; the message names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ValidationError(pub String);
+
+fn invalid(msg: impl Into<String>) -> ValidationError {
+    ValidationError(msg.into())
+}
+
+/// A create request whose every field is known to be acceptable.
+#[derive(Debug, Clone)]
+pub struct ValidCreate {
+    /// The request as the client sent it (stored and shown as `spec`).
+    pub spec: CreateSandbox,
+    pub command: Vec<String>,
+    pub cwd: String,
+    pub name: Option<String>,
+    pub timeout_secs: Option<u64>,
+    hostname: Option<String>,
+}
+
+impl ValidCreate {
+    pub fn parse(spec: CreateSandbox) -> Result<Self, ValidationError> {
+        check_command(&spec.command)?;
+        check_env(&spec.env)?;
+        let cwd = match &spec.cwd {
+            Some(cwd) => {
+                check_cwd(cwd)?;
+                cwd.clone()
+            }
+            None => DEFAULT_CWD.to_owned(),
+        };
+        if let Some(h) = &spec.hostname {
+            if !is_hostname(h) {
+                return Err(invalid(
+                    "hostname: must be 1-63 letters, digits or '-' per label, not starting or ending with '-', at most 253 bytes",
+                ));
+            }
+        }
+        if let Some(n) = &spec.name {
+            check_name(n)?;
+        }
+        check_labels(&spec.labels)?;
+        if let Some(t) = spec.limits.timeout_secs {
+            if !(1..=MAX_TIMEOUT_SECS).contains(&t) {
+                return Err(invalid(format!(
+                    "limits.timeout_secs: must be between 1 and {MAX_TIMEOUT_SECS}"
+                )));
+            }
+        }
+        Ok(ValidCreate {
+            command: spec.command.clone(),
+            cwd,
+            name: spec.name.clone(),
+            timeout_secs: spec.limits.timeout_secs,
+            hostname: spec.hostname.clone(),
+            spec,
+        })
+    }
+
+    /// The host name: the requested one, else the name when it is a valid host name, else
+    /// `sbx-` and the first 8 hex digits of the id.
+    pub fn hostname_for(&self, id: Uuid) -> String {
+        if let Some(h) = &self.hostname {
+            return h.clone();
+        }
+        if let Some(n) = self.name.as_deref().filter(|n| is_hostname(n)) {
+            return n.to_owned();
+        }
+        let simple = id.simple().to_string();
+        format!("sbx-{}", &simple[..8])
+    }
+
+    /// The environment in order: the client's variables, then the defaults it did not set.
+    pub fn env_for(&self, hostname: &str) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = self
+            .spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (k, v) in [("PATH", DEFAULT_PATH), ("HOME", "/root"), ("HOSTNAME", hostname)] {
+            if !self.spec.env.contains_key(k) {
+                env.push((k.to_owned(), v.to_owned()));
+            }
+        }
+        env
+    }
+}
+
+fn check_command(command: &[String]) -> Result<(), ValidationError> {
+    if command.is_empty() || command[0].is_empty() {
+        return Err(invalid("command: must not be empty"));
+    }
+    if command.len() > MAX_ARGS {
+        return Err(invalid(format!("command: at most {MAX_ARGS} arguments")));
+    }
+    if command.iter().map(String::len).sum::<usize>() > MAX_COMMAND_BYTES {
+        return Err(invalid(format!("command: at most {MAX_COMMAND_BYTES} bytes in total")));
+    }
+    if command.iter().any(|a| a.contains('\0')) {
+        return Err(invalid("command: must not contain NUL bytes"));
+    }
+    Ok(())
+}
+
+fn check_env(env: &BTreeMap<String, String>) -> Result<(), ValidationError> {
+    if env.len() > MAX_ENV {
+        return Err(invalid(format!("env: at most {MAX_ENV} entries")));
+    }
+    for (k, v) in env {
+        let mut chars = k.chars();
+        let first_ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+        if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(invalid(format!(
+                "env: key {k:?} must match [A-Za-z_][A-Za-z0-9_]*"
+            )));
+        }
+        if v.contains('\0') {
+            return Err(invalid(format!("env: value of {k} must not contain NUL bytes")));
+        }
+    }
+    Ok(())
+}
+
+fn check_cwd(cwd: &str) -> Result<(), ValidationError> {
+    if !cwd.starts_with('/') {
+        return Err(invalid("cwd: must be an absolute path"));
+    }
+    if cwd.contains('\0') {
+        return Err(invalid("cwd: must not contain NUL bytes"));
+    }
+    if cwd.len() > MAX_CWD_BYTES {
+        return Err(invalid(format!("cwd: at most {MAX_CWD_BYTES} bytes")));
+    }
+    if cwd.split('/').any(|c| c == "..") {
+        return Err(invalid("cwd: must not contain '..'"));
+    }
+    Ok(())
+}
+
+/// Dot-separated labels of 1-63 letters, digits and '-', not starting or ending with '-'.
+pub fn is_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+fn check_name(name: &str) -> Result<(), ValidationError> {
+    let bytes = name.as_bytes();
+    let ok = (1..=63).contains(&bytes.len())
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[1..]
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if !ok {
+        return Err(invalid(
+            "name: must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+        ));
+    }
+    if Uuid::parse_str(name).is_ok() {
+        return Err(invalid("name: must not be a UUID"));
+    }
+    Ok(())
+}
+
+fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ValidationError> {
+    if labels.len() > MAX_LABELS {
+        return Err(invalid(format!("labels: at most {MAX_LABELS} entries")));
+    }
+    for (k, v) in labels {
+        let key_ok = (1..=63).contains(&k.len())
+            && k
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'/'));
+        if !key_ok {
+            return Err(invalid(format!(
+                "labels: key {k:?} must be 1-63 characters of [A-Za-z0-9_.-/]"
+            )));
+        }
+        if v.chars().count() > MAX_LABEL_VALUE || v.contains('\0') {
+            return Err(invalid(format!(
+                "labels: value of {k} must be at most {MAX_LABEL_VALUE} characters without NUL"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: serde_json::Value) -> Result<ValidCreate, ValidationError> {
+        ValidCreate::parse(serde_json::from_value(json).unwrap())
+    }
+
+    fn check(json: serde_json::Value, field: Option<&str>) {
+        match (spec(json.clone()), field) {
+            (Ok(_), None) => {}
+            (Err(e), Some(f)) => assert!(e.0.starts_with(f), "{json}: {e}"),
+            (r, f) => panic!("{json}: expected {f:?}, got {r:?}"),
+        }
+    }
+
+    #[test]
+    fn fields_are_checked() {
+        use serde_json::json;
+        check(json!({"command": ["true"]}), None);
+        check(json!({"command": []}), Some("command"));
+        check(json!({"command": ["a\u{0}b"]}), Some("command"));
+        check(json!({"command": ["x"], "env": {"1A": "x"}}), Some("env"));
+        check(json!({"command": ["x"], "env": {"A_1": "x"}}), None);
+        check(json!({"command": ["x"], "cwd": "rel"}), Some("cwd"));
+        check(json!({"command": ["x"], "cwd": "/a/../b"}), Some("cwd"));
+        check(json!({"command": ["x"], "hostname": "-a"}), Some("hostname"));
+        check(json!({"command": ["x"], "hostname": "a.b-c"}), None);
+        check(json!({"command": ["x"], "name": "_a"}), Some("name"));
+        check(json!({"command": ["x"], "name": Uuid::nil().to_string()}), Some("name"));
+        check(json!({"command": ["x"], "name": "a_b.c"}), None);
+        check(json!({"command": ["x"], "labels": {"": "v"}}), Some("labels"));
+        check(json!({"command": ["x"], "labels": {"k/x": "v"}}), None);
+        check(json!({"command": ["x"], "limits": {"timeout_secs": 0}}), Some("limits.timeout_secs"));
+    }
+
+    #[test]
+    fn defaults_fill_hostname_and_env() {
+        let id = Uuid::parse_str("0123abcd-0000-0000-0000-000000000000").unwrap();
+        let v = spec(serde_json::json!({"command": ["x"], "name": "a_b"})).unwrap();
+        assert_eq!(v.hostname_for(id), "sbx-0123abcd");
+        assert_eq!(v.cwd, "/work");
+        let v = spec(serde_json::json!({"command": ["x"], "name": "web", "env": {"HOME": "/h"}}))
+            .unwrap();
+        assert_eq!(v.hostname_for(id), "web");
+        let env = v.env_for("web");
+        assert!(env.contains(&("HOME".into(), "/h".into())));
+        assert!(env.contains(&("HOSTNAME".into(), "web".into())));
+        assert!(env.iter().any(|(k, _)| k == "PATH"));
+    }
+}
