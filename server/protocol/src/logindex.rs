@@ -44,7 +44,10 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_partial_tail_is_ignored() {
-        let a = Record { channel: 1, len: 70000 };
+        let a = Record {
+            channel: 1,
+            len: 70000,
+        };
         let b = Record { channel: 2, len: 3 };
         let mut buf = Vec::new();
         buf.extend_from_slice(&a.encode());

@@ -18,13 +18,17 @@ pub const MAX_FRAME: usize = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    Hello { version: u32 },
+    Hello {
+        version: u32,
+    },
     /// What the helper can do on this host.
     Info,
     /// Create the sandbox directory and start the sandbox under a new monitor.
     Spawn(SpawnRequest),
     /// Remove every trace of a sandbox that is no longer running.
-    Destroy { id: Uuid },
+    Destroy {
+        id: Uuid,
+    },
     /// Ids of all sandbox directories that exist, so the daemon can reconcile after a crash.
     List,
 }

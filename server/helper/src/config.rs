@@ -1,0 +1,167 @@
+//! The helper's command line. It comes from whoever started the helper (root or the daemon's user
+//! before any request exists), so it is trusted; it is still checked for consistency.
+
+use std::path::PathBuf;
+
+use sandboxd_protocol::wire::Mode;
+
+/// Ids each sandbox gets in privileged mode: enough for a distribution's system users and nobody.
+pub const UID_RANGE_SIZE: u32 = 65536;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    /// The only uid allowed to talk to the helper and to the monitors: the daemon's.
+    pub allow_uid: u32,
+    /// The daemon's gid, for files the daemon must read.
+    pub allow_gid: u32,
+    pub mode: Mode,
+    pub uid_base: u32,
+    pub uid_slots: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("missing value for {0}")]
+    MissingValue(String),
+    #[error("invalid value for {0}: {1}")]
+    InvalidValue(String, String),
+    #[error("unknown argument {0}")]
+    UnknownArgument(String),
+    #[error("--state-dir and --allow-uid are required")]
+    Missing,
+    #[error("uid ranges {base}..{end} overlap uid {uid} (root or the daemon's uid must never be mapped into a sandbox)")]
+    Overlap { base: u64, end: u64, uid: u32 },
+    #[error("uid ranges end past the largest uid ({0})")]
+    TooLarge(u64),
+}
+
+impl Config {
+    pub fn parse(args: impl Iterator<Item = String>, euid: u32) -> Result<Config, ConfigError> {
+        let mut state_dir = None;
+        let mut allow_uid = None;
+        let mut allow_gid = None;
+        let mut uid_base = 100_000_000u32;
+        let mut uid_slots = 1024u32;
+        let mut args = args.peekable();
+        while let Some(flag) = args.next() {
+            let mut value = || {
+                args.next()
+                    .ok_or_else(|| ConfigError::MissingValue(flag.clone()))
+            };
+            let number = |v: String| {
+                v.parse::<u32>()
+                    .map_err(|_| ConfigError::InvalidValue(flag.clone(), v))
+            };
+            match flag.as_str() {
+                "--state-dir" => state_dir = Some(PathBuf::from(value()?)),
+                "--allow-uid" => allow_uid = Some(number(value()?)?),
+                "--allow-gid" => allow_gid = Some(number(value()?)?),
+                "--uid-base" => uid_base = number(value()?)?,
+                "--uid-slots" => uid_slots = number(value()?)?,
+                _ => return Err(ConfigError::UnknownArgument(flag)),
+            }
+        }
+        let (Some(state_dir), Some(allow_uid)) = (state_dir, allow_uid) else {
+            return Err(ConfigError::Missing);
+        };
+        if !state_dir.is_absolute() {
+            return Err(ConfigError::InvalidValue(
+                "--state-dir".into(),
+                "must be an absolute path".into(),
+            ));
+        }
+        let mode = if euid == 0 {
+            Mode::Privileged
+        } else {
+            Mode::Rootless
+        };
+        let config = Config {
+            state_dir,
+            allow_uid,
+            // Rootless: files stay in the helper's own group, the only one it may chown to.
+            allow_gid: allow_gid.unwrap_or(if euid == 0 {
+                allow_uid
+            } else {
+                nix::unistd::getegid().as_raw()
+            }),
+            mode,
+            uid_base,
+            uid_slots,
+        };
+        if mode == Mode::Privileged {
+            config.check_ranges()?;
+        }
+        Ok(config)
+    }
+
+    fn check_ranges(&self) -> Result<(), ConfigError> {
+        let base = u64::from(self.uid_base);
+        let end = base + u64::from(self.uid_slots) * u64::from(UID_RANGE_SIZE);
+        if end > u64::from(u32::MAX - 1) {
+            return Err(ConfigError::TooLarge(end));
+        }
+        for uid in [0, self.allow_uid, self.allow_gid] {
+            if (base..end).contains(&u64::from(uid)) {
+                return Err(ConfigError::Overlap { base, end, uid });
+            }
+        }
+        Ok(())
+    }
+
+    /// First host id of a slot's range.
+    pub fn slot_base(&self, slot: u32) -> u32 {
+        self.uid_base + slot * UID_RANGE_SIZE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str], euid: u32) -> Result<Config, ConfigError> {
+        Config::parse(args.iter().map(|s| s.to_string()), euid)
+    }
+
+    #[test]
+    fn privileged_ranges_never_cover_root_or_the_daemon() {
+        let ok = parse(&["--state-dir", "/s", "--allow-uid", "999"], 0).unwrap();
+        assert_eq!(ok.mode, Mode::Privileged);
+        assert_eq!(ok.slot_base(2), 100_000_000 + 2 * 65536);
+        assert!(matches!(
+            parse(&["--state-dir", "/s", "--allow-uid", "100000005"], 0),
+            Err(ConfigError::Overlap { .. })
+        ));
+        assert!(matches!(
+            parse(
+                &["--state-dir", "/s", "--allow-uid", "5", "--uid-base", "0"],
+                0
+            ),
+            Err(ConfigError::Overlap { .. })
+        ));
+        assert!(parse(
+            &[
+                "--state-dir",
+                "/s",
+                "--allow-uid",
+                "5",
+                "--uid-slots",
+                "90000"
+            ],
+            0
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn rejects_relative_state_dir_and_unknown_flags() {
+        assert!(parse(&["--state-dir", "s", "--allow-uid", "1"], 1000).is_err());
+        assert!(parse(&["--state-dir", "/s", "--allow-uid", "1", "--x"], 1000).is_err());
+        assert_eq!(
+            parse(&["--state-dir", "/s", "--allow-uid", "1000"], 1000)
+                .unwrap()
+                .mode,
+            Mode::Rootless
+        );
+    }
+}

@@ -1,0 +1,414 @@
+//! The sandboxes directory, handled only through file descriptors.
+//!
+//! The state directory belongs to the daemon's uid, so every path below it could be swapped for a
+//! symlink by a compromised daemon. The helper therefore opens `<state>/sandboxes` once at start
+//! (refusing a symlink or a directory it does not own) and does all later work relative to that
+//! descriptor with `O_NOFOLLOW`, so no request can make it create, chown or delete anything else.
+
+use std::ffi::{CStr, CString};
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::{openat, FlockArg, OFlag};
+use nix::sys::stat::{fchmodat, fstat, mkdirat, FchmodatFlags, Mode, SFlag};
+use nix::unistd::{fchownat, unlinkat, Gid, Uid, UnlinkatFlags};
+use uuid::Uuid;
+
+use sandboxd_protocol::layout::{MONITOR_LOCK, OUTPUT_INDEX, OUTPUT_LOG, SANDBOXES_DIR, WORK_DIR};
+
+use crate::validate::IdMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirError {
+    #[error("opening the sandboxes directory {path}")]
+    OpenRoot { path: String, source: Errno },
+    #[error("the sandboxes directory must be owned by uid {expected} and not writable by others")]
+    RootUnsafe { expected: u32 },
+    #[error("sandbox {0} already exists")]
+    Exists(Uuid),
+    #[error("sandbox {0} does not exist")]
+    NotFound(Uuid),
+    #[error("sandbox {0} is still running")]
+    Busy(Uuid),
+    #[error("uid slot {0} is in use by a running sandbox")]
+    SlotBusy(u32),
+    #[error("{step} for sandbox {id}")]
+    Io {
+        step: &'static str,
+        id: Uuid,
+        source: Errno,
+    },
+}
+
+/// `<state>/sandboxes`, held open.
+pub struct SandboxesDir {
+    fd: OwnedFd,
+}
+
+/// What the monitor of a new sandbox inherits.
+pub struct SandboxFiles {
+    /// The sandbox's directory.
+    pub dir: OwnedFd,
+    /// `work/`, opened `O_PATH`: the source of the sandbox's `/work` bind mount.
+    pub work: OwnedFd,
+    pub log: File,
+    pub index: File,
+    /// `monitor.lock`, flock-held for the monitor's whole life.
+    pub lock: File,
+    /// The uid slot's lock, flock-held likewise (privileged mode only).
+    pub slot_lock: Option<File>,
+}
+
+fn open_fd<P: ?Sized + nix::NixPath>(
+    dir: Option<RawFd>,
+    name: &P,
+    flags: OFlag,
+    mode: Mode,
+) -> Result<OwnedFd, Errno> {
+    let fd = openat(
+        dir,
+        name,
+        flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+        mode,
+    )?;
+    Ok(crate::sys::own_fd(fd))
+}
+
+impl SandboxesDir {
+    /// Create (if needed) and open `<state>/sandboxes`, owned by the helper and 0711.
+    pub fn open(state_dir: &Path) -> Result<Self, DirError> {
+        let path = state_dir.join(SANDBOXES_DIR);
+        let err = |source| DirError::OpenRoot {
+            path: path.display().to_string(),
+            source,
+        };
+        match nix::unistd::mkdir(&path, Mode::from_bits_truncate(0o711)) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(err(e)),
+        }
+        let fd = open_fd(
+            None,
+            path.to_str().ok_or(err(Errno::EINVAL))?,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        )
+        .map_err(err)?;
+        let st = fstat(fd.as_raw_fd()).map_err(err)?;
+        let euid = nix::unistd::geteuid().as_raw();
+        if st.st_uid != euid || st.st_mode & 0o022 != 0 {
+            return Err(DirError::RootUnsafe { expected: euid });
+        }
+        // A restrictive umask may have left it 0700; the daemon must be able to traverse it.
+        nix::sys::stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(0o711)).map_err(err)?;
+        Ok(SandboxesDir { fd })
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Create a new sandbox's directory and files. Nothing is left behind on failure.
+    pub fn create(
+        &self,
+        id: Uuid,
+        ids: IdMap,
+        daemon_uid: u32,
+        daemon_gid: u32,
+    ) -> Result<SandboxFiles, DirError> {
+        let slot_lock = match ids {
+            IdMap::Range { slot, .. } => Some(self.lock_slot(slot)?),
+            IdMap::Single { .. } => None,
+        };
+        let name = id.to_string();
+        match mkdirat(
+            Some(self.raw_fd()),
+            name.as_str(),
+            Mode::from_bits_truncate(0o711),
+        ) {
+            Ok(()) => {}
+            Err(Errno::EEXIST) => return Err(DirError::Exists(id)),
+            Err(source) => {
+                return Err(DirError::Io {
+                    step: "creating the directory",
+                    id,
+                    source,
+                })
+            }
+        }
+        let result = self.populate(id, &name, ids, daemon_uid, daemon_gid);
+        match result {
+            Ok((dir, work, log, index, lock)) => Ok(SandboxFiles {
+                dir,
+                work,
+                log,
+                index,
+                lock,
+                slot_lock,
+            }),
+            Err(e) => {
+                // Roll back; the creation error is the one worth reporting.
+                let _ = remove_tree(self.raw_fd(), &cname(&name));
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn populate(
+        &self,
+        id: Uuid,
+        name: &str,
+        ids: IdMap,
+        daemon_uid: u32,
+        daemon_gid: u32,
+    ) -> Result<(OwnedFd, OwnedFd, File, File, File), DirError> {
+        let io = |step| move |source| DirError::Io { step, id, source };
+        let dir = open_fd(
+            Some(self.raw_fd()),
+            name,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        )
+        .map_err(io("opening the directory"))?;
+        // mkdirat honours the umask; make the mode exact.
+        nix::sys::stat::fchmod(dir.as_raw_fd(), Mode::from_bits_truncate(0o711))
+            .map_err(io("setting the directory mode"))?;
+        mkdirat(
+            Some(dir.as_raw_fd()),
+            WORK_DIR,
+            Mode::from_bits_truncate(0o755),
+        )
+        .map_err(io("creating work/"))?;
+        fchownat(
+            Some(dir.as_raw_fd()),
+            WORK_DIR,
+            Some(Uid::from_raw(ids.host_root_uid())),
+            Some(Gid::from_raw(ids.host_root_gid())),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(io("handing work/ to the sandbox's root"))?;
+        let work = open_fd(
+            Some(dir.as_raw_fd()),
+            WORK_DIR,
+            OFlag::O_PATH | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        )
+        .map_err(io("opening work/"))?;
+        let daemon_file = |file: &'static str| -> Result<File, DirError> {
+            let fd = open_fd(
+                Some(dir.as_raw_fd()),
+                file,
+                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_APPEND,
+                Mode::from_bits_truncate(0o640),
+            )
+            .map_err(io("creating an output file"))?;
+            nix::unistd::fchown(
+                fd.as_raw_fd(),
+                Some(Uid::from_raw(daemon_uid)),
+                Some(Gid::from_raw(daemon_gid)),
+            )
+            .map_err(io("handing an output file to the daemon"))?;
+            Ok(File::from(fd))
+        };
+        let log = daemon_file(OUTPUT_LOG)?;
+        let index = daemon_file(OUTPUT_INDEX)?;
+        let lock = open_fd(
+            Some(dir.as_raw_fd()),
+            MONITOR_LOCK,
+            OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL,
+            Mode::from_bits_truncate(0o600),
+        )
+        .map_err(io("creating monitor.lock"))?;
+        flock(lock.as_raw_fd(), FlockArg::LockExclusiveNonblock)
+            .map_err(io("locking monitor.lock"))?;
+        Ok((dir, work, log, index, File::from(lock)))
+    }
+
+    fn lock_slot(&self, slot: u32) -> Result<File, DirError> {
+        let name = format!(".slot-{slot}.lock");
+        let fd = open_fd(
+            Some(self.raw_fd()),
+            name.as_str(),
+            OFlag::O_RDWR | OFlag::O_CREAT,
+            Mode::from_bits_truncate(0o600),
+        )
+        .map_err(|source| DirError::Io {
+            step: "opening a slot lock",
+            id: Uuid::nil(),
+            source,
+        })?;
+        match flock(fd.as_raw_fd(), FlockArg::LockExclusiveNonblock) {
+            Ok(()) => Ok(File::from(fd)),
+            Err(Errno::EWOULDBLOCK) => Err(DirError::SlotBusy(slot)),
+            Err(source) => Err(DirError::Io {
+                step: "locking a slot",
+                id: Uuid::nil(),
+                source,
+            }),
+        }
+    }
+
+    /// Ids of every sandbox directory present.
+    pub fn list(&self) -> Result<Vec<Uuid>, DirError> {
+        let io = |source| DirError::Io {
+            step: "listing",
+            id: Uuid::nil(),
+            source,
+        };
+        let fd = open_fd(
+            Some(self.raw_fd()),
+            ".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        )
+        .map_err(io)?;
+        let mut dir = nix::dir::Dir::from_fd(fd_into_raw(fd)).map_err(io)?;
+        let mut ids = Vec::new();
+        for entry in dir.iter() {
+            let entry = entry.map_err(io)?;
+            if let Some(id) = entry
+                .file_name()
+                .to_str()
+                .ok()
+                .and_then(|n| Uuid::parse_str(n).ok())
+            {
+                // Only canonical names: "{...}" or upper-case spellings are not ours.
+                if id.to_string().as_bytes() == entry.file_name().to_bytes() {
+                    ids.push(id);
+                }
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Remove a sandbox's directory and everything in it, unless its monitor still lives.
+    pub fn destroy(&self, id: Uuid) -> Result<(), DirError> {
+        let name = id.to_string();
+        let dir = match open_fd(
+            Some(self.raw_fd()),
+            name.as_str(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => return Err(DirError::NotFound(id)),
+            Err(source) => {
+                return Err(DirError::Io {
+                    step: "opening the directory",
+                    id,
+                    source,
+                })
+            }
+        };
+        match open_fd(
+            Some(dir.as_raw_fd()),
+            MONITOR_LOCK,
+            OFlag::O_RDONLY,
+            Mode::empty(),
+        ) {
+            Ok(lock) => match flock(lock.as_raw_fd(), FlockArg::LockExclusiveNonblock) {
+                Ok(()) => {}
+                Err(Errno::EWOULDBLOCK) => return Err(DirError::Busy(id)),
+                Err(source) => {
+                    return Err(DirError::Io {
+                        step: "checking the monitor lock",
+                        id,
+                        source,
+                    })
+                }
+            },
+            Err(Errno::ENOENT) => {}
+            Err(source) => {
+                return Err(DirError::Io {
+                    step: "opening monitor.lock",
+                    id,
+                    source,
+                })
+            }
+        }
+        drop(dir);
+        remove_tree(self.raw_fd(), &cname(&name)).map_err(|source| DirError::Io {
+            step: "removing",
+            id,
+            source,
+        })
+    }
+}
+
+/// flock(2) on a raw descriptor. nix's `Flock` guard unlocks on drop, which would release the lock
+/// the monitor inherits when the helper drops its copy after fork; a raw flock lives as long as
+/// any descriptor of the open file description does.
+#[allow(deprecated)]
+fn flock(fd: RawFd, arg: FlockArg) -> Result<(), Errno> {
+    nix::fcntl::flock(fd, arg)
+}
+
+fn fd_into_raw(fd: OwnedFd) -> RawFd {
+    std::os::fd::IntoRawFd::into_raw_fd(fd)
+}
+
+/// Remove `name` under `parent` recursively without following any symlink. Directories the
+/// sandbox made unreadable (mode 000) are opened up first: their contents are the sandbox's.
+pub fn remove_tree(parent: RawFd, name: &CStr) -> Result<(), Errno> {
+    match unlinkat(Some(parent), name, UnlinkatFlags::NoRemoveDir) {
+        Ok(()) => return Ok(()),
+        Err(Errno::EISDIR) | Err(Errno::EPERM) => {}
+        Err(Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    let open = || {
+        open_fd(
+            Some(parent),
+            name,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        )
+    };
+    let dir = match open() {
+        Ok(fd) => fd,
+        Err(Errno::EACCES) => {
+            fchmodat(
+                Some(parent),
+                name,
+                Mode::from_bits_truncate(0o700),
+                FchmodatFlags::NoFollowSymlink,
+            )?;
+            open()?
+        }
+        Err(Errno::ENOTDIR) => return unlinkat(Some(parent), name, UnlinkatFlags::NoRemoveDir),
+        Err(e) => return Err(e),
+    };
+    let st = fstat(dir.as_raw_fd())?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFDIR {
+        return Err(Errno::ENOTDIR);
+    }
+    if st.st_mode & 0o700 != 0o700 {
+        nix::sys::stat::fchmod(dir.as_raw_fd(), Mode::from_bits_truncate(0o700))?;
+    }
+    let names: Vec<CString> = {
+        let dup = open_fd(
+            Some(dir.as_raw_fd()),
+            ".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        )?;
+        let mut d = nix::dir::Dir::from_fd(fd_into_raw(dup))?;
+        d.iter()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_owned())
+            .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
+            .collect()
+    };
+    for child in names {
+        remove_tree(dir.as_raw_fd(), child.as_c_str())?;
+    }
+    drop(dir);
+    unlinkat(Some(parent), name, UnlinkatFlags::RemoveDir)
+}
+
+fn cname(name: &str) -> CString {
+    CString::new(name).unwrap_or_default()
+}

@@ -1,0 +1,100 @@
+//! What this host lets the helper do, read from /proc and /sys once per request.
+
+use sandboxd_protocol::wire::HelperInfo;
+
+use crate::config::{Config, UID_RANGE_SIZE};
+
+pub fn detect(config: &Config) -> HelperInfo {
+    let user_namespaces = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .is_some_and(|n| n > 0);
+    let overlayfs = std::fs::read_to_string("/proc/filesystems").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.split_whitespace().last() == Some("overlay"))
+    });
+    let (cgroup_version, cgroup_controllers) =
+        cgroups(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
+    HelperInfo {
+        mode: config.mode,
+        user_namespaces,
+        cgroup_version,
+        cgroup_controllers,
+        overlayfs,
+        uid_base: config.uid_base,
+        uid_range_size: UID_RANGE_SIZE,
+        uid_slots: config.uid_slots,
+    }
+}
+
+/// The cgroup layout from a mountinfo text: `v2` (unified at /sys/fs/cgroup), `hybrid` (v1
+/// controllers plus a v2 mount), `v1`, or `none`; and the controllers available.
+fn cgroups(mountinfo: &str) -> (String, Vec<String>) {
+    let mut v1 = Vec::new();
+    let mut v2_root = false;
+    let mut v2_elsewhere = false;
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mount_point = left.split_whitespace().nth(4).unwrap_or("");
+        let mut fields = right.split_whitespace();
+        let fstype = fields.next().unwrap_or("");
+        let super_opts = fields.nth(1).unwrap_or("");
+        match fstype {
+            "cgroup2" if mount_point == "/sys/fs/cgroup" => v2_root = true,
+            "cgroup2" => v2_elsewhere = true,
+            "cgroup" => {
+                for opt in super_opts.split(',') {
+                    if [
+                        "cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices",
+                        "freezer", "io", "hugetlb",
+                    ]
+                    .contains(&opt)
+                    {
+                        v1.push(opt.to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if v2_root {
+        let controllers =
+            std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
+        return (
+            "v2".into(),
+            controllers.split_whitespace().map(str::to_owned).collect(),
+        );
+    }
+    v1.sort();
+    v1.dedup();
+    let version = match (v1.is_empty(), v2_elsewhere) {
+        (false, true) => "hybrid",
+        (false, false) => "v1",
+        (true, true) => "v2",
+        (true, false) => "none",
+    };
+    (version.into(), v1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hybrid_hosts_are_recognised() {
+        let text =
+            "30 25 0:26 / /sys/fs/cgroup/memory rw,relatime shared:9 - cgroup cgroup rw,memory\n\
+                    31 25 0:27 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n\
+                    32 25 0:28 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroups(text),
+            (
+                "hybrid".to_string(),
+                vec!["memory".to_string(), "pids".to_string()]
+            )
+        );
+        assert_eq!(cgroups("").0, "none");
+    }
+}

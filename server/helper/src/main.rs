@@ -1,0 +1,120 @@
+//! `sandboxd-helper`: the only sandboxd process that may hold privileges.
+//!
+//! Started by `sandboxd` (as root in privileged mode, as the daemon's own user in rootless mode)
+//! before the daemon drops its privileges. In this fixed order it:
+//!
+//! 1. ties its life to its parent's (PR_SET_DEATHSIG) — running sandboxes do not depend on it;
+//! 2. sanitises itself: clears the environment, closes inherited descriptors, sets a umask,
+//!    becomes non-dumpable;
+//! 3. parses and checks its command line;
+//! 4. opens `<state>/sandboxes` by descriptor and binds `<state>/helper.sock` for the daemon's uid;
+//! 5. prints `ready` on stdout and serves requests on one thread (see `server.rs`).
+//!
+//! It never starts a thread, so forking it (to start monitors) is always sound.
+
+mod config;
+mod dirs;
+mod fds;
+mod info;
+mod monitor;
+mod sandbox;
+mod server;
+mod sys;
+mod validate;
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::process::ExitCode;
+
+use nix::fcntl::OFlag;
+use nix::sys::signal::Signal;
+use nix::sys::stat::Mode;
+use nix::unistd::{Gid, Uid};
+
+use sandboxd_protocol::layout::HELPER_SOCKET;
+
+use crate::config::Config;
+use crate::dirs::SandboxesDir;
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(never) => match never {},
+        Err(message) => {
+            eprintln!("sandboxd-helper: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Never {}
+
+fn run() -> Result<Never, String> {
+    // 1. Die with the daemon. Check the parent afterwards: it may have died before the prctl.
+    let parent = nix::unistd::getppid();
+    nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(|e| format!("prctl: {e}"))?;
+    if nix::unistd::getppid() != parent {
+        return Err("the daemon exited during start-up".into());
+    }
+
+    // 2. Sanitise.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    for (key, _) in std::env::vars_os() {
+        std::env::remove_var(key);
+    }
+    fds::close_all_except(&[]).map_err(|e| format!("closing inherited descriptors: {e}"))?;
+    nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
+    nix::sys::prctl::set_dumpable(false).map_err(|e| format!("prctl: {e}"))?;
+
+    // 3. Configuration.
+    let euid = nix::unistd::geteuid().as_raw();
+    let config = Config::parse(args.into_iter(), euid).map_err(|e| e.to_string())?;
+
+    // 4. Directories and the socket, both reached through a descriptor of the state directory.
+    let state = nix::fcntl::open(
+        &config.state_dir,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+        Mode::empty(),
+    )
+    .map_err(|e| {
+        format!(
+            "opening the state directory {}: {e}",
+            config.state_dir.display()
+        )
+    })?;
+    let state = sys::own_fd(state);
+    let sandboxes = SandboxesDir::open(&config.state_dir).map_err(|e| e.to_string())?;
+    let listener = bind_socket(&state, &config)?;
+
+    // 5. Ready.
+    let mut stdout = std::io::stdout();
+    let _ = stdout.write_all(b"ready\n").and_then(|()| stdout.flush());
+    fds::stdio_to_devnull().map_err(|e| format!("stdio: {e}"))?;
+    let helper = server::Helper { config, sandboxes };
+    helper.serve(listener)
+}
+
+fn bind_socket(state: &std::os::fd::OwnedFd, config: &Config) -> Result<UnixListener, String> {
+    let dir = state.as_raw_fd();
+    match nix::unistd::unlinkat(
+        Some(dir),
+        HELPER_SOCKET,
+        nix::unistd::UnlinkatFlags::NoRemoveDir,
+    ) {
+        Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+        Err(e) => return Err(format!("removing a stale {HELPER_SOCKET}: {e}")),
+    }
+    let old = nix::sys::stat::umask(Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(format!("/proc/self/fd/{dir}/{HELPER_SOCKET}"));
+    nix::sys::stat::umask(old);
+    let listener = listener.map_err(|e| format!("binding {HELPER_SOCKET}: {e}"))?;
+    nix::unistd::fchownat(
+        Some(dir),
+        HELPER_SOCKET,
+        Some(Uid::from_raw(config.allow_uid)),
+        Some(Gid::from_raw(config.allow_gid)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| format!("handing {HELPER_SOCKET} to the daemon: {e}"))?;
+    Ok(listener)
+}

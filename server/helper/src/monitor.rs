@@ -1,0 +1,769 @@
+//! The per-sandbox monitor: the process that owns a sandbox for its whole life.
+//!
+//! The helper forks twice so the monitor belongs to no one (a new session, reparented to the
+//! host's init): neither a daemon restart nor a helper restart touches it. The monitor
+//!
+//! 1. clones the sandbox's init into new user, mount, pid, uts, ipc, net and cgroup namespaces and
+//!    writes its uid/gid maps (the child cannot map itself into a range it does not own);
+//! 2. reports the outcome of the start to the helper over a pipe, then closes it;
+//! 3. drains the command's stdout and stderr into `output.log`/`output.idx` whether or not anyone
+//!    listens, so no byte is lost and the sandbox never blocks on a full pipe;
+//! 4. serves `kill` requests from the daemon's uid on `monitor.sock` and enforces the timeout;
+//! 5. when init has exited and both pipes are drained, writes `status.json`, removes the socket and
+//!    exits, which closes every control connection: the daemon's signal that the sandbox ended.
+//!
+//! It is single-threaded, holds the sandbox by pidfd (never by pid), and is non-dumpable.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::errno::Errno;
+use nix::fcntl::{openat, renameat, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::Signal;
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use nix::sys::stat::Mode;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{pipe2, setsid, ForkResult, Gid, Pid, Uid};
+
+use crate::sys::fork;
+
+use sandboxd_protocol::control;
+use sandboxd_protocol::layout::{MONITOR_SOCKET, STATUS_FILE};
+use sandboxd_protocol::logindex::Record;
+use sandboxd_protocol::status::{ExitReason, ExitStatus};
+use sandboxd_protocol::wire::{HelperError, HelperErrorCode, Spawned};
+
+use crate::config::Config;
+use crate::dirs::SandboxFiles;
+use crate::sandbox::{self, InitFds};
+use crate::sys::{self, CloneResult};
+use crate::validate::{IdMap, ValidSpawn};
+
+/// How long the helper waits for a monitor to report that its sandbox started.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes read from a pipe at once.
+const READ_CHUNK: usize = 256 * 1024;
+/// Pipe buffer requested for stdout/stderr, so fast writers rarely wait on the monitor.
+const PIPE_SIZE: libc::c_int = 1 << 20;
+/// After init exits, how long stragglers may keep the output pipes open.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+const MAX_CONTROL_CONNECTIONS: usize = 64;
+
+const NAMESPACES: libc::c_int = libc::CLONE_NEWUSER
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWCGROUP;
+
+type StartReport = Result<Spawned, HelperError>;
+
+fn setup_error(step: &str, e: impl std::fmt::Display) -> HelperError {
+    HelperError::new(HelperErrorCode::SetupFailed, format!("{step}: {e}"))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Start a sandbox under a new monitor. Runs in the (single-threaded) helper and returns once the
+/// command has been executed, or failed to be.
+pub fn start(spawn: &ValidSpawn, files: SandboxFiles, config: &Config) -> StartReport {
+    let (report_r, report_w) =
+        pipe2(OFlag::O_CLOEXEC).map_err(|e| setup_error("report pipe", e))?;
+    // SAFETY-relevant invariant: the helper is single-threaded, so forking it is sound.
+    match fork().map_err(|e| setup_error("fork", e))? {
+        ForkResult::Parent { child } => {
+            drop(report_w);
+            drop(files);
+            // The intermediate process exits as soon as the monitor is forked.
+            let _ = waitpid(child, None);
+            read_report(report_r)
+        }
+        ForkResult::Child => {
+            drop(report_r);
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if setsid().is_err() {
+                    return 1;
+                }
+                match fork() {
+                    Ok(ForkResult::Parent { .. }) => 0,
+                    Ok(ForkResult::Child) => {
+                        run(spawn, files, config, report_w);
+                        0
+                    }
+                    Err(_) => 1,
+                }
+            }))
+            .unwrap_or(1);
+            sys::exit_now(code)
+        }
+    }
+}
+
+fn read_report(report: OwnedFd) -> StartReport {
+    let mut fds = [PollFd::new(report.as_fd(), PollFlags::POLLIN)];
+    let timeout =
+        PollTimeout::try_from(START_TIMEOUT.as_millis() as i32).unwrap_or(PollTimeout::MAX);
+    loop {
+        match poll(&mut fds, timeout) {
+            Ok(0) => {
+                return Err(setup_error(
+                    "start",
+                    "the monitor did not report within 30 s",
+                ));
+            }
+            Ok(_) => break,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(setup_error("waiting for the monitor", e)),
+        }
+    }
+    let mut buf = Vec::new();
+    File::from(report)
+        .take(64 * 1024)
+        .read_to_end(&mut buf)
+        .map_err(|e| setup_error("reading the monitor's report", e))?;
+    if buf.is_empty() {
+        return Err(setup_error("start", "the monitor exited without reporting"));
+    }
+    let report: Report = serde_json::from_slice(&buf).map_err(|e| {
+        setup_error(
+            "decoding the monitor's report",
+            format!("{e}: {}", String::from_utf8_lossy(&buf)),
+        )
+    })?;
+    match report {
+        Report::Started(s) => Ok(s),
+        Report::Failed(e) => Err(e),
+    }
+}
+
+/// What a monitor tells the helper about the start of its sandbox.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum Report {
+    Started(Spawned),
+    Failed(HelperError),
+}
+
+/// Write the start report (once) and close the pipe.
+fn send_report(report: &mut Option<OwnedFd>, result: StartReport) {
+    if let Some(fd) = report.take() {
+        let report = match result {
+            Ok(s) => Report::Started(s),
+            Err(e) => Report::Failed(e),
+        };
+        if let Ok(bytes) = serde_json::to_vec(&report) {
+            let _ = File::from(fd).write_all(&bytes);
+        }
+    }
+}
+
+/// The monitor process. Never returns to the helper's code.
+fn run(spawn: &ValidSpawn, files: SandboxFiles, config: &Config, report_w: OwnedFd) {
+    let report_fd = report_w.as_raw_fd();
+    let mut report = Some(report_w);
+    match prepare_and_clone(spawn, files, config, report_fd) {
+        Ok(Clone::Monitor(state)) => state.event_loop(&mut report),
+        Ok(Clone::Init) => unreachable_init(),
+        Err(e) => send_report(&mut report, Err(e)),
+    }
+}
+
+/// The init branch of the clone never comes back here: `sandbox::run_init` exits.
+fn unreachable_init() {
+    sys::exit_now(1)
+}
+
+enum Clone {
+    Monitor(Box<Monitor>),
+    Init,
+}
+
+struct Monitor {
+    dir: OwnedFd,
+    daemon_uid: u32,
+    daemon_gid: u32,
+    init: Pid,
+    pidfd: OwnedFd,
+    stdout: Option<File>,
+    stderr: Option<File>,
+    status: Option<File>,
+    status_buf: Vec<u8>,
+    log: File,
+    index: File,
+    listener: UnixListener,
+    clients: Vec<(UnixStream, Vec<u8>)>,
+    deadline: Option<Instant>,
+    // Held for their flocks until the monitor exits.
+    _lock: Option<File>,
+    _slot_lock: Option<File>,
+    // What happened.
+    started_at_ms: Option<i64>,
+    exec_error: Option<String>,
+    setup_error: Option<String>,
+    command_end: Option<(i32, Option<i32>)>,
+    init_status: Option<WaitStatus>,
+    kill_requested: bool,
+    timed_out: bool,
+    init_exited_at: Option<Instant>,
+}
+
+fn prepare_and_clone(
+    spawn: &ValidSpawn,
+    files: SandboxFiles,
+    config: &Config,
+    report_fd: RawFd,
+) -> Result<Clone, HelperError> {
+    let SandboxFiles {
+        dir,
+        work,
+        log,
+        index,
+        lock,
+        slot_lock,
+    } = files;
+
+    // Keep only what this sandbox needs: never the helper's socket or other sandboxes' files.
+    let keep: Vec<RawFd> = [
+        dir.as_raw_fd(),
+        work.as_raw_fd(),
+        log.as_raw_fd(),
+        index.as_raw_fd(),
+        lock.as_raw_fd(),
+    ]
+    .into_iter()
+    .chain(slot_lock.as_ref().map(|f| f.as_raw_fd()))
+    .collect();
+    crate::fds::close_all_except(&[keep.as_slice(), &[report_fd]].concat())
+        .map_err(|e| setup_error("closing inherited descriptors", e))?;
+    crate::fds::stdio_to_devnull().map_err(|e| setup_error("stdio", e))?;
+
+    let listener = bind_control_socket(&dir, config)?;
+
+    let pipe = || pipe2(OFlag::O_CLOEXEC).map_err(|e| setup_error("pipe", e));
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (sync_r, sync_w) = pipe()?;
+    let (status_r, status_w) = pipe()?;
+    for w in [&out_w, &err_w] {
+        let _ = nix::fcntl::fcntl(w.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+    }
+
+    // The helper is non-dumpable and so, by inheritance, are we. The child must start dumpable so
+    // that its /proc files (uid_map, gid_map, setgroups) belong to our uid and we can write them
+    // without privileges; both become non-dumpable again once the maps are written.
+    nix::sys::prctl::set_dumpable(true).map_err(|e| setup_error("prctl", e))?;
+    match sys::clone_into_namespaces(NAMESPACES).map_err(|e| setup_error("clone", e))? {
+        CloneResult::Child => {
+            drop((
+                out_r, err_r, sync_w, status_r, listener, log, index, lock, slot_lock, dir,
+            ));
+            sandbox::run_init(
+                spawn,
+                InitFds {
+                    work,
+                    work_path: config
+                        .state_dir
+                        .join(sandboxd_protocol::layout::SANDBOXES_DIR)
+                        .join(spawn.id.to_string())
+                        .join(sandboxd_protocol::layout::WORK_DIR),
+                    sync: sync_r,
+                    status: status_w,
+                    stdout: out_w,
+                    stderr: err_w,
+                },
+            );
+            #[allow(unreachable_code)]
+            Ok(Clone::Init)
+        }
+        CloneResult::Parent { child, pidfd } => {
+            drop((out_w, err_w, sync_r, status_w, work));
+            let mapped = write_id_maps(child, spawn.ids);
+            let sync = File::from(sync_w);
+            if let Err(e) = mapped {
+                let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+                let _ = waitpid(child, None);
+                return Err(e);
+            }
+            // Non-dumpable from now on: no process of the same uid may ptrace the monitor or read
+            // its memory. (Not before the clone: the child inherits the flag, and a non-dumpable
+            // child's /proc files, uid_map included, belong to root, which rootless we are not.)
+            if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+                let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+                let _ = waitpid(child, None);
+                return Err(setup_error("prctl", e));
+            }
+            // One byte: "your maps are written, go on". Closing without it makes init exit.
+            let _ = (&sync).write_all(b"1");
+            drop(sync);
+            for fd in [&out_r, &err_r, &status_r] {
+                let _ = nix::fcntl::fcntl(
+                    fd.as_raw_fd(),
+                    nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
+                );
+            }
+            Ok(Clone::Monitor(Box::new(Monitor {
+                dir,
+                daemon_uid: config.allow_uid,
+                daemon_gid: config.allow_gid,
+                init: child,
+                pidfd,
+                stdout: Some(File::from(out_r)),
+                stderr: Some(File::from(err_r)),
+                status: Some(File::from(status_r)),
+                status_buf: Vec::new(),
+                log,
+                index,
+                listener,
+                clients: Vec::new(),
+                deadline: spawn.timeout.map(|t| Instant::now() + t),
+                _lock: Some(lock),
+                _slot_lock: slot_lock,
+                started_at_ms: None,
+                exec_error: None,
+                setup_error: None,
+                command_end: None,
+                init_status: None,
+                kill_requested: false,
+                timed_out: false,
+                init_exited_at: None,
+            })))
+        }
+    }
+}
+
+fn bind_control_socket(dir: &OwnedFd, config: &Config) -> Result<UnixListener, HelperError> {
+    // Bind through the directory descriptor so a swapped path cannot redirect the socket, with a
+    // umask that keeps it private from the first instant.
+    let path = format!("/proc/self/fd/{}/{MONITOR_SOCKET}", dir.as_raw_fd());
+    let old = nix::sys::stat::umask(Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(&path);
+    nix::sys::stat::umask(old);
+    let listener = listener.map_err(|e| setup_error("binding monitor.sock", e))?;
+    nix::unistd::fchownat(
+        Some(dir.as_raw_fd()),
+        MONITOR_SOCKET,
+        Some(Uid::from_raw(config.allow_uid)),
+        Some(Gid::from_raw(config.allow_gid)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| setup_error("handing monitor.sock to the daemon", e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| setup_error("monitor.sock", e))?;
+    Ok(listener)
+}
+
+fn write_id_maps(child: Pid, ids: IdMap) -> Result<(), HelperError> {
+    let proc = format!("/proc/{child}");
+    let write = |file: &str, content: &str| {
+        std::fs::write(format!("{proc}/{file}"), content)
+            .map_err(|e| setup_error(&format!("writing {file}"), e))
+    };
+    match ids {
+        IdMap::Range { base, size, .. } => {
+            write("uid_map", &format!("0 {base} {size}\n"))?;
+            write("gid_map", &format!("0 {base} {size}\n"))?;
+        }
+        IdMap::Single { uid, gid } => {
+            // Without privileges a gid map needs setgroups denied first.
+            write("setgroups", "deny")?;
+            write("uid_map", &format!("0 {uid} 1\n"))?;
+            write("gid_map", &format!("0 {gid} 1\n"))?;
+        }
+    }
+    Ok(())
+}
+
+impl Monitor {
+    fn event_loop(mut self, report: &mut Option<OwnedFd>) {
+        let mut buf = vec![0u8; READ_CHUNK];
+        loop {
+            if self.init_status.is_some() && self.stdout.is_none() && self.stderr.is_none() {
+                break;
+            }
+            if let Some(at) = self.init_exited_at {
+                if at.elapsed() > DRAIN_GRACE {
+                    break;
+                }
+            }
+            if report.is_some() {
+                self.maybe_report(report);
+            }
+            let timeout = self.poll_timeout();
+            let ready = self.poll_once(timeout);
+            let Ok(ready) = ready else { continue };
+            if ready.stdout {
+                self.pump(1, &mut buf);
+            }
+            if ready.stderr {
+                self.pump(2, &mut buf);
+            }
+            if ready.status {
+                self.read_status();
+            }
+            if ready.pidfd {
+                self.reap();
+            }
+            if ready.listener {
+                self.accept();
+            }
+            for i in ready.clients.into_iter().rev() {
+                self.serve_client(i);
+            }
+            if let Some(deadline) = self.deadline {
+                if Instant::now() >= deadline && self.init_status.is_none() && !self.timed_out {
+                    self.timed_out = true;
+                    let _ = sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL);
+                }
+            }
+        }
+        // Everything the sandbox wrote is in the log now.
+        if self.setup_error.is_some() {
+            let _ = nix::unistd::unlinkat(
+                Some(self.dir.as_raw_fd()),
+                MONITOR_SOCKET,
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
+        }
+        if report.is_some() {
+            self.maybe_report(report);
+        }
+        if self.setup_error.is_none() {
+            let _ = self.write_status();
+        }
+        let _ = nix::unistd::unlinkat(
+            Some(self.dir.as_raw_fd()),
+            MONITOR_SOCKET,
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        );
+        // Returning ends the process; the control connections close with it.
+    }
+
+    fn maybe_report(&mut self, report: &mut Option<OwnedFd>) {
+        let base = Spawned {
+            init_pid: self.init.as_raw(),
+            host_uid: 0,
+            started_at_unix_ms: self.started_at_ms.unwrap_or_else(now_ms),
+            exec_error: None,
+        };
+        if let Some(e) = &self.setup_error {
+            // Report only once init is gone and our locks are released, so that the helper's
+            // rollback can remove the directory.
+            if self.init_status.is_some() {
+                self._lock.take();
+                self._slot_lock.take();
+                send_report(report, Err(setup_error("sandbox setup", e)));
+            }
+        } else if let Some(e) = &self.exec_error {
+            send_report(
+                report,
+                Ok(Spawned {
+                    exec_error: Some(e.clone()),
+                    ..base
+                }),
+            );
+        } else if self.started_at_ms.is_some() {
+            send_report(report, Ok(base));
+        } else if self.init_status.is_some() {
+            send_report(
+                report,
+                Err(setup_error(
+                    "sandbox setup",
+                    "init exited before starting the command",
+                )),
+            );
+        }
+    }
+
+    fn poll_timeout(&self) -> PollTimeout {
+        let mut wait = Duration::from_secs(3600);
+        if let Some(deadline) = self.deadline {
+            if !self.timed_out {
+                wait = wait.min(deadline.saturating_duration_since(Instant::now()));
+            }
+        }
+        if let Some(at) = self.init_exited_at {
+            wait = wait.min((at + DRAIN_GRACE).saturating_duration_since(Instant::now()));
+        }
+        PollTimeout::try_from((wait.as_millis() as i32).saturating_add(1))
+            .unwrap_or(PollTimeout::MAX)
+    }
+
+    fn poll_once(&self, timeout: PollTimeout) -> Result<Ready, Errno> {
+        let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(6 + self.clients.len());
+        let mut slots = Slots::default();
+        fn add<'a>(fds: &mut Vec<PollFd<'a>>, fd: BorrowedFd<'a>) -> Option<usize> {
+            fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            Some(fds.len() - 1)
+        }
+        slots.stdout = self.stdout.as_ref().and_then(|f| add(&mut fds, f.as_fd()));
+        slots.stderr = self.stderr.as_ref().and_then(|f| add(&mut fds, f.as_fd()));
+        slots.status = self.status.as_ref().and_then(|f| add(&mut fds, f.as_fd()));
+        if self.init_status.is_none() {
+            slots.pidfd = add(&mut fds, self.pidfd.as_fd());
+        }
+        slots.listener = add(&mut fds, self.listener.as_fd());
+        let first_client = fds.len();
+        for (c, _) in &self.clients {
+            fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
+        }
+        poll(&mut fds, timeout)?;
+        let hit = |slot: Option<usize>| {
+            slot.and_then(|i| fds[i].revents())
+                .is_some_and(|r| !r.is_empty())
+        };
+        Ok(Ready {
+            stdout: hit(slots.stdout),
+            stderr: hit(slots.stderr),
+            status: hit(slots.status),
+            pidfd: hit(slots.pidfd),
+            listener: hit(slots.listener),
+            clients: (first_client..fds.len())
+                .filter(|&i| fds[i].revents().is_some_and(|r| !r.is_empty()))
+                .map(|i| i - first_client)
+                .collect(),
+        })
+    }
+
+    /// Move what is in one output pipe to the log, then its index record.
+    fn pump(&mut self, channel: u8, buf: &mut [u8]) {
+        let pipe = if channel == 1 {
+            &mut self.stdout
+        } else {
+            &mut self.stderr
+        };
+        let Some(file) = pipe else { return };
+        loop {
+            match file.read(buf) {
+                Ok(0) => {
+                    *pipe = None;
+                    return;
+                }
+                Ok(n) => {
+                    // Data first, record second: a visible record always describes written bytes.
+                    if self.log.write_all(&buf[..n]).is_ok() {
+                        let record = Record {
+                            channel,
+                            len: n as u32,
+                        };
+                        let _ = self.index.write_all(&record.encode());
+                    }
+                    if n < buf.len() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    *pipe = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Read init's status lines: `started`, `exec_failed MSG`, `setup_failed MSG`,
+    /// `exit N`, `signal N`.
+    fn read_status(&mut self) {
+        let Some(file) = &mut self.status else { return };
+        let mut chunk = [0u8; 4096];
+        loop {
+            match file.read(&mut chunk) {
+                Ok(0) => {
+                    self.status = None;
+                    break;
+                }
+                Ok(n) => {
+                    self.status_buf.extend_from_slice(&chunk[..n]);
+                    if self.status_buf.len() > 64 * 1024 {
+                        self.status = None;
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        while let Some(pos) = self.status_buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.status_buf.drain(..=pos).collect();
+            let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            let (word, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+            match word {
+                "started" => self.started_at_ms = Some(now_ms()),
+                "exec_failed" => {
+                    self.started_at_ms.get_or_insert_with(now_ms);
+                    self.exec_error = Some(rest.to_string());
+                }
+                "setup_failed" => self.setup_error = Some(rest.to_string()),
+                "exit" => {
+                    if let Ok(code) = rest.parse() {
+                        self.command_end = Some((code, None));
+                    }
+                }
+                "signal" => {
+                    if let Ok(sig) = rest.parse::<i32>() {
+                        self.command_end = Some((128 + sig, Some(sig)));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn reap(&mut self) {
+        match waitpid(self.init, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {}
+            Ok(status) => {
+                self.init_status = Some(status);
+                self.init_exited_at = Some(Instant::now());
+                // Whatever init said last is in the status pipe already.
+                self.read_status();
+            }
+            Err(_) => {
+                self.init_status = Some(WaitStatus::Exited(self.init, 255));
+                self.init_exited_at = Some(Instant::now());
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            let allowed = getsockopt(&stream, PeerCredentials)
+                .map(|c| c.uid() == self.daemon_uid)
+                .unwrap_or(false);
+            if !allowed || self.clients.len() >= MAX_CONTROL_CONNECTIONS {
+                continue;
+            }
+            if stream.set_nonblocking(true).is_ok() {
+                self.clients.push((stream, Vec::new()));
+            }
+        }
+    }
+
+    fn serve_client(&mut self, i: usize) {
+        let mut chunk = [0u8; 256];
+        let mut close = false;
+        match self.clients[i].0.read(&mut chunk) {
+            Ok(0) => close = true,
+            Ok(n) => self.clients[i].1.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(_) => close = true,
+        }
+        while let Some(pos) = self.clients[i].1.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.clients[i].1.drain(..=pos).collect();
+            let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            let answer = match control::parse_kill(&line) {
+                Some(signo) if self.init_status.is_none() => {
+                    match sys::pidfd_send_signal(self.pidfd.as_fd(), signo) {
+                        Ok(()) => {
+                            self.kill_requested = true;
+                            "ok\n".to_string()
+                        }
+                        Err(e) => format!("err {e}\n"),
+                    }
+                }
+                Some(_) => "err not running\n".to_string(),
+                None => "err invalid request\n".to_string(),
+            };
+            let _ = self.clients[i].0.write_all(answer.as_bytes());
+        }
+        if close || self.clients[i].1.len() > control::MAX_LINE {
+            self.clients.swap_remove(i);
+        }
+    }
+
+    fn exit_status(&self) -> ExitStatus {
+        let started = self.started_at_ms.unwrap_or_else(now_ms);
+        let finished = now_ms();
+        let (exit_code, signal) = match (self.init_status, self.command_end) {
+            // init itself was killed (SIGKILL from kill or timeout): the whole sandbox died.
+            (Some(WaitStatus::Signaled(_, sig, _)), _) => (128 + sig as i32, Some(sig as i32)),
+            (_, Some(end)) => end,
+            (Some(WaitStatus::Exited(_, code)), None) => (code, None),
+            _ => (255, None),
+        };
+        let reason = if self.exec_error.is_some() {
+            ExitReason::ExecFailed
+        } else if self.timed_out {
+            ExitReason::Timeout
+        } else if self.kill_requested && signal.is_some() {
+            ExitReason::Killed
+        } else {
+            ExitReason::Exited
+        };
+        ExitStatus {
+            exit_code,
+            signal,
+            reason,
+            started_at_unix_ms: started,
+            finished_at_unix_ms: finished,
+            error: self.exec_error.clone(),
+        }
+    }
+
+    /// Write status.json atomically (temp file, then rename) for the daemon to read.
+    fn write_status(&self) -> Result<(), Errno> {
+        let status = self.exit_status();
+        let bytes = serde_json::to_vec(&status).map_err(|_| Errno::EINVAL)?;
+        let tmp = format!("{STATUS_FILE}.tmp");
+        let _ = nix::unistd::unlinkat(
+            Some(self.dir.as_raw_fd()),
+            tmp.as_str(),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        );
+        let fd = openat(
+            Some(self.dir.as_raw_fd()),
+            tmp.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o640),
+        )?;
+        let mut file = File::from(sys::own_fd(fd));
+        nix::unistd::fchown(
+            file.as_raw_fd(),
+            Some(Uid::from_raw(self.daemon_uid)),
+            Some(Gid::from_raw(self.daemon_gid)),
+        )?;
+        file.write_all(&bytes).map_err(|_| Errno::EIO)?;
+        drop(file);
+        renameat(
+            Some(self.dir.as_raw_fd()),
+            tmp.as_str(),
+            Some(self.dir.as_raw_fd()),
+            STATUS_FILE,
+        )
+    }
+}
+
+#[derive(Default)]
+struct Slots {
+    stdout: Option<usize>,
+    stderr: Option<usize>,
+    status: Option<usize>,
+    pidfd: Option<usize>,
+    listener: Option<usize>,
+}
+
+struct Ready {
+    stdout: bool,
+    stderr: bool,
+    status: bool,
+    pidfd: bool,
+    listener: bool,
+    clients: Vec<usize>,
+}
+
+#[allow(dead_code)]
+fn signal_name(n: i32) -> String {
+    Signal::try_from(n)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| n.to_string())
+}

@@ -1,0 +1,191 @@
+//! PID 1 of the sandbox: starts the command, forwards signals to it, reaps every zombie, and
+//! exits with the command's status (`128 + N` when signal N ended it).
+//!
+//! Signals are blocked in init and taken synchronously with sigwait, so there are no handlers and
+//! no races; the command gets an unblocked mask and default dispositions.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{BorrowedFd, IntoRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{dup2, pipe2, setsid, ForkResult, Pid};
+
+use crate::sys::fork;
+
+use crate::sys;
+use crate::validate::ValidSpawn;
+
+/// Signals init passes on to the command.
+const FORWARDED: &[Signal] = &[
+    Signal::SIGHUP,
+    Signal::SIGINT,
+    Signal::SIGQUIT,
+    Signal::SIGTERM,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGALRM,
+    Signal::SIGCONT,
+    Signal::SIGTSTP,
+    Signal::SIGWINCH,
+];
+
+pub fn run(spawn: &ValidSpawn, mut status: File, stdout: OwnedFd, stderr: OwnedFd) -> ! {
+    let mut waited = SigSet::empty();
+    waited.add(Signal::SIGCHLD);
+    for s in FORWARDED {
+        waited.add(*s);
+    }
+    if waited.thread_block().is_err() {
+        let _ = writeln!(status, "setup_failed blocking signals");
+        sys::exit_now(1);
+    }
+    let (exec_r, exec_w) = match pipe2(OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = writeln!(status, "setup_failed exec pipe: {e}");
+            sys::exit_now(1);
+        }
+    };
+    let command = match fork() {
+        Ok(ForkResult::Child) => {
+            drop(exec_r);
+            exec_command(spawn, stdout, stderr, exec_w)
+        }
+        Ok(ForkResult::Parent { child }) => child,
+        Err(e) => {
+            let _ = writeln!(status, "setup_failed fork: {e}");
+            sys::exit_now(1);
+        }
+    };
+    // Only the command may hold the output pipes: their end of file marks the end of output.
+    drop((stdout, stderr, exec_w));
+    let mut errno = [0u8; 4];
+    match File::from(exec_r).read(&mut errno) {
+        Ok(4) => {
+            let e = Errno::from_raw(i32::from_ne_bytes(errno));
+            let program = spawn.command[0].to_string_lossy();
+            let _ = writeln!(status, "exec_failed {program}: {}", e.desc());
+        }
+        _ => {
+            let _ = writeln!(status, "started");
+        }
+    }
+    loop {
+        let Ok(signal) = waited.wait() else { continue };
+        if signal != Signal::SIGCHLD {
+            let _ = kill(command, signal);
+            continue;
+        }
+        // Reap everything that has exited: orphans reparented to us as well as the command.
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == command => {
+                    let _ = writeln!(status, "exit {code}");
+                    sys::exit_now(code);
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) if pid == command => {
+                    let _ = writeln!(status, "signal {}", sig as i32);
+                    sys::exit_now(128 + sig as i32);
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    }
+}
+
+/// In the command's process: wire up stdio, restore a clean signal state, enter the working
+/// directory and exec. On failure, report errno through `exec_w` and exit 127 (not found) or 126.
+fn exec_command(spawn: &ValidSpawn, stdout: OwnedFd, stderr: OwnedFd, exec_w: OwnedFd) -> ! {
+    // Move our three descriptors above 10 first, so the dup2s below cannot clobber one another.
+    let high = |fd: OwnedFd| -> RawFd {
+        let raw = fd.into_raw_fd();
+        nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10)).unwrap_or(raw)
+    };
+    let (out, err, report) = (high(stdout), high(stderr), high(exec_w));
+    let program = spawn.command[0].to_string_lossy();
+    let fail = |e: Errno, what: &str| -> ! {
+        let _ = nix::unistd::write(borrow(report), &(e as i32).to_ne_bytes());
+        let msg = format!("sandboxd: cannot {what} {program}: {}\n", e.desc());
+        let _ = nix::unistd::write(borrow(2), msg.as_bytes());
+        sys::exit_now(if e == Errno::ENOENT { 127 } else { 126 })
+    };
+    let _ = setsid();
+    let _ =
+        nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    for s in Signal::iterator() {
+        if s != Signal::SIGKILL && s != Signal::SIGSTOP {
+            let _ = sys::reset_signal(s);
+        }
+    }
+    // stdin is the sandbox's own /dev/null: no host descriptor crosses into the sandbox.
+    let wired = nix::fcntl::open("/dev/null", OFlag::O_RDONLY, nix::sys::stat::Mode::empty())
+        .and_then(|null| dup2(null, 0))
+        .and_then(|_| dup2(out, 1))
+        .and_then(|_| dup2(err, 2));
+    if let Err(e) = wired {
+        fail(e, "set up stdio for");
+    }
+    if let Err(e) = crate::fds::close_all_except(&[report]) {
+        fail(e, "close descriptors for");
+    }
+    if let Err(e) = nix::unistd::chdir(spawn.cwd.as_c_str()) {
+        fail(e, "enter the working directory for");
+    }
+    // The working directory must be inside the sandbox's root (it always is after pivot_root;
+    // checked anyway, as runc learned with CVE-2024-21626).
+    match std::env::current_dir() {
+        Ok(dir) if dir.is_absolute() => {}
+        _ => fail(Errno::ENOENT, "resolve the working directory for"),
+    }
+    let e = exec_search(&spawn.command, &spawn.env);
+    fail(e, "execute")
+}
+
+fn borrow(fd: RawFd) -> BorrowedFd<'static> {
+    sys::borrow_fd(fd)
+}
+
+/// execve `argv[0]`, searching the PATH of the *sandbox's* environment (execvp would use init's).
+fn exec_search(argv: &[CString], env: &[CString]) -> Errno {
+    let program = argv[0].as_bytes();
+    if program.contains(&b'/') {
+        return nix::unistd::execve(&argv[0], argv, env).unwrap_err_or(Errno::ENOEXEC);
+    }
+    let path = env
+        .iter()
+        .find_map(|kv| kv.as_bytes().strip_prefix(b"PATH="))
+        .unwrap_or(b"/usr/local/bin:/usr/bin:/bin");
+    let mut result = Errno::ENOENT;
+    for dir in path.split(|b| *b == b':') {
+        let dir = if dir.is_empty() { b".".as_slice() } else { dir };
+        let mut full = dir.to_vec();
+        full.push(b'/');
+        full.extend_from_slice(program);
+        let Ok(full) = CString::new(full) else {
+            continue;
+        };
+        match nix::unistd::execve(full.as_c_str(), argv, env).unwrap_err_or(Errno::ENOEXEC) {
+            Errno::ENOENT | Errno::ENOTDIR => {}
+            // Remember permission problems but keep looking, as execvp does.
+            Errno::EACCES => result = Errno::EACCES,
+            other => return other,
+        }
+    }
+    result
+}
+
+trait UnwrapErrOr {
+    fn unwrap_err_or(self, default: Errno) -> Errno;
+}
+
+impl<T> UnwrapErrOr for Result<T, Errno> {
+    fn unwrap_err_or(self, default: Errno) -> Errno {
+        self.err().unwrap_or(default)
+    }
+}

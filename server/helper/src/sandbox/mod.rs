@@ -1,0 +1,98 @@
+//! Everything that runs inside the new namespaces, in this fixed order:
+//!
+//! 1. close every inherited descriptor but the five it was given (`InitFds`);
+//! 2. wait until the monitor has written the uid/gid maps, then become root of the user namespace;
+//! 3. build the root filesystem and pivot into it ([`rootfs`]);
+//! 4. set the host name and bring `lo` up;
+//! 5. harden: capability bounding set, no_new_privs, non-dumpable ([`harden`]);
+//! 6. become PID 1: start the command and forward signals until it exits ([`init`]).
+//!
+//! A failure before the command runs is reported to the monitor as `setup_failed <step>: <error>`.
+
+mod harden;
+mod init;
+mod rootfs;
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
+
+use crate::sys;
+use crate::validate::{IdMap, ValidSpawn};
+
+/// Descriptors the sandbox's init inherits from its monitor.
+pub struct InitFds {
+    /// The sandbox's work directory (`O_PATH`), bind-mounted at `/work`.
+    pub work: OwnedFd,
+    /// Its path, to reopen it inside the new mount namespace.
+    pub work_path: std::path::PathBuf,
+    /// Read end of the "maps are written" pipe.
+    pub sync: OwnedFd,
+    /// Write end of init's status pipe to the monitor.
+    pub status: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// The step that failed, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{step}: {source}")]
+pub struct SetupError {
+    pub step: String,
+    pub source: nix::errno::Errno,
+}
+
+pub(crate) fn step(step: impl Into<String>) -> impl FnOnce(nix::errno::Errno) -> SetupError {
+    let step = step.into();
+    move |source| SetupError { step, source }
+}
+
+/// Run as the cloned child. Never returns.
+pub fn run_init(spawn: &ValidSpawn, fds: InitFds) -> ! {
+    let keep = [
+        fds.work.as_raw_fd(),
+        fds.sync.as_raw_fd(),
+        fds.status.as_raw_fd(),
+        fds.stdout.as_raw_fd(),
+        fds.stderr.as_raw_fd(),
+    ];
+    if crate::fds::close_all_except(&keep).is_err() {
+        sys::exit_now(1);
+    }
+    let mut status = std::fs::File::from(fds.status);
+    // Until the monitor has written our maps we are nobody; a closed pipe means it gave up.
+    let mut byte = [0u8; 1];
+    if !matches!(nix::unistd::read(fds.sync.as_raw_fd(), &mut byte), Ok(1)) {
+        sys::exit_now(1);
+    }
+    drop(fds.sync);
+    let prepared = become_root(spawn.ids)
+        .and_then(|()| rootfs::build(spawn, &fds.work, &fds.work_path, spawn.ids))
+        .and_then(|()| {
+            nix::unistd::sethostname(&spawn.hostname).map_err(step("setting the hostname"))?;
+            sys::loopback_up().map_err(step("bringing lo up"))
+        })
+        .and_then(|()| harden::apply());
+    drop(fds.work);
+    if let Err(e) = prepared {
+        let _ = writeln!(status, "setup_failed {e}");
+        sys::exit_now(1);
+    }
+    init::run(spawn, status, fds.stdout, fds.stderr)
+}
+
+/// Switch every id to root of the new user namespace, so that the host sees the mapped ids and
+/// the process keeps no trace of the monitor's identity.
+fn become_root(ids: IdMap) -> Result<(), SetupError> {
+    let root_g = Gid::from_raw(0);
+    let root_u = Uid::from_raw(0);
+    setresgid(root_g, root_g, root_g).map_err(step("setresgid"))?;
+    if matches!(ids, IdMap::Range { .. }) {
+        // Rootless namespaces have setgroups denied; there the group list is already empty.
+        setgroups(&[]).map_err(step("setgroups"))?;
+    }
+    setresuid(root_u, root_u, root_u).map_err(step("setresuid"))?;
+    // A uid change resets dumpability; keep init out of reach of ptrace and /proc/1/mem.
+    nix::sys::prctl::set_dumpable(false).map_err(step("prctl(PR_SET_DUMPABLE)"))
+}

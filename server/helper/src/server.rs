@@ -1,0 +1,180 @@
+//! The helper's request loop: one thread, `poll` over the listening socket and the daemon's
+//! connections, one request at a time.
+//!
+//! Only the daemon's uid may connect (checked with SO_PEERCRED on every accept). The first request
+//! of a connection must be `Hello` with our protocol version. Every request gets exactly one
+//! typed answer; a bad request closes at most its connection, never the helper.
+
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use sandboxd_protocol::wire::{
+    self, HelperError, HelperErrorCode, Request, Response, PROTOCOL_VERSION,
+};
+
+use crate::config::Config;
+use crate::dirs::{DirError, SandboxesDir};
+use crate::{info, monitor, validate};
+
+const MAX_CONNECTIONS: usize = 16;
+/// A connection that starts a frame must finish it within this time.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Helper {
+    pub config: Config,
+    pub sandboxes: SandboxesDir,
+}
+
+struct Connection {
+    stream: UnixStream,
+    greeted: bool,
+}
+
+impl Helper {
+    pub fn serve(&self, listener: UnixListener) -> ! {
+        let mut conns: Vec<Connection> = Vec::new();
+        loop {
+            let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+            fds.extend(
+                conns
+                    .iter()
+                    .map(|c| PollFd::new(c.stream.as_fd(), PollFlags::POLLIN)),
+            );
+            if poll(&mut fds, PollTimeout::NONE).is_err() {
+                continue;
+            }
+            let ready: Vec<bool> = fds
+                .iter()
+                .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                .collect();
+            drop(fds);
+            for i in (0..conns.len()).rev() {
+                if ready[i + 1] && !self.serve_one(&mut conns[i]) {
+                    conns.swap_remove(i);
+                }
+            }
+            if ready[0] {
+                if let Ok((stream, _)) = listener.accept() {
+                    let peer = getsockopt(&stream, PeerCredentials).map(|c| c.uid());
+                    if peer == Ok(self.config.allow_uid) && conns.len() < MAX_CONNECTIONS {
+                        let _ = stream.set_read_timeout(Some(FRAME_TIMEOUT));
+                        let _ = stream.set_write_timeout(Some(FRAME_TIMEOUT));
+                        conns.push(Connection {
+                            stream,
+                            greeted: false,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Read one request and answer it. False when the connection should close.
+    fn serve_one(&self, conn: &mut Connection) -> bool {
+        let mut prefix = [0u8; 4];
+        if conn.stream.read_exact(&mut prefix).is_err() {
+            return false;
+        }
+        let Ok(len) = wire::frame_len(prefix) else {
+            return false;
+        };
+        let mut body = vec![0u8; len];
+        if conn.stream.read_exact(&mut body).is_err() {
+            return false;
+        }
+        let (response, keep) = match wire::decode::<Request>(&body) {
+            Err(e) => (invalid(format!("malformed request: {e}")), false),
+            Ok(Request::Hello { version }) if version == PROTOCOL_VERSION => {
+                conn.greeted = true;
+                (
+                    Response::Hello {
+                        version: PROTOCOL_VERSION,
+                        mode: self.config.mode,
+                    },
+                    true,
+                )
+            }
+            Ok(Request::Hello { version }) => (
+                invalid(format!(
+                    "protocol version {version} is not {PROTOCOL_VERSION}"
+                )),
+                false,
+            ),
+            Ok(_) if !conn.greeted => (invalid("the first request must be hello".into()), false),
+            Ok(request) => (self.handle(request), true),
+        };
+        let Ok(frame) = wire::encode(&response) else {
+            return false;
+        };
+        conn.stream.write_all(&frame).is_ok() && keep
+    }
+
+    fn handle(&self, request: Request) -> Response {
+        match request {
+            Request::Hello { .. } => invalid("hello was already sent".into()),
+            Request::Info => Response::Info(info::detect(&self.config)),
+            Request::List => match self.sandboxes.list() {
+                Ok(ids) => Response::List { ids },
+                Err(e) => Response::Error(dir_error(e)),
+            },
+            Request::Destroy { id } => match self.sandboxes.destroy(id) {
+                Ok(()) => Response::Destroyed,
+                Err(e) => Response::Error(dir_error(e)),
+            },
+            Request::Spawn(req) => {
+                let spawn = match validate::validate(&req, &self.config) {
+                    Ok(s) => s,
+                    Err(e) => return invalid(e.to_string()),
+                };
+                let files = match self.sandboxes.create(
+                    spawn.id,
+                    spawn.ids,
+                    self.config.allow_uid,
+                    self.config.allow_gid,
+                ) {
+                    Ok(f) => f,
+                    Err(e) => return Response::Error(dir_error(e)),
+                };
+                match monitor::start(&spawn, files, &self.config) {
+                    Ok(mut spawned) => {
+                        spawned.host_uid = spawn.ids.host_root_uid();
+                        Response::Spawned(spawned)
+                    }
+                    Err(e) => {
+                        // Roll back; keep the start error, which is the one worth reporting.
+                        if let Err(cleanup) = self.sandboxes.destroy(spawn.id) {
+                            return Response::Error(HelperError::new(
+                                e.code,
+                                format!("{} (and cleaning up failed: {cleanup})", e.message),
+                            ));
+                        }
+                        Response::Error(e)
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn invalid(message: String) -> Response {
+    Response::Error(HelperError::new(HelperErrorCode::Invalid, message))
+}
+
+fn dir_error(e: DirError) -> HelperError {
+    let code = match &e {
+        DirError::Exists(_) | DirError::Busy(_) | DirError::SlotBusy(_) => HelperErrorCode::Busy,
+        DirError::NotFound(_) => HelperErrorCode::NotFound,
+        _ => HelperErrorCode::Internal,
+    };
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        message.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    HelperError::new(code, message)
+}

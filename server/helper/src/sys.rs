@@ -1,0 +1,197 @@
+//! Raw system calls that `nix` does not wrap. This is the only module of the helper with `unsafe`.
+//!
+//! Every function here is a thin, typed wrapper over one syscall; policy lives in the callers.
+
+#![allow(unsafe_code)]
+
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::unistd::Pid;
+
+/// Result of [`clone_into_namespaces`], like `fork`'s.
+pub enum CloneResult {
+    Parent { child: Pid, pidfd: OwnedFd },
+    Child,
+}
+
+/// `struct clone_args` of clone3(2), version 0 (64 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+}
+
+/// clone3 with fork semantics (the child continues on a copy of the caller's stack) into the new
+/// namespaces named by `ns_flags`, returning a pidfd for the child in the parent.
+///
+/// The caller must be single-threaded: like fork, only the calling thread exists in the child.
+pub fn clone_into_namespaces(ns_flags: libc::c_int) -> Result<CloneResult, Errno> {
+    let mut pidfd: libc::c_int = -1;
+    let mut args = CloneArgs {
+        flags: ns_flags as u64 | libc::CLONE_PIDFD as u64,
+        pidfd: &mut pidfd as *mut libc::c_int as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: `args` is a valid clone_args of the size we pass, `pidfd` outlives the call, and no
+    // stack is given, so the child runs on a copy of this stack exactly as after fork(2). The
+    // callers are single-threaded processes (the monitor), so no lock can be held by a thread that
+    // does not exist in the child.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match ret {
+        -1 => Err(Errno::last()),
+        0 => Ok(CloneResult::Child),
+        pid => Ok(CloneResult::Parent {
+            child: Pid::from_raw(pid as libc::pid_t),
+            // SAFETY: on success the kernel stored a new, open pidfd that nothing else owns.
+            pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
+        }),
+    }
+}
+
+/// Send a signal to the process a pidfd refers to (never to a recycled pid).
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signo: libc::c_int) -> Result<(), Errno> {
+    // SAFETY: plain syscall on a borrowed, open fd with a null siginfo, as the man page allows.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signo,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    Errno::result(ret).map(drop)
+}
+
+/// Close every file descriptor from `first` upwards.
+pub fn close_fds_from(first: RawFd) -> Result<(), Errno> {
+    // SAFETY: close_range only closes descriptors; callers own every fd at or above `first`
+    // (they call it right before exec or right after fork, when nothing else uses them).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            0,
+        )
+    };
+    Errno::result(ret).map(drop)
+}
+
+/// Bring the loopback interface of the current network namespace up.
+pub fn loopback_up() -> Result<(), Errno> {
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: ifreq is plain old data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the flags of the interface named in `req` into `req`.
+    Errno::result(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
+    // SAFETY: the union member ifru_flags is the one SIOCGIFFLAGS just filled in.
+    unsafe {
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: SIOCSIFFLAGS reads `req`, which names "lo" and carries the new flags.
+    Errno::result(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) })?;
+    Ok(())
+}
+
+/// Terminate the calling process at once, without running destructors or atexit handlers.
+/// Used in forked children that must not flush buffers or unwind into the parent's code.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit is always safe to call; it never returns.
+    unsafe { libc::_exit(code) }
+}
+
+/// `struct mount_attr` of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
+pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
+pub const MOUNT_ATTR_NODEV: u64 = 0x4;
+pub const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+
+/// Add mount attributes (never clear any) to the mount at `path`, and to every mount below it when
+/// `recursive`. Adding restrictions is allowed inside a user namespace even on locked mounts.
+pub fn mount_setattr(path: &std::ffi::CStr, recursive: bool, attr_set: u64) -> Result<(), Errno> {
+    let mut attr = MountAttr {
+        attr_set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let flags = if recursive { libc::AT_RECURSIVE } else { 0 } | libc::AT_NO_AUTOMOUNT;
+    // SAFETY: `path` is a valid C string, `attr` a valid mount_attr of the size we pass.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            flags,
+            &mut attr as *mut MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    Errno::result(ret).map(drop)
+}
+
+/// Reset a signal to its default disposition (undoing, for instance, Rust's ignored SIGPIPE so
+/// that the sandbox's commands see the defaults they expect).
+pub fn reset_signal(signal: nix::sys::signal::Signal) -> Result<(), Errno> {
+    let default = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::SigDfl,
+        nix::sys::signal::SaFlags::empty(),
+        nix::sys::signal::SigSet::empty(),
+    );
+    // SAFETY: installing SIG_DFL involves no handler code, so no handler can run unsafely.
+    unsafe { nix::sys::signal::sigaction(signal, &default) }.map(drop)
+}
+
+/// Wrap a descriptor number that the caller owns and nothing else will close.
+pub fn own_fd(fd: RawFd) -> OwnedFd {
+    // SAFETY: callers pass descriptors freshly returned by a successful open/accept/dup that no
+    // other object owns.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Borrow a descriptor number that stays open for the rest of the process (used only in a
+/// command's process between fork and exec, where descriptors are managed by number).
+pub fn borrow_fd(fd: RawFd) -> BorrowedFd<'static> {
+    // SAFETY: callers pass descriptors they keep open until exec or _exit.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
+/// fork(2). Only ever called from single-threaded processes: the helper (which never starts a
+/// thread), the intermediate process and init.
+pub fn fork() -> Result<nix::unistd::ForkResult, Errno> {
+    // SAFETY: every caller is single-threaded (see above), so the child cannot inherit a lock
+    // held by another thread, and the child only runs our own code until it execs or exits.
+    unsafe { nix::unistd::fork() }
+}

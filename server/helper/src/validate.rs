@@ -1,0 +1,251 @@
+//! Turns a [`SpawnRequest`] from the daemon into a [`ValidSpawn`], or refuses it.
+//!
+//! The daemon validates too, but the helper trusts nothing it is sent: a compromised daemon must
+//! not be able to make the helper map another uid range, escape the sandboxes directory, or feed
+//! NUL bytes and unbounded sizes into the setup code.
+
+use std::ffi::CString;
+use std::time::Duration;
+
+use sandboxd_protocol::wire::{Mode, SpawnRequest};
+use uuid::Uuid;
+
+use crate::config::{Config, UID_RANGE_SIZE};
+
+const MAX_ARGS: usize = 4096;
+const MAX_ENV: usize = 1024;
+const MAX_TOTAL_BYTES: usize = 512 * 1024;
+const MAX_TIMEOUT_SECS: u64 = 366 * 24 * 3600;
+
+/// How ids inside the sandbox map to host ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdMap {
+    /// Ids `0..size` inside are `base..base+size` outside; `slot` names the range.
+    Range { slot: u32, base: u32, size: u32 },
+    /// Rootless: only root inside exists, and it is the helper's own uid/gid.
+    Single { uid: u32, gid: u32 },
+}
+
+impl IdMap {
+    /// Host uid of root inside the sandbox.
+    pub fn host_root_uid(&self) -> u32 {
+        match *self {
+            IdMap::Range { base, .. } => base,
+            IdMap::Single { uid, .. } => uid,
+        }
+    }
+    pub fn host_root_gid(&self) -> u32 {
+        match *self {
+            IdMap::Range { base, .. } => base,
+            IdMap::Single { gid, .. } => gid,
+        }
+    }
+}
+
+/// A spawn request that passed every check; only this type reaches the setup code.
+#[derive(Debug, Clone)]
+pub struct ValidSpawn {
+    pub id: Uuid,
+    pub ids: IdMap,
+    pub command: Vec<CString>,
+    pub env: Vec<CString>,
+    pub cwd: CString,
+    pub hostname: String,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ValidateError {
+    #[error("command is empty")]
+    EmptyCommand,
+    #[error("too many arguments or environment variables")]
+    TooMany,
+    #[error("request is larger than {MAX_TOTAL_BYTES} bytes")]
+    TooLarge,
+    #[error("{0} contains a NUL byte")]
+    Nul(&'static str),
+    #[error("invalid environment variable name {0:?}")]
+    EnvName(String),
+    #[error("cwd must be an absolute path without '..'")]
+    Cwd,
+    #[error("invalid hostname")]
+    Hostname,
+    #[error("timeout must be between 1 and {MAX_TIMEOUT_SECS} seconds")]
+    Timeout,
+    #[error("uid slot {0:?} is not valid in this mode")]
+    Slot(Option<u32>),
+}
+
+fn cstring(s: &str, what: &'static str) -> Result<CString, ValidateError> {
+    CString::new(s).map_err(|_| ValidateError::Nul(what))
+}
+
+fn valid_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+/// A host name of dot-separated labels of `[A-Za-z0-9-]`, none starting or ending with `-`.
+pub fn valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c == '-' || c.is_ascii_alphanumeric())
+        })
+}
+
+pub fn validate(req: &SpawnRequest, config: &Config) -> Result<ValidSpawn, ValidateError> {
+    if req.command.is_empty() || req.command[0].is_empty() {
+        return Err(ValidateError::EmptyCommand);
+    }
+    if req.command.len() > MAX_ARGS || req.env.len() > MAX_ENV {
+        return Err(ValidateError::TooMany);
+    }
+    let total: usize = req.command.iter().map(|a| a.len() + 1).sum::<usize>()
+        + req
+            .env
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2)
+            .sum::<usize>()
+        + req.cwd.len();
+    if total > MAX_TOTAL_BYTES {
+        return Err(ValidateError::TooLarge);
+    }
+    let command = req
+        .command
+        .iter()
+        .map(|a| cstring(a, "command"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut env = Vec::with_capacity(req.env.len());
+    for (k, v) in &req.env {
+        if !valid_env_name(k) {
+            return Err(ValidateError::EnvName(k.clone()));
+        }
+        env.push(cstring(&format!("{k}={v}"), "env")?);
+    }
+    if !req.cwd.starts_with('/') || req.cwd.split('/').any(|c| c == "..") || req.cwd.len() > 4096 {
+        return Err(ValidateError::Cwd);
+    }
+    let cwd = cstring(&req.cwd, "cwd")?;
+    if !valid_hostname(&req.hostname) {
+        return Err(ValidateError::Hostname);
+    }
+    let timeout = match req.timeout_secs {
+        None => None,
+        Some(s) if (1..=MAX_TIMEOUT_SECS).contains(&s) => Some(Duration::from_secs(s)),
+        Some(_) => return Err(ValidateError::Timeout),
+    };
+    let ids = match (config.mode, req.uid_slot) {
+        (Mode::Privileged, Some(slot)) if slot < config.uid_slots => IdMap::Range {
+            slot,
+            base: config.slot_base(slot),
+            size: UID_RANGE_SIZE,
+        },
+        (Mode::Rootless, None) => IdMap::Single {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+        },
+        (_, slot) => return Err(ValidateError::Slot(slot)),
+    };
+    Ok(ValidSpawn {
+        id: req.id,
+        ids,
+        command,
+        env,
+        cwd,
+        hostname: req.hostname.clone(),
+        timeout,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(mode: Mode) -> Config {
+        Config {
+            state_dir: "/s".into(),
+            allow_uid: 1000,
+            allow_gid: 1000,
+            mode,
+            uid_base: 100_000_000,
+            uid_slots: 4,
+        }
+    }
+
+    fn request() -> SpawnRequest {
+        SpawnRequest {
+            id: Uuid::nil(),
+            uid_slot: Some(1),
+            command: vec!["true".into()],
+            env: vec![("PATH".into(), "/bin".into())],
+            cwd: "/work".into(),
+            hostname: "box-1".into(),
+            timeout_secs: Some(5),
+        }
+    }
+
+    fn check(edit: impl FnOnce(&mut SpawnRequest), expect: Result<(), ValidateError>) {
+        let mut req = request();
+        edit(&mut req);
+        assert_eq!(validate(&req, &config(Mode::Privileged)).map(drop), expect);
+    }
+
+    #[test]
+    fn every_field_is_checked() {
+        check(|_| {}, Ok(()));
+        check(|r| r.command.clear(), Err(ValidateError::EmptyCommand));
+        check(
+            |r| r.command = vec!["a\0b".into()],
+            Err(ValidateError::Nul("command")),
+        );
+        check(
+            |r| r.env.push(("A=B".into(), "x".into())),
+            Err(ValidateError::EnvName("A=B".into())),
+        );
+        check(
+            |r| r.env.push(("1A".into(), "x".into())),
+            Err(ValidateError::EnvName("1A".into())),
+        );
+        check(
+            |r| r.env.push(("A".into(), "\0".into())),
+            Err(ValidateError::Nul("env")),
+        );
+        check(|r| r.cwd = "work".into(), Err(ValidateError::Cwd));
+        check(|r| r.cwd = "/work/../..".into(), Err(ValidateError::Cwd));
+        check(|r| r.hostname = "-x".into(), Err(ValidateError::Hostname));
+        check(|r| r.hostname = "a b".into(), Err(ValidateError::Hostname));
+        check(|r| r.hostname = "".into(), Err(ValidateError::Hostname));
+        check(|r| r.timeout_secs = Some(0), Err(ValidateError::Timeout));
+        check(|r| r.uid_slot = Some(4), Err(ValidateError::Slot(Some(4))));
+        check(|r| r.uid_slot = None, Err(ValidateError::Slot(None)));
+        check(
+            |r| r.command = vec!["x".repeat(600 * 1024)],
+            Err(ValidateError::TooLarge),
+        );
+    }
+
+    #[test]
+    fn slots_map_to_disjoint_ranges_and_rootless_maps_itself() {
+        let v = validate(&request(), &config(Mode::Privileged)).unwrap();
+        assert_eq!(
+            v.ids,
+            IdMap::Range {
+                slot: 1,
+                base: 100_065_536,
+                size: 65536
+            }
+        );
+        let mut req = request();
+        req.uid_slot = None;
+        let v = validate(&req, &config(Mode::Rootless)).unwrap();
+        assert_eq!(v.ids.host_root_uid(), nix::unistd::geteuid().as_raw());
+        req.uid_slot = Some(0);
+        assert!(validate(&req, &config(Mode::Rootless)).is_err());
+    }
+}
