@@ -1,0 +1,136 @@
+//! The things being compared: sandboxd through its API, bwrap, and a bare fork+exec of `true`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use sandboxd_api::{CreateSandbox, SandboxState};
+use sandboxd_client::{Client, ClientError};
+
+/// Why one run of a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("sandboxd request failed")]
+    Api(#[from] ClientError),
+    #[error("sandbox {id} ended {state} with exit code {code:?}: {error}")]
+    SandboxFailed {
+        id: String,
+        state: &'static str,
+        code: Option<i32>,
+        error: String,
+    },
+    #[error("spawning {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{program} exited with {status}")]
+    Status { program: String, status: String },
+    #[error("worker thread failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// One contender of the benchmark.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    Sandboxd(Client),
+    Bwrap(PathBuf),
+    ForkExec,
+}
+
+impl Peer {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Peer::Sandboxd(_) => "sandboxd",
+            Peer::Bwrap(_) => "bwrap",
+            Peer::ForkExec => "fork+exec",
+        }
+    }
+
+    /// What one run does, for the report.
+    pub fn describe(&self) -> String {
+        match self {
+            Peer::Sandboxd(client) => format!(
+                "POST {}v1/sandboxes?wait=true {{\"command\":[\"true\"]}}",
+                client.base_url()
+            ),
+            Peer::Bwrap(path) => format!("{} --unshare-all --ro-bind / / true", path.display()),
+            Peer::ForkExec => "std::process::Command::new(\"/bin/true\").status()".to_owned(),
+        }
+    }
+
+    /// Runs `true` once and returns how long it took from request (or fork) to exit. For sandboxd
+    /// the sandbox is deleted afterwards, outside the measured latency, so nothing accumulates.
+    pub async fn run_once(&self) -> Result<Duration, PeerError> {
+        match self {
+            Peer::Sandboxd(client) => {
+                let spec = CreateSandbox {
+                    command: vec!["true".to_owned()],
+                    env: Default::default(),
+                    cwd: None,
+                    hostname: None,
+                    name: None,
+                    labels: [("sandboxd-bench".to_owned(), "true".to_owned())].into(),
+                    limits: Default::default(),
+                };
+                let start = Instant::now();
+                let sandbox = client.create_and_wait(&spec).await?;
+                let latency = start.elapsed();
+                let id = sandbox.id.to_string();
+                let deleted = client.delete(&id).await;
+                if sandbox.state != SandboxState::Exited || sandbox.exit_code != Some(0) {
+                    return Err(PeerError::SandboxFailed {
+                        id,
+                        state: sandbox.state.as_str(),
+                        code: sandbox.exit_code,
+                        error: sandbox.error.unwrap_or_default(),
+                    });
+                }
+                deleted?;
+                Ok(latency)
+            }
+            Peer::Bwrap(path) => {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut command = Command::new(&path);
+                    command.args(["--unshare-all", "--ro-bind", "/", "/", "true"]);
+                    time_command(command, &path)
+                })
+                .await?
+            }
+            Peer::ForkExec => {
+                tokio::task::spawn_blocking(|| {
+                    let path = Path::new("/bin/true");
+                    time_command(Command::new(path), path)
+                })
+                .await?
+            }
+        }
+    }
+}
+
+/// Times a fork+exec+wait of `command`, which must exit 0.
+fn time_command(mut command: Command, program: &Path) -> Result<Duration, PeerError> {
+    let start = Instant::now();
+    let status = command.status().map_err(|source| PeerError::Spawn {
+        program: program.display().to_string(),
+        source,
+    })?;
+    let latency = start.elapsed();
+    if !status.success() {
+        return Err(PeerError::Status {
+            program: program.display().to_string(),
+            status: status.to_string(),
+        });
+    }
+    Ok(latency)
+}
+
+/// Finds `name` in `PATH`.
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
