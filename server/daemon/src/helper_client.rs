@@ -247,7 +247,9 @@ impl FakeHelper {
                 }
             }
             Request::List => {
-                let dir = self.state_dir.join(sandboxd_protocol::layout::SANDBOXES_DIR);
+                let dir = self
+                    .state_dir
+                    .join(sandboxd_protocol::layout::SANDBOXES_DIR);
                 let ids = std::fs::read_dir(dir)
                     .map(|rd| {
                         rd.filter_map(|e| e.ok())

@@ -180,9 +180,14 @@ impl LogCursor {
 /// What a reader task produces.
 #[derive(Debug)]
 pub enum LogEvent {
-    Data { channel: u8, data: Bytes },
+    Data {
+        channel: u8,
+        data: Bytes,
+    },
     /// Everything was sent; `offset` is the combined-stream offset reached.
-    End { offset: u64 },
+    End {
+        offset: u64,
+    },
 }
 
 /// Read (and optionally follow) a sandbox's output in a background task. `exit` turns `true`

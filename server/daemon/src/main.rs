@@ -1,1 +1,223 @@
-fn main() {}
+//! `sandboxd`: parse the configuration, start the helper, drop privileges, then serve.
+//!
+//! Everything before the privilege drop is synchronous and single-threaded on purpose: the helper
+//! is started with `std::process::Command` before any tokio runtime (and so any thread) exists,
+//! and the runtime is built only once the daemon has its final, unprivileged identity.
+
+use std::io::{BufRead, BufReader, IsTerminal};
+use std::os::unix::fs::{chown, DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use sandboxd::api::{self, AppState};
+use sandboxd::config::{self, Args};
+use sandboxd::helper_client::SocketHelper;
+use sandboxd::privileges;
+use sandboxd::sandboxes::Service;
+use sandboxd::store::Store;
+use sandboxd_protocol::layout::HELPER_SOCKET;
+
+/// How long in-flight requests (followers, websockets) may delay shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_tracing(&args.log_level);
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sandboxd: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    // 1. Resolve the configuration.
+    let is_root = privileges::is_root();
+    let target = if is_root {
+        Some(privileges::lookup_user(&args.user)?)
+    } else {
+        None
+    };
+    let state_dir = match &args.state_dir {
+        Some(d) => d.clone(),
+        None => config::default_state_dir(is_root)?,
+    };
+    let helper = match &args.helper {
+        Some(h) => h.clone(),
+        None => config::default_helper_path()?,
+    };
+    if !helper.is_file() {
+        bail!(
+            "helper binary {} not found: pass --helper PATH",
+            helper.display()
+        );
+    }
+
+    // 2. The state directory: traversable by sandbox tooling, listable only by its owner.
+    create_state_dir(&state_dir)?;
+    let daemon_uid = match &target {
+        Some(t) => {
+            chown(&state_dir, Some(t.uid.as_raw()), Some(t.gid.as_raw()))
+                .with_context(|| format!("chown {} to {}", state_dir.display(), t.name))?;
+            t.uid.as_raw()
+        }
+        None => privileges::current_uid(),
+    };
+
+    // 3. Start the helper while still single-threaded, and wait until its socket is bound.
+    let _helper_child = start_helper(&helper, &state_dir, daemon_uid, &args)?;
+
+    // 4. Become the unprivileged user for good.
+    if let Some(t) = &target {
+        privileges::drop_to(t)
+            .with_context(|| format!("dropping privileges to user {}", t.name))?;
+        tracing::info!(user = %t.name, uid = t.uid.as_raw(), "dropped privileges");
+    }
+    privileges::set_no_new_privs()?;
+
+    // 5. Only now: threads, the database, the helper connection, reconciliation, serving.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    let result = runtime.block_on(serve(args, state_dir));
+    // Watchers and followers are cut off here; sandboxes keep running under their monitors.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+fn create_state_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(dir)
+        .with_context(|| format!("creating state directory {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("setting the mode of {}", dir.display()))?;
+    Ok(())
+}
+
+fn start_helper(
+    helper: &PathBuf,
+    state_dir: &Path,
+    daemon_uid: u32,
+    args: &Args,
+) -> anyhow::Result<std::process::Child> {
+    let mut child = Command::new(helper)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("--allow-uid")
+        .arg(daemon_uid.to_string())
+        .arg("--uid-base")
+        .arg(args.uid_base.to_string())
+        .arg("--uid-slots")
+        .arg(args.uid_slots.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        // The helper's own log lines go where ours go.
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting the helper {}", helper.display()))?;
+    let stdout = child
+        .stdout
+        .take()
+        .context("the helper's stdout is not a pipe")?;
+    let mut line = String::new();
+    let read = BufReader::new(stdout).read_line(&mut line);
+    if matches!(read, Ok(n) if n > 0) && line == "ready\n" {
+        tracing::info!(pid = child.id(), "helper ready");
+        return Ok(child);
+    }
+    // The helper did not come up: report how it ended (its stderr is already on ours).
+    let _ = child.kill();
+    let status = child.wait().context("waiting for the helper")?;
+    match read {
+        Err(e) => bail!("reading the helper's ready line failed ({e}); helper {status}"),
+        Ok(_) if line.is_empty() => {
+            bail!("the helper exited before it was ready ({status}); see its messages above")
+        }
+        Ok(_) => bail!(
+            "the helper said {:?} instead of \"ready\" ({status})",
+            line.trim_end()
+        ),
+    }
+}
+
+async fn serve(args: Args, state_dir: PathBuf) -> anyhow::Result<()> {
+    let store = Store::open(&state_dir.join("sandboxd.db"))
+        .await
+        .context("opening the database")?;
+    let helper = SocketHelper::connect(&state_dir.join(HELPER_SOCKET))
+        .await
+        .context("connecting to the helper")?;
+    tracing::info!(mode = helper_mode(&helper), "connected to the helper");
+    let svc = Service::new(store, Arc::new(helper), &state_dir, args.uid_slots);
+    svc.reconcile().await.context("reconciling state")?;
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    let app = api::app(AppState { svc });
+    tracing::info!("listening on {addr}");
+
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown({
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    });
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down; sandboxes keep running");
+        stop_tx.send_replace(true);
+    });
+    tokio::select! {
+        r = server => r.context("serving HTTP")?,
+        _ = async {
+            let _ = stop_rx.wait_for(|s| *s).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => tracing::warn!("open connections did not finish in time; closing them"),
+    }
+    Ok(())
+}
+
+fn helper_mode(h: &SocketHelper) -> &'static str {
+    use sandboxd::helper_client::Helper;
+    h.mode().as_str()
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await
+        }
+    }
+}

@@ -70,7 +70,8 @@ pub fn drop_to(target: &Target) -> Result<(), PrivilegeError> {
 
 /// Fail unless the effective and permitted capability sets are empty.
 pub fn verify_no_capabilities() -> Result<(), PrivilegeError> {
-    let status = std::fs::read_to_string("/proc/self/status").map_err(PrivilegeError::ReadStatus)?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").map_err(PrivilegeError::ReadStatus)?;
     check_capabilities(&status)
 }
 
@@ -99,8 +100,12 @@ mod tests {
 
     #[test]
     fn capability_check_reads_both_sets() {
-        assert!(check_capabilities("CapPrm:\t0000000000000000\nCapEff:\t0000000000000000\n").is_ok());
-        assert!(check_capabilities("CapPrm:\t0000000000000000\nCapEff:\t0000000000000400\n").is_err());
+        assert!(
+            check_capabilities("CapPrm:\t0000000000000000\nCapEff:\t0000000000000000\n").is_ok()
+        );
+        assert!(
+            check_capabilities("CapPrm:\t0000000000000000\nCapEff:\t0000000000000400\n").is_err()
+        );
         assert!(check_capabilities("CapEff:\t0000000000000000\n").is_err());
     }
 }

@@ -405,7 +405,10 @@ mod tests {
         };
         assert!(store.finish(a.id, &end).await.unwrap());
         assert!(!store.finish(a.id, &end).await.unwrap());
-        assert_eq!(store.insert_creating(&new(None), Some(2)).await.unwrap(), Some(0));
+        assert_eq!(
+            store.insert_creating(&new(None), Some(2)).await.unwrap(),
+            Some(0)
+        );
         let q = ListQuery {
             labels: vec![("a".into(), "1".into())],
             limit: 2,

@@ -97,7 +97,11 @@ impl ValidCreate {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        for (k, v) in [("PATH", DEFAULT_PATH), ("HOME", "/root"), ("HOSTNAME", hostname)] {
+        for (k, v) in [
+            ("PATH", DEFAULT_PATH),
+            ("HOME", "/root"),
+            ("HOSTNAME", hostname),
+        ] {
             if !self.spec.env.contains_key(k) {
                 env.push((k.to_owned(), v.to_owned()));
             }
@@ -114,7 +118,9 @@ fn check_command(command: &[String]) -> Result<(), ValidationError> {
         return Err(invalid(format!("command: at most {MAX_ARGS} arguments")));
     }
     if command.iter().map(String::len).sum::<usize>() > MAX_COMMAND_BYTES {
-        return Err(invalid(format!("command: at most {MAX_COMMAND_BYTES} bytes in total")));
+        return Err(invalid(format!(
+            "command: at most {MAX_COMMAND_BYTES} bytes in total"
+        )));
     }
     if command.iter().any(|a| a.contains('\0')) {
         return Err(invalid("command: must not contain NUL bytes"));
@@ -137,7 +143,9 @@ fn check_env(env: &BTreeMap<String, String>) -> Result<(), ValidationError> {
             )));
         }
         if v.contains('\0') {
-            return Err(invalid(format!("env: value of {k} must not contain NUL bytes")));
+            return Err(invalid(format!(
+                "env: value of {k} must not contain NUL bytes"
+            )));
         }
     }
     Ok(())
@@ -165,7 +173,9 @@ pub fn is_hostname(h: &str) -> bool {
         && h.len() <= 253
         && h.split('.').all(|label| {
             (1..=63).contains(&label.len())
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -195,8 +205,7 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ValidationError
     }
     for (k, v) in labels {
         let key_ok = (1..=63).contains(&k.len())
-            && k
-                .bytes()
+            && k.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'/'));
         if !key_ok {
             return Err(invalid(format!(
@@ -238,14 +247,26 @@ mod tests {
         check(json!({"command": ["x"], "env": {"A_1": "x"}}), None);
         check(json!({"command": ["x"], "cwd": "rel"}), Some("cwd"));
         check(json!({"command": ["x"], "cwd": "/a/../b"}), Some("cwd"));
-        check(json!({"command": ["x"], "hostname": "-a"}), Some("hostname"));
+        check(
+            json!({"command": ["x"], "hostname": "-a"}),
+            Some("hostname"),
+        );
         check(json!({"command": ["x"], "hostname": "a.b-c"}), None);
         check(json!({"command": ["x"], "name": "_a"}), Some("name"));
-        check(json!({"command": ["x"], "name": Uuid::nil().to_string()}), Some("name"));
+        check(
+            json!({"command": ["x"], "name": Uuid::nil().to_string()}),
+            Some("name"),
+        );
         check(json!({"command": ["x"], "name": "a_b.c"}), None);
-        check(json!({"command": ["x"], "labels": {"": "v"}}), Some("labels"));
+        check(
+            json!({"command": ["x"], "labels": {"": "v"}}),
+            Some("labels"),
+        );
         check(json!({"command": ["x"], "labels": {"k/x": "v"}}), None);
-        check(json!({"command": ["x"], "limits": {"timeout_secs": 0}}), Some("limits.timeout_secs"));
+        check(
+            json!({"command": ["x"], "limits": {"timeout_secs": 0}}),
+            Some("limits.timeout_secs"),
+        );
     }
 
     #[test]

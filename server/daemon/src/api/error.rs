@@ -38,7 +38,11 @@ impl ApiError {
     /// A failure on our side: log the whole chain, answer without internals.
     pub fn internal(err: &(dyn std::error::Error + 'static)) -> Self {
         tracing::error!(error = %chain(err), "request failed");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
     }
 
     /// Map any status code (typically from a framework rejection) to the error shape.
@@ -99,16 +103,22 @@ impl From<ServiceError> for ApiError {
             ServiceError::NameTaken => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", "name: already taken")
             }
-            ServiceError::NoCapacity => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_capacity", e.to_string())
-            }
+            ServiceError::NoCapacity => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_capacity",
+                e.to_string(),
+            ),
             ServiceError::NotRunning => {
                 ApiError::new(StatusCode::CONFLICT, "not_running", e.to_string())
             }
             ServiceError::BadSignal(_) => ApiError::invalid(format!("signal: {e}")),
             ServiceError::StopTimeout | ServiceError::Busy(_) => {
                 tracing::warn!(error = %chain(&e), "sandbox busy");
-                ApiError::new(StatusCode::CONFLICT, "conflict", "the sandbox is still stopping; retry")
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "conflict",
+                    "the sandbox is still stopping; retry",
+                )
             }
             ServiceError::SpawnFailed { id, .. } => {
                 tracing::error!(error = %chain(&e), "spawn failed");

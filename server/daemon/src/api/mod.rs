@@ -53,9 +53,21 @@ pub fn routes() -> Vec<Route> {
         route(Method::POST, "/v1/sandboxes", post(sandboxes::create)),
         route(Method::GET, "/v1/sandboxes", get(sandboxes::list)),
         route(Method::GET, "/v1/sandboxes/{id}", get(sandboxes::get)),
-        route(Method::DELETE, "/v1/sandboxes/{id}", delete(sandboxes::delete)),
-        route(Method::POST, "/v1/sandboxes/{id}/wait", post(sandboxes::wait)),
-        route(Method::POST, "/v1/sandboxes/{id}/kill", post(sandboxes::kill)),
+        route(
+            Method::DELETE,
+            "/v1/sandboxes/{id}",
+            delete(sandboxes::delete),
+        ),
+        route(
+            Method::POST,
+            "/v1/sandboxes/{id}/wait",
+            post(sandboxes::wait),
+        ),
+        route(
+            Method::POST,
+            "/v1/sandboxes/{id}/kill",
+            post(sandboxes::kill),
+        ),
         route(Method::GET, "/v1/sandboxes/{id}/logs", get(logs::logs)),
     ]
 }

@@ -80,7 +80,11 @@ fn list_query(params: Vec<(String, String)>) -> Result<ListQuery, ApiError> {
                     decode_cursor(&value).ok_or_else(|| ApiError::invalid("cursor: invalid"))?,
                 )
             }
-            other => return Err(ApiError::invalid(format!("unknown query parameter {other:?}"))),
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "unknown query parameter {other:?}"
+                )))
+            }
         }
     }
     Ok(q)

@@ -1,0 +1,500 @@
+//! Handler tests: the router on a fake helper and a temporary database, driven with `oneshot`.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use sandboxd_api::{ErrorBody, Sandbox, SandboxList, SandboxState};
+use sandboxd_protocol::wire::Mode;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use super::{app, routes, AppState};
+use crate::helper_client::{FakeHelper, FakeSpawn};
+use crate::sandboxes::Service;
+use crate::store::Store;
+
+struct TestApp {
+    router: axum::Router,
+    _dir: tempfile::TempDir,
+}
+
+async fn test_app(spawn: FakeSpawn) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("sandboxd.db")).await.unwrap();
+    let helper = FakeHelper::new(dir.path(), Mode::Privileged, spawn);
+    let svc = Service::new(store, helper, dir.path(), 4);
+    TestApp {
+        router: app(AppState {
+            svc: Arc::clone(&svc),
+        }),
+        _dir: dir,
+    }
+}
+
+impl TestApp {
+    async fn send(&self, req: Request<Body>) -> (StatusCode, Vec<u8>) {
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec();
+        (status, body)
+    }
+
+    async fn json(&self, method: Method, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        let body = match body {
+            Some(b) => {
+                req = req.header(header::CONTENT_TYPE, "application/json");
+                Body::from(b.to_string())
+            }
+            None => Body::empty(),
+        };
+        let (status, bytes) = self.send(req.body(body).unwrap()).await;
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        (status, value)
+    }
+
+    async fn raw(
+        &self,
+        method: Method,
+        uri: &str,
+        ct: Option<&str>,
+        body: Vec<u8>,
+    ) -> (StatusCode, Vec<u8>) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(ct) = ct {
+            req = req.header(header::CONTENT_TYPE, ct);
+        }
+        self.send(req.body(Body::from(body)).unwrap()).await
+    }
+}
+
+/// The response is the API's error shape with this status and code.
+fn assert_error(status: StatusCode, body: &[u8], want_status: StatusCode, want_code: &str) {
+    let err: ErrorBody = serde_json::from_slice(body)
+        .unwrap_or_else(|_| panic!("not an error body: {}", String::from_utf8_lossy(body)));
+    assert_eq!(
+        (status, err.error.code.as_str()),
+        (want_status, want_code),
+        "{}",
+        err.error.message
+    );
+}
+
+#[tokio::test]
+async fn create_get_wait_list_delete() {
+    let app = test_app(FakeSpawn::ExitAtOnce).await;
+    let (status, body) = app
+        .json(
+            Method::POST,
+            "/v1/sandboxes?wait=true",
+            Some(json!({"command": ["echo", "hi"], "name": "web", "labels": {"team": "a"}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let sb: Sandbox = serde_json::from_value(body).unwrap();
+    assert_eq!(sb.state, SandboxState::Exited);
+    assert_eq!(sb.exit_code, Some(0));
+    assert_eq!(sb.hostname, "web");
+    assert_eq!(sb.host_uid, Some(100_000_000));
+    assert_eq!(sb.init_pid, Some(4242));
+
+    let (status, body) = app.json(Method::GET, "/v1/sandboxes/web", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["id"], json!(sb.id));
+    let (status, body) = app
+        .json(Method::POST, &format!("/v1/sandboxes/{}/wait", sb.id), None)
+        .await;
+    assert_eq!(
+        (status, body["state"].clone()),
+        (StatusCode::OK, json!("exited"))
+    );
+
+    for _ in 0..2 {
+        let (status, _) = app
+            .json(
+                Method::POST,
+                "/v1/sandboxes",
+                Some(json!({"command": ["true"]})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let (status, body) = app.json(Method::GET, "/v1/sandboxes?limit=2", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let page: SandboxList = serde_json::from_value(body).unwrap();
+    assert_eq!(page.items.len(), 2);
+    let cursor = page.next_cursor.unwrap();
+    let (_, body) = app
+        .json(
+            Method::GET,
+            &format!("/v1/sandboxes?limit=2&cursor={cursor}"),
+            None,
+        )
+        .await;
+    let page: SandboxList = serde_json::from_value(body).unwrap();
+    assert_eq!(page.items.len(), 1);
+    assert_eq!(page.items[0].id, sb.id);
+    assert!(page.next_cursor.is_none());
+    let (_, body) = app
+        .json(Method::GET, "/v1/sandboxes?label=team=a&state=exited", None)
+        .await;
+    assert_eq!(body["items"].as_array().unwrap().len(), 1);
+
+    let (status, body) = app.json(Method::POST, "/v1/sandboxes/web/kill", None).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (StatusCode::CONFLICT, json!("not_running"))
+    );
+
+    let (status, _) = app.json(Method::DELETE, "/v1/sandboxes/web", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = app
+        .raw(
+            Method::DELETE,
+            &format!("/v1/sandboxes/{}", sb.id),
+            None,
+            vec![],
+        )
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+}
+
+/// method, uri, content type, body, expected status, expected code.
+type Case = (
+    Method,
+    &'static str,
+    Option<&'static str>,
+    Vec<u8>,
+    StatusCode,
+    &'static str,
+);
+
+#[tokio::test]
+async fn client_mistakes_get_the_error_shape() {
+    let app = test_app(FakeSpawn::ExitAtOnce).await;
+    let json_ct = Some("application/json");
+    let cases: Vec<Case> = vec![
+        (
+            Method::POST,
+            "/v1/sandboxes",
+            json_ct,
+            b"{not json".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Method::POST,
+            "/v1/sandboxes",
+            json_ct,
+            br#"{"command":["x"],"bogus":1}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Method::POST,
+            "/v1/sandboxes",
+            json_ct,
+            br#"{"command":"x"}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Method::POST,
+            "/v1/sandboxes",
+            json_ct,
+            br#"{"command":[]}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Method::POST,
+            "/v1/sandboxes",
+            json_ct,
+            vec![b' '; 2 * 1024 * 1024],
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            Method::POST,
+            "/v1/sandboxes",
+            Some("text/plain"),
+            br#"{"command":["x"]}"#.to_vec(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            Method::POST,
+            "/v1/sandboxes",
+            None,
+            br#"{"command":["x"]}"#.to_vec(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            Method::POST,
+            "/v1/sandboxes?wait=maybe",
+            json_ct,
+            br#"{"command":["x"]}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Method::GET,
+            "/v1/sandboxes/00000000-0000-0000-0000-000000000000",
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::GET,
+            "/v1/sandboxes/nope",
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::GET,
+            "/v1/sandboxes/nope/logs",
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::POST,
+            "/v1/sandboxes/nope/wait",
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::GET,
+            "/v1/sandboxes?state=sleeping",
+            None,
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Method::GET,
+            "/v1/sandboxes?limit=0",
+            None,
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Method::GET,
+            "/v1/sandboxes?cursor=zzz",
+            None,
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Method::GET,
+            "/v1/sandboxes?label=novalue",
+            None,
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Method::PUT,
+            "/v1/sandboxes",
+            None,
+            vec![],
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            Method::GET,
+            "/v1/sandboxes/x/kill",
+            None,
+            vec![],
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            Method::GET,
+            "/v2/nothing",
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::GET,
+            "/",
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+    ];
+    for (method, uri, ct, body, want_status, want_code) in cases {
+        let (status, got) = app.raw(method.clone(), uri, ct, body).await;
+        assert_error(status, &got, want_status, want_code);
+    }
+}
+
+#[tokio::test]
+async fn names_conflict_and_signals_are_checked() {
+    let app = test_app(FakeSpawn::ExitAtOnce).await;
+    let create = json!({"command": ["true"], "name": "dup"});
+    let (status, _) = app
+        .json(Method::POST, "/v1/sandboxes", Some(create.clone()))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = app.json(Method::POST, "/v1/sandboxes", Some(create)).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (StatusCode::CONFLICT, json!("conflict"))
+    );
+    let (status, body) = app
+        .json(
+            Method::POST,
+            "/v1/sandboxes/dup/kill",
+            Some(json!({"signal": "SIGSEGV"})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (StatusCode::BAD_REQUEST, json!("invalid_request"))
+    );
+    let (status, body) = app
+        .json(
+            Method::POST,
+            "/v1/sandboxes/dup/kill",
+            Some(json!({"sig": "TERM"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+}
+
+#[tokio::test]
+async fn spawn_failures_are_500_and_recorded() {
+    let app = test_app(FakeSpawn::Fail).await;
+    let (status, body) = app
+        .json(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"command": ["true"], "name": "f"})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (StatusCode::INTERNAL_SERVER_ERROR, json!("spawn_failed"))
+    );
+    let (_, body) = app.json(Method::GET, "/v1/sandboxes/f", None).await;
+    assert_eq!(body["state"], json!("failed"));
+    assert_eq!(body["reason"], json!("spawn_failed"));
+    assert_eq!(body["error"], json!("fake setup failure"));
+    // The uid slot is free again: four more creations fit in the four slots... and fail alike.
+    let (status, _) = app
+        .json(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"command": ["true"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+}
+
+#[tokio::test]
+async fn info_health_and_logs() {
+    let app = test_app(FakeSpawn::ExitAtOnce).await;
+    let (status, body) = app.json(Method::GET, "/healthz", None).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"status": "ok"})));
+    let (status, body) = app.json(Method::GET, "/v1/info", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["mode"], json!("privileged"));
+    assert_eq!(body["network_modes"], json!(["none"]));
+    let (status, body) = app
+        .json(
+            Method::POST,
+            "/v1/sandboxes?wait=true",
+            Some(json!({"command": ["true"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let id = body["id"].as_str().unwrap().to_owned();
+    let (status, bytes) = app
+        .raw(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/logs?follow=true"),
+            None,
+            vec![],
+        )
+        .await;
+    assert_eq!((status, bytes), (StatusCode::OK, vec![]));
+    let (status, body) = app
+        .raw(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/logs?stream=both"),
+            None,
+            vec![],
+        )
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+}
+
+/// (method, path) pairs of the spec, with `{param}` kept as written.
+fn spec_routes() -> BTreeSet<(String, String)> {
+    let doc: serde_yaml::Value = serde_yaml::from_str(super::OPENAPI_YAML).unwrap();
+    let mut out = BTreeSet::new();
+    for (path, item) in doc["paths"].as_mapping().unwrap() {
+        for (method, _) in item.as_mapping().unwrap() {
+            let method = method.as_str().unwrap();
+            if ["get", "post", "put", "delete", "patch", "head", "options"].contains(&method) {
+                out.insert((method.to_uppercase(), path.as_str().unwrap().to_owned()));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn openapi_and_router_agree() {
+    let spec = spec_routes();
+    let table: BTreeSet<(String, String)> = routes()
+        .iter()
+        .map(|r| (r.method.to_string(), r.path.to_owned()))
+        .collect();
+    assert_eq!(spec, table, "openapi.yaml and routes() differ");
+
+    // Every route in the spec reaches a handler, not the 404/405 fallbacks.
+    let app = test_app(FakeSpawn::ExitAtOnce).await;
+    for (method, path) in &spec {
+        let uri = path.replace("{id}", "fallback-probe");
+        let req = Request::builder()
+            .method(method.as_str())
+            .uri(&uri)
+            .body(Body::empty())
+            .unwrap();
+        let (status, body) = app.send(req).await;
+        if status == StatusCode::NOT_FOUND || status == StatusCode::METHOD_NOT_ALLOWED {
+            let err: ErrorBody = serde_json::from_slice(&body).unwrap();
+            assert!(
+                err.error.code != "method_not_allowed" && err.error.message != "no such route",
+                "{method} {uri} hit a fallback"
+            );
+        }
+    }
+}

@@ -71,7 +71,12 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(store: Store, helper: Arc<dyn Helper>, state_dir: &Path, uid_slots: u32) -> Arc<Self> {
+    pub fn new(
+        store: Store,
+        helper: Arc<dyn Helper>,
+        state_dir: &Path,
+        uid_slots: u32,
+    ) -> Arc<Self> {
         Arc::new(Service {
             store,
             helper,
@@ -100,7 +105,9 @@ impl Service {
     }
 
     fn register(&self, id: Uuid) {
-        self.registry().entry(id).or_insert_with(|| watch::channel(false).0);
+        self.registry()
+            .entry(id)
+            .or_insert_with(|| watch::channel(false).0);
     }
 
     /// Mark a sandbox final for everyone waiting on it.
@@ -130,7 +137,11 @@ impl Service {
     }
 
     /// Create and start a sandbox; with `wait`, answer only once it has ended.
-    pub async fn create(self: &Arc<Self>, v: ValidCreate, wait: bool) -> Result<Sandbox, ServiceError> {
+    pub async fn create(
+        self: &Arc<Self>,
+        v: ValidCreate,
+        wait: bool,
+    ) -> Result<Sandbox, ServiceError> {
         // The setup runs in its own task so that a client hanging up cannot leave a row in
         // `creating` without a watcher.
         let svc = Arc::clone(self);
@@ -177,7 +188,12 @@ impl Service {
         match helper_client::spawn(&*self.helper, request).await {
             Ok(spawned) => {
                 self.store
-                    .set_running(id, spawned.started_at_unix_ms, spawned.init_pid, spawned.host_uid)
+                    .set_running(
+                        id,
+                        spawned.started_at_unix_ms,
+                        spawned.init_pid,
+                        spawned.host_uid,
+                    )
                     .await?;
                 if let Some(e) = &spawned.exec_error {
                     tracing::info!(%id, error = %e, "command could not be executed");
@@ -227,7 +243,11 @@ impl Service {
     }
 
     /// Deliver a signal (a name like `SIGTERM`/`TERM` or a number; SIGKILL when absent).
-    pub async fn kill(&self, id_or_name: &str, signal: Option<&str>) -> Result<Sandbox, ServiceError> {
+    pub async fn kill(
+        &self,
+        id_or_name: &str,
+        signal: Option<&str>,
+    ) -> Result<Sandbox, ServiceError> {
         let signo = match signal {
             Some(s) => parse_signal(s).ok_or_else(|| ServiceError::BadSignal(s.to_owned()))?,
             None => 9,
@@ -241,7 +261,10 @@ impl Service {
             Err(MonitorError::Gone(_)) => return Err(ServiceError::NotRunning),
             Err(e) => return Err(e.into()),
         }
-        self.store.get(sandbox.id).await?.ok_or(ServiceError::NotFound)
+        self.store
+            .get(sandbox.id)
+            .await?
+            .ok_or(ServiceError::NotFound)
     }
 
     /// Stop (SIGKILL) if needed, remove every trace through the helper, then forget the row.
@@ -298,7 +321,10 @@ impl Service {
     /// Bring the store and the sandbox directories back in line after a (possibly unclean) stop:
     /// live rows get a watcher again or are marked lost, directories without a row are removed.
     pub async fn reconcile(self: &Arc<Self>) -> Result<(), ServiceError> {
-        let on_disk: HashSet<Uuid> = helper_client::list(&*self.helper).await?.into_iter().collect();
+        let on_disk: HashSet<Uuid> = helper_client::list(&*self.helper)
+            .await?
+            .into_iter()
+            .collect();
         for sandbox in self.store.live().await? {
             let id = sandbox.id;
             if on_disk.contains(&id) {
@@ -306,7 +332,9 @@ impl Service {
                 self.start_watcher(id);
             } else {
                 tracing::warn!(%id, "sandbox directory is gone; marking the sandbox lost");
-                self.store.finish(id, &lost("the sandbox directory disappeared")).await?;
+                self.store
+                    .finish(id, &lost("the sandbox directory disappeared"))
+                    .await?;
             }
         }
         let known: HashSet<Uuid> = self.store.ids().await?.into_iter().collect();
