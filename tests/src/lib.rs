@@ -1,1 +1,434 @@
-//! placeholder
+//! Harness for the end-to-end tests: builds the real binaries, starts `sandboxd` in privileged
+//! mode (as root with `--user`, so the daemon itself runs unprivileged) or fully rootless (the
+//! daemon started as an unprivileged uid), and talks to it over real HTTP and websockets.
+//!
+//! These tests need root to create their test users and to start the privileged helper. Without
+//! root they are skipped with a message, unless `SANDBOXD_E2E_REQUIRE=1` (set by `.ci/run`), which
+//! turns a skip into a failure so CI can never pass by testing nothing.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use sandboxd_api::Sandbox;
+use serde_json::{json, Value};
+
+/// Users the harness creates (system users without a home or a shell).
+pub const DAEMON_USER: &str = "sbx-e2e-daemon";
+pub const ROOTLESS_USER: &str = "sbx-e2e-rootless";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Root starts the daemon, which starts the root helper and drops to `DAEMON_USER`.
+    Privileged,
+    /// The daemon is started as `ROOTLESS_USER`; its helper has only that user's rights.
+    Rootless,
+}
+
+/// Whether the end-to-end tests can run here. Panics instead of skipping when required.
+pub fn can_run() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("SANDBOXD_E2E_REQUIRE").as_deref() == Ok("1") {
+        panic!("SANDBOXD_E2E_REQUIRE=1 but the end-to-end tests need root to create their users");
+    }
+    eprintln!("skipping: end-to-end tests need root (set SANDBOXD_E2E_REQUIRE=1 to fail instead)");
+    false
+}
+
+/// Skip the calling test (returning early) when the harness cannot run here.
+#[macro_export]
+macro_rules! require_e2e {
+    () => {
+        if !$crate::can_run() {
+            return;
+        }
+    };
+}
+
+/// The workspace's target directory, found from this test executable (target/debug/deps/x).
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test executables live in target/<profile>/deps")
+        .to_path_buf()
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace")
+        .to_path_buf()
+}
+
+/// Build the binaries once, then copy them to a world-readable directory so an unprivileged
+/// daemon can execute them wherever the checkout lives (CI clones under /root, which is 0700).
+pub fn binaries() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let profile_dir = target_dir();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        build
+            .current_dir(workspace_root())
+            .args(["build", "--workspace", "--bins"]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cargo runs");
+        assert!(status.success(), "building the binaries failed");
+        let dir = std::env::temp_dir().join(format!("sandboxd-e2e-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create the binaries directory");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        for bin in ["sandboxd", "sandboxd-helper", "sbx"] {
+            let dest = dir.join(bin);
+            std::fs::copy(profile_dir.join(bin), &dest).unwrap_or_else(|e| panic!("copy {bin}: {e}"));
+            std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        dir
+    })
+}
+
+/// Create a system user if it does not exist; returns (uid, gid).
+pub fn ensure_user(name: &str) -> (u32, u32) {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if nix::unistd::User::from_name(name).ok().flatten().is_none() {
+        let status = Command::new("useradd")
+            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name])
+            .status()
+            .expect("useradd runs");
+        assert!(status.success(), "useradd {name} failed");
+    }
+    let user = nix::unistd::User::from_name(name)
+        .ok()
+        .flatten()
+        .expect("the user exists now");
+    (user.uid.as_raw(), user.gid.as_raw())
+}
+
+/// Each daemon gets its own uid ranges, so daemons of concurrent tests never share one.
+fn next_uid_base() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::SeqCst) + std::process::id() % 64 * 64;
+    300_000_000 + (n % 4096) * 8 * 65536
+}
+
+/// A running daemon. Killed, and its sandboxes and state removed, on drop.
+pub struct Daemon {
+    pub mode: Mode,
+    pub state_dir: PathBuf,
+    pub url: String,
+    pub addr: String,
+    /// The uid the daemon runs as.
+    pub uid: u32,
+    uid_base: u32,
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+    http: reqwest::blocking::Client,
+}
+
+impl Daemon {
+    pub fn start(mode: Mode) -> Daemon {
+        let state_dir = std::env::temp_dir().join(format!("sandboxd-e2e-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&state_dir).expect("create the state dir");
+        let uid = match mode {
+            Mode::Privileged => ensure_user(DAEMON_USER).0,
+            Mode::Rootless => {
+                let (uid, gid) = ensure_user(ROOTLESS_USER);
+                nix::unistd::chown(&state_dir, Some(uid.into()), Some(gid.into())).expect("chown");
+                uid
+            }
+        };
+        let mut daemon = Daemon {
+            mode,
+            state_dir,
+            url: String::new(),
+            addr: String::new(),
+            uid,
+            uid_base: next_uid_base(),
+            child: None,
+            log: Arc::new(Mutex::new(String::new())),
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("http client"),
+        };
+        daemon.spawn("127.0.0.1:0");
+        daemon
+    }
+
+    /// Start (or restart) the daemon process on `listen`.
+    fn spawn(&mut self, listen: &str) {
+        let mut cmd = Command::new(binaries().join("sandboxd"));
+        cmd.args(["--listen", listen, "--state-dir"])
+            .arg(&self.state_dir)
+            .args(["--uid-base", &self.uid_base.to_string(), "--uid-slots", "8"])
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("SANDBOXD_LOG", "info,sandboxd=debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        match self.mode {
+            Mode::Privileged => {
+                cmd.args(["--user", DAEMON_USER]);
+            }
+            Mode::Rootless => {
+                let (uid, gid) = ensure_user(ROOTLESS_USER);
+                cmd.uid(uid).gid(gid).env("HOME", "/nonexistent");
+            }
+        }
+        let mut child = cmd.spawn().expect("start sandboxd");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = Arc::clone(&self.log);
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let clean = strip_ansi(&line);
+                if let Some(addr) = clean.split("listening on ").nth(1) {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
+                    }
+                }
+                let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+                log.push_str(&clean);
+                log.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(100));
+                panic!("sandboxd did not start; its log:\n{}", self.log());
+            }
+        };
+        self.addr = addr.clone();
+        self.url = format!("http://{addr}");
+        self.child = Some(child);
+    }
+
+    /// Everything the daemon wrote to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("the daemon runs")
+    }
+
+    /// SIGKILL the daemon (its helper follows by PDEATHSIG); sandboxes must survive.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start the daemon again on the same state directory and the same address.
+    pub fn restart(&mut self) {
+        self.kill9();
+        let addr = self.addr.clone();
+        // The old socket may linger in TIME_WAIT for a moment; the daemon must be able to rebind.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if std::net::TcpListener::bind(&addr).is_ok() || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.spawn(&addr);
+    }
+
+    pub fn http(&self) -> &reqwest::blocking::Client {
+        &self.http
+    }
+
+    pub fn get(&self, path: &str) -> reqwest::blocking::Response {
+        self.http.get(format!("{}{path}", self.url)).send().expect("GET")
+    }
+
+    pub fn post_json(&self, path: &str, body: &Value) -> reqwest::blocking::Response {
+        self.http
+            .post(format!("{}{path}", self.url))
+            .json(body)
+            .send()
+            .expect("POST")
+    }
+
+    pub fn delete(&self, path: &str) -> reqwest::blocking::Response {
+        self.http.delete(format!("{}{path}", self.url)).send().expect("DELETE")
+    }
+
+    /// Create a sandbox and return it, asserting 201.
+    pub fn create(&self, spec: Value) -> Sandbox {
+        let resp = self.post_json("/v1/sandboxes", &spec);
+        let status = resp.status();
+        let text = resp.text().unwrap_or_default();
+        assert_eq!(status.as_u16(), 201, "create {spec} answered {status}: {text}\n{}", self.log());
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad sandbox JSON {text}: {e}"))
+    }
+
+    /// Run a command to completion (`?wait=true`) and return the sandbox and its stdout+stderr.
+    pub fn run(&self, command: &[&str]) -> (Sandbox, String) {
+        self.run_spec(json!({ "command": command }))
+    }
+
+    pub fn run_spec(&self, spec: Value) -> (Sandbox, String) {
+        let resp = self.post_json("/v1/sandboxes?wait=true", &spec);
+        let status = resp.status();
+        let text = resp.text().unwrap_or_default();
+        assert_eq!(status.as_u16(), 201, "create {spec} answered {status}: {text}\n{}", self.log());
+        let sandbox: Sandbox = serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON {text}: {e}"));
+        let logs = self.logs(&sandbox.id.to_string(), "");
+        (sandbox, String::from_utf8_lossy(&logs).into_owned())
+    }
+
+    /// Run a shell script in a sandbox, assert it exited 0, and return its output.
+    pub fn sh(&self, script: &str) -> String {
+        let (sandbox, output) = self.run(&["sh", "-c", script]);
+        assert_eq!(
+            sandbox.exit_code,
+            Some(0),
+            "script {script:?} failed ({:?}): {output}",
+            sandbox.reason
+        );
+        output
+    }
+
+    pub fn logs(&self, id: &str, query: &str) -> Vec<u8> {
+        let resp = self.get(&format!("/v1/sandboxes/{id}/logs{query}"));
+        assert_eq!(resp.status().as_u16(), 200, "logs of {id}");
+        resp.bytes().expect("log body").to_vec()
+    }
+
+    pub fn sandbox(&self, id: &str) -> Sandbox {
+        let resp = self.get(&format!("/v1/sandboxes/{id}"));
+        assert_eq!(resp.status().as_u16(), 200, "GET {id}");
+        resp.json().expect("sandbox JSON")
+    }
+
+    pub fn wait(&self, id: &str) -> Sandbox {
+        let resp = self
+            .http
+            .post(format!("{}/v1/sandboxes/{id}/wait", self.url))
+            .send()
+            .expect("wait");
+        assert_eq!(resp.status().as_u16(), 200, "wait {id}");
+        resp.json().expect("sandbox JSON")
+    }
+
+    /// The directory the helper keeps for a sandbox.
+    pub fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.state_dir.join("sandboxes").join(id)
+    }
+
+    /// Open the log websocket of a sandbox (with an optional query string such as `?offset=10`).
+    pub fn logs_websocket(&self, id: &str, query: &str) -> tungstenite::WebSocket<TcpStream> {
+        let stream = TcpStream::connect(&self.addr).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        let url = format!("ws://{}/v1/sandboxes/{id}/logs{query}", self.addr);
+        let (ws, _) = tungstenite::client(url.as_str(), stream).expect("websocket handshake");
+        ws
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            // Best effort: delete every sandbox so nothing outlives the test.
+            if let Ok(resp) = self.http.get(format!("{}/v1/sandboxes?limit=1000", self.url)).send() {
+                if let Ok(list) = resp.json::<Value>() {
+                    for item in list["items"].as_array().into_iter().flatten() {
+                        if let Some(id) = item["id"].as_str() {
+                            let _ = self.http.delete(format!("{}/v1/sandboxes/{id}", self.url)).send();
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.state_dir);
+        }
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Poll `f` until it returns true or `timeout` passes (for host-side effects that are
+/// asynchronous by nature, such as a process disappearing after a kill).
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A host process's real uid, from /proc (None once it is gone).
+pub fn host_uid_of(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+}
+
+pub fn process_exists(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Read everything from a reader (used for child processes' output).
+pub fn read_all(mut r: impl Read) -> String {
+    let mut s = String::new();
+    let _ = r.read_to_string(&mut s);
+    s
+}
