@@ -187,6 +187,19 @@ impl Store {
         Ok(())
     }
 
+    /// After a restart, a row left in `creating` whose monitor answers is in fact running.
+    pub async fn recover_running(&self, id: Uuid, now_ms: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE sandboxes SET state = 'running', started_at = COALESCE(started_at, ?)
+             WHERE id = ? AND state = 'creating'",
+        )
+        .bind(now_ms)
+        .bind(id.to_string())
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
     /// Record how a live sandbox ended. Returns false when it was already final (or gone).
     pub async fn finish(&self, id: Uuid, end: &Ending) -> Result<bool, StoreError> {
         let done = sqlx::query(

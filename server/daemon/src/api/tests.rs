@@ -498,3 +498,62 @@ async fn openapi_and_router_agree() {
         }
     }
 }
+
+#[tokio::test]
+async fn websocket_streams_backlog_then_log_end() {
+    use futures_util::StreamExt;
+    use sandboxd_protocol::logindex::Record;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("sandboxd.db")).await.unwrap();
+    let helper = FakeHelper::new(dir.path(), Mode::Rootless, FakeSpawn::ExitAtOnce);
+    let svc = Service::new(store, helper, dir.path(), 4);
+    let valid = crate::validate::ValidCreate::parse(
+        serde_json::from_value(json!({"command": ["true"]})).unwrap(),
+    )
+    .unwrap();
+    let sb = svc.create(valid, true).await.unwrap();
+    // Write output in the monitor's format: bytes first, then the index record.
+    let sdir = svc.dir(sb.id);
+    let mut log = Vec::new();
+    let mut idx = Vec::new();
+    for (ch, data) in [(1u8, &b"ab"[..]), (1, b"cd"), (2, b"E"), (1, b"f")] {
+        log.extend_from_slice(data);
+        idx.extend_from_slice(
+            &Record {
+                channel: ch,
+                len: data.len() as u32,
+            }
+            .encode(),
+        );
+    }
+    std::fs::write(sdir.output_log(), &log).unwrap();
+    std::fs::write(sdir.output_index(), &idx).unwrap();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = app(AppState { svc });
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let url = format!("ws://{addr}/v1/sandboxes/{}/logs?offset=1", sb.id);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut got = Vec::new();
+    while let Some(msg) = ws.next().await {
+        match msg.unwrap() {
+            Message::Binary(b) => got.push(b.to_vec()),
+            Message::Text(t) => got.push(t.as_bytes().to_vec()),
+            Message::Close(frame) => {
+                assert_eq!(frame.map(|f| u16::from(f.code)), Some(1000));
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(got[0], b"\x01bcd");
+    assert_eq!(got[1], b"\x02E");
+    assert_eq!(got[2], b"\x01f");
+    let end: sandboxd_api::LogEnd = serde_json::from_slice(&got[3]).unwrap();
+    assert_eq!(end.offset, 6);
+    assert_eq!(end.exit_code, Some(0));
+    assert_eq!(got.len(), 4);
+}

@@ -397,4 +397,33 @@ mod tests {
         assert_eq!(parse_signal("bogus"), None);
         assert_eq!(signal_name(9), "SIGKILL");
     }
+
+    #[tokio::test]
+    async fn reconcile_marks_lost_rows_and_removes_orphans() {
+        use crate::helper_client::{FakeHelper, FakeSpawn};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        let helper = FakeHelper::new(dir.path(), Mode::Rootless, FakeSpawn::ExitAtOnce);
+        let svc = Service::new(store.clone(), helper, dir.path(), 4);
+        // A running row whose directory is gone, and a directory without a row.
+        let spec: sandboxd_api::CreateSandbox =
+            serde_json::from_value(serde_json::json!({"command": ["true"]})).unwrap();
+        let gone = NewSandbox {
+            id: Uuid::new_v4(),
+            name: None,
+            hostname: "h".into(),
+            created_at_ms: 1,
+            spec,
+        };
+        store.insert_creating(&gone, None).await.unwrap();
+        store.set_running(gone.id, 2, 10, 1000).await.unwrap();
+        let orphan = svc.dir(Uuid::new_v4());
+        std::fs::create_dir_all(orphan.root()).unwrap();
+
+        svc.reconcile().await.unwrap();
+        let row = store.get(gone.id).await.unwrap().unwrap();
+        assert_eq!(row.state, SandboxState::Failed);
+        assert_eq!(row.reason, Some(EndReason::Lost));
+        assert!(!orphan.root().exists());
+    }
 }

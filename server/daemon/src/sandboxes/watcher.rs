@@ -21,6 +21,9 @@ pub(super) async fn watch(svc: Arc<Service>, id: Uuid) {
     for attempt in 1..=CONNECT_ATTEMPTS {
         match monitor::connect(&socket).await {
             Ok(stream) => {
+                if let Err(e) = svc.store().recover_running(id, crate::now_unix_ms()).await {
+                    tracing::warn!(%id, error = %e, "marking a recovered sandbox running failed");
+                }
                 // The monitor answers nothing on this connection; it closes it once the status
                 // and all output are written.
                 monitor::wait_for_close(stream).await;
