@@ -78,7 +78,7 @@ impl Peer {
                 let sandbox = client.create_and_wait(&spec).await?;
                 let latency = start.elapsed();
                 let id = sandbox.id.to_string();
-                let deleted = client.delete(&id).await;
+                let deleted = delete(client, &id).await;
                 if sandbox.state != SandboxState::Exited || sandbox.exit_code != Some(0) {
                     return Err(PeerError::SandboxFailed {
                         id,
@@ -109,6 +109,24 @@ impl Peer {
         }
     }
 }
+
+/// Deletes a sandbox, retrying while the daemon answers 409 (it may still be tearing the sandbox
+/// down just after `wait=true` answered).
+async fn delete(client: &Client, id: &str) -> Result<(), ClientError> {
+    let mut attempts = 0;
+    loop {
+        match client.delete(id).await {
+            Err(e) if e.status() == Some(409) && attempts < DELETE_RETRIES => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// About a second of retries at 5 ms.
+const DELETE_RETRIES: u32 = 200;
 
 /// Times a fork+exec+wait of `command`, which must exit 0.
 fn time_command(mut command: Command, program: &Path) -> Result<Duration, PeerError> {
