@@ -27,6 +27,9 @@ use monitor::MonitorError;
 
 /// How long `DELETE` waits for a killed sandbox to end.
 const DELETE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often, and how far apart, `DELETE` retries a helper that is still releasing a sandbox.
+const DESTROY_BUSY_ATTEMPTS: u32 = 60;
+const DESTROY_BUSY_PAUSE: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -280,13 +283,22 @@ impl Service {
                 .await
                 .map_err(|_| ServiceError::StopTimeout)??;
         }
-        match helper_client::destroy(&*self.helper, id).await {
-            Ok(()) => {}
-            Err(HelperClientError::Refused(e)) if e.code == HelperErrorCode::NotFound => {}
-            Err(HelperClientError::Refused(e)) if e.code == HelperErrorCode::Busy => {
-                return Err(ServiceError::Busy(e.message));
+        // The monitor closes its socket (and so the sandbox becomes final) a moment before it
+        // exits and releases the sandbox, so the helper may still answer Busy for a short while.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match helper_client::destroy(&*self.helper, id).await {
+                Ok(()) => break,
+                Err(HelperClientError::Refused(e)) if e.code == HelperErrorCode::NotFound => break,
+                Err(HelperClientError::Refused(e)) if e.code == HelperErrorCode::Busy => {
+                    if attempt >= DESTROY_BUSY_ATTEMPTS {
+                        return Err(ServiceError::Busy(e.message));
+                    }
+                    tokio::time::sleep(DESTROY_BUSY_PAUSE).await;
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
         }
         if !self.store.delete(id).await? {
             return Err(ServiceError::NotFound);
