@@ -128,7 +128,11 @@ fn start_helper(
         .arg(args.uid_base.to_string())
         .arg("--uid-slots")
         .arg(args.uid_slots.to_string())
-        .stdin(Stdio::null())
+        .arg("--exit-with-stdin")
+        // The helper's lifeline: it exits when this pipe closes, that is when the daemon dies
+        // however it dies. (PR_SET_PDEATHSIG alone is not enough: the kernel checks the dying
+        // parent's permission to signal, and an unprivileged daemon may not signal a root helper.)
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         // The helper's own log lines go where ours go.
         .stderr(Stdio::inherit())
@@ -142,6 +146,8 @@ fn start_helper(
     let read = BufReader::new(stdout).read_line(&mut line);
     if matches!(read, Ok(n) if n > 0) && line == "ready\n" {
         tracing::info!(pid = child.id(), "helper ready");
+        // Deliberately never closed: the write end lives exactly as long as this process.
+        std::mem::forget(child.stdin.take());
         return Ok(child);
     }
     // The helper did not come up: report how it ended (its stderr is already on ours).

@@ -18,6 +18,8 @@ pub struct Config {
     pub mode: Mode,
     pub uid_base: u32,
     pub uid_slots: u32,
+    /// Exit when standard input reaches end of file: the daemon holds the other end of the pipe.
+    pub exit_with_stdin: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,7 @@ impl Config {
         let mut allow_gid = None;
         let mut uid_base = 100_000_000u32;
         let mut uid_slots = 1024u32;
+        let mut exit_with_stdin = false;
         let mut args = args.peekable();
         while let Some(flag) = args.next() {
             let mut value = || {
@@ -59,6 +62,7 @@ impl Config {
                 "--allow-gid" => allow_gid = Some(number(value()?)?),
                 "--uid-base" => uid_base = number(value()?)?,
                 "--uid-slots" => uid_slots = number(value()?)?,
+                "--exit-with-stdin" => exit_with_stdin = true,
                 _ => return Err(ConfigError::UnknownArgument(flag)),
             }
         }
@@ -88,6 +92,7 @@ impl Config {
             mode,
             uid_base,
             uid_slots,
+            exit_with_stdin,
         };
         if mode == Mode::Privileged {
             config.check_ranges()?;

@@ -3,7 +3,9 @@
 //! Started by `sandboxd` (as root in privileged mode, as the daemon's own user in rootless mode)
 //! before the daemon drops its privileges. In this fixed order it:
 //!
-//! 1. ties its life to its parent's (PR_SET_DEATHSIG) — running sandboxes do not depend on it;
+//! 1. ties its life to its parent's (PR_SET_PDEATHSIG, and the `--exit-with-stdin` lifeline pipe,
+//!    which also works when an unprivileged daemon may not signal a root helper) — running
+//!    sandboxes do not depend on it;
 //! 2. sanitises itself: clears the environment, closes inherited descriptors, sets a umask,
 //!    becomes non-dumpable;
 //! 3. parses and checks its command line;
@@ -86,11 +88,22 @@ fn run() -> Result<Never, String> {
     let sandboxes = SandboxesDir::open(&config.state_dir).map_err(|e| e.to_string())?;
     let listener = bind_socket(&state, &config)?;
 
-    // 5. Ready.
+    // 5. Ready. Standard input may be the daemon's lifeline pipe: keep it on another descriptor.
+    let lifeline = if config.exit_with_stdin {
+        let fd = nix::fcntl::fcntl(0, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))
+            .map_err(|e| format!("keeping stdin: {e}"))?;
+        Some(sys::own_fd(fd))
+    } else {
+        None
+    };
     let mut stdout = std::io::stdout();
     let _ = stdout.write_all(b"ready\n").and_then(|()| stdout.flush());
     fds::stdio_to_devnull().map_err(|e| format!("stdio: {e}"))?;
-    let helper = server::Helper { config, sandboxes };
+    let helper = server::Helper {
+        config,
+        sandboxes,
+        lifeline,
+    };
     helper.serve(listener)
 }
 

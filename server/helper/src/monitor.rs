@@ -445,7 +445,11 @@ impl Monitor {
             MONITOR_SOCKET,
             nix::unistd::UnlinkatFlags::NoRemoveDir,
         );
-        // Returning ends the process; the control connections close with it.
+        // Release the locks before the control connections close: the daemon reacts to the
+        // close by asking the helper to remove the directory, which the locks would refuse.
+        self._lock.take();
+        self._slot_lock.take();
+        self.clients.clear();
     }
 
     fn maybe_report(&mut self, report: &mut Option<OwnedFd>) {

@@ -27,6 +27,8 @@ const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Helper {
     pub config: Config,
     pub sandboxes: SandboxesDir,
+    /// Read end of the daemon's lifeline pipe: end of file means the daemon is gone.
+    pub lifeline: Option<std::os::fd::OwnedFd>,
 }
 
 struct Connection {
@@ -44,6 +46,9 @@ impl Helper {
                     .iter()
                     .map(|c| PollFd::new(c.stream.as_fd(), PollFlags::POLLIN)),
             );
+            if let Some(lifeline) = &self.lifeline {
+                fds.push(PollFd::new(lifeline.as_fd(), PollFlags::POLLIN));
+            }
             if poll(&mut fds, PollTimeout::NONE).is_err() {
                 continue;
             }
@@ -52,6 +57,11 @@ impl Helper {
                 .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
                 .collect();
             drop(fds);
+            if self.lifeline.is_some() && ready.last() == Some(&true) {
+                // The daemon never writes to the pipe, so readiness means it closed: exit.
+                // Sandboxes are unaffected; they belong to their monitors.
+                std::process::exit(0);
+            }
             for i in (0..conns.len()).rev() {
                 if ready[i + 1] && !self.serve_one(&mut conns[i]) {
                     conns.swap_remove(i);

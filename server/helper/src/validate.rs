@@ -175,6 +175,7 @@ mod tests {
             mode,
             uid_base: 100_000_000,
             uid_slots: 4,
+            exit_with_stdin: false,
         }
     }
 

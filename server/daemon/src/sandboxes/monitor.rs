@@ -2,6 +2,8 @@
 //! `sandboxd_protocol::control`): waiting for the end of a sandbox and asking for a signal.
 
 use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -36,13 +38,30 @@ fn is_gone(e: &io::Error) -> bool {
 
 /// Connect to a monitor; `Gone` when nobody listens any more.
 pub async fn connect(socket: &Path) -> Result<UnixStream, MonitorError> {
-    UnixStream::connect(socket).await.map_err(|e| {
+    let classify = |e: io::Error| {
         if is_gone(&e) {
             MonitorError::Gone(e)
         } else {
             MonitorError::Io(e)
         }
-    })
+    };
+    // A socket address holds at most 107 bytes of path, and a deep state directory exceeds
+    // that. Connect through an O_PATH descriptor of the sandbox's directory instead, whose
+    // /proc/self/fd path is always short.
+    let (Some(dir), Some(name)) = (socket.parent(), socket.file_name()) else {
+        return Err(MonitorError::Io(io::ErrorKind::InvalidInput.into()));
+    };
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_PATH | nix::libc::O_DIRECTORY | nix::libc::O_CLOEXEC)
+        .open(dir)
+        .map_err(classify)?;
+    let short = Path::new("/proc/self/fd")
+        .join(dir.as_raw_fd().to_string())
+        .join(name);
+    let stream = UnixStream::connect(&short).await.map_err(classify);
+    drop(dir);
+    stream
 }
 
 /// Hold a connection until the monitor closes it, which it does only once the sandbox has ended
