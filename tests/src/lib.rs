@@ -90,7 +90,8 @@ pub fn binaries() -> &'static Path {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         for bin in ["sandboxd", "sandboxd-helper", "sbx"] {
             let dest = dir.join(bin);
-            std::fs::copy(profile_dir.join(bin), &dest).unwrap_or_else(|e| panic!("copy {bin}: {e}"));
+            std::fs::copy(profile_dir.join(bin), &dest)
+                .unwrap_or_else(|e| panic!("copy {bin}: {e}"));
             std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         }
         dir
@@ -103,7 +104,13 @@ pub fn ensure_user(name: &str) -> (u32, u32) {
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     if nix::unistd::User::from_name(name).ok().flatten().is_none() {
         let status = Command::new("useradd")
-            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name])
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                name,
+            ])
             .status()
             .expect("useradd runs");
         assert!(status.success(), "useradd {name} failed");
@@ -138,7 +145,8 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(mode: Mode) -> Daemon {
-        let state_dir = std::env::temp_dir().join(format!("sandboxd-e2e-{}", uuid::Uuid::new_v4().simple()));
+        let state_dir =
+            std::env::temp_dir().join(format!("sandboxd-e2e-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&state_dir).expect("create the state dir");
         let uid = match mode {
             Mode::Privileged => ensure_user(DAEMON_USER).0,
@@ -257,7 +265,10 @@ impl Daemon {
     }
 
     pub fn get(&self, path: &str) -> reqwest::blocking::Response {
-        self.http.get(format!("{}{path}", self.url)).send().expect("GET")
+        self.http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .expect("GET")
     }
 
     pub fn post_json(&self, path: &str, body: &Value) -> reqwest::blocking::Response {
@@ -269,7 +280,10 @@ impl Daemon {
     }
 
     pub fn delete(&self, path: &str) -> reqwest::blocking::Response {
-        self.http.delete(format!("{}{path}", self.url)).send().expect("DELETE")
+        self.http
+            .delete(format!("{}{path}", self.url))
+            .send()
+            .expect("DELETE")
     }
 
     /// Create a sandbox and return it, asserting 201.
@@ -277,7 +291,12 @@ impl Daemon {
         let resp = self.post_json("/v1/sandboxes", &spec);
         let status = resp.status();
         let text = resp.text().unwrap_or_default();
-        assert_eq!(status.as_u16(), 201, "create {spec} answered {status}: {text}\n{}", self.log());
+        assert_eq!(
+            status.as_u16(),
+            201,
+            "create {spec} answered {status}: {text}\n{}",
+            self.log()
+        );
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad sandbox JSON {text}: {e}"))
     }
 
@@ -290,8 +309,14 @@ impl Daemon {
         let resp = self.post_json("/v1/sandboxes?wait=true", &spec);
         let status = resp.status();
         let text = resp.text().unwrap_or_default();
-        assert_eq!(status.as_u16(), 201, "create {spec} answered {status}: {text}\n{}", self.log());
-        let sandbox: Sandbox = serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON {text}: {e}"));
+        assert_eq!(
+            status.as_u16(),
+            201,
+            "create {spec} answered {status}: {text}\n{}",
+            self.log()
+        );
+        let sandbox: Sandbox =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON {text}: {e}"));
         let logs = self.logs(&sandbox.id.to_string(), "");
         (sandbox, String::from_utf8_lossy(&logs).into_owned())
     }
@@ -338,7 +363,9 @@ impl Daemon {
     /// Open the log websocket of a sandbox (with an optional query string such as `?offset=10`).
     pub fn logs_websocket(&self, id: &str, query: &str) -> tungstenite::WebSocket<TcpStream> {
         let stream = TcpStream::connect(&self.addr).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
         let url = format!("ws://{}/v1/sandboxes/{id}/logs{query}", self.addr);
         let (ws, _) = tungstenite::client(url.as_str(), stream).expect("websocket handshake");
         ws
@@ -349,11 +376,18 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         if self.child.is_some() {
             // Best effort: delete every sandbox so nothing outlives the test.
-            if let Ok(resp) = self.http.get(format!("{}/v1/sandboxes?limit=1000", self.url)).send() {
+            if let Ok(resp) = self
+                .http
+                .get(format!("{}/v1/sandboxes?limit=1000", self.url))
+                .send()
+            {
                 if let Ok(list) = resp.json::<Value>() {
                     for item in list["items"].as_array().into_iter().flatten() {
                         if let Some(id) = item["id"].as_str() {
-                            let _ = self.http.delete(format!("{}/v1/sandboxes/{id}", self.url)).send();
+                            let _ = self
+                                .http
+                                .delete(format!("{}/v1/sandboxes/{id}", self.url))
+                                .send();
                         }
                     }
                 }
@@ -431,4 +465,197 @@ pub fn read_all(mut r: impl Read) -> String {
     let mut s = String::new();
     let _ = r.read_to_string(&mut s);
     s
+}
+
+/// A response read to the end: its status and its body as text.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: String,
+}
+
+impl Reply {
+    /// The body as JSON (panics with the body when it is not JSON).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("answer {} is not JSON ({e}): {:?}", self.status, self.body))
+    }
+
+    /// Assert this is an API error with `status`, in the one error shape
+    /// `{"error":{"code","message"}}` with a non-empty code and message; returns the code.
+    pub fn assert_error(&self, status: u16, what: &str) -> String {
+        assert_eq!(
+            self.status, status,
+            "{what}: expected {status}, got {}: {}",
+            self.status, self.body
+        );
+        let json = self.json();
+        let code = json["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let message = json["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            !code.is_empty() && !message.is_empty(),
+            "{what}: error body is not {{\"error\":{{\"code\",\"message\"}}}}: {}",
+            self.body
+        );
+        code
+    }
+}
+
+impl Daemon {
+    /// Send any request (raw body, optional content type) and read the whole answer.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Reply {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a valid method");
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .body(body);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let resp = req.send().expect("request");
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = resp.text().unwrap_or_default();
+        Reply {
+            status,
+            content_type,
+            body,
+        }
+    }
+
+    /// Send a JSON body (already serialised or not) with `Content-Type: application/json`.
+    pub fn request_json(&self, method: &str, path: &str, body: &str) -> Reply {
+        self.request(
+            method,
+            path,
+            Some("application/json"),
+            body.as_bytes().to_vec(),
+        )
+    }
+
+    /// Create a sandbox without waiting for it and return its id (asserting 201).
+    pub fn start_sandbox(&self, command: &[&str]) -> String {
+        self.create(json!({ "command": command })).id.to_string()
+    }
+
+    /// Run the `sbx` client against this daemon with a timeout; returns its output.
+    pub fn sbx(&self, args: &[&str]) -> std::process::Output {
+        let child = Command::new(binaries().join("sbx"))
+            .args(args)
+            .env("SANDBOXD_URL", &self.url)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start sbx");
+        let pid = child.id();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watchdog = {
+            let done = Arc::clone(&done);
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while !done.load(Ordering::SeqCst) {
+                    if Instant::now() > deadline {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid as i32),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        };
+        let output = child.wait_with_output().expect("sbx output");
+        done.store(true, Ordering::SeqCst);
+        let _ = watchdog.join();
+        output
+    }
+}
+
+/// Everything a log websocket sent until it closed.
+#[derive(Debug, Default)]
+pub struct WsLog {
+    /// Binary messages as (channel, payload), in order.
+    pub frames: Vec<(u8, Vec<u8>)>,
+    /// Text messages, in order (there should be exactly one, the `LogEnd`).
+    pub texts: Vec<String>,
+    /// Whether a close frame arrived (and whether anything other than a close came after a text).
+    pub closed: bool,
+    /// Binary messages that arrived after the first text message.
+    pub binary_after_text: usize,
+    /// Binary messages without a channel byte.
+    pub empty_binary: usize,
+}
+
+impl WsLog {
+    /// The concatenated payloads, of one channel or (None) of all.
+    pub fn bytes(&self, channel: Option<u8>) -> Vec<u8> {
+        self.frames
+            .iter()
+            .filter(|(c, _)| channel.is_none_or(|want| *c == want))
+            .flat_map(|(_, data)| data.iter().copied())
+            .collect()
+    }
+}
+
+/// Read a log websocket until the server closes it (or the read times out, which panics).
+pub fn read_websocket(mut ws: tungstenite::WebSocket<TcpStream>) -> WsLog {
+    use tungstenite::Message;
+    let mut log = WsLog::default();
+    loop {
+        match ws.read() {
+            Ok(Message::Binary(data)) => {
+                if !log.texts.is_empty() {
+                    log.binary_after_text += 1;
+                }
+                match data.split_first() {
+                    Some((channel, rest)) => log.frames.push((*channel, rest.to_vec())),
+                    None => log.empty_binary += 1,
+                }
+            }
+            Ok(Message::Text(text)) => log.texts.push(text.to_string()),
+            Ok(Message::Close(_)) => {
+                log.closed = true;
+                // Complete the closing handshake; errors here do not matter.
+                let _ = ws.flush();
+                let _ = ws.read();
+                return log;
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::ConnectionClosed) | Err(tungstenite::Error::AlreadyClosed) => {
+                return log
+            }
+            Err(e) => panic!(
+                "websocket read failed after {} frames: {e}",
+                log.frames.len()
+            ),
+        }
+    }
+}
+
+/// Every process on the host whose real uid is `uid`.
+pub fn processes_of_uid(uid: u32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|pid| host_uid_of(*pid) == Some(uid))
+        .collect()
 }
