@@ -23,7 +23,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use nix::errno::Errno;
 use nix::fcntl::{openat, renameat, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::Signal;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::sys::stat::Mode;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -171,20 +170,9 @@ fn run(spawn: &ValidSpawn, files: SandboxFiles, config: &Config, report_w: Owned
     let report_fd = report_w.as_raw_fd();
     let mut report = Some(report_w);
     match prepare_and_clone(spawn, files, config, report_fd) {
-        Ok(Clone::Monitor(state)) => state.event_loop(&mut report),
-        Ok(Clone::Init) => unreachable_init(),
+        Ok(monitor) => monitor.event_loop(&mut report),
         Err(e) => send_report(&mut report, Err(e)),
     }
-}
-
-/// The init branch of the clone never comes back here: `sandbox::run_init` exits.
-fn unreachable_init() {
-    sys::exit_now(1)
-}
-
-enum Clone {
-    Monitor(Box<Monitor>),
-    Init,
 }
 
 struct Monitor {
@@ -221,7 +209,7 @@ fn prepare_and_clone(
     files: SandboxFiles,
     config: &Config,
     report_fd: RawFd,
-) -> Result<Clone, HelperError> {
+) -> Result<Box<Monitor>, HelperError> {
     let SandboxFiles {
         dir,
         work,
@@ -280,9 +268,7 @@ fn prepare_and_clone(
                     stdout: out_w,
                     stderr: err_w,
                 },
-            );
-            #[allow(unreachable_code)]
-            Ok(Clone::Init)
+            )
         }
         CloneResult::Parent { child, pidfd } => {
             drop((out_w, err_w, sync_r, status_w, work));
@@ -310,7 +296,7 @@ fn prepare_and_clone(
                     nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
                 );
             }
-            Ok(Clone::Monitor(Box::new(Monitor {
+            Ok(Box::new(Monitor {
                 dir,
                 daemon_uid: config.allow_uid,
                 daemon_gid: config.allow_gid,
@@ -335,7 +321,7 @@ fn prepare_and_clone(
                 kill_requested: false,
                 timed_out: false,
                 init_exited_at: None,
-            })))
+            }))
         }
     }
 }
@@ -763,11 +749,4 @@ struct Ready {
     pidfd: bool,
     listener: bool,
     clients: Vec<usize>,
-}
-
-#[allow(dead_code)]
-fn signal_name(n: i32) -> String {
-    Signal::try_from(n)
-        .map(|s| s.as_str().to_string())
-        .unwrap_or_else(|_| n.to_string())
 }
