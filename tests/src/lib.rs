@@ -659,3 +659,34 @@ pub fn processes_of_uid(uid: u32) -> Vec<i32> {
         .filter(|pid| host_uid_of(*pid) == Some(uid))
         .collect()
 }
+
+/// The parent pid of a host process, from /proc (None once it is gone).
+pub fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: the fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Every host process descended from `pid` (children, grandchildren...), not `pid` itself.
+pub fn descendants_of(pid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let all: Vec<(i32, i32)> = dir
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter_map(|p| parent_of(p).map(|parent| (p, parent)))
+        .collect();
+    let mut found = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(parent) = frontier.pop() {
+        for (child, _) in all.iter().filter(|(_, pp)| *pp == parent) {
+            if !found.contains(child) {
+                found.push(*child);
+                frontier.push(*child);
+            }
+        }
+    }
+    found
+}
