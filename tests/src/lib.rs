@@ -245,6 +245,22 @@ impl Daemon {
         }
     }
 
+    /// Wait up to `timeout` for the daemon to exit on its own; its exit status if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Start the daemon again on the same state directory and the same address.
     pub fn restart(&mut self) {
         self.kill9();

@@ -81,7 +81,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
 
     // 3. Start the helper while still single-threaded, and wait until its socket is bound.
-    let _helper_child = start_helper(&helper, &state_dir, daemon_uid, &args)?;
+    let helper_child = start_helper(&helper, &state_dir, daemon_uid, &args)?;
 
     // 4. Become the unprivileged user for good.
     if let Some(t) = &target {
@@ -96,7 +96,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("building the tokio runtime")?;
-    let result = runtime.block_on(serve(args, state_dir));
+    let result = runtime.block_on(serve(args, state_dir, helper_child));
     // Watchers and followers are cut off here; sandboxes keep running under their monitors.
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
@@ -165,7 +165,11 @@ fn start_helper(
     }
 }
 
-async fn serve(args: Args, state_dir: PathBuf) -> anyhow::Result<()> {
+async fn serve(
+    args: Args,
+    state_dir: PathBuf,
+    mut helper_child: std::process::Child,
+) -> anyhow::Result<()> {
     let store = Store::open(&state_dir.join("sandboxd.db"))
         .await
         .context("opening the database")?;
@@ -195,8 +199,20 @@ async fn serve(args: Args, state_dir: PathBuf) -> anyhow::Result<()> {
         tracing::info!("shutting down; sandboxes keep running");
         stop_tx.send_replace(true);
     });
+    // A daemon without its helper cannot start or remove sandboxes, and after the privilege drop
+    // it cannot start a new root helper: exit with an error so that a supervisor restarts both.
+    // Running sandboxes are unaffected (they belong to their monitors) and are found again.
+    let helper_exit = tokio::task::spawn_blocking(move || helper_child.wait());
     tokio::select! {
         r = server => r.context("serving HTTP")?,
+        status = helper_exit => {
+            let status = match status {
+                Ok(Ok(s)) => s.to_string(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            bail!("the helper exited ({status}); exiting so that a supervisor restarts sandboxd (running sandboxes are unaffected)");
+        }
         _ = async {
             let _ = stop_rx.wait_for(|s| *s).await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
