@@ -353,7 +353,7 @@ fn work_is_private_writable_and_removed_on_delete() {
         let id = sandbox.id.to_string();
         let done = d.wait(&id);
         assert_eq!(done.exit_code, Some(0));
-        let work = d.sandbox_dir(&id).join("work");
+        let work = d.sandbox_dir(&id).join("private").join("work");
         assert_eq!(
             std::fs::read_to_string(work.join("file")).unwrap(),
             "data\n"
@@ -367,6 +367,70 @@ fn work_is_private_writable_and_removed_on_delete() {
         assert!(
             !d.sandbox_dir(&id).exists(),
             "the sandbox directory is removed"
+        );
+    });
+}
+
+#[test]
+fn other_host_users_cannot_reach_or_run_what_a_sandbox_leaves_in_work() {
+    require_e2e!();
+    in_each_mode(|d| {
+        // A setuid copy of a shell: harmless inside (no_new_privs, its own uids), but a way into
+        // the sandbox's host uid for anyone on the host who could execute it.
+        let sandbox = d.create(json!({ "command": ["sh", "-c", "cp /bin/sh /work/suid && chmod 4755 /work/suid && chmod 777 /work"] }));
+        let id = sandbox.id.to_string();
+        assert_eq!(d.wait(&id).exit_code, Some(0));
+        let private = d.sandbox_dir(&id).join("private");
+        let suid = private.join("work").join("suid");
+        // An unrelated host user (nobody) cannot even reach it. (Through a shell of nobody's:
+        // setpriv itself resolves the program before it has dropped every capability.)
+        let as_nobody = |script: &str, arg: &std::path::Path| {
+            std::process::Command::new("setpriv")
+                .args([
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "--",
+                    "/bin/sh",
+                    "-c",
+                    script,
+                ])
+                .arg(arg)
+                .output()
+                .expect("setpriv")
+        };
+        let out = as_nobody(r#""$0" -p -c 'id -u'"#, &suid);
+        assert!(
+            !out.status.success(),
+            "{:?}: nobody ran the sandbox's setuid file: {}",
+            d.mode,
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let out = as_nobody(r#"ls "$0""#, &private);
+        assert!(
+            !out.status.success(),
+            "{:?}: nobody can list private/",
+            d.mode
+        );
+        // While the sandbox's own host uid (root inside) can.
+        let (uid, gid) = (sandbox.host_uid.unwrap(), sandbox.host_uid.unwrap());
+        let out = std::process::Command::new("setpriv")
+            .args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={gid}"),
+                "--clear-groups",
+                "--",
+                "/bin/sh",
+                "-c",
+                r#"ls "$0""#,
+            ])
+            .arg(private.join("work"))
+            .output()
+            .expect("setpriv");
+        assert!(
+            out.status.success(),
+            "{:?}: the sandbox's own uid reaches /work",
+            d.mode
         );
     });
 }

@@ -237,8 +237,8 @@ fn delete_of_a_running_sandbox_removes_processes_and_files() {
         );
         let dir = daemon.sandbox_dir(&id);
         assert!(
-            dir.join("work/file").exists(),
-            "{mode:?}: {} has no work/file",
+            dir.join("private/work/file").exists(),
+            "{mode:?}: {} has no private/work/file",
             dir.display()
         );
 
@@ -415,6 +415,13 @@ fn a_sandbox_that_ends_while_the_daemon_is_down_is_reported_after_restart() {
         assert!(
             eventually(Duration::from_secs(30), || !process_exists(init)),
             "{mode:?}: the sandbox did not end while the daemon was down"
+        );
+        // Its monitor finishes a moment after init: status written, control socket removed.
+        let dir = daemon.sandbox_dir(&id);
+        assert!(
+            eventually(Duration::from_secs(30), || dir.join("status.json").exists()
+                && !dir.join("monitor.sock").exists()),
+            "{mode:?}: the monitor did not record the exit while the daemon was down"
         );
         daemon.restart();
         let after = daemon.sandbox(&id);

@@ -19,7 +19,7 @@ use sandboxd::helper_client::SocketHelper;
 use sandboxd::privileges;
 use sandboxd::sandboxes::Service;
 use sandboxd::store::Store;
-use sandboxd_protocol::layout::HELPER_SOCKET;
+use sandboxd_protocol::layout::helper_socket;
 
 /// How long in-flight requests (followers, websockets) may delay shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -173,7 +173,7 @@ async fn serve(
     let store = Store::open(&state_dir.join("sandboxd.db"))
         .await
         .context("opening the database")?;
-    let helper = SocketHelper::connect(&state_dir.join(HELPER_SOCKET))
+    let helper = SocketHelper::connect(&helper_socket(&state_dir))
         .await
         .context("connecting to the helper")?;
     tracing::info!(mode = helper_mode(&helper), "connected to the helper");

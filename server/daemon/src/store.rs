@@ -167,6 +167,51 @@ impl Store {
         Ok(slot)
     }
 
+    /// Give a `creating` sandbox another uid slot: the lowest free one that is not in `avoid`
+    /// (slots the helper found still held by a live monitor the database no longer knows of).
+    pub async fn reassign_slot(
+        &self,
+        id: Uuid,
+        avoid: &[u32],
+        uid_slots: u32,
+    ) -> Result<u32, StoreError> {
+        let avoid_json = serde_json::to_string(avoid).map_err(corrupt_json(id))?;
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(
+            "SELECT s FROM (
+                 SELECT 0 AS s
+                 UNION ALL
+                 SELECT uid_slot + 1 FROM sandboxes
+                  WHERE uid_slot IS NOT NULL AND state IN ('creating', 'running')
+                 UNION ALL
+                 SELECT value + 1 FROM json_each(?2)
+             )
+             WHERE s < ?1
+               AND s NOT IN (SELECT uid_slot FROM sandboxes
+                              WHERE uid_slot IS NOT NULL AND state IN ('creating', 'running'))
+               AND s NOT IN (SELECT value FROM json_each(?2))
+             ORDER BY s LIMIT 1",
+        )
+        .bind(i64::from(uid_slots))
+        .bind(&avoid_json)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Err(StoreError::NoCapacity);
+        };
+        let slot = u32::try_from(row.try_get::<i64, _>(0)?).map_err(|_| StoreError::Corrupt {
+            id: id.to_string(),
+            what: "uid slot out of range".into(),
+        })?;
+        sqlx::query("UPDATE sandboxes SET uid_slot = ? WHERE id = ? AND state = 'creating'")
+            .bind(i64::from(slot))
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(slot)
+    }
+
     pub async fn set_running(
         &self,
         id: Uuid,

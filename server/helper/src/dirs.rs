@@ -12,11 +12,13 @@ use std::path::Path;
 
 use nix::errno::Errno;
 use nix::fcntl::{openat, FlockArg, OFlag};
-use nix::sys::stat::{fchmodat, fstat, mkdirat, FchmodatFlags, Mode, SFlag};
+use nix::sys::stat::{fchmodat, fstat, mkdirat, FchmodatFlags, Mode};
 use nix::unistd::{fchownat, unlinkat, Gid, Uid, UnlinkatFlags};
 use uuid::Uuid;
 
-use sandboxd_protocol::layout::{MONITOR_LOCK, OUTPUT_INDEX, OUTPUT_LOG, SANDBOXES_DIR, WORK_DIR};
+use sandboxd_protocol::layout::{
+    MONITOR_LOCK, OUTPUT_INDEX, OUTPUT_LOG, PRIVATE_DIR, SANDBOXES_DIR, WORK_DIR,
+};
 
 use crate::validate::IdMap;
 
@@ -175,14 +177,40 @@ impl SandboxesDir {
         // mkdirat honours the umask; make the mode exact.
         nix::sys::stat::fchmod(dir.as_raw_fd(), Mode::from_bits_truncate(0o711))
             .map_err(io("setting the directory mode"))?;
+        // private/: only the sandbox's root may enter (by group in privileged mode, where the
+        // directory stays root's so the sandbox cannot open it up; rootless, the sandbox's root
+        // is the owner). No other host user can reach work/ or run what the sandbox left there.
         mkdirat(
             Some(dir.as_raw_fd()),
+            PRIVATE_DIR,
+            Mode::from_bits_truncate(0o700),
+        )
+        .map_err(io("creating private/"))?;
+        let private = open_fd(
+            Some(dir.as_raw_fd()),
+            PRIVATE_DIR,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        )
+        .map_err(io("opening private/"))?;
+        if let IdMap::Range { .. } = ids {
+            nix::unistd::fchown(
+                private.as_raw_fd(),
+                None,
+                Some(Gid::from_raw(ids.host_root_gid())),
+            )
+            .map_err(io("handing private/ to the sandbox's root group"))?;
+            nix::sys::stat::fchmod(private.as_raw_fd(), Mode::from_bits_truncate(0o710))
+                .map_err(io("setting the mode of private/"))?;
+        }
+        mkdirat(
+            Some(private.as_raw_fd()),
             WORK_DIR,
             Mode::from_bits_truncate(0o755),
         )
         .map_err(io("creating work/"))?;
         fchownat(
-            Some(dir.as_raw_fd()),
+            Some(private.as_raw_fd()),
             WORK_DIR,
             Some(Uid::from_raw(ids.host_root_uid())),
             Some(Gid::from_raw(ids.host_root_gid())),
@@ -190,7 +218,7 @@ impl SandboxesDir {
         )
         .map_err(io("handing work/ to the sandbox's root"))?;
         let work = open_fd(
-            Some(dir.as_raw_fd()),
+            Some(private.as_raw_fd()),
             WORK_DIR,
             OFlag::O_PATH | OFlag::O_DIRECTORY,
             Mode::empty(),
@@ -350,15 +378,9 @@ fn fd_into_raw(fd: OwnedFd) -> RawFd {
     std::os::fd::IntoRawFd::into_raw_fd(fd)
 }
 
-/// Remove `name` under `parent` recursively without following any symlink. Directories the
-/// sandbox made unreadable (mode 000) are opened up first: their contents are the sandbox's.
-pub fn remove_tree(parent: RawFd, name: &CStr) -> Result<(), Errno> {
-    match unlinkat(Some(parent), name, UnlinkatFlags::NoRemoveDir) {
-        Ok(()) => return Ok(()),
-        Err(Errno::EISDIR) | Err(Errno::EPERM) => {}
-        Err(Errno::ENOENT) => return Ok(()),
-        Err(e) => return Err(e),
-    }
+/// Open directory `name` under `parent` without following links, opening up a directory the
+/// sandbox made unreadable (its contents are the sandbox's).
+fn open_dir_for_removal(parent: RawFd, name: &CStr) -> Result<OwnedFd, Errno> {
     let open = || {
         open_fd(
             Some(parent),
@@ -368,7 +390,6 @@ pub fn remove_tree(parent: RawFd, name: &CStr) -> Result<(), Errno> {
         )
     };
     let dir = match open() {
-        Ok(fd) => fd,
         Err(Errno::EACCES) => {
             fchmodat(
                 Some(parent),
@@ -378,37 +399,157 @@ pub fn remove_tree(parent: RawFd, name: &CStr) -> Result<(), Errno> {
             )?;
             open()?
         }
-        Err(Errno::ENOTDIR) => return unlinkat(Some(parent), name, UnlinkatFlags::NoRemoveDir),
-        Err(e) => return Err(e),
+        other => other?,
     };
     let st = fstat(dir.as_raw_fd())?;
-    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFDIR {
-        return Err(Errno::ENOTDIR);
-    }
     if st.st_mode & 0o700 != 0o700 {
         nix::sys::stat::fchmod(dir.as_raw_fd(), Mode::from_bits_truncate(0o700))?;
     }
-    let names: Vec<CString> = {
-        let dup = open_fd(
-            Some(dir.as_raw_fd()),
-            ".",
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-            Mode::empty(),
-        )?;
-        let mut d = nix::dir::Dir::from_fd(fd_into_raw(dup))?;
-        d.iter()
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_owned())
-            .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
-            .collect()
-    };
-    for child in names {
-        remove_tree(dir.as_raw_fd(), child.as_c_str())?;
+    Ok(dir)
+}
+
+/// The first entry of a directory that is itself a directory, after unlinking every other entry.
+fn clear_files(dir: &OwnedFd) -> Result<Option<CString>, Errno> {
+    let dup = open_fd(
+        Some(dir.as_raw_fd()),
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+        Mode::empty(),
+    )?;
+    let mut listing = nix::dir::Dir::from_fd(fd_into_raw(dup))?;
+    for entry in listing.iter() {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            continue;
+        }
+        match unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(Errno::EISDIR) | Err(Errno::EPERM) => return Ok(Some(name.to_owned())),
+            Err(e) => return Err(e),
+        }
     }
-    drop(dir);
-    unlinkat(Some(parent), name, UnlinkatFlags::RemoveDir)
+    Ok(None)
+}
+
+/// Remove `name` under `parent` and everything below it, never following a link.
+///
+/// Iterative, holding one directory descriptor at a time: a sandbox can build a tree as deep as
+/// it likes, and neither the helper's stack nor its descriptor table may depend on that. Going
+/// back up uses `..`, checked against the device and inode recorded on the way down (nothing can
+/// rename things meanwhile: this runs only once the sandbox's processes are gone).
+pub fn remove_tree(parent: RawFd, name: &CStr) -> Result<(), Errno> {
+    match unlinkat(Some(parent), name, UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => return Ok(()),
+        Err(Errno::EISDIR) | Err(Errno::EPERM) => {}
+        Err(e) => return Err(e),
+    }
+    let parent_st = fstat(parent)?;
+    // The path from `parent` down to the current directory, with each step's (dev, ino).
+    let mut path: Vec<(CString, (u64, u64))> = Vec::new();
+    let mut current = open_dir_for_removal(parent, name)?;
+    let st = fstat(current.as_raw_fd())?;
+    path.push((name.to_owned(), (st.st_dev, st.st_ino)));
+    loop {
+        if let Some(child) = clear_files(&current)? {
+            let next = open_dir_for_removal(current.as_raw_fd(), &child)?;
+            let st = fstat(next.as_raw_fd())?;
+            path.push((child, (st.st_dev, st.st_ino)));
+            current = next;
+            continue;
+        }
+        // `current` is empty: remove it from its parent and continue there.
+        let (done, _) = path.pop().ok_or(Errno::EINVAL)?;
+        let expected = path
+            .last()
+            .map(|(_, id)| *id)
+            .unwrap_or((parent_st.st_dev, parent_st.st_ino));
+        let up = if path.is_empty() {
+            open_fd(
+                Some(parent),
+                ".",
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+                Mode::empty(),
+            )?
+        } else {
+            open_fd(
+                Some(current.as_raw_fd()),
+                "..",
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+                Mode::empty(),
+            )?
+        };
+        let st = fstat(up.as_raw_fd())?;
+        if (st.st_dev, st.st_ino) != expected {
+            return Err(Errno::ESTALE);
+        }
+        unlinkat(
+            Some(up.as_raw_fd()),
+            done.as_c_str(),
+            UnlinkatFlags::RemoveDir,
+        )?;
+        if path.is_empty() {
+            return Ok(());
+        }
+        current = up;
+    }
 }
 
 fn cname(name: &str) -> CString {
     CString::new(name).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn removes_deep_unreadable_trees_without_following_links() {
+        let base = std::env::temp_dir().join(format!("sandboxd-rm-{}", std::process::id()));
+        let outside = base.join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("keep"), "x").unwrap();
+        let tree = base.join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("link")).unwrap();
+        // Deeper than PATH_MAX allows to name: built one directory descriptor at a time.
+        let mut deep = open_fd(
+            None,
+            tree.as_path(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
+        for _ in 0..3000 {
+            mkdirat(Some(deep.as_raw_fd()), "d", Mode::from_bits_truncate(0o755)).unwrap();
+            deep = open_fd(
+                Some(deep.as_raw_fd()),
+                "d",
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+                Mode::empty(),
+            )
+            .unwrap();
+        }
+        nix::unistd::symlinkat(&outside, Some(deep.as_raw_fd()), "link").unwrap();
+        drop(
+            open_fd(
+                Some(deep.as_raw_fd()),
+                "f",
+                OFlag::O_WRONLY | OFlag::O_CREAT,
+                Mode::from_bits_truncate(0o644),
+            )
+            .unwrap(),
+        );
+        let locked = tree.join("locked");
+        std::fs::create_dir(&locked).unwrap();
+        std::fs::write(locked.join("f"), "x").unwrap();
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
+
+        let parent = std::fs::File::open(&base).unwrap();
+        remove_tree(parent.as_raw_fd(), &cname("tree")).unwrap();
+        assert!(!tree.exists());
+        assert_eq!(std::fs::read_to_string(outside.join("keep")).unwrap(), "x");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }

@@ -9,7 +9,8 @@
 //! 2. sanitises itself: clears the environment, closes inherited descriptors, sets a umask,
 //!    becomes non-dumpable;
 //! 3. parses and checks its command line;
-//! 4. opens `<state>/sandboxes` by descriptor and binds `<state>/helper.sock` for the daemon's uid;
+//! 4. opens `<state>/sandboxes` by descriptor and binds `<state>/helper/helper.sock` for the
+//!    daemon's uid;
 //! 5. prints `ready` on stdout and serves requests on one thread (see `server.rs`).
 //!
 //! It never starts a thread, so forking it (to start monitors) is always sound.
@@ -34,7 +35,7 @@ use nix::sys::signal::Signal;
 use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Uid};
 
-use sandboxd_protocol::layout::HELPER_SOCKET;
+use sandboxd_protocol::layout::{HELPER_DIR, HELPER_SOCKET};
 
 use crate::config::Config;
 use crate::dirs::SandboxesDir;
@@ -107,8 +108,35 @@ fn run() -> Result<Never, String> {
     helper.serve(listener)
 }
 
+/// Bind `<state>/helper/helper.sock` for the daemon's uid. The socket lives in a directory of
+/// the helper's own, so that the daemon (which owns the state directory) cannot swap a link in
+/// between the bind and the chown and have root chown something else.
 fn bind_socket(state: &std::os::fd::OwnedFd, config: &Config) -> Result<UnixListener, String> {
-    let dir = state.as_raw_fd();
+    match nix::sys::stat::mkdirat(
+        Some(state.as_raw_fd()),
+        HELPER_DIR,
+        Mode::from_bits_truncate(0o711),
+    ) {
+        Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+        Err(e) => return Err(format!("creating {HELPER_DIR}/: {e}")),
+    }
+    let dir = nix::fcntl::openat(
+        Some(state.as_raw_fd()),
+        HELPER_DIR,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+        Mode::empty(),
+    )
+    .map(sys::own_fd)
+    .map_err(|e| format!("opening {HELPER_DIR}/: {e}"))?;
+    let st = nix::sys::stat::fstat(dir.as_raw_fd()).map_err(|e| format!("{HELPER_DIR}/: {e}"))?;
+    if st.st_uid != nix::unistd::geteuid().as_raw() || st.st_mode & 0o022 != 0 {
+        return Err(format!(
+            "{HELPER_DIR}/ must be owned by the helper's user and not writable by others"
+        ));
+    }
+    nix::sys::stat::fchmod(dir.as_raw_fd(), Mode::from_bits_truncate(0o711))
+        .map_err(|e| format!("{HELPER_DIR}/: {e}"))?;
+    let dir = dir.as_raw_fd();
     match nix::unistd::unlinkat(
         Some(dir),
         HELPER_SOCKET,

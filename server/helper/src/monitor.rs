@@ -51,6 +51,8 @@ const PIPE_SIZE: libc::c_int = 1 << 20;
 /// After init exits, how long stragglers may keep the output pipes open.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 const MAX_CONTROL_CONNECTIONS: usize = 64;
+/// Reads of one pipe per wake-up of the event loop (4 x 256 KiB).
+const MAX_READS_PER_WAKEUP: usize = 4;
 
 const NAMESPACES: libc::c_int = libc::CLONE_NEWUSER
     | libc::CLONE_NEWNS
@@ -152,17 +154,17 @@ enum Report {
     Failed(HelperError),
 }
 
-/// Write the start report (once) and close the pipe.
-fn send_report(report: &mut Option<OwnedFd>, result: StartReport) {
-    if let Some(fd) = report.take() {
-        let report = match result {
-            Ok(s) => Report::Started(s),
-            Err(e) => Report::Failed(e),
-        };
-        if let Ok(bytes) = serde_json::to_vec(&report) {
-            let _ = File::from(fd).write_all(&bytes);
-        }
-    }
+/// Write the start report (once) and close the pipe. False when the helper did not get it (it
+/// gave up waiting): then nobody knows this sandbox exists, and it must not run.
+fn send_report(report: &mut Option<OwnedFd>, result: StartReport) -> bool {
+    let Some(fd) = report.take() else { return true };
+    let report = match result {
+        Ok(s) => Report::Started(s),
+        Err(e) => Report::Failed(e),
+    };
+    serde_json::to_vec(&report)
+        .map(|bytes| File::from(fd).write_all(&bytes).is_ok())
+        .unwrap_or(false)
 }
 
 /// The monitor process. Never returns to the helper's code.
@@ -171,7 +173,9 @@ fn run(spawn: &ValidSpawn, files: SandboxFiles, config: &Config, report_w: Owned
     let mut report = Some(report_w);
     match prepare_and_clone(spawn, files, config, report_fd) {
         Ok(monitor) => monitor.event_loop(&mut report),
-        Err(e) => send_report(&mut report, Err(e)),
+        Err(e) => {
+            send_report(&mut report, Err(e));
+        }
     }
 }
 
@@ -187,6 +191,8 @@ struct Monitor {
     status_buf: Vec<u8>,
     log: File,
     index: File,
+    /// Bytes of `log` covered by index records.
+    log_len: u64,
     listener: UnixListener,
     clients: Vec<(UnixStream, Vec<u8>)>,
     deadline: Option<Instant>,
@@ -262,6 +268,7 @@ fn prepare_and_clone(
                         .state_dir
                         .join(sandboxd_protocol::layout::SANDBOXES_DIR)
                         .join(spawn.id.to_string())
+                        .join(sandboxd_protocol::layout::PRIVATE_DIR)
                         .join(sandboxd_protocol::layout::WORK_DIR),
                     sync: sync_r,
                     status: status_w,
@@ -308,6 +315,7 @@ fn prepare_and_clone(
                 status_buf: Vec::new(),
                 log,
                 index,
+                log_len: 0,
                 listener,
                 clients: Vec::new(),
                 deadline: spawn.timeout.map(|t| Instant::now() + t),
@@ -454,15 +462,18 @@ impl Monitor {
                 send_report(report, Err(setup_error("sandbox setup", e)));
             }
         } else if let Some(e) = &self.exec_error {
-            send_report(
+            let delivered = send_report(
                 report,
                 Ok(Spawned {
                     exec_error: Some(e.clone()),
                     ..base
                 }),
             );
-        } else if self.started_at_ms.is_some() {
-            send_report(report, Ok(base));
+            if !delivered {
+                self.abandon();
+            }
+        } else if self.started_at_ms.is_some() && !send_report(report, Ok(base)) {
+            self.abandon();
         } else if self.init_status.is_some() {
             send_report(
                 report,
@@ -472,6 +483,11 @@ impl Monitor {
                 )),
             );
         }
+    }
+
+    /// The helper gave up on this sandbox and told the daemon it failed: end it.
+    fn abandon(&mut self) {
+        let _ = sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL);
     }
 
     fn poll_timeout(&self) -> PollTimeout {
@@ -532,21 +548,22 @@ impl Monitor {
             &mut self.stderr
         };
         let Some(file) = pipe else { return };
-        loop {
+        // A bounded number of reads per wake-up: a sandbox that writes without pause must not
+        // keep the monitor from kill requests, the timeout and the other stream.
+        for _ in 0..MAX_READS_PER_WAKEUP {
             match file.read(buf) {
                 Ok(0) => {
                     *pipe = None;
                     return;
                 }
                 Ok(n) => {
-                    // Data first, record second: a visible record always describes written bytes.
-                    if self.log.write_all(&buf[..n]).is_ok() {
-                        let record = Record {
-                            channel,
-                            len: n as u32,
-                        };
-                        let _ = self.index.write_all(&record.encode());
-                    }
+                    append_output(
+                        &mut self.log,
+                        &mut self.index,
+                        &mut self.log_len,
+                        channel,
+                        &buf[..n],
+                    );
                     if n < buf.len() {
                         return;
                     }
@@ -730,6 +747,28 @@ impl Monitor {
             Some(self.dir.as_raw_fd()),
             STATUS_FILE,
         )
+    }
+}
+
+/// Append one chunk: the bytes to the log, then their index record. If the log write fails
+/// part-way (a full disk), the log is cut back to its last indexed length, so that the index and
+/// the log always agree and every offset stays meaningful; the chunk is lost.
+fn append_output(log: &mut File, index: &mut File, log_len: &mut u64, channel: u8, data: &[u8]) {
+    match log.write_all(data) {
+        Ok(()) => {
+            let record = Record {
+                channel,
+                len: data.len() as u32,
+            };
+            if index.write_all(&record.encode()).is_ok() {
+                *log_len += data.len() as u64;
+            } else {
+                let _ = log.set_len(*log_len);
+            }
+        }
+        Err(_) => {
+            let _ = log.set_len(*log_len);
+        }
     }
 }
 

@@ -176,7 +176,8 @@ fn invalid(message: String) -> Response {
 
 fn dir_error(e: DirError) -> HelperError {
     let code = match &e {
-        DirError::Exists(_) | DirError::Busy(_) | DirError::SlotBusy(_) => HelperErrorCode::Busy,
+        DirError::Exists(_) | DirError::Busy(_) => HelperErrorCode::Busy,
+        DirError::SlotBusy(_) => HelperErrorCode::SlotBusy,
         DirError::NotFound(_) => HelperErrorCode::NotFound,
         _ => HelperErrorCode::Internal,
     };

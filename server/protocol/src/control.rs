@@ -10,8 +10,9 @@
 
 pub const MAX_LINE: usize = 64;
 
-/// Signals the monitor agrees to deliver.
-pub const ALLOWED_SIGNALS: &[i32] = &[1, 2, 3, 9, 10, 12, 14, 15, 18, 19, 20, 28];
+/// Signals the monitor agrees to deliver. Not SIGSTOP: it cannot be forwarded and would stop the
+/// sandbox's init instead of its command (SIGTSTP, which init forwards, is the way to pause).
+pub const ALLOWED_SIGNALS: &[i32] = &[1, 2, 3, 9, 10, 12, 14, 15, 18, 20, 28];
 
 pub fn kill_line(signo: i32) -> String {
     format!("kill {signo}\n")
@@ -32,6 +33,7 @@ mod tests {
         assert_eq!(parse_kill("kill 9"), Some(9));
         assert_eq!(parse_kill("kill 15"), Some(15));
         assert_eq!(parse_kill("kill 0"), None);
+        assert_eq!(parse_kill("kill 19"), None);
         assert_eq!(parse_kill("kill -9"), None);
         assert_eq!(parse_kill("kill 9 "), None);
         assert_eq!(parse_kill("rm -rf"), None);

@@ -1,6 +1,8 @@
 //! The per-sandbox directory: `<state-dir>/sandboxes/<uuid>/`.
 //!
 //! ```text
+//! helper/                    helper-owned, 0711
+//!   helper.sock              the helper's socket, owned by the daemon's uid, 0600
 //! sandboxes/                 helper-owned, 0711: the daemon may traverse but not create
 //!   <uuid>/                  helper-owned, 0711
 //!     output.log             every byte of stdout and stderr, in the order read (daemon-readable)
@@ -8,9 +10,12 @@
 //!     status.json            written atomically by the monitor when the sandbox ends (daemon-readable)
 //!     monitor.sock           the monitor's control socket, owned by the daemon's uid, 0600
 //!     monitor.lock           flock-held by the monitor for as long as it lives
-//!     work/                  the sandbox's /work, owned by the sandbox's root uid
-//!     rootfs/                empty mount point for the sandbox's root tmpfs (only inside its mount namespace)
+//!     private/               helper-owned, 0710 with the sandbox's root gid (0700 rootless): only
+//!       work/                the sandbox's root may enter; its /work, owned by the sandbox's root
 //! ```
+//!
+//! `private/` keeps every other host user out of the sandbox's files: a setuid binary the sandbox
+//! leaves in /work must not be executable from the host.
 
 use std::path::{Path, PathBuf};
 
@@ -22,9 +27,13 @@ pub const OUTPUT_INDEX: &str = "output.idx";
 pub const STATUS_FILE: &str = "status.json";
 pub const MONITOR_SOCKET: &str = "monitor.sock";
 pub const MONITOR_LOCK: &str = "monitor.lock";
+/// Directory that only the sandbox's root (and the helper) may traverse.
+pub const PRIVATE_DIR: &str = "private";
+/// The sandbox's work directory, inside [`PRIVATE_DIR`].
 pub const WORK_DIR: &str = "work";
-pub const ROOTFS_DIR: &str = "rootfs";
-/// The helper's socket, directly under the state directory.
+/// The helper's own directory under the state directory (root-owned in privileged mode).
+pub const HELPER_DIR: &str = "helper";
+/// The helper's socket, inside [`HELPER_DIR`].
 pub const HELPER_SOCKET: &str = "helper.sock";
 
 /// Paths of one sandbox's files, for the daemon (the helper works relative to directory fds).
@@ -56,6 +65,11 @@ impl SandboxDir {
         self.root.join(MONITOR_SOCKET)
     }
     pub fn work(&self) -> PathBuf {
-        self.root.join(WORK_DIR)
+        self.root.join(PRIVATE_DIR).join(WORK_DIR)
     }
+}
+
+/// Path of the helper's socket under a state directory.
+pub fn helper_socket(state_dir: &Path) -> PathBuf {
+    state_dir.join(HELPER_DIR).join(HELPER_SOCKET)
 }

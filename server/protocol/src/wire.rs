@@ -113,8 +113,10 @@ pub struct HelperError {
 pub enum HelperErrorCode {
     /// The request was malformed or failed validation.
     Invalid,
-    /// The sandbox (or uid slot) exists already or is still running.
+    /// The sandbox exists already or is still running.
     Busy,
+    /// The uid slot is still held by a live monitor.
+    SlotBusy,
     NotFound,
     /// The kernel refused a step of the setup.
     SetupFailed,

@@ -179,7 +179,7 @@ impl Service {
                 });
             }
         };
-        let request = SpawnRequest {
+        let mut request = SpawnRequest {
             id,
             uid_slot,
             command: v.command.clone(),
@@ -188,7 +188,31 @@ impl Service {
             hostname,
             timeout_secs: v.timeout_secs,
         };
-        match helper_client::spawn(&*self.helper, request).await {
+        // A slot the database thinks free can still be held by a monitor whose sandbox the
+        // database lost track of (marked lost, or a row deleted by hand); the helper refuses it
+        // and we move on to the next free slot instead of failing every create.
+        let mut busy_slots = Vec::new();
+        let result = loop {
+            let result = helper_client::spawn(&*self.helper, request.clone()).await;
+            match (&result, request.uid_slot) {
+                (Err(HelperClientError::Refused(e)), Some(slot))
+                    if e.code == HelperErrorCode::SlotBusy && busy_slots.len() < 8 =>
+                {
+                    tracing::warn!(%id, slot, "uid slot still held by a live monitor; trying another");
+                    busy_slots.push(slot);
+                    match self
+                        .store
+                        .reassign_slot(id, &busy_slots, self.uid_slots)
+                        .await
+                    {
+                        Ok(next) => request.uid_slot = Some(next),
+                        Err(_) => break result,
+                    }
+                }
+                _ => break result,
+            }
+        };
+        match result {
             Ok(spawned) => {
                 self.store
                     .set_running(

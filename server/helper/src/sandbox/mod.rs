@@ -93,6 +93,10 @@ fn become_root(ids: IdMap) -> Result<(), SetupError> {
         setgroups(&[]).map_err(step("setgroups"))?;
     }
     setresuid(root_u, root_u, root_u).map_err(step("setresuid"))?;
+    // If the monitor dies, nothing would enforce the timeout, record the exit or answer a kill:
+    // the sandbox dies with it. (Set after the uid change, which clears the setting.)
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(step("prctl(PR_SET_PDEATHSIG)"))?;
     // A uid change resets dumpability; keep init out of reach of ptrace and /proc/1/mem.
     nix::sys::prctl::set_dumpable(false).map_err(step("prctl(PR_SET_DUMPABLE)"))
 }
