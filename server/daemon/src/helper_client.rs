@@ -87,33 +87,43 @@ pub async fn info(h: &dyn Helper) -> Result<HelperInfo, HelperClientError> {
     }
 }
 
-/// The real client: one connection to `<state>/helper.sock`.
+/// The real client: one connection to `<state>/helper/helper.sock`, re-established (with a new
+/// hello) after an I/O error, so one broken exchange does not break every later one. A request
+/// whose exchange failed is not retried: a spawn may or may not have happened, and the caller
+/// decides.
 pub struct SocketHelper {
-    stream: Arc<Mutex<UnixStream>>,
+    path: PathBuf,
+    stream: Arc<Mutex<Option<UnixStream>>>,
     mode: Mode,
 }
 
+/// Connect and say hello; the helper's answer tells the mode it runs in.
+async fn open(path: &Path) -> Result<(UnixStream, Mode), HelperClientError> {
+    let mut stream =
+        UnixStream::connect(path)
+            .await
+            .map_err(|source| HelperClientError::Connect {
+                path: path.to_owned(),
+                source,
+            })?;
+    let hello = Request::Hello {
+        version: PROTOCOL_VERSION,
+    };
+    match round_trip(&mut stream, &hello).await? {
+        Response::Hello { version, mode } if version == PROTOCOL_VERSION => Ok((stream, mode)),
+        Response::Hello { version, .. } => Err(HelperClientError::Version(version)),
+        other => Err(unexpected("hello", other)),
+    }
+}
+
 impl SocketHelper {
-    /// Connect and say hello; the helper's answer tells the mode it runs in.
     pub async fn connect(path: &Path) -> Result<Self, HelperClientError> {
-        let mut stream =
-            UnixStream::connect(path)
-                .await
-                .map_err(|source| HelperClientError::Connect {
-                    path: path.to_owned(),
-                    source,
-                })?;
-        let hello = Request::Hello {
-            version: PROTOCOL_VERSION,
-        };
-        match round_trip(&mut stream, &hello).await? {
-            Response::Hello { version, mode } if version == PROTOCOL_VERSION => Ok(SocketHelper {
-                stream: Arc::new(Mutex::new(stream)),
-                mode,
-            }),
-            Response::Hello { version, .. } => Err(HelperClientError::Version(version)),
-            other => Err(unexpected("hello", other)),
-        }
+        let (stream, mode) = open(path).await?;
+        Ok(SocketHelper {
+            path: path.to_owned(),
+            stream: Arc::new(Mutex::new(Some(stream))),
+            mode,
+        })
     }
 }
 
@@ -138,10 +148,26 @@ impl Helper for SocketHelper {
         // caller were cancelled mid-exchange the stream would be out of step, so the exchange runs
         // in its own task that always completes.
         let stream = Arc::clone(&self.stream);
+        let path = self.path.clone();
         Box::pin(async move {
             let task = tokio::spawn(async move {
                 let mut guard = stream.lock().await;
-                round_trip(&mut guard, &request).await
+                let conn = match guard.as_mut() {
+                    Some(conn) => conn,
+                    None => {
+                        let (conn, _) = open(&path).await?;
+                        tracing::info!("reconnected to the helper");
+                        guard.insert(conn)
+                    }
+                };
+                let result = round_trip(conn, &request).await;
+                if matches!(
+                    result,
+                    Err(HelperClientError::Io(_) | HelperClientError::Frame(_))
+                ) {
+                    *guard = None;
+                }
+                result
             });
             task.await
                 .map_err(|e| HelperClientError::Io(std::io::Error::other(e)))?
