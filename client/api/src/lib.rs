@@ -17,7 +17,7 @@ pub const CHANNEL_STDOUT: u8 = 1;
 pub const CHANNEL_STDERR: u8 = 2;
 
 /// Body of `POST /v1/sandboxes`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
     /// The program and its arguments; the program is looked up in `PATH` inside the sandbox.
@@ -37,15 +37,39 @@ pub struct CreateSandbox {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub limits: Limits,
+    /// Delete the sandbox (and everything it used) this long after it was created, running or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    /// Delete the sandbox this long after it exits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remove_after_exit_secs: Option<u64>,
 }
 
 /// Resource limits of a sandbox.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Wall-clock limit: the sandbox is killed (reason `timeout`) when it runs longer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
+    /// Memory (cgroup memory limit, tmpfs included); the whole sandbox is killed (reason `oom`)
+    /// when it needs more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// CPU time as a number of cores, fractional (`0.5` is half a core).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Most processes and threads alive at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+    /// What the sandbox may write to disk. Not enforceable for host-mode root filesystems yet:
+    /// answered with 422.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
+    /// Stored output (stdout and stderr together); the log stops at the cap with a marker and
+    /// `output_truncated` becomes true. The daemon's default applies when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_bytes: Option<u64>,
 }
 
 /// Where a sandbox is in its life.
@@ -99,6 +123,10 @@ pub enum EndReason {
     Timeout,
     /// The command could not be executed (not found, not executable...).
     ExecFailed,
+    /// The sandbox needed more memory than `limits.memory_bytes` and was killed as a whole.
+    Oom,
+    /// `ttl_secs` ran out while it was running.
+    Ttl,
     /// Setting up the sandbox failed.
     SpawnFailed,
     /// Its monitor disappeared without recording an exit status (for instance after a host crash).
@@ -112,6 +140,8 @@ impl EndReason {
             EndReason::Killed => "killed",
             EndReason::Timeout => "timeout",
             EndReason::ExecFailed => "exec_failed",
+            EndReason::Oom => "oom",
+            EndReason::Ttl => "ttl",
             EndReason::SpawnFailed => "spawn_failed",
             EndReason::Lost => "lost",
         }
@@ -123,6 +153,8 @@ impl EndReason {
             "killed" => EndReason::Killed,
             "timeout" => EndReason::Timeout,
             "exec_failed" => EndReason::ExecFailed,
+            "oom" => EndReason::Oom,
+            "ttl" => EndReason::Ttl,
             "spawn_failed" => EndReason::SpawnFailed,
             "lost" => EndReason::Lost,
             _ => return None,
@@ -131,7 +163,7 @@ impl EndReason {
 }
 
 /// A sandbox as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sandbox {
     pub id: Uuid,
     pub name: Option<String>,
@@ -162,7 +194,7 @@ pub struct Sandbox {
 }
 
 /// Body of `GET /v1/sandboxes`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SandboxList {
     pub items: Vec<Sandbox>,
     /// Pass as `cursor=` to get the next page; null on the last page.
@@ -229,4 +261,29 @@ pub struct ErrorDetail {
     /// Stable machine-readable code such as `invalid_request`, `not_found`, `conflict`.
     pub code: String,
     pub message: String,
+}
+
+/// Body of `GET /v1/sandboxes/{id}/stats`: live figures while running, the final ones after exit.
+/// A figure the host cannot measure (for instance `pids_peak` on cgroup v1) is null.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    pub memory_bytes: Option<u64>,
+    pub memory_peak_bytes: Option<u64>,
+    pub cpu_usec: Option<u64>,
+    pub pids: Option<u64>,
+    pub pids_peak: Option<u64>,
+    /// Bytes the sandbox stored in /work.
+    pub disk_bytes: Option<u64>,
+    /// Bytes of output stored (at most the output cap).
+    pub output_bytes: u64,
+    /// True once output was cut at `limits.output_bytes`.
+    pub output_truncated: bool,
+}
+
+/// Body of `POST /v1/sandboxes/{id}/extend`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendRequest {
+    /// The new deadline, in seconds from now.
+    pub ttl_secs: u64,
 }

@@ -24,6 +24,7 @@ pub fn detect(config: &Config) -> HelperInfo {
         uid_base: config.uid_base,
         uid_range_size: UID_RANGE_SIZE,
         uid_slots: config.uid_slots,
+        enforceable_limits: Vec::new(),
     }
 }
 

@@ -714,6 +714,7 @@ impl Monitor {
             started_at_unix_ms: started,
             finished_at_unix_ms: finished,
             error: self.exec_error.clone(),
+            stats: Default::default(),
         }
     }
 

@@ -131,6 +131,7 @@ impl Helper {
                 Ok(ids) => Response::List { ids },
                 Err(e) => Response::Error(dir_error(e)),
             },
+            Request::Stats { .. } => invalid("stats are not available yet".into()),
             Request::Destroy { id } => match self.sandboxes.destroy(id) {
                 Ok(()) => Response::Destroyed,
                 Err(e) => Response::Error(dir_error(e)),

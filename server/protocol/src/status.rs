@@ -13,6 +13,9 @@ pub struct ExitStatus {
     pub finished_at_unix_ms: i64,
     /// Detail for `exec_failed`.
     pub error: Option<String>,
+    /// Final resource figures, read just before the sandbox's cgroup was removed.
+    #[serde(default)]
+    pub stats: crate::wire::SandboxStats,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,4 +25,6 @@ pub enum ExitReason {
     Killed,
     Timeout,
     ExecFailed,
+    /// The memory limit was hit and the sandbox was killed as a whole.
+    Oom,
 }

@@ -31,6 +31,8 @@ pub enum Request {
     },
     /// Ids of all sandbox directories that exist, so the daemon can reconcile after a crash.
     List,
+    /// Live resource figures of a running sandbox (from its cgroup and its directory).
+    Stats { id: Uuid },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +47,32 @@ pub struct SpawnRequest {
     pub cwd: String,
     pub hostname: String,
     pub timeout_secs: Option<u64>,
+    pub limits: SpawnLimits,
+}
+
+/// Resource limits of a sandbox, already checked by the daemon against what the host enforces.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnLimits {
+    pub memory_bytes: Option<u64>,
+    /// CPU bandwidth in thousandths of a core (500 = half a core).
+    pub cpu_millis: Option<u32>,
+    pub pids: Option<u64>,
+    /// Output cap in bytes (stdout and stderr together).
+    pub output_bytes: u64,
+}
+
+/// Resource figures of a sandbox; `None` where the host cannot measure one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxStats {
+    pub memory_bytes: Option<u64>,
+    pub memory_peak_bytes: Option<u64>,
+    pub cpu_usec: Option<u64>,
+    pub pids: Option<u64>,
+    pub pids_peak: Option<u64>,
+    pub disk_bytes: Option<u64>,
+    pub output_bytes: u64,
+    pub output_truncated: bool,
 }
 
 /// The helper's answer to one request.
@@ -56,6 +84,7 @@ pub enum Response {
     Spawned(Spawned),
     Destroyed,
     List { ids: Vec<Uuid> },
+    Stats(SandboxStats),
     Error(HelperError),
 }
 
@@ -87,6 +116,8 @@ pub struct HelperInfo {
     pub uid_base: u32,
     pub uid_range_size: u32,
     pub uid_slots: u32,
+    /// Limits the helper can enforce on this host (`memory`, `cpus`, `pids`); others get 422.
+    pub enforceable_limits: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
