@@ -185,6 +185,9 @@ pub struct Sandbox {
     pub labels: BTreeMap<String, String>,
     /// The request the sandbox was created from.
     pub spec: CreateSandbox,
+    /// True once output was cut at `limits.output_bytes` (the log ends with a marker).
+    #[serde(default)]
+    pub output_truncated: bool,
     /// Host pid of the sandbox's init while it runs (for host-side inspection only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_pid: Option<i32>,
@@ -233,6 +236,9 @@ pub struct Info {
     pub network_modes: Vec<String>,
     /// Host uids of the sandboxes: in privileged mode each sandbox gets `size` ids from its own slot.
     pub uid_ranges: UidRanges,
+    /// Resource limits this host enforces (`memory`, `cpus`, `pids`); others are answered 422.
+    #[serde(default)]
+    pub limits: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
