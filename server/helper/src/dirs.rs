@@ -312,6 +312,46 @@ impl SandboxesDir {
         Ok(ids)
     }
 
+    /// Output and disk figures of a sandbox (its cgroup figures come from `cgroup.rs`).
+    pub fn stats(&self, id: Uuid) -> Result<sandboxd_protocol::wire::SandboxStats, DirError> {
+        let name = id.to_string();
+        let dir = match open_fd(
+            Some(self.raw_fd()),
+            name.as_str(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => return Err(DirError::NotFound(id)),
+            Err(source) => {
+                return Err(DirError::Io {
+                    step: "opening the directory",
+                    id,
+                    source,
+                })
+            }
+        };
+        let output_bytes = nix::sys::stat::fstatat(
+            Some(dir.as_raw_fd()),
+            OUTPUT_LOG,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map(|st| st.st_size as u64)
+        .unwrap_or(0);
+        let output_truncated = nix::sys::stat::fstatat(
+            Some(dir.as_raw_fd()),
+            sandboxd_protocol::layout::OUTPUT_TRUNCATED,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .is_ok();
+        Ok(sandboxd_protocol::wire::SandboxStats {
+            output_bytes,
+            output_truncated,
+            disk_bytes: work_usage(&dir),
+            ..Default::default()
+        })
+    }
+
     /// Remove a sandbox's directory and everything in it, unless its monitor still lives.
     pub fn destroy(&self, id: Uuid) -> Result<(), DirError> {
         let name = id.to_string();
@@ -493,6 +533,71 @@ pub fn remove_tree(parent: RawFd, name: &CStr) -> Result<(), Errno> {
         }
         current = up;
     }
+}
+
+/// Bytes the sandbox stores under its work directory (allocated blocks), or None if it cannot be
+/// measured. Bounded: a tree of more than 100000 entries is not walked to the end.
+pub fn work_usage(sandbox_dir: &OwnedFd) -> Option<u64> {
+    const MAX_ENTRIES: usize = 100_000;
+    let private = open_fd(
+        Some(sandbox_dir.as_raw_fd()),
+        PRIVATE_DIR,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+        Mode::empty(),
+    )
+    .ok()?;
+    let work = open_fd(
+        Some(private.as_raw_fd()),
+        WORK_DIR,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+        Mode::empty(),
+    )
+    .ok()?;
+    let mut total = 0u64;
+    let mut seen = 0usize;
+    let mut stack = vec![work];
+    while let Some(dir) = stack.pop() {
+        let Ok(dup) = open_fd(
+            Some(dir.as_raw_fd()),
+            ".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        ) else {
+            continue;
+        };
+        let Ok(mut listing) = nix::dir::Dir::from_fd(fd_into_raw(dup)) else {
+            continue;
+        };
+        for entry in listing.iter().flatten() {
+            let name = entry.file_name();
+            if name.to_bytes() == b"." || name.to_bytes() == b".." {
+                continue;
+            }
+            seen += 1;
+            if seen > MAX_ENTRIES {
+                return Some(total);
+            }
+            let Ok(st) = nix::sys::stat::fstatat(
+                Some(dir.as_raw_fd()),
+                name,
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            ) else {
+                continue;
+            };
+            total += st.st_blocks as u64 * 512;
+            if st.st_mode & libc::S_IFMT == libc::S_IFDIR && stack.len() < 64 {
+                if let Ok(child) = open_fd(
+                    Some(dir.as_raw_fd()),
+                    name,
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+                    Mode::empty(),
+                ) {
+                    stack.push(child);
+                }
+            }
+        }
+    }
+    Some(total)
 }
 
 fn cname(name: &str) -> CString {

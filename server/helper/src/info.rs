@@ -2,9 +2,10 @@
 
 use sandboxd_protocol::wire::HelperInfo;
 
+use crate::cgroup::Cgroups;
 use crate::config::{Config, UID_RANGE_SIZE};
 
-pub fn detect(config: &Config) -> HelperInfo {
+pub fn detect(config: &Config, limits: &Cgroups) -> HelperInfo {
     let user_namespaces = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
@@ -24,7 +25,7 @@ pub fn detect(config: &Config) -> HelperInfo {
         uid_base: config.uid_base,
         uid_range_size: UID_RANGE_SIZE,
         uid_slots: config.uid_slots,
-        enforceable_limits: Vec::new(),
+        enforceable_limits: limits.enforceable(),
     }
 }
 

@@ -15,6 +15,7 @@
 //!
 //! It never starts a thread, so forking it (to start monitors) is always sound.
 
+mod cgroup;
 mod config;
 mod dirs;
 mod fds;
@@ -100,9 +101,21 @@ fn run() -> Result<Never, String> {
     let mut stdout = std::io::stdout();
     let _ = stdout.write_all(b"ready\n").and_then(|()| stdout.flush());
     fds::stdio_to_devnull().map_err(|e| format!("stdio: {e}"))?;
+    let layout = cgroup::Layout::from_mountinfo(
+        &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+    );
+    let cgroups = cgroup::Cgroups::setup(
+        layout,
+        cgroup::parent_name(&config.state_dir),
+        config.mode == sandboxd_protocol::wire::Mode::Privileged,
+    );
+    if let Some(why) = &cgroups.unavailable {
+        eprintln!("sandboxd-helper: resource limits are not enforceable: {why}");
+    }
     let helper = server::Helper {
         config,
         sandboxes,
+        cgroups,
         lifeline,
     };
     helper.serve(listener)

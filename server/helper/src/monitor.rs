@@ -31,11 +31,12 @@ use nix::unistd::{pipe2, setsid, ForkResult, Gid, Pid, Uid};
 use crate::sys::fork;
 
 use sandboxd_protocol::control;
-use sandboxd_protocol::layout::{MONITOR_SOCKET, STATUS_FILE};
+use sandboxd_protocol::layout::{MONITOR_SOCKET, OUTPUT_TRUNCATED, STATUS_FILE};
 use sandboxd_protocol::logindex::Record;
 use sandboxd_protocol::status::{ExitReason, ExitStatus};
-use sandboxd_protocol::wire::{HelperError, HelperErrorCode, Spawned};
+use sandboxd_protocol::wire::{HelperError, HelperErrorCode, SandboxStats, Spawned};
 
+use crate::cgroup::Cgroups;
 use crate::config::Config;
 use crate::dirs::SandboxFiles;
 use crate::sandbox::{self, InitFds};
@@ -77,7 +78,12 @@ fn now_ms() -> i64 {
 
 /// Start a sandbox under a new monitor. Runs in the (single-threaded) helper and returns once the
 /// command has been executed, or failed to be.
-pub fn start(spawn: &ValidSpawn, files: SandboxFiles, config: &Config) -> StartReport {
+pub fn start(
+    spawn: &ValidSpawn,
+    files: SandboxFiles,
+    config: &Config,
+    cgroups: &Cgroups,
+) -> StartReport {
     let (report_r, report_w) =
         pipe2(OFlag::O_CLOEXEC).map_err(|e| setup_error("report pipe", e))?;
     // SAFETY-relevant invariant: the helper is single-threaded, so forking it is sound.
@@ -98,7 +104,7 @@ pub fn start(spawn: &ValidSpawn, files: SandboxFiles, config: &Config) -> StartR
                 match fork() {
                     Ok(ForkResult::Parent { .. }) => 0,
                     Ok(ForkResult::Child) => {
-                        run(spawn, files, config, report_w);
+                        run(spawn, files, config, cgroups, report_w);
                         0
                     }
                     Err(_) => 1,
@@ -168,10 +174,16 @@ fn send_report(report: &mut Option<OwnedFd>, result: StartReport) -> bool {
 }
 
 /// The monitor process. Never returns to the helper's code.
-fn run(spawn: &ValidSpawn, files: SandboxFiles, config: &Config, report_w: OwnedFd) {
+fn run(
+    spawn: &ValidSpawn,
+    files: SandboxFiles,
+    config: &Config,
+    cgroups: &Cgroups,
+    report_w: OwnedFd,
+) {
     let report_fd = report_w.as_raw_fd();
     let mut report = Some(report_w);
-    match prepare_and_clone(spawn, files, config, report_fd) {
+    match prepare_and_clone(spawn, files, config, cgroups, report_fd) {
         Ok(monitor) => monitor.event_loop(&mut report),
         Err(e) => {
             send_report(&mut report, Err(e));
@@ -180,6 +192,14 @@ fn run(spawn: &ValidSpawn, files: SandboxFiles, config: &Config, report_w: Owned
 }
 
 struct Monitor {
+    id: uuid::Uuid,
+    /// The sandbox's cgroups, when this host has them.
+    cgroups: Option<Cgroups>,
+    oom_event: Option<OomEvent>,
+    /// The memory limit was hit: the whole sandbox was killed.
+    oom: bool,
+    output_cap: u64,
+    truncated: bool,
     dir: OwnedFd,
     daemon_uid: u32,
     daemon_gid: u32,
@@ -214,6 +234,7 @@ fn prepare_and_clone(
     spawn: &ValidSpawn,
     files: SandboxFiles,
     config: &Config,
+    cgroups: &Cgroups,
     report_fd: RawFd,
 ) -> Result<Box<Monitor>, HelperError> {
     let SandboxFiles {
@@ -251,11 +272,33 @@ fn prepare_and_clone(
         let _ = nix::fcntl::fcntl(w.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
     }
 
+    // The sandbox's cgroup: on v2 the child is born in it (CLONE_INTO_CGROUP) and gets its cgroup
+    // namespace at clone time; on v1 we move it there before it runs a single instruction of its
+    // own (it waits for the sync byte) and it unshares its cgroup namespace afterwards, so that
+    // the namespace's root is the sandbox's cgroup in both cases.
+    let cgroups = cgroups.is_active().then(|| cgroups.clone());
+    let v2_cgroup = cgroups
+        .as_ref()
+        .filter(|c| c.is_v2())
+        .map(|c| {
+            c.open_for_clone(spawn.id)
+                .ok_or_else(|| setup_error("opening the cgroup", "missing"))
+        })
+        .transpose()?;
+    let late_cgroupns = cgroups.as_ref().is_some_and(|c| !c.is_v2());
+    let namespaces = if late_cgroupns {
+        NAMESPACES & !libc::CLONE_NEWCGROUP
+    } else {
+        NAMESPACES
+    };
+
     // The helper is non-dumpable and so, by inheritance, are we. The child must start dumpable so
     // that its /proc files (uid_map, gid_map, setgroups) belong to our uid and we can write them
     // without privileges; both become non-dumpable again once the maps are written.
     nix::sys::prctl::set_dumpable(true).map_err(|e| setup_error("prctl", e))?;
-    match sys::clone_into_namespaces(NAMESPACES).map_err(|e| setup_error("clone", e))? {
+    match sys::clone_into_namespaces(namespaces, v2_cgroup.as_ref().map(|fd| fd.as_fd()))
+        .map_err(|e| setup_error("clone", e))?
+    {
         CloneResult::Child => {
             drop((
                 out_r, err_r, sync_w, status_r, listener, log, index, lock, slot_lock, dir,
@@ -274,12 +317,16 @@ fn prepare_and_clone(
                     status: status_w,
                     stdout: out_w,
                     stderr: err_w,
+                    unshare_cgroupns: late_cgroupns,
                 },
             )
         }
         CloneResult::Parent { child, pidfd } => {
-            drop((out_w, err_w, sync_r, status_w, work));
-            let mapped = write_id_maps(child, spawn.ids);
+            drop((out_w, err_w, sync_r, status_w, work, v2_cgroup));
+            let mapped = write_id_maps(child, spawn.ids).and_then(|()| match &cgroups {
+                Some(c) => join_v1_cgroup(c, spawn.id, child),
+                None => Ok(()),
+            });
             let sync = File::from(sync_w);
             if let Err(e) = mapped {
                 let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
@@ -303,7 +350,17 @@ fn prepare_and_clone(
                     nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
                 );
             }
+            let oom_event = cgroups
+                .as_ref()
+                .filter(|_| spawn.limits.memory_bytes.is_some())
+                .and_then(|c| OomEvent::watch(c, spawn.id));
             Ok(Box::new(Monitor {
+                id: spawn.id,
+                cgroups,
+                oom_event,
+                oom: false,
+                output_cap: spawn.limits.output_bytes,
+                truncated: false,
                 dir,
                 daemon_uid: config.allow_uid,
                 daemon_gid: config.allow_gid,
@@ -354,6 +411,70 @@ fn bind_control_socket(dir: &OwnedFd, config: &Config) -> Result<UnixListener, H
         .set_nonblocking(true)
         .map_err(|e| setup_error("monitor.sock", e))?;
     Ok(listener)
+}
+
+/// Move the (still waiting) child into its v1 cgroups. On v2 it was born there.
+fn join_v1_cgroup(cgroups: &Cgroups, id: uuid::Uuid, child: Pid) -> Result<(), HelperError> {
+    for procs in cgroups.procs_files(id) {
+        std::fs::write(&procs, child.as_raw().to_string())
+            .map_err(|e| setup_error(&format!("joining {}", procs.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Notification of an OOM kill in the sandbox's cgroup (notifications, not polling).
+enum OomEvent {
+    /// v1: an eventfd registered on memory.oom_control through cgroup.event_control.
+    V1 { eventfd: File, _oom_control: File },
+    /// v2: memory.events, which signals POLLPRI when it changes.
+    V2 { events: File },
+}
+
+impl OomEvent {
+    fn watch(cgroups: &Cgroups, id: uuid::Uuid) -> Option<OomEvent> {
+        let (file, control) = cgroups.oom_event_files(id)?;
+        match control {
+            None => File::open(file).ok().map(|events| OomEvent::V2 { events }),
+            Some(control) => {
+                let oom_control = File::open(&file).ok()?;
+                let efd = nix::sys::eventfd::EventFd::from_flags(
+                    nix::sys::eventfd::EfdFlags::EFD_CLOEXEC
+                        | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
+                )
+                .ok()?;
+                let eventfd = File::from(OwnedFd::from(efd));
+                let line = format!("{} {}", eventfd.as_raw_fd(), oom_control.as_raw_fd());
+                std::fs::write(control, line).ok()?;
+                Some(OomEvent::V1 {
+                    eventfd,
+                    _oom_control: oom_control,
+                })
+            }
+        }
+    }
+
+    fn fd(&self) -> (BorrowedFd<'_>, PollFlags) {
+        match self {
+            OomEvent::V1 { eventfd, .. } => (eventfd.as_fd(), PollFlags::POLLIN),
+            OomEvent::V2 { events } => (events.as_fd(), PollFlags::POLLPRI),
+        }
+    }
+
+    /// Consume the notification.
+    fn reset(&mut self) {
+        match self {
+            OomEvent::V1 { eventfd, .. } => {
+                let mut buf = [0u8; 8];
+                let _ = eventfd.read(&mut buf);
+            }
+            OomEvent::V2 { events } => {
+                use std::io::{Seek, SeekFrom};
+                let mut buf = String::new();
+                let _ = events.seek(SeekFrom::Start(0));
+                let _ = events.read_to_string(&mut buf);
+            }
+        }
+    }
 }
 
 fn write_id_maps(child: Pid, ids: IdMap) -> Result<(), HelperError> {
@@ -410,6 +531,9 @@ impl Monitor {
             if ready.listener {
                 self.accept();
             }
+            if ready.oom {
+                self.on_oom_event();
+            }
             for i in ready.clients.into_iter().rev() {
                 self.serve_client(i);
             }
@@ -431,8 +555,20 @@ impl Monitor {
         if report.is_some() {
             self.maybe_report(report);
         }
+        if !self.oom
+            && self
+                .cgroups
+                .as_ref()
+                .is_some_and(|c| c.oom_kills(self.id) > 0)
+        {
+            // The kernel killed a process for memory without our noticing in time: still oom.
+            self.oom = true;
+        }
         if self.setup_error.is_none() {
             let _ = self.write_status();
+        }
+        if let Some(c) = &self.cgroups {
+            c.remove(self.id);
         }
         let _ = nix::unistd::unlinkat(
             Some(self.dir.as_raw_fd()),
@@ -485,6 +621,23 @@ impl Monitor {
         }
     }
 
+    /// The kernel's OOM killer struck in the sandbox's cgroup: the sandbox goes as a whole
+    /// (on v2 memory.oom.group already did that; on v1 only one process was killed).
+    fn on_oom_event(&mut self) {
+        if let Some(ev) = &mut self.oom_event {
+            ev.reset();
+        }
+        let killed = self
+            .cgroups
+            .as_ref()
+            .map(|c| c.oom_kills(self.id))
+            .unwrap_or(0);
+        if killed > 0 && !self.oom {
+            self.oom = true;
+            let _ = sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL);
+        }
+    }
+
     /// The helper gave up on this sandbox and told the daemon it failed: end it.
     fn abandon(&mut self) {
         let _ = sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL);
@@ -518,6 +671,11 @@ impl Monitor {
             slots.pidfd = add(&mut fds, self.pidfd.as_fd());
         }
         slots.listener = add(&mut fds, self.listener.as_fd());
+        if let (Some(ev), None) = (&self.oom_event, self.init_status) {
+            let (fd, flags) = ev.fd();
+            fds.push(PollFd::new(fd, flags));
+            slots.oom = Some(fds.len() - 1);
+        }
         let first_client = fds.len();
         for (c, _) in &self.clients {
             fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
@@ -533,6 +691,7 @@ impl Monitor {
             status: hit(slots.status),
             pidfd: hit(slots.pidfd),
             listener: hit(slots.listener),
+            oom: hit(slots.oom),
             clients: (first_client..fds.len())
                 .filter(|&i| fds[i].revents().is_some_and(|r| !r.is_empty()))
                 .map(|i| i - first_client)
@@ -542,28 +701,22 @@ impl Monitor {
 
     /// Move what is in one output pipe to the log, then its index record.
     fn pump(&mut self, channel: u8, buf: &mut [u8]) {
-        let pipe = if channel == 1 {
-            &mut self.stdout
-        } else {
-            &mut self.stderr
-        };
-        let Some(file) = pipe else { return };
         // A bounded number of reads per wake-up: a sandbox that writes without pause must not
         // keep the monitor from kill requests, the timeout and the other stream.
         for _ in 0..MAX_READS_PER_WAKEUP {
+            let pipe = if channel == 1 {
+                &mut self.stdout
+            } else {
+                &mut self.stderr
+            };
+            let Some(file) = pipe else { return };
             match file.read(buf) {
                 Ok(0) => {
                     *pipe = None;
                     return;
                 }
                 Ok(n) => {
-                    append_output(
-                        &mut self.log,
-                        &mut self.index,
-                        &mut self.log_len,
-                        channel,
-                        &buf[..n],
-                    );
+                    self.store_output(channel, n, buf);
                     if n < buf.len() {
                         return;
                     }
@@ -575,6 +728,46 @@ impl Monitor {
                     return;
                 }
             }
+        }
+    }
+
+    /// Store what was read, up to the output cap; past it, note the truncation once and drop
+    /// the rest (the pipes are still drained, so the sandbox never blocks on them).
+    fn store_output(&mut self, channel: u8, n: usize, buf: &[u8]) {
+        if self.truncated {
+            return;
+        }
+        let room = self.output_cap.saturating_sub(self.log_len);
+        let keep = (n as u64).min(room) as usize;
+        if keep > 0 {
+            append_output(
+                &mut self.log,
+                &mut self.index,
+                &mut self.log_len,
+                channel,
+                &buf[..keep],
+            );
+        }
+        if keep < n {
+            self.truncated = true;
+            let marker = format!(
+                "\n[sandboxd: output truncated at {} bytes]\n",
+                self.output_cap
+            );
+            append_output(
+                &mut self.log,
+                &mut self.index,
+                &mut self.log_len,
+                2,
+                marker.as_bytes(),
+            );
+            let _ = openat(
+                Some(self.dir.as_raw_fd()),
+                OUTPUT_TRUNCATED,
+                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o644),
+            )
+            .map(sys::own_fd);
         }
     }
 
@@ -700,6 +893,8 @@ impl Monitor {
         };
         let reason = if self.exec_error.is_some() {
             ExitReason::ExecFailed
+        } else if self.oom {
+            ExitReason::Oom
         } else if self.timed_out {
             ExitReason::Timeout
         } else if self.kill_requested && signal.is_some() {
@@ -714,8 +909,23 @@ impl Monitor {
             started_at_unix_ms: started,
             finished_at_unix_ms: finished,
             error: self.exec_error.clone(),
-            stats: Default::default(),
+            stats: self.final_stats(),
         }
+    }
+
+    fn final_stats(&self) -> SandboxStats {
+        let mut stats = self
+            .cgroups
+            .as_ref()
+            .map(|c| c.stats(self.id))
+            .unwrap_or_default();
+        // Live figures mean little once everything has exited; the peaks are what count.
+        stats.memory_bytes = stats.memory_bytes.map(|_| 0);
+        stats.pids = stats.pids.map(|_| 0);
+        stats.output_bytes = self.log_len;
+        stats.output_truncated = self.truncated;
+        stats.disk_bytes = crate::dirs::work_usage(&self.dir);
+        stats
     }
 
     /// Write status.json atomically (temp file, then rename) for the daemon to read.
@@ -775,6 +985,7 @@ fn append_output(log: &mut File, index: &mut File, log_len: &mut u64, channel: u
 
 #[derive(Default)]
 struct Slots {
+    oom: Option<usize>,
     stdout: Option<usize>,
     stderr: Option<usize>,
     status: Option<usize>,
@@ -783,6 +994,7 @@ struct Slots {
 }
 
 struct Ready {
+    oom: bool,
     stdout: bool,
     stderr: bool,
     status: bool,

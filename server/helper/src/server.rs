@@ -16,6 +16,7 @@ use sandboxd_protocol::wire::{
     self, HelperError, HelperErrorCode, Request, Response, PROTOCOL_VERSION,
 };
 
+use crate::cgroup::{CgroupError, Cgroups};
 use crate::config::Config;
 use crate::dirs::{DirError, SandboxesDir};
 use crate::{info, monitor, validate};
@@ -27,6 +28,7 @@ const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Helper {
     pub config: Config,
     pub sandboxes: SandboxesDir,
+    pub cgroups: Cgroups,
     /// Read end of the daemon's lifeline pipe: end of file means the daemon is gone.
     pub lifeline: Option<std::os::fd::OwnedFd>,
 }
@@ -126,16 +128,44 @@ impl Helper {
     fn handle(&self, request: Request) -> Response {
         match request {
             Request::Hello { .. } => invalid("hello was already sent".into()),
-            Request::Info => Response::Info(info::detect(&self.config)),
+            Request::Info => Response::Info(info::detect(&self.config, &self.cgroups)),
             Request::List => match self.sandboxes.list() {
-                Ok(ids) => Response::List { ids },
+                // Sandboxes with a directory, and cgroups left without one (a crash between
+                // the two), so that the daemon can destroy every orphan.
+                Ok(mut ids) => {
+                    ids.extend(self.cgroups.list());
+                    ids.sort();
+                    ids.dedup();
+                    Response::List { ids }
+                }
                 Err(e) => Response::Error(dir_error(e)),
             },
-            Request::Stats { .. } => invalid("stats are not available yet".into()),
-            Request::Destroy { id } => match self.sandboxes.destroy(id) {
-                Ok(()) => Response::Destroyed,
+            Request::Stats { id } => match self.sandboxes.stats(id) {
+                Ok(mut stats) => {
+                    let cg = self.cgroups.stats(id);
+                    stats.memory_bytes = cg.memory_bytes;
+                    stats.memory_peak_bytes = cg.memory_peak_bytes;
+                    stats.cpu_usec = cg.cpu_usec;
+                    stats.pids = cg.pids;
+                    stats.pids_peak = cg.pids_peak;
+                    Response::Stats(stats)
+                }
                 Err(e) => Response::Error(dir_error(e)),
             },
+            Request::Destroy { id } => {
+                let had_cgroup = self.cgroups.list().contains(&id);
+                match self.sandboxes.destroy(id) {
+                    Ok(()) => {
+                        self.cgroups.remove(id);
+                        Response::Destroyed
+                    }
+                    Err(DirError::NotFound(_)) if had_cgroup => {
+                        self.cgroups.remove(id);
+                        Response::Destroyed
+                    }
+                    Err(e) => Response::Error(dir_error(e)),
+                }
+            }
             Request::Spawn(req) => {
                 let spawn = match validate::validate(&req, &self.config) {
                     Ok(s) => s,
@@ -150,13 +180,23 @@ impl Helper {
                     Ok(f) => f,
                     Err(e) => return Response::Error(dir_error(e)),
                 };
-                match monitor::start(&spawn, files, &self.config) {
+                if let Err(e) = self.cgroups.create(spawn.id, &spawn.limits) {
+                    drop(files);
+                    let _ = self.sandboxes.destroy(spawn.id);
+                    let code = match e {
+                        CgroupError::Unenforceable(_) => HelperErrorCode::Invalid,
+                        _ => HelperErrorCode::SetupFailed,
+                    };
+                    return Response::Error(HelperError::new(code, error_chain(&e)));
+                }
+                match monitor::start(&spawn, files, &self.config, &self.cgroups) {
                     Ok(mut spawned) => {
                         spawned.host_uid = spawn.ids.host_root_uid();
                         Response::Spawned(spawned)
                     }
                     Err(e) => {
                         // Roll back; keep the start error, which is the one worth reporting.
+                        self.cgroups.remove(spawn.id);
                         if let Err(cleanup) = self.sandboxes.destroy(spawn.id) {
                             return Response::Error(HelperError::new(
                                 e.code,
@@ -173,6 +213,16 @@ impl Helper {
 
 fn invalid(message: String) -> Response {
     Response::Error(HelperError::new(HelperErrorCode::Invalid, message))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    message
 }
 
 fn dir_error(e: DirError) -> HelperError {

@@ -15,7 +15,7 @@ pub enum CloneResult {
     Child,
 }
 
-/// `struct clone_args` of clone3(2), version 0 (64 bytes).
+/// `struct clone_args` of clone3(2), version 2 (88 bytes: up to the `cgroup` field).
 #[repr(C)]
 #[derive(Default)]
 struct CloneArgs {
@@ -27,13 +27,25 @@ struct CloneArgs {
     stack: u64,
     stack_size: u64,
     tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
 }
+
+/// clone3's CLONE_INTO_CGROUP (Linux 5.7), not in every libc crate version.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// clone3 with fork semantics (the child continues on a copy of the caller's stack) into the new
 /// namespaces named by `ns_flags`, returning a pidfd for the child in the parent.
 ///
 /// The caller must be single-threaded: like fork, only the calling thread exists in the child.
-pub fn clone_into_namespaces(ns_flags: libc::c_int) -> Result<CloneResult, Errno> {
+///
+/// With `cgroup` (a cgroup v2 directory), the child is born in that cgroup (CLONE_INTO_CGROUP):
+/// no instant of it runs outside its limits.
+pub fn clone_into_namespaces(
+    ns_flags: libc::c_int,
+    cgroup: Option<BorrowedFd<'_>>,
+) -> Result<CloneResult, Errno> {
     let mut pidfd: libc::c_int = -1;
     let mut args = CloneArgs {
         flags: ns_flags as u64 | libc::CLONE_PIDFD as u64,
@@ -41,6 +53,10 @@ pub fn clone_into_namespaces(ns_flags: libc::c_int) -> Result<CloneResult, Errno
         exit_signal: libc::SIGCHLD as u64,
         ..Default::default()
     };
+    if let Some(fd) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = fd.as_raw_fd() as u64;
+    }
     // SAFETY: `args` is a valid clone_args of the size we pass, `pidfd` outlives the call, and no
     // stack is given, so the child runs on a copy of this stack exactly as after fork(2). The
     // callers are single-threaded processes (the monitor), so no lock can be held by a thread that

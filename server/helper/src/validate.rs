@@ -7,7 +7,7 @@
 use std::ffi::CString;
 use std::time::Duration;
 
-use sandboxd_protocol::wire::{Mode, SpawnRequest};
+use sandboxd_protocol::wire::{Mode, SpawnLimits, SpawnRequest};
 use uuid::Uuid;
 
 use crate::config::{Config, UID_RANGE_SIZE};
@@ -52,6 +52,7 @@ pub struct ValidSpawn {
     pub cwd: CString,
     pub hostname: String,
     pub timeout: Option<Duration>,
+    pub limits: SpawnLimits,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -74,6 +75,8 @@ pub enum ValidateError {
     Timeout,
     #[error("uid slot {0:?} is not valid in this mode")]
     Slot(Option<u32>),
+    #[error("limit out of range: {0}")]
+    Limit(&'static str),
 }
 
 fn cstring(s: &str, what: &'static str) -> Result<CString, ValidateError> {
@@ -152,7 +155,21 @@ pub fn validate(req: &SpawnRequest, config: &Config) -> Result<ValidSpawn, Valid
         },
         (_, slot) => return Err(ValidateError::Slot(slot)),
     };
+    let l = req.limits;
+    if l.memory_bytes.is_some_and(|m| m < 1 << 20) {
+        return Err(ValidateError::Limit("memory_bytes below 1 MiB"));
+    }
+    if l.cpu_millis.is_some_and(|c| c == 0 || c > 1_024_000) {
+        return Err(ValidateError::Limit("cpu_millis"));
+    }
+    if l.pids == Some(0) {
+        return Err(ValidateError::Limit("pids"));
+    }
+    if l.output_bytes < 1024 {
+        return Err(ValidateError::Limit("output_bytes below 1 KiB"));
+    }
     Ok(ValidSpawn {
+        limits: l,
         id: req.id,
         ids,
         command,
@@ -188,6 +205,10 @@ mod tests {
             cwd: "/work".into(),
             hostname: "box-1".into(),
             timeout_secs: Some(5),
+            limits: SpawnLimits {
+                output_bytes: 1 << 20,
+                ..Default::default()
+            },
         }
     }
 

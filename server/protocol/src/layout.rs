@@ -7,6 +7,7 @@
 //!   <uuid>/                  helper-owned, 0711
 //!     output.log             every byte of stdout and stderr, in the order read (daemon-readable)
 //!     output.idx             one logindex record per write: which stream each run of bytes came from
+//!     output.truncated       exists once output reached the cap
 //!     status.json            written atomically by the monitor when the sandbox ends (daemon-readable)
 //!     monitor.sock           the monitor's control socket, owned by the daemon's uid, 0600
 //!     monitor.lock           flock-held by the monitor for as long as it lives
@@ -24,6 +25,8 @@ use uuid::Uuid;
 pub const SANDBOXES_DIR: &str = "sandboxes";
 pub const OUTPUT_LOG: &str = "output.log";
 pub const OUTPUT_INDEX: &str = "output.idx";
+/// Created by the monitor when output reached the cap (`limits.output_bytes`).
+pub const OUTPUT_TRUNCATED: &str = "output.truncated";
 pub const STATUS_FILE: &str = "status.json";
 pub const MONITOR_SOCKET: &str = "monitor.sock";
 pub const MONITOR_LOCK: &str = "monitor.lock";

@@ -32,7 +32,9 @@ pub enum Request {
     /// Ids of all sandbox directories that exist, so the daemon can reconcile after a crash.
     List,
     /// Live resource figures of a running sandbox (from its cgroup and its directory).
-    Stats { id: Uuid },
+    Stats {
+        id: Uuid,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -33,6 +33,9 @@ pub struct InitFds {
     pub status: OwnedFd,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
+    /// Unshare the cgroup namespace once the monitor has moved us into our cgroup (cgroup v1,
+    /// where a child cannot be born into its cgroup).
+    pub unshare_cgroupns: bool,
 }
 
 /// The step that failed, and why.
@@ -67,6 +70,11 @@ pub fn run_init(spawn: &ValidSpawn, fds: InitFds) -> ! {
         sys::exit_now(1);
     }
     drop(fds.sync);
+    if fds.unshare_cgroupns && nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP).is_err()
+    {
+        let _ = writeln!(status, "setup_failed unsharing the cgroup namespace");
+        sys::exit_now(1);
+    }
     let prepared = become_root(spawn.ids)
         .and_then(|()| rootfs::build(spawn, &fds.work, &fds.work_path, spawn.ids))
         .and_then(|()| {
