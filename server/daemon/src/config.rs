@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::limits::{self, LimitPolicy};
+
 /// Default number of uid ranges (and so of concurrently running sandboxes) in privileged mode.
 pub const DEFAULT_UID_SLOTS: u32 = 1024;
 /// Default first host uid of the sandbox ranges in privileged mode.
@@ -36,6 +38,67 @@ pub struct Args {
     /// Log filter in `tracing_subscriber::EnvFilter` syntax (`info`, `sandboxd=debug`...).
     #[arg(long, env = "SANDBOXD_LOG", default_value = "info")]
     pub log_level: String,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Resource limit defaults (applied when a request omits the limit, and only where the host can
+/// enforce it) and maximums (a request above one gets 422). Sizes take K/M/G/T suffixes (binary:
+/// 256M = 256 MiB), optionally followed by `i`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitArgs {
+    /// Default memory limit of a sandbox, in bytes (none when absent).
+    #[arg(long, env = "SANDBOXD_DEFAULT_MEMORY", value_name = "SIZE", value_parser = limits::parse_size)]
+    pub default_memory: Option<u64>,
+    /// Largest memory limit a request may ask for.
+    #[arg(long, env = "SANDBOXD_MAX_MEMORY", value_name = "SIZE", value_parser = limits::parse_size)]
+    pub max_memory: Option<u64>,
+    /// Default CPU limit, in cores (fractional).
+    #[arg(long, env = "SANDBOXD_DEFAULT_CPUS", value_name = "CORES")]
+    pub default_cpus: Option<f64>,
+    /// Largest CPU limit a request may ask for.
+    #[arg(long, env = "SANDBOXD_MAX_CPUS", value_name = "CORES")]
+    pub max_cpus: Option<f64>,
+    /// Default limit on processes and threads (0 for none).
+    #[arg(long, env = "SANDBOXD_DEFAULT_PIDS", value_name = "N", default_value_t = limits::DEFAULT_PIDS)]
+    pub default_pids: u64,
+    /// Largest pids limit a request may ask for.
+    #[arg(long, env = "SANDBOXD_MAX_PIDS", value_name = "N")]
+    pub max_pids: Option<u64>,
+    /// Default cap on stored output (stdout and stderr together).
+    #[arg(long, env = "SANDBOXD_DEFAULT_OUTPUT_BYTES", value_name = "SIZE",
+          default_value = "64M", value_parser = limits::parse_size)]
+    pub default_output_bytes: u64,
+    /// Largest output cap a request may ask for.
+    #[arg(long, env = "SANDBOXD_MAX_OUTPUT_BYTES", value_name = "SIZE",
+          default_value = "1G", value_parser = limits::parse_size)]
+    pub max_output_bytes: u64,
+    /// Largest `limits.timeout_secs` a request may ask for.
+    #[arg(long, env = "SANDBOXD_MAX_TIMEOUT_SECS", value_name = "SECS")]
+    pub max_timeout_secs: Option<u64>,
+    /// Largest `ttl_secs` a request (or an extension) may ask for.
+    #[arg(long, env = "SANDBOXD_MAX_TTL_SECS", value_name = "SECS")]
+    pub max_ttl_secs: Option<u64>,
+}
+
+impl LimitArgs {
+    /// The policy, checked for consistency (defaults well-formed and within the maximums).
+    pub fn policy(&self) -> Result<LimitPolicy, ConfigError> {
+        let policy = LimitPolicy {
+            default_memory: self.default_memory,
+            max_memory: self.max_memory,
+            default_cpus: self.default_cpus,
+            max_cpus: self.max_cpus,
+            default_pids: Some(self.default_pids).filter(|p| *p > 0),
+            max_pids: self.max_pids,
+            default_output_bytes: self.default_output_bytes,
+            max_output_bytes: self.max_output_bytes,
+            max_timeout_secs: self.max_timeout_secs,
+            max_ttl_secs: self.max_ttl_secs,
+        };
+        policy.check().map_err(ConfigError::Limits)?;
+        Ok(policy)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +107,8 @@ pub enum ConfigError {
     NoStateDir,
     #[error("cannot determine the helper path: pass --helper")]
     NoHelperPath(#[source] std::io::Error),
+    #[error("resource limit configuration: {0}")]
+    Limits(String),
 }
 
 /// Where the state lives when `--state-dir` is absent.
@@ -64,4 +129,31 @@ pub fn default_state_dir(is_root: bool) -> Result<PathBuf, ConfigError> {
 pub fn default_helper_path() -> Result<PathBuf, ConfigError> {
     let exe = std::env::current_exe().map_err(ConfigError::NoHelperPath)?;
     Ok(exe.with_file_name("sandboxd-helper"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_flags_parse_with_suffixes_and_defaults() {
+        let args = Args::try_parse_from([
+            "sandboxd",
+            "--max-memory",
+            "4G",
+            "--default-memory",
+            "256Mi",
+        ])
+        .unwrap();
+        let p = args.limits.policy().unwrap();
+        assert_eq!(p.max_memory, Some(4 << 30));
+        assert_eq!(p.default_memory, Some(256 << 20));
+        assert_eq!(p.default_pids, Some(limits::DEFAULT_PIDS));
+        assert_eq!(p.default_output_bytes, 64 << 20);
+        assert_eq!(p.max_output_bytes, 1 << 30);
+        let args =
+            Args::try_parse_from(["sandboxd", "--default-cpus", "4", "--max-cpus", "2"]).unwrap();
+        assert!(args.limits.policy().is_err());
+        assert!(Args::try_parse_from(["sandboxd", "--max-memory", "lots"]).is_err());
+    }
 }

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex as StdMutex};
 
 use futures_util::future::BoxFuture;
 use sandboxd_protocol::wire::{
-    self, FrameError, HelperError, HelperInfo, Mode, Request, Response, SpawnRequest, Spawned,
-    PROTOCOL_VERSION,
+    self, FrameError, HelperError, HelperInfo, Mode, Request, Response, SandboxStats, SpawnRequest,
+    Spawned, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -77,6 +77,13 @@ pub async fn list(h: &dyn Helper) -> Result<Vec<Uuid>, HelperClientError> {
     match h.call(Request::List).await? {
         Response::List { ids } => Ok(ids),
         other => Err(unexpected("list", other)),
+    }
+}
+
+pub async fn stats(h: &dyn Helper, id: Uuid) -> Result<SandboxStats, HelperClientError> {
+    match h.call(Request::Stats { id }).await? {
+        Response::Stats(s) => Ok(s),
+        other => Err(unexpected("stats", other)),
     }
 }
 
@@ -183,6 +190,9 @@ pub enum FakeSpawn {
     ExitAtOnce,
     /// Refuse with a setup error.
     Fail,
+    /// Start a fake monitor (a task listening on `monitor.sock`) that keeps the sandbox running
+    /// until it is sent a kill; it then writes `status.json` (reason `killed`) and closes.
+    Run,
 }
 
 /// A helper that works on a temp directory instead of the kernel, for tests.
@@ -190,16 +200,42 @@ pub struct FakeHelper {
     pub state_dir: PathBuf,
     pub mode: Mode,
     pub spawn: FakeSpawn,
+    /// What `Info` reports in `enforceable_limits`.
+    pub enforceable: Vec<String>,
+    /// The figures `Stats` answers while a sandbox runs and `status.json` records at its end.
+    pub stats: SandboxStats,
     /// Every request received, in order.
     pub requests: StdMutex<Vec<Request>>,
 }
 
 impl FakeHelper {
+    /// A fake that can enforce memory, cpus and pids.
     pub fn new(state_dir: &Path, mode: Mode, spawn: FakeSpawn) -> Arc<Self> {
+        Self::with_limits(state_dir, mode, spawn, &["memory", "cpus", "pids"])
+    }
+
+    /// A fake reporting `enforceable` as the limits it can enforce.
+    pub fn with_limits(
+        state_dir: &Path,
+        mode: Mode,
+        spawn: FakeSpawn,
+        enforceable: &[&str],
+    ) -> Arc<Self> {
         Arc::new(FakeHelper {
             state_dir: state_dir.to_owned(),
             mode,
             spawn,
+            enforceable: enforceable.iter().map(|l| (*l).to_owned()).collect(),
+            stats: SandboxStats {
+                memory_bytes: Some(1 << 20),
+                memory_peak_bytes: Some(2 << 20),
+                cpu_usec: Some(1234),
+                pids: Some(1),
+                pids_peak: Some(3),
+                disk_bytes: Some(4096),
+                output_bytes: 0,
+                output_truncated: false,
+            },
             requests: StdMutex::new(Vec::new()),
         })
     }
@@ -221,6 +257,7 @@ impl FakeHelper {
                 uid_base: 100_000_000,
                 uid_range_size: 65536,
                 uid_slots: 1024,
+                enforceable_limits: self.enforceable.clone(),
             }),
             Request::Spawn(req) => {
                 if self.spawn == FakeSpawn::Fail {
@@ -238,15 +275,17 @@ impl FakeHelper {
                     started_at_unix_ms: now,
                     finished_at_unix_ms: now,
                     error: None,
+                    stats: self.stats,
                 };
                 let made = std::fs::create_dir_all(dir.root())
                     .and_then(|()| std::fs::write(dir.output_log(), b""))
                     .and_then(|()| std::fs::write(dir.output_index(), b""))
-                    .and_then(|()| {
-                        std::fs::write(
+                    .and_then(|()| match self.spawn {
+                        FakeSpawn::Run => fake_monitor(dir.clone(), status),
+                        _ => std::fs::write(
                             dir.status(),
                             serde_json::to_vec(&status).unwrap_or_default(),
-                        )
+                        ),
                     });
                 match made {
                     Ok(()) => Response::Spawned(Spawned {
@@ -285,8 +324,72 @@ impl FakeHelper {
                     .unwrap_or_default();
                 Response::List { ids }
             }
+            Request::Stats { id } => {
+                let dir = SandboxDir::new(&self.state_dir, *id);
+                if dir.root().exists() && !dir.status().exists() {
+                    Response::Stats(self.stats)
+                } else {
+                    Response::Error(HelperError::new(
+                        wire::HelperErrorCode::NotFound,
+                        "no running sandbox",
+                    ))
+                }
+            }
         }
     }
+}
+
+/// The [`FakeSpawn::Run`] monitor: holds every connection open (as a watcher expects) until a
+/// `kill N` line arrives, then writes `status.json`, answers `ok` and closes everything.
+fn fake_monitor(
+    dir: sandboxd_protocol::layout::SandboxDir,
+    mut status: sandboxd_protocol::status::ExitStatus,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let listener = std::os::unix::net::UnixListener::bind(dir.monitor_socket())?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::UnixListener::from_std(listener)?;
+    tokio::spawn(async move {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (kill_tx, mut kill_rx) = tokio::sync::mpsc::channel::<(i32, UnixStream)>(1);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((stream, _)) = accepted else { break };
+                    let mut stop = stop_rx.clone();
+                    let kill_tx = kill_tx.clone();
+                    tokio::spawn(async move {
+                        let mut reader = BufReader::new(stream);
+                        let mut line = String::new();
+                        tokio::select! {
+                            read = reader.read_line(&mut line) => {
+                                let signo = line.trim().strip_prefix("kill ").and_then(|n| n.parse().ok());
+                                if let (Ok(n), Some(signo)) = (read, signo) {
+                                    if n > 0 {
+                                        let _ = kill_tx.send((signo, reader.into_inner())).await;
+                                    }
+                                }
+                            }
+                            _ = async { stop.wait_for(|s| *s).await.is_ok() } => {}
+                        }
+                    });
+                }
+                Some((signo, mut stream)) = kill_rx.recv() => {
+                    let now = crate::now_unix_ms();
+                    status.exit_code = 128 + signo;
+                    status.signal = Some(signo);
+                    status.reason = sandboxd_protocol::status::ExitReason::Killed;
+                    status.finished_at_unix_ms = now;
+                    let _ = std::fs::write(dir.status(), serde_json::to_vec(&status).unwrap_or_default());
+                    let _ = stream.write_all(b"ok\n").await;
+                    let _ = std::fs::remove_file(dir.monitor_socket());
+                    stop_tx.send_replace(true);
+                    break;
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 impl Helper for FakeHelper {

@@ -7,6 +7,7 @@
 //! * [`config`]: command-line arguments and the resolved configuration.
 //! * [`privileges`]: user lookup and the privilege drop (the only use of `nix` in the daemon).
 //! * [`helper_client`]: the [`helper_client::Helper`] trait, its socket client and a fake.
+//! * [`limits`]: resource limit defaults, maximums and enforceability.
 //! * [`store`]: every SQL statement.
 //! * [`validate`]: parses a `CreateSandbox` request once into a validated type.
 //! * [`sandboxes`]: the lifecycle service (create, watch, kill, delete, reconcile).
@@ -16,6 +17,7 @@
 pub mod api;
 pub mod config;
 pub mod helper_client;
+pub mod limits;
 pub mod logs;
 pub mod privileges;
 pub mod sandboxes;

@@ -48,6 +48,7 @@ fn init_tracing(filter: &str) {
 
 fn run(args: Args) -> anyhow::Result<()> {
     // 1. Resolve the configuration.
+    args.limits.policy()?;
     let is_root = privileges::is_root();
     let target = if is_root {
         Some(privileges::lookup_user(&args.user)?)
@@ -177,8 +178,14 @@ async fn serve(
         .await
         .context("connecting to the helper")?;
     tracing::info!(mode = helper_mode(&helper), "connected to the helper");
-    let svc = Service::new(store, Arc::new(helper), &state_dir, args.uid_slots);
+    let policy = args.limits.policy()?;
+    let svc = Service::new(store, Arc::new(helper), &state_dir, args.uid_slots, policy);
+    svc.check_host_limits()
+        .await
+        .context("asking the helper what it can enforce")?;
     svc.reconcile().await.context("reconciling state")?;
+    // After reconciliation, so that its first pass (at once) sees every row's final state.
+    svc.start_reaper();
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

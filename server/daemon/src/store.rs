@@ -10,6 +10,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sandboxd_api::{CreateSandbox, EndReason, Sandbox, SandboxState};
+use sandboxd_protocol::wire::SandboxStats;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -21,7 +22,7 @@ use uuid::Uuid;
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
 const COLUMNS: &str = "seq, id, name, state, exit_code, signal, reason, error, hostname, \
-     created_at, started_at, finished_at, labels, spec, init_pid, host_uid";
+     created_at, started_at, finished_at, labels, spec, init_pid, host_uid, output_truncated";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -47,6 +48,10 @@ pub struct NewSandbox {
     pub hostname: String,
     pub created_at_ms: i64,
     pub spec: CreateSandbox,
+    /// Wall-clock deadline of `ttl_secs` (Unix ms).
+    pub ttl_deadline_ms: Option<i64>,
+    /// `remove_after_exit_secs` in milliseconds.
+    pub remove_after_exit_ms: Option<i64>,
 }
 
 /// How `GET /v1/sandboxes` narrows the list.
@@ -68,6 +73,25 @@ pub struct Ending {
     pub reason: EndReason,
     pub error: Option<String>,
     pub finished_at_ms: i64,
+    /// Final figures from `status.json`; `None` when the sandbox never ran or was lost.
+    pub stats: Option<SandboxStats>,
+}
+
+/// Which lifetime deadline of a sandbox has passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deadline {
+    /// `ttl_secs` (or the last `/extend`) ran out.
+    Ttl,
+    /// `remove_after_exit_secs` after the exit ran out.
+    RemoveAfterExit,
+}
+
+/// What is stored about a sandbox's resource use.
+#[derive(Debug, Clone)]
+pub struct StoredStats {
+    pub state: SandboxState,
+    pub stats: Option<SandboxStats>,
+    pub output_truncated: bool,
 }
 
 #[derive(Clone)]
@@ -144,8 +168,9 @@ impl Store {
             }
         };
         let inserted = sqlx::query(
-            "INSERT INTO sandboxes (id, name, state, hostname, created_at, labels, spec, uid_slot)
-             VALUES (?, ?, 'creating', ?, ?, ?, ?, ?)",
+            "INSERT INTO sandboxes (id, name, state, hostname, created_at, labels, spec, uid_slot,
+                                    ttl_deadline_ms, remove_after_exit_ms)
+             VALUES (?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(new.id.to_string())
         .bind(new.name.as_deref())
@@ -154,6 +179,8 @@ impl Store {
         .bind(labels)
         .bind(spec)
         .bind(slot.map(i64::from))
+        .bind(new.ttl_deadline_ms)
+        .bind(new.remove_after_exit_ms)
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -246,11 +273,26 @@ impl Store {
     }
 
     /// Record how a live sandbox ended. Returns false when it was already final (or gone).
+    ///
+    /// A sandbox the daemon killed itself (see [`Store::set_kill_reason`]) is recorded with that
+    /// reason instead of `killed`; `remove_at_ms` is set from `remove_after_exit_ms`.
     pub async fn finish(&self, id: Uuid, end: &Ending) -> Result<bool, StoreError> {
+        let stats = end
+            .stats
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(corrupt_json(id))?;
+        let truncated = end.stats.as_ref().is_some_and(|s| s.output_truncated);
         let done = sqlx::query(
             "UPDATE sandboxes
-                SET state = ?, exit_code = ?, signal = ?, reason = ?, error = ?, finished_at = ?
-              WHERE id = ? AND state IN ('creating', 'running')",
+                SET state = ?1, exit_code = ?2, signal = ?3,
+                    reason = CASE WHEN ?4 = 'killed' AND kill_reason IS NOT NULL
+                                  THEN kill_reason ELSE ?4 END,
+                    error = ?5, finished_at = ?6, stats = ?7, output_truncated = ?8,
+                    remove_at_ms = CASE WHEN remove_after_exit_ms IS NULL THEN NULL
+                                        ELSE ?6 + remove_after_exit_ms END
+              WHERE id = ?9 AND state IN ('creating', 'running')",
         )
         .bind(end.state.as_str())
         .bind(end.exit_code)
@@ -258,10 +300,111 @@ impl Store {
         .bind(end.reason.as_str())
         .bind(end.error.as_deref())
         .bind(end.finished_at_ms)
+        .bind(stats)
+        .bind(truncated)
         .bind(id.to_string())
         .execute(&self.writer)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Remember that the daemon is about to kill this sandbox for `reason`, so that its exit is
+    /// recorded with that reason (also when the daemon restarts before the exit is seen).
+    pub async fn set_kill_reason(&self, id: Uuid, reason: EndReason) -> Result<(), StoreError> {
+        sqlx::query("UPDATE sandboxes SET kill_reason = ? WHERE id = ?")
+            .bind(reason.as_str())
+            .bind(id.to_string())
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// Move the TTL deadline; false when there is no such sandbox.
+    pub async fn set_ttl_deadline(&self, id: Uuid, deadline_ms: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE sandboxes SET ttl_deadline_ms = ? WHERE id = ?")
+            .bind(deadline_ms)
+            .bind(id.to_string())
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Push a deadline that could not be acted on to `at_ms`, so the reaper retries later.
+    pub async fn postpone(&self, id: Uuid, which: Deadline, at_ms: i64) -> Result<(), StoreError> {
+        let sql = match which {
+            Deadline::Ttl => "UPDATE sandboxes SET ttl_deadline_ms = ? WHERE id = ?",
+            Deadline::RemoveAfterExit => "UPDATE sandboxes SET remove_at_ms = ? WHERE id = ?",
+        };
+        sqlx::query(sql)
+            .bind(at_ms)
+            .bind(id.to_string())
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// Sandboxes with a deadline at or before `now_ms` (a TTL first when both passed), and the
+    /// earliest deadline after `now_ms`.
+    pub async fn deadlines(
+        &self,
+        now_ms: i64,
+    ) -> Result<(Vec<(Uuid, Deadline)>, Option<i64>), StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, CASE WHEN ttl_deadline_ms IS NOT NULL AND ttl_deadline_ms <= ?1
+                             THEN 'ttl' ELSE 'remove' END
+               FROM sandboxes
+              WHERE ttl_deadline_ms <= ?1 OR remove_at_ms <= ?1
+              ORDER BY seq",
+        )
+        .bind(now_ms)
+        .fetch_all(&self.reader)
+        .await?;
+        let mut due = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let id: String = r.try_get(0)?;
+            let kind: String = r.try_get(1)?;
+            let which = if kind == "ttl" {
+                Deadline::Ttl
+            } else {
+                Deadline::RemoveAfterExit
+            };
+            due.push((parse_uuid(&id)?, which));
+        }
+        let next: Option<i64> = sqlx::query(
+            "SELECT MIN(d) FROM (
+                 SELECT ttl_deadline_ms AS d FROM sandboxes WHERE ttl_deadline_ms > ?1
+                 UNION ALL
+                 SELECT remove_at_ms FROM sandboxes WHERE remove_at_ms > ?1)",
+        )
+        .bind(now_ms)
+        .fetch_one(&self.reader)
+        .await?
+        .try_get(0)?;
+        Ok((due, next))
+    }
+
+    /// The stored resource figures of a sandbox.
+    pub async fn stats(&self, id: Uuid) -> Result<Option<StoredStats>, StoreError> {
+        let row = sqlx::query("SELECT state, stats, output_truncated FROM sandboxes WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&self.reader)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let state: String = row.try_get(0)?;
+        let state = SandboxState::parse(&state).ok_or_else(|| StoreError::Corrupt {
+            id: id.to_string(),
+            what: "state".into(),
+        })?;
+        let stats: Option<String> = row.try_get(1)?;
+        let stats = stats
+            .map(|s| serde_json::from_str::<SandboxStats>(&s))
+            .transpose()
+            .map_err(corrupt_json(id))?;
+        Ok(Some(StoredStats {
+            state,
+            stats,
+            output_truncated: row.try_get(2)?,
+        }))
     }
 
     pub async fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
@@ -409,6 +552,7 @@ fn to_sandbox(row: &SqliteRow) -> Result<(i64, Sandbox), StoreError> {
         finished_at: row.try_get::<Option<i64>, _>("finished_at")?.map(time_of),
         labels,
         spec,
+        output_truncated: row.try_get("output_truncated")?,
         init_pid: row.try_get("init_pid")?,
         host_uid: host_uid.and_then(|u| u32::try_from(u).ok()),
     };
@@ -425,6 +569,8 @@ mod tests {
             name: name.map(str::to_owned),
             hostname: "h".into(),
             created_at_ms: 1,
+            ttl_deadline_ms: None,
+            remove_after_exit_ms: None,
             spec: CreateSandbox {
                 command: vec!["true".into()],
                 env: Default::default(),
@@ -433,6 +579,8 @@ mod tests {
                 name: name.map(str::to_owned),
                 labels: [("a".to_string(), "1".to_string())].into(),
                 limits: Default::default(),
+                ttl_secs: None,
+                remove_after_exit_secs: None,
             },
         }
     }
@@ -460,6 +608,7 @@ mod tests {
             reason: EndReason::Exited,
             error: None,
             finished_at_ms: 2,
+            stats: None,
         };
         assert!(store.finish(a.id, &end).await.unwrap());
         assert!(!store.finish(a.id, &end).await.unwrap());

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use sandboxd_api::CreateSandbox;
+use sandboxd_api::{CreateSandbox, Limits};
 use uuid::Uuid;
 
 pub const MAX_ARGS: usize = 4096;
@@ -12,6 +12,12 @@ pub const MAX_CWD_BYTES: usize = 4096;
 pub const MAX_LABELS: usize = 64;
 pub const MAX_LABEL_VALUE: usize = 255;
 pub const MAX_TIMEOUT_SECS: u64 = 31_536_000;
+/// Longest `ttl_secs`, `remove_after_exit_secs` and `/extend` (ten years).
+pub const MAX_LIFETIME_SECS: u64 = 10 * 365 * 86_400;
+pub const MIN_MEMORY_BYTES: u64 = 1024 * 1024;
+pub const MIN_CPUS: f64 = 0.001;
+pub const MAX_CPUS: f64 = 1024.0;
+pub const MIN_OUTPUT_BYTES: u64 = 1024;
 
 pub const DEFAULT_CWD: &str = "/work";
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -59,12 +65,12 @@ impl ValidCreate {
             check_name(n)?;
         }
         check_labels(&spec.labels)?;
-        if let Some(t) = spec.limits.timeout_secs {
-            if !(1..=MAX_TIMEOUT_SECS).contains(&t) {
-                return Err(invalid(format!(
-                    "limits.timeout_secs: must be between 1 and {MAX_TIMEOUT_SECS}"
-                )));
-            }
+        check_limits(&spec.limits)?;
+        if let Some(t) = spec.ttl_secs {
+            check_lifetime("ttl_secs", t)?;
+        }
+        if let Some(t) = spec.remove_after_exit_secs {
+            check_lifetime("remove_after_exit_secs", t)?;
         }
         Ok(ValidCreate {
             command: spec.command.clone(),
@@ -108,6 +114,52 @@ impl ValidCreate {
         }
         env
     }
+}
+
+/// The form of each limit (400 when malformed); maximums and enforceability are `limits.rs`'s.
+pub fn check_limits(l: &Limits) -> Result<(), ValidationError> {
+    if let Some(t) = l.timeout_secs {
+        if !(1..=MAX_TIMEOUT_SECS).contains(&t) {
+            return Err(invalid(format!(
+                "limits.timeout_secs: must be between 1 and {MAX_TIMEOUT_SECS}"
+            )));
+        }
+    }
+    if let Some(m) = l.memory_bytes {
+        if m < MIN_MEMORY_BYTES {
+            return Err(invalid(format!(
+                "limits.memory_bytes: must be at least {MIN_MEMORY_BYTES} (1 MiB)"
+            )));
+        }
+    }
+    if let Some(c) = l.cpus {
+        if !c.is_finite() || !(MIN_CPUS..=MAX_CPUS).contains(&c) {
+            return Err(invalid(format!(
+                "limits.cpus: must be a number of cores between {MIN_CPUS} and {MAX_CPUS}"
+            )));
+        }
+    }
+    if l.pids == Some(0) {
+        return Err(invalid("limits.pids: must be at least 1"));
+    }
+    if let Some(o) = l.output_bytes {
+        if o < MIN_OUTPUT_BYTES {
+            return Err(invalid(format!(
+                "limits.output_bytes: must be at least {MIN_OUTPUT_BYTES} (1 KiB)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `ttl_secs`, `remove_after_exit_secs`, and the body of `/extend`.
+pub fn check_lifetime(field: &str, secs: u64) -> Result<(), ValidationError> {
+    if !(1..=MAX_LIFETIME_SECS).contains(&secs) {
+        return Err(invalid(format!(
+            "{field}: must be between 1 and {MAX_LIFETIME_SECS} (ten years)"
+        )));
+    }
+    Ok(())
 }
 
 fn check_command(command: &[String]) -> Result<(), ValidationError> {
@@ -266,6 +318,33 @@ mod tests {
         check(
             json!({"command": ["x"], "limits": {"timeout_secs": 0}}),
             Some("limits.timeout_secs"),
+        );
+        for (limits, field) in [
+            (json!({"memory_bytes": 1_048_575}), "limits.memory_bytes"),
+            (json!({"cpus": 0}), "limits.cpus"),
+            (json!({"cpus": -1}), "limits.cpus"),
+            (json!({"cpus": 1025}), "limits.cpus"),
+            (json!({"pids": 0}), "limits.pids"),
+            (json!({"output_bytes": 1023}), "limits.output_bytes"),
+        ] {
+            check(json!({"command": ["x"], "limits": limits}), Some(field));
+        }
+        check(
+            json!({"command": ["x"], "limits": {"memory_bytes": 1_048_576, "cpus": 0.5, "pids": 1, "output_bytes": 1024}}),
+            None,
+        );
+        check(json!({"command": ["x"], "ttl_secs": 0}), Some("ttl_secs"));
+        check(
+            json!({"command": ["x"], "ttl_secs": MAX_LIFETIME_SECS + 1}),
+            Some("ttl_secs"),
+        );
+        check(
+            json!({"command": ["x"], "remove_after_exit_secs": 0}),
+            Some("remove_after_exit_secs"),
+        );
+        check(
+            json!({"command": ["x"], "ttl_secs": 1, "remove_after_exit_secs": MAX_LIFETIME_SECS}),
+            None,
         );
     }
 

@@ -54,6 +54,7 @@ impl ApiError {
             StatusCode::CONFLICT => "conflict",
             StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
             StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            StatusCode::UNPROCESSABLE_ENTITY => "unprocessable",
             s if s.is_client_error() => "invalid_request",
             _ => "internal",
         };
@@ -112,6 +113,9 @@ impl From<ServiceError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "not_running", e.to_string())
             }
             ServiceError::BadSignal(_) => ApiError::invalid(format!("signal: {e}")),
+            ServiceError::Limit(l) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, l.code(), l.to_string())
+            }
             ServiceError::StopTimeout | ServiceError::Busy(_) => {
                 tracing::warn!(error = %chain(&e), "sandbox busy");
                 ApiError::new(

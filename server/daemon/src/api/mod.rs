@@ -16,7 +16,7 @@ use axum::response::IntoResponse;
 use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
 
-pub use error::ApiError;
+pub use error::{chain, ApiError};
 
 use crate::sandboxes::Service;
 
@@ -69,6 +69,16 @@ pub fn routes() -> Vec<Route> {
             post(sandboxes::kill),
         ),
         route(Method::GET, "/v1/sandboxes/{id}/logs", get(logs::logs)),
+        route(
+            Method::GET,
+            "/v1/sandboxes/{id}/stats",
+            get(sandboxes::stats),
+        ),
+        route(
+            Method::POST,
+            "/v1/sandboxes/{id}/extend",
+            post(sandboxes::extend),
+        ),
     ]
 }
 

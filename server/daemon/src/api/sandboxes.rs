@@ -1,17 +1,19 @@
-//! `/v1/sandboxes`: create, list, get, wait, kill and delete.
+//! `/v1/sandboxes`: create, list, get, wait, kill, delete, stats and extend.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use base64::Engine;
-use sandboxd_api::{CreateSandbox, KillRequest, Sandbox, SandboxList, SandboxState};
+use sandboxd_api::{
+    CreateSandbox, ExtendRequest, KillRequest, Sandbox, SandboxList, SandboxState, Stats,
+};
 use serde::Deserialize;
 
 use super::extract::{ApiJson, ApiQuery, IdOrName, OptionalJson};
 use super::{ApiError, AppState};
 use crate::store::ListQuery;
-use crate::validate::ValidCreate;
+use crate::validate::{check_lifetime, ValidCreate};
 
 const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 1000;
@@ -131,6 +133,22 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     state.svc.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn stats(
+    State(state): State<AppState>,
+    IdOrName(id): IdOrName,
+) -> Result<Json<Stats>, ApiError> {
+    Ok(Json(state.svc.stats(&id).await?))
+}
+
+pub async fn extend(
+    State(state): State<AppState>,
+    IdOrName(id): IdOrName,
+    ApiJson(body): ApiJson<ExtendRequest>,
+) -> Result<Json<Sandbox>, ApiError> {
+    check_lifetime("ttl_secs", body.ttl_secs)?;
+    Ok(Json(state.svc.extend(&id, body.ttl_secs).await?))
 }
 
 #[cfg(test)]

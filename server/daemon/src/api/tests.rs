@@ -13,6 +13,7 @@ use tower::ServiceExt;
 
 use super::{app, routes, AppState};
 use crate::helper_client::{FakeHelper, FakeSpawn};
+use crate::limits::LimitPolicy;
 use crate::sandboxes::Service;
 use crate::store::Store;
 
@@ -25,7 +26,7 @@ async fn test_app(spawn: FakeSpawn) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("sandboxd.db")).await.unwrap();
     let helper = FakeHelper::new(dir.path(), Mode::Privileged, spawn);
-    let svc = Service::new(store, helper, dir.path(), 4);
+    let svc = Service::new(store, helper, dir.path(), 4, LimitPolicy::default());
     TestApp {
         router: app(AppState {
             svc: Arc::clone(&svc),
@@ -508,7 +509,7 @@ async fn websocket_streams_backlog_then_log_end() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("sandboxd.db")).await.unwrap();
     let helper = FakeHelper::new(dir.path(), Mode::Rootless, FakeSpawn::ExitAtOnce);
-    let svc = Service::new(store, helper, dir.path(), 4);
+    let svc = Service::new(store, helper, dir.path(), 4, LimitPolicy::default());
     let valid = crate::validate::ValidCreate::parse(
         serde_json::from_value(json!({"command": ["true"]})).unwrap(),
     )

@@ -4,8 +4,12 @@
 //! monitor; when the monitor closes it the watcher records the exit in the store and notifies
 //! everyone waiting through a `tokio::sync::watch` channel kept in the in-memory registry. No
 //! per-sandbox polling happens anywhere.
+//!
+//! Lifetimes (`ttl_secs`, `remove_after_exit_secs`, `/extend`) are enforced by one reaper task
+//! (see [`reaper`]) that sleeps until the earliest deadline in the store.
 
 pub mod monitor;
+mod reaper;
 mod watcher;
 
 use std::collections::{HashMap, HashSet};
@@ -13,14 +17,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sandboxd_api::{EndReason, Info, Sandbox, SandboxState};
+use sandboxd_api::{EndReason, Info, Sandbox, SandboxState, Stats};
 use sandboxd_protocol::control::ALLOWED_SIGNALS;
 use sandboxd_protocol::layout::SandboxDir;
-use sandboxd_protocol::wire::{HelperErrorCode, Mode, SpawnRequest};
-use tokio::sync::watch;
+use sandboxd_protocol::wire::{HelperErrorCode, Mode, SandboxStats, SpawnRequest};
+use tokio::sync::{watch, Notify, OnceCell};
 use uuid::Uuid;
 
 use crate::helper_client::{self, Helper, HelperClientError};
+use crate::limits::{self, HostLimits, LimitError, LimitPolicy, Resolved};
 use crate::store::{Ending, ListQuery, NewSandbox, Store, StoreError};
 use crate::validate::ValidCreate;
 use monitor::MonitorError;
@@ -53,6 +58,8 @@ pub enum ServiceError {
     StopTimeout,
     #[error("the sandbox is still busy: {0}")]
     Busy(String),
+    #[error(transparent)]
+    Limit(#[from] LimitError),
     #[error("store")]
     Store(#[from] StoreError),
     #[error("helper")]
@@ -69,8 +76,15 @@ pub struct Service {
     helper: Arc<dyn Helper>,
     state_dir: PathBuf,
     uid_slots: u32,
+    policy: LimitPolicy,
+    /// What the host can enforce, asked of the helper once.
+    host: OnceCell<HostLimits>,
     /// One entry per sandbox that is not final yet; the value turns `true` when it is.
     live: Mutex<HashMap<Uuid, watch::Sender<bool>>>,
+    /// Wakes the reaper when a deadline may have moved earlier.
+    reaper_wake: Notify,
+    /// Sandboxes the reaper is removing right now.
+    reaping: Mutex<HashSet<Uuid>>,
 }
 
 impl Service {
@@ -79,14 +93,44 @@ impl Service {
         helper: Arc<dyn Helper>,
         state_dir: &Path,
         uid_slots: u32,
+        policy: LimitPolicy,
     ) -> Arc<Self> {
         Arc::new(Service {
             store,
             helper,
             state_dir: state_dir.to_owned(),
             uid_slots,
+            policy,
+            host: OnceCell::new(),
             live: Mutex::new(HashMap::new()),
+            reaper_wake: Notify::new(),
+            reaping: Mutex::new(HashSet::new()),
         })
+    }
+
+    pub fn policy(&self) -> &LimitPolicy {
+        &self.policy
+    }
+
+    /// What the host can enforce (asked of the helper on first use; the answer does not change
+    /// while the helper lives, and the daemon exits with its helper).
+    pub async fn host_limits(&self) -> Result<&HostLimits, ServiceError> {
+        self.host
+            .get_or_try_init(|| async {
+                let info = helper_client::info(&*self.helper).await?;
+                Ok::<_, ServiceError>(HostLimits::from_info(&info))
+            })
+            .await
+    }
+
+    /// Ask the helper what it enforces and warn about daemon defaults that cannot apply.
+    pub async fn check_host_limits(&self) -> Result<(), ServiceError> {
+        let host = self.host_limits().await?;
+        tracing::info!(enforceable = ?host.enforceable, cgroup = %host.cgroup_version, "resource limits");
+        for warning in self.policy.unapplied_defaults(host) {
+            tracing::warn!("{warning}");
+        }
+        Ok(())
     }
 
     pub fn state_dir(&self) -> &Path {
@@ -113,11 +157,13 @@ impl Service {
             .or_insert_with(|| watch::channel(false).0);
     }
 
-    /// Mark a sandbox final for everyone waiting on it.
+    /// Mark a sandbox final for everyone waiting on it (and for the reaper: its
+    /// `remove_after_exit` deadline is set now).
     fn notify_final(&self, id: Uuid) {
         if let Some(tx) = self.registry().remove(&id) {
             tx.send_replace(true);
         }
+        self.reaper_wake.notify_one();
     }
 
     /// A receiver that turns `true` when the sandbox is final; `None` if it already is (or is
@@ -145,10 +191,11 @@ impl Service {
         v: ValidCreate,
         wait: bool,
     ) -> Result<Sandbox, ServiceError> {
+        let resolved = limits::resolve(&self.policy, self.host_limits().await?, &v.spec)?;
         // The setup runs in its own task so that a client hanging up cannot leave a row in
         // `creating` without a watcher.
         let svc = Arc::clone(self);
-        let id = tokio::spawn(async move { svc.create_and_start(v).await }).await??;
+        let id = tokio::spawn(async move { svc.create_and_start(v, resolved).await }).await??;
         if wait {
             self.wait(id).await
         } else {
@@ -156,15 +203,25 @@ impl Service {
         }
     }
 
-    async fn create_and_start(self: Arc<Self>, v: ValidCreate) -> Result<Uuid, ServiceError> {
+    async fn create_and_start(
+        self: Arc<Self>,
+        v: ValidCreate,
+        resolved: Resolved,
+    ) -> Result<Uuid, ServiceError> {
         let id = Uuid::new_v4();
         let hostname = v.hostname_for(id);
+        let created_at_ms = crate::now_unix_ms();
+        // The stored spec shows the limits in effect, daemon defaults included.
+        let mut spec = v.spec.clone();
+        spec.limits = resolved.limits.clone();
         let new = NewSandbox {
             id,
             name: v.name.clone(),
             hostname: hostname.clone(),
-            created_at_ms: crate::now_unix_ms(),
-            spec: v.spec.clone(),
+            created_at_ms,
+            ttl_deadline_ms: spec.ttl_secs.map(|t| created_at_ms + secs_to_ms(t)),
+            remove_after_exit_ms: spec.remove_after_exit_secs.map(secs_to_ms),
+            spec,
         };
         let slots = (self.helper.mode() == Mode::Privileged).then_some(self.uid_slots);
         self.register(id);
@@ -187,6 +244,7 @@ impl Service {
             cwd: v.cwd.clone(),
             hostname,
             timeout_secs: v.timeout_secs,
+            limits: resolved.spawn,
         };
         // A slot the database thinks free can still be held by a monitor whose sandbox the
         // database lost track of (marked lost, or a row deleted by hand); the helper refuses it
@@ -226,6 +284,9 @@ impl Service {
                     tracing::info!(%id, error = %e, "command could not be executed");
                 }
                 self.start_watcher(id);
+                if new.ttl_deadline_ms.is_some() {
+                    self.reaper_wake.notify_one();
+                }
                 Ok(id)
             }
             Err(source) => {
@@ -240,6 +301,7 @@ impl Service {
                         other => other.to_string(),
                     }),
                     finished_at_ms: crate::now_unix_ms(),
+                    stats: None,
                 };
                 if let Err(e) = self.store.finish(id, &end).await {
                     tracing::error!(%id, error = %e, "recording a failed spawn failed");
@@ -351,7 +413,51 @@ impl Service {
                 size: h.uid_range_size,
                 slots: h.uid_slots,
             },
+            limits: h.enforceable_limits,
         })
+    }
+
+    /// Resource figures: live from the helper while the sandbox runs, the stored final ones after.
+    pub async fn stats(&self, id_or_name: &str) -> Result<Stats, ServiceError> {
+        let sandbox = self.find(id_or_name).await?;
+        let id = sandbox.id;
+        if sandbox.state == SandboxState::Running {
+            match helper_client::stats(&*self.helper, id).await {
+                Ok(s) => return Ok(api_stats(s)),
+                // It ended in between: its final figures are being recorded.
+                Err(HelperClientError::Refused(e))
+                    if matches!(e.code, HelperErrorCode::NotFound | HelperErrorCode::Busy) =>
+                {
+                    let _ = tokio::time::timeout(STATS_FINAL_WAIT, self.wait(id)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let stored = self.store.stats(id).await?.ok_or(ServiceError::NotFound)?;
+        Ok(match stored.stats {
+            Some(s) => api_stats(s),
+            // Never started, still being created, or lost: only the log can be measured.
+            None => Stats {
+                output_bytes: tokio::fs::metadata(self.dir(id).output_log())
+                    .await
+                    .map(|m| m.len())
+                    .unwrap_or(0),
+                output_truncated: stored.output_truncated,
+                ..Stats::default()
+            },
+        })
+    }
+
+    /// Move the TTL deadline of a sandbox to `ttl_secs` from now (also when it had none).
+    pub async fn extend(&self, id_or_name: &str, ttl_secs: u64) -> Result<Sandbox, ServiceError> {
+        limits::check_ttl(&self.policy, ttl_secs)?;
+        let sandbox = self.find(id_or_name).await?;
+        let deadline = crate::now_unix_ms() + secs_to_ms(ttl_secs);
+        if !self.store.set_ttl_deadline(sandbox.id, deadline).await? {
+            return Err(ServiceError::NotFound);
+        }
+        self.reaper_wake.notify_one();
+        Ok(sandbox)
     }
 
     /// Bring the store and the sandbox directories back in line after a (possibly unclean) stop:
@@ -392,6 +498,27 @@ fn lost(why: &str) -> Ending {
         reason: EndReason::Lost,
         error: Some(why.to_owned()),
         finished_at_ms: crate::now_unix_ms(),
+        stats: None,
+    }
+}
+
+/// How long `/stats` waits for the final figures of a sandbox that ended during the request.
+const STATS_FINAL_WAIT: Duration = Duration::from_secs(2);
+
+fn secs_to_ms(secs: u64) -> i64 {
+    i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+}
+
+fn api_stats(s: SandboxStats) -> Stats {
+    Stats {
+        memory_bytes: s.memory_bytes,
+        memory_peak_bytes: s.memory_peak_bytes,
+        cpu_usec: s.cpu_usec,
+        pids: s.pids,
+        pids_peak: s.pids_peak,
+        disk_bytes: s.disk_bytes,
+        output_bytes: s.output_bytes,
+        output_truncated: s.output_truncated,
     }
 }
 
@@ -440,7 +567,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db")).await.unwrap();
         let helper = FakeHelper::new(dir.path(), Mode::Rootless, FakeSpawn::ExitAtOnce);
-        let svc = Service::new(store.clone(), helper, dir.path(), 4);
+        let svc = Service::new(store.clone(), helper, dir.path(), 4, LimitPolicy::default());
         // A running row whose directory is gone, and a directory without a row.
         let spec: sandboxd_api::CreateSandbox =
             serde_json::from_value(serde_json::json!({"command": ["true"]})).unwrap();
@@ -449,6 +576,8 @@ mod tests {
             name: None,
             hostname: "h".into(),
             created_at_ms: 1,
+            ttl_deadline_ms: None,
+            remove_after_exit_ms: None,
             spec,
         };
         store.insert_creating(&gone, None).await.unwrap();

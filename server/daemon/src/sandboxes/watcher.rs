@@ -70,8 +70,10 @@ fn ending_of(status: &ExitStatus) -> Ending {
             ExitReason::Killed => EndReason::Killed,
             ExitReason::Timeout => EndReason::Timeout,
             ExitReason::ExecFailed => EndReason::ExecFailed,
+            ExitReason::Oom => EndReason::Oom,
         },
         error: status.error.clone(),
         finished_at_ms: status.finished_at_unix_ms,
+        stats: Some(status.stats),
     }
 }

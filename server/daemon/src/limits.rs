@@ -1,0 +1,461 @@
+//! Resource limits: the daemon's defaults and maximums, what the host can enforce, and the
+//! resolution of a request's `limits` into the `SpawnLimits` the helper gets.
+//!
+//! Malformed values (zero memory, NaN cpus...) are refused with 400 by `validate.rs`; this module
+//! answers 422 for well-formed requests the daemon will not honour: above a configured maximum
+//! ([`LimitError::Exceeded`]) or not enforceable on this host ([`LimitError::Unenforceable`]).
+//! A limit is never silently dropped.
+
+use sandboxd_api::{CreateSandbox, Limits};
+use sandboxd_protocol::wire::{HelperInfo, SpawnLimits};
+
+/// Names of the limits in `HelperInfo::enforceable_limits` and `Info::limits`.
+pub const MEMORY: &str = "memory";
+pub const CPUS: &str = "cpus";
+pub const PIDS: &str = "pids";
+
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * KIB;
+pub const GIB: u64 = 1024 * MIB;
+
+/// Default `limits.pids` (applied only where pids can be enforced).
+pub const DEFAULT_PIDS: u64 = 4096;
+/// Default and largest `limits.output_bytes`.
+pub const DEFAULT_OUTPUT_BYTES: u64 = 64 * MIB;
+pub const DEFAULT_MAX_OUTPUT_BYTES: u64 = GIB;
+
+/// Parse a byte size: a plain number of bytes, or a number (fractions allowed) with a suffix
+/// `K`, `M`, `G`, `T`, optionally followed by `i` and/or `B`, case-insensitive. All suffixes are
+/// binary: `256M` and `256Mi` are both 268435456 bytes (as `docker run --memory` reads them).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, suffix) = t.split_at(split);
+    let bad =
+        || format!("invalid size {text:?}: expected a number of bytes or e.g. 256M, 1.5G, 512Ki");
+    if number.is_empty() || number.starts_with('.') || number.ends_with('.') {
+        return Err(bad());
+    }
+    let unit = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "ki" | "kb" | "kib" => KIB,
+        "m" | "mi" | "mb" | "mib" => MIB,
+        "g" | "gi" | "gb" | "gib" => GIB,
+        "t" | "ti" | "tb" | "tib" => 1024 * GIB,
+        _ => return Err(bad()),
+    };
+    if let Ok(n) = number.parse::<u64>() {
+        return n
+            .checked_mul(unit)
+            .ok_or_else(|| format!("size {text:?} is too large"));
+    }
+    let f: f64 = number.parse().map_err(|_| bad())?;
+    let bytes = (f * unit as f64).round();
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("size {text:?} is too large"));
+    }
+    Ok(bytes as u64)
+}
+
+/// The daemon's defaults and maximums (from the command line).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitPolicy {
+    pub default_memory: Option<u64>,
+    pub max_memory: Option<u64>,
+    pub default_cpus: Option<f64>,
+    pub max_cpus: Option<f64>,
+    pub default_pids: Option<u64>,
+    pub max_pids: Option<u64>,
+    pub default_output_bytes: u64,
+    pub max_output_bytes: u64,
+    pub max_timeout_secs: Option<u64>,
+    pub max_ttl_secs: Option<u64>,
+}
+
+impl Default for LimitPolicy {
+    fn default() -> Self {
+        LimitPolicy {
+            default_memory: None,
+            max_memory: None,
+            default_cpus: None,
+            max_cpus: None,
+            default_pids: Some(DEFAULT_PIDS),
+            max_pids: None,
+            default_output_bytes: DEFAULT_OUTPUT_BYTES,
+            max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+            max_timeout_secs: None,
+            max_ttl_secs: None,
+        }
+    }
+}
+
+impl LimitPolicy {
+    /// Refuse a configuration whose defaults are malformed or above its own maximums.
+    pub fn check(&self) -> Result<(), String> {
+        let defaults = Limits {
+            memory_bytes: self.default_memory,
+            cpus: self.default_cpus,
+            pids: self.default_pids,
+            output_bytes: Some(self.default_output_bytes),
+            ..Limits::default()
+        };
+        crate::validate::check_limits(&defaults).map_err(|e| format!("default {e}"))?;
+        let maxima = Limits {
+            memory_bytes: self.max_memory,
+            cpus: self.max_cpus,
+            pids: self.max_pids,
+            output_bytes: Some(self.max_output_bytes),
+            ..Limits::default()
+        };
+        crate::validate::check_limits(&maxima).map_err(|e| format!("maximum {e}"))?;
+        let above = |name: &str, d: Option<f64>, m: Option<f64>| match (d, m) {
+            (Some(d), Some(m)) if d > m => Err(format!(
+                "--default-{name} ({d}) is above --max-{name} ({m})"
+            )),
+            _ => Ok(()),
+        };
+        let f = |v: Option<u64>| v.map(|v| v as f64);
+        above("memory", f(self.default_memory), f(self.max_memory))?;
+        above("cpus", self.default_cpus, self.max_cpus)?;
+        above("pids", f(self.default_pids), f(self.max_pids))?;
+        above(
+            "output-bytes",
+            Some(self.default_output_bytes as f64),
+            Some(self.max_output_bytes as f64),
+        )?;
+        Ok(())
+    }
+
+    /// Warnings for defaults that cannot be applied on this host (logged at start).
+    pub fn unapplied_defaults(&self, host: &HostLimits) -> Vec<String> {
+        let mut out = Vec::new();
+        for (name, flag, set) in [
+            (MEMORY, "--default-memory", self.default_memory.is_some()),
+            (CPUS, "--default-cpus", self.default_cpus.is_some()),
+            (PIDS, "--default-pids", self.default_pids.is_some()),
+        ] {
+            if set && !host.can(name) {
+                out.push(format!(
+                    "{flag} is not applied: {name} limits cannot be enforced on this host ({})",
+                    host.why_not(name)
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// What the host can enforce, from the helper's `Info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostLimits {
+    pub enforceable: Vec<String>,
+    pub cgroup_version: String,
+}
+
+impl HostLimits {
+    pub fn from_info(info: &HelperInfo) -> Self {
+        HostLimits {
+            enforceable: info.enforceable_limits.clone(),
+            cgroup_version: info.cgroup_version.clone(),
+        }
+    }
+
+    pub fn can(&self, limit: &str) -> bool {
+        self.enforceable.iter().any(|l| l == limit)
+    }
+
+    fn why_not(&self, limit: &str) -> String {
+        let controller = if limit == CPUS { "cpu" } else { limit };
+        match self.cgroup_version.as_str() {
+            "none" | "" => "no cgroup hierarchy is available to sandboxd".to_owned(),
+            v => format!(
+                "the {controller} controller of this host's cgroup {v} hierarchy is not available \
+                 to sandboxd (see deploy/cgroups.md)"
+            ),
+        }
+    }
+}
+
+/// A request the daemon will not honour as asked (422).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    #[error("{0}")]
+    Exceeded(String),
+    #[error("{0}")]
+    Unenforceable(String),
+}
+
+impl LimitError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            LimitError::Exceeded(_) => "limit_exceeded",
+            LimitError::Unenforceable(_) => "limit_unenforceable",
+        }
+    }
+}
+
+/// The limits a sandbox gets: what the helper enforces, and the same figures in API form (stored
+/// as the sandbox's `spec.limits`, so clients see the defaults that were applied).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub spawn: SpawnLimits,
+    pub limits: Limits,
+}
+
+fn above_max(
+    field: &str,
+    value: impl std::fmt::Display,
+    max: impl std::fmt::Display,
+) -> LimitError {
+    LimitError::Exceeded(format!(
+        "{field}: {value} is above this daemon's maximum of {max}"
+    ))
+}
+
+/// Check a validated request against the policy and the host, and fill in defaults.
+pub fn resolve(
+    policy: &LimitPolicy,
+    host: &HostLimits,
+    spec: &CreateSandbox,
+) -> Result<Resolved, LimitError> {
+    let req = &spec.limits;
+    if req.disk_bytes.is_some() {
+        return Err(LimitError::Unenforceable(
+            "limits.disk_bytes: host-mode root filesystems have no disk quota yet".into(),
+        ));
+    }
+    let unenforceable = |field: &str, name: &str| {
+        LimitError::Unenforceable(format!(
+            "{field} cannot be enforced on this host: {}",
+            host.why_not(name)
+        ))
+    };
+    // A requested limit must be enforceable and within the maximum; a default applies only where
+    // it can be enforced (the daemon warned about the others at start).
+    let memory = match req.memory_bytes {
+        Some(m) => {
+            if !host.can(MEMORY) {
+                return Err(unenforceable("limits.memory_bytes", MEMORY));
+            }
+            if let Some(max) = policy.max_memory.filter(|max| m > *max) {
+                return Err(above_max("limits.memory_bytes", m, max));
+            }
+            Some(m)
+        }
+        None => policy.default_memory.filter(|_| host.can(MEMORY)),
+    };
+    let cpus = match req.cpus {
+        Some(c) => {
+            if !host.can(CPUS) {
+                return Err(unenforceable("limits.cpus", CPUS));
+            }
+            if let Some(max) = policy.max_cpus.filter(|max| c > *max) {
+                return Err(above_max("limits.cpus", c, max));
+            }
+            Some(c)
+        }
+        None => policy.default_cpus.filter(|_| host.can(CPUS)),
+    };
+    let pids = match req.pids {
+        Some(p) => {
+            if !host.can(PIDS) {
+                return Err(unenforceable("limits.pids", PIDS));
+            }
+            if let Some(max) = policy.max_pids.filter(|max| p > *max) {
+                return Err(above_max("limits.pids", p, max));
+            }
+            Some(p)
+        }
+        None => policy.default_pids.filter(|_| host.can(PIDS)),
+    };
+    let output = req.output_bytes.unwrap_or(policy.default_output_bytes);
+    if output > policy.max_output_bytes {
+        return Err(above_max(
+            "limits.output_bytes",
+            output,
+            policy.max_output_bytes,
+        ));
+    }
+    if let (Some(t), Some(max)) = (req.timeout_secs, policy.max_timeout_secs) {
+        if t > max {
+            return Err(above_max("limits.timeout_secs", t, max));
+        }
+    }
+    if let (Some(t), Some(max)) = (spec.ttl_secs, policy.max_ttl_secs) {
+        if t > max {
+            return Err(above_max("ttl_secs", t, max));
+        }
+    }
+    Ok(Resolved {
+        spawn: SpawnLimits {
+            memory_bytes: memory,
+            // validate.rs keeps cpus within 0.001..=1024, so this is 1..=1_024_000.
+            cpu_millis: cpus.map(|c| (c * 1000.0).round() as u32),
+            pids,
+            output_bytes: output,
+        },
+        limits: Limits {
+            timeout_secs: req.timeout_secs,
+            memory_bytes: memory,
+            cpus,
+            pids,
+            disk_bytes: None,
+            output_bytes: Some(output),
+        },
+    })
+}
+
+/// Check a TTL (creation or `/extend`) against the policy's maximum.
+pub fn check_ttl(policy: &LimitPolicy, ttl_secs: u64) -> Result<(), LimitError> {
+    match policy.max_ttl_secs {
+        Some(max) if ttl_secs > max => Err(above_max("ttl_secs", ttl_secs, max)),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("256M"), Ok(256 * MIB));
+        assert_eq!(parse_size("256m"), Ok(256 * MIB));
+        assert_eq!(parse_size("1.5G"), Ok(3 * GIB / 2));
+        assert_eq!(parse_size("512Ki"), Ok(512 * KIB));
+        assert_eq!(parse_size("2GiB"), Ok(2 * GIB));
+        assert_eq!(parse_size("1T"), Ok(1024 * GIB));
+        for bad in [
+            "",
+            "M",
+            "1.5.2G",
+            "-1",
+            "1X",
+            ".5G",
+            "1e9",
+            "99999999999999999999T",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn host(enforceable: &[&str]) -> HostLimits {
+        HostLimits {
+            enforceable: enforceable.iter().map(|s| s.to_string()).collect(),
+            cgroup_version: "v1".into(),
+        }
+    }
+
+    fn spec(limits: serde_json::Value) -> CreateSandbox {
+        serde_json::from_value(serde_json::json!({"command": ["x"], "limits": limits})).unwrap()
+    }
+
+    #[test]
+    fn defaults_apply_only_where_enforceable() {
+        let policy = LimitPolicy {
+            default_memory: Some(512 * MIB),
+            default_cpus: Some(1.5),
+            ..LimitPolicy::default()
+        };
+        let all = resolve(
+            &policy,
+            &host(&[MEMORY, CPUS, PIDS]),
+            &spec(serde_json::json!({})),
+        )
+        .unwrap();
+        assert_eq!(
+            all.spawn,
+            SpawnLimits {
+                memory_bytes: Some(512 * MIB),
+                cpu_millis: Some(1500),
+                pids: Some(DEFAULT_PIDS),
+                output_bytes: DEFAULT_OUTPUT_BYTES,
+            }
+        );
+        let none = resolve(&policy, &host(&[]), &spec(serde_json::json!({}))).unwrap();
+        assert_eq!(
+            none.spawn,
+            SpawnLimits {
+                output_bytes: DEFAULT_OUTPUT_BYTES,
+                ..SpawnLimits::default()
+            }
+        );
+        assert_eq!(policy.unapplied_defaults(&host(&[])).len(), 3);
+        assert!(policy
+            .unapplied_defaults(&host(&[MEMORY, CPUS, PIDS]))
+            .is_empty());
+    }
+
+    #[test]
+    fn maxima_and_enforceability_give_422() {
+        let policy = LimitPolicy {
+            max_memory: Some(4 * GIB),
+            max_cpus: Some(2.0),
+            max_timeout_secs: Some(60),
+            max_ttl_secs: Some(3600),
+            ..LimitPolicy::default()
+        };
+        let all = host(&[MEMORY, CPUS, PIDS]);
+        let err = resolve(
+            &policy,
+            &all,
+            &spec(serde_json::json!({"memory_bytes": 10 * GIB})),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            LimitError::Exceeded(
+                "limits.memory_bytes: 10737418240 is above this daemon's maximum of 4294967296"
+                    .into()
+            )
+        );
+        let over = |l: serde_json::Value| resolve(&policy, &all, &spec(l)).unwrap_err().code();
+        assert_eq!(over(serde_json::json!({"cpus": 2.5})), "limit_exceeded");
+        assert_eq!(
+            over(serde_json::json!({"timeout_secs": 61})),
+            "limit_exceeded"
+        );
+        assert_eq!(
+            over(serde_json::json!({"output_bytes": 2 * GIB})),
+            "limit_exceeded"
+        );
+        assert_eq!(
+            over(serde_json::json!({"disk_bytes": GIB})),
+            "limit_unenforceable"
+        );
+        let err = resolve(
+            &policy,
+            &host(&[CPUS]),
+            &spec(serde_json::json!({"pids": 10})),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("limits.pids cannot be enforced on this host: the pids controller of this host's cgroup v1"),
+            "{err}"
+        );
+        let ok = resolve(&policy, &all, &spec(serde_json::json!({"cpus": 0.5}))).unwrap();
+        assert_eq!(ok.spawn.cpu_millis, Some(500));
+        assert!(check_ttl(&policy, 3601).is_err());
+        assert!(check_ttl(&policy, 3600).is_ok());
+    }
+
+    #[test]
+    fn policy_check_refuses_defaults_above_maxima() {
+        let p = LimitPolicy {
+            default_memory: Some(2 * GIB),
+            max_memory: Some(GIB),
+            ..LimitPolicy::default()
+        };
+        assert!(p.check().is_err());
+        assert!(LimitPolicy::default().check().is_ok());
+        let p = LimitPolicy {
+            default_output_bytes: 10,
+            ..LimitPolicy::default()
+        };
+        assert!(p.check().is_err());
+    }
+}
