@@ -634,4 +634,46 @@ mod tests {
         assert_eq!(rest[0].id, a.id);
         assert!(none.is_none());
     }
+
+    #[tokio::test]
+    async fn a_kill_reason_survives_until_the_exit_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        let mut a = new(None);
+        a.remove_after_exit_ms = Some(5000);
+        a.ttl_deadline_ms = Some(100);
+        store.insert_creating(&a, None).await.unwrap();
+        store.set_running(a.id, 2, 10, 1000).await.unwrap();
+        store.set_kill_reason(a.id, EndReason::Ttl).await.unwrap();
+        // A new Store, as after a daemon restart.
+        drop(store);
+        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        let (due, next) = store.deadlines(1000).await.unwrap();
+        assert_eq!((due, next), (vec![(a.id, Deadline::Ttl)], None));
+        let end = Ending {
+            state: SandboxState::Exited,
+            exit_code: Some(137),
+            signal: Some("SIGKILL".into()),
+            reason: EndReason::Killed,
+            error: None,
+            finished_at_ms: 2000,
+            stats: Some(SandboxStats {
+                output_bytes: 9,
+                output_truncated: true,
+                ..SandboxStats::default()
+            }),
+        };
+        assert!(store.finish(a.id, &end).await.unwrap());
+        let row = store.get(a.id).await.unwrap().unwrap();
+        assert_eq!(row.reason, Some(EndReason::Ttl));
+        assert!(row.output_truncated);
+        let stored = store.stats(a.id).await.unwrap().unwrap();
+        assert_eq!(stored.stats.unwrap().output_bytes, 9);
+        // remove_at = finished_at + remove_after_exit.
+        store.set_ttl_deadline(a.id, 1_000_000).await.unwrap();
+        let (due, next) = store.deadlines(1000).await.unwrap();
+        assert_eq!((due, next), (vec![], Some(7000)));
+        let (due, _) = store.deadlines(7000).await.unwrap();
+        assert_eq!(due, vec![(a.id, Deadline::RemoveAfterExit)]);
+    }
 }

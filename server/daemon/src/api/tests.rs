@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use sandboxd_api::{ErrorBody, Sandbox, SandboxList, SandboxState};
-use sandboxd_protocol::wire::Mode;
+use sandboxd_protocol::wire::{Mode, SpawnLimits};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -19,18 +19,28 @@ use crate::store::Store;
 
 struct TestApp {
     router: axum::Router,
+    svc: Arc<Service>,
+    helper: Arc<FakeHelper>,
     _dir: tempfile::TempDir,
 }
 
 async fn test_app(spawn: FakeSpawn) -> TestApp {
+    test_app_with(spawn, &["memory", "cpus", "pids"], LimitPolicy::default()).await
+}
+
+async fn test_app_with(spawn: FakeSpawn, enforceable: &[&str], policy: LimitPolicy) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("sandboxd.db")).await.unwrap();
-    let helper = FakeHelper::new(dir.path(), Mode::Privileged, spawn);
-    let svc = Service::new(store, helper, dir.path(), 4, LimitPolicy::default());
+    let helper = FakeHelper::with_limits(dir.path(), Mode::Privileged, spawn, enforceable);
+    let svc = Service::new(store, helper.clone(), dir.path(), 4, policy);
+    svc.check_host_limits().await.unwrap();
+    svc.start_reaper();
     TestApp {
         router: app(AppState {
             svc: Arc::clone(&svc),
         }),
+        svc,
+        helper,
         _dir: dir,
     }
 }
@@ -557,4 +567,356 @@ async fn websocket_streams_backlog_then_log_end() {
     assert_eq!(end.offset, 6);
     assert_eq!(end.exit_code, Some(0));
     assert_eq!(got.len(), 4);
+}
+
+impl TestApp {
+    /// The limits of the last `Spawn` the fake helper received.
+    fn last_spawn_limits(&self) -> SpawnLimits {
+        let requests = self.helper.requests.lock().unwrap();
+        requests
+            .iter()
+            .rev()
+            .find_map(|r| match r {
+                sandboxd_protocol::wire::Request::Spawn(s) => Some(s.limits),
+                _ => None,
+            })
+            .expect("no spawn request")
+    }
+
+    /// POST /v1/sandboxes with these `limits` (and other top-level fields).
+    async fn create(&self, extra: Value) -> (StatusCode, Value) {
+        let mut body = json!({"command": ["true"]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        self.json(Method::POST, "/v1/sandboxes", Some(body)).await
+    }
+}
+
+fn code_of(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn malformed_limits_are_400() {
+    let app = test_app(FakeSpawn::ExitAtOnce).await;
+    for extra in [
+        json!({"limits": {"memory_bytes": 1000}}),
+        json!({"limits": {"cpus": 0}}),
+        json!({"limits": {"cpus": 2000}}),
+        json!({"limits": {"pids": 0}}),
+        json!({"limits": {"output_bytes": 10}}),
+        json!({"limits": {"memory": 10}}),
+        json!({"ttl_secs": 0}),
+        json!({"remove_after_exit_secs": 0}),
+        json!({"ttl_secs": 400_000_000u64}),
+    ] {
+        let (status, body) = app.create(extra.clone()).await;
+        assert_eq!(
+            (status, code_of(&body)),
+            (StatusCode::BAD_REQUEST, "invalid_request"),
+            "{extra}: {body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn limits_above_maxima_are_422_naming_the_limit() {
+    let policy = LimitPolicy {
+        max_memory: Some(4 << 30),
+        max_cpus: Some(2.0),
+        max_pids: Some(100),
+        max_output_bytes: 1 << 20,
+        default_output_bytes: 1 << 20,
+        max_timeout_secs: Some(60),
+        max_ttl_secs: Some(3600),
+        ..LimitPolicy::default()
+    };
+    let app = test_app_with(FakeSpawn::ExitAtOnce, &["memory", "cpus", "pids"], policy).await;
+    let (status, body) = app
+        .create(json!({"limits": {"memory_bytes": 10u64 << 30}}))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(code_of(&body), "limit_exceeded");
+    assert_eq!(
+        body["error"]["message"],
+        json!("limits.memory_bytes: 10737418240 is above this daemon's maximum of 4294967296")
+    );
+    for (extra, field) in [
+        (json!({"limits": {"cpus": 4}}), "limits.cpus"),
+        (json!({"limits": {"pids": 101}}), "limits.pids"),
+        (
+            json!({"limits": {"output_bytes": 2 << 20}}),
+            "limits.output_bytes",
+        ),
+        (
+            json!({"limits": {"timeout_secs": 61}}),
+            "limits.timeout_secs",
+        ),
+        (json!({"ttl_secs": 3601}), "ttl_secs"),
+    ] {
+        let (status, body) = app.create(extra.clone()).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{extra}: {body}");
+        assert_eq!(code_of(&body), "limit_exceeded");
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(msg.starts_with(field), "{msg}");
+    }
+    // Nothing was created by the refused requests.
+    let (_, body) = app.json(Method::GET, "/v1/sandboxes", None).await;
+    assert_eq!(body["items"], json!([]));
+    // At the maximum is fine, and the limits reach the helper.
+    let (status, body) = app
+        .create(json!({"limits": {"memory_bytes": 4u64 << 30, "cpus": 0.5, "pids": 100}}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(
+        app.last_spawn_limits(),
+        SpawnLimits {
+            memory_bytes: Some(4 << 30),
+            cpu_millis: Some(500),
+            pids: Some(100),
+            output_bytes: 1 << 20,
+        }
+    );
+}
+
+#[tokio::test]
+async fn unenforceable_limits_are_422_and_defaults_only_apply_where_enforceable() {
+    let policy = LimitPolicy {
+        default_memory: Some(256 << 20),
+        default_cpus: Some(1.0),
+        ..LimitPolicy::default()
+    };
+    // This host enforces cpus only.
+    let app = test_app_with(FakeSpawn::ExitAtOnce, &["cpus"], policy.clone()).await;
+    let (_, info) = app.json(Method::GET, "/v1/info", None).await;
+    assert_eq!(info["limits"], json!(["cpus"]));
+    for (extra, field) in [
+        (
+            json!({"limits": {"memory_bytes": 1u64 << 30}}),
+            "limits.memory_bytes",
+        ),
+        (json!({"limits": {"pids": 10}}), "limits.pids"),
+        (
+            json!({"limits": {"disk_bytes": 1u64 << 30}}),
+            "limits.disk_bytes",
+        ),
+    ] {
+        let (status, body) = app.create(extra.clone()).await;
+        assert_eq!(
+            (status, code_of(&body)),
+            (StatusCode::UNPROCESSABLE_ENTITY, "limit_unenforceable"),
+            "{extra}: {body}"
+        );
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(msg.starts_with(field), "{msg}");
+    }
+    let (status, body) = app.create(json!({})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(
+        app.last_spawn_limits(),
+        SpawnLimits {
+            memory_bytes: None,
+            cpu_millis: Some(1000),
+            pids: None,
+            output_bytes: 64 << 20,
+        }
+    );
+    assert_eq!(
+        body["spec"]["limits"],
+        json!({"cpus": 1.0, "output_bytes": 64 << 20})
+    );
+
+    // Where everything is enforceable, every default applies and shows in the spec.
+    let app = test_app_with(FakeSpawn::ExitAtOnce, &["memory", "cpus", "pids"], policy).await;
+    let (status, body) = app.create(json!({"limits": {"pids": 7}})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(
+        app.last_spawn_limits(),
+        SpawnLimits {
+            memory_bytes: Some(256 << 20),
+            cpu_millis: Some(1000),
+            pids: Some(7),
+            output_bytes: 64 << 20,
+        }
+    );
+    assert_eq!(body["spec"]["limits"]["memory_bytes"], json!(256 << 20));
+    // disk_bytes is never enforceable in host mode.
+    let (status, body) = app
+        .create(json!({"limits": {"disk_bytes": 1u64 << 30}}))
+        .await;
+    assert_eq!(
+        (status, code_of(&body)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "limit_unenforceable")
+    );
+}
+
+#[tokio::test]
+async fn stats_live_and_after_exit() {
+    // Ended: the figures status.json recorded, stored in the database.
+    let app = test_app(FakeSpawn::ExitAtOnce).await;
+    let (status, body) = app
+        .json(
+            Method::POST,
+            "/v1/sandboxes?wait=true",
+            Some(json!({"command": ["true"], "name": "done"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["output_truncated"], json!(false));
+    let (status, body) = app
+        .json(Method::GET, "/v1/sandboxes/done/stats", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let stats: sandboxd_api::Stats = serde_json::from_value(body).unwrap();
+    assert_eq!(stats.memory_peak_bytes, Some(2 << 20));
+    assert_eq!(stats.cpu_usec, Some(1234));
+    assert_eq!(stats.pids_peak, Some(3));
+    assert_eq!(stats.disk_bytes, Some(4096));
+    assert!(!stats.output_truncated);
+    let (status, body) = app
+        .json(Method::GET, "/v1/sandboxes/nope/stats", None)
+        .await;
+    assert_eq!(
+        (status, code_of(&body)),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+
+    // Running: asked of the helper.
+    let app = test_app(FakeSpawn::Run).await;
+    let (status, body) = app.create(json!({"name": "live"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["state"], json!("running"));
+    let (status, body) = app
+        .json(Method::GET, "/v1/sandboxes/live/stats", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["memory_bytes"], json!(1 << 20));
+    assert!(app
+        .helper
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|r| matches!(r, sandboxd_protocol::wire::Request::Stats { .. })));
+    let (status, _) = app.json(Method::DELETE, "/v1/sandboxes/live", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn extend_is_validated() {
+    let policy = LimitPolicy {
+        max_ttl_secs: Some(3600),
+        ..LimitPolicy::default()
+    };
+    let app = test_app_with(FakeSpawn::ExitAtOnce, &[], policy).await;
+    let (status, _) = app.create(json!({"name": "e"})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let extend = |body: Value| {
+        let app = &app;
+        async move {
+            app.json(Method::POST, "/v1/sandboxes/e/extend", Some(body))
+                .await
+        }
+    };
+    let (status, body) = extend(json!({"ttl_secs": 0})).await;
+    assert_eq!(
+        (status, code_of(&body)),
+        (StatusCode::BAD_REQUEST, "invalid_request")
+    );
+    let (status, body) = extend(json!({"ttl": 10})).await;
+    assert_eq!(
+        (status, code_of(&body)),
+        (StatusCode::BAD_REQUEST, "invalid_request")
+    );
+    let (status, body) = extend(json!({})).await;
+    assert_eq!(
+        (status, code_of(&body)),
+        (StatusCode::BAD_REQUEST, "invalid_request")
+    );
+    let (status, body) = extend(json!({"ttl_secs": 3601})).await;
+    assert_eq!(
+        (status, code_of(&body)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "limit_exceeded")
+    );
+    let (status, body) = extend(json!({"ttl_secs": 3600})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["name"], json!("e"));
+    let (status, body) = app
+        .json(
+            Method::POST,
+            "/v1/sandboxes/nope/extend",
+            Some(json!({"ttl_secs": 10})),
+        )
+        .await;
+    assert_eq!(
+        (status, code_of(&body)),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+}
+
+/// Poll (in the test only) until `GET` answers 404; generous bound.
+async fn gone_within(app: &TestApp, name: &str, secs: u64) -> bool {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while tokio::time::Instant::now() < deadline {
+        let (status, _) = app
+            .json(Method::GET, &format!("/v1/sandboxes/{name}"), None)
+            .await;
+        if status == StatusCode::NOT_FOUND {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn reaper_removes_after_exit_and_on_ttl() {
+    let app = test_app(FakeSpawn::ExitAtOnce).await;
+    let (status, body) = app
+        .create(json!({"name": "rm", "remove_after_exit_secs": 1}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = app.create(json!({"name": "keep"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert!(
+        gone_within(&app, "rm", 15).await,
+        "remove_after_exit did not remove"
+    );
+    let (status, _) = app.json(Method::GET, "/v1/sandboxes/keep", None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // A running sandbox whose TTL runs out is killed with reason `ttl`, then deleted.
+    let app = test_app(FakeSpawn::Run).await;
+    let (status, body) = app.create(json!({"name": "t", "ttl_secs": 1})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id: uuid::Uuid = serde_json::from_value(body["id"].clone()).unwrap();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(15), app.svc.wait(id))
+        .await
+        .expect("ttl did not end the sandbox");
+    // The row may already be gone when the waiter reads it; if not, the reason is `ttl`.
+    if let Ok(sb) = ended {
+        assert_eq!(sb.reason, Some(sandboxd_api::EndReason::Ttl));
+    }
+    assert!(gone_within(&app, "t", 15).await, "ttl did not delete");
+
+    // /extend pushes a TTL out; the sandbox survives its original deadline.
+    let (status, _) = app.create(json!({"name": "x", "ttl_secs": 1})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = app
+        .json(
+            Method::POST,
+            "/v1/sandboxes/x/extend",
+            Some(json!({"ttl_secs": 3600})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let (status, body) = app.json(Method::GET, "/v1/sandboxes/x", None).await;
+    assert_eq!(
+        (status, body["state"].clone()),
+        (StatusCode::OK, json!("running"))
+    );
+    let (status, _) = app.json(Method::DELETE, "/v1/sandboxes/x", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
 }
