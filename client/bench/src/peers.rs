@@ -73,6 +73,8 @@ impl Peer {
                     name: None,
                     labels: [("sandboxd-bench".to_owned(), "true".to_owned())].into(),
                     limits: Default::default(),
+                    ttl_secs: None,
+                    remove_after_exit_secs: None,
                 };
                 let start = Instant::now();
                 let sandbox = client.create_and_wait(&spec).await?;

@@ -5,7 +5,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{Stream, TryStreamExt};
 use reqwest::{Method, RequestBuilder, Response, Url};
-use sandboxd_api::{CreateSandbox, Info, KillRequest, Sandbox, SandboxList, SandboxState};
+use sandboxd_api::{
+    CreateSandbox, ExtendRequest, Info, KillRequest, Sandbox, SandboxList, SandboxState, Stats,
+};
 use serde::de::DeserializeOwned;
 
 use crate::error::{ClientError, Result};
@@ -212,6 +214,19 @@ impl Client {
             signal: signal.map(str::to_owned),
         };
         self.json(self.http.post(url).json(&body)).await
+    }
+
+    /// `GET /v1/sandboxes/{id_or_name}/stats`: live while running, the final figures after.
+    pub async fn stats(&self, id_or_name: &str) -> Result<Stats> {
+        self.json(self.http.get(self.sandbox_url(id_or_name, &["stats"])))
+            .await
+    }
+
+    /// `POST /v1/sandboxes/{id_or_name}/extend`: the sandbox now lives `ttl_secs` from now.
+    pub async fn extend(&self, id_or_name: &str, ttl_secs: u64) -> Result<Sandbox> {
+        let url = self.sandbox_url(id_or_name, &["extend"]);
+        self.json(self.http.post(url).json(&ExtendRequest { ttl_secs }))
+            .await
     }
 
     /// `DELETE /v1/sandboxes/{id_or_name}`.

@@ -31,6 +31,52 @@ fn split_pair(arg: &str) -> Result<(String, String), String> {
     Ok((key.to_owned(), value.to_owned()))
 }
 
+/// Parses a byte size for `--memory` and `--output-limit`: a number of bytes, or a number
+/// (fractions allowed) with `K`, `M`, `G` or `T`, optionally followed by `i` and/or `B`,
+/// case-insensitive. All suffixes are binary (`256M` = `256Mi` = 268435456), as `docker run
+/// --memory` reads them. The daemon's `--max-memory` etc. parse the same way.
+pub fn parse_size(arg: &str) -> Result<u64, String> {
+    const KIB: u64 = 1024;
+    let t = arg.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, suffix) = t.split_at(split);
+    let bad = || format!("invalid size {arg:?}: expected bytes or e.g. 256M, 1.5G, 512Ki");
+    if number.is_empty() || number.starts_with('.') || number.ends_with('.') {
+        return Err(bad());
+    }
+    let unit = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "ki" | "kb" | "kib" => KIB,
+        "m" | "mi" | "mb" | "mib" => KIB * KIB,
+        "g" | "gi" | "gb" | "gib" => KIB * KIB * KIB,
+        "t" | "ti" | "tb" | "tib" => KIB * KIB * KIB * KIB,
+        _ => return Err(bad()),
+    };
+    if let Ok(n) = number.parse::<u64>() {
+        return n
+            .checked_mul(unit)
+            .ok_or_else(|| format!("size {arg:?} is too large"));
+    }
+    let f: f64 = number.parse().map_err(|_| bad())?;
+    let bytes = (f * unit as f64).round();
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("size {arg:?} is too large"));
+    }
+    Ok(bytes as u64)
+}
+
+/// Parses `--cpus`: a positive, finite number of cores.
+pub fn parse_cpus(arg: &str) -> Result<f64, String> {
+    match arg.trim().parse::<f64>() {
+        Ok(c) if c.is_finite() && c > 0.0 => Ok(c),
+        _ => Err(format!(
+            "invalid cpus {arg:?}: expected a positive number of cores such as 0.5 or 2"
+        )),
+    }
+}
+
 /// `--state` of `sbx ls`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StateArg {
@@ -92,6 +138,23 @@ mod tests {
             "A=x\0y",
             Err("environment variables cannot contain NUL bytes"),
         );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("512Ki"), Ok(512 << 10));
+        assert_eq!(parse_size("512kib"), Ok(512 << 10));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("2GB"), Ok(2 << 30));
+        for bad in ["", "G", "1.2.3M", "-5M", "5X", ".5M", "1e3"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_cpus("0.5"), Ok(0.5));
+        assert!(parse_cpus("0").is_err());
+        assert!(parse_cpus("inf").is_err());
+        assert!(parse_cpus("NaN").is_err());
     }
 
     #[test]

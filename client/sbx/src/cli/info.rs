@@ -47,6 +47,7 @@ fn format_info(info: &Info, url: &str) -> String {
                 list(&info.cgroup.controllers)
             ),
         ),
+        ("limits", list(&info.limits)),
         ("overlayfs", yes_no(info.overlayfs).to_owned()),
         ("network modes", list(&info.network_modes)),
         (

@@ -2,6 +2,7 @@
 //! pieces (errors, id resolution, copying output).
 
 mod args;
+mod extend;
 mod info;
 mod inspect;
 mod kill;
@@ -10,6 +11,7 @@ mod ls;
 mod output;
 mod rm;
 mod run;
+mod stats;
 mod wait;
 
 use clap::{Parser, Subcommand};
@@ -56,6 +58,10 @@ enum Command {
     Rm(rm::RmArgs),
     /// Show what the daemon's host can enforce.
     Info(info::InfoArgs),
+    /// Show a sandbox's resource use (live while it runs, final after).
+    Stats(stats::StatsArgs),
+    /// Delete a sandbox SECS seconds from now (sets or moves its TTL).
+    Extend(extend::ExtendArgs),
 }
 
 /// Why a verb failed.
@@ -142,6 +148,8 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Kill(args) => kill::run(&client, args).await,
         Command::Rm(args) => rm::run(&client, args).await,
         Command::Info(args) => info::run(&client, args).await,
+        Command::Stats(args) => stats::run(&client, args).await,
+        Command::Extend(args) => extend::run(&client, args).await,
     }
 }
 
@@ -227,6 +235,48 @@ mod tests {
     }
 
     #[test]
+    fn run_takes_limits_and_lifetimes() {
+        let cli = parse(&[
+            "run",
+            "--memory",
+            "256M",
+            "--cpus",
+            "0.5",
+            "--pids",
+            "64",
+            "--timeout",
+            "60",
+            "--ttl",
+            "3600",
+            "--output-limit",
+            "1.5G",
+            "--rm",
+            "--",
+            "true",
+        ])
+        .expect("valid");
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        let spec = args.spec();
+        assert_eq!(spec.limits.memory_bytes, Some(256 << 20));
+        assert_eq!(spec.limits.cpus, Some(0.5));
+        assert_eq!(spec.limits.pids, Some(64));
+        assert_eq!(spec.limits.timeout_secs, Some(60));
+        assert_eq!(spec.limits.output_bytes, Some(3 << 29));
+        assert_eq!(spec.ttl_secs, Some(3600));
+        assert_eq!(spec.remove_after_exit_secs, Some(60));
+        let cli = parse(&["run", "true"]).expect("valid");
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.spec().limits, sandboxd_api::Limits::default());
+        assert_eq!(args.spec().remove_after_exit_secs, None);
+        assert!(parse(&["stats", "x", "--json"]).is_ok());
+        assert!(parse(&["extend", "x", "30"]).is_ok());
+    }
+
+    #[test]
     fn run_command_flags_are_not_sbx_flags() {
         let cli = parse(&["run", "ls", "-l", "--name", "x"]).expect("valid");
         let Command::Run(args) = cli.command else {
@@ -244,6 +294,13 @@ mod tests {
             &["run", "--label", "=v", "--", "true"],
             &["run", "--timeout", "0", "--", "true"],
             &["run", "--timeout", "soon", "--", "true"],
+            &["run", "--memory", "lots", "--", "true"],
+            &["run", "--cpus", "0", "--", "true"],
+            &["run", "--pids", "0", "--", "true"],
+            &["run", "--rm", "-d", "--", "true"],
+            &["extend", "x", "0"],
+            &["extend", "x"],
+            &["stats"],
             &["ls", "--state", "sleeping"],
             &["logs", "--stream", "stdin", "x"],
             &["rm"],

@@ -4,7 +4,7 @@ use clap::Args;
 use sandboxd_api::{CreateSandbox, Limits, SandboxState};
 use sandboxd_client::Client;
 
-use super::args::{parse_env, parse_label};
+use super::args::{parse_cpus, parse_env, parse_label, parse_size};
 use super::output::{copy_events, exit_status, println_checked};
 use super::{CliError, EXIT_DAEMON_ERROR};
 
@@ -28,6 +28,25 @@ pub struct RunArgs {
     /// Kill the sandbox after this many seconds.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     timeout: Option<u64>,
+    /// Memory limit (e.g. 256M, 1.5G, 512Mi; binary units); the sandbox is killed above it.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory: Option<u64>,
+    /// CPU limit in cores, fractional (0.5 is half a core).
+    #[arg(long, value_name = "CORES", value_parser = parse_cpus)]
+    cpus: Option<f64>,
+    /// Most processes and threads alive at once.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pids: Option<u64>,
+    /// Cap on stored output (stdout and stderr together); the daemon's default when absent.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    output_limit: Option<u64>,
+    /// Delete the sandbox this many seconds after its creation, running or not.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    ttl: Option<u64>,
+    /// Delete the sandbox once it exited and its output was streamed (the daemon also removes it
+    /// 60 seconds after the exit, should sbx not get to it).
+    #[arg(long, conflicts_with = "detach")]
+    rm: bool,
     /// Print the sandbox id and return at once.
     #[arg(short, long)]
     pub(super) detach: bool,
@@ -53,10 +72,20 @@ impl RunArgs {
             labels: self.labels.iter().cloned().collect(),
             limits: Limits {
                 timeout_secs: self.timeout,
+                memory_bytes: self.memory,
+                cpus: self.cpus,
+                pids: self.pids,
+                disk_bytes: None,
+                output_bytes: self.output_limit,
             },
+            ttl_secs: self.ttl,
+            remove_after_exit_secs: self.rm.then_some(RM_SAFETY_NET_SECS),
         }
     }
 }
+
+/// With `--rm`, the daemon removes the sandbox this long after its exit if sbx could not.
+const RM_SAFETY_NET_SECS: u64 = 60;
 
 pub async fn run(client: &Client, args: RunArgs) -> Result<u8, CliError> {
     let sandbox = client.create(&args.spec()).await?;
@@ -75,13 +104,24 @@ pub async fn run(client: &Client, args: RunArgs) -> Result<u8, CliError> {
     let end = copied?.ok_or_else(|| CliError::NoLogEnd { id: id.clone() })?;
 
     // `LogEnd` has the exit status but not whether the sandbox failed, nor why.
-    match client.get(&id).await {
+    let result = match client.get(&id).await {
         Ok(sandbox) if sandbox.state == SandboxState::Failed => Err(CliError::failed(&sandbox)),
         Ok(sandbox) if sandbox.state.is_final() => {
             Ok(exit_status(sandbox.exit_code.or(end.exit_code)))
         }
         _ => Ok(exit_status(end.exit_code)),
+    };
+    if args.rm {
+        // The whole output has been streamed (LogEnd came after its last byte).
+        match client.delete(&id).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => eprintln!(
+                "sbx: removing {id}: {e} (the daemon removes it {RM_SAFETY_NET_SECS}s after its exit)"
+            ),
+        }
     }
+    result
 }
 
 /// The first Ctrl-C is passed on to the sandbox as SIGINT, the second kills it, and a third gives
