@@ -22,6 +22,10 @@ use tokio::sync::{mpsc, watch};
 
 /// Largest chunk handed out at once (and so the largest websocket message).
 pub const MAX_CHUNK: usize = 256 * 1024;
+/// Chunks a reader task may have read ahead of its consumer. With [`MAX_CHUNK`], a reader that
+/// falls behind (a slow websocket or HTTP client) holds at most about 1.25 MiB of output in the
+/// daemon (this, plus the chunk being sent); it simply reads on from the file at its own pace.
+pub const READ_AHEAD_CHUNKS: usize = 4;
 /// How much of the index is read at once.
 const INDEX_READ: usize = 64 * 1024 / RECORD_LEN * RECORD_LEN;
 /// Poll interval used only when inotify is unavailable (for instance, out of instances).
@@ -198,7 +202,7 @@ pub fn read_logs(
     opts: ReadOptions,
     exit: Option<watch::Receiver<bool>>,
 ) -> mpsc::Receiver<io::Result<LogEvent>> {
-    let (tx, rx) = mpsc::channel(4);
+    let (tx, rx) = mpsc::channel(READ_AHEAD_CHUNKS);
     tokio::spawn(async move {
         if let Err(e) = pump(dir, opts, exit, &tx).await {
             let _ = tx.send(Err(e)).await;
