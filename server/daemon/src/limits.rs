@@ -152,6 +152,8 @@ impl LimitPolicy {
 pub struct HostLimits {
     pub enforceable: Vec<String>,
     pub cgroup_version: String,
+    /// Rootless helpers manage no cgroups at all.
+    pub rootless: bool,
 }
 
 impl HostLimits {
@@ -159,6 +161,7 @@ impl HostLimits {
         HostLimits {
             enforceable: info.enforceable_limits.clone(),
             cgroup_version: info.cgroup_version.clone(),
+            rootless: info.mode == sandboxd_protocol::wire::Mode::Rootless,
         }
     }
 
@@ -168,6 +171,9 @@ impl HostLimits {
 
     fn why_not(&self, limit: &str) -> String {
         let controller = if limit == CPUS { "cpu" } else { limit };
+        if self.rootless {
+            return "a rootless daemon has no delegated cgroup to manage".to_owned();
+        }
         match self.cgroup_version.as_str() {
             "none" | "" => "no cgroup hierarchy is available to sandboxd".to_owned(),
             v => format!(
@@ -346,6 +352,7 @@ mod tests {
         HostLimits {
             enforceable: enforceable.iter().map(|s| s.to_string()).collect(),
             cgroup_version: "v1".into(),
+            rootless: false,
         }
     }
 
