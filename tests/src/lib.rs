@@ -138,6 +138,7 @@ pub struct Daemon {
     /// The uid the daemon runs as.
     pub uid: u32,
     uid_base: u32,
+    extra_args: Vec<String>,
     child: Option<Child>,
     log: Arc<Mutex<String>>,
     http: reqwest::blocking::Client,
@@ -145,6 +146,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(mode: Mode) -> Daemon {
+        Self::start_with(mode, &[])
+    }
+
+    /// Start a daemon with extra command-line arguments (kept across restarts).
+    pub fn start_with(mode: Mode, extra_args: &[&str]) -> Daemon {
         let state_dir =
             std::env::temp_dir().join(format!("sandboxd-e2e-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&state_dir).expect("create the state dir");
@@ -163,6 +169,7 @@ impl Daemon {
             addr: String::new(),
             uid,
             uid_base: next_uid_base(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             child: None,
             log: Arc::new(Mutex::new(String::new())),
             http: reqwest::blocking::Client::builder()
@@ -180,6 +187,7 @@ impl Daemon {
         cmd.args(["--listen", listen, "--state-dir"])
             .arg(&self.state_dir)
             .args(["--uid-base", &self.uid_base.to_string(), "--uid-slots", "8"])
+            .args(&self.extra_args)
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("SANDBOXD_LOG", "info,sandboxd=debug")

@@ -43,6 +43,9 @@ struct Args {
     /// Print the results as Markdown tables (for BENCHMARKS.md).
     #[arg(long)]
     markdown: bool,
+    /// Also run sandboxd with memory, cpus and pids limits (the cost of enforcing them).
+    #[arg(long)]
+    with_limits: bool,
     /// Install missing peers (`apt-get install -y bubblewrap`) instead of skipping them.
     #[arg(long)]
     install_peers: bool,
@@ -118,6 +121,9 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
 
     let mut peers = vec![Peer::Sandboxd(client.clone())];
+    if args.with_limits {
+        peers.push(Peer::SandboxdLimited(client.clone()));
+    }
     let mut skipped = Vec::new();
     match bwrap(args.install_peers) {
         Ok(path) => peers.push(Peer::Bwrap(path)),

@@ -35,6 +35,8 @@ pub enum PeerError {
 #[derive(Debug, Clone)]
 pub enum Peer {
     Sandboxd(Client),
+    /// The same request with memory, cpus and pids limits.
+    SandboxdLimited(Client),
     Bwrap(PathBuf),
     ForkExec,
 }
@@ -43,6 +45,7 @@ impl Peer {
     pub fn name(&self) -> &'static str {
         match self {
             Peer::Sandboxd(_) => "sandboxd",
+            Peer::SandboxdLimited(_) => "sandboxd+limits",
             Peer::Bwrap(_) => "bwrap",
             Peer::ForkExec => "fork+exec",
         }
@@ -55,6 +58,10 @@ impl Peer {
                 "POST {}v1/sandboxes?wait=true {{\"command\":[\"true\"]}}",
                 client.base_url()
             ),
+            Peer::SandboxdLimited(client) => format!(
+                "POST {}v1/sandboxes?wait=true {{\"command\":[\"true\"],\"limits\":{{\"memory_bytes\":268435456,\"cpus\":1,\"pids\":256}}}}",
+                client.base_url()
+            ),
             Peer::Bwrap(path) => format!("{} --unshare-all --ro-bind / / true", path.display()),
             Peer::ForkExec => "std::process::Command::new(\"/bin/true\").status()".to_owned(),
         }
@@ -64,7 +71,16 @@ impl Peer {
     /// the sandbox is deleted afterwards, outside the measured latency, so nothing accumulates.
     pub async fn run_once(&self) -> Result<Duration, PeerError> {
         match self {
-            Peer::Sandboxd(client) => {
+            Peer::Sandboxd(client) | Peer::SandboxdLimited(client) => {
+                let limits = match self {
+                    Peer::SandboxdLimited(_) => sandboxd_api::Limits {
+                        memory_bytes: Some(256 << 20),
+                        cpus: Some(1.0),
+                        pids: Some(256),
+                        ..Default::default()
+                    },
+                    _ => Default::default(),
+                };
                 let spec = CreateSandbox {
                     command: vec!["true".to_owned()],
                     env: Default::default(),
@@ -72,7 +88,7 @@ impl Peer {
                     hostname: None,
                     name: None,
                     labels: [("sandboxd-bench".to_owned(), "true".to_owned())].into(),
-                    limits: Default::default(),
+                    limits,
                     ttl_secs: None,
                     remove_after_exit_secs: None,
                 };

@@ -35,6 +35,10 @@ pub struct Args {
     #[arg(long, env = "SANDBOXD_UID_SLOTS", default_value_t = DEFAULT_UID_SLOTS,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub uid_slots: u32,
+    /// Do not put sandboxes in cgroups: no memory, cpus or pids limits, no cgroup accounting
+    /// (for hosts where something else manages cgroups, and for measuring their cost).
+    #[arg(long, env = "SANDBOXD_NO_CGROUPS")]
+    pub no_cgroups: bool,
     /// Log filter in `tracing_subscriber::EnvFilter` syntax (`info`, `sandboxd=debug`...).
     #[arg(long, env = "SANDBOXD_LOG", default_value = "info")]
     pub log_level: String,

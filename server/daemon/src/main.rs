@@ -130,6 +130,7 @@ fn start_helper(
         .arg("--uid-slots")
         .arg(args.uid_slots.to_string())
         .arg("--exit-with-stdin")
+        .args(args.no_cgroups.then_some("--no-cgroups"))
         // The helper's lifeline: it exits when this pipe closes, that is when the daemon dies
         // however it dies. (PR_SET_PDEATHSIG alone is not enough: the kernel checks the dying
         // parent's permission to signal, and an unprivileged daemon may not signal a root helper.)

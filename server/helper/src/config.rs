@@ -20,6 +20,8 @@ pub struct Config {
     pub uid_slots: u32,
     /// Exit when standard input reaches end of file: the daemon holds the other end of the pipe.
     pub exit_with_stdin: bool,
+    /// Do not manage cgroups (an operator's choice): no limits are enforceable then.
+    pub no_cgroups: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,7 @@ impl Config {
         let mut uid_base = 100_000_000u32;
         let mut uid_slots = 1024u32;
         let mut exit_with_stdin = false;
+        let mut no_cgroups = false;
         let mut args = args.peekable();
         while let Some(flag) = args.next() {
             let mut value = || {
@@ -63,6 +66,7 @@ impl Config {
                 "--uid-base" => uid_base = number(value()?)?,
                 "--uid-slots" => uid_slots = number(value()?)?,
                 "--exit-with-stdin" => exit_with_stdin = true,
+                "--no-cgroups" => no_cgroups = true,
                 _ => return Err(ConfigError::UnknownArgument(flag)),
             }
         }
@@ -93,6 +97,7 @@ impl Config {
             uid_base,
             uid_slots,
             exit_with_stdin,
+            no_cgroups,
         };
         if mode == Mode::Privileged {
             config.check_ranges()?;

@@ -101,14 +101,21 @@ fn run() -> Result<Never, String> {
     let mut stdout = std::io::stdout();
     let _ = stdout.write_all(b"ready\n").and_then(|()| stdout.flush());
     fds::stdio_to_devnull().map_err(|e| format!("stdio: {e}"))?;
-    let layout = cgroup::Layout::from_mountinfo(
-        &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
-    );
-    let cgroups = cgroup::Cgroups::setup(
+    let layout = if config.no_cgroups {
+        cgroup::Layout::None
+    } else {
+        cgroup::Layout::from_mountinfo(
+            &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+        )
+    };
+    let mut cgroups = cgroup::Cgroups::setup(
         layout,
         cgroup::parent_name(&config.state_dir),
         config.mode == sandboxd_protocol::wire::Mode::Privileged,
     );
+    if config.no_cgroups {
+        cgroups.unavailable = Some("cgroups are disabled (--no-cgroups)".into());
+    }
     if let Some(why) = &cgroups.unavailable {
         eprintln!("sandboxd-helper: resource limits are not enforceable: {why}");
     }

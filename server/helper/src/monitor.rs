@@ -624,15 +624,21 @@ impl Monitor {
     /// The kernel's OOM killer struck in the sandbox's cgroup: the sandbox goes as a whole
     /// (on v2 memory.oom.group already did that; on v1 only one process was killed).
     fn on_oom_event(&mut self) {
-        if let Some(ev) = &mut self.oom_event {
-            ev.reset();
-        }
-        let killed = self
-            .cgroups
-            .as_ref()
-            .map(|c| c.oom_kills(self.id))
-            .unwrap_or(0);
-        if killed > 0 && !self.oom {
+        let Some(ev) = &mut self.oom_event else {
+            return;
+        };
+        ev.reset();
+        // v1 notifies when the cgroup enters OOM, before the OOM killer has counted its kill, so
+        // the notification itself is the verdict. v2's memory.events also changes for `high` and
+        // `max` events: there the counters decide.
+        let oom = match ev {
+            OomEvent::V1 { .. } => true,
+            OomEvent::V2 { .. } => self
+                .cgroups
+                .as_ref()
+                .is_some_and(|c| c.oom_kills(self.id) > 0),
+        };
+        if oom && !self.oom {
             self.oom = true;
             let _ = sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL);
         }

@@ -193,6 +193,7 @@ mod tests {
             uid_base: 100_000_000,
             uid_slots: 4,
             exit_with_stdin: false,
+            no_cgroups: false,
         }
     }
 

@@ -481,9 +481,29 @@ impl Service {
         }
         let known: HashSet<Uuid> = self.store.ids().await?.into_iter().collect();
         for id in on_disk.difference(&known) {
-            match helper_client::destroy(&*self.helper, *id).await {
-                Ok(()) => tracing::info!(%id, "removed a sandbox directory without a row"),
-                Err(e) => tracing::warn!(%id, error = %e, "could not remove an orphaned sandbox"),
+            // A sandbox nobody knows of (its row was lost) may still run: stop it first, through
+            // its monitor, then remove every trace. Never leave it silently.
+            let socket = self.dir(*id).monitor_socket();
+            if let Ok(stream) = monitor::connect(&socket).await {
+                if monitor::kill(&socket, 9).await.is_ok() {
+                    let _ =
+                        tokio::time::timeout(DELETE_STOP_TIMEOUT, monitor::wait_for_close(stream))
+                            .await;
+                }
+            }
+            let mut result = helper_client::destroy(&*self.helper, *id).await;
+            for _ in 0..30 {
+                match &result {
+                    Err(HelperClientError::Refused(e)) if e.code == HelperErrorCode::Busy => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        result = helper_client::destroy(&*self.helper, *id).await;
+                    }
+                    _ => break,
+                }
+            }
+            match result {
+                Ok(()) => tracing::info!(%id, "removed a sandbox without a row"),
+                Err(e) => tracing::error!(%id, error = %e, "could not remove an orphaned sandbox"),
             }
         }
         Ok(())

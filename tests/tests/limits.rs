@@ -1,0 +1,439 @@
+//! Resource limits, accounting and lifetimes, end to end on this host's real cgroups (v1 hybrid
+//! here; the v2 code is tested against a fake cgroupfs in the helper's unit tests).
+
+#![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use sandboxd_api::{EndReason, Sandbox, Stats};
+use sandboxd_tests::{eventually, process_exists, processes_of_uid, require_e2e, Daemon, Mode};
+use serde_json::{json, Value};
+
+/// The parent cgroup the helper uses for a state directory (the same FNV-1a as the helper's).
+fn parent_name(state_dir: &std::path::Path) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in state_dir.as_os_str().as_encoded_bytes() {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("sandboxd.{:012x}", hash & 0xffff_ffff_ffff)
+}
+
+/// Every cgroup directory of a sandbox on this (v1) host.
+fn cgroup_dirs(d: &Daemon, id: &str) -> Vec<PathBuf> {
+    ["memory", "pids", "cpu", "cpuacct"]
+        .iter()
+        .map(|c| {
+            PathBuf::from("/sys/fs/cgroup")
+                .join(c)
+                .join(parent_name(&d.state_dir))
+                .join(id)
+        })
+        .collect()
+}
+
+fn cgroup_children(d: &Daemon) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in ["memory", "pids", "cpu", "cpuacct"] {
+        let parent = PathBuf::from("/sys/fs/cgroup")
+            .join(c)
+            .join(parent_name(&d.state_dir));
+        for e in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                out.push(format!("{c}/{}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    out
+}
+
+fn create_status(d: &Daemon, spec: Value) -> (u16, Value) {
+    let resp = d.post_json("/v1/sandboxes", &spec);
+    let status = resp.status().as_u16();
+    (status, resp.json().unwrap_or(Value::Null))
+}
+
+fn stats(d: &Daemon, id: &str) -> Stats {
+    let resp = d.get(&format!("/v1/sandboxes/{id}/stats"));
+    assert_eq!(resp.status().as_u16(), 200);
+    resp.json().unwrap()
+}
+
+fn delete(d: &Daemon, id: &str) {
+    let resp = d.delete(&format!("/v1/sandboxes/{id}"));
+    assert_eq!(
+        resp.status().as_u16(),
+        204,
+        "{}",
+        resp.text().unwrap_or_default()
+    );
+}
+
+#[test]
+fn info_says_what_is_enforceable_and_the_rest_is_refused_with_422() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let info: Value = d.get("/v1/info").json().unwrap();
+    let limits: Vec<&str> = info["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(limits, vec!["memory", "cpus", "pids"], "{info}");
+    // disk_bytes cannot be enforced for host-mode roots: never silently ignored.
+    let (status, body) = create_status(
+        &d,
+        json!({"command": ["true"], "limits": {"disk_bytes": 1 << 30}}),
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("disk_bytes"),
+        "{body}"
+    );
+
+    // Rootless on cgroup v1: nothing is enforceable, and asking is a clear 422, not a silent no.
+    let r = Daemon::start(Mode::Rootless);
+    let info: Value = r.get("/v1/info").json().unwrap();
+    assert_eq!(info["limits"], json!([]), "{info}");
+    for limits in [
+        json!({"memory_bytes": 64 << 20}),
+        json!({"cpus": 0.5}),
+        json!({"pids": 10}),
+    ] {
+        let (status, body) = create_status(&r, json!({"command": ["true"], "limits": limits}));
+        assert_eq!(status, 422, "{limits}: {body}");
+        assert_eq!(body["error"]["code"], "limit_unenforceable", "{body}");
+    }
+    // Without limits, rootless still works (daemon defaults for unenforceable limits are not applied).
+    assert_eq!(r.sh("echo ok"), "ok\n");
+}
+
+#[test]
+fn a_request_above_the_daemons_maximum_is_422_naming_the_limit() {
+    require_e2e!();
+    let d = Daemon::start_with(
+        Mode::Privileged,
+        &[
+            "--max-memory",
+            "256M",
+            "--max-pids",
+            "100",
+            "--default-pids",
+            "50",
+        ],
+    );
+    let (status, body) = create_status(
+        &d,
+        json!({"command": ["true"], "limits": {"memory_bytes": 1u64 << 30}}),
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("memory_bytes"),
+        "{body}"
+    );
+    let (status, body) = create_status(&d, json!({"command": ["true"], "limits": {"pids": 1000}}));
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("pids"),
+        "{body}"
+    );
+    let (status, body) = create_status(
+        &d,
+        json!({"command": ["true"], "limits": {"memory_bytes": 128 << 20, "pids": 50}}),
+    );
+    assert_eq!(status, 201, "{body}");
+}
+
+#[test]
+fn a_memory_hog_is_killed_as_a_whole_with_reason_oom() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    // A helper process that sleeps, and a hog that allocates 512 MiB against a 64 MiB limit:
+    // the OOM killer takes the hog, and the monitor ends the whole sandbox.
+    let resp = d.post_json(
+        "/v1/sandboxes?wait=true",
+        &json!({"command": ["sh", "-c", "sleep 100 & perl -e '$x = \"a\" x (512*1024*1024); print length $x'; wait"],
+                "limits": {"memory_bytes": 64 << 20}}),
+    );
+    assert_eq!(resp.status().as_u16(), 201);
+    let s: Sandbox = resp.json().unwrap();
+    assert_eq!(s.reason, Some(EndReason::Oom), "{s:?}");
+    assert_eq!(s.exit_code, Some(137), "{s:?}");
+    let st = stats(&d, &s.id.to_string());
+    assert!(st.memory_peak_bytes.unwrap() <= 64 << 20, "{st:?}");
+    assert!(st.memory_peak_bytes.unwrap() > 32 << 20, "{st:?}");
+    // The cgroup is gone with the sandbox's processes.
+    for dir in cgroup_dirs(&d, &s.id.to_string()) {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+    // A sandbox under its limit is unaffected.
+    let (ok, out) = d.run_spec(
+        json!({"command": ["perl", "-e", "$x = \"a\" x (8*1024*1024); print length $x"],
+                                      "limits": {"memory_bytes": 64 << 20}}),
+    );
+    assert_eq!(ok.exit_code, Some(0), "{ok:?} {out}");
+}
+
+#[test]
+fn a_fork_bomb_is_contained_and_deleted_promptly() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let bomb = d.create(
+        json!({"command": ["sh", "-c", "b() { b | b & }; b; sleep 100"], "limits": {"pids": 64}}),
+    );
+    let id = bomb.id.to_string();
+    std::thread::sleep(Duration::from_secs(2));
+    // The daemon answers, and other sandboxes run.
+    for _ in 0..5 {
+        assert_eq!(d.get("/healthz").status().as_u16(), 200);
+    }
+    assert_eq!(d.sh("echo still-fine"), "still-fine\n");
+    let st = stats(&d, &id);
+    assert!(st.pids.unwrap() <= 64, "{st:?}");
+    let uid = bomb.host_uid.unwrap();
+    let started = Instant::now();
+    delete(&d, &id);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "DELETE of a fork bomb took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || processes_of_uid(uid).is_empty()),
+        "processes of the bomb remain"
+    );
+    for dir in cgroup_dirs(&d, &id) {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+}
+
+#[test]
+fn a_busy_loop_gets_about_its_cpu_share() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let s = d.create(json!({"command": ["perl", "-e", "1 while 1"], "limits": {"cpus": 0.5}}));
+    let id = s.id.to_string();
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(4));
+    let wall = started.elapsed().as_micros() as f64;
+    let used = stats(&d, &id).cpu_usec.unwrap() as f64;
+    // About half a core; bounds generous for a shared 2-core machine.
+    let share = used / wall;
+    assert!(
+        (0.2..=0.7).contains(&share),
+        "a 0.5-cpu sandbox used {share:.2} of a core"
+    );
+    delete(&d, &id);
+}
+
+#[test]
+fn output_past_the_cap_is_truncated_with_a_marker_and_the_daemon_stays_flat() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let rss = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .unwrap()
+            .trim()
+            .trim_end_matches(" kB")
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = rss();
+    let (s, _) = d.run_spec(
+        json!({"command": ["sh", "-c", "head -c 300000000 /dev/zero; echo done >&2"],
+                                   "limits": {"output_bytes": 1 << 20}}),
+    );
+    assert_eq!(s.exit_code, Some(0), "the writer was never blocked: {s:?}");
+    assert!(s.output_truncated, "{s:?}");
+    let id = s.id.to_string();
+    let log = d.logs(&id, "");
+    assert!(
+        log.len() >= 1 << 20 && log.len() < (1 << 20) + 200,
+        "{}",
+        log.len()
+    );
+    let tail = String::from_utf8_lossy(&log[1 << 20..]).into_owned();
+    assert!(tail.contains("output truncated"), "{tail}");
+    let st = stats(&d, &id);
+    assert!(st.output_truncated, "{st:?}");
+    assert_eq!(st.output_bytes, log.len() as u64, "{st:?}");
+    let after = rss();
+    assert!(
+        after < before + 64 * 1024,
+        "daemon RSS grew from {before} kB to {after} kB"
+    );
+}
+
+#[test]
+fn stats_are_live_while_running_and_final_after_exit() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let s = d.create(json!({"command": ["sh", "-c", "echo hello; head -c 3000000 /dev/urandom > /work/blob; sleep 100"]}));
+    let id = s.id.to_string();
+    assert!(eventually(Duration::from_secs(10), || stats(&d, &id)
+        .disk_bytes
+        .unwrap_or(0)
+        >= 3_000_000));
+    let live = stats(&d, &id);
+    assert!(
+        live.memory_bytes.unwrap() > 0 && live.pids.unwrap() >= 2,
+        "{live:?}"
+    );
+    assert_eq!(live.output_bytes, 6);
+    d.http()
+        .post(format!("{}/v1/sandboxes/{id}/kill", d.url))
+        .send()
+        .unwrap();
+    d.wait(&id);
+    let done = stats(&d, &id);
+    assert!(
+        done.memory_peak_bytes.unwrap() > 0 && done.cpu_usec.is_some(),
+        "{done:?}"
+    );
+    assert_eq!(done.output_bytes, 6);
+    assert!(done.disk_bytes.unwrap() >= 3_000_000, "{done:?}");
+}
+
+#[test]
+fn ttl_kills_and_removes_and_extend_moves_the_deadline() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let s = d.create(json!({"command": ["sleep", "100"], "ttl_secs": 2}));
+    let id = s.id.to_string();
+    let init = s.init_pid.unwrap();
+    // A waiter sees how it ended before the record goes.
+    let ended = d.wait(&id);
+    assert_eq!(ended.reason, Some(EndReason::Ttl), "{ended:?}");
+    assert!(eventually(Duration::from_secs(15), || d
+        .get(&format!("/v1/sandboxes/{id}"))
+        .status()
+        .as_u16()
+        == 404));
+    assert!(!process_exists(init));
+    assert!(!d.sandbox_dir(&id).exists());
+    for dir in cgroup_dirs(&d, &id) {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+
+    // Extend: a 2 s TTL moved to 60 s keeps the sandbox alive past the first deadline.
+    let s = d.create(json!({"command": ["sleep", "100"], "ttl_secs": 2}));
+    let id = s.id.to_string();
+    let resp = d.post_json(
+        &format!("/v1/sandboxes/{id}/extend"),
+        &json!({"ttl_secs": 60}),
+    );
+    assert_eq!(
+        resp.status().as_u16(),
+        200,
+        "{}",
+        resp.text().unwrap_or_default()
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(d.sandbox(&id).state, sandboxd_api::SandboxState::Running);
+    delete(&d, &id);
+}
+
+#[test]
+fn remove_after_exit_deletes_everything_even_across_a_restart() {
+    require_e2e!();
+    let mut d = Daemon::start(Mode::Privileged);
+    let s = d.create(json!({"command": ["true"], "remove_after_exit_secs": 2}));
+    let id = s.id.to_string();
+    d.wait(&id);
+    assert_eq!(
+        d.sandbox(&id).state,
+        sandboxd_api::SandboxState::Exited,
+        "kept until the deadline"
+    );
+    // The daemon is down when the deadline passes: the reaper catches up at start.
+    d.kill9();
+    std::thread::sleep(Duration::from_secs(3));
+    d.restart();
+    assert!(eventually(Duration::from_secs(10), || d
+        .get(&format!("/v1/sandboxes/{id}"))
+        .status()
+        .as_u16()
+        == 404));
+    assert!(!d.sandbox_dir(&id).exists());
+}
+
+#[test]
+fn kill_9_of_daemon_and_helper_during_creates_leaves_no_orphan() {
+    require_e2e!();
+    let mut d = Daemon::start(Mode::Privileged);
+    let url = d.url.clone();
+    // Creates in flight while the daemon and its helper die.
+    let creator = std::thread::spawn(move || {
+        let http = reqwest::blocking::Client::new();
+        for _ in 0..40 {
+            let _ = http
+                .post(format!("{url}/v1/sandboxes"))
+                .json(&json!({"command": ["sleep", "100"], "limits": {"memory_bytes": 64 << 20}}))
+                .send();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    d.kill9();
+    let _ = creator.join();
+    d.restart();
+    // Delete everything the restarted daemon knows; nothing else may remain.
+    let list: Value = d.get("/v1/sandboxes?limit=1000").json().unwrap();
+    for item in list["items"].as_array().unwrap() {
+        delete(&d, item["id"].as_str().unwrap());
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || cgroup_children(&d).is_empty()),
+        "orphan cgroups: {:?}",
+        cgroup_children(&d)
+    );
+    let dirs: Vec<_> = std::fs::read_dir(d.state_dir.join("sandboxes"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(dirs.is_empty(), "orphan sandbox directories: {dirs:?}");
+}
+
+#[test]
+fn a_sandbox_whose_row_was_lost_is_stopped_and_removed_at_start() {
+    require_e2e!();
+    let mut d = Daemon::start(Mode::Privileged);
+    let s = d.create(json!({"command": ["sleep", "100"]}));
+    let id = s.id.to_string();
+    let init = s.init_pid.unwrap();
+    d.kill9();
+    // The database loses the row (a restored backup, a hand edit): the sandbox runs on, unknown.
+    let db = d.state_dir.join("sandboxd.db");
+    let status = std::process::Command::new("sqlite3")
+        .arg(&db)
+        .arg(format!("DELETE FROM sandboxes WHERE id = '{id}'"))
+        .status()
+        .expect("sqlite3");
+    assert!(status.success());
+    assert!(process_exists(init));
+    d.restart();
+    assert!(
+        eventually(Duration::from_secs(15), || !process_exists(init)),
+        "the orphan still runs"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || !d.sandbox_dir(&id).exists()),
+        "its directory remains"
+    );
+    for dir in cgroup_dirs(&d, &id) {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+}
