@@ -17,6 +17,7 @@
 pub mod api;
 pub mod config;
 pub mod helper_client;
+pub mod lifetime;
 pub mod limits;
 pub mod logs;
 pub mod privileges;

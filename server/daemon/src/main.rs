@@ -175,6 +175,9 @@ async fn serve(
     let store = Store::open(&state_dir.join("sandboxd.db"))
         .await
         .context("opening the database")?;
+    sandboxd::lifetime::init(&store)
+        .await
+        .context("reading the lifetime clock")?;
     let helper = SocketHelper::connect(&helper_socket(&state_dir))
         .await
         .context("connecting to the helper")?;

@@ -291,7 +291,7 @@ impl Store {
                                   THEN kill_reason ELSE ?4 END,
                     error = ?5, finished_at = ?6, stats = ?7, output_truncated = ?8,
                     remove_at_ms = CASE WHEN remove_after_exit_ms IS NULL THEN NULL
-                                        ELSE ?6 + remove_after_exit_ms END
+                                        ELSE ?10 + remove_after_exit_ms END
               WHERE id = ?9 AND state IN ('creating', 'running')",
         )
         .bind(end.state.as_str())
@@ -303,9 +303,37 @@ impl Store {
         .bind(stats)
         .bind(truncated)
         .bind(id.to_string())
+        .bind(crate::lifetime::now_ms())
         .execute(&self.writer)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// The stored lifetime clock: boot id and offset (see `crate::lifetime`).
+    pub async fn lifetime_clock(&self) -> Result<Option<(String, i64)>, StoreError> {
+        let row = sqlx::query("SELECT boot_id, offset_ms FROM lifetime_clock WHERE id = 1")
+            .fetch_optional(&self.writer)
+            .await?;
+        Ok(match row {
+            Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
+            None => None,
+        })
+    }
+
+    pub async fn set_lifetime_clock(
+        &self,
+        boot_id: &str,
+        offset_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO lifetime_clock (id, boot_id, offset_ms) VALUES (1, ?1, ?2)
+             ON CONFLICT (id) DO UPDATE SET boot_id = ?1, offset_ms = ?2",
+        )
+        .bind(boot_id)
+        .bind(offset_ms)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
     }
 
     /// Remember that the daemon is about to kill this sandbox for `reason`, so that its exit is
@@ -663,17 +691,23 @@ mod tests {
                 ..SandboxStats::default()
             }),
         };
+        let t0 = crate::lifetime::now_ms();
         assert!(store.finish(a.id, &end).await.unwrap());
+        let t1 = crate::lifetime::now_ms();
         let row = store.get(a.id).await.unwrap().unwrap();
         assert_eq!(row.reason, Some(EndReason::Ttl));
         assert!(row.output_truncated);
         let stored = store.stats(a.id).await.unwrap().unwrap();
         assert_eq!(stored.stats.unwrap().output_bytes, 9);
-        // remove_at = finished_at + remove_after_exit.
-        store.set_ttl_deadline(a.id, 1_000_000).await.unwrap();
+        // remove_at = the lifetime clock when the exit was recorded + remove_after_exit.
+        store.set_ttl_deadline(a.id, i64::MAX / 2).await.unwrap();
         let (due, next) = store.deadlines(1000).await.unwrap();
-        assert_eq!((due, next), (vec![], Some(7000)));
-        let (due, _) = store.deadlines(7000).await.unwrap();
+        let next = next.unwrap();
+        assert!(
+            due.is_empty() && (t0 + 5000..=t1 + 5000).contains(&next),
+            "{next} {t0} {t1}"
+        );
+        let (due, _) = store.deadlines(t1 + 5000).await.unwrap();
         assert_eq!(due, vec![(a.id, Deadline::RemoveAfterExit)]);
     }
 }

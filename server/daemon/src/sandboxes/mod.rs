@@ -219,7 +219,9 @@ impl Service {
             name: v.name.clone(),
             hostname: hostname.clone(),
             created_at_ms,
-            ttl_deadline_ms: spec.ttl_secs.map(|t| created_at_ms + secs_to_ms(t)),
+            ttl_deadline_ms: spec
+                .ttl_secs
+                .map(|t| crate::lifetime::now_ms() + secs_to_ms(t)),
             remove_after_exit_ms: spec.remove_after_exit_secs.map(secs_to_ms),
             spec,
         };
@@ -452,7 +454,7 @@ impl Service {
     pub async fn extend(&self, id_or_name: &str, ttl_secs: u64) -> Result<Sandbox, ServiceError> {
         limits::check_ttl(&self.policy, ttl_secs)?;
         let sandbox = self.find(id_or_name).await?;
-        let deadline = crate::now_unix_ms() + secs_to_ms(ttl_secs);
+        let deadline = crate::lifetime::now_ms() + secs_to_ms(ttl_secs);
         if !self.store.set_ttl_deadline(sandbox.id, deadline).await? {
             return Err(ServiceError::NotFound);
         }

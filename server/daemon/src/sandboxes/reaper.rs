@@ -1,12 +1,12 @@
 //! The reaper: one task that deletes sandboxes whose lifetime ran out.
 //!
-//! Clocks: the monitor's `timeout_secs` runs on CLOCK_MONOTONIC inside the monitor, but TTL and
-//! remove-after-exit deadlines are wall-clock Unix milliseconds in SQLite, because they must
-//! survive daemon restarts (a monotonic reading means nothing to the next process, or after a
-//! reboot). The reaper sleeps (on tokio's monotonic timer) until the earliest stored deadline,
+//! Clocks: the monitor's `timeout_secs` runs on CLOCK_MONOTONIC inside the monitor; TTL and
+//! remove-after-exit deadlines are on the lifetime clock (`crate::lifetime`: CLOCK_BOOTTIME plus
+//! an offset kept in SQLite per boot), so a wall-clock step never moves them and they survive
+//! daemon restarts. The reaper sleeps (on tokio's monotonic timer) until the earliest deadline,
 //! re-reads the store whenever a deadline may have moved earlier (a `Notify`: create with a TTL,
 //! an exit with `remove_after_exit_secs`, `/extend`), and never sleeps longer than
-//! [`MAX_SLEEP`], so a wall-clock step delays a deadline by at most that much. It runs once
+//! [`MAX_SLEEP`]. It runs once
 //! immediately at daemon start, so deadlines that passed while the daemon was down are acted on.
 //! There is no per-sandbox timer or polling.
 //!
@@ -41,12 +41,12 @@ impl Service {
                 Ok(next) => next,
                 Err(e) => {
                     tracing::warn!(error = %crate::api::chain(&e), "reaper: reading deadlines failed");
-                    Some(crate::now_unix_ms() + RETRY_MS)
+                    Some(crate::lifetime::now_ms() + RETRY_MS)
                 }
             };
             let sleep = match next {
                 Some(at) => {
-                    let ms = (at - crate::now_unix_ms()).max(0);
+                    let ms = (at - crate::lifetime::now_ms()).max(0);
                     Duration::from_millis(ms as u64).min(MAX_SLEEP)
                 }
                 None => MAX_SLEEP,
@@ -60,7 +60,7 @@ impl Service {
 
     /// Start removing every sandbox whose deadline has passed; returns the next deadline.
     async fn reap_due(self: &Arc<Self>) -> Result<Option<i64>, ServiceError> {
-        let now = crate::now_unix_ms();
+        let now = crate::lifetime::now_ms();
         let (due, next) = self.store.deadlines(now).await?;
         for (id, which) in due {
             let fresh = self
@@ -75,7 +75,7 @@ impl Service {
             tokio::spawn(async move {
                 if let Err(e) = svc.expire(id, which).await {
                     tracing::warn!(%id, ?which, error = %crate::api::chain(&e), "reaper: removing a sandbox failed; retrying later");
-                    let later = crate::now_unix_ms() + RETRY_MS;
+                    let later = crate::lifetime::now_ms() + RETRY_MS;
                     if let Err(e) = svc.store.postpone(id, which, later).await {
                         tracing::error!(%id, error = %e, "reaper: postponing a deadline failed");
                         // Do not spin on a failing database.
