@@ -229,3 +229,47 @@ fn unreachable_daemon_is_a_one_line_error() {
         );
     }
 }
+
+#[test]
+fn sbx_run_with_limits_reports_an_oom_and_removes_the_sandbox_with_rm() {
+    sandboxd_tests::require_e2e!();
+    let daemon = sandboxd_tests::Daemon::start(sandboxd_tests::Mode::Privileged);
+    let out = daemon.sbx(&[
+        "run",
+        "--memory",
+        "64M",
+        "--cpus",
+        "0.5",
+        "--pids",
+        "64",
+        "--timeout",
+        "60",
+        "--rm",
+        "--",
+        "perl",
+        "-e",
+        "$x = 'a' x (256*1024*1024)",
+    ]);
+    assert_eq!(out.status.code(), Some(137), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ran out of memory"), "{stderr}");
+    let list: serde_json::Value = daemon.get("/v1/sandboxes").json().unwrap();
+    assert_eq!(list["items"], serde_json::json!([]), "--rm removed it");
+
+    let out = daemon.sbx(&[
+        "run",
+        "-d",
+        "--name",
+        "s1",
+        "--",
+        "sh",
+        "-c",
+        "echo hi; sleep 30",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let out = daemon.sbx(&["stats", "--json", "s1"]);
+    assert!(out.status.success(), "{out:?}");
+    let stats: sandboxd_api::Stats = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(stats.memory_bytes.unwrap() > 0, "{stats:?}");
+    assert!(daemon.sbx(&["rm", "-f", "s1"]).status.success());
+}

@@ -1,7 +1,7 @@
 //! `sbx run`: create a sandbox, stream its output live, exit with its exit code.
 
 use clap::Args;
-use sandboxd_api::{CreateSandbox, Limits, SandboxState};
+use sandboxd_api::{CreateSandbox, EndReason, Limits, SandboxState};
 use sandboxd_client::Client;
 
 use super::args::{parse_cpus, parse_env, parse_label, parse_size};
@@ -107,6 +107,20 @@ pub async fn run(client: &Client, args: RunArgs) -> Result<u8, CliError> {
     let result = match client.get(&id).await {
         Ok(sandbox) if sandbox.state == SandboxState::Failed => Err(CliError::failed(&sandbox)),
         Ok(sandbox) if sandbox.state.is_final() => {
+            // Say why when the sandbox did not end on its own: the exit code alone (137) does
+            // not tell a memory limit from a timeout.
+            let why = match sandbox.reason {
+                Some(EndReason::Oom) => Some("it ran out of memory (limits.memory_bytes)"),
+                Some(EndReason::Timeout) => Some("it ran past its timeout"),
+                Some(EndReason::Ttl) => Some("its ttl ran out"),
+                _ => None,
+            };
+            if let Some(why) = why {
+                eprintln!("sbx: sandbox {id} was killed: {why}");
+            }
+            if sandbox.output_truncated {
+                eprintln!("sbx: output of {id} was truncated at limits.output_bytes");
+            }
             Ok(exit_status(sandbox.exit_code.or(end.exit_code)))
         }
         _ => Ok(exit_status(end.exit_code)),
