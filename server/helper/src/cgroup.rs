@@ -60,19 +60,41 @@ pub enum Layout {
     None,
 }
 
+/// One cgroup mount of a mountinfo text.
+pub struct CgroupMount<'a> {
+    pub mount_point: &'a str,
+    /// `cgroup` (v1) or `cgroup2`.
+    pub fstype: &'a str,
+    pub super_opts: Vec<&'a str>,
+}
+
+/// The cgroup and cgroup2 mounts listed in a mountinfo text.
+pub fn cgroup_mounts(mountinfo: &str) -> impl Iterator<Item = CgroupMount<'_>> {
+    mountinfo.lines().filter_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mount_point = left.split_whitespace().nth(4)?;
+        let mut fields = right.split_whitespace();
+        let fstype = fields.next()?;
+        let super_opts = fields.nth(1).unwrap_or("").split(',').collect();
+        matches!(fstype, "cgroup" | "cgroup2").then_some(CgroupMount {
+            mount_point,
+            fstype,
+            super_opts,
+        })
+    })
+}
+
 impl Layout {
     /// Read the layout from a mountinfo text.
     pub fn from_mountinfo(mountinfo: &str) -> Layout {
         let mut v1 = (None, None, None, None);
         let mut unified = None;
-        for line in mountinfo.lines() {
-            let Some((left, right)) = line.split_once(" - ") else {
-                continue;
-            };
-            let mount_point = left.split_whitespace().nth(4).unwrap_or("");
-            let mut fields = right.split_whitespace();
-            let fstype = fields.next().unwrap_or("");
-            let super_opts: Vec<&str> = fields.nth(1).unwrap_or("").split(',').collect();
+        for CgroupMount {
+            mount_point,
+            fstype,
+            super_opts,
+        } in cgroup_mounts(mountinfo)
+        {
             match fstype {
                 "cgroup2" if mount_point == "/sys/fs/cgroup" => {
                     unified = Some(PathBuf::from(mount_point))

@@ -2,7 +2,7 @@
 
 use sandboxd_protocol::wire::HelperInfo;
 
-use crate::cgroup::Cgroups;
+use crate::cgroup::{cgroup_mounts, Cgroups};
 use crate::config::{Config, UID_RANGE_SIZE};
 
 pub fn detect(config: &Config, limits: &Cgroups) -> HelperInfo {
@@ -35,30 +35,23 @@ fn cgroups(mountinfo: &str) -> (String, Vec<String>) {
     let mut v1 = Vec::new();
     let mut v2_root = false;
     let mut v2_elsewhere = false;
-    for line in mountinfo.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let mount_point = left.split_whitespace().nth(4).unwrap_or("");
-        let mut fields = right.split_whitespace();
-        let fstype = fields.next().unwrap_or("");
-        let super_opts = fields.nth(1).unwrap_or("");
-        match fstype {
-            "cgroup2" if mount_point == "/sys/fs/cgroup" => v2_root = true,
+    for mount in cgroup_mounts(mountinfo) {
+        match mount.fstype {
+            "cgroup2" if mount.mount_point == "/sys/fs/cgroup" => v2_root = true,
             "cgroup2" => v2_elsewhere = true,
-            "cgroup" => {
-                for opt in super_opts.split(',') {
-                    if [
-                        "cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices",
-                        "freezer", "io", "hugetlb",
-                    ]
-                    .contains(&opt)
-                    {
-                        v1.push(opt.to_string());
-                    }
-                }
+            _ => {
+                const KNOWN: &[&str] = &[
+                    "cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices", "freezer",
+                    "io", "hugetlb",
+                ];
+                v1.extend(
+                    mount
+                        .super_opts
+                        .iter()
+                        .filter(|o| KNOWN.contains(o))
+                        .map(|o| o.to_string()),
+                );
             }
-            _ => {}
         }
     }
     if v2_root {
