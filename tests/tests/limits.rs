@@ -225,10 +225,11 @@ fn a_busy_loop_gets_about_its_cpu_share() {
     std::thread::sleep(Duration::from_secs(4));
     let wall = started.elapsed().as_micros() as f64;
     let used = stats(&d, &id).cpu_usec.unwrap() as f64;
-    // About half a core; bounds generous for a shared 2-core machine.
+    // About half a core. The upper bound is what proves the limit (unlimited, the loop takes a
+    // whole core); the lower one only that it ran, however busy other tests keep the machine.
     let share = used / wall;
     assert!(
-        (0.2..=0.7).contains(&share),
+        (0.1..=0.7).contains(&share),
         "a 0.5-cpu sandbox used {share:.2} of a core"
     );
     delete(&d, &id);
