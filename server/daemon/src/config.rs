@@ -35,6 +35,22 @@ pub struct Args {
     #[arg(long, env = "SANDBOXD_UID_SLOTS", default_value_t = DEFAULT_UID_SLOTS,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub uid_slots: u32,
+    /// Extra host names accepted in the `Host` header (IP literals and `localhost` always are):
+    /// everything else is refused, which defeats DNS rebinding of a localhost daemon.
+    #[arg(
+        long = "allowed-host",
+        env = "SANDBOXD_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins (`https://dash.example:8443`) allowed to open websockets and make
+    /// state-changing requests; requests without an `Origin` header (curl, CI) are unaffected.
+    #[arg(
+        long = "allowed-origin",
+        env = "SANDBOXD_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
     /// Do not put sandboxes in cgroups: no memory, cpus or pids limits, no cgroup accounting
     /// (for hosts where something else manages cgroups, and for measuring their cost).
     #[arg(long, env = "SANDBOXD_NO_CGROUPS")]

@@ -195,7 +195,10 @@ async fn serve(
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
-    let app = api::app(AppState { svc });
+    let app = api::guard::protect(
+        api::app(AppState { svc }),
+        api::guard::RequestGuard::new(&args.allowed_hosts, &args.allowed_origins),
+    );
     tracing::info!("listening on {addr}");
 
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);

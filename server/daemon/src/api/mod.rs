@@ -3,6 +3,7 @@
 
 mod error;
 mod extract;
+pub mod guard;
 mod health;
 mod info;
 mod logs;
