@@ -64,7 +64,7 @@ impl RequestGuard {
 
     pub fn origin_allowed(&self, origin: &str) -> bool {
         let origin = origin.trim().trim_end_matches('/').to_ascii_lowercase();
-        self.allowed_origins.iter().any(|o| *o == origin)
+        self.allowed_origins.contains(&origin)
     }
 }
 
