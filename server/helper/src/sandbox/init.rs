@@ -15,6 +15,7 @@ use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{dup2, pipe2, setsid, ForkResult, Pid};
 
+use super::seccomp::Filters;
 use crate::sys::fork;
 
 use crate::sys;
@@ -34,7 +35,13 @@ const FORWARDED: &[Signal] = &[
     Signal::SIGWINCH,
 ];
 
-pub fn run(spawn: &ValidSpawn, mut status: File, stdout: OwnedFd, stderr: OwnedFd) -> ! {
+pub fn run(
+    spawn: &ValidSpawn,
+    filters: &Filters,
+    mut status: File,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+) -> ! {
     let mut waited = SigSet::empty();
     waited.add(Signal::SIGCHLD);
     for s in FORWARDED {
@@ -54,7 +61,7 @@ pub fn run(spawn: &ValidSpawn, mut status: File, stdout: OwnedFd, stderr: OwnedF
     let command = match fork() {
         Ok(ForkResult::Child) => {
             drop(exec_r);
-            exec_command(spawn, stdout, stderr, exec_w)
+            exec_command(spawn, filters, stdout, stderr, exec_w)
         }
         Ok(ForkResult::Parent { child }) => child,
         Err(e) => {
@@ -100,8 +107,14 @@ pub fn run(spawn: &ValidSpawn, mut status: File, stdout: OwnedFd, stderr: OwnedF
 }
 
 /// In the command's process: wire up stdio, restore a clean signal state, enter the working
-/// directory and exec. On failure, report errno through `exec_w` and exit 127 (not found) or 126.
-fn exec_command(spawn: &ValidSpawn, stdout: OwnedFd, stderr: OwnedFd, exec_w: OwnedFd) -> ! {
+/// directory, install the seccomp filter and exec. On failure, report errno through `exec_w` and exit 127 (not found) or 126.
+fn exec_command(
+    spawn: &ValidSpawn,
+    filters: &Filters,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    exec_w: OwnedFd,
+) -> ! {
     // Move our three descriptors above 10 first, so the dup2s below cannot clobber one another.
     let high = |fd: OwnedFd| -> RawFd {
         let raw = fd.into_raw_fd();
@@ -142,6 +155,10 @@ fn exec_command(spawn: &ValidSpawn, stdout: OwnedFd, stderr: OwnedFd, exec_w: Ow
     match std::env::current_dir() {
         Ok(dir) if dir.is_absolute() => {}
         _ => fail(Errno::ENOENT, "resolve the working directory for"),
+    }
+    // Last: from here on only the allowlist (execve, write and exit_group included) is reachable.
+    if let Err(e) = filters.apply() {
+        fail(e, "apply the seccomp filter for");
     }
     let e = exec_search(&spawn.command, &spawn.env);
     fail(e, "execute")

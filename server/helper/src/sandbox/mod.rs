@@ -5,13 +5,16 @@
 //! 3. build the root filesystem and pivot into it ([`rootfs`]);
 //! 4. set the host name and bring `lo` up;
 //! 5. harden: capability bounding set, no_new_privs, non-dumpable ([`harden`]);
-//! 6. become PID 1: start the command and forward signals until it exits ([`init`]).
+//! 6. compile the seccomp filter ([`seccomp`]), refusing an architecture it has no policy for;
+//! 7. become PID 1: start the command, install the filter in it just before `execve`, and
+//!    forward signals until it exits ([`init`]).
 //!
 //! A failure before the command runs is reported to the monitor as `setup_failed <step>: <error>`.
 
 mod harden;
 mod init;
 mod rootfs;
+pub mod seccomp;
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -87,7 +90,14 @@ pub fn run_init(spawn: &ValidSpawn, fds: InitFds) -> ! {
         let _ = writeln!(status, "setup_failed {e}");
         sys::exit_now(1);
     }
-    init::run(spawn, status, fds.stdout, fds.stderr)
+    let filters = match seccomp::Filters::for_this_arch() {
+        Ok(filters) => filters,
+        Err(e) => {
+            let _ = writeln!(status, "setup_failed {e}");
+            sys::exit_now(1);
+        }
+    };
+    init::run(spawn, &filters, status, fds.stdout, fds.stderr)
 }
 
 /// Switch every id to root of the new user namespace, so that the host sees the mapped ids and
