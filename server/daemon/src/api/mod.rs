@@ -1,6 +1,7 @@
 //! The HTTP API (v1). [`routes`] is the single route table: [`app`] builds the router from it and
 //! a test checks it against `openapi.yaml`. One module per resource.
 
+pub mod auth;
 mod error;
 mod extract;
 pub mod guard;
