@@ -142,6 +142,25 @@ pub struct Daemon {
     child: Option<Child>,
     log: Arc<Mutex<String>>,
     http: reqwest::blocking::Client,
+    /// The admin token the daemon wrote to `<state-dir>/admin.token` (None before auth existed).
+    token: Option<String>,
+}
+
+/// A blocking HTTP client that sends `token` (if any) as a bearer token on every request.
+pub fn http_client(token: Option<&str>) -> reqwest::blocking::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        let mut value: reqwest::header::HeaderValue = format!("Bearer {token}")
+            .parse()
+            .expect("a token is a header value");
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .default_headers(headers)
+        .build()
+        .expect("http client")
 }
 
 impl Daemon {
@@ -172,10 +191,8 @@ impl Daemon {
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             child: None,
             log: Arc::new(Mutex::new(String::new())),
-            http: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()
-                .expect("http client"),
+            http: http_client(None),
+            token: None,
         };
         daemon.spawn("127.0.0.1:0");
         daemon
@@ -234,6 +251,123 @@ impl Daemon {
         self.addr = addr.clone();
         self.url = format!("http://{addr}");
         self.child = Some(child);
+        self.token = self.read_admin_token();
+        self.http = http_client(self.token.as_deref());
+    }
+
+    /// The admin token from `<state-dir>/admin.token`. A daemon without auth writes none; a daemon
+    /// with auth answers 401 without a token, and then the file must appear.
+    fn read_admin_token(&self) -> Option<String> {
+        let path = self.state_dir.join("admin.token");
+        let read = || {
+            std::fs::read_to_string(&path)
+                .ok()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+        };
+        if let Some(token) = read() {
+            return Some(token);
+        }
+        let status = http_client(None)
+            .get(format!("{}/v1/info", self.url))
+            .send()
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        if status != 401 {
+            return None;
+        }
+        let mut token = None;
+        eventually(Duration::from_secs(10), || {
+            token = read();
+            token.is_some()
+        });
+        assert!(
+            token.is_some(),
+            "the daemon answers 401 but wrote no {}; its log:\n{}",
+            path.display(),
+            self.log()
+        );
+        token
+    }
+
+    /// The admin token (None against a daemon without authentication).
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// The `Authorization` header value of the admin token, if any.
+    pub fn auth_header(&self) -> Option<String> {
+        self.token.as_ref().map(|t| format!("Bearer {t}"))
+    }
+
+    /// A client that sends `token` (or nothing) instead of the admin token.
+    pub fn http_as(&self, token: Option<&str>) -> reqwest::blocking::Client {
+        http_client(token)
+    }
+
+    /// Create a token with the admin token (`POST /v1/tokens`) and return the whole answer.
+    pub fn create_token_with(&self, tenant: &str, role: &str, ttl_secs: Option<u64>) -> Value {
+        let mut body = json!({ "tenant": tenant, "role": role });
+        if let Some(ttl) = ttl_secs {
+            body["ttl_secs"] = json!(ttl);
+        }
+        let resp = self.post_json("/v1/tokens", &body);
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap_or_default();
+        assert_eq!(status, 201, "POST /v1/tokens {body}: {status} {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad token JSON {text}: {e}"))
+    }
+
+    /// Create a token for `tenant` with `role` and return its secret.
+    pub fn create_token(&self, tenant: &str, role: &str) -> String {
+        self.create_token_with(tenant, role, None)["token"]
+            .as_str()
+            .expect("the answer carries the secret")
+            .to_string()
+    }
+
+    /// A websocket handshake request for `path` (e.g. `/v1/sandboxes/ID/logs?offset=0`) carrying
+    /// `token` as a bearer token (or nothing).
+    pub fn ws_request_as(
+        &self,
+        path: &str,
+        token: Option<&str>,
+    ) -> tungstenite::handshake::client::Request {
+        use tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{}{path}", self.addr)
+            .into_client_request()
+            .expect("a websocket request");
+        if let Some(token) = token {
+            request.headers_mut().insert(
+                "Authorization",
+                format!("Bearer {token}").parse().expect("header value"),
+            );
+        }
+        request
+    }
+
+    /// A websocket handshake request for `path` with the admin token.
+    pub fn ws_request(&self, path: &str) -> tungstenite::handshake::client::Request {
+        self.ws_request_as(path, self.token())
+    }
+
+    /// Open a websocket on `path` with `token` (or none); its HTTP status when refused.
+    pub fn websocket_as(
+        &self,
+        path: &str,
+        token: Option<&str>,
+    ) -> Result<tungstenite::WebSocket<TcpStream>, u16> {
+        let stream = TcpStream::connect(&self.addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        match tungstenite::client(self.ws_request_as(path, token), stream) {
+            Ok((ws, _)) => Ok(ws),
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+                Err(response.status().as_u16())
+            }
+            Err(e) => panic!("websocket handshake on {path} failed: {e}"),
+        }
     }
 
     /// Everything the daemon wrote to stderr so far.
@@ -390,8 +524,8 @@ impl Daemon {
         stream
             .set_read_timeout(Some(Duration::from_secs(60)))
             .expect("timeout");
-        let url = format!("ws://{}/v1/sandboxes/{id}/logs{query}", self.addr);
-        let (ws, _) = tungstenite::client(url.as_str(), stream).expect("websocket handshake");
+        let request = self.ws_request(&format!("/v1/sandboxes/{id}/logs{query}"));
+        let (ws, _) = tungstenite::client(request, stream).expect("websocket handshake");
         ws
     }
 }
@@ -578,9 +712,18 @@ impl Daemon {
 
     /// Run the `sbx` client against this daemon with a timeout; returns its output.
     pub fn sbx(&self, args: &[&str]) -> std::process::Output {
-        let child = Command::new(binaries().join("sbx"))
+        let mut cmd = Command::new(binaries().join("sbx"));
+        cmd.env("SANDBOXD_URL", &self.url);
+        if let Some(token) = self.token() {
+            cmd.env("SANDBOXD_TOKEN", token);
+        }
+        self.sbx_command(cmd, args)
+    }
+
+    /// Run `sbx` as prepared in `cmd` (environment, uid...) with `args` and a timeout.
+    pub fn sbx_command(&self, mut cmd: Command, args: &[&str]) -> std::process::Output {
+        let child = cmd
             .args(args)
-            .env("SANDBOXD_URL", &self.url)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

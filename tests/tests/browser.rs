@@ -10,11 +10,7 @@ use serde_json::{json, Value};
 
 fn websocket_status(d: &Daemon, path: &str, origin: Option<&str>) -> u16 {
     let stream = TcpStream::connect(&d.addr).unwrap();
-    let mut request = tungstenite::client::IntoClientRequest::into_client_request(format!(
-        "ws://{}{path}",
-        d.addr
-    ))
-    .unwrap();
+    let mut request = d.ws_request(path);
     if let Some(origin) = origin {
         request
             .headers_mut()

@@ -375,9 +375,9 @@ fn kill_9_of_daemon_and_helper_during_creates_leaves_no_orphan() {
     require_e2e!();
     let mut d = Daemon::start(Mode::Privileged);
     let url = d.url.clone();
+    let http = d.http().clone();
     // Creates in flight while the daemon and its helper die.
     let creator = std::thread::spawn(move || {
-        let http = reqwest::blocking::Client::new();
         for _ in 0..40 {
             let _ = http
                 .post(format!("{url}/v1/sandboxes"))

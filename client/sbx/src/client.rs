@@ -1,5 +1,6 @@
 //! `Client`: one async method per endpoint of the sandboxd HTTP API.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -50,6 +51,10 @@ pub struct Client {
     http: reqwest::Client,
     base: Url,
     log_reconnects: u32,
+    /// Bearer token sent on every request and websocket upgrade.
+    token: Option<String>,
+    /// When set, every connection goes to this unix socket instead of `base`'s host and port.
+    unix_socket: Option<PathBuf>,
 }
 
 impl Client {
@@ -78,7 +83,46 @@ impl Client {
             http,
             base,
             log_reconnects: DEFAULT_LOG_RECONNECTS,
+            token: None,
+            unix_socket: None,
         })
+    }
+
+    /// A client for the daemon's local unix socket (`<state-dir>/api.sock`), which needs no token.
+    pub fn unix(socket: impl Into<PathBuf>) -> Result<Self> {
+        let socket = socket.into();
+        let invalid = |reason: String| ClientError::InvalidUrl {
+            url: socket.display().to_string(),
+            reason,
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .unix_socket(socket.as_path())
+            .build()
+            .map_err(|e| invalid(e.to_string()))?;
+        let base = Url::parse("http://localhost").map_err(|e| invalid(e.to_string()))?;
+        Ok(Client {
+            http,
+            base,
+            log_reconnects: DEFAULT_LOG_RECONNECTS,
+            token: None,
+            unix_socket: Some(socket),
+        })
+    }
+
+    /// Sends `token` as `Authorization: Bearer <token>` on every request.
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    pub(crate) fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// The unix socket this client talks to, if it does not use TCP.
+    pub fn unix_socket(&self) -> Option<&Path> {
+        self.unix_socket.as_deref()
     }
 
     /// Sets how many consecutive drops `follow_logs` survives.
@@ -111,9 +155,15 @@ impl Client {
     }
 
     /// Sends a request and turns any non-2xx answer into `ClientError::Api`.
-    async fn send(&self, request: RequestBuilder) -> Result<Response> {
+    async fn send(&self, mut request: RequestBuilder) -> Result<Response> {
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
         let request = request.build().map_err(ClientError::Decode)?;
-        let url = request.url().to_string();
+        let url = match &self.unix_socket {
+            Some(socket) => format!("unix:{}", socket.display()),
+            None => request.url().to_string(),
+        };
         let response = self
             .http
             .execute(request)
@@ -255,6 +305,66 @@ impl Client {
         let url = self.sandbox_url(id_or_name, &["logs"]);
         let response = self.send(self.http.get(url).query(&params)).await?;
         Ok(response.bytes_stream().map_err(ClientError::Body))
+    }
+}
+
+/// One token as `GET /v1/tokens` lists it (never with its secret).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub tenant: String,
+    pub role: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+}
+
+/// The answer of `POST /v1/tokens`: the token and, this once, its secret.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CreatedToken {
+    pub id: String,
+    pub token: String,
+    pub tenant: String,
+    pub role: String,
+    #[serde(default)]
+    pub expires_at: Option<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct TokenList {
+    items: Vec<TokenInfo>,
+}
+
+impl Client {
+    /// `POST /v1/tokens` (admin): a new token for `tenant` with `role` (`user` or `admin`).
+    pub async fn create_token(
+        &self,
+        tenant: &str,
+        role: &str,
+        ttl_secs: Option<u64>,
+    ) -> Result<CreatedToken> {
+        let mut body = serde_json::json!({ "tenant": tenant, "role": role });
+        if let Some(ttl) = ttl_secs {
+            body["ttl_secs"] = ttl.into();
+        }
+        let url = self.url(&["v1", "tokens"]);
+        self.json(self.http.post(url).json(&body)).await
+    }
+
+    /// `GET /v1/tokens` (admin).
+    pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>> {
+        let list: TokenList = self
+            .json(self.http.get(self.url(&["v1", "tokens"])))
+            .await?;
+        Ok(list.items)
+    }
+
+    /// `DELETE /v1/tokens/{id}` (admin): the token stops working at once.
+    pub async fn revoke_token(&self, id: &str) -> Result<()> {
+        let url = self.url(&["v1", "tokens", id]);
+        self.send(self.http.request(Method::DELETE, url)).await?;
+        Ok(())
     }
 }
 

@@ -10,7 +10,7 @@ pub enum ClientError {
     InvalidUrl { url: String, reason: String },
 
     /// The request never got an HTTP answer (connection refused, reset, timed out...).
-    #[error("cannot reach sandboxd")]
+    #[error("cannot reach sandboxd at {url}")]
     Connect {
         url: String,
         #[source]
@@ -36,6 +36,14 @@ pub enum ClientError {
     /// The log websocket could not be opened or failed in a way that is not worth retrying.
     #[error("log websocket")]
     WebSocket(#[source] Box<tokio_tungstenite::tungstenite::Error>),
+
+    /// Opening the connection of the log websocket failed (TCP or unix socket).
+    #[error("cannot reach sandboxd at {url}")]
+    WebSocketConnect {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
 
     /// The log websocket sent something that does not follow the protocol.
     #[error("malformed log message: {0}")]

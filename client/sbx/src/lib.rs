@@ -7,7 +7,9 @@ mod client;
 mod error;
 mod logs;
 
-pub use client::{Client, ListQuery, LogStream, DEFAULT_LOG_RECONNECTS, DEFAULT_URL};
+pub use client::{
+    Client, CreatedToken, ListQuery, LogStream, TokenInfo, DEFAULT_LOG_RECONNECTS, DEFAULT_URL,
+};
 pub use error::{ClientError, Result};
 pub use logs::{Channel, LogEvent};
 pub use sandboxd_api as api;

@@ -9,9 +9,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use sandboxd_api::{LogEnd, CHANNEL_STDERR, CHANNEL_STDOUT};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::WebSocketStream;
 
 use crate::client::Client;
 use crate::error::{ClientError, Result};
@@ -81,7 +83,11 @@ pub(crate) fn decode_message(message: Message) -> Result<Decoded> {
     }
 }
 
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// A TCP or unix stream under the websocket.
+trait Transport: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Transport for T {}
+
+type Socket = WebSocketStream<Box<dyn Transport>>;
 
 /// The state carried from one item of the stream to the next.
 struct Follower {
@@ -106,7 +112,39 @@ impl Follower {
     }
 
     async fn connect(&self) -> Result<Socket> {
-        match tokio_tungstenite::connect_async(self.ws_url()).await {
+        let url = self.ws_url();
+        let mut request = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| ClientError::WebSocket(Box::new(e)))?;
+        if let Some(token) = self.client.token() {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| ClientError::LogProtocol("the token is not a valid header".into()))?;
+            request.headers_mut().insert("Authorization", value);
+        }
+        let stream: Box<dyn Transport> = match self.client.unix_socket() {
+            Some(path) => Box::new(UnixStream::connect(path).await.map_err(|source| {
+                ClientError::WebSocketConnect {
+                    url: format!("unix:{}", path.display()),
+                    source,
+                }
+            })?),
+            None => {
+                let base = self.client.base_url();
+                let host = base.host_str().unwrap_or("127.0.0.1");
+                // Brackets of an IPv6 literal are not part of the address.
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let port = base.port_or_known_default().unwrap_or(80);
+                Box::new(TcpStream::connect((host, port)).await.map_err(|source| {
+                    ClientError::WebSocketConnect {
+                        url: url.clone(),
+                        source,
+                    }
+                })?)
+            }
+        };
+        match tokio_tungstenite::client_async(request, stream).await {
             Ok((socket, _response)) => Ok(socket),
             // The daemon refused the upgrade with a normal HTTP error (404 for an unknown sandbox).
             Err(tungstenite::Error::Http(response)) => {
@@ -208,6 +246,7 @@ fn is_retryable(error: &ClientError) -> bool {
             tungstenite::Error::Url(_) | tungstenite::Error::HttpFormat(_)
         ),
         ClientError::Api { status, .. } => *status >= 500,
+        ClientError::WebSocketConnect { .. } => true,
         _ => false,
     }
 }

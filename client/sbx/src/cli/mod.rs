@@ -12,7 +12,10 @@ mod output;
 mod rm;
 mod run;
 mod stats;
+mod token;
 mod wait;
+
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 use sandboxd_api::Sandbox;
@@ -32,9 +35,20 @@ const EXIT_BROKEN_PIPE: u8 = 141;
     about = "Run and manage sandboxes of a sandboxd daemon"
 )]
 pub struct Cli {
-    /// Base URL of the daemon.
-    #[arg(long, global = true, env = "SANDBOXD_URL", default_value = DEFAULT_URL)]
-    url: String,
+    /// Base URL of the daemon. Without it sbx uses the local unix socket `<state-dir>/api.sock`
+    /// when it exists, else http://127.0.0.1:4280.
+    #[arg(long, global = true, env = "SANDBOXD_URL")]
+    url: Option<String>,
+
+    /// API token (sent as a bearer token). Without it sbx uses the local unix socket, which needs
+    /// none, or reads `<state-dir>/admin.token`.
+    #[arg(long, global = true, env = "SANDBOXD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
+    /// The daemon's state directory (default /var/lib/sandboxd as root, else
+    /// $XDG_STATE_HOME/sandboxd or ~/.local/state/sandboxd).
+    #[arg(long, global = true, env = "SANDBOXD_STATE_DIR")]
+    state_dir: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -62,6 +76,8 @@ enum Command {
     Stats(stats::StatsArgs),
     /// Delete a sandbox SECS seconds from now (sets or moves its TTL).
     Extend(extend::ExtendArgs),
+    /// Manage API tokens (admin).
+    Token(token::TokenArgs),
 }
 
 /// Why a verb failed.
@@ -87,6 +103,9 @@ pub enum CliError {
 
     #[error("log stream of {id} ended before the sandbox did")]
     NoLogEnd { id: String },
+
+    #[error("{0}")]
+    Unauthorized(String),
 }
 
 impl CliError {
@@ -138,18 +157,95 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 
 /// Runs the verb and returns the process's exit status.
 pub async fn run(cli: Cli) -> Result<u8, CliError> {
-    let client = Client::new(&cli.url)?;
-    match cli.command {
-        Command::Run(args) => run::run(&client, args).await,
-        Command::Ls(args) => ls::run(&client, args).await,
-        Command::Inspect(args) => inspect::run(&client, args).await,
-        Command::Logs(args) => logs::run(&client, args).await,
-        Command::Wait(args) => wait::run(&client, args).await,
-        Command::Kill(args) => kill::run(&client, args).await,
-        Command::Rm(args) => rm::run(&client, args).await,
-        Command::Info(args) => info::run(&client, args).await,
-        Command::Stats(args) => stats::run(&client, args).await,
-        Command::Extend(args) => extend::run(&client, args).await,
+    let (client, hint) = connect(&cli)?;
+    dispatch(&client, cli.command).await.map_err(|e| match e {
+        CliError::Client(ClientError::Api {
+            status: 401,
+            message,
+            ..
+        }) => CliError::Unauthorized(format!("{message} ({hint})")),
+        e => e,
+    })
+}
+
+/// The state directory sbx looks in for `api.sock` and `admin.token`.
+fn state_dir(explicit: Option<&Path>) -> PathBuf {
+    if let Some(dir) = explicit {
+        return dir.to_path_buf();
+    }
+    // The effective uid, read from /proc (no libc dependency for one number).
+    let is_root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false);
+    if is_root {
+        return PathBuf::from("/var/lib/sandboxd");
+    }
+    match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("sandboxd"),
+        None => {
+            let home = std::env::var_os("HOME").unwrap_or_default();
+            PathBuf::from(home).join(".local/state/sandboxd")
+        }
+    }
+}
+
+/// Token discovery: `--token`/`SANDBOXD_TOKEN`; else, without `--url`, the local unix socket
+/// (no token needed); else `<state-dir>/admin.token` if readable. Returns the client and a hint
+/// for a 401 answer.
+fn connect(cli: &Cli) -> Result<(Client, String), CliError> {
+    let dir = state_dir(cli.state_dir.as_deref());
+    let token_file = dir.join("admin.token");
+    let socket = dir.join("api.sock");
+    if let Some(token) = cli.token.as_deref().filter(|t| !t.is_empty()) {
+        let url = cli.url.as_deref().unwrap_or(DEFAULT_URL);
+        let client = Client::new(url)?.with_token(token.trim());
+        return Ok((
+            client,
+            "the token given with --token/SANDBOXD_TOKEN was refused".into(),
+        ));
+    }
+    if cli.url.is_none() && socket.exists() {
+        return Ok((
+            Client::unix(&socket)?,
+            format!("the local socket {} refused sbx", socket.display()),
+        ));
+    }
+    let url = cli.url.as_deref().unwrap_or(DEFAULT_URL);
+    let client = Client::new(url)?;
+    match std::fs::read_to_string(&token_file) {
+        Ok(token) if !token.trim().is_empty() => Ok((
+            client.with_token(token.trim()),
+            format!("the token in {} was refused", token_file.display()),
+        )),
+        _ => Ok((
+            client,
+            format!(
+                "no token: pass --token or set SANDBOXD_TOKEN; no local socket {} and no readable {}",
+                socket.display(),
+                token_file.display()
+            ),
+        )),
+    }
+}
+
+async fn dispatch(client: &Client, command: Command) -> Result<u8, CliError> {
+    match command {
+        Command::Run(args) => run::run(client, args).await,
+        Command::Ls(args) => ls::run(client, args).await,
+        Command::Inspect(args) => inspect::run(client, args).await,
+        Command::Logs(args) => logs::run(client, args).await,
+        Command::Wait(args) => wait::run(client, args).await,
+        Command::Kill(args) => kill::run(client, args).await,
+        Command::Rm(args) => rm::run(client, args).await,
+        Command::Info(args) => info::run(client, args).await,
+        Command::Stats(args) => stats::run(client, args).await,
+        Command::Extend(args) => extend::run(client, args).await,
+        Command::Token(args) => token::run(client, args).await,
     }
 }
 
@@ -314,7 +410,7 @@ mod tests {
     #[test]
     fn url_is_global() {
         let cli = parse(&["ls", "--url", "http://h:1"]).expect("valid");
-        assert_eq!(cli.url, "http://h:1");
+        assert_eq!(cli.url.as_deref(), Some("http://h:1"));
     }
 
     #[test]
