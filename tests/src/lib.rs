@@ -170,6 +170,11 @@ impl Daemon {
 
     /// Start a daemon with extra command-line arguments (kept across restarts).
     pub fn start_with(mode: Mode, extra_args: &[&str]) -> Daemon {
+        Self::start_on(mode, "127.0.0.1:0", extra_args)
+    }
+
+    /// Start a daemon listening on `listen` with extra command-line arguments.
+    pub fn start_on(mode: Mode, listen: &str, extra_args: &[&str]) -> Daemon {
         let state_dir =
             std::env::temp_dir().join(format!("sandboxd-e2e-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&state_dir).expect("create the state dir");
@@ -194,7 +199,7 @@ impl Daemon {
             http: http_client(None),
             token: None,
         };
-        daemon.spawn("127.0.0.1:0");
+        daemon.spawn(listen);
         daemon
     }
 
@@ -229,9 +234,20 @@ impl Daemon {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let clean = strip_ansi(&line);
-                if let Some(addr) = clean.split("listening on ").nth(1) {
+                // The TCP address (possibly with a scheme); not the unix socket's path.
+                if let Some(addr) = clean
+                    .split("listening on ")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .map(|a| {
+                        a.trim_start_matches("https://")
+                            .trim_start_matches("http://")
+                            .trim_end_matches(['/', ',', ')'])
+                    })
+                    .filter(|a| a.parse::<std::net::SocketAddr>().is_ok())
+                {
                     if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
+                        let _ = tx.send(addr.to_string());
                     }
                 }
                 let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
@@ -633,6 +649,23 @@ pub struct Reply {
     pub body: String,
 }
 
+impl From<reqwest::blocking::Response> for Reply {
+    fn from(resp: reqwest::blocking::Response) -> Reply {
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = resp.text().unwrap_or_default();
+        Reply {
+            status,
+            content_type,
+            body,
+        }
+    }
+}
+
 impl Reply {
     /// The body as JSON (panics with the body when it is not JSON).
     pub fn json(&self) -> Value {
@@ -680,19 +713,37 @@ impl Daemon {
         if let Some(ct) = content_type {
             req = req.header("content-type", ct);
         }
-        let resp = req.send().expect("request");
-        let status = resp.status().as_u16();
-        let content_type = resp
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let body = resp.text().unwrap_or_default();
-        Reply {
-            status,
-            content_type,
-            body,
+        Reply::from(req.send().expect("request"))
+    }
+
+    /// Send any request with `token` (or no token at all) instead of the admin token.
+    pub fn request_as(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Reply {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a valid method");
+        let mut req = http_client(token)
+            .request(method, format!("{}{path}", self.url))
+            .body(body);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
         }
+        Reply::from(req.send().expect("request"))
+    }
+
+    /// A JSON request with `token` (or none) instead of the admin token.
+    pub fn json_as(&self, token: Option<&str>, method: &str, path: &str, body: &Value) -> Reply {
+        self.request_as(
+            token,
+            method,
+            path,
+            Some("application/json"),
+            body.to_string().into_bytes(),
+        )
     }
 
     /// Send a JSON body (already serialised or not) with `Content-Type: application/json`.

@@ -1,0 +1,396 @@
+//! Authentication and tenants: bearer tokens on every route (checked against openapi.yaml),
+//! tenant isolation, quotas, the admin-only token API and single-use websocket tickets.
+
+#![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
+
+use std::time::Duration;
+
+use sandboxd_tests::{read_websocket, require_e2e, Daemon, Mode, Reply};
+use serde_json::{json, Value};
+
+/// Every (method, path template) of openapi.yaml.
+fn openapi_routes() -> Vec<(String, String)> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../openapi.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let mut routes = Vec::new();
+    for (path, item) in doc["paths"].as_mapping().unwrap() {
+        let path = path.as_str().unwrap().to_string();
+        for (method, _) in item.as_mapping().unwrap() {
+            let method = method.as_str().unwrap().to_ascii_uppercase();
+            if ["GET", "POST", "PUT", "DELETE", "PATCH"].contains(&method.as_str()) {
+                routes.push((method, path.clone()));
+            }
+        }
+    }
+    assert!(
+        routes.len() >= 10,
+        "openapi.yaml has too few routes: {routes:?}"
+    );
+    routes
+}
+
+/// A path template with real values: a sandbox id, a token id, a tenant.
+fn fill(template: &str, sandbox: &str, token_id: &str) -> String {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}').unwrap() + start;
+        let name = &rest[start + 1..end];
+        let value = if template.starts_with("/v1/tokens") {
+            token_id
+        } else if name.contains("tenant") {
+            "default"
+        } else {
+            sandbox
+        };
+        out.push_str(value);
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn assert_unauthorized(reply: &Reply, what: &str) {
+    let code = reply.assert_error(401, what);
+    assert_eq!(code, "unauthorized", "{what}: {}", reply.body);
+}
+
+#[test]
+fn every_route_but_healthz_needs_a_valid_token() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    assert!(d.token().is_some(), "the daemon wrote no admin.token");
+    let sandbox = d.start_sandbox(&["sleep", "100"]);
+    let victim = d.create_token_with("default", "user", None);
+    let token_id = victim["id"].as_str().unwrap().to_string();
+    let expired = d.create_token_with("default", "admin", Some(1));
+    let revoked = d.create_token_with("default", "admin", None);
+    let expired = expired["token"].as_str().unwrap().to_string();
+    let revoked_id = revoked["id"].as_str().unwrap();
+    let revoked = revoked["token"].as_str().unwrap().to_string();
+    // The revoked token works until it is revoked.
+    assert_eq!(
+        d.request_as(Some(&revoked), "GET", "/v1/info", None, vec![])
+            .status,
+        200
+    );
+    let reply = d.request("DELETE", &format!("/v1/tokens/{revoked_id}"), None, vec![]);
+    assert_eq!(reply.status, 204, "revoke: {}", reply.body);
+    std::thread::sleep(Duration::from_millis(2200));
+
+    let cases: [(&str, Option<&str>); 4] = [
+        ("no token", None),
+        ("a bad token", Some("sbx_not-a-real-token")),
+        ("an expired token", Some(&expired)),
+        ("a revoked token", Some(&revoked)),
+    ];
+    let routes = openapi_routes();
+    for (method, template) in &routes {
+        let path = fill(template, &sandbox, &token_id);
+        if template == "/healthz" {
+            let reply = d.request_as(None, method, &path, None, vec![]);
+            assert_eq!(reply.status, 200, "/healthz needs no token: {}", reply.body);
+            continue;
+        }
+        for (what, token) in cases {
+            let reply = d.json_as(token, method, &path, &json!({}));
+            assert_unauthorized(&reply, &format!("{method} {path} with {what}"));
+            if template.ends_with("/logs") {
+                let status = d.websocket_as(&path, token).err();
+                assert_eq!(status, Some(401), "websocket {path} with {what}");
+            }
+        }
+    }
+    // Nothing was touched by the refused requests.
+    assert_eq!(d.sandbox(&sandbox).state.as_str(), "running");
+    let tokens: Value = d.get("/v1/tokens").json().unwrap();
+    assert!(
+        tokens["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["id"] == token_id.as_str()),
+        "{tokens}"
+    );
+    // The admin token still works everywhere, and `GET /v1/tokens` never shows a secret.
+    assert!(!tokens.to_string().contains(&expired), "{tokens}");
+    assert!(!tokens.to_string().contains(d.token().unwrap()), "{tokens}");
+}
+
+fn id_of(reply: &Reply) -> String {
+    assert_eq!(reply.status, 201, "create: {}", reply.body);
+    reply.json()["id"].as_str().unwrap().to_string()
+}
+
+fn listed(d: &Daemon, token: Option<&str>) -> Vec<String> {
+    let reply = d.request_as(token, "GET", "/v1/sandboxes?limit=1000", None, vec![]);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply.json()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_tenant_cannot_see_or_touch_another_tenants_sandboxes() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let a = d.create_token("team-a", "user");
+    let b = d.create_token("team-b", "user");
+    let create = |token: &str, name: &str| {
+        d.json_as(
+            Some(token),
+            "POST",
+            "/v1/sandboxes",
+            &json!({"command": ["sh", "-c", "echo secret; sleep 100"], "name": name}),
+        )
+    };
+    let b_id = id_of(&create(&b, "b-box"));
+    let a_id = id_of(&create(&a, "a-box"));
+    let a = Some(a.as_str());
+    for target in [b_id.as_str(), "b-box"] {
+        for (method, path, body) in [
+            ("GET", format!("/v1/sandboxes/{target}"), json!({})),
+            ("GET", format!("/v1/sandboxes/{target}/stats"), json!({})),
+            ("GET", format!("/v1/sandboxes/{target}/logs"), json!({})),
+            ("POST", format!("/v1/sandboxes/{target}/kill"), json!({})),
+            ("POST", format!("/v1/sandboxes/{target}/wait"), json!({})),
+            (
+                "POST",
+                format!("/v1/sandboxes/{target}/extend"),
+                json!({"ttl_secs": 60}),
+            ),
+            ("DELETE", format!("/v1/sandboxes/{target}"), json!({})),
+        ] {
+            let reply = d.json_as(a, method, &path, &body);
+            let code = reply.assert_error(404, &format!("team-a {method} {path}"));
+            assert_eq!(code, "not_found");
+        }
+        let ws = d.websocket_as(&format!("/v1/sandboxes/{target}/logs"), a);
+        assert_eq!(ws.err(), Some(404), "team-a websocket on {target}");
+    }
+    // B's sandbox is untouched and B still sees it; lists never cross tenants; admin sees both.
+    let b = Some(b.as_str());
+    let reply = d.request_as(b, "GET", &format!("/v1/sandboxes/{b_id}"), None, vec![]);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["state"], "running");
+    assert_eq!(listed(&d, a), vec![a_id.clone()]);
+    assert_eq!(listed(&d, b), vec![b_id.clone()]);
+    let all = listed(&d, d.token());
+    assert!(all.contains(&a_id) && all.contains(&b_id), "{all:?}");
+    for state in ["running", "exited"] {
+        let reply = d.request_as(
+            a,
+            "GET",
+            &format!("/v1/sandboxes?state={state}"),
+            None,
+            vec![],
+        );
+        assert!(!reply.body.contains(&b_id), "{}", reply.body);
+    }
+    // The owner can stream its own logs.
+    let ws = d.websocket_as(&format!("/v1/sandboxes/{b_id}/logs"), b);
+    assert!(ws.is_ok(), "team-b's own websocket");
+}
+
+#[test]
+fn a_tenant_cannot_exceed_its_sandbox_quota() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let reply = d.request_json("PUT", "/v1/tenants/team-q/quota", r#"{"max_sandboxes":1}"#);
+    assert!(
+        reply.status / 100 == 2,
+        "set quota: {} {}",
+        reply.status,
+        reply.body
+    );
+    let q = d.create_token("team-q", "user");
+    let q = Some(q.as_str());
+    let spec = json!({"command": ["sleep", "100"]});
+    let first = id_of(&d.json_as(q, "POST", "/v1/sandboxes", &spec));
+    let reply = d.json_as(q, "POST", "/v1/sandboxes", &spec);
+    let code = reply.assert_error(429, "second live sandbox over a quota of 1");
+    assert_eq!(code, "quota_exceeded");
+    // Another tenant is not limited by team-q's quota.
+    d.start_sandbox(&["sleep", "100"]);
+    let reply = d.json_as(
+        q,
+        "DELETE",
+        &format!("/v1/sandboxes/{first}?force=true"),
+        &json!({}),
+    );
+    if reply.status == 409 {
+        d.json_as(
+            q,
+            "POST",
+            &format!("/v1/sandboxes/{first}/kill"),
+            &json!({}),
+        );
+        d.json_as(
+            q,
+            "POST",
+            &format!("/v1/sandboxes/{first}/wait"),
+            &json!({}),
+        );
+        let reply = d.json_as(q, "DELETE", &format!("/v1/sandboxes/{first}"), &json!({}));
+        assert!(
+            reply.status / 100 == 2,
+            "delete: {} {}",
+            reply.status,
+            reply.body
+        );
+    } else {
+        assert!(
+            reply.status / 100 == 2,
+            "delete: {} {}",
+            reply.status,
+            reply.body
+        );
+    }
+    id_of(&d.json_as(q, "POST", "/v1/sandboxes", &spec));
+}
+
+#[test]
+fn only_admins_manage_tokens_and_quotas() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let user = d.create_token("team-u", "user");
+    let other = d.create_token_with("team-u", "user", None);
+    let other_id = other["id"].as_str().unwrap();
+    let user = Some(user.as_str());
+    for (method, path, body) in [
+        (
+            "POST",
+            "/v1/tokens".to_string(),
+            json!({"tenant": "team-u", "role": "admin"}),
+        ),
+        (
+            "POST",
+            "/v1/tokens".to_string(),
+            json!({"tenant": "team-u", "role": "user"}),
+        ),
+        ("GET", "/v1/tokens".to_string(), json!({})),
+        ("DELETE", format!("/v1/tokens/{other_id}"), json!({})),
+        (
+            "PUT",
+            "/v1/tenants/team-u/quota".to_string(),
+            json!({"max_sandboxes": 100}),
+        ),
+    ] {
+        let reply = d.json_as(user, method, &path, &body);
+        let code = reply.assert_error(403, &format!("user {method} {path}"));
+        assert_eq!(code, "forbidden");
+    }
+    // The other token was not revoked.
+    let other = other["token"].as_str().unwrap();
+    assert_eq!(
+        d.request_as(Some(other), "GET", "/v1/info", None, vec![])
+            .status,
+        200
+    );
+    // The user can still do its ordinary work.
+    let reply = d.json_as(
+        user,
+        "POST",
+        "/v1/sandboxes?wait=true",
+        &json!({"command": ["true"]}),
+    );
+    assert_eq!(reply.status, 201, "{}", reply.body);
+}
+
+#[test]
+fn a_websocket_ticket_works_once() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let (sandbox, _) = d.run(&["echo", "through a ticket"]);
+    let path = format!("/v1/sandboxes/{}/logs", sandbox.id);
+    let ticket = |token: Option<&str>| {
+        let reply = d.json_as(token, "POST", "/v1/tickets", &json!({}));
+        assert!(
+            reply.status / 100 == 2,
+            "ticket: {} {}",
+            reply.status,
+            reply.body
+        );
+        let json = reply.json();
+        assert!(json["expires_at"].is_string(), "{json}");
+        json["ticket"].as_str().unwrap().to_string()
+    };
+    let t = ticket(d.token());
+    let ws = d
+        .websocket_as(&format!("{path}?ticket={t}"), None)
+        .unwrap_or_else(|status| panic!("a fresh ticket was refused with {status}"));
+    let log = read_websocket(ws);
+    assert_eq!(log.bytes(None), b"through a ticket\n");
+    let again = d.websocket_as(&format!("{path}?ticket={t}"), None);
+    assert_eq!(again.err(), Some(401), "a ticket is single use");
+    let bogus = d.websocket_as(&format!("{path}?ticket=nope"), None);
+    assert_eq!(bogus.err(), Some(401), "a made-up ticket");
+    // A ticket is not a bearer token for plain HTTP.
+    let t = ticket(d.token());
+    let reply = d.request_as(None, "GET", &format!("{path}?ticket={t}"), None, vec![]);
+    assert_ne!(reply.status, 200, "a ticket opened a plain HTTP route");
+    // A ticket of another tenant does not open this tenant's sandbox.
+    let other = d.create_token("team-t", "user");
+    let t = ticket(Some(&other));
+    let ws = d.websocket_as(&format!("{path}?ticket={t}"), None);
+    assert_eq!(ws.err(), Some(404), "another tenant's ticket");
+}
+
+#[test]
+fn sbx_manages_tokens() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let out = d.sbx(&[
+        "token", "create", "--tenant", "team-c", "--role", "user", "--ttl", "30d",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secret = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(!secret.is_empty() && !secret.contains(' '), "{secret:?}");
+    assert_eq!(
+        d.request_as(Some(&secret), "GET", "/v1/info", None, vec![])
+            .status,
+        200
+    );
+    let out = d.sbx(&["token", "ls"]);
+    let listing = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success() && listing.contains("team-c"),
+        "{listing}"
+    );
+    assert!(!listing.contains(&secret), "sbx token ls shows a secret");
+    let id = listing
+        .lines()
+        .find(|l| l.contains("team-c"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let out = d.sbx(&["token", "revoke", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        d.request_as(Some(&secret), "GET", "/v1/info", None, vec![])
+            .status,
+        401
+    );
+    // A user token run through sbx sees only its tenant, and a bad one fails in one clear line.
+    let mut cmd = std::process::Command::new(sandboxd_tests::binaries().join("sbx"));
+    cmd.env("SANDBOXD_URL", &d.url)
+        .env("SANDBOXD_TOKEN", "wrong");
+    let out = d.sbx_command(cmd, &["ls"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "a bad token worked");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("SANDBOXD_TOKEN"), "{err}");
+}
