@@ -293,3 +293,96 @@ pub struct ExtendRequest {
     /// The new deadline, in seconds from now.
     pub ttl_secs: u64,
 }
+
+/// Role of a token: `admin` manages tokens and quotas and sees every tenant; `user` sees only its
+/// tenant's sandboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    User,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::User => "user",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "user" => Some(Role::User),
+            _ => None,
+        }
+    }
+}
+
+/// Body of `POST /v1/tokens` (admin only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    pub tenant: String,
+    pub role: Role,
+    /// The token expires this long after its creation; never when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+}
+
+/// Answer of `POST /v1/tokens`: the secret (`token`) is shown only here, once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub id: String,
+    /// `sbx_` and 64 hex digits; send it as `Authorization: Bearer <token>`.
+    pub token: String,
+    pub tenant: String,
+    pub role: Role,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+/// A token as listed by `GET /v1/tokens` (never the secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub tenant: String,
+    pub role: Role,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// Body of `GET /v1/tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenList {
+    pub items: Vec<TokenInfo>,
+}
+
+/// Body of `PUT /v1/tenants/{tenant}/quota` and its answer. A missing or null figure is unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    /// Answers only: the tenant the quota belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Live (creating or running) sandboxes at most.
+    #[serde(default)]
+    pub max_sandboxes: Option<u64>,
+    /// Sum of `limits.memory_bytes` over live sandboxes at most.
+    #[serde(default)]
+    pub max_memory_bytes: Option<u64>,
+}
+
+/// Answer of `POST /v1/tickets`: a single-use websocket ticket, valid for 30 seconds, to pass as
+/// `?ticket=` on a websocket upgrade instead of the `Authorization` header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ticket {
+    pub ticket: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+}

@@ -12,9 +12,11 @@
 //! * [`validate`]: parses a `CreateSandbox` request once into a validated type.
 //! * [`sandboxes`]: the lifecycle service (create, watch, kill, delete, reconcile).
 //! * [`logs`]: reading and following a sandbox's output log.
+//! * [`auth`]: tokens, websocket tickets and the admin token bootstrap.
 //! * [`api`]: the HTTP router, one module per resource.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod helper_client;
 pub mod lifetime;

@@ -195,8 +195,12 @@ async fn serve(
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
+    let state = AppState::new(svc);
+    sandboxd::auth::bootstrap_admin_token(&state.auth, &state_dir)
+        .await
+        .context("creating the admin token")?;
     let app = api::guard::protect(
-        api::app(AppState { svc }),
+        api::app(state),
         api::guard::RequestGuard::new(&args.allowed_hosts, &args.allowed_origins),
     );
     tracing::info!("listening on {addr}");

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sandboxd_api::{CreateSandbox, EndReason, Sandbox, SandboxState};
+use sandboxd_api::{CreateSandbox, EndReason, Role, Sandbox, SandboxState};
 use sandboxd_protocol::wire::SandboxStats;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -36,6 +36,10 @@ pub enum StoreError {
     NameTaken,
     #[error("no free uid slot")]
     NoCapacity,
+    #[error("quota exceeded: {0}")]
+    QuotaExceeded(String),
+    #[error("the tenant's memory quota requires a memory limit")]
+    MemoryLimitRequired,
     #[error("corrupt row {id}: {what}")]
     Corrupt { id: String, what: String },
 }
@@ -45,6 +49,11 @@ pub enum StoreError {
 pub struct NewSandbox {
     pub id: Uuid,
     pub name: Option<String>,
+    /// The tenant the sandbox belongs to (its quota is checked on insert).
+    pub tenant: String,
+    /// What a live sandbox without a memory limit counts as against a memory quota (the daemon's
+    /// `--max-memory`); when `None`, creating one in a tenant with a memory quota is refused.
+    pub quota_memory_default: Option<u64>,
     pub hostname: String,
     pub created_at_ms: i64,
     pub spec: CreateSandbox,
@@ -58,6 +67,8 @@ pub struct NewSandbox {
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
     pub state: Option<SandboxState>,
+    /// Only this tenant's sandboxes (`None`: every tenant).
+    pub tenant: Option<String>,
     pub labels: Vec<(String, String)>,
     pub limit: u32,
     /// Only rows created before the row with this sequence number.
@@ -137,6 +148,7 @@ impl Store {
         let labels = serde_json::to_string(&new.spec.labels).map_err(corrupt_json(new.id))?;
         let spec = serde_json::to_string(&new.spec).map_err(corrupt_json(new.id))?;
         let mut tx = self.writer.begin().await?;
+        check_quota(&mut tx, new).await?;
         let slot = match uid_slots {
             None => None,
             Some(slots) => {
@@ -169,8 +181,8 @@ impl Store {
         };
         let inserted = sqlx::query(
             "INSERT INTO sandboxes (id, name, state, hostname, created_at, labels, spec, uid_slot,
-                                    ttl_deadline_ms, remove_after_exit_ms)
-             VALUES (?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?)",
+                                    ttl_deadline_ms, remove_after_exit_ms, tenant)
+             VALUES (?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(new.id.to_string())
         .bind(new.name.as_deref())
@@ -181,6 +193,7 @@ impl Store {
         .bind(slot.map(i64::from))
         .bind(new.ttl_deadline_ms)
         .bind(new.remove_after_exit_ms)
+        .bind(&new.tenant)
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -443,6 +456,40 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// A sandbox by id, only if it belongs to `tenant` (any tenant when `None`).
+    pub async fn get_in(
+        &self,
+        id: Uuid,
+        tenant: Option<&str>,
+    ) -> Result<Option<Sandbox>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM sandboxes WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .bind(tenant)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|r| to_sandbox(&r).map(|(_, s)| s)).transpose()
+    }
+
+    /// A sandbox by name, only if it belongs to `tenant` (any tenant when `None`).
+    pub async fn get_by_name_in(
+        &self,
+        name: &str,
+        tenant: Option<&str>,
+    ) -> Result<Option<Sandbox>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM sandboxes WHERE name = ?1 AND (?2 IS NULL OR tenant = ?2)"
+        );
+        let row = sqlx::query(&sql)
+            .bind(name)
+            .bind(tenant)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|r| to_sandbox(&r).map(|(_, s)| s)).transpose()
+    }
+
     pub async fn get(&self, id: Uuid) -> Result<Option<Sandbox>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM sandboxes WHERE id = ?");
         let row = sqlx::query(&sql)
@@ -467,6 +514,9 @@ impl Store {
         if q.state.is_some() {
             sql.push_str(" AND state = ?");
         }
+        if q.tenant.is_some() {
+            sql.push_str(" AND tenant = ?");
+        }
         if q.before_seq.is_some() {
             sql.push_str(" AND seq < ?");
         }
@@ -480,6 +530,9 @@ impl Store {
         let mut query = sqlx::query(&sql);
         if let Some(state) = q.state {
             query = query.bind(state.as_str());
+        }
+        if let Some(tenant) = &q.tenant {
+            query = query.bind(tenant);
         }
         if let Some(seq) = q.before_seq {
             query = query.bind(seq);
@@ -504,6 +557,111 @@ impl Store {
         Ok((items, next))
     }
 
+    // ---- Tokens and quotas -------------------------------------------------------------------
+
+    pub async fn insert_token(&self, t: &StoredToken, hash: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO tokens (id, hash, tenant, role, created_at, expires_at, revoked_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&t.id)
+        .bind(hash)
+        .bind(&t.tenant)
+        .bind(t.role.as_str())
+        .bind(t.created_at_ms)
+        .bind(t.expires_at_ms)
+        .bind(t.revoked_at_ms)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    /// The token whose secret hashes to `hash`, valid or not.
+    pub async fn token_by_hash(&self, hash: &str) -> Result<Option<StoredToken>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, tenant, role, created_at, expires_at, revoked_at FROM tokens WHERE hash = ?",
+        )
+        .bind(hash)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.as_ref().map(to_token).transpose()
+    }
+
+    pub async fn token(&self, id: &str) -> Result<Option<StoredToken>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, tenant, role, created_at, expires_at, revoked_at FROM tokens WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.as_ref().map(to_token).transpose()
+    }
+
+    /// Every token, oldest first.
+    pub async fn tokens(&self) -> Result<Vec<StoredToken>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, tenant, role, created_at, expires_at, revoked_at FROM tokens
+              ORDER BY created_at, id",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(to_token).collect()
+    }
+
+    /// Revoke a token at `now_ms`; false when there is no such token. Revoking twice keeps the
+    /// first time.
+    pub async fn revoke_token(&self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
+                .bind(now_ms)
+                .bind(id)
+                .execute(&self.writer)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Whether some admin token is neither revoked nor expired at `now_ms`.
+    pub async fn valid_admin_token_exists(&self, now_ms: i64) -> Result<bool, StoreError> {
+        let row = sqlx::query(
+            "SELECT EXISTS (SELECT 1 FROM tokens WHERE role = 'admin' AND revoked_at IS NULL
+                              AND (expires_at IS NULL OR expires_at > ?))",
+        )
+        .bind(now_ms)
+        .fetch_one(&self.writer)
+        .await?;
+        Ok(row.try_get::<bool, _>(0)?)
+    }
+
+    /// Set (replace) a tenant's quota.
+    pub async fn set_quota(&self, tenant: &str, q: &StoredQuota) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO quotas (tenant, max_sandboxes, max_memory_bytes) VALUES (?1, ?2, ?3)
+             ON CONFLICT (tenant) DO UPDATE SET max_sandboxes = ?2, max_memory_bytes = ?3",
+        )
+        .bind(tenant)
+        .bind(q.max_sandboxes)
+        .bind(q.max_memory_bytes)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    /// A tenant's quota (all `None` when it has none).
+    pub async fn quota(&self, tenant: &str) -> Result<StoredQuota, StoreError> {
+        let row =
+            sqlx::query("SELECT max_sandboxes, max_memory_bytes FROM quotas WHERE tenant = ?")
+                .bind(tenant)
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(match row {
+            Some(r) => StoredQuota {
+                max_sandboxes: r.try_get(0)?,
+                max_memory_bytes: r.try_get(1)?,
+            },
+            None => StoredQuota::default(),
+        })
+    }
+
     /// Every sandbox in `creating` or `running`, for reconciliation.
     pub async fn live(&self) -> Result<Vec<Sandbox>, StoreError> {
         let sql = format!(
@@ -525,6 +683,106 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// A token as stored (its hash aside). Times are Unix milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredToken {
+    pub id: String,
+    pub tenant: String,
+    pub role: Role,
+    pub created_at_ms: i64,
+    pub expires_at_ms: Option<i64>,
+    pub revoked_at_ms: Option<i64>,
+}
+
+impl StoredToken {
+    /// Neither revoked nor expired at `now_ms`.
+    pub fn is_valid(&self, now_ms: i64) -> bool {
+        self.revoked_at_ms.is_none() && self.expires_at_ms.is_none_or(|e| e > now_ms)
+    }
+}
+
+/// A tenant's quota; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoredQuota {
+    pub max_sandboxes: Option<i64>,
+    pub max_memory_bytes: Option<i64>,
+}
+
+fn to_token(row: &SqliteRow) -> Result<StoredToken, StoreError> {
+    let id: String = row.try_get(0)?;
+    let role: String = row.try_get(2)?;
+    let role = Role::parse(&role).ok_or_else(|| StoreError::Corrupt {
+        id: id.clone(),
+        what: "role".into(),
+    })?;
+    Ok(StoredToken {
+        id,
+        tenant: row.try_get(1)?,
+        role,
+        created_at_ms: row.try_get::<Option<i64>, _>(3)?.unwrap_or(0),
+        expires_at_ms: row.try_get(4)?,
+        revoked_at_ms: row.try_get(5)?,
+    })
+}
+
+/// Refuse an insert that would take the tenant beyond its quota. Runs in the insert's
+/// transaction (on the single writer connection), so concurrent creates cannot both pass.
+async fn check_quota(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    new: &NewSandbox,
+) -> Result<(), StoreError> {
+    let row = sqlx::query("SELECT max_sandboxes, max_memory_bytes FROM quotas WHERE tenant = ?")
+        .bind(&new.tenant)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let Some(row) = row else { return Ok(()) };
+    let max_sandboxes: Option<i64> = row.try_get(0)?;
+    let max_memory: Option<i64> = row.try_get(1)?;
+    if max_sandboxes.is_none() && max_memory.is_none() {
+        return Ok(());
+    }
+    let fallback = new
+        .quota_memory_default
+        .map(|m| i64::try_from(m).unwrap_or(i64::MAX));
+    let mine = match new.spec.limits.memory_bytes {
+        Some(m) => i64::try_from(m).unwrap_or(i64::MAX),
+        None if max_memory.is_none() => 0,
+        None => match fallback {
+            Some(f) => f,
+            None => return Err(StoreError::MemoryLimitRequired),
+        },
+    };
+    let usage = sqlx::query(
+        "SELECT COUNT(*),
+                COALESCE(SUM(COALESCE(json_extract(spec, '$.limits.memory_bytes'), ?2)), 0)
+           FROM sandboxes WHERE tenant = ?1 AND state IN ('creating', 'running')",
+    )
+    .bind(&new.tenant)
+    .bind(fallback.unwrap_or(0))
+    .fetch_one(&mut **tx)
+    .await?;
+    let live: i64 = usage.try_get(0)?;
+    let memory: i64 = usage.try_get(1)?;
+    if let Some(max) = max_sandboxes {
+        if live >= max {
+            return Err(StoreError::QuotaExceeded(format!(
+                "tenant {:?} may have at most {max} live sandboxes and has {live}",
+                new.tenant
+            )));
+        }
+    }
+    if let Some(max) = max_memory {
+        if memory.saturating_add(mine) > max {
+            return Err(StoreError::QuotaExceeded(format!(
+                "tenant {:?} may use at most {max} bytes of memory over its live sandboxes; \
+                 {memory} are in use and this sandbox asks for {mine}",
+                new.tenant
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn corrupt_json(id: Uuid) -> impl Fn(serde_json::Error) -> StoreError {
@@ -595,6 +853,8 @@ mod tests {
         NewSandbox {
             id: Uuid::new_v4(),
             name: name.map(str::to_owned),
+            tenant: "default".into(),
+            quota_memory_default: None,
             hostname: "h".into(),
             created_at_ms: 1,
             ttl_deadline_ms: None,

@@ -1,8 +1,155 @@
-//! Who is asking: authentication of API requests.
+//! Authentication at the edge: every route but `GET /healthz` needs `Authorization: Bearer
+//! <token>` (or, on a websocket upgrade, a single-use `?ticket=` from `POST /v1/tickets`).
+//!
+//! The layer inserts a [`Principal`] request extension that handlers read; a request without one
+//! never reaches a handler that needs it (the extractor fails closed). A [`LocalPeer`] extension,
+//! set by the unix-socket listener for the daemon's own user, stands for the admin of tenant
+//! `default` without a token.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+pub use crate::auth::Principal;
+pub use sandboxd_api::Role;
+
+use super::ApiError;
+use crate::auth::Auth;
+use crate::sandboxes::Scope;
 
 /// Request extension present on every request that arrived over the local unix socket
 /// (`<state-dir>/api.sock`) from the daemon's own uid or root (checked with SO_PEERCRED when the
 /// connection was accepted). Inserted per connection by `transport.rs`; never set from anything
-/// the client sends.
+/// the client sends. Treated as `admin` of tenant `default` without a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LocalPeer;
+
+/// The tenant of the daemon's own user and of the bootstrap admin token.
+pub const DEFAULT_TENANT: &str = "default";
+
+impl Principal {
+    pub fn local() -> Self {
+        Principal {
+            token_id: None,
+            tenant: DEFAULT_TENANT.to_owned(),
+            role: Role::Admin,
+        }
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+
+    /// What this principal may see: everything for an admin, its tenant for a user.
+    pub fn scope(&self) -> Scope {
+        match self.role {
+            Role::Admin => Scope::All,
+            Role::User => Scope::Tenant(self.tenant.clone()),
+        }
+    }
+
+    /// 403 `forbidden` unless an admin.
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this needs an admin token",
+            ))
+        }
+    }
+}
+
+/// 401 `unauthorized` with `WWW-Authenticate: Bearer`.
+pub fn unauthorized(message: &str) -> Response {
+    let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"sandboxd\""),
+    );
+    resp
+}
+
+enum Credential<'a> {
+    None,
+    Malformed,
+    Bearer(&'a str),
+}
+
+fn bearer(headers: &HeaderMap) -> Credential<'_> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Credential::None;
+    };
+    let Ok(value) = value.to_str() else {
+        return Credential::Malformed;
+    };
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
+            Credential::Bearer(token.trim())
+        }
+        _ => Credential::Malformed,
+    }
+}
+
+fn is_websocket(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// The `ticket` query parameter, if any.
+fn ticket_param(query: Option<&str>) -> Option<String> {
+    let query = query?;
+    for pair in query.split('&') {
+        if let Some(value) = pair.strip_prefix("ticket=") {
+            // Tickets are `sbxt_` + hex: nothing to percent-decode.
+            return Some(value.to_owned());
+        }
+    }
+    None
+}
+
+/// Routes anyone may call.
+fn is_public(method: &Method, path: &str) -> bool {
+    method == Method::GET && path == "/healthz"
+}
+
+pub async fn authenticate(State(auth): State<Arc<Auth>>, mut request: Request, next: Next) -> Response {
+    if is_public(request.method(), request.uri().path()) {
+        return next.run(request).await;
+    }
+    if request.extensions().get::<LocalPeer>().is_some() {
+        request.extensions_mut().insert(Principal::local());
+        return next.run(request).await;
+    }
+    let checked = match bearer(request.headers()) {
+        Credential::Bearer(secret) => auth.check_token(secret).await,
+        Credential::Malformed => {
+            return unauthorized("the Authorization header must be `Bearer <token>`")
+        }
+        Credential::None => match ticket_param(request.uri().query()) {
+            Some(ticket) if is_websocket(request.headers()) => auth.redeem_ticket(&ticket).await,
+            Some(_) => return unauthorized("a ticket is accepted only on a websocket upgrade"),
+            None => return unauthorized("missing bearer token (Authorization: Bearer <token>)"),
+        },
+    };
+    match checked {
+        Ok(Some(principal)) => {
+            request.extensions_mut().insert(principal);
+            next.run(request).await
+        }
+        Ok(None) => unauthorized("invalid, expired or revoked token"),
+        Err(e) => ApiError::internal(&e).into_response(),
+    }
+}
+
+/// Wrap a router in the authentication layer ([`super::app`] does it already).
+pub fn protect(router: axum::Router, auth: Arc<Auth>) -> axum::Router {
+    router.layer(axum::middleware::from_fn_with_state(auth, authenticate))
+}

@@ -49,6 +49,8 @@ impl ApiError {
     pub fn from_status(status: StatusCode, message: impl Into<String>) -> Self {
         let code = match status {
             StatusCode::BAD_REQUEST => "invalid_request",
+            StatusCode::UNAUTHORIZED => "unauthorized",
+            StatusCode::FORBIDDEN => "forbidden",
             StatusCode::NOT_FOUND => "not_found",
             StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
             StatusCode::CONFLICT => "conflict",
@@ -116,6 +118,14 @@ impl From<ServiceError> for ApiError {
             ServiceError::Limit(l) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, l.code(), l.to_string())
             }
+            ServiceError::QuotaExceeded(m) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", m.clone())
+            }
+            ServiceError::MemoryLimitRequired => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "memory_limit_required",
+                e.to_string(),
+            ),
             ServiceError::StopTimeout | ServiceError::Busy(_) => {
                 tracing::warn!(error = %chain(&e), "sandbox busy");
                 ApiError::new(

@@ -7,6 +7,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
+use axum::Extension;
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
@@ -14,6 +15,7 @@ use sandboxd_api::{LogEnd, CHANNEL_STDERR, CHANNEL_STDOUT};
 use serde::Deserialize;
 use uuid::Uuid;
 
+use super::auth::Principal;
 use super::extract::{ApiQuery, IdOrName};
 use super::{ApiError, AppState};
 use crate::logs::{read_logs, LogEvent, ReadOptions};
@@ -29,6 +31,9 @@ pub struct LogParams {
     stream: Option<String>,
     #[serde(default)]
     follow: bool,
+    /// A websocket ticket (`POST /v1/tickets`); checked by the authentication layer.
+    #[serde(default, rename = "ticket")]
+    _ticket: Option<String>,
 }
 
 fn wants_websocket(headers: &HeaderMap) -> bool {
@@ -40,6 +45,7 @@ fn wants_websocket(headers: &HeaderMap) -> bool {
 
 pub async fn logs(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     IdOrName(id): IdOrName,
     ApiQuery(params): ApiQuery<LogParams>,
     headers: HeaderMap,
@@ -51,7 +57,7 @@ pub async fn logs(
         Some("stderr") => Some(CHANNEL_STDERR),
         Some(_) => return Err(ApiError::invalid("stream: must be stdout or stderr")),
     };
-    let sandbox = state.svc.find(&id).await?;
+    let sandbox = state.svc.find(&principal.scope(), &id).await?;
     let id = sandbox.id;
     if wants_websocket(&headers) {
         let upgrade = upgrade.map_err(|r| ApiError::from_status(r.status(), r.body_text()))?;

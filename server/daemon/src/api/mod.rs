@@ -9,6 +9,7 @@ mod health;
 mod info;
 mod logs;
 mod sandboxes;
+mod tokens;
 
 use std::sync::Arc;
 
@@ -28,6 +29,15 @@ pub const OPENAPI_YAML: &str = include_str!("../../../../openapi.yaml");
 #[derive(Clone)]
 pub struct AppState {
     pub svc: Arc<Service>,
+    /// Tokens and websocket tickets.
+    pub auth: Arc<crate::auth::Auth>,
+}
+
+impl AppState {
+    pub fn new(svc: Arc<Service>) -> Self {
+        let auth = Arc::new(crate::auth::Auth::new(svc.store().clone()));
+        AppState { svc, auth }
+    }
 }
 
 /// One route of the API.
@@ -47,7 +57,7 @@ fn route(method: Method, path: &'static str, handler: MethodRouter<AppState>) ->
 
 /// Every route of the API, in one place.
 pub fn routes() -> Vec<Route> {
-    use axum::routing::{delete, get, post};
+    use axum::routing::{delete, get, post, put};
     vec![
         route(Method::GET, "/healthz", get(health::healthz)),
         route(Method::GET, "/openapi.yaml", get(openapi)),
@@ -81,10 +91,19 @@ pub fn routes() -> Vec<Route> {
             "/v1/sandboxes/{id}/extend",
             post(sandboxes::extend),
         ),
+        route(Method::POST, "/v1/tokens", post(tokens::create)),
+        route(Method::GET, "/v1/tokens", get(tokens::list)),
+        route(Method::DELETE, "/v1/tokens/{id}", delete(tokens::revoke)),
+        route(
+            Method::PUT,
+            "/v1/tenants/{tenant}/quota",
+            put(tokens::put_quota),
+        ),
+        route(Method::POST, "/v1/tickets", post(tokens::ticket)),
     ]
 }
 
-/// The whole HTTP application.
+/// The whole HTTP application, authentication included (see [`auth`]).
 pub fn app(state: AppState) -> Router {
     let mut router: Router<AppState> = Router::new();
     let mut by_path: Vec<(&'static str, MethodRouter<AppState>)> = Vec::new();
@@ -100,10 +119,15 @@ pub fn app(state: AppState) -> Router {
     for (path, handler) in by_path {
         router = router.route(path, handler);
     }
+    let auth = Arc::clone(&state.auth);
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(extract::MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            auth,
+            auth::authenticate,
+        ))
         .with_state(state)
 }
 

@@ -3,13 +3,14 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::Json;
+use axum::{Extension, Json};
 use base64::Engine;
 use sandboxd_api::{
     CreateSandbox, ExtendRequest, KillRequest, Sandbox, SandboxList, SandboxState, Stats,
 };
 use serde::Deserialize;
 
+use super::auth::Principal;
 use super::extract::{ApiJson, ApiQuery, IdOrName, OptionalJson};
 use super::{ApiError, AppState};
 use crate::store::ListQuery;
@@ -27,11 +28,15 @@ pub struct CreateParams {
 
 pub async fn create(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     ApiQuery(params): ApiQuery<CreateParams>,
     ApiJson(body): ApiJson<CreateSandbox>,
 ) -> Result<impl IntoResponse, ApiError> {
     let valid = ValidCreate::parse(body)?;
-    let sandbox = state.svc.create(valid, params.wait).await?;
+    let sandbox = state
+        .svc
+        .create(&principal.tenant, valid, params.wait)
+        .await?;
     Ok((StatusCode::CREATED, Json(sandbox)))
 }
 
@@ -49,7 +54,7 @@ fn decode_cursor(cursor: &str) -> Option<i64> {
     text.strip_prefix('s')?.parse().ok().filter(|n| *n > 0)
 }
 
-/// `state=`, `label=key=value` (repeatable), `limit=`, `cursor=`.
+/// `state=`, `tenant=`, `label=key=value` (repeatable), `limit=`, `cursor=`.
 fn list_query(params: Vec<(String, String)>) -> Result<ListQuery, ApiError> {
     let mut q = ListQuery {
         limit: DEFAULT_LIMIT,
@@ -62,6 +67,7 @@ fn list_query(params: Vec<(String, String)>) -> Result<ListQuery, ApiError> {
                     ApiError::invalid("state: must be creating, running, exited or failed")
                 })?)
             }
+            "tenant" => q.tenant = Some(value),
             "label" => {
                 let (k, v) = value
                     .split_once('=')
@@ -94,9 +100,20 @@ fn list_query(params: Vec<(String, String)>) -> Result<ListQuery, ApiError> {
 
 pub async fn list(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     ApiQuery(params): ApiQuery<Vec<(String, String)>>,
 ) -> Result<Json<SandboxList>, ApiError> {
-    let q = list_query(params)?;
+    let mut q = list_query(params)?;
+    if !principal.is_admin() {
+        // A user sees its own tenant only; asking for another finds nothing there.
+        if q.tenant.as_deref().is_some_and(|t| t != principal.tenant) {
+            return Ok(Json(SandboxList {
+                items: Vec::new(),
+                next_cursor: None,
+            }));
+        }
+        q.tenant = Some(principal.tenant.clone());
+    }
     let (items, next) = state.svc.list(&q).await?;
     Ok(Json(SandboxList {
         items,
@@ -106,49 +123,55 @@ pub async fn list(
 
 pub async fn get(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     IdOrName(id): IdOrName,
 ) -> Result<Json<Sandbox>, ApiError> {
-    Ok(Json(state.svc.find(&id).await?))
+    Ok(Json(state.svc.find(&principal.scope(), &id).await?))
 }
 
 pub async fn wait(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     IdOrName(id): IdOrName,
 ) -> Result<Json<Sandbox>, ApiError> {
-    let sandbox = state.svc.find(&id).await?;
+    let sandbox = state.svc.find(&principal.scope(), &id).await?;
     Ok(Json(state.svc.wait(sandbox.id).await?))
 }
 
 pub async fn kill(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     IdOrName(id): IdOrName,
     OptionalJson(body): OptionalJson<KillRequest>,
 ) -> Result<Json<Sandbox>, ApiError> {
-    Ok(Json(state.svc.kill(&id, body.signal.as_deref()).await?))
+    Ok(Json(state.svc.kill(&principal.scope(), &id, body.signal.as_deref()).await?))
 }
 
 pub async fn delete(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     IdOrName(id): IdOrName,
 ) -> Result<StatusCode, ApiError> {
-    state.svc.delete(&id).await?;
+    state.svc.delete(&principal.scope(), &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 pub async fn stats(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     IdOrName(id): IdOrName,
 ) -> Result<Json<Stats>, ApiError> {
-    Ok(Json(state.svc.stats(&id).await?))
+    Ok(Json(state.svc.stats(&principal.scope(), &id).await?))
 }
 
 pub async fn extend(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     IdOrName(id): IdOrName,
     ApiJson(body): ApiJson<ExtendRequest>,
 ) -> Result<Json<Sandbox>, ApiError> {
     check_lifetime("ttl_secs", body.ttl_secs)?;
-    Ok(Json(state.svc.extend(&id, body.ttl_secs).await?))
+    Ok(Json(state.svc.extend(&principal.scope(), &id, body.ttl_secs).await?))
 }
 
 #[cfg(test)]

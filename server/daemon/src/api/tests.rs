@@ -11,6 +11,7 @@ use sandboxd_protocol::wire::{Mode, SpawnLimits};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+use super::auth::LocalPeer;
 use super::{app, routes, AppState};
 use crate::helper_client::{FakeHelper, FakeSpawn};
 use crate::limits::LimitPolicy;
@@ -36,9 +37,7 @@ async fn test_app_with(spawn: FakeSpawn, enforceable: &[&str], policy: LimitPoli
     svc.check_host_limits().await.unwrap();
     svc.start_reaper();
     TestApp {
-        router: app(AppState {
-            svc: Arc::clone(&svc),
-        }),
+        router: app(AppState::new(Arc::clone(&svc))),
         svc,
         helper,
         _dir: dir,
@@ -46,7 +45,17 @@ async fn test_app_with(spawn: FakeSpawn, enforceable: &[&str], policy: LimitPoli
 }
 
 impl TestApp {
-    async fn send(&self, req: Request<Body>) -> (StatusCode, Vec<u8>) {
+    /// Send a request; one without an `Authorization` header goes as the daemon's own user over
+    /// the unix socket ([`LocalPeer`]: admin of tenant `default`).
+    async fn send(&self, mut req: Request<Body>) -> (StatusCode, Vec<u8>) {
+        if !req.headers().contains_key(header::AUTHORIZATION) {
+            req.extensions_mut().insert(LocalPeer);
+        }
+        self.send_unauthenticated(req).await
+    }
+
+    /// Send a request exactly as given.
+    async fn send_unauthenticated(&self, req: Request<Body>) -> (StatusCode, Vec<u8>) {
         let resp = self.router.clone().oneshot(req).await.unwrap();
         let status = resp.status();
         let body = resp
@@ -524,7 +533,7 @@ async fn websocket_streams_backlog_then_log_end() {
         serde_json::from_value(json!({"command": ["true"]})).unwrap(),
     )
     .unwrap();
-    let sb = svc.create(valid, true).await.unwrap();
+    let sb = svc.create("default", valid, true).await.unwrap();
     // Write output in the monitor's format: bytes first, then the index record.
     let sdir = svc.dir(sb.id);
     let mut log = Vec::new();
@@ -544,10 +553,33 @@ async fn websocket_streams_backlog_then_log_end() {
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let router = app(AppState { svc });
+    let state = AppState::new(svc);
+    // Browsers cannot set headers on a websocket: a single-use ticket in the query instead.
+    let (_, secret) = state
+        .auth
+        .create_token("default", sandboxd_api::Role::User, None)
+        .await
+        .unwrap();
+    let principal = state.auth.check_token(&secret).await.unwrap().unwrap();
+    let (ticket, _) = state.auth.issue_ticket(principal).unwrap();
+    let router = app(state);
     tokio::spawn(async move { axum::serve(listener, router).await });
-    let url = format!("ws://{addr}/v1/sandboxes/{}/logs?offset=1", sb.id);
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let plain = format!("ws://{addr}/v1/sandboxes/{}/logs?offset=1", sb.id);
+    match tokio_tungstenite::connect_async(plain.clone()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED)
+        }
+        other => panic!("{other:?}"),
+    }
+    let url = format!("{plain}&ticket={ticket}");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.clone()).await.unwrap();
+    // Used up.
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED)
+        }
+        other => panic!("{other:?}"),
+    }
     let mut got = Vec::new();
     while let Some(msg) = ws.next().await {
         match msg.unwrap() {

@@ -60,6 +60,10 @@ pub enum ServiceError {
     Busy(String),
     #[error(transparent)]
     Limit(#[from] LimitError),
+    #[error("{0}")]
+    QuotaExceeded(String),
+    #[error("this tenant has a memory quota: the sandbox needs limits.memory_bytes")]
+    MemoryLimitRequired,
     #[error("store")]
     Store(#[from] StoreError),
     #[error("helper")]
@@ -68,6 +72,23 @@ pub enum ServiceError {
     Monitor(#[from] MonitorError),
     #[error("internal task failed")]
     Task(#[from] tokio::task::JoinError),
+}
+
+/// Which sandboxes a caller may see: a `user` token sees only its tenant's, an `admin` every one.
+/// A sandbox outside the scope is answered exactly like one that does not exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    Tenant(String),
+}
+
+impl Scope {
+    pub fn tenant(&self) -> Option<&str> {
+        match self {
+            Scope::All => None,
+            Scope::Tenant(t) => Some(t),
+        }
+    }
 }
 
 /// The lifecycle service shared by all handlers.
@@ -172,11 +193,15 @@ impl Service {
         self.registry().get(&id).map(watch::Sender::subscribe)
     }
 
-    /// Find a sandbox by id (anything that parses as a UUID) or by name.
-    pub async fn find(&self, id_or_name: &str) -> Result<Sandbox, ServiceError> {
+    /// Find a sandbox by id (anything that parses as a UUID) or by name, within `scope`.
+    pub async fn find(&self, scope: &Scope, id_or_name: &str) -> Result<Sandbox, ServiceError> {
         let found = match Uuid::parse_str(id_or_name) {
-            Ok(id) => self.store.get(id).await?,
-            Err(_) => self.store.get_by_name(id_or_name).await?,
+            Ok(id) => self.store.get_in(id, scope.tenant()).await?,
+            Err(_) => {
+                self.store
+                    .get_by_name_in(id_or_name, scope.tenant())
+                    .await?
+            }
         };
         found.ok_or(ServiceError::NotFound)
     }
@@ -185,9 +210,10 @@ impl Service {
         Ok(self.store.list(q).await?)
     }
 
-    /// Create and start a sandbox; with `wait`, answer only once it has ended.
+    /// Create and start a sandbox in `tenant`; with `wait`, answer only once it has ended.
     pub async fn create(
         self: &Arc<Self>,
+        tenant: &str,
         v: ValidCreate,
         wait: bool,
     ) -> Result<Sandbox, ServiceError> {
@@ -195,7 +221,9 @@ impl Service {
         // The setup runs in its own task so that a client hanging up cannot leave a row in
         // `creating` without a watcher.
         let svc = Arc::clone(self);
-        let id = tokio::spawn(async move { svc.create_and_start(v, resolved).await }).await??;
+        let tenant = tenant.to_owned();
+        let id =
+            tokio::spawn(async move { svc.create_and_start(tenant, v, resolved).await }).await??;
         if wait {
             self.wait(id).await
         } else {
@@ -205,6 +233,7 @@ impl Service {
 
     async fn create_and_start(
         self: Arc<Self>,
+        tenant: String,
         v: ValidCreate,
         resolved: Resolved,
     ) -> Result<Uuid, ServiceError> {
@@ -217,6 +246,8 @@ impl Service {
         let new = NewSandbox {
             id,
             name: v.name.clone(),
+            tenant,
+            quota_memory_default: self.policy.max_memory,
             hostname: hostname.clone(),
             created_at_ms,
             ttl_deadline_ms: spec
@@ -234,6 +265,8 @@ impl Service {
                 return Err(match e {
                     StoreError::NameTaken => ServiceError::NameTaken,
                     StoreError::NoCapacity => ServiceError::NoCapacity,
+                    StoreError::QuotaExceeded(m) => ServiceError::QuotaExceeded(m),
+                    StoreError::MemoryLimitRequired => ServiceError::MemoryLimitRequired,
                     other => other.into(),
                 });
             }
@@ -336,6 +369,7 @@ impl Service {
     /// Deliver a signal (a name like `SIGTERM`/`TERM` or a number; SIGKILL when absent).
     pub async fn kill(
         &self,
+        scope: &Scope,
         id_or_name: &str,
         signal: Option<&str>,
     ) -> Result<Sandbox, ServiceError> {
@@ -343,7 +377,7 @@ impl Service {
             Some(s) => parse_signal(s).ok_or_else(|| ServiceError::BadSignal(s.to_owned()))?,
             None => 9,
         };
-        let sandbox = self.find(id_or_name).await?;
+        let sandbox = self.find(scope, id_or_name).await?;
         if sandbox.state != SandboxState::Running {
             return Err(ServiceError::NotRunning);
         }
@@ -359,8 +393,8 @@ impl Service {
     }
 
     /// Stop (SIGKILL) if needed, remove every trace through the helper, then forget the row.
-    pub async fn delete(&self, id_or_name: &str) -> Result<(), ServiceError> {
-        let sandbox = self.find(id_or_name).await?;
+    pub async fn delete(&self, scope: &Scope, id_or_name: &str) -> Result<(), ServiceError> {
+        let sandbox = self.find(scope, id_or_name).await?;
         let id = sandbox.id;
         if !sandbox.state.is_final() {
             match monitor::kill(&self.dir(id).monitor_socket(), 9).await {
@@ -420,8 +454,8 @@ impl Service {
     }
 
     /// Resource figures: live from the helper while the sandbox runs, the stored final ones after.
-    pub async fn stats(&self, id_or_name: &str) -> Result<Stats, ServiceError> {
-        let sandbox = self.find(id_or_name).await?;
+    pub async fn stats(&self, scope: &Scope, id_or_name: &str) -> Result<Stats, ServiceError> {
+        let sandbox = self.find(scope, id_or_name).await?;
         let id = sandbox.id;
         if sandbox.state == SandboxState::Running {
             match helper_client::stats(&*self.helper, id).await {
@@ -451,9 +485,14 @@ impl Service {
     }
 
     /// Move the TTL deadline of a sandbox to `ttl_secs` from now (also when it had none).
-    pub async fn extend(&self, id_or_name: &str, ttl_secs: u64) -> Result<Sandbox, ServiceError> {
+    pub async fn extend(
+        &self,
+        scope: &Scope,
+        id_or_name: &str,
+        ttl_secs: u64,
+    ) -> Result<Sandbox, ServiceError> {
         limits::check_ttl(&self.policy, ttl_secs)?;
-        let sandbox = self.find(id_or_name).await?;
+        let sandbox = self.find(scope, id_or_name).await?;
         let deadline = crate::lifetime::now_ms() + secs_to_ms(ttl_secs);
         if !self.store.set_ttl_deadline(sandbox.id, deadline).await? {
             return Err(ServiceError::NotFound);
@@ -596,6 +635,8 @@ mod tests {
         let gone = NewSandbox {
             id: Uuid::new_v4(),
             name: None,
+            tenant: "default".into(),
+            quota_memory_default: None,
             hostname: "h".into(),
             created_at_ms: 1,
             ttl_deadline_ms: None,

@@ -103,7 +103,7 @@ impl Service {
         } else {
             tracing::info!(%id, ?which, "lifetime ran out; removing the sandbox");
         }
-        match self.delete(&id.to_string()).await {
+        match self.delete(&super::Scope::All, &id.to_string()).await {
             Ok(()) | Err(ServiceError::NotFound) => Ok(()),
             Err(e) => Err(e),
         }
