@@ -205,11 +205,7 @@ impl Auth {
         let (_, secret) = self.create_token("default", Role::Admin, None).await?;
         let io = |what: &'static str| {
             let path = path.clone();
-            move |source| AuthError::Io {
-                what,
-                path,
-                source,
-            }
+            move |source| AuthError::Io { what, path, source }
         };
         match std::fs::remove_file(&path) {
             Ok(()) => {}

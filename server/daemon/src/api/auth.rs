@@ -89,7 +89,9 @@ fn bearer(headers: &HeaderMap) -> Credential<'_> {
         return Credential::Malformed;
     };
     match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
             Credential::Bearer(token.trim())
         }
         _ => Credential::Malformed,
@@ -120,7 +122,11 @@ fn is_public(method: &Method, path: &str) -> bool {
     method == Method::GET && path == "/healthz"
 }
 
-pub async fn authenticate(State(auth): State<Arc<Auth>>, mut request: Request, next: Next) -> Response {
+pub async fn authenticate(
+    State(auth): State<Arc<Auth>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     if is_public(request.method(), request.uri().path()) {
         return next.run(request).await;
     }

@@ -144,7 +144,12 @@ pub async fn kill(
     IdOrName(id): IdOrName,
     OptionalJson(body): OptionalJson<KillRequest>,
 ) -> Result<Json<Sandbox>, ApiError> {
-    Ok(Json(state.svc.kill(&principal.scope(), &id, body.signal.as_deref()).await?))
+    Ok(Json(
+        state
+            .svc
+            .kill(&principal.scope(), &id, body.signal.as_deref())
+            .await?,
+    ))
 }
 
 pub async fn delete(
@@ -171,7 +176,12 @@ pub async fn extend(
     ApiJson(body): ApiJson<ExtendRequest>,
 ) -> Result<Json<Sandbox>, ApiError> {
     check_lifetime("ttl_secs", body.ttl_secs)?;
-    Ok(Json(state.svc.extend(&principal.scope(), &id, body.ttl_secs).await?))
+    Ok(Json(
+        state
+            .svc
+            .extend(&principal.scope(), &id, body.ttl_secs)
+            .await?,
+    ))
 }
 
 #[cfg(test)]

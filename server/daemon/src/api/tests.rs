@@ -952,3 +952,341 @@ async fn reaper_removes_after_exit_and_on_ttl() {
     let (status, _) = app.json(Method::DELETE, "/v1/sandboxes/x", None).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 }
+
+impl TestApp {
+    /// A request with `Authorization: Bearer <token>` (or none), never as the local peer.
+    async fn as_token(
+        &self,
+        token: Option<&str>,
+        method: Method,
+        uri: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let body = match body {
+            Some(b) => {
+                req = req.header(header::CONTENT_TYPE, "application/json");
+                Body::from(b.to_string())
+            }
+            None => Body::empty(),
+        };
+        let resp = self
+            .router
+            .clone()
+            .oneshot(req.body(body).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        if status == StatusCode::UNAUTHORIZED {
+            assert!(resp.headers()[header::WWW_AUTHENTICATE]
+                .to_str()
+                .unwrap()
+                .starts_with("Bearer"));
+        }
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, value)
+    }
+
+    /// Create a token as the local admin; returns (id, secret).
+    async fn token(&self, tenant: &str, role: &str, ttl: Option<u64>) -> (String, String) {
+        let mut body = json!({"tenant": tenant, "role": role});
+        if let Some(t) = ttl {
+            body["ttl_secs"] = json!(t);
+        }
+        let (status, body) = self.json(Method::POST, "/v1/tokens", Some(body)).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let created: sandboxd_api::TokenCreated = serde_json::from_value(body).unwrap();
+        (created.id, created.token)
+    }
+}
+
+#[tokio::test]
+async fn requests_need_a_valid_token() {
+    let app = test_app(FakeSpawn::ExitAtOnce).await;
+    let (revoked_id, revoked) = app.token("default", "admin", None).await;
+    let (status, _) = app
+        .json(Method::DELETE, &format!("/v1/tokens/{revoked_id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, expired) = app.token("default", "admin", Some(1)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let (_, good) = app.token("default", "admin", None).await;
+    let sample = [
+        (Method::GET, "/v1/info"),
+        (Method::GET, "/openapi.yaml"),
+        (Method::GET, "/v1/sandboxes"),
+        (Method::POST, "/v1/sandboxes"),
+        (Method::GET, "/v1/sandboxes/x/logs"),
+        (Method::DELETE, "/v1/sandboxes/x"),
+        (Method::GET, "/v1/tokens"),
+        (Method::POST, "/v1/tickets"),
+        (Method::GET, "/no/such/route"),
+    ];
+    let bogus = "sbx_0000000000000000000000000000000000000000000000000000000000000000";
+    for (method, uri) in &sample {
+        for token in [
+            None,
+            Some("garbage"),
+            Some(bogus),
+            Some(&*revoked),
+            Some(&*expired),
+        ] {
+            let (status, body) = app.as_token(token, method.clone(), uri, None).await;
+            assert_eq!(
+                (status, code_of(&body)),
+                (StatusCode::UNAUTHORIZED, "unauthorized"),
+                "{method} {uri} {token:?}"
+            );
+        }
+    }
+    let (status, _) = app.as_token(None, Method::GET, "/healthz", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = app
+        .as_token(Some(&good), Method::GET, "/v1/info", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // A ticket is no substitute for a token outside a websocket upgrade.
+    let (status, ticket) = app
+        .as_token(Some(&good), Method::POST, "/v1/tickets", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let t = ticket["ticket"].as_str().unwrap();
+    let (status, _) = app
+        .as_token(
+            None,
+            Method::GET,
+            &format!("/v1/sandboxes?ticket={t}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn token_api_is_for_admins() {
+    let app = test_app(FakeSpawn::ExitAtOnce).await;
+    let (user_id, user) = app.token("a", "user", Some(3600)).await;
+    let (_, admin) = app.token("default", "admin", None).await;
+    for (method, uri, body) in [
+        (Method::GET, "/v1/tokens", None),
+        (
+            Method::POST,
+            "/v1/tokens",
+            Some(json!({"tenant": "a", "role": "admin"})),
+        ),
+        (Method::DELETE, "/v1/tokens/x", None),
+        (
+            Method::PUT,
+            "/v1/tenants/a/quota",
+            Some(json!({"max_sandboxes": 100})),
+        ),
+    ] {
+        let (status, body) = app.as_token(Some(&user), method, uri, body).await;
+        assert_eq!(
+            (status, code_of(&body)),
+            (StatusCode::FORBIDDEN, "forbidden")
+        );
+    }
+    let (status, body) = app
+        .as_token(Some(&admin), Method::GET, "/v1/tokens", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let list: sandboxd_api::TokenList = serde_json::from_value(body.clone()).unwrap();
+    assert_eq!(list.items.len(), 2);
+    assert!(!body.to_string().contains(&user), "a secret was listed");
+    let (status, body) = app
+        .as_token(
+            Some(&admin),
+            Method::POST,
+            "/v1/tokens",
+            Some(json!({"tenant": "bad tenant", "role": "user"})),
+        )
+        .await;
+    assert_eq!(
+        (status, code_of(&body)),
+        (StatusCode::BAD_REQUEST, "invalid_request")
+    );
+    let (status, _) = app
+        .as_token(Some(&admin), Method::DELETE, "/v1/tokens/nope", None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = app
+        .as_token(Some(&user), Method::GET, "/v1/sandboxes", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = app
+        .as_token(
+            Some(&admin),
+            Method::DELETE,
+            &format!("/v1/tokens/{user_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = app
+        .as_token(Some(&user), Method::GET, "/v1/sandboxes", None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn tenants_see_only_their_sandboxes() {
+    let app = test_app(FakeSpawn::Run).await;
+    let (_, a) = app.token("a", "user", None).await;
+    let (_, b) = app.token("b", "user", None).await;
+    let (status, body) = app
+        .as_token(
+            Some(&a),
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"command": ["sleep", "1"], "name": "mine"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    for key in [id.as_str(), "mine"] {
+        for (method, uri, body) in [
+            (Method::GET, format!("/v1/sandboxes/{key}"), None),
+            (Method::POST, format!("/v1/sandboxes/{key}/wait"), None),
+            (Method::POST, format!("/v1/sandboxes/{key}/kill"), None),
+            (Method::GET, format!("/v1/sandboxes/{key}/logs"), None),
+            (Method::GET, format!("/v1/sandboxes/{key}/stats"), None),
+            (
+                Method::POST,
+                format!("/v1/sandboxes/{key}/extend"),
+                Some(json!({"ttl_secs": 60})),
+            ),
+            (Method::DELETE, format!("/v1/sandboxes/{key}"), None),
+        ] {
+            let (status, body) = app.as_token(Some(&b), method.clone(), &uri, body).await;
+            assert_eq!(
+                (status, code_of(&body)),
+                (StatusCode::NOT_FOUND, "not_found"),
+                "{method} {uri}"
+            );
+            assert_eq!(body["error"]["message"], json!("no such sandbox"));
+        }
+    }
+    for (token, tenant, want) in [(&b, "", 0), (&b, "?tenant=a", 0), (&a, "", 1)] {
+        let (_, body) = app
+            .as_token(
+                Some(token),
+                Method::GET,
+                &format!("/v1/sandboxes{tenant}"),
+                None,
+            )
+            .await;
+        assert_eq!(body["items"].as_array().unwrap().len(), want, "{tenant}");
+    }
+    // The admin sees everything and may filter by tenant.
+    let (_, body) = app.json(Method::GET, "/v1/sandboxes?tenant=b", None).await;
+    assert_eq!(body["items"].as_array().unwrap().len(), 0);
+    let (_, body) = app.json(Method::GET, "/v1/sandboxes?tenant=a", None).await;
+    assert_eq!(body["items"].as_array().unwrap().len(), 1);
+    let (status, _) = app
+        .as_token(
+            Some(&a),
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/stats"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // Names stay unique across tenants.
+    let (status, _) = app
+        .as_token(
+            Some(&b),
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"command": ["true"], "name": "mine"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+}
+
+#[tokio::test]
+async fn quotas_answer_429() {
+    let app = test_app(FakeSpawn::Run).await;
+    let (_, a) = app.token("a", "user", None).await;
+    let (status, body) = app
+        .json(
+            Method::PUT,
+            "/v1/tenants/a/quota",
+            Some(json!({"max_sandboxes": 2, "max_memory_bytes": 300u64 << 20})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["max_sandboxes"], json!(2));
+    let create = |mem: Option<u64>| {
+        let mut body = json!({"command": ["sleep", "9"]});
+        if let Some(m) = mem {
+            body["limits"] = json!({"memory_bytes": m});
+        }
+        body
+    };
+    // No daemon --max-memory: a memory quota needs a memory limit.
+    let (status, body) = app
+        .as_token(Some(&a), Method::POST, "/v1/sandboxes", Some(create(None)))
+        .await;
+    assert_eq!(
+        (status, code_of(&body)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "memory_limit_required")
+    );
+    let (status, _) = app
+        .as_token(
+            Some(&a),
+            Method::POST,
+            "/v1/sandboxes",
+            Some(create(Some(200 << 20))),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = app
+        .as_token(
+            Some(&a),
+            Method::POST,
+            "/v1/sandboxes",
+            Some(create(Some(200 << 20))),
+        )
+        .await;
+    assert_eq!(
+        (status, code_of(&body)),
+        (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded")
+    );
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("memory"));
+    let (status, _) = app
+        .as_token(
+            Some(&a),
+            Method::POST,
+            "/v1/sandboxes",
+            Some(create(Some(100 << 20))),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = app
+        .as_token(
+            Some(&a),
+            Method::POST,
+            "/v1/sandboxes",
+            Some(create(Some(1 << 20))),
+        )
+        .await;
+    assert_eq!(
+        (status, code_of(&body)),
+        (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded")
+    );
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("live sandboxes"));
+    // Other tenants are not affected.
+    let (status, _) = app.create(json!({})).await;
+    assert_eq!(status, StatusCode::CREATED);
+}
