@@ -25,6 +25,7 @@ pub mod logs;
 pub mod privileges;
 pub mod sandboxes;
 pub mod store;
+pub mod transport;
 pub mod validate;
 
 /// Milliseconds since the Unix epoch, the time unit of the database.

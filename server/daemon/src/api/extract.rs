@@ -52,6 +52,9 @@ fn parse<T: DeserializeOwned>(headers: &HeaderMap, bytes: &[u8]) -> Result<T, Ap
             "expected Content-Type: application/json",
         ));
     }
+    if super::limits::json_too_deep(bytes, super::limits::MAX_JSON_DEPTH) {
+        return Err(ApiError::invalid("JSON nested too deeply"));
+    }
     serde_json::from_slice(bytes).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
 }
 

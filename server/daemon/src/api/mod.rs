@@ -7,6 +7,7 @@ mod extract;
 pub mod guard;
 mod health;
 mod info;
+pub mod limits;
 mod logs;
 mod sandboxes;
 mod tokens;
