@@ -43,6 +43,22 @@ pub struct CreateSandbox {
     /// Delete the sandbox this long after it exits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remove_after_exit_secs: Option<u64>,
+    /// Changes to the default capability bounding set (Docker's default set; inheritable and
+    /// ambient sets are always empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<CapabilityChanges>,
+}
+
+/// `capabilities` of a create request: names like `NET_RAW` or `CAP_NET_RAW`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapabilityChanges {
+    /// Capabilities to remove from the default set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drop: Vec<String>,
+    /// Capabilities to add; only those the operator allows (`--allow-cap`), else 422.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<String>,
 }
 
 /// Resource limits of a sandbox.

@@ -91,6 +91,7 @@ impl Peer {
                     limits,
                     ttl_secs: None,
                     remove_after_exit_secs: None,
+                    capabilities: None,
                 };
                 let start = Instant::now();
                 let sandbox = client.create_and_wait(&spec).await?;

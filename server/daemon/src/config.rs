@@ -51,6 +51,10 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub allowed_origins: Vec<String>,
+    /// A capability sandboxes may add to the default bounding set (`capabilities.add`);
+    /// repeatable, e.g. `--allow-cap SYS_PTRACE`. Nothing beyond the default set otherwise.
+    #[arg(long = "allow-cap", env = "SANDBOXD_ALLOW_CAPS", value_delimiter = ',')]
+    pub allow_caps: Vec<String>,
     /// Do not put sandboxes in cgroups: no memory, cpus or pids limits, no cgroup accounting
     /// (for hosts where something else manages cgroups, and for measuring their cost).
     #[arg(long, env = "SANDBOXD_NO_CGROUPS")]
@@ -115,6 +119,7 @@ impl LimitArgs {
             max_output_bytes: self.max_output_bytes,
             max_timeout_secs: self.max_timeout_secs,
             max_ttl_secs: self.max_ttl_secs,
+            allowed_caps: Vec::new(),
         };
         policy.check().map_err(ConfigError::Limits)?;
         Ok(policy)

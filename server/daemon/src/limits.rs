@@ -72,6 +72,8 @@ pub struct LimitPolicy {
     pub max_output_bytes: u64,
     pub max_timeout_secs: Option<u64>,
     pub max_ttl_secs: Option<u64>,
+    /// Capabilities a request may add to the default bounding set (`--allow-cap`).
+    pub allowed_caps: Vec<&'static str>,
 }
 
 impl Default for LimitPolicy {
@@ -87,6 +89,7 @@ impl Default for LimitPolicy {
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
             max_timeout_secs: None,
             max_ttl_secs: None,
+            allowed_caps: Vec::new(),
         }
     }
 }
@@ -191,6 +194,8 @@ pub enum LimitError {
     Exceeded(String),
     #[error("{0}")]
     Unenforceable(String),
+    #[error("capabilities.add: {0} is not allowed by this daemon (an operator allows it with --allow-cap)")]
+    CapabilityNotAllowed(String),
 }
 
 impl LimitError {
@@ -198,6 +203,7 @@ impl LimitError {
         match self {
             LimitError::Exceeded(_) => "limit_exceeded",
             LimitError::Unenforceable(_) => "limit_unenforceable",
+            LimitError::CapabilityNotAllowed(_) => "capability_not_allowed",
         }
     }
 }
@@ -464,5 +470,53 @@ mod tests {
             ..LimitPolicy::default()
         };
         assert!(p.check().is_err());
+    }
+}
+
+/// The bounding set a request asks for: `None` for the default set, else the default set minus
+/// `drop` plus `add` (names already checked by `validate.rs`), refusing an `add` the operator does
+/// not allow.
+pub fn resolve_capabilities(
+    policy: &LimitPolicy,
+    changes: Option<&sandboxd_api::CapabilityChanges>,
+) -> Result<Option<Vec<String>>, LimitError> {
+    use sandboxd_protocol::capabilities::{canonical, DEFAULT};
+    let Some(changes) = changes else {
+        return Ok(None);
+    };
+    let dropped: Vec<&str> = changes.drop.iter().filter_map(|n| canonical(n)).collect();
+    let mut set: Vec<&str> = DEFAULT.iter().copied().filter(|c| !dropped.contains(c)).collect();
+    for name in &changes.add {
+        let Some(cap) = canonical(name) else { continue };
+        if !DEFAULT.contains(&cap) && !policy.allowed_caps.contains(&cap) {
+            return Err(LimitError::CapabilityNotAllowed(cap.to_owned()));
+        }
+        if !set.contains(&cap) {
+            set.push(cap);
+        }
+    }
+    Ok(Some(set.into_iter().map(str::to_owned).collect()))
+}
+
+#[cfg(test)]
+mod capability_tests {
+    use super::*;
+    use sandboxd_api::CapabilityChanges;
+
+    #[test]
+    fn drop_and_add_within_what_the_operator_allows() {
+        let mut policy = LimitPolicy::default();
+        assert_eq!(resolve_capabilities(&policy, None).unwrap(), None);
+        let changes = CapabilityChanges { drop: vec!["net_raw".into()], add: vec![] };
+        let set = resolve_capabilities(&policy, Some(&changes)).unwrap().unwrap();
+        assert!(!set.contains(&"CAP_NET_RAW".to_string()) && set.contains(&"CAP_CHOWN".to_string()));
+        let changes = CapabilityChanges { drop: vec![], add: vec!["SYS_PTRACE".into()] };
+        assert!(matches!(
+            resolve_capabilities(&policy, Some(&changes)),
+            Err(LimitError::CapabilityNotAllowed(c)) if c == "CAP_SYS_PTRACE"
+        ));
+        policy.allowed_caps = vec!["CAP_SYS_PTRACE"];
+        let set = resolve_capabilities(&policy, Some(&changes)).unwrap().unwrap();
+        assert!(set.contains(&"CAP_SYS_PTRACE".to_string()));
     }
 }

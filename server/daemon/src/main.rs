@@ -131,6 +131,7 @@ fn start_helper(
         .arg(args.uid_slots.to_string())
         .arg("--exit-with-stdin")
         .args(args.no_cgroups.then_some("--no-cgroups"))
+        .args(args.allow_caps.iter().flat_map(|c| ["--allow-cap", c.as_str()]))
         // The helper's lifeline: it exits when this pipe closes, that is when the daemon dies
         // however it dies. (PR_SET_PDEATHSIG alone is not enough: the kernel checks the dying
         // parent's permission to signal, and an unprivileged daemon may not signal a root helper.)
@@ -182,7 +183,13 @@ async fn serve(
         .await
         .context("connecting to the helper")?;
     tracing::info!(mode = helper_mode(&helper), "connected to the helper");
-    let policy = args.limits.policy()?;
+    let mut policy = args.limits.policy()?;
+    for name in &args.allow_caps {
+        match sandboxd_protocol::capabilities::canonical(name) {
+            Some(cap) => policy.allowed_caps.push(cap),
+            None => anyhow::bail!("--allow-cap: unknown capability {name:?}"),
+        }
+    }
     let svc = Service::new(store, Arc::new(helper), &state_dir, args.uid_slots, policy);
     svc.check_host_limits()
         .await

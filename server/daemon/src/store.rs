@@ -869,6 +869,7 @@ mod tests {
                 limits: Default::default(),
                 ttl_secs: None,
                 remove_after_exit_secs: None,
+                capabilities: None,
             },
         }
     }

@@ -66,6 +66,13 @@ impl ValidCreate {
         }
         check_labels(&spec.labels)?;
         check_limits(&spec.limits)?;
+        if let Some(changes) = &spec.capabilities {
+            for name in changes.drop.iter().chain(&changes.add) {
+                if sandboxd_protocol::capabilities::canonical(name).is_none() {
+                    return Err(invalid(format!("capabilities: unknown capability {name:?}")));
+                }
+            }
+        }
         if let Some(t) = spec.ttl_secs {
             check_lifetime("ttl_secs", t)?;
         }

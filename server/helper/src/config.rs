@@ -22,6 +22,8 @@ pub struct Config {
     pub exit_with_stdin: bool,
     /// Do not manage cgroups (an operator's choice): no limits are enforceable then.
     pub no_cgroups: bool,
+    /// Capabilities a sandbox may keep beyond the default bounding set (the operator's choice).
+    pub allowed_caps: Vec<&'static str>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,7 @@ impl Config {
         let mut uid_slots = 1024u32;
         let mut exit_with_stdin = false;
         let mut no_cgroups = false;
+        let mut allowed_caps = Vec::new();
         let mut args = args.peekable();
         while let Some(flag) = args.next() {
             let mut value = || {
@@ -67,6 +70,13 @@ impl Config {
                 "--uid-slots" => uid_slots = number(value()?)?,
                 "--exit-with-stdin" => exit_with_stdin = true,
                 "--no-cgroups" => no_cgroups = true,
+                "--allow-cap" => {
+                    let name = value()?;
+                    match sandboxd_protocol::capabilities::canonical(&name) {
+                        Some(cap) => allowed_caps.push(cap),
+                        None => return Err(ConfigError::InvalidValue("--allow-cap".into(), name)),
+                    }
+                }
                 _ => return Err(ConfigError::UnknownArgument(flag)),
             }
         }
@@ -98,6 +108,7 @@ impl Config {
             uid_slots,
             exit_with_stdin,
             no_cgroups,
+            allowed_caps,
         };
         if mode == Mode::Privileged {
             config.check_ranges()?;

@@ -7,6 +7,7 @@
 use std::ffi::CString;
 use std::time::Duration;
 
+use sandboxd_protocol::capabilities;
 use sandboxd_protocol::wire::{Mode, SpawnLimits, SpawnRequest};
 use uuid::Uuid;
 
@@ -53,6 +54,8 @@ pub struct ValidSpawn {
     pub hostname: String,
     pub timeout: Option<Duration>,
     pub limits: SpawnLimits,
+    /// The bounding set the sandbox keeps: the default set, or a set the operator allows.
+    pub capabilities: Vec<&'static str>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -77,6 +80,8 @@ pub enum ValidateError {
     Slot(Option<u32>),
     #[error("limit out of range: {0}")]
     Limit(&'static str),
+    #[error("capability {0} is unknown or not allowed by the operator")]
+    Capability(String),
 }
 
 fn cstring(s: &str, what: &'static str) -> Result<CString, ValidateError> {
@@ -168,7 +173,25 @@ pub fn validate(req: &SpawnRequest, config: &Config) -> Result<ValidSpawn, Valid
     if l.output_bytes < 1024 {
         return Err(ValidateError::Limit("output_bytes below 1 KiB"));
     }
+    let capabilities = match &req.capabilities {
+        None => capabilities::DEFAULT.to_vec(),
+        Some(names) => {
+            let mut set = Vec::new();
+            for name in names {
+                let cap = capabilities::canonical(name)
+                    .filter(|c| {
+                        capabilities::DEFAULT.contains(c) || config.allowed_caps.contains(c)
+                    })
+                    .ok_or_else(|| ValidateError::Capability(name.clone()))?;
+                if !set.contains(&cap) {
+                    set.push(cap);
+                }
+            }
+            set
+        }
+    };
     Ok(ValidSpawn {
+        capabilities,
         limits: l,
         id: req.id,
         ids,
@@ -194,6 +217,7 @@ mod tests {
             uid_slots: 4,
             exit_with_stdin: false,
             no_cgroups: false,
+            allowed_caps: vec!["CAP_SYS_PTRACE"],
         }
     }
 
@@ -210,6 +234,7 @@ mod tests {
                 output_bytes: 1 << 20,
                 ..Default::default()
             },
+            capabilities: None,
         }
     }
 

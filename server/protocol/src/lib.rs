@@ -4,10 +4,12 @@
 //! * [`layout`]: the per-sandbox directory the helper creates and the daemon reads.
 //! * [`status`]: the exit record a monitor writes when its sandbox ends.
 //! * [`logindex`]: the record format that says which bytes of the output log came from which stream.
+//! * [`capabilities`]: capability names and the default bounding set.
 //! * [`control`]: the line protocol of a monitor's control socket (kill, exit notification).
 //!
 //! Nothing here performs I/O beyond encoding and decoding; both sides bring their own sockets.
 
+pub mod capabilities;
 pub mod control;
 pub mod layout;
 pub mod logindex;

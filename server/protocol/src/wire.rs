@@ -50,6 +50,9 @@ pub struct SpawnRequest {
     pub hostname: String,
     pub timeout_secs: Option<u64>,
     pub limits: SpawnLimits,
+    /// The bounding set the sandbox keeps (canonical names); `None` for the default set.
+    #[serde(default)]
+    pub capabilities: Option<Vec<String>>,
 }
 
 /// Resource limits of a sandbox, already checked by the daemon against what the host enforces.

@@ -218,12 +218,14 @@ impl Service {
         wait: bool,
     ) -> Result<Sandbox, ServiceError> {
         let resolved = limits::resolve(&self.policy, self.host_limits().await?, &v.spec)?;
+        let capabilities = limits::resolve_capabilities(&self.policy, v.spec.capabilities.as_ref())?;
         // The setup runs in its own task so that a client hanging up cannot leave a row in
         // `creating` without a watcher.
         let svc = Arc::clone(self);
         let tenant = tenant.to_owned();
         let id =
-            tokio::spawn(async move { svc.create_and_start(tenant, v, resolved).await }).await??;
+            tokio::spawn(async move { svc.create_and_start(tenant, v, resolved, capabilities).await })
+                .await??;
         if wait {
             self.wait(id).await
         } else {
@@ -236,6 +238,7 @@ impl Service {
         tenant: String,
         v: ValidCreate,
         resolved: Resolved,
+        capabilities: Option<Vec<String>>,
     ) -> Result<Uuid, ServiceError> {
         let id = Uuid::new_v4();
         let hostname = v.hostname_for(id);
@@ -280,6 +283,7 @@ impl Service {
             hostname,
             timeout_secs: v.timeout_secs,
             limits: resolved.spawn,
+            capabilities,
         };
         // A slot the database thinks free can still be held by a monitor whose sandbox the
         // database lost track of (marked lost, or a row deleted by hand); the helper refuses it

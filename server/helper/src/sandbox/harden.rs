@@ -4,25 +4,6 @@ use caps::{CapSet, Capability};
 
 use super::{step, SetupError};
 
-/// The bounding set sandboxes keep: Docker's default set, enough for package managers and
-/// servers, without CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_MODULE and friends.
-const KEPT: &[Capability] = &[
-    Capability::CAP_CHOWN,
-    Capability::CAP_DAC_OVERRIDE,
-    Capability::CAP_FSETID,
-    Capability::CAP_FOWNER,
-    Capability::CAP_MKNOD,
-    Capability::CAP_NET_RAW,
-    Capability::CAP_SETGID,
-    Capability::CAP_SETUID,
-    Capability::CAP_SETFCAP,
-    Capability::CAP_SETPCAP,
-    Capability::CAP_NET_BIND_SERVICE,
-    Capability::CAP_SYS_CHROOT,
-    Capability::CAP_KILL,
-    Capability::CAP_AUDIT_WRITE,
-];
-
 fn caps_err(what: &'static str) -> impl Fn(caps::errors::CapsError) -> SetupError {
     move |_| SetupError {
         step: what.to_string(),
@@ -30,8 +11,13 @@ fn caps_err(what: &'static str) -> impl Fn(caps::errors::CapsError) -> SetupErro
     }
 }
 
-pub fn apply() -> Result<(), SetupError> {
-    let kept: caps::CapsHashSet = KEPT.iter().copied().collect();
+/// Keep `keep` (validated names: the default set of `sandboxd_protocol::capabilities`, or one the
+/// operator allows) as the bounding, permitted and effective sets; clear the rest.
+pub fn apply(keep: &[&str]) -> Result<(), SetupError> {
+    let kept: caps::CapsHashSet = keep
+        .iter()
+        .filter_map(|name| name.parse::<Capability>().ok())
+        .collect();
     for cap in caps::all() {
         if !kept.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
             caps::drop(None, CapSet::Bounding, cap)

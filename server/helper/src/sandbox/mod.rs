@@ -84,7 +84,7 @@ pub fn run_init(spawn: &ValidSpawn, fds: InitFds) -> ! {
             nix::unistd::sethostname(&spawn.hostname).map_err(step("setting the hostname"))?;
             sys::loopback_up().map_err(step("bringing lo up"))
         })
-        .and_then(|()| harden::apply());
+        .and_then(|()| harden::apply(&spawn.capabilities));
     drop(fds.work);
     if let Err(e) = prepared {
         let _ = writeln!(status, "setup_failed {e}");
