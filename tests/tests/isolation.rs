@@ -434,3 +434,48 @@ fn other_host_users_cannot_reach_or_run_what_a_sandbox_leaves_in_work() {
         );
     });
 }
+
+#[test]
+fn capabilities_can_be_dropped_and_added_only_as_the_operator_allows() {
+    require_e2e!();
+    const CAP_NET_RAW: u64 = 1 << 13;
+    const CAP_SYS_PTRACE: u64 = 1 << 19;
+    let bounding = |d: &Daemon, spec: serde_json::Value| {
+        let (sandbox, out) = d.run_spec(spec);
+        assert_eq!(sandbox.exit_code, Some(0), "{out}");
+        let hex = out
+            .lines()
+            .find_map(|l| l.strip_prefix("CapBnd:"))
+            .unwrap()
+            .trim()
+            .to_string();
+        u64::from_str_radix(&hex, 16).unwrap()
+    };
+    let cmd = json!(["grep", "CapBnd", "/proc/self/status"]);
+    let d = Daemon::start(Mode::Privileged);
+    let default = bounding(&d, json!({"command": cmd}));
+    assert_ne!(default & CAP_NET_RAW, 0);
+    assert_eq!(default & CAP_SYS_PTRACE, 0);
+    let dropped = bounding(
+        &d,
+        json!({"command": cmd, "capabilities": {"drop": ["NET_RAW"]}}),
+    );
+    assert_eq!(dropped, default & !CAP_NET_RAW);
+    let resp = d.post_json(
+        "/v1/sandboxes",
+        &json!({"command": cmd, "capabilities": {"add": ["SYS_PTRACE"]}}),
+    );
+    assert_eq!(resp.status().as_u16(), 422);
+    let resp = d.post_json(
+        "/v1/sandboxes",
+        &json!({"command": cmd, "capabilities": {"add": ["CAP_NOPE"]}}),
+    );
+    assert_eq!(resp.status().as_u16(), 400);
+
+    let d = Daemon::start_with(Mode::Privileged, &["--allow-cap", "SYS_PTRACE"]);
+    let added = bounding(
+        &d,
+        json!({"command": cmd, "capabilities": {"add": ["SYS_PTRACE"]}}),
+    );
+    assert_eq!(added, default | CAP_SYS_PTRACE);
+}
