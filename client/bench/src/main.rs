@@ -28,6 +28,9 @@ struct Args {
     /// Base URL of the daemon.
     #[arg(long, env = "SANDBOXD_URL", default_value = DEFAULT_URL)]
     url: String,
+    /// Bearer token for the daemon; with --spawn-daemon, its admin token is used by default.
+    #[arg(long, env = "SANDBOXD_TOKEN")]
+    token: Option<String>,
     /// Measured iterations at concurrency 1.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
     iterations: u64,
@@ -82,7 +85,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let client = Client::new(&args.url)?;
+    let mut client = Client::new(&args.url)?;
+    if let Some(token) = &args.token {
+        client = client.with_token(token.clone());
+    }
 
     // Declared before the daemon so that the daemon is stopped before its directory goes away.
     let mut temp_dir = None;
@@ -101,6 +107,12 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 state_dir.display()
             );
             let started = Daemon::start(path, &client, &state_dir, &args.daemon_args).await;
+            // The daemon writes its admin token at first start; the benchmark uses it.
+            if args.token.is_none() {
+                if let Ok(token) = std::fs::read_to_string(state_dir.join("admin.token")) {
+                    client = client.with_token(token.trim().to_owned());
+                }
+            }
             if started.is_err() {
                 // Keep the log that the error points at.
                 if let Some(dir) = temp_dir.take() {
