@@ -64,6 +64,51 @@ pub struct Args {
     pub log_level: String,
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub transport: TransportArgs,
+}
+
+/// How the API is reached beyond the local socket: TLS, CORS and the per-client burst limit.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TransportArgs {
+    /// PEM certificate chain: serve HTTPS. Required (with --tls-key) to listen beyond loopback.
+    #[arg(
+        long,
+        env = "SANDBOXD_TLS_CERT",
+        value_name = "PATH",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (read before the privilege drop: it may be root's only).
+    #[arg(
+        long,
+        env = "SANDBOXD_TLS_KEY",
+        value_name = "PATH",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// A browser origin (`https://dash.example:8443`) allowed by CORS and by the Origin check;
+    /// repeatable. Never `*`. Without any, no CORS headers are sent.
+    #[arg(
+        long = "cors-origin",
+        env = "SANDBOXD_CORS_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGIN"
+    )]
+    pub cors_origins: Vec<String>,
+    /// Requests per second one client (one `Authorization` value, else one IP address) may make
+    /// on average; beyond its burst it gets 429 with Retry-After. 0 turns the limit off.
+    #[arg(
+        long,
+        env = "SANDBOXD_RATE_LIMIT_PER_SEC",
+        value_name = "N",
+        default_value_t = 50.0
+    )]
+    pub rate_limit_per_sec: f64,
+    /// Requests one client may make at once before the per-second rate applies.
+    #[arg(long, env = "SANDBOXD_RATE_LIMIT_BURST", value_name = "N", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_limit_burst: u32,
 }
 
 /// Resource limit defaults (applied when a request omits the limit, and only where the host can
@@ -180,5 +225,31 @@ mod tests {
             Args::try_parse_from(["sandboxd", "--default-cpus", "4", "--max-cpus", "2"]).unwrap();
         assert!(args.limits.policy().is_err());
         assert!(Args::try_parse_from(["sandboxd", "--max-memory", "lots"]).is_err());
+    }
+
+    #[test]
+    fn transport_flags_parse() {
+        let args = Args::try_parse_from(["sandboxd"]).unwrap();
+        assert!(args.transport.tls_cert.is_none() && args.transport.cors_origins.is_empty());
+        assert_eq!(args.transport.rate_limit_per_sec, 50.0);
+        assert_eq!(args.transport.rate_limit_burst, 100);
+        let args = Args::try_parse_from([
+            "sandboxd",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--cors-origin",
+            "https://a.example",
+            "--cors-origin",
+            "https://b.example",
+            "--rate-limit-per-sec",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(args.transport.cors_origins.len(), 2);
+        assert_eq!(args.transport.rate_limit_per_sec, 5.0);
+        assert!(Args::try_parse_from(["sandboxd", "--tls-cert", "c.pem"]).is_err());
+        assert!(Args::try_parse_from(["sandboxd", "--rate-limit-burst", "0"]).is_err());
     }
 }

@@ -19,7 +19,9 @@ use sandboxd::helper_client::SocketHelper;
 use sandboxd::privileges;
 use sandboxd::sandboxes::Service;
 use sandboxd::store::Store;
+use sandboxd::transport::{self, ConnLimits, Edge};
 use sandboxd_protocol::layout::helper_socket;
+use tokio_rustls::TlsAcceptor;
 
 /// How long in-flight requests (followers, websockets) may delay shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -49,6 +51,8 @@ fn init_tracing(filter: &str) {
 fn run(args: Args) -> anyhow::Result<()> {
     // 1. Resolve the configuration.
     args.limits.policy()?;
+    // The TLS key is read now, while still privileged: it may be readable by root only.
+    let (tls, edge) = transport_setup(&args)?;
     let is_root = privileges::is_root();
     let target = if is_root {
         Some(privileges::lookup_user(&args.user)?)
@@ -97,7 +101,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("building the tokio runtime")?;
-    let result = runtime.block_on(serve(args, state_dir, helper_child));
+    let result = runtime.block_on(serve(args, state_dir, helper_child, tls, edge));
     // Watchers and followers are cut off here; sandboxes keep running under their monitors.
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
@@ -131,7 +135,11 @@ fn start_helper(
         .arg(args.uid_slots.to_string())
         .arg("--exit-with-stdin")
         .args(args.no_cgroups.then_some("--no-cgroups"))
-        .args(args.allow_caps.iter().flat_map(|c| ["--allow-cap", c.as_str()]))
+        .args(
+            args.allow_caps
+                .iter()
+                .flat_map(|c| ["--allow-cap", c.as_str()]),
+        )
         // The helper's lifeline: it exits when this pipe closes, that is when the daemon dies
         // however it dies. (PR_SET_PDEATHSIG alone is not enough: the kernel checks the dying
         // parent's permission to signal, and an unprivileged daemon may not signal a root helper.)
@@ -172,6 +180,8 @@ async fn serve(
     args: Args,
     state_dir: PathBuf,
     mut helper_child: std::process::Child,
+    tls: Option<TlsAcceptor>,
+    edge: Edge,
 ) -> anyhow::Result<()> {
     let store = Store::open(&state_dir.join("sandboxd.db"))
         .await
@@ -202,23 +212,30 @@ async fn serve(
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
+    let socket_path = state_dir.join(transport::API_SOCKET);
+    let unix_listener = transport::bind_unix(&socket_path)?;
     let state = AppState::new(svc);
     sandboxd::auth::bootstrap_admin_token(&state.auth, &state_dir)
         .await
         .context("creating the admin token")?;
-    let app = api::guard::protect(
-        api::app(state),
-        api::guard::RequestGuard::new(&args.allowed_hosts, &args.allowed_origins),
-    );
-    tracing::info!("listening on {addr}");
+    let app = transport::edge(api::app(state), &edge);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!("listening on {scheme}://{addr}");
+    tracing::info!("listening on unix:{}", socket_path.display());
 
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app).with_graceful_shutdown({
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    });
+    let limits = ConnLimits::default();
+    let tcp = transport::serve_tcp(listener, app.clone(), tls, limits, stop_rx.clone());
+    let unix = transport::serve_unix(
+        unix_listener,
+        app,
+        privileges::current_uid(),
+        limits,
+        stop_rx.clone(),
+    );
+    let server = async move {
+        tokio::join!(tcp, unix);
+    };
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutting down; sandboxes keep running");
@@ -229,7 +246,7 @@ async fn serve(
     // Running sandboxes are unaffected (they belong to their monitors) and are found again.
     let helper_exit = tokio::task::spawn_blocking(move || helper_child.wait());
     tokio::select! {
-        r = server => r.context("serving HTTP")?,
+        () = server => {}
         status = helper_exit => {
             let status = match status {
                 Ok(Ok(s)) => s.to_string(),
@@ -244,6 +261,29 @@ async fn serve(
         } => tracing::warn!("open connections did not finish in time; closing them"),
     }
     Ok(())
+}
+
+/// Check the transport flags (TLS beyond loopback, CORS origins, the burst limit) and load the
+/// TLS certificate and key.
+fn transport_setup(args: &Args) -> anyhow::Result<(Option<TlsAcceptor>, Edge)> {
+    let t = &args.transport;
+    let tls = match (&t.tls_cert, &t.tls_key) {
+        (Some(cert), Some(key)) => Some(transport::load_tls(cert, key)?),
+        (None, None) => None,
+        _ => return Err(transport::TransportError::TlsHalf.into()),
+    };
+    transport::check_listen(args.listen, tls.is_some())?;
+    let rate = t.rate_limit_per_sec;
+    if !rate.is_finite() || rate < 0.0 {
+        return Err(transport::TransportError::RateLimit(rate).into());
+    }
+    let edge = Edge {
+        allowed_hosts: args.allowed_hosts.clone(),
+        allowed_origins: args.allowed_origins.clone(),
+        cors_origins: transport::cors_origins(&t.cors_origins)?,
+        rate_limit: (rate > 0.0).then_some((rate, t.rate_limit_burst)),
+    };
+    Ok((tls, edge))
 }
 
 fn helper_mode(h: &SocketHelper) -> &'static str {
