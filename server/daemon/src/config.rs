@@ -106,7 +106,7 @@ pub struct TransportArgs {
     )]
     pub rate_limit_per_sec: f64,
     /// Requests one client may make at once before the per-second rate applies.
-    #[arg(long, env = "SANDBOXD_RATE_LIMIT_BURST", value_name = "N", default_value_t = 100,
+    #[arg(long, env = "SANDBOXD_RATE_LIMIT_BURST", value_name = "N", default_value_t = 500,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit_burst: u32,
 }
@@ -232,7 +232,7 @@ mod tests {
         let args = Args::try_parse_from(["sandboxd"]).unwrap();
         assert!(args.transport.tls_cert.is_none() && args.transport.cors_origins.is_empty());
         assert_eq!(args.transport.rate_limit_per_sec, 50.0);
-        assert_eq!(args.transport.rate_limit_burst, 100);
+        assert_eq!(args.transport.rate_limit_burst, 500);
         let args = Args::try_parse_from([
             "sandboxd",
             "--tls-cert",
