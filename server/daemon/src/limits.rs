@@ -485,7 +485,11 @@ pub fn resolve_capabilities(
         return Ok(None);
     };
     let dropped: Vec<&str> = changes.drop.iter().filter_map(|n| canonical(n)).collect();
-    let mut set: Vec<&str> = DEFAULT.iter().copied().filter(|c| !dropped.contains(c)).collect();
+    let mut set: Vec<&str> = DEFAULT
+        .iter()
+        .copied()
+        .filter(|c| !dropped.contains(c))
+        .collect();
     for name in &changes.add {
         let Some(cap) = canonical(name) else { continue };
         if !DEFAULT.contains(&cap) && !policy.allowed_caps.contains(&cap) {
@@ -507,16 +511,28 @@ mod capability_tests {
     fn drop_and_add_within_what_the_operator_allows() {
         let mut policy = LimitPolicy::default();
         assert_eq!(resolve_capabilities(&policy, None).unwrap(), None);
-        let changes = CapabilityChanges { drop: vec!["net_raw".into()], add: vec![] };
-        let set = resolve_capabilities(&policy, Some(&changes)).unwrap().unwrap();
-        assert!(!set.contains(&"CAP_NET_RAW".to_string()) && set.contains(&"CAP_CHOWN".to_string()));
-        let changes = CapabilityChanges { drop: vec![], add: vec!["SYS_PTRACE".into()] };
+        let changes = CapabilityChanges {
+            drop: vec!["net_raw".into()],
+            add: vec![],
+        };
+        let set = resolve_capabilities(&policy, Some(&changes))
+            .unwrap()
+            .unwrap();
+        assert!(
+            !set.contains(&"CAP_NET_RAW".to_string()) && set.contains(&"CAP_CHOWN".to_string())
+        );
+        let changes = CapabilityChanges {
+            drop: vec![],
+            add: vec!["SYS_PTRACE".into()],
+        };
         assert!(matches!(
             resolve_capabilities(&policy, Some(&changes)),
             Err(LimitError::CapabilityNotAllowed(c)) if c == "CAP_SYS_PTRACE"
         ));
         policy.allowed_caps = vec!["CAP_SYS_PTRACE"];
-        let set = resolve_capabilities(&policy, Some(&changes)).unwrap().unwrap();
+        let set = resolve_capabilities(&policy, Some(&changes))
+            .unwrap()
+            .unwrap();
         assert!(set.contains(&"CAP_SYS_PTRACE".to_string()));
     }
 }

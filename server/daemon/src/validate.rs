@@ -69,7 +69,9 @@ impl ValidCreate {
         if let Some(changes) = &spec.capabilities {
             for name in changes.drop.iter().chain(&changes.add) {
                 if sandboxd_protocol::capabilities::canonical(name).is_none() {
-                    return Err(invalid(format!("capabilities: unknown capability {name:?}")));
+                    return Err(invalid(format!(
+                        "capabilities: unknown capability {name:?}"
+                    )));
                 }
             }
         }

@@ -218,14 +218,17 @@ impl Service {
         wait: bool,
     ) -> Result<Sandbox, ServiceError> {
         let resolved = limits::resolve(&self.policy, self.host_limits().await?, &v.spec)?;
-        let capabilities = limits::resolve_capabilities(&self.policy, v.spec.capabilities.as_ref())?;
+        let capabilities =
+            limits::resolve_capabilities(&self.policy, v.spec.capabilities.as_ref())?;
         // The setup runs in its own task so that a client hanging up cannot leave a row in
         // `creating` without a watcher.
         let svc = Arc::clone(self);
         let tenant = tenant.to_owned();
-        let id =
-            tokio::spawn(async move { svc.create_and_start(tenant, v, resolved, capabilities).await })
-                .await??;
+        let id = tokio::spawn(async move {
+            svc.create_and_start(tenant, v, resolved, capabilities)
+                .await
+        })
+        .await??;
         if wait {
             self.wait(id).await
         } else {
