@@ -700,6 +700,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn requests_in_flight_outlive_the_idle_limit() {
+        let limits = ConnLimits {
+            header_read: Duration::from_millis(200),
+            idle: Duration::from_millis(200),
+            handshake: Duration::from_millis(200),
+        };
+        let app = Router::new()
+            .route(
+                "/wait",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(700)).await;
+                    "waited"
+                }),
+            )
+            .route(
+                "/follow",
+                get(|| async {
+                    let chunks = futures_util::stream::unfold(0u8, |n| async move {
+                        if n == 4 {
+                            return None;
+                        }
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        Some((Ok::<_, std::io::Error>(format!("chunk{n};")), n + 1))
+                    });
+                    Body::from_stream(chunks)
+                }),
+            );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_tx, rx) = watch::channel(false);
+        tokio::spawn(serve_tcp(listener, app, None, limits, rx));
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let resp = exchange(s, b"GET /wait HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+        assert!(resp.ends_with("waited"), "{resp}");
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let resp = exchange(s, b"GET /follow HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+        assert!(resp.contains("chunk3;"), "{resp}");
+    }
+
+    #[tokio::test]
     async fn tls_serves_https() {
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         let dir = tempfile::tempdir().unwrap();
