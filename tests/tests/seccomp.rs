@@ -124,3 +124,28 @@ fn ordinary_tools_still_work() {
         assert!(out.contains(expected), "{expected:?} missing: {out}");
     }
 }
+
+#[test]
+fn nested_user_namespaces_only_when_asked_and_allowed() {
+    sandboxd_tests::require_e2e!();
+    let script = "unshare -U true && echo nested-ok";
+    // Not allowed by the operator: asking is 422.
+    let d = sandboxd_tests::Daemon::start(sandboxd_tests::Mode::Privileged);
+    let resp = d.post_json(
+        "/v1/sandboxes",
+        &serde_json::json!({"command": ["sh", "-c", script], "nested_user_namespaces": true}),
+    );
+    assert_eq!(resp.status().as_u16(), 422);
+    // Allowed: only the sandboxes that ask get them.
+    let d = sandboxd_tests::Daemon::start_with(
+        sandboxd_tests::Mode::Privileged,
+        &["--allow-nested-userns"],
+    );
+    let (asked, out) = d.run_spec(
+        serde_json::json!({"command": ["sh", "-c", script], "nested_user_namespaces": true}),
+    );
+    assert_eq!(asked.exit_code, Some(0), "{out}");
+    assert!(out.contains("nested-ok"), "{out}");
+    let (default, out) = d.run_spec(serde_json::json!({"command": ["sh", "-c", script]}));
+    assert_ne!(default.exit_code, Some(0), "{out}");
+}

@@ -358,3 +358,25 @@ fn a_burst_gets_429_with_retry_after_and_others_still_get_through() {
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_healthy(&d);
 }
+
+#[test]
+fn an_oversized_websocket_message_closes_that_socket_and_nothing_else() {
+    sandboxd_tests::require_e2e!();
+    let d = sandboxd_tests::Daemon::start(sandboxd_tests::Mode::Privileged);
+    let id = d
+        .create(serde_json::json!({"command": ["sleep", "30"]}))
+        .id
+        .to_string();
+    let mut ws = d.logs_websocket(&id, "");
+    // The log websocket has nothing to hear from clients: 1 MiB is far past its limit.
+    let _ = ws.send(tungstenite::Message::Binary(vec![0u8; 1 << 20].into()));
+    let closed = loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Close(_)) | Err(_) => break true,
+            Ok(_) => continue,
+        }
+    };
+    assert!(closed);
+    assert_eq!(d.get("/healthz").status().as_u16(), 200);
+    assert_eq!(d.sandbox(&id).state, sandboxd_api::SandboxState::Running);
+}

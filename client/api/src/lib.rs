@@ -47,6 +47,14 @@ pub struct CreateSandbox {
     /// ambient sets are always empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<CapabilityChanges>,
+    /// Let the sandbox create user namespaces of its own (refused by its seccomp filter
+    /// otherwise). Only where the operator allows it (`--allow-nested-userns`), else 422.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub nested_user_namespaces: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// `capabilities` of a create request: names like `NET_RAW` or `CAP_NET_RAW`.

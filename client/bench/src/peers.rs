@@ -92,6 +92,7 @@ impl Peer {
                     ttl_secs: None,
                     remove_after_exit_secs: None,
                     capabilities: None,
+                    nested_user_namespaces: false,
                 };
                 let start = Instant::now();
                 let sandbox = client.create_and_wait(&spec).await?;

@@ -55,6 +55,10 @@ pub struct Args {
     /// repeatable, e.g. `--allow-cap SYS_PTRACE`. Nothing beyond the default set otherwise.
     #[arg(long = "allow-cap", env = "SANDBOXD_ALLOW_CAPS", value_delimiter = ',')]
     pub allow_caps: Vec<String>,
+    /// Let requests ask for nested user namespaces (`nested_user_namespaces: true`), which the
+    /// seccomp filter refuses by default: inside one a process regains every capability.
+    #[arg(long, env = "SANDBOXD_ALLOW_NESTED_USERNS")]
+    pub allow_nested_userns: bool,
     /// Do not put sandboxes in cgroups: no memory, cpus or pids limits, no cgroup accounting
     /// (for hosts where something else manages cgroups, and for measuring their cost).
     #[arg(long, env = "SANDBOXD_NO_CGROUPS")]
@@ -165,6 +169,7 @@ impl LimitArgs {
             max_timeout_secs: self.max_timeout_secs,
             max_ttl_secs: self.max_ttl_secs,
             allowed_caps: Vec::new(),
+            allow_nested_userns: false,
         };
         policy.check().map_err(ConfigError::Limits)?;
         Ok(policy)

@@ -74,6 +74,8 @@ pub struct LimitPolicy {
     pub max_ttl_secs: Option<u64>,
     /// Capabilities a request may add to the default bounding set (`--allow-cap`).
     pub allowed_caps: Vec<&'static str>,
+    /// Whether a request may ask for nested user namespaces (`--allow-nested-userns`).
+    pub allow_nested_userns: bool,
 }
 
 impl Default for LimitPolicy {
@@ -90,6 +92,7 @@ impl Default for LimitPolicy {
             max_timeout_secs: None,
             max_ttl_secs: None,
             allowed_caps: Vec::new(),
+            allow_nested_userns: false,
         }
     }
 }
@@ -196,6 +199,8 @@ pub enum LimitError {
     Unenforceable(String),
     #[error("capabilities.add: {0} is not allowed by this daemon (an operator allows it with --allow-cap)")]
     CapabilityNotAllowed(String),
+    #[error("nested_user_namespaces: not allowed by this daemon (an operator allows it with --allow-nested-userns)")]
+    NestedUsernsNotAllowed,
 }
 
 impl LimitError {
@@ -204,6 +209,7 @@ impl LimitError {
             LimitError::Exceeded(_) => "limit_exceeded",
             LimitError::Unenforceable(_) => "limit_unenforceable",
             LimitError::CapabilityNotAllowed(_) => "capability_not_allowed",
+            LimitError::NestedUsernsNotAllowed => "nested_userns_not_allowed",
         }
     }
 }

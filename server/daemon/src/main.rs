@@ -140,6 +140,7 @@ fn start_helper(
                 .iter()
                 .flat_map(|c| ["--allow-cap", c.as_str()]),
         )
+        .args(args.allow_nested_userns.then_some("--allow-nested-userns"))
         // The helper's lifeline: it exits when this pipe closes, that is when the daemon dies
         // however it dies. (PR_SET_PDEATHSIG alone is not enough: the kernel checks the dying
         // parent's permission to signal, and an unprivileged daemon may not signal a root helper.)
@@ -194,6 +195,7 @@ async fn serve(
         .context("connecting to the helper")?;
     tracing::info!(mode = helper_mode(&helper), "connected to the helper");
     let mut policy = args.limits.policy()?;
+    policy.allow_nested_userns = args.allow_nested_userns;
     for name in &args.allow_caps {
         match sandboxd_protocol::capabilities::canonical(name) {
             Some(cap) => policy.allowed_caps.push(cap),

@@ -870,6 +870,7 @@ mod tests {
                 ttl_secs: None,
                 remove_after_exit_secs: None,
                 capabilities: None,
+                nested_user_namespaces: false,
             },
         }
     }

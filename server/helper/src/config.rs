@@ -24,6 +24,8 @@ pub struct Config {
     pub no_cgroups: bool,
     /// Capabilities a sandbox may keep beyond the default bounding set (the operator's choice).
     pub allowed_caps: Vec<&'static str>,
+    /// Whether sandboxes may ask for nested user namespaces (the operator's choice).
+    pub allow_nested_userns: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +54,7 @@ impl Config {
         let mut exit_with_stdin = false;
         let mut no_cgroups = false;
         let mut allowed_caps = Vec::new();
+        let mut allow_nested_userns = false;
         let mut args = args.peekable();
         while let Some(flag) = args.next() {
             let mut value = || {
@@ -70,6 +73,7 @@ impl Config {
                 "--uid-slots" => uid_slots = number(value()?)?,
                 "--exit-with-stdin" => exit_with_stdin = true,
                 "--no-cgroups" => no_cgroups = true,
+                "--allow-nested-userns" => allow_nested_userns = true,
                 "--allow-cap" => {
                     let name = value()?;
                     match sandboxd_protocol::capabilities::canonical(&name) {
@@ -109,6 +113,7 @@ impl Config {
             exit_with_stdin,
             no_cgroups,
             allowed_caps,
+            allow_nested_userns,
         };
         if mode == Mode::Privileged {
             config.check_ranges()?;

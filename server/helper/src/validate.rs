@@ -56,6 +56,7 @@ pub struct ValidSpawn {
     pub limits: SpawnLimits,
     /// The bounding set the sandbox keeps: the default set, or a set the operator allows.
     pub capabilities: Vec<&'static str>,
+    pub nested_user_namespaces: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -82,6 +83,8 @@ pub enum ValidateError {
     Limit(&'static str),
     #[error("capability {0} is unknown or not allowed by the operator")]
     Capability(String),
+    #[error("nested user namespaces are not allowed by the operator")]
+    NestedUserns,
 }
 
 fn cstring(s: &str, what: &'static str) -> Result<CString, ValidateError> {
@@ -190,7 +193,11 @@ pub fn validate(req: &SpawnRequest, config: &Config) -> Result<ValidSpawn, Valid
             set
         }
     };
+    if req.nested_user_namespaces && !config.allow_nested_userns {
+        return Err(ValidateError::NestedUserns);
+    }
     Ok(ValidSpawn {
+        nested_user_namespaces: req.nested_user_namespaces,
         capabilities,
         limits: l,
         id: req.id,
@@ -218,6 +225,7 @@ mod tests {
             exit_with_stdin: false,
             no_cgroups: false,
             allowed_caps: vec!["CAP_SYS_PTRACE"],
+            allow_nested_userns: false,
         }
     }
 
@@ -235,6 +243,7 @@ mod tests {
                 ..Default::default()
             },
             capabilities: None,
+            nested_user_namespaces: false,
         }
     }
 

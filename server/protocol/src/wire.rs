@@ -53,6 +53,9 @@ pub struct SpawnRequest {
     /// The bounding set the sandbox keeps (canonical names); `None` for the default set.
     #[serde(default)]
     pub capabilities: Option<Vec<String>>,
+    /// Let the sandbox create nested user namespaces (the seccomp filter refuses them otherwise).
+    #[serde(default)]
+    pub nested_user_namespaces: bool,
 }
 
 /// Resource limits of a sandbox, already checked by the daemon against what the host enforces.

@@ -81,6 +81,7 @@ impl RunArgs {
             ttl_secs: self.ttl,
             remove_after_exit_secs: self.rm.then_some(RM_SAFETY_NET_SECS),
             capabilities: None,
+            nested_user_namespaces: false,
         }
     }
 }

@@ -220,6 +220,9 @@ impl Service {
         let resolved = limits::resolve(&self.policy, self.host_limits().await?, &v.spec)?;
         let capabilities =
             limits::resolve_capabilities(&self.policy, v.spec.capabilities.as_ref())?;
+        if v.spec.nested_user_namespaces && !self.policy.allow_nested_userns {
+            return Err(limits::LimitError::NestedUsernsNotAllowed.into());
+        }
         // The setup runs in its own task so that a client hanging up cannot leave a row in
         // `creating` without a watcher.
         let svc = Arc::clone(self);
@@ -287,6 +290,7 @@ impl Service {
             timeout_secs: v.timeout_secs,
             limits: resolved.spawn,
             capabilities,
+            nested_user_namespaces: v.spec.nested_user_namespaces,
         };
         // A slot the database thinks free can still be held by a monitor whose sandbox the
         // database lost track of (marked lost, or a row deleted by hand); the helper refuses it

@@ -90,7 +90,7 @@ pub fn run_init(spawn: &ValidSpawn, fds: InitFds) -> ! {
         let _ = writeln!(status, "setup_failed {e}");
         sys::exit_now(1);
     }
-    let filters = match seccomp::Filters::for_this_arch() {
+    let filters = match seccomp::Filters::for_this_arch(spawn.nested_user_namespaces) {
         Ok(filters) => filters,
         Err(e) => {
             let _ = writeln!(status, "setup_failed {e}");

@@ -201,13 +201,20 @@ pub struct CompileError {
 }
 
 impl Filters {
-    /// Compile the policy for the machine we run on.
-    pub fn for_this_arch() -> Result<Filters, CompileError> {
-        Filters::compile(ARCH)
+    /// Compile the policy for the machine we run on. `nested_user_namespaces` lifts the
+    /// CLONE_NEWUSER conditions (only when the spec asked and the operator allows it).
+    pub fn for_this_arch(nested_user_namespaces: bool) -> Result<Filters, CompileError> {
+        Filters::compile_with(ARCH, nested_user_namespaces)
     }
 
-    /// Compile the policy for `arch` (`x86_64` or `aarch64`).
+    /// Compile the default policy for `arch` (`x86_64` or `aarch64`).
+    #[cfg(test)]
     pub fn compile(arch: &str) -> Result<Filters, CompileError> {
+        Filters::compile_with(arch, false)
+    }
+
+    /// Compile the policy for `arch`, with or without nested user namespaces.
+    pub fn compile_with(arch: &str, nested_user_namespaces: bool) -> Result<Filters, CompileError> {
         let error = |reason: String| CompileError {
             arch: arch.to_string(),
             reason,
@@ -226,7 +233,7 @@ impl Filters {
             "allow": {
                 "mismatch_action": {"errno": libc::EPERM},
                 "match_action": "allow",
-                "filter": allow_rules(arch),
+                "filter": allow_rules(arch, nested_user_namespaces),
             },
             "enosys": {
                 "mismatch_action": "allow",
@@ -260,7 +267,7 @@ impl Filters {
 }
 
 /// Every allowed syscall of `arch`, unconditional or with the conditions that allow it.
-fn allow_rules(arch: &str) -> Vec<Value> {
+fn allow_rules(arch: &str, nested_user_namespaces: bool) -> Vec<Value> {
     let mut rules: Vec<Value> = allowed_names(arch)
         .map(|name| json!({"syscall": name}))
         .collect();
@@ -269,8 +276,13 @@ fn allow_rules(arch: &str) -> Vec<Value> {
     }]);
     // Threads and processes, but no new user namespace. (`clone`'s flags are its first argument on
     // both architectures.) Other namespaces would need CAP_SYS_ADMIN, which the sandbox lacks.
-    rules.push(json!({"syscall": "clone", "args": flags_without_newuser}));
-    rules.push(json!({"syscall": "unshare", "args": flags_without_newuser}));
+    if nested_user_namespaces {
+        rules.push(json!({"syscall": "clone"}));
+        rules.push(json!({"syscall": "unshare"}));
+    } else {
+        rules.push(json!({"syscall": "clone", "args": flags_without_newuser}));
+        rules.push(json!({"syscall": "unshare", "args": flags_without_newuser}));
+    }
     // clone3 is allowed here and answered ENOSYS by the second filter, whose answer wins.
     rules.extend(ENOSYS.iter().map(|name| json!({"syscall": name})));
     // Any socket family but AF_VSOCK, which would reach the host past the network namespace.
