@@ -454,6 +454,13 @@ fn capabilities_can_be_dropped_and_added_only_as_the_operator_allows() {
     let cmd = json!(["grep", "CapBnd", "/proc/self/status"]);
     let d = Daemon::start(Mode::Privileged);
     let default = bounding(&d, json!({"command": cmd}));
+    // Exactly the documented default set (capability numbers are their positions in `ALL`).
+    use sandboxd_protocol::capabilities::{ALL, DEFAULT};
+    let documented: u64 = DEFAULT
+        .iter()
+        .map(|name| 1u64 << ALL.iter().position(|c| c == name).unwrap())
+        .sum();
+    assert_eq!(default, documented, "{default:x} != {documented:x}");
     assert_ne!(default & CAP_NET_RAW, 0);
     assert_eq!(default & CAP_SYS_PTRACE, 0);
     let dropped = bounding(

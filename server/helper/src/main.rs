@@ -119,6 +119,10 @@ fn run() -> Result<Never, String> {
     if let Some(why) = &cgroups.unavailable {
         eprintln!("sandboxd-helper: resource limits are not enforceable: {why}");
     }
+    // The seccomp policy is compiled once here; monitors and inits inherit it through fork.
+    if let Err(e) = sandbox::seccomp::compile_at_start() {
+        eprintln!("sandboxd-helper: {e}; every sandbox start will fail");
+    }
     let helper = server::Helper {
         config,
         sandboxes,

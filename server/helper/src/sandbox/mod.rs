@@ -90,14 +90,14 @@ pub fn run_init(spawn: &ValidSpawn, fds: InitFds) -> ! {
         let _ = writeln!(status, "setup_failed {e}");
         sys::exit_now(1);
     }
-    let filters = match seccomp::Filters::for_this_arch(spawn.nested_user_namespaces) {
+    let filters = match seccomp::precompiled(spawn.nested_user_namespaces) {
         Ok(filters) => filters,
         Err(e) => {
             let _ = writeln!(status, "setup_failed {e}");
             sys::exit_now(1);
         }
     };
-    init::run(spawn, &filters, status, fds.stdout, fds.stderr)
+    init::run(spawn, filters, status, fds.stdout, fds.stderr)
 }
 
 /// Switch every id to root of the new user namespace, so that the host sees the mapped ids and

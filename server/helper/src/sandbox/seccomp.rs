@@ -186,6 +186,39 @@ const AF_VSOCK: u64 = 40;
 /// `READ_IMPLIES_EXEC`, ...) weaken the hardening of whatever the process execs next.
 const PERSONALITIES: &[u64] = &[0x0, 0x8, 0x2_0000, 0x2_0008, 0xffff_ffff];
 
+/// The policies, compiled once when the helper starts (default, and with nested user namespaces)
+/// and inherited by every monitor and init through fork.
+static COMPILED: std::sync::OnceLock<Result<(Filters, Filters), CompileError>> =
+    std::sync::OnceLock::new();
+
+/// Compile both variants of the policy for this machine; call once at helper start.
+pub fn compile_at_start() -> Result<(), CompileError> {
+    let result = COMPILED.get_or_init(|| {
+        Ok((
+            Filters::compile_with(ARCH, false)?,
+            Filters::compile_with(ARCH, true)?,
+        ))
+    });
+    result.as_ref().map(drop).map_err(Clone::clone)
+}
+
+/// The precompiled filters for a sandbox (compiled now if the helper did not do it at start).
+pub fn precompiled(nested_user_namespaces: bool) -> Result<&'static Filters, CompileError> {
+    compile_at_start()?;
+    match COMPILED.get() {
+        Some(Ok((default, nested))) => Ok(if nested_user_namespaces {
+            nested
+        } else {
+            default
+        }),
+        Some(Err(e)) => Err(e.clone()),
+        None => Err(CompileError {
+            arch: ARCH.to_string(),
+            reason: "not compiled".into(),
+        }),
+    }
+}
+
 /// The two compiled filters, installed in this order.
 pub struct Filters {
     allow: BpfProgram,
@@ -193,7 +226,7 @@ pub struct Filters {
 }
 
 /// The policy could not be compiled for this machine.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("no seccomp filter for architecture {arch}: {reason}")]
 pub struct CompileError {
     pub arch: String,
@@ -201,12 +234,6 @@ pub struct CompileError {
 }
 
 impl Filters {
-    /// Compile the policy for the machine we run on. `nested_user_namespaces` lifts the
-    /// CLONE_NEWUSER conditions (only when the spec asked and the operator allows it).
-    pub fn for_this_arch(nested_user_namespaces: bool) -> Result<Filters, CompileError> {
-        Filters::compile_with(ARCH, nested_user_namespaces)
-    }
-
     /// Compile the default policy for `arch` (`x86_64` or `aarch64`).
     #[cfg(test)]
     pub fn compile(arch: &str) -> Result<Filters, CompileError> {
