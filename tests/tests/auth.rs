@@ -394,3 +394,34 @@ fn sbx_manages_tokens() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("SANDBOXD_TOKEN"), "{err}");
 }
+
+#[test]
+fn a_user_reads_its_own_quota_and_not_another_tenants() {
+    sandboxd_tests::require_e2e!();
+    let d = sandboxd_tests::Daemon::start(sandboxd_tests::Mode::Privileged);
+    let resp = d
+        .http()
+        .put(format!("{}/v1/tenants/team-a/quota", d.url))
+        .json(&serde_json::json!({"max_sandboxes": 3}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let user = d.create_token("team-a", "user");
+    let own = d.request_as(
+        Some(&user),
+        "GET",
+        "/v1/tenants/team-a/quota",
+        None,
+        Vec::new(),
+    );
+    assert_eq!(own.status, 200, "{}", own.body);
+    assert!(own.body.contains("\"max_sandboxes\":3"), "{}", own.body);
+    let other = d.request_as(
+        Some(&user),
+        "GET",
+        "/v1/tenants/team-b/quota",
+        None,
+        Vec::new(),
+    );
+    assert_eq!(other.status, 404, "{}", other.body);
+}

@@ -100,6 +100,11 @@ pub fn routes() -> Vec<Route> {
             "/v1/tenants/{tenant}/quota",
             put(tokens::put_quota),
         ),
+        route(
+            Method::GET,
+            "/v1/tenants/{tenant}/quota",
+            get(tokens::get_quota),
+        ),
         route(Method::POST, "/v1/tickets", post(tokens::ticket)),
     ]
 }

@@ -147,6 +147,26 @@ pub async fn put_quota(
     }))
 }
 
+/// `GET /v1/tenants/{tenant}/quota`: an admin reads any tenant's quota, a user only its own
+/// (another tenant's answers 404, like everything of other tenants).
+pub async fn get_quota(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(tenant): Path<String>,
+) -> Result<Json<Quota>, ApiError> {
+    check_tenant(&tenant)?;
+    if !principal.is_admin() && principal.tenant != tenant {
+        return Err(ApiError::not_found("no such tenant"));
+    }
+    let quota = state.auth.store().quota(&tenant).await.map_err(internal)?;
+    let to_u64 = |v: Option<i64>| v.and_then(|n| u64::try_from(n).ok());
+    Ok(Json(Quota {
+        tenant: Some(tenant),
+        max_sandboxes: to_u64(quota.max_sandboxes),
+        max_memory_bytes: to_u64(quota.max_memory_bytes),
+    }))
+}
+
 pub async fn ticket(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
