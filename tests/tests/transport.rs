@@ -380,3 +380,25 @@ fn an_oversized_websocket_message_closes_that_socket_and_nothing_else() {
     assert_eq!(d.get("/healthz").status().as_u16(), 200);
     assert_eq!(d.sandbox(&id).state, sandboxd_api::SandboxState::Running);
 }
+
+#[test]
+fn a_trickling_body_times_out() {
+    use std::io::{Read, Write};
+    sandboxd_tests::require_e2e!();
+    let d = sandboxd_tests::Daemon::start(sandboxd_tests::Mode::Privileged);
+    let mut stream = std::net::TcpStream::connect(&d.addr).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let head = format!(
+        "POST /v1/sandboxes HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"command\"",
+        d.token().unwrap_or_default()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    // ... and nothing more: the daemon answers 408 instead of waiting forever.
+    let mut answer = vec![0u8; 512];
+    let n = stream.read(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_eq!(d.get("/healthz").status().as_u16(), 200);
+}

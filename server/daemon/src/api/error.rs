@@ -57,6 +57,7 @@ impl ApiError {
             StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
             StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
             StatusCode::UNPROCESSABLE_ENTITY => "unprocessable",
+            StatusCode::REQUEST_TIMEOUT => "request_timeout",
             s if s.is_client_error() => "invalid_request",
             _ => "internal",
         };

@@ -39,11 +39,22 @@ async fn body_bytes<S: Send + Sync>(
     state: &S,
 ) -> Result<(HeaderMap, Bytes), ApiError> {
     let headers = req.headers().clone();
-    let bytes = Bytes::from_request(req, state)
+    // A body (at most 1 MiB) must arrive within BODY_TIMEOUT: a client trickling it byte by byte
+    // must not hold a connection and a task forever.
+    let bytes = tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(req, state))
         .await
+        .map_err(|_| {
+            ApiError::from_status(
+                axum::http::StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive in time",
+            )
+        })?
         .map_err(|r| ApiError::from_status(r.status(), r.body_text()))?;
     Ok((headers, bytes))
 }
+
+/// How long a request body may take to arrive.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn parse<T: DeserializeOwned>(headers: &HeaderMap, bytes: &[u8]) -> Result<T, ApiError> {
     if !is_json(headers) {
