@@ -312,25 +312,28 @@ impl SandboxesDir {
         Ok(ids)
     }
 
-    /// Output and disk figures of a sandbox (its cgroup figures come from `cgroup.rs`).
-    pub fn stats(&self, id: Uuid) -> Result<sandboxd_protocol::wire::SandboxStats, DirError> {
+    /// Open an existing sandbox's directory.
+    fn open_sandbox(&self, id: Uuid) -> Result<OwnedFd, DirError> {
         let name = id.to_string();
-        let dir = match open_fd(
+        match open_fd(
             Some(self.raw_fd()),
             name.as_str(),
             OFlag::O_RDONLY | OFlag::O_DIRECTORY,
             Mode::empty(),
         ) {
-            Ok(fd) => fd,
-            Err(Errno::ENOENT) => return Err(DirError::NotFound(id)),
-            Err(source) => {
-                return Err(DirError::Io {
-                    step: "opening the directory",
-                    id,
-                    source,
-                })
-            }
-        };
+            Ok(fd) => Ok(fd),
+            Err(Errno::ENOENT) => Err(DirError::NotFound(id)),
+            Err(source) => Err(DirError::Io {
+                step: "opening the directory",
+                id,
+                source,
+            }),
+        }
+    }
+
+    /// Output and disk figures of a sandbox (its cgroup figures come from `cgroup.rs`).
+    pub fn stats(&self, id: Uuid) -> Result<sandboxd_protocol::wire::SandboxStats, DirError> {
+        let dir = self.open_sandbox(id)?;
         let output_bytes = nix::sys::stat::fstatat(
             Some(dir.as_raw_fd()),
             OUTPUT_LOG,
@@ -355,22 +358,7 @@ impl SandboxesDir {
     /// Remove a sandbox's directory and everything in it, unless its monitor still lives.
     pub fn destroy(&self, id: Uuid) -> Result<(), DirError> {
         let name = id.to_string();
-        let dir = match open_fd(
-            Some(self.raw_fd()),
-            name.as_str(),
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-            Mode::empty(),
-        ) {
-            Ok(fd) => fd,
-            Err(Errno::ENOENT) => return Err(DirError::NotFound(id)),
-            Err(source) => {
-                return Err(DirError::Io {
-                    step: "opening the directory",
-                    id,
-                    source,
-                })
-            }
-        };
+        let dir = self.open_sandbox(id)?;
         match open_fd(
             Some(dir.as_raw_fd()),
             MONITOR_LOCK,
