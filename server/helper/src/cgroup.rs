@@ -297,9 +297,22 @@ impl Cgroups {
     fn dirs(&self, id: Uuid) -> Vec<PathBuf> {
         match &self.layout {
             Layout::V1 { .. } => self.v1_dirs(Some(id)),
-            Layout::V2 { base, .. } => vec![base.join(&self.parent).join(id.to_string())],
+            Layout::V2 { .. } => self.v2_dir(id).into_iter().collect(),
             Layout::None => Vec::new(),
         }
+    }
+
+    /// A sandbox's directory in the unified hierarchy (v2 only).
+    fn v2_dir(&self, id: Uuid) -> Option<PathBuf> {
+        match &self.layout {
+            Layout::V2 { base, .. } => Some(base.join(&self.parent).join(id.to_string())),
+            _ => None,
+        }
+    }
+
+    /// Whether a sandbox has a cgroup (in any hierarchy).
+    pub fn exists(&self, id: Uuid) -> bool {
+        self.dirs(id).iter().any(|d| d.exists())
     }
 
     fn v1_dir(&self, controller: &str, id: Uuid) -> Option<PathBuf> {
@@ -342,9 +355,7 @@ impl Cgroups {
             }
             match &self.layout {
                 Layout::V1 { .. } => self.limit_v1(id, limits),
-                Layout::V2 { base, .. } => {
-                    limit_v2(&base.join(&self.parent).join(id.to_string()), limits)
-                }
+                Layout::V2 { .. } => self.v2_dir(id).map_or(Ok(()), |d| limit_v2(&d, limits)),
                 Layout::None => Ok(()),
             }
         })();
@@ -392,8 +403,8 @@ impl Cgroups {
                     s.pids_peak = read_u64(&d.join("pids.peak"));
                 }
             }
-            Layout::V2 { base, .. } => {
-                let d = base.join(&self.parent).join(id.to_string());
+            Layout::V2 { .. } => {
+                let Some(d) = self.v2_dir(id) else { return s };
                 s.memory_bytes = read_u64(&d.join("memory.current"));
                 s.memory_peak_bytes = read_u64(&d.join("memory.peak"));
                 s.cpu_usec = read_key(&d.join("cpu.stat"), "usage_usec");
@@ -412,14 +423,10 @@ impl Cgroups {
                 .v1_dir("memory", id)
                 .and_then(|d| read_key(&d.join("memory.oom_control"), "oom_kill"))
                 .unwrap_or(0),
-            Layout::V2 { base, .. } => read_key(
-                &base
-                    .join(&self.parent)
-                    .join(id.to_string())
-                    .join("memory.events"),
-                "oom_kill",
-            )
-            .unwrap_or(0),
+            Layout::V2 { .. } => self
+                .v2_dir(id)
+                .and_then(|d| read_key(&d.join("memory.events"), "oom_kill"))
+                .unwrap_or(0),
             Layout::None => 0,
         }
     }
@@ -434,12 +441,7 @@ impl Cgroups {
                     Some(d.join("cgroup.event_control")),
                 )
             }),
-            Layout::V2 { base, .. } => Some((
-                base.join(&self.parent)
-                    .join(id.to_string())
-                    .join("memory.events"),
-                None,
-            )),
+            Layout::V2 { .. } => self.v2_dir(id).map(|d| (d.join("memory.events"), None)),
             Layout::None => None,
         }
     }
@@ -472,12 +474,7 @@ impl Cgroups {
 
     /// The v2 directory of a sandbox, opened for CLONE_INTO_CGROUP.
     pub fn open_for_clone(&self, id: Uuid) -> Option<OwnedFd> {
-        let Layout::V2 { base, .. } = &self.layout else {
-            return None;
-        };
-        fs::File::open(base.join(&self.parent).join(id.to_string()))
-            .ok()
-            .map(OwnedFd::from)
+        fs::File::open(self.v2_dir(id)?).ok().map(OwnedFd::from)
     }
 
     /// `cgroup.procs` files to write a pid into (v1, where CLONE_INTO_CGROUP does not exist).

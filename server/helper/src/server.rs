@@ -153,7 +153,7 @@ impl Helper {
                 Err(e) => Response::Error(dir_error(e)),
             },
             Request::Destroy { id } => {
-                let had_cgroup = self.cgroups.list().contains(&id);
+                let had_cgroup = self.cgroups.exists(id);
                 match self.sandboxes.destroy(id) {
                     Ok(()) => {
                         self.cgroups.remove(id);
