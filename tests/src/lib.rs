@@ -582,6 +582,15 @@ impl Drop for Daemon {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // The helper keeps its (now empty) parent cgroups for the next start on this state
+        // directory; a test's state directory has no next start, so remove them.
+        for entry in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = std::fs::remove_dir(entry.path().join(cgroup_parent_name(&self.state_dir)));
+        }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.state_dir);
         }
@@ -907,4 +916,15 @@ pub fn descendants_of(pid: i32) -> Vec<i32> {
         }
     }
     found
+}
+
+/// The parent cgroup the helper uses for a state directory (the same FNV-1a as the helper's
+/// `cgroup::parent_name`).
+pub fn cgroup_parent_name(state_dir: &Path) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in state_dir.as_os_str().as_encoded_bytes() {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("sandboxd.{:012x}", hash & 0xffff_ffff_ffff)
 }

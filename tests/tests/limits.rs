@@ -10,15 +10,7 @@ use sandboxd_api::{EndReason, Sandbox, Stats};
 use sandboxd_tests::{eventually, process_exists, processes_of_uid, require_e2e, Daemon, Mode};
 use serde_json::{json, Value};
 
-/// The parent cgroup the helper uses for a state directory (the same FNV-1a as the helper's).
-fn parent_name(state_dir: &std::path::Path) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in state_dir.as_os_str().as_encoded_bytes() {
-        hash ^= u64::from(*b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("sandboxd.{:012x}", hash & 0xffff_ffff_ffff)
-}
+use sandboxd_tests::cgroup_parent_name as parent_name;
 
 /// Every cgroup directory of a sandbox on this (v1) host.
 fn cgroup_dirs(d: &Daemon, id: &str) -> Vec<PathBuf> {
