@@ -410,3 +410,88 @@ pub struct Ticket {
     #[serde(with = "time::serde::rfc3339")]
     pub expires_at: OffsetDateTime,
 }
+
+/// Channel byte of standard input in attach websocket messages (client to server).
+pub const CHANNEL_STDIN: u8 = 0;
+
+/// Body of `POST /v1/sandboxes/{id}/execs`: another process in a running sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateExec {
+    /// The program and its arguments, looked up in the `PATH` of the exec's environment.
+    pub command: Vec<String>,
+    /// Added to (and overriding) the sandbox's own environment.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory; the sandbox's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Give the process a terminal (a pty from the sandbox's own devpts) as stdin, stdout and
+    /// stderr; its output is then all on channel 1.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub tty: bool,
+    /// Keep stdin open for an attach websocket (otherwise it is `/dev/null`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stdin: bool,
+    /// Initial terminal size (with `tty`; 80x24 when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cols: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u16>,
+}
+
+/// An exec: a process started in a running sandbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Exec {
+    pub id: Uuid,
+    pub sandbox_id: Uuid,
+    /// `creating`, `running`, `exited` or `failed` (it could not join the sandbox, or was lost).
+    pub state: SandboxState,
+    /// Exit code, `128 + N` when signal N ended it; null until it ends.
+    pub exit_code: Option<i32>,
+    pub signal: Option<String>,
+    /// Why it failed, or why its command could not be executed.
+    pub error: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub started_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+    /// The request the exec was created from.
+    pub spec: CreateExec,
+}
+
+/// Body of `GET /v1/sandboxes/{id}/execs`, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecList {
+    pub items: Vec<Exec>,
+}
+
+/// A terminal's size in characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalSize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// A text message from the client on an attach websocket: `{"resize": {"cols": C, "rows": R}}`
+/// or `{"close_stdin": true}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachControl {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resize: Option<TerminalSize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub close_stdin: Option<bool>,
+}
+
+/// The last message of an attach websocket (text): how the process ended and the offset just
+/// past its last byte of output (reattach with `?offset=` to resume anywhere before it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachEnd {
+    pub exit_code: Option<i32>,
+    pub signal: Option<String>,
+    pub offset: u64,
+}

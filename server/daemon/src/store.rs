@@ -973,3 +973,136 @@ mod tests {
         assert_eq!(due, vec![(a.id, Deadline::RemoveAfterExit)]);
     }
 }
+
+// ---- Execs (issue 6) -------------------------------------------------------------------------
+
+const EXEC_COLUMNS: &str =
+    "id, sandbox_id, state, exit_code, signal, error, created_at, started_at, finished_at, spec";
+
+/// How an exec ended, as stored.
+#[derive(Debug, Clone)]
+pub struct ExecEnding {
+    pub state: SandboxState,
+    pub exit_code: Option<i32>,
+    pub signal: Option<String>,
+    pub error: Option<String>,
+    pub finished_at_ms: i64,
+}
+
+impl Store {
+    /// Insert an exec in state `creating`, only while its sandbox is `running` (false otherwise).
+    pub async fn insert_exec(
+        &self,
+        id: Uuid,
+        sandbox: Uuid,
+        created_at_ms: i64,
+        spec: &sandboxd_api::CreateExec,
+    ) -> Result<bool, StoreError> {
+        let spec = serde_json::to_string(spec).map_err(corrupt_json(id))?;
+        let done = sqlx::query(
+            "INSERT INTO execs (id, sandbox_id, state, created_at, spec)
+             SELECT ?1, ?2, 'creating', ?3, ?4
+              WHERE EXISTS (SELECT 1 FROM sandboxes WHERE id = ?2 AND state = 'running')",
+        )
+        .bind(id.to_string())
+        .bind(sandbox.to_string())
+        .bind(created_at_ms)
+        .bind(spec)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn set_exec_running(&self, id: Uuid, started_at_ms: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE execs SET state = 'running', started_at = ? WHERE id = ? AND state = 'creating'",
+        )
+        .bind(started_at_ms)
+        .bind(id.to_string())
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    /// Record how a live exec ended. Returns false when it was already final (or gone).
+    pub async fn finish_exec(&self, id: Uuid, end: &ExecEnding) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE execs SET state = ?1, exit_code = ?2, signal = ?3, error = ?4, finished_at = ?5
+              WHERE id = ?6 AND state IN ('creating', 'running')",
+        )
+        .bind(end.state.as_str())
+        .bind(end.exit_code)
+        .bind(end.signal.as_deref())
+        .bind(end.error.as_deref())
+        .bind(end.finished_at_ms)
+        .bind(id.to_string())
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Forget an exec that never started (the sandbox ended before it could).
+    pub async fn delete_exec(&self, id: Uuid) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM execs WHERE id = ?")
+            .bind(id.to_string())
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// One exec of one sandbox.
+    pub async fn exec(
+        &self,
+        sandbox: Uuid,
+        id: Uuid,
+    ) -> Result<Option<sandboxd_api::Exec>, StoreError> {
+        let sql = format!("SELECT {EXEC_COLUMNS} FROM execs WHERE id = ? AND sandbox_id = ?");
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .bind(sandbox.to_string())
+            .fetch_optional(&self.writer)
+            .await?;
+        row.as_ref().map(exec_from_row).transpose()
+    }
+
+    /// Every exec of a sandbox, oldest first.
+    pub async fn execs(&self, sandbox: Uuid) -> Result<Vec<sandboxd_api::Exec>, StoreError> {
+        let sql =
+            format!("SELECT {EXEC_COLUMNS} FROM execs WHERE sandbox_id = ? ORDER BY seq ASC");
+        let rows = sqlx::query(&sql)
+            .bind(sandbox.to_string())
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(exec_from_row).collect()
+    }
+
+    /// Execs not final yet, across all sandboxes (for reconciliation at start).
+    pub async fn live_execs(&self) -> Result<Vec<sandboxd_api::Exec>, StoreError> {
+        let sql = format!(
+            "SELECT {EXEC_COLUMNS} FROM execs WHERE state IN ('creating', 'running') ORDER BY seq"
+        );
+        let rows = sqlx::query(&sql).fetch_all(&self.writer).await?;
+        rows.iter().map(exec_from_row).collect()
+    }
+}
+
+fn exec_from_row(row: &SqliteRow) -> Result<sandboxd_api::Exec, StoreError> {
+    let id = parse_uuid(&row.try_get::<String, _>(0)?)?;
+    let state: String = row.try_get(2)?;
+    let spec: String = row.try_get(9)?;
+    Ok(sandboxd_api::Exec {
+        id,
+        sandbox_id: parse_uuid(&row.try_get::<String, _>(1)?)?,
+        state: SandboxState::parse(&state).ok_or_else(|| StoreError::Corrupt {
+            id: id.to_string(),
+            what: format!("state {state:?}"),
+        })?,
+        exit_code: row.try_get(3)?,
+        signal: row.try_get(4)?,
+        error: row.try_get(5)?,
+        created_at: time_of(row.try_get(6)?),
+        started_at: row.try_get::<Option<i64>, _>(7)?.map(time_of),
+        finished_at: row.try_get::<Option<i64>, _>(8)?.map(time_of),
+        spec: serde_json::from_str(&spec).map_err(corrupt_json(id))?,
+    })
+}

@@ -18,6 +18,7 @@
 mod cgroup;
 mod config;
 mod dirs;
+mod exec;
 mod fds;
 mod info;
 mod monitor;

@@ -228,6 +228,8 @@ struct Monitor {
     kill_requested: bool,
     timed_out: bool,
     init_exited_at: Option<Instant>,
+    /// Execs: extra processes in this sandbox (`crate::exec`).
+    execs: crate::exec::Execs,
 }
 
 fn prepare_and_clone(
@@ -327,12 +329,20 @@ fn prepare_and_clone(
                 Some(c) => join_v1_cgroup(c, spawn.id, child),
                 None => Ok(()),
             });
+            // For execs: the namespaces, while init is still dumpable and waiting for us.
+            let mapped = mapped.and_then(|()| {
+                crate::exec::Namespaces::open(child, late_cgroupns)
+                    .map_err(|e| setup_error("opening the namespaces", e))
+            });
             let sync = File::from(sync_w);
-            if let Err(e) = mapped {
-                let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
-                let _ = waitpid(child, None);
-                return Err(e);
-            }
+            let namespaces = match mapped {
+                Ok(namespaces) => namespaces,
+                Err(e) => {
+                    let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+                    let _ = waitpid(child, None);
+                    return Err(e);
+                }
+            };
             // Non-dumpable from now on: no process of the same uid may ptrace the monitor or read
             // its memory. (Not before the clone: the child inherits the flag, and a non-dumpable
             // child's /proc files, uid_map included, belong to root, which rootless we are not.)
@@ -354,6 +364,25 @@ fn prepare_and_clone(
                 .as_ref()
                 .filter(|_| spawn.limits.memory_bytes.is_some())
                 .and_then(|c| OomEvent::watch(c, spawn.id));
+            let execs = crate::exec::Execs::new(crate::exec::Context {
+                namespaces,
+                ids: spawn.ids,
+                capabilities: spawn.capabilities.clone(),
+                nested_user_namespaces: spawn.nested_user_namespaces,
+                env: spawn.env.clone(),
+                cwd: spawn.cwd.clone(),
+                output_cap: spawn.limits.output_bytes,
+                daemon_uid: config.allow_uid,
+                daemon_gid: config.allow_gid,
+                cgroup_procs: cgroups
+                    .as_ref()
+                    .map(|c| c.procs_files(spawn.id))
+                    .unwrap_or_default(),
+                cgroup_v2: cgroups
+                    .as_ref()
+                    .filter(|c| c.is_v2())
+                    .and_then(|c| c.open_for_clone(spawn.id)),
+            });
             Ok(Box::new(Monitor {
                 id: spawn.id,
                 cgroups,
@@ -386,6 +415,7 @@ fn prepare_and_clone(
                 kill_requested: false,
                 timed_out: false,
                 init_exited_at: None,
+                execs,
             }))
         }
     }
@@ -502,11 +532,18 @@ impl Monitor {
     fn event_loop(mut self, report: &mut Option<OwnedFd>) {
         let mut buf = vec![0u8; READ_CHUNK];
         loop {
-            if self.init_status.is_some() && self.stdout.is_none() && self.stderr.is_none() {
+            // Execs die with the sandbox's PID namespace; their records are written before we go.
+            self.execs.tick();
+            let execs_done = self.execs.all_ended();
+            if self.init_status.is_some()
+                && self.stdout.is_none()
+                && self.stderr.is_none()
+                && execs_done
+            {
                 break;
             }
             if let Some(at) = self.init_exited_at {
-                if at.elapsed() > DRAIN_GRACE {
+                if at.elapsed() > DRAIN_GRACE && execs_done {
                     break;
                 }
             }
@@ -537,6 +574,7 @@ impl Monitor {
             for i in ready.clients.into_iter().rev() {
                 self.serve_client(i);
             }
+            self.execs.on_ready(&ready.execs, &mut buf);
             if let Some(deadline) = self.deadline {
                 if Instant::now() >= deadline && self.init_status.is_none() && !self.timed_out {
                     self.timed_out = true;
@@ -659,6 +697,9 @@ impl Monitor {
         if let Some(at) = self.init_exited_at {
             wait = wait.min((at + DRAIN_GRACE).saturating_duration_since(Instant::now()));
         }
+        if let Some(at) = self.execs.next_deadline() {
+            wait = wait.min(at.saturating_duration_since(Instant::now()));
+        }
         PollTimeout::try_from((wait.as_millis() as i32).saturating_add(1))
             .unwrap_or(PollTimeout::MAX)
     }
@@ -686,6 +727,9 @@ impl Monitor {
         for (c, _) in &self.clients {
             fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
         }
+        let first_exec = fds.len();
+        let mut exec_slots = Vec::new();
+        self.execs.poll_fds(&mut fds, &mut exec_slots);
         poll(&mut fds, timeout)?;
         let hit = |slot: Option<usize>| {
             slot.and_then(|i| fds[i].revents())
@@ -698,9 +742,19 @@ impl Monitor {
             pidfd: hit(slots.pidfd),
             listener: hit(slots.listener),
             oom: hit(slots.oom),
-            clients: (first_client..fds.len())
+            clients: (first_client..first_exec)
                 .filter(|&i| fds[i].revents().is_some_and(|r| !r.is_empty()))
                 .map(|i| i - first_client)
+                .collect(),
+            execs: exec_slots
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| {
+                    fds[first_exec + i]
+                        .revents()
+                        .is_some_and(|r| !r.is_empty())
+                })
+                .map(|(_, slot)| *slot)
                 .collect(),
         })
     }
@@ -856,7 +910,7 @@ impl Monitor {
     }
 
     fn serve_client(&mut self, i: usize) {
-        let mut chunk = [0u8; 256];
+        let mut chunk = [0u8; 4096];
         let mut close = false;
         match self.clients[i].0.read(&mut chunk) {
             Ok(0) => close = true,
@@ -867,6 +921,24 @@ impl Monitor {
         while let Some(pos) = self.clients[i].1.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = self.clients[i].1.drain(..=pos).collect();
             let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            if let Some(cmd) = sandboxd_protocol::exec::parse(&line) {
+                // Exec requests take the connection over (an attach keeps it for its frames).
+                let (mut stream, rest) = self.clients.swap_remove(i);
+                match cmd {
+                    Ok(cmd) => {
+                        let sandbox = crate::exec::Sandbox {
+                            dir: self.dir.as_fd(),
+                            init: self.pidfd.as_fd(),
+                            running: self.init_status.is_none(),
+                        };
+                        self.execs.command(cmd, stream, rest, &sandbox);
+                    }
+                    Err(e) => {
+                        let _ = stream.write_all(format!("err {e}\n").as_bytes());
+                    }
+                }
+                return;
+            }
             let answer = match control::parse_kill(&line) {
                 Some(signo) if self.init_status.is_none() => {
                     match sys::pidfd_send_signal(self.pidfd.as_fd(), signo) {
@@ -882,7 +954,12 @@ impl Monitor {
             };
             let _ = self.clients[i].0.write_all(answer.as_bytes());
         }
-        if close || self.clients[i].1.len() > control::MAX_LINE {
+        let max_line = if sandboxd_protocol::exec::is_long_line(&self.clients[i].1) {
+            sandboxd_protocol::exec::MAX_EXEC_LINE
+        } else {
+            control::MAX_LINE
+        };
+        if close || self.clients[i].1.len() > max_line {
             self.clients.swap_remove(i);
         }
     }
@@ -970,7 +1047,7 @@ impl Monitor {
 /// Append one chunk: the bytes to the log, then their index record. If the log write fails
 /// part-way (a full disk), the log is cut back to its last indexed length, so that the index and
 /// the log always agree and every offset stays meaningful; the chunk is lost.
-fn append_output(log: &mut File, index: &mut File, log_len: &mut u64, channel: u8, data: &[u8]) {
+pub(crate) fn append_output(log: &mut File, index: &mut File, log_len: &mut u64, channel: u8, data: &[u8]) {
     match log.write_all(data) {
         Ok(()) => {
             let record = Record {
@@ -1007,4 +1084,5 @@ struct Ready {
     pidfd: bool,
     listener: bool,
     clients: Vec<usize>,
+    execs: Vec<crate::exec::Slot>,
 }

@@ -211,3 +211,39 @@ pub fn fork() -> Result<nix::unistd::ForkResult, Errno> {
     // held by another thread, and the child only runs our own code until it execs or exits.
     unsafe { nix::unistd::fork() }
 }
+
+/// Unlock the slave of a pseudo-terminal master (`unlockpt`), so that it can be opened.
+pub fn pty_unlock(master: BorrowedFd<'_>) -> Result<(), Errno> {
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads one int through the pointer, which points at a live local.
+    Errno::result(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) }).map(drop)
+}
+
+/// Open the slave of a pseudo-terminal master through the master itself (TIOCGPTPEER, Linux
+/// 4.13): no path is resolved, so the slave is certainly the one of this master's devpts.
+pub fn pty_peer(master: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
+    let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+    // SAFETY: TIOCGPTPEER takes its flags by value and returns a new descriptor or -1.
+    let fd = Errno::result(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, flags) })?;
+    // SAFETY: on success the kernel returned a new, open descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Set a terminal's window size (TIOCSWINSZ); the foreground process group gets SIGWINCH.
+pub fn set_window_size(tty: BorrowedFd<'_>, cols: u16, rows: u16) -> Result<(), Errno> {
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize through the pointer, which points at a live local.
+    Errno::result(unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &size) }).map(drop)
+}
+
+/// Make `tty` the controlling terminal of the calling session leader (TIOCSCTTY, without
+/// stealing it from another session).
+pub fn set_controlling_tty(tty: BorrowedFd<'_>) -> Result<(), Errno> {
+    // SAFETY: TIOCSCTTY takes an int argument by value (0: do not steal).
+    Errno::result(unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSCTTY, 0) }).map(drop)
+}

@@ -91,7 +91,7 @@ fn cstring(s: &str, what: &'static str) -> Result<CString, ValidateError> {
     CString::new(s).map_err(|_| ValidateError::Nul(what))
 }
 
-fn valid_env_name(name: &str) -> bool {
+pub(crate) fn valid_env_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
         && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())

@@ -11,6 +11,7 @@
 //!     status.json            written atomically by the monitor when the sandbox ends (daemon-readable)
 //!     monitor.sock           the monitor's control socket, owned by the daemon's uid, 0600
 //!     monitor.lock           flock-held by the monitor for as long as it lives
+//!     execs/<exec id>/       one per exec: output.log, output.idx, status.json (same formats)
 //!     private/               helper-owned, 0710 with the sandbox's root gid (0700 rootless): only
 //!       work/                the sandbox's root may enter; its /work, owned by the sandbox's root
 //! ```
@@ -69,6 +70,13 @@ impl SandboxDir {
     }
     pub fn work(&self) -> PathBuf {
         self.root.join(PRIVATE_DIR).join(WORK_DIR)
+    }
+    /// The directory of one exec (`execs/<exec id>/`), which holds its own `output.log`,
+    /// `output.idx` and `status.json`: the same names and formats as the sandbox's.
+    pub fn exec(&self, exec: Uuid) -> SandboxDir {
+        SandboxDir {
+            root: self.root.join(crate::exec::EXECS_DIR).join(exec.to_string()),
+        }
     }
 }
 

@@ -6,11 +6,13 @@
 //! * [`logindex`]: the record format that says which bytes of the output log came from which stream.
 //! * [`capabilities`]: capability names and the default bounding set.
 //! * [`control`]: the line protocol of a monitor's control socket (kill, exit notification).
+//! * [`exec`]: execs in a running sandbox: their control lines, attach frames and exit record.
 //!
 //! Nothing here performs I/O beyond encoding and decoding; both sides bring their own sockets.
 
 pub mod capabilities;
 pub mod control;
+pub mod exec;
 pub mod layout;
 pub mod logindex;
 pub mod status;

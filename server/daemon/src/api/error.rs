@@ -143,6 +143,15 @@ impl From<ServiceError> for ApiError {
                     format!("setting up sandbox {id} failed; its error field has the detail"),
                 )
             }
+            ServiceError::ExecNotFound => ApiError::not_found("no such exec"),
+            ServiceError::StdinBusy => {
+                ApiError::new(StatusCode::CONFLICT, "stdin_busy", e.to_string())
+            }
+            ServiceError::NoStdin => ApiError::new(StatusCode::CONFLICT, "no_stdin", e.to_string()),
+            ServiceError::ExecFailed(_) => {
+                tracing::error!(error = %chain(&e), "exec failed");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "exec_failed", e.to_string())
+            }
             ServiceError::Store(_)
             | ServiceError::Helper(_)
             | ServiceError::Monitor(_)

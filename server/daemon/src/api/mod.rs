@@ -3,6 +3,7 @@
 
 pub mod auth;
 mod error;
+mod execs;
 mod extract;
 pub mod guard;
 mod health;
@@ -106,6 +107,27 @@ pub fn routes() -> Vec<Route> {
             get(tokens::get_quota),
         ),
         route(Method::POST, "/v1/tickets", post(tokens::ticket)),
+        route(
+            Method::POST,
+            "/v1/sandboxes/{id}/execs",
+            post(execs::create),
+        ),
+        route(Method::GET, "/v1/sandboxes/{id}/execs", get(execs::list)),
+        route(
+            Method::GET,
+            "/v1/sandboxes/{id}/execs/{exec_id}",
+            get(execs::get),
+        ),
+        route(
+            Method::GET,
+            "/v1/sandboxes/{id}/execs/{exec_id}/logs",
+            get(execs::logs),
+        ),
+        route(
+            Method::GET,
+            "/v1/sandboxes/{id}/execs/{exec_id}/attach",
+            get(execs::attach),
+        ),
     ]
 }
 

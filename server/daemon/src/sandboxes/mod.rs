@@ -8,6 +8,7 @@
 //! Lifetimes (`ttl_secs`, `remove_after_exit_secs`, `/extend`) are enforced by one reaper task
 //! (see [`reaper`]) that sleeps until the earliest deadline in the store.
 
+pub mod execs;
 pub mod monitor;
 mod reaper;
 mod watcher;
@@ -72,6 +73,15 @@ pub enum ServiceError {
     Monitor(#[from] MonitorError),
     #[error("internal task failed")]
     Task(#[from] tokio::task::JoinError),
+    #[error("no such exec")]
+    ExecNotFound,
+    #[error("another connection owns the exec's stdin")]
+    StdinBusy,
+    #[error("the exec was created without stdin")]
+    NoStdin,
+    /// The exec could not join the sandbox; the detail is in its row's `error`.
+    #[error("starting exec {0} failed; its error field has the detail")]
+    ExecFailed(Uuid),
 }
 
 /// Which sandboxes a caller may see: a `user` token sees only its tenant's, an `admin` every one.
@@ -106,6 +116,8 @@ pub struct Service {
     reaper_wake: Notify,
     /// Sandboxes the reaper is removing right now.
     reaping: Mutex<HashSet<Uuid>>,
+    /// Like `live`, for execs (see [`execs`]).
+    live_execs: Mutex<HashMap<Uuid, watch::Sender<bool>>>,
 }
 
 impl Service {
@@ -126,6 +138,7 @@ impl Service {
             live: Mutex::new(HashMap::new()),
             reaper_wake: Notify::new(),
             reaping: Mutex::new(HashSet::new()),
+            live_execs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -558,6 +571,7 @@ impl Service {
                 Err(e) => tracing::error!(%id, error = %e, "could not remove an orphaned sandbox"),
             }
         }
+        self.reconcile_execs().await?;
         Ok(())
     }
 }

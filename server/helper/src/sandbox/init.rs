@@ -169,7 +169,7 @@ fn borrow(fd: RawFd) -> BorrowedFd<'static> {
 }
 
 /// execve `argv[0]`, searching the PATH of the *sandbox's* environment (execvp would use init's).
-fn exec_search(argv: &[CString], env: &[CString]) -> Errno {
+pub(crate) fn exec_search(argv: &[CString], env: &[CString]) -> Errno {
     let program = argv[0].as_bytes();
     if program.contains(&b'/') {
         return nix::unistd::execve(&argv[0], argv, env).unwrap_err_or(Errno::ENOEXEC);

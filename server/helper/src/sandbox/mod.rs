@@ -11,8 +11,8 @@
 //!
 //! A failure before the command runs is reported to the monitor as `setup_failed <step>: <error>`.
 
-mod harden;
-mod init;
+pub(crate) mod harden;
+pub(crate) mod init;
 mod rootfs;
 pub mod seccomp;
 
@@ -102,7 +102,7 @@ pub fn run_init(spawn: &ValidSpawn, fds: InitFds) -> ! {
 
 /// Switch every id to root of the new user namespace, so that the host sees the mapped ids and
 /// the process keeps no trace of the monitor's identity.
-fn become_root(ids: IdMap) -> Result<(), SetupError> {
+pub(crate) fn become_root(ids: IdMap) -> Result<(), SetupError> {
     let root_g = Gid::from_raw(0);
     let root_u = Uid::from_raw(0);
     setresgid(root_g, root_g, root_g).map_err(step("setresgid"))?;

@@ -1,0 +1,327 @@
+//! `/v1/sandboxes/{id}/execs`: start, list and get execs; read their output (plain or
+//! websocket, like the sandbox's logs); attach to them over a websocket.
+//!
+//! Attach websocket (`.../execs/{exec_id}/attach?offset=N&stdin=B`): the server sends binary
+//! messages `[channel][data]` (1 stdout, 2 stderr) from `offset` on, then one text message
+//! [`AttachEnd`] (`{"exit_code": N, ...}`) and a close. The client sends binary messages
+//! `[0][data]` for stdin and text messages `{"resize": {"cols": C, "rows": R}}` or
+//! `{"close_stdin": true}`. Any number of connections may read; one at a time owns stdin (409
+//! `stdin_busy` for a second). Closing the websocket never ends the process.
+
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use sandboxd_api::{
+    AttachControl, AttachEnd, CreateExec, Exec, ExecList, LogEnd, CHANNEL_STDERR, CHANNEL_STDIN,
+    CHANNEL_STDOUT,
+};
+use sandboxd_protocol::exec::{Frame, MAX_FRAME};
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+
+use super::auth::Principal;
+use super::extract::{ApiJson, ApiQuery, IdOrName};
+use super::{ApiError, AppState};
+use crate::logs::{read_logs, LogEvent, ReadOptions};
+use crate::validate::check_exec;
+
+/// Largest message an attach websocket accepts (stdin is cut into frames of 64 KiB).
+const MAX_INCOMING: usize = 1024 * 1024;
+
+fn path_error(r: axum::extract::rejection::PathRejection) -> ApiError {
+    ApiError::invalid(r.body_text())
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    IdOrName(id): IdOrName,
+    ApiJson(body): ApiJson<CreateExec>,
+) -> Result<impl IntoResponse, ApiError> {
+    check_exec(&body)?;
+    let exec = state
+        .svc
+        .create_exec(&principal.scope(), &id, body)
+        .await?;
+    Ok((StatusCode::CREATED, Json(exec)))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    IdOrName(id): IdOrName,
+) -> Result<Json<ExecList>, ApiError> {
+    let items = state.svc.execs(&principal.scope(), &id).await?;
+    Ok(Json(ExecList { items }))
+}
+
+async fn find(
+    state: &AppState,
+    principal: &Principal,
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+) -> Result<Exec, ApiError> {
+    let Path((id, exec)) = path.map_err(path_error)?;
+    Ok(state.svc.exec(&principal.scope(), &id, &exec).await?)
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<Exec>, ApiError> {
+    Ok(Json(find(&state, &principal, path).await?))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogParams {
+    #[serde(default)]
+    offset: u64,
+    stream: Option<String>,
+    #[serde(default)]
+    follow: bool,
+    #[serde(default, rename = "ticket")]
+    _ticket: Option<String>,
+}
+
+fn wants_websocket(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// `GET .../execs/{exec_id}/logs`: the same API as a sandbox's logs.
+pub async fn logs(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+    ApiQuery(params): ApiQuery<LogParams>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let channel = match params.stream.as_deref() {
+        None => None,
+        Some("stdout") => Some(CHANNEL_STDOUT),
+        Some("stderr") => Some(CHANNEL_STDERR),
+        Some(_) => return Err(ApiError::invalid("stream: must be stdout or stderr")),
+    };
+    let exec = find(&state, &principal, path).await?;
+    let dir = state.svc.exec_dir(exec.sandbox_id, exec.id);
+    if wants_websocket(&headers) {
+        let upgrade = upgrade.map_err(|r| ApiError::from_status(r.status(), r.body_text()))?;
+        let opts = ReadOptions {
+            offset: params.offset,
+            channel,
+            follow: true,
+            split_channels: true,
+        };
+        return Ok(upgrade
+            .max_message_size(64 * 1024)
+            .on_upgrade(move |socket| session(state, exec, opts, None, socket, true)));
+    }
+    let opts = ReadOptions {
+        offset: params.offset,
+        channel,
+        follow: params.follow,
+        split_channels: false,
+    };
+    let rx = read_logs(dir, opts, state.svc.subscribe_exec(exec.id));
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        match rx.recv().await? {
+            Ok(LogEvent::Data { data, .. }) => Some((Ok::<Bytes, std::io::Error>(data), rx)),
+            Ok(LogEvent::End { .. }) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "reading exec logs failed");
+                Some((Err(e), rx))
+            }
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachParams {
+    #[serde(default)]
+    offset: u64,
+    /// Own stdin (the default when the exec has stdin).
+    stdin: Option<bool>,
+    #[serde(default, rename = "ticket")]
+    _ticket: Option<String>,
+}
+
+/// `GET .../execs/{exec_id}/attach` (websocket only).
+pub async fn attach(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+    ApiQuery(params): ApiQuery<AttachParams>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let exec = find(&state, &principal, path).await?;
+    let upgrade = upgrade.map_err(|r| ApiError::from_status(r.status(), r.body_text()))?;
+    let stdin = params.stdin.unwrap_or(exec.spec.stdin);
+    if stdin && !exec.spec.stdin {
+        return Err(crate::sandboxes::ServiceError::NoStdin.into());
+    }
+    // Ask the monitor before upgrading, so that a taken stdin is a plain 409.
+    let conn = state.svc.attach_exec(&exec, stdin).await?;
+    let opts = ReadOptions {
+        offset: params.offset,
+        channel: None,
+        follow: true,
+        split_channels: true,
+    };
+    Ok(upgrade
+        .max_message_size(MAX_INCOMING)
+        .on_upgrade(move |socket| session(state, exec, opts, conn, socket, false)))
+}
+
+type Sink = SplitSink<WebSocket, Message>;
+
+async fn close(sink: &mut Sink, code: u16, reason: &str) {
+    let _ = sink
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.to_owned().into(),
+        })))
+        .await;
+}
+
+/// Stream an exec's output from the log and, when attached, pass stdin and resizes on to the
+/// monitor, until the exec has ended and everything was sent. Input and output run
+/// independently: a client that reads slowly never holds up its stdin, and the reverse.
+async fn session(
+    state: AppState,
+    exec: Exec,
+    opts: ReadOptions,
+    monitor: Option<UnixStream>,
+    socket: WebSocket,
+    log_end: bool,
+) {
+    let dir = state.svc.exec_dir(exec.sandbox_id, exec.id);
+    let mut rx = read_logs(dir, opts, state.svc.subscribe_exec(exec.id));
+    let (mut sink, incoming) = socket.split();
+    // The input side says why the connection must close (or ends: the client went away).
+    let (close_tx, mut close_rx) = tokio::sync::mpsc::channel::<(u16, &'static str)>(1);
+    let mut input = tokio::spawn(forward_input(incoming, monitor, close_tx));
+    loop {
+        tokio::select! {
+            event = rx.recv() => match event {
+                Some(Ok(LogEvent::Data { channel, data })) => {
+                    let mut msg = Vec::with_capacity(1 + data.len());
+                    msg.push(channel);
+                    msg.extend_from_slice(&data);
+                    if sink.send(Message::Binary(msg.into())).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(LogEvent::End { offset })) => {
+                    let row = state
+                        .svc
+                        .store()
+                        .exec(exec.sandbox_id, exec.id)
+                        .await
+                        .ok()
+                        .flatten();
+                    let exit_code = row.as_ref().and_then(|e| e.exit_code);
+                    let signal = row.as_ref().and_then(|e| e.signal.clone());
+                    let text = if log_end {
+                        serde_json::to_string(&LogEnd { exit_code, signal, reason: None, offset })
+                    } else {
+                        serde_json::to_string(&AttachEnd { exit_code, signal, offset })
+                    };
+                    if sink.send(Message::Text(text.unwrap_or_default().into())).await.is_ok() {
+                        close(&mut sink, close_code::NORMAL, "").await;
+                        // Give the client a moment to answer the close frame.
+                        let _ = tokio::time::timeout(Duration::from_secs(2), &mut input).await;
+                    }
+                    break;
+                }
+                Some(Err(e)) => {
+                    tracing::error!(exec = %exec.id, error = %e, "reading exec logs failed");
+                    close(&mut sink, close_code::ERROR, "reading the log failed").await;
+                    break;
+                }
+                None => break,
+            },
+            why = close_rx.recv() => {
+                if let Some((code, reason)) = why {
+                    close(&mut sink, code, reason).await;
+                }
+                break;
+            }
+        }
+    }
+    // Dropping the monitor connection releases stdin; the process goes on.
+    input.abort();
+}
+
+/// Pass the client's messages on to the monitor as frames until the client goes away.
+async fn forward_input(
+    mut incoming: futures_util::stream::SplitStream<WebSocket>,
+    mut monitor: Option<UnixStream>,
+    close_tx: tokio::sync::mpsc::Sender<(u16, &'static str)>,
+) {
+    while let Some(msg) = incoming.next().await {
+        let frames = match msg {
+            Err(_) | Ok(Message::Close(_)) => return,
+            Ok(Message::Binary(data)) => match data.split_first() {
+                Some((&CHANNEL_STDIN, payload)) => payload
+                    .chunks(MAX_FRAME)
+                    .map(|c| Frame::Stdin(c.to_vec()))
+                    .collect(),
+                _ => {
+                    let why = "binary messages must start with channel 0 (stdin)";
+                    let _ = close_tx.send((close_code::INVALID, why)).await;
+                    return;
+                }
+            },
+            Ok(Message::Text(text)) => match serde_json::from_str::<AttachControl>(text.as_str()) {
+                Ok(control) => {
+                    let mut frames = Vec::new();
+                    if let Some(size) = control.resize {
+                        frames.push(Frame::Resize {
+                            cols: size.cols,
+                            rows: size.rows,
+                        });
+                    }
+                    if control.close_stdin == Some(true) {
+                        frames.push(Frame::CloseStdin);
+                    }
+                    frames
+                }
+                Err(_) => {
+                    let why = "text messages must be {\"resize\":{\"cols\":C,\"rows\":R}} or {\"close_stdin\":true}";
+                    let _ = close_tx.send((close_code::INVALID, why)).await;
+                    return;
+                }
+            },
+            Ok(_) => continue,
+        };
+        // Without a monitor connection (a reader, or the exec ended) input goes nowhere.
+        if let Some(m) = monitor.as_mut() {
+            for f in frames {
+                if m.write_all(&f.encode()).await.is_err() {
+                    // The exec ended: its end arrives through the log.
+                    monitor = None;
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! The two processes of an exec, forked by the monitor:
+//!
+//! * **the shim** joins the running sandbox, in this fixed order: close every inherited
+//!   descriptor but its own; die with the monitor (PR_SET_PDEATHSIG); stay non-dumpable (it
+//!   inherits that from the monitor, and sets it again after every identity change); enter the
+//!   sandbox's cgroup (born in it on v2, written into `cgroup.procs` on v1); `setns` into all seven
+//!   namespaces, through descriptors the monitor opened while init was its unreaped, not yet
+//!   running child (so they name this sandbox and no other; see `exec::Namespaces`); become root of the
+//!   sandbox's user namespace like init; apply the same capability bounding set and
+//!   no_new_privs ([`crate::sandbox::harden`]); with a terminal, open a pty master from the
+//!   *sandbox's* devpts and hand it to the monitor; then fork, so that the child is in the
+//!   sandbox's PID namespace. It stays outside that namespace itself (invisible to the sandbox),
+//!   waits for the child and reports `started`/`exec_failed`/`exit N`/`signal N` on its status
+//!   pipe, like init does for the main command.
+//! * **the process** becomes a session leader (with the pty as controlling terminal, so job
+//!   control works), wires stdio, enters the working directory, installs the same seccomp filter
+//!   as the main command as its last step and executes the command.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{IoSlice, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sched::CloneFlags;
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use nix::sys::stat::{fstat, Mode, SFlag};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{dup2, pipe2, setsid, ForkResult, Pid};
+
+use crate::sandbox::seccomp::Filters;
+use crate::sandbox::{become_root, harden, init::exec_search, seccomp};
+use crate::sys::{self, fork};
+use crate::validate::IdMap;
+
+/// The master side of a devpts instance's multiplexer: character device 5:2.
+const PTMX_MAJOR: u64 = 5;
+const PTMX_MINOR: u64 = 2;
+
+/// Everything the shim needs, prepared (and validated) by the monitor before the fork.
+pub struct Plan {
+    pub monitor: Pid,
+    /// cgroup v1 `cgroup.procs` files to enter (on v2 the shim is born in its cgroup).
+    pub cgroup_procs: Vec<PathBuf>,
+    /// Join the cgroup namespace through init's pidfd (cgroup v1, see `exec::Namespaces`).
+    pub late_cgroup_ns: bool,
+    pub ids: IdMap,
+    pub capabilities: Vec<&'static str>,
+    pub nested_user_namespaces: bool,
+    pub command: Vec<CString>,
+    pub env: Vec<CString>,
+    pub cwd: CString,
+    /// A terminal of this size (cols, rows).
+    pub tty: Option<(u16, u16)>,
+}
+
+/// The shim's descriptors (everything else is closed at once).
+pub struct ShimFds {
+    /// Init's pidfd.
+    pub sandbox: OwnedFd,
+    /// The sandbox's user namespace and its other namespaces (inherited from the monitor,
+    /// which keeps them open; see `exec::Namespaces`).
+    pub user_ns: RawFd,
+    pub other_ns: Vec<RawFd>,
+    /// Write end of the status pipe to the monitor.
+    pub status: OwnedFd,
+    /// Without a terminal: stdin (read end, or `None` for the sandbox's /dev/null), stdout and
+    /// stderr (write ends).
+    pub stdin: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+    /// With a terminal: the socket the pty master is sent over.
+    pub pty_socket: Option<OwnedFd>,
+}
+
+/// Run as the monitor's forked child. Never returns.
+pub fn run_shim(plan: &Plan, fds: ShimFds) -> ! {
+    let keep: Vec<RawFd> = [
+        Some(fds.user_ns),
+        Some(fds.sandbox.as_raw_fd()),
+        Some(fds.status.as_raw_fd()),
+        fds.stdin.as_ref().map(|f| f.as_raw_fd()),
+        fds.stdout.as_ref().map(|f| f.as_raw_fd()),
+        fds.stderr.as_ref().map(|f| f.as_raw_fd()),
+        fds.pty_socket.as_ref().map(|f| f.as_raw_fd()),
+    ]
+    .into_iter()
+    .flatten()
+    .chain(fds.other_ns.iter().copied())
+    .collect();
+    if crate::fds::close_all_except(&keep).is_err() {
+        sys::exit_now(1);
+    }
+    let mut status = File::from(fds.status);
+    let joined = join(plan, fds.sandbox, fds.user_ns, &fds.other_ns);
+    let stdio = joined.and_then(|filters| {
+        let stdio = match plan.tty {
+            Some((cols, rows)) => {
+                let socket = fds.pty_socket.ok_or("missing pty socket".to_string())?;
+                Stdio::Tty(open_pty(cols, rows, socket.as_fd())?)
+            }
+            None => Stdio::Pipes {
+                stdin: fds.stdin,
+                stdout: fds.stdout.ok_or("missing stdout".to_string())?,
+                stderr: fds.stderr.ok_or("missing stderr".to_string())?,
+            },
+        };
+        Ok((filters, stdio))
+    });
+    let (filters, stdio) = match stdio {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = writeln!(status, "setup_failed {e}");
+            sys::exit_now(1);
+        }
+    };
+    let (exec_r, exec_w) = match pipe2(OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = writeln!(status, "setup_failed exec pipe: {e}");
+            sys::exit_now(1);
+        }
+    };
+    // The fork puts the child into the sandbox's PID namespace (setns(CLONE_NEWPID) applies to
+    // children only).
+    let child = match fork() {
+        Ok(ForkResult::Child) => {
+            drop((exec_r, status));
+            exec_process(plan, filters, stdio, exec_w)
+        }
+        Ok(ForkResult::Parent { child }) => child,
+        Err(e) => {
+            let _ = writeln!(status, "setup_failed fork: {e}");
+            sys::exit_now(1);
+        }
+    };
+    // Only the process may hold its stdio: their end of file marks the end of its output.
+    drop((stdio, exec_w));
+    let mut errno = [0u8; 4];
+    match File::from(exec_r).read(&mut errno) {
+        Ok(4) => {
+            let e = Errno::from_raw(i32::from_ne_bytes(errno));
+            let program = plan.command[0].to_string_lossy();
+            let _ = writeln!(status, "exec_failed {program}: {}", e.desc());
+        }
+        _ => {
+            let _ = writeln!(status, "started");
+        }
+    }
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => {
+                let _ = writeln!(status, "exit {code}");
+                sys::exit_now(0);
+            }
+            Ok(WaitStatus::Signaled(_, sig, _)) => {
+                let _ = writeln!(status, "signal {}", sig as i32);
+                sys::exit_now(0);
+            }
+            Err(Errno::EINTR) | Ok(_) => continue,
+            Err(_) => sys::exit_now(1),
+        }
+    }
+}
+
+/// Enter the sandbox and take on its identity and restrictions (see the module docs).
+fn join(
+    plan: &Plan,
+    sandbox: OwnedFd,
+    user_ns: RawFd,
+    other_ns: &[RawFd],
+) -> Result<&'static Filters, String> {
+    fn err(what: &'static str) -> impl Fn(Errno) -> String {
+        move |e| format!("{what}: {e}")
+    }
+    // If the monitor dies, nothing would record this exec: go with it. (Checked after setting,
+    // so a monitor that died just before is noticed too.)
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(err("prctl(PR_SET_PDEATHSIG)"))?;
+    if nix::unistd::getppid() != plan.monitor {
+        return Err("the monitor is gone".into());
+    }
+    // Inherited from the monitor already; made explicit because nothing of the sandbox may
+    // ptrace or read this process before it has executed the command.
+    nix::sys::prctl::set_dumpable(false).map_err(err("prctl(PR_SET_DUMPABLE)"))?;
+    let me = nix::unistd::getpid().to_string();
+    for procs in &plan.cgroup_procs {
+        std::fs::write(procs, &me).map_err(|e| format!("joining {}: {e}", procs.display()))?;
+    }
+    if plan.late_cgroup_ns {
+        // Still host root here (cgroup v1 means privileged mode): allowed through the pidfd.
+        nix::sched::setns(sandbox.as_fd(), CloneFlags::CLONE_NEWCGROUP)
+            .map_err(err("joining the cgroup namespace"))?;
+    }
+    drop(sandbox);
+    // The user namespace first: it grants the capabilities that joining the others needs.
+    nix::sched::setns(sys::borrow_fd(user_ns), CloneFlags::CLONE_NEWUSER)
+        .map_err(err("joining the user namespace"))?;
+    for fd in other_ns {
+        nix::sched::setns(sys::borrow_fd(*fd), CloneFlags::empty())
+            .map_err(err("joining a namespace"))?;
+    }
+    for fd in other_ns.iter().chain([&user_ns]) {
+        let _ = nix::unistd::close(*fd);
+    }
+    become_root(plan.ids).map_err(|e| e.to_string())?;
+    harden::apply(&plan.capabilities).map_err(|e| e.to_string())?;
+    seccomp::precompiled(plan.nested_user_namespaces).map_err(|e| e.to_string())
+}
+
+/// The process's stdio.
+enum Stdio {
+    Tty(OwnedFd),
+    Pipes {
+        stdin: Option<OwnedFd>,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    },
+}
+
+/// Open a pseudo-terminal in the sandbox's own devpts (we are in its mount namespace), check
+/// that it is one, size it, send the master to the monitor and return the slave.
+fn open_pty(cols: u16, rows: u16, socket: BorrowedFd<'_>) -> Result<OwnedFd, String> {
+    fn err(what: &'static str) -> impl Fn(Errno) -> String {
+        move |e| format!("{what}: {e}")
+    }
+    // O_NOFOLLOW and O_NONBLOCK: whatever the sandbox put in its /dev, this neither follows a
+    // link nor blocks on a fifo; the checks below refuse anything but a devpts multiplexer.
+    let master = nix::fcntl::open(
+        "/dev/pts/ptmx",
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK,
+        Mode::empty(),
+    )
+    .map(sys::own_fd)
+    .map_err(err("opening /dev/pts/ptmx"))?;
+    let st = fstat(master.as_raw_fd()).map_err(err("fstat of the pty master"))?;
+    let is_ptmx = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFCHR
+        && libc::major(st.st_rdev) as u64 == PTMX_MAJOR
+        && libc::minor(st.st_rdev) as u64 == PTMX_MINOR;
+    if !is_ptmx {
+        return Err("/dev/pts/ptmx is not a pty multiplexer".into());
+    }
+    sys::pty_unlock(master.as_fd()).map_err(err("unlocking the pty"))?;
+    sys::set_window_size(master.as_fd(), cols, rows).map_err(err("sizing the pty"))?;
+    let slave = sys::pty_peer(master.as_fd()).map_err(err("opening the pty's slave"))?;
+    let fds = [master.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    sendmsg::<()>(
+        socket.as_raw_fd(),
+        &[IoSlice::new(b"m")],
+        &cmsg,
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(err("handing the pty to the monitor"))?;
+    Ok(slave)
+}
+
+/// In the sandbox's PID namespace: wire stdio, restore a clean signal state, enter the working
+/// directory, install the seccomp filter and exec. On failure, report errno through `exec_w` and
+/// exit 127 (not found) or 126.
+fn exec_process(plan: &Plan, filters: &Filters, stdio: Stdio, exec_w: OwnedFd) -> ! {
+    // Move our descriptors above 10 first, so the dup2s below cannot clobber one another.
+    let high = |fd: OwnedFd| -> RawFd {
+        let raw = fd.into_raw_fd();
+        nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10)).unwrap_or(raw)
+    };
+    let report = high(exec_w);
+    let program = plan.command[0].to_string_lossy();
+    let fail = |e: Errno, what: &str| -> ! {
+        let _ = nix::unistd::write(sys::borrow_fd(report), &(e as i32).to_ne_bytes());
+        let msg = format!("sandboxd: cannot {what} {program}: {}\r\n", e.desc());
+        let _ = nix::unistd::write(sys::borrow_fd(2), msg.as_bytes());
+        sys::exit_now(if e == Errno::ENOENT { 127 } else { 126 })
+    };
+    // A session of its own: with a terminal, that terminal controls it (job control works and
+    // the shell gets SIGHUP/SIGWINCH from it); without, the process has no controlling terminal.
+    let _ = setsid();
+    let wired = match stdio {
+        Stdio::Tty(slave) => {
+            let slave = high(slave);
+            sys::set_controlling_tty(sys::borrow_fd(slave))
+                .and_then(|()| dup2(slave, 0))
+                .and_then(|_| dup2(slave, 1))
+                .and_then(|_| dup2(slave, 2))
+                .map(drop)
+        }
+        Stdio::Pipes {
+            stdin,
+            stdout,
+            stderr,
+        } => {
+            let (out, err) = (high(stdout), high(stderr));
+            // Without stdin: the sandbox's own /dev/null (no host descriptor crosses over).
+            let input = match stdin {
+                Some(fd) => Ok(high(fd)),
+                None => nix::fcntl::open("/dev/null", OFlag::O_RDONLY, Mode::empty()),
+            };
+            input
+                .and_then(|fd| dup2(fd, 0))
+                .and_then(|_| dup2(out, 1))
+                .and_then(|_| dup2(err, 2))
+                .map(drop)
+        }
+    };
+    if let Err(e) = wired {
+        fail(e, "set up stdio for");
+    }
+    let _ =
+        nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    for s in Signal::iterator() {
+        if s != Signal::SIGKILL && s != Signal::SIGSTOP {
+            let _ = sys::reset_signal(s);
+        }
+    }
+    if let Err(e) = crate::fds::close_all_except(&[report]) {
+        fail(e, "close descriptors for");
+    }
+    if let Err(e) = nix::unistd::chdir(plan.cwd.as_c_str()) {
+        fail(e, "enter the working directory for");
+    }
+    // The working directory must be inside the sandbox's root (CVE-2024-21626).
+    match std::env::current_dir() {
+        Ok(dir) if dir.is_absolute() => {}
+        _ => fail(Errno::ENOENT, "resolve the working directory for"),
+    }
+    // Last: from here on only the allowlist is reachable, exactly as for the main command.
+    if let Err(e) = filters.apply() {
+        fail(e, "apply the seccomp filter for");
+    }
+    let e = exec_search(&plan.command, &plan.env);
+    fail(e, "execute")
+}

@@ -1,0 +1,359 @@
+//! Execs from outside: processes started in a running sandbox through the real daemon, driven
+//! over real HTTP and real websockets, in both modes.
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use sandboxd_api::{AttachEnd, Exec, SandboxState};
+use sandboxd_tests::{require_e2e, Daemon, Mode};
+use serde_json::{json, Value};
+use tungstenite::{Message, WebSocket};
+
+const MODES: [Mode; 2] = [Mode::Privileged, Mode::Rootless];
+
+fn create_exec(d: &Daemon, sandbox: &str, spec: Value) -> Exec {
+    let resp = d.post_json(&format!("/v1/sandboxes/{sandbox}/execs"), &spec);
+    let status = resp.status().as_u16();
+    let text = resp.text().unwrap_or_default();
+    assert_eq!(status, 201, "exec {spec} answered {status}: {text}\n{}", d.log());
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad exec JSON {text}: {e}"))
+}
+
+/// The exec's whole output (following until it ends) and its final row.
+fn finish(d: &Daemon, exec: &Exec) -> (String, Exec) {
+    let path = format!(
+        "/v1/sandboxes/{}/execs/{}/logs?follow=true",
+        exec.sandbox_id, exec.id
+    );
+    let resp = d.get(&path);
+    assert_eq!(resp.status().as_u16(), 200);
+    let out = String::from_utf8_lossy(&resp.bytes().expect("log body")).into_owned();
+    (out, get_exec(d, exec))
+}
+
+fn get_exec(d: &Daemon, exec: &Exec) -> Exec {
+    let resp = d.get(&format!(
+        "/v1/sandboxes/{}/execs/{}",
+        exec.sandbox_id, exec.id
+    ));
+    assert_eq!(resp.status().as_u16(), 200);
+    resp.json().expect("exec JSON")
+}
+
+fn run_exec(d: &Daemon, sandbox: &str, command: &[&str]) -> (String, Exec) {
+    let exec = create_exec(d, sandbox, json!({ "command": command }));
+    finish(d, &exec)
+}
+
+fn attach(d: &Daemon, exec: &Exec, query: &str) -> Result<WebSocket<TcpStream>, u16> {
+    d.websocket_as(
+        &format!(
+            "/v1/sandboxes/{}/execs/{}/attach{query}",
+            exec.sandbox_id, exec.id
+        ),
+        d.token(),
+    )
+}
+
+fn send_stdin(ws: &mut WebSocket<TcpStream>, data: &[u8]) {
+    let mut msg = vec![0u8];
+    msg.extend_from_slice(data);
+    ws.send(Message::Binary(msg.into())).expect("send stdin");
+}
+
+fn send_text(ws: &mut WebSocket<TcpStream>, v: Value) {
+    ws.send(Message::Text(v.to_string().into()))
+        .expect("send control");
+}
+
+/// Read output until `want` appears in it (or the timeout passes); returns everything read.
+fn read_until(ws: &mut WebSocket<TcpStream>, want: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while Instant::now() < deadline {
+        match ws.read() {
+            Ok(Message::Binary(data)) => {
+                out.extend_from_slice(&data[1..]);
+                if String::from_utf8_lossy(&out).contains(want) {
+                    break;
+                }
+            }
+            Ok(Message::Text(t)) => panic!(
+                "exec ended while waiting for {want:?}: {t}; got {:?}",
+                String::from_utf8_lossy(&out)
+            ),
+            Ok(_) => {}
+            Err(e) => panic!(
+                "websocket failed waiting for {want:?}: {e}; got {:?}",
+                String::from_utf8_lossy(&out)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Read to the end: all output bytes and the final `AttachEnd`.
+fn read_to_end(ws: &mut WebSocket<TcpStream>) -> (Vec<u8>, AttachEnd) {
+    let mut out = Vec::new();
+    loop {
+        match ws.read().expect("websocket read") {
+            Message::Binary(data) => out.extend_from_slice(&data[1..]),
+            Message::Text(t) => {
+                let end: AttachEnd = serde_json::from_str(&t).expect("an AttachEnd");
+                return (out, end);
+            }
+            Message::Close(_) => panic!("closed without an AttachEnd"),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn exec_sees_the_main_process_and_its_files_and_exit_codes_are_exact() {
+    require_e2e!();
+    for mode in MODES {
+        let d = Daemon::start(mode);
+        let id = d.start_sandbox(&[
+            "sh",
+            "-c",
+            "echo from-main > /work/shared; exec sleep 300",
+        ]);
+        // The main process's file is visible once it wrote it.
+        let mut seen = String::new();
+        for _ in 0..50 {
+            seen = run_exec(&d, &id, &["cat", "/work/shared"]).0;
+            if seen == "from-main\n" {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(seen, "from-main\n", "{mode:?}");
+        // Same PID namespace: the main command (PID 2, under init) is visible; so is the hostname.
+        let (ps, exec) = run_exec(
+            &d,
+            &id,
+            &["sh", "-c", "cat /proc/2/cmdline | tr '\\0' ' '; echo; hostname; id -u; cat /proc/self/status | grep -E '^(CapBnd|NoNewPrivs|Seccomp):'"],
+        );
+        assert_eq!(exec.exit_code, Some(0), "{mode:?}: {ps}");
+        assert!(ps.starts_with("sleep 300"), "{mode:?}: {ps}");
+        let sandbox = d.sandbox(&id);
+        assert!(ps.contains(&sandbox.hostname), "{mode:?}: {ps}");
+        // The same identity and restrictions as the main command.
+        let (_, main_status) = d.run(&[
+            "sh",
+            "-c",
+            "cat /proc/self/status | grep -E '^(CapBnd|NoNewPrivs|Seccomp):'",
+        ]);
+        let exec_status: Vec<&str> = ps.lines().skip(3).collect();
+        let main_lines: Vec<String> = main_status
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        assert_eq!(exec_status, main_lines, "{mode:?}");
+        assert_eq!(ps.lines().nth(2), Some("0"), "{mode:?}: {ps}");
+        // Exit codes, exactly.
+        for code in [0, 1, 7, 42, 255] {
+            let (_, e) = run_exec(&d, &id, &["sh", "-c", &format!("exit {code}")]);
+            assert_eq!(e.exit_code, Some(code), "{mode:?}");
+            assert_eq!(e.state, SandboxState::Exited);
+        }
+        let (_, e) = run_exec(&d, &id, &["sh", "-c", "kill -TERM $$"]);
+        assert_eq!(e.exit_code, Some(128 + 15), "{mode:?}");
+        assert_eq!(e.signal.as_deref(), Some("SIGTERM"), "{mode:?}");
+        let (out, e) = run_exec(&d, &id, &["no-such-program"]);
+        assert_eq!(e.exit_code, Some(127), "{mode:?}: {out}");
+        assert!(e.error.is_some(), "{mode:?}");
+        // Env and cwd.
+        let exec = create_exec(
+            &d,
+            &id,
+            json!({"command": ["sh", "-c", "echo $FOO; pwd"], "env": {"FOO": "bar"}, "cwd": "/tmp"}),
+        );
+        assert_eq!(finish(&d, &exec).0, "bar\n/tmp\n", "{mode:?}");
+        // The list has them all, oldest first.
+        let list: Value = d
+            .get(&format!("/v1/sandboxes/{id}/execs"))
+            .json()
+            .expect("list");
+        let items = list["items"].as_array().expect("items");
+        assert!(items.len() >= 9, "{mode:?}");
+        assert_eq!(items.last().expect("one")["id"], exec.id.to_string());
+        // The main process is untouched by all of this.
+        assert_eq!(d.sandbox(&id).state, SandboxState::Running, "{mode:?}");
+    }
+}
+
+#[test]
+fn exec_into_a_sandbox_that_is_not_running_is_409() {
+    require_e2e!();
+    for mode in MODES {
+        let d = Daemon::start(mode);
+        let (sandbox, _) = d.run(&["true"]);
+        let resp = d.post_json(
+            &format!("/v1/sandboxes/{}/execs", sandbox.id),
+            &json!({"command": ["true"]}),
+        );
+        assert_eq!(resp.status().as_u16(), 409, "{mode:?}");
+        let body: Value = resp.json().expect("error JSON");
+        assert_eq!(body["error"]["code"], "not_running");
+        // No row was left behind.
+        let list: Value = d
+            .get(&format!("/v1/sandboxes/{}/execs", sandbox.id))
+            .json()
+            .expect("list");
+        assert_eq!(list["items"], json!([]));
+        // Unknown execs and bad requests.
+        let resp = d.get(&format!(
+            "/v1/sandboxes/{}/execs/{}",
+            sandbox.id,
+            uuid::Uuid::new_v4()
+        ));
+        assert_eq!(resp.status().as_u16(), 404);
+        let id = d.start_sandbox(&["sleep", "300"]);
+        for bad in [
+            json!({"command": []}),
+            json!({"command": ["x"], "cwd": "relative"}),
+            json!({"command": ["x"], "env": {"1A": "x"}}),
+            json!({"command": ["x"], "cols": 80}),
+            json!({"command": ["x"], "tty": true, "rows": 0}),
+            json!({"command": ["x"], "unknown": 1}),
+        ] {
+            let resp = d.post_json(&format!("/v1/sandboxes/{id}/execs"), &bad);
+            assert_eq!(resp.status().as_u16(), 400, "{bad}");
+        }
+    }
+}
+
+#[test]
+fn an_interactive_shell_on_a_terminal_answers_and_resizes() {
+    require_e2e!();
+    for mode in MODES {
+        let d = Daemon::start(mode);
+        let id = d.start_sandbox(&["sleep", "300"]);
+        let exec = create_exec(
+            &d,
+            &id,
+            json!({"command": ["sh", "-i"], "tty": true, "stdin": true, "cols": 100, "rows": 30}),
+        );
+        let mut ws = attach(&d, &exec, "").expect("attach");
+        send_stdin(&mut ws, b"echo h''i\n");
+        let out = read_until(&mut ws, "hi\r\n", Duration::from_secs(20));
+        assert!(out.contains("hi\r\n"), "{mode:?}: {out:?}");
+        send_stdin(&mut ws, b"stty size; tty\n");
+        let out = read_until(&mut ws, "30 100", Duration::from_secs(20));
+        assert!(out.contains("30 100"), "{mode:?}: {out:?}");
+        assert!(out.contains("/dev/pts/"), "{mode:?}: {out:?}");
+        send_text(&mut ws, json!({"resize": {"cols": 132, "rows": 43}}));
+        send_stdin(&mut ws, b"stty size\n");
+        let out = read_until(&mut ws, "43 132", Duration::from_secs(20));
+        assert!(out.contains("43 132"), "{mode:?}: {out:?}");
+        // Job control: a background job, then `fg` brings it back to the terminal.
+        send_stdin(&mut ws, b"set -m; sleep 30 & jobs; kill %1; wait; echo job-done\n");
+        let out = read_until(&mut ws, "job-done\r\n", Duration::from_secs(20));
+        assert!(out.contains("[1]"), "{mode:?}: {out:?}");
+        send_stdin(&mut ws, b"exit 5\n");
+        let (_, end) = read_to_end(&mut ws);
+        assert_eq!(end.exit_code, Some(5), "{mode:?}");
+        assert_eq!(get_exec(&d, &exec).exit_code, Some(5));
+    }
+}
+
+#[test]
+fn stdin_piped_to_cat_round_trips_five_megabytes() {
+    require_e2e!();
+    for mode in MODES {
+        let d = Daemon::start(mode);
+        let id = d.start_sandbox(&["sleep", "300"]);
+        let exec = create_exec(&d, &id, json!({"command": ["cat"], "stdin": true}));
+        let mut ws = attach(&d, &exec, "").expect("attach");
+        // Pseudo-random bytes, every value included.
+        let mut data = Vec::with_capacity(5 << 20);
+        let mut x: u32 = 12345;
+        while data.len() < 5 << 20 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            data.push((x >> 16) as u8);
+        }
+        // All of it first, then read: stdin never waits for a reader of the output.
+        for chunk in data.chunks(100_000) {
+            send_stdin(&mut ws, chunk);
+        }
+        send_text(&mut ws, json!({"close_stdin": true}));
+        let (out, end) = read_to_end(&mut ws);
+        assert_eq!(end.exit_code, Some(0), "{mode:?}");
+        assert_eq!(out.len(), data.len(), "{mode:?}");
+        assert!(out == data, "{mode:?}: the bytes differ");
+        // The stored log is the same, and it is stdout only.
+        let (logged, _) = finish(&d, &exec);
+        assert_eq!(logged.len(), String::from_utf8_lossy(&data).len());
+    }
+}
+
+#[test]
+fn dropping_and_reattaching_a_websocket_loses_nothing_and_kills_nothing() {
+    require_e2e!();
+    for mode in MODES {
+        let d = Daemon::start(mode);
+        let id = d.start_sandbox(&["sleep", "300"]);
+        // A line-numbering loop that reads stdin: it must survive the drop and take input again.
+        let exec = create_exec(
+            &d,
+            &id,
+            json!({"command": ["sh", "-c", "i=0; while read line; do i=$((i+1)); echo \"$i:$line\"; done; echo done:$i"], "stdin": true}),
+        );
+        let mut ws = attach(&d, &exec, "").expect("attach");
+        send_stdin(&mut ws, b"a\nb\n");
+        let first = read_until(&mut ws, "2:b\n", Duration::from_secs(20));
+        // A second writer is refused while the first owns stdin; a reader is welcome.
+        assert_eq!(attach(&d, &exec, "?stdin=true").err(), Some(409));
+        let mut reader = attach(&d, &exec, "?stdin=false").expect("reader");
+        // Drop the writer without a close frame.
+        drop(ws);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(get_exec(&d, &exec).state, SandboxState::Running, "{mode:?}");
+        // Reattach from where we were: nothing lost, nothing repeated.
+        let offset = first.len();
+        let mut ws = attach(&d, &exec, &format!("?offset={offset}")).expect("reattach");
+        send_stdin(&mut ws, b"c\n");
+        send_text(&mut ws, json!({"close_stdin": true}));
+        let (rest, end) = read_to_end(&mut ws);
+        assert_eq!(end.exit_code, Some(0));
+        let all = format!("{first}{}", String::from_utf8_lossy(&rest));
+        assert_eq!(all, "1:a\n2:b\n3:c\ndone:3\n", "{mode:?}");
+        assert_eq!(end.offset as usize, all.len());
+        // The reader saw everything too, and stdin frames from it were ignored.
+        send_stdin(&mut reader, b"ignored\n");
+        let (seen, _) = read_to_end(&mut reader);
+        assert_eq!(String::from_utf8_lossy(&seen), all, "{mode:?}");
+    }
+}
+
+#[test]
+fn an_exec_survives_a_daemon_restart_with_its_output_and_exit() {
+    require_e2e!();
+    let mut d = Daemon::start(Mode::Privileged);
+    let id = d.start_sandbox(&["sleep", "300"]);
+    let exec = create_exec(
+        &d,
+        &id,
+        json!({"command": ["sh", "-c", "echo before; read x; echo got:$x; exit 9"], "stdin": true}),
+    );
+    let mut ws = attach(&d, &exec, "").expect("attach");
+    read_until(&mut ws, "before\n", Duration::from_secs(20));
+    d.restart();
+    // Still running, and stdin still reaches it through the restarted daemon.
+    assert_eq!(get_exec(&d, &exec).state, SandboxState::Running);
+    let mut ws = attach(&d, &exec, "").expect("attach after restart");
+    send_stdin(&mut ws, b"yes\n");
+    let (out, end) = read_to_end(&mut ws);
+    assert_eq!(String::from_utf8_lossy(&out), "before\ngot:yes\n");
+    assert_eq!(end.exit_code, Some(9));
+    // An exec that ends while the daemon is down is recorded when it comes back.
+    let exec = create_exec(&d, &id, json!({"command": ["sh", "-c", "sleep 1; echo late; exit 4"]}));
+    d.kill9();
+    std::thread::sleep(Duration::from_secs(2));
+    d.restart();
+    let (out, e) = finish(&d, &exec);
+    assert_eq!(out, "late\n");
+    assert_eq!(e.exit_code, Some(4));
+    assert_eq!(e.state, SandboxState::Exited);
+}
