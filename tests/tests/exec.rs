@@ -240,17 +240,27 @@ fn an_interactive_shell_on_a_terminal_answers_and_resizes() {
         let out = read_until(&mut ws, "hi\r\n", Duration::from_secs(20));
         assert!(out.contains("hi\r\n"), "{mode:?}: {out:?}");
         send_stdin(&mut ws, b"stty size; tty\n");
-        let out = read_until(&mut ws, "30 100", Duration::from_secs(20));
+        let out = read_until(&mut ws, "/dev/pts/", Duration::from_secs(20));
         assert!(out.contains("30 100"), "{mode:?}: {out:?}");
         assert!(out.contains("/dev/pts/"), "{mode:?}: {out:?}");
         send_text(&mut ws, json!({"resize": {"cols": 132, "rows": 43}}));
         send_stdin(&mut ws, b"stty size\n");
         let out = read_until(&mut ws, "43 132", Duration::from_secs(20));
         assert!(out.contains("43 132"), "{mode:?}: {out:?}");
-        // Job control: a background job, then `fg` brings it back to the terminal.
-        send_stdin(&mut ws, b"set -m; sleep 30 & jobs; kill %1; wait; echo job-done\n");
-        let out = read_until(&mut ws, "job-done\r\n", Duration::from_secs(20));
-        assert!(out.contains("[1]"), "{mode:?}: {out:?}");
+        // Job control through the terminal: ^Z stops the foreground job, ^C interrupts one.
+        send_stdin(&mut ws, b"sleep 30\n");
+        std::thread::sleep(Duration::from_millis(500));
+        send_stdin(&mut ws, b"\x1a");
+        let out = read_until(&mut ws, "Stopped", Duration::from_secs(20));
+        assert!(out.contains("Stopped"), "{mode:?}: {out:?}");
+        send_stdin(&mut ws, b"kill -9 %1; echo job-$((1+1))-done\n");
+        let out = read_until(&mut ws, "job-2-done", Duration::from_secs(20));
+        assert!(out.contains("job-2-done"), "{mode:?}: {out:?}");
+        send_stdin(&mut ws, b"sleep 30\n");
+        std::thread::sleep(Duration::from_millis(500));
+        send_stdin(&mut ws, b"\x03echo after-$((2+2))\n");
+        let out = read_until(&mut ws, "after-4", Duration::from_secs(20));
+        assert!(out.contains("after-4"), "{mode:?}: {out:?}");
         send_stdin(&mut ws, b"exit 5\n");
         let (_, end) = read_to_end(&mut ws);
         assert_eq!(end.exit_code, Some(5), "{mode:?}");
