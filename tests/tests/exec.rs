@@ -15,7 +15,12 @@ fn create_exec(d: &Daemon, sandbox: &str, spec: Value) -> Exec {
     let resp = d.post_json(&format!("/v1/sandboxes/{sandbox}/execs"), &spec);
     let status = resp.status().as_u16();
     let text = resp.text().unwrap_or_default();
-    assert_eq!(status, 201, "exec {spec} answered {status}: {text}\n{}", d.log());
+    assert_eq!(
+        status,
+        201,
+        "exec {spec} answered {status}: {text}\n{}",
+        d.log()
+    );
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad exec JSON {text}: {e}"))
 }
 
@@ -113,11 +118,7 @@ fn exec_sees_the_main_process_and_its_files_and_exit_codes_are_exact() {
     require_e2e!();
     for mode in MODES {
         let d = Daemon::start(mode);
-        let id = d.start_sandbox(&[
-            "sh",
-            "-c",
-            "echo from-main > /work/shared; exec sleep 300",
-        ]);
+        let id = d.start_sandbox(&["sh", "-c", "echo from-main > /work/shared; exec sleep 300"]);
         // The main process's file is visible once it wrote it.
         let mut seen = String::new();
         for _ in 0..50 {
@@ -145,10 +146,7 @@ fn exec_sees_the_main_process_and_its_files_and_exit_codes_are_exact() {
             "cat /proc/self/status | grep -E '^(CapBnd|NoNewPrivs|Seccomp):'",
         ]);
         let exec_status: Vec<&str> = ps.lines().skip(3).collect();
-        let main_lines: Vec<String> = main_status
-            .lines()
-            .map(str::to_owned)
-            .collect::<Vec<_>>();
+        let main_lines: Vec<String> = main_status.lines().map(str::to_owned).collect::<Vec<_>>();
         assert_eq!(exec_status, main_lines, "{mode:?}");
         assert_eq!(ps.lines().nth(2), Some("0"), "{mode:?}: {ps}");
         // Exit codes, exactly.
@@ -358,7 +356,11 @@ fn an_exec_survives_a_daemon_restart_with_its_output_and_exit() {
     assert_eq!(String::from_utf8_lossy(&out), "before\ngot:yes\n");
     assert_eq!(end.exit_code, Some(9));
     // An exec that ends while the daemon is down is recorded when it comes back.
-    let exec = create_exec(&d, &id, json!({"command": ["sh", "-c", "sleep 1; echo late; exit 4"]}));
+    let exec = create_exec(
+        &d,
+        &id,
+        json!({"command": ["sh", "-c", "sleep 1; echo late; exit 4"]}),
+    );
     d.kill9();
     std::thread::sleep(Duration::from_secs(2));
     d.restart();
@@ -366,4 +368,157 @@ fn an_exec_survives_a_daemon_restart_with_its_output_and_exit() {
     assert_eq!(out, "late\n");
     assert_eq!(e.exit_code, Some(4));
     assert_eq!(e.state, SandboxState::Exited);
+}
+
+/// tmux on a socket of its own, killed (with everything in it) when dropped.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("tmux");
+        assert!(out.status.success(), "tmux {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn screen(&self) -> String {
+        self.run(&["capture-pane", "-p", "-t", "t"])
+    }
+
+    /// Wait until the screen shows `want`; returns the screen.
+    fn wait_for(&self, want: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let screen = self.screen();
+            if screen.contains(want) || Instant::now() > deadline {
+                return screen;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .arg("kill-server")
+            .output();
+    }
+}
+
+#[test]
+fn sbx_exec_it_drives_a_shell_through_a_real_terminal() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let id = d.start_sandbox(&["sleep", "300"]);
+    let tmux = Tmux {
+        socket: format!("sbx-e2e-exec-{}", std::process::id()),
+    };
+    let sbx = sandboxd_tests::binaries().join("sbx");
+    let script = format!(
+        "{} exec -it {id} -- sh; echo EXIT=$?; sleep 60",
+        sbx.display()
+    );
+    let url = format!("SANDBOXD_URL={}", d.url);
+    let token = format!("SANDBOXD_TOKEN={}", d.token().unwrap_or_default());
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "t",
+        "-x",
+        "100",
+        "-y",
+        "30",
+        "-e",
+        &url,
+        "-e",
+        &token,
+        &script,
+    ]);
+    // The shell's prompt (root's `#`), then a command typed on the real terminal.
+    let screen = tmux.wait_for("#");
+    assert!(screen.contains('#'), "no prompt: {screen}");
+    tmux.run(&[
+        "send-keys",
+        "-t",
+        "t",
+        "echo h''i-$((40+2)); stty size",
+        "Enter",
+    ]);
+    let screen = tmux.wait_for("hi-42");
+    assert!(screen.contains("hi-42"), "{screen}");
+    let screen = tmux.wait_for("30 100");
+    assert!(
+        screen.contains("30 100"),
+        "the exec's terminal has the local size: {screen}"
+    );
+    // The local terminal is resized: sbx gets SIGWINCH and resizes the sandbox's terminal.
+    tmux.run(&["resize-window", "-t", "t", "-x", "120", "-y", "40"]);
+    std::thread::sleep(Duration::from_millis(500));
+    tmux.run(&["send-keys", "-t", "t", "clear; stty size", "Enter"]);
+    let screen = tmux.wait_for("40 120");
+    assert!(screen.contains("40 120"), "{screen}");
+    // Raw mode: ^C reaches the sandbox's terminal and interrupts its foreground job, not sbx.
+    tmux.run(&["send-keys", "-t", "t", "sleep 100", "Enter"]);
+    std::thread::sleep(Duration::from_millis(500));
+    tmux.run(&["send-keys", "-t", "t", "C-c"]);
+    tmux.run(&["send-keys", "-t", "t", "echo still-$((1+2))", "Enter"]);
+    let screen = tmux.wait_for("still-3");
+    assert!(screen.contains("still-3"), "{screen}");
+    // The exit code comes back through sbx.
+    tmux.run(&["send-keys", "-t", "t", "exit 3", "Enter"]);
+    let screen = tmux.wait_for("EXIT=3");
+    assert!(screen.contains("EXIT=3"), "{screen}");
+}
+
+#[test]
+fn sbx_exec_passes_stdin_and_exit_codes() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Rootless);
+    let id = d.start_sandbox(&["sleep", "300"]);
+    let out = d.sbx(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 7",
+    ]);
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    // -i: stdin goes to the command, and its end closes the command's stdin.
+    let mut child = std::process::Command::new(sandboxd_tests::binaries().join("sbx"))
+        .args(["exec", "-i", &id, "--", "sh", "-c", "tr a-z A-Z; exit 4"])
+        .env("SANDBOXD_URL", &d.url)
+        .env("SANDBOXD_TOKEN", d.token().unwrap_or_default())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sbx");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"hello exec\n").expect("write");
+    }
+    let out = child.wait_with_output().expect("sbx output");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "HELLO EXEC\n");
+    assert_eq!(out.status.code(), Some(4));
+    // Into a sandbox that has ended: the daemon's 409, reported as sbx's own error.
+    let (sandbox, _) = d.run(&["true"]);
+    let out = d.sbx(&["exec", &sandbox.id.to_string(), "--", "true"]);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not running"),
+        "{out:?}"
+    );
 }

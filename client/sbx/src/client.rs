@@ -177,6 +177,19 @@ impl Client {
         Err(ClientError::from_status_body(status.as_u16(), &body))
     }
 
+    /// The HTTP client (for request modules in this crate).
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// Send a request and decode its JSON answer (for request modules in this crate).
+    pub(crate) async fn json_request<T: DeserializeOwned>(
+        &self,
+        request: RequestBuilder,
+    ) -> Result<T> {
+        self.json(request).await
+    }
+
     async fn json<T: DeserializeOwned>(&self, request: RequestBuilder) -> Result<T> {
         self.send(request)
             .await?

@@ -84,10 +84,58 @@ pub(crate) fn decode_message(message: Message) -> Result<Decoded> {
 }
 
 /// A TCP or unix stream under the websocket.
-trait Transport: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Transport for T {}
 
-type Socket = WebSocketStream<Box<dyn Transport>>;
+pub(crate) type Socket = WebSocketStream<Box<dyn Transport>>;
+
+/// Open a websocket on `url` (a `ws://` URL of this client's daemon), over the client's unix
+/// socket or TCP, with its token.
+pub(crate) async fn open_websocket(client: &Client, url: String) -> Result<Socket> {
+    let mut request = url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| ClientError::WebSocket(Box::new(e)))?;
+    if let Some(token) = client.token() {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::LogProtocol("the token is not a valid header".into()))?;
+        request.headers_mut().insert("Authorization", value);
+    }
+    let stream: Box<dyn Transport> = match client.unix_socket() {
+        Some(path) => Box::new(UnixStream::connect(path).await.map_err(|source| {
+            ClientError::WebSocketConnect {
+                url: format!("unix:{}", path.display()),
+                source,
+            }
+        })?),
+        None => {
+            let base = client.base_url();
+            let host = base.host_str().unwrap_or("127.0.0.1");
+            // Brackets of an IPv6 literal are not part of the address.
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let port = base.port_or_known_default().unwrap_or(80);
+            Box::new(TcpStream::connect((host, port)).await.map_err(|source| {
+                ClientError::WebSocketConnect {
+                    url: url.clone(),
+                    source,
+                }
+            })?)
+        }
+    };
+    match tokio_tungstenite::client_async(request, stream).await {
+        Ok((socket, _response)) => Ok(socket),
+        // The daemon refused the upgrade with a normal HTTP error (404 for an unknown sandbox).
+        Err(tungstenite::Error::Http(response)) => {
+            let body = response.body().as_deref().unwrap_or_default();
+            Err(ClientError::from_status_body(
+                response.status().as_u16(),
+                body,
+            ))
+        }
+        Err(e) => Err(ClientError::WebSocket(Box::new(e))),
+    }
+}
 
 /// The state carried from one item of the stream to the next.
 struct Follower {
@@ -112,50 +160,7 @@ impl Follower {
     }
 
     async fn connect(&self) -> Result<Socket> {
-        let url = self.ws_url();
-        let mut request = url
-            .as_str()
-            .into_client_request()
-            .map_err(|e| ClientError::WebSocket(Box::new(e)))?;
-        if let Some(token) = self.client.token() {
-            let value = format!("Bearer {token}")
-                .parse()
-                .map_err(|_| ClientError::LogProtocol("the token is not a valid header".into()))?;
-            request.headers_mut().insert("Authorization", value);
-        }
-        let stream: Box<dyn Transport> = match self.client.unix_socket() {
-            Some(path) => Box::new(UnixStream::connect(path).await.map_err(|source| {
-                ClientError::WebSocketConnect {
-                    url: format!("unix:{}", path.display()),
-                    source,
-                }
-            })?),
-            None => {
-                let base = self.client.base_url();
-                let host = base.host_str().unwrap_or("127.0.0.1");
-                // Brackets of an IPv6 literal are not part of the address.
-                let host = host.trim_start_matches('[').trim_end_matches(']');
-                let port = base.port_or_known_default().unwrap_or(80);
-                Box::new(TcpStream::connect((host, port)).await.map_err(|source| {
-                    ClientError::WebSocketConnect {
-                        url: url.clone(),
-                        source,
-                    }
-                })?)
-            }
-        };
-        match tokio_tungstenite::client_async(request, stream).await {
-            Ok((socket, _response)) => Ok(socket),
-            // The daemon refused the upgrade with a normal HTTP error (404 for an unknown sandbox).
-            Err(tungstenite::Error::Http(response)) => {
-                let body = response.body().as_deref().unwrap_or_default();
-                Err(ClientError::from_status_body(
-                    response.status().as_u16(),
-                    body,
-                ))
-            }
-            Err(e) => Err(ClientError::WebSocket(Box::new(e))),
-        }
+        open_websocket(&self.client, self.ws_url()).await
     }
 
     /// Records a drop and waits before the next attempt, or says it is time to give up.
@@ -239,7 +244,7 @@ impl Follower {
 }
 
 /// Errors worth another connection attempt: transport trouble and a daemon that is briefly unwell.
-fn is_retryable(error: &ClientError) -> bool {
+pub(crate) fn is_retryable(error: &ClientError) -> bool {
     match error {
         ClientError::WebSocket(e) => !matches!(
             **e,

@@ -1067,8 +1067,7 @@ impl Store {
 
     /// Every exec of a sandbox, oldest first.
     pub async fn execs(&self, sandbox: Uuid) -> Result<Vec<sandboxd_api::Exec>, StoreError> {
-        let sql =
-            format!("SELECT {EXEC_COLUMNS} FROM execs WHERE sandbox_id = ? ORDER BY seq ASC");
+        let sql = format!("SELECT {EXEC_COLUMNS} FROM execs WHERE sandbox_id = ? ORDER BY seq ASC");
         let rows = sqlx::query(&sql)
             .bind(sandbox.to_string())
             .fetch_all(&self.reader)

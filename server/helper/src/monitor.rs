@@ -749,11 +749,7 @@ impl Monitor {
             execs: exec_slots
                 .iter()
                 .enumerate()
-                .filter(|(i, _)| {
-                    fds[first_exec + i]
-                        .revents()
-                        .is_some_and(|r| !r.is_empty())
-                })
+                .filter(|(i, _)| fds[first_exec + i].revents().is_some_and(|r| !r.is_empty()))
                 .map(|(_, slot)| *slot)
                 .collect(),
         })
@@ -1047,7 +1043,13 @@ impl Monitor {
 /// Append one chunk: the bytes to the log, then their index record. If the log write fails
 /// part-way (a full disk), the log is cut back to its last indexed length, so that the index and
 /// the log always agree and every offset stays meaningful; the chunk is lost.
-pub(crate) fn append_output(log: &mut File, index: &mut File, log_len: &mut u64, channel: u8, data: &[u8]) {
+pub(crate) fn append_output(
+    log: &mut File,
+    index: &mut File,
+    log_len: &mut u64,
+    channel: u8,
+    data: &[u8],
+) {
     match log.write_all(data) {
         Ok(()) => {
             let record = Record {

@@ -75,7 +75,10 @@ impl SandboxDir {
     /// `output.idx` and `status.json`: the same names and formats as the sandbox's.
     pub fn exec(&self, exec: Uuid) -> SandboxDir {
         SandboxDir {
-            root: self.root.join(crate::exec::EXECS_DIR).join(exec.to_string()),
+            root: self
+                .root
+                .join(crate::exec::EXECS_DIR)
+                .join(exec.to_string()),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! pieces (errors, id resolution, copying output).
 
 mod args;
+mod exec;
 mod extend;
 mod info;
 mod inspect;
@@ -78,6 +79,8 @@ enum Command {
     Extend(extend::ExtendArgs),
     /// Manage API tokens (admin).
     Token(token::TokenArgs),
+    /// Run another command in a running sandbox (-i: pass stdin on, -t: with a terminal).
+    Exec(exec::ExecArgs),
 }
 
 /// Why a verb failed.
@@ -246,6 +249,7 @@ async fn dispatch(client: &Client, command: Command) -> Result<u8, CliError> {
         Command::Stats(args) => stats::run(client, args).await,
         Command::Extend(args) => extend::run(client, args).await,
         Command::Token(args) => token::run(client, args).await,
+        Command::Exec(args) => exec::run(client, args).await,
     }
 }
 

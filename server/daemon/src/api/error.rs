@@ -150,7 +150,11 @@ impl From<ServiceError> for ApiError {
             ServiceError::NoStdin => ApiError::new(StatusCode::CONFLICT, "no_stdin", e.to_string()),
             ServiceError::ExecFailed(_) => {
                 tracing::error!(error = %chain(&e), "exec failed");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "exec_failed", e.to_string())
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "exec_failed",
+                    e.to_string(),
+                )
             }
             ServiceError::Store(_)
             | ServiceError::Helper(_)

@@ -48,10 +48,7 @@ pub async fn create(
     ApiJson(body): ApiJson<CreateExec>,
 ) -> Result<impl IntoResponse, ApiError> {
     check_exec(&body)?;
-    let exec = state
-        .svc
-        .create_exec(&principal.scope(), &id, body)
-        .await?;
+    let exec = state.svc.create_exec(&principal.scope(), &id, body).await?;
     Ok((StatusCode::CREATED, Json(exec)))
 }
 

@@ -62,7 +62,9 @@ impl Service {
 
     /// A receiver that turns `true` when the exec is final; `None` if it already is.
     pub fn subscribe_exec(&self, exec: Uuid) -> Option<watch::Receiver<bool>> {
-        self.exec_registry().get(&exec).map(watch::Sender::subscribe)
+        self.exec_registry()
+            .get(&exec)
+            .map(watch::Sender::subscribe)
     }
 
     fn notify_exec_final(&self, exec: Uuid) {
@@ -98,8 +100,7 @@ impl Service {
         spec: CreateExec,
     ) -> Result<Exec, ServiceError> {
         let id = Uuid::new_v4();
-        self.exec_registry()
-            .insert(id, watch::channel(false).0);
+        self.exec_registry().insert(id, watch::channel(false).0);
         if !self
             .store
             .insert_exec(id, sandbox.id, crate::now_unix_ms(), &spec)
@@ -135,11 +136,13 @@ impl Service {
                 return Err(MonitorError::Timeout.into());
             }
         };
-        match answer.as_deref().map(|a| a.split_once(' ').unwrap_or((a, ""))) {
+        match answer
+            .as_deref()
+            .map(|a| a.split_once(' ').unwrap_or((a, "")))
+        {
             Some(("ok", json)) => {
-                let started: ExecStarted = serde_json::from_str(json).map_err(|e| {
-                    MonitorError::Refused(format!("unreadable exec answer: {e}"))
-                })?;
+                let started: ExecStarted = serde_json::from_str(json)
+                    .map_err(|e| MonitorError::Refused(format!("unreadable exec answer: {e}")))?;
                 self.store
                     .set_exec_running(id, started.started_at_unix_ms)
                     .await?;

@@ -266,9 +266,7 @@ impl Execs {
             return Err(NOT_RUNNING.into());
         }
         if self.running.len() >= MAX_RUNNING_EXECS {
-            return Err(format!(
-                "at most {MAX_RUNNING_EXECS} execs may run at once"
-            ));
+            return Err(format!("at most {MAX_RUNNING_EXECS} execs may run at once"));
         }
         let plan = self.plan(&req)?;
         let dir = create_exec_dir(sandbox.dir, req.id)?;
@@ -306,7 +304,13 @@ impl Execs {
         let mut fds = join::ShimFds {
             sandbox: sandbox_pidfd,
             user_ns: self.ctx.namespaces.user.as_raw_fd(),
-            other_ns: self.ctx.namespaces.others.iter().map(|f| f.as_raw_fd()).collect(),
+            other_ns: self
+                .ctx
+                .namespaces
+                .others
+                .iter()
+                .map(|f| f.as_raw_fd())
+                .collect(),
             status: status_w,
             stdin: None,
             stdout: None,
@@ -314,11 +318,14 @@ impl Execs {
             pty_socket: None,
         };
         // Our ends: (stdout or master, stderr, stdin, pty socket).
-        let mut ours: (Option<OwnedFd>, Option<OwnedFd>, Option<OwnedFd>, Option<UnixStream>) =
-            (None, None, None, None);
+        let mut ours: (
+            Option<OwnedFd>,
+            Option<OwnedFd>,
+            Option<OwnedFd>,
+            Option<UnixStream>,
+        ) = (None, None, None, None);
         if req.tty {
-            let (mine, theirs) =
-                UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+            let (mine, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
             fds.pty_socket = Some(OwnedFd::from(theirs));
             ours.3 = Some(mine);
         } else {
@@ -335,15 +342,14 @@ impl Execs {
             }
         }
         let cgroup = self.ctx.cgroup_v2.as_ref().map(|fd| fd.as_fd());
-        let (shim, shim_pidfd) = match sys::clone_into_namespaces(0, cgroup)
-            .map_err(|e| format!("fork: {e}"))?
-        {
-            CloneResult::Child => {
-                drop(ours);
-                join::run_shim(&plan, fds)
-            }
-            CloneResult::Parent { child, pidfd } => (child, pidfd),
-        };
+        let (shim, shim_pidfd) =
+            match sys::clone_into_namespaces(0, cgroup).map_err(|e| format!("fork: {e}"))? {
+                CloneResult::Child => {
+                    drop(ours);
+                    join::run_shim(&plan, fds)
+                }
+                CloneResult::Parent { child, pidfd } => (child, pidfd),
+            };
         drop(fds);
         let (out, err, stdin) = if let Some(socket) = ours.3 {
             match receive_master(&socket) {
@@ -381,7 +387,10 @@ impl Execs {
             )
         };
         for f in [&out, &err, &stdin].into_iter().flatten() {
-            let _ = nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
+            let _ = nix::fcntl::fcntl(
+                f.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
+            );
         }
         let _ = nix::fcntl::fcntl(
             status_r.as_raw_fd(),
@@ -442,9 +451,7 @@ impl Execs {
         }
         let cwd = match &req.cwd {
             None => self.ctx.cwd.clone(),
-            Some(c) if c.starts_with('/') && !c.split('/').any(|p| p == "..") => {
-                cstring(c, "cwd")?
-            }
+            Some(c) if c.starts_with('/') && !c.split('/').any(|p| p == "..") => cstring(c, "cwd")?,
             Some(_) => return Err("cwd must be an absolute path without '..'".into()),
         };
         let size = |n: u16, default: u16| if n == 0 { default } else { n };
@@ -666,7 +673,8 @@ trait ExtractWaiters {
 
 impl ExtractWaiters for Vec<(Uuid, UnixStream)> {
     fn extract_if_id(&mut self, id: Uuid) -> Vec<(Uuid, UnixStream)> {
-        let (out, keep): (Vec<_>, Vec<_>) = std::mem::take(self).into_iter().partition(|w| w.0 == id);
+        let (out, keep): (Vec<_>, Vec<_>) =
+            std::mem::take(self).into_iter().partition(|w| w.0 == id);
         *self = keep;
         out
     }
@@ -811,7 +819,11 @@ impl Exec {
         let fd = openat(
             Some(self.dir.as_raw_fd()),
             tmp.as_str(),
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            OFlag::O_WRONLY
+                | OFlag::O_CREAT
+                | OFlag::O_TRUNC
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_CLOEXEC,
             Mode::from_bits_truncate(0o640),
         )?;
         let mut file = File::from(sys::own_fd(fd));
@@ -880,7 +892,10 @@ fn receive_master(socket: &UnixStream) -> Result<File, String> {
     )
     .map_err(|e| format!("receiving the terminal: {e}"))?;
     let mut received = None;
-    for cmsg in msg.cmsgs().map_err(|e| format!("receiving the terminal: {e}"))? {
+    for cmsg in msg
+        .cmsgs()
+        .map_err(|e| format!("receiving the terminal: {e}"))?
+    {
         if let ControlMessageOwned::ScmRights(fds) = cmsg {
             for fd in fds {
                 let owned = sys::own_fd(fd);
