@@ -282,6 +282,24 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ValidationError
     Ok(())
 }
 
+/// Check an exec request (`POST /v1/sandboxes/{id}/execs`) like a create request's fields.
+pub fn check_exec(spec: &sandboxd_api::CreateExec) -> Result<(), ValidationError> {
+    check_command(&spec.command)?;
+    check_env(&spec.env)?;
+    if let Some(cwd) = &spec.cwd {
+        check_cwd(cwd)?;
+    }
+    for (field, n) in [("cols", spec.cols), ("rows", spec.rows)] {
+        if n == Some(0) {
+            return Err(invalid(format!("{field}: must be at least 1")));
+        }
+    }
+    if !spec.tty && (spec.cols.is_some() || spec.rows.is_some()) {
+        return Err(invalid("cols, rows: only with tty"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,20 +391,3 @@ mod tests {
     }
 }
 
-/// Check an exec request (`POST /v1/sandboxes/{id}/execs`) like a create request's fields.
-pub fn check_exec(spec: &sandboxd_api::CreateExec) -> Result<(), ValidationError> {
-    check_command(&spec.command)?;
-    check_env(&spec.env)?;
-    if let Some(cwd) = &spec.cwd {
-        check_cwd(cwd)?;
-    }
-    for (field, n) in [("cols", spec.cols), ("rows", spec.rows)] {
-        if n == Some(0) {
-            return Err(invalid(format!("{field}: must be at least 1")));
-        }
-    }
-    if !spec.tty && (spec.cols.is_some() || spec.rows.is_some()) {
-        return Err(invalid("cols, rows: only with tty"));
-    }
-    Ok(())
-}
