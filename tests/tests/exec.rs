@@ -522,3 +522,104 @@ fn sbx_exec_passes_stdin_and_exit_codes() {
         "{out:?}"
     );
 }
+
+#[test]
+fn the_main_command_can_have_stdin_and_a_terminal() {
+    require_e2e!();
+    for mode in MODES {
+        let d = Daemon::start(mode);
+        // A terminal: an interactive shell as the main command.
+        let sandbox = d.create(json!({
+            "command": ["sh", "-i"], "tty": true, "stdin": true, "cols": 90, "rows": 20
+        }));
+        let path = format!("/v1/sandboxes/{}/attach", sandbox.id);
+        let mut ws = d.websocket_as(&path, d.token()).expect("attach");
+        send_stdin(&mut ws, b"echo h''i; stty size\n");
+        let out = read_until(&mut ws, "20 90", Duration::from_secs(20));
+        assert!(out.contains("hi\r\n"), "{mode:?}: {out:?}");
+        send_text(&mut ws, json!({"resize": {"cols": 101, "rows": 33}}));
+        send_stdin(&mut ws, b"stty size\n");
+        let out = read_until(&mut ws, "33 101", Duration::from_secs(20));
+        assert!(out.contains("33 101"), "{mode:?}: {out:?}");
+        // A second writer is refused; the main command ends with the shell's exit code.
+        assert_eq!(d.websocket_as(&path, d.token()).err(), Some(409));
+        send_stdin(&mut ws, b"exit 6\n");
+        let (_, end) = read_to_end(&mut ws);
+        assert_eq!(end.exit_code, Some(6), "{mode:?}");
+        assert_eq!(d.wait(&sandbox.id.to_string()).exit_code, Some(6));
+
+        // A pipe: stdin to `wc -c`, closed with close_stdin; a drop in between loses nothing.
+        let sandbox = d.create(json!({"command": ["wc", "-c"], "stdin": true}));
+        let path = format!("/v1/sandboxes/{}/attach", sandbox.id);
+        let mut ws = d.websocket_as(&path, d.token()).expect("attach");
+        send_stdin(&mut ws, &[b'x'; 1000]);
+        drop(ws);
+        // The daemon notices the drop (and releases stdin) a moment later: 409 until then.
+        let mut reattached = Err(0);
+        for _ in 0..50 {
+            reattached = d.websocket_as(&path, d.token());
+            if reattached.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut ws = reattached.expect("reattach");
+        send_stdin(&mut ws, &[b'y'; 234]);
+        send_text(&mut ws, json!({"close_stdin": true}));
+        let (out, end) = read_to_end(&mut ws);
+        assert_eq!(String::from_utf8_lossy(&out).trim(), "1234", "{mode:?}");
+        assert_eq!(end.exit_code, Some(0));
+        // Without stdin: attaching as a writer is refused.
+        let sandbox = d.create(json!({"command": ["sleep", "30"]}));
+        let path = format!("/v1/sandboxes/{}/attach?stdin=true", sandbox.id);
+        assert_eq!(d.websocket_as(&path, d.token()).err(), Some(409));
+    }
+}
+
+#[test]
+fn sbx_run_it_gives_the_main_command_this_terminal() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Rootless);
+    let tmux = Tmux {
+        socket: format!("sbx-e2e-run-{}", std::process::id()),
+    };
+    let sbx = sandboxd_tests::binaries().join("sbx");
+    let script = format!(
+        "{} run --rm -it -- sh; echo EXIT=$?; sleep 60",
+        sbx.display()
+    );
+    let url = format!("SANDBOXD_URL={}", d.url);
+    let token = format!("SANDBOXD_TOKEN={}", d.token().unwrap_or_default());
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "t",
+        "-x",
+        "90",
+        "-y",
+        "25",
+        "-e",
+        &url,
+        "-e",
+        &token,
+        &script,
+    ]);
+    let screen = tmux.wait_for("#");
+    assert!(screen.contains('#'), "no prompt: {screen}");
+    tmux.run(&[
+        "send-keys",
+        "-t",
+        "t",
+        "echo $((6*7)); stty size; tty",
+        "Enter",
+    ]);
+    let screen = tmux.wait_for("/dev/pts/");
+    assert!(
+        screen.contains("42") && screen.contains("25 90"),
+        "{screen}"
+    );
+    tmux.run(&["send-keys", "-t", "t", "exit 4", "Enter"]);
+    let screen = tmux.wait_for("EXIT=4");
+    assert!(screen.contains("EXIT=4"), "{screen}");
+}

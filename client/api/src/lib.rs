@@ -51,6 +51,18 @@ pub struct CreateSandbox {
     /// otherwise). Only where the operator allows it (`--allow-nested-userns`), else 422.
     #[serde(default, skip_serializing_if = "is_false")]
     pub nested_user_namespaces: bool,
+    /// Keep the command's stdin open for the attach websocket (otherwise it is /dev/null).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stdin: bool,
+    /// Give the command a terminal (a pty from the sandbox's own devpts) as stdin, stdout and
+    /// stderr; its output is then all on channel 1.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub tty: bool,
+    /// Initial terminal size (with `tty`; 80x24 when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cols: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u16>,
 }
 
 fn is_false(b: &bool) -> bool {

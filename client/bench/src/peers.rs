@@ -93,6 +93,10 @@ impl Peer {
                     remove_after_exit_secs: None,
                     capabilities: None,
                     nested_user_namespaces: false,
+                    stdin: false,
+                    tty: false,
+                    cols: None,
+                    rows: None,
                 };
                 let start = Instant::now();
                 let sandbox = client.create_and_wait(&spec).await?;

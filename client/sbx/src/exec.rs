@@ -138,6 +138,17 @@ impl Client {
         self.json_request(self.http().get(url)).await
     }
 
+    /// Open the attach websocket of a sandbox's main command (created with `stdin` or `tty`).
+    pub async fn attach_sandbox(
+        &self,
+        sandbox: &str,
+        offset: u64,
+        stdin: bool,
+    ) -> Result<(AttachWriter, AttachReader)> {
+        let url = self.url(&["v1", "sandboxes", sandbox, "attach"]);
+        self.open_attach(url, offset, stdin).await
+    }
+
     /// Open the attach websocket of an exec, with output from `offset`, owning stdin or not.
     pub async fn attach_exec(
         &self,
@@ -146,7 +157,16 @@ impl Client {
         offset: u64,
         stdin: bool,
     ) -> Result<(AttachWriter, AttachReader)> {
-        let mut url = self.url(&["v1", "sandboxes", sandbox, "execs", exec, "attach"]);
+        let url = self.url(&["v1", "sandboxes", sandbox, "execs", exec, "attach"]);
+        self.open_attach(url, offset, stdin).await
+    }
+
+    async fn open_attach(
+        &self,
+        mut url: reqwest::Url,
+        offset: u64,
+        stdin: bool,
+    ) -> Result<(AttachWriter, AttachReader)> {
         let _ = url.set_scheme("ws");
         url.query_pairs_mut()
             .append_pair("offset", &offset.to_string())

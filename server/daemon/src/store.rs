@@ -871,6 +871,10 @@ mod tests {
                 remove_after_exit_secs: None,
                 capabilities: None,
                 nested_user_namespaces: false,
+                stdin: false,
+                tty: false,
+                cols: None,
+                rows: None,
             },
         }
     }

@@ -66,6 +66,7 @@ impl ValidCreate {
         }
         check_labels(&spec.labels)?;
         check_limits(&spec.limits)?;
+        check_terminal(spec.tty, spec.cols, spec.rows)?;
         if let Some(changes) = &spec.capabilities {
             for name in changes.drop.iter().chain(&changes.add) {
                 if sandboxd_protocol::capabilities::canonical(name).is_none() {
@@ -289,12 +290,17 @@ pub fn check_exec(spec: &sandboxd_api::CreateExec) -> Result<(), ValidationError
     if let Some(cwd) = &spec.cwd {
         check_cwd(cwd)?;
     }
-    for (field, n) in [("cols", spec.cols), ("rows", spec.rows)] {
+    check_terminal(spec.tty, spec.cols, spec.rows)
+}
+
+/// `cols`/`rows`: at least 1, and only with `tty`.
+fn check_terminal(tty: bool, cols: Option<u16>, rows: Option<u16>) -> Result<(), ValidationError> {
+    for (field, n) in [("cols", cols), ("rows", rows)] {
         if n == Some(0) {
             return Err(invalid(format!("{field}: must be at least 1")));
         }
     }
-    if !spec.tty && (spec.cols.is_some() || spec.rows.is_some()) {
+    if !tty && (cols.is_some() || rows.is_some()) {
         return Err(invalid("cols, rows: only with tty"));
     }
     Ok(())
@@ -390,4 +396,3 @@ mod tests {
         assert!(env.iter().any(|(k, _)| k == "PATH"));
     }
 }
-

@@ -230,6 +230,10 @@ struct Monitor {
     init_exited_at: Option<Instant>,
     /// Execs: extra processes in this sandbox (`crate::exec`).
     execs: crate::exec::Execs,
+    /// With a terminal: where init sends the pty master (until it has).
+    pty_socket: Option<UnixStream>,
+    /// The command was started with `stdin`.
+    stdin_wanted: bool,
 }
 
 fn prepare_and_clone(
@@ -270,6 +274,22 @@ fn prepare_and_clone(
     let (err_r, err_w) = pipe()?;
     let (sync_r, sync_w) = pipe()?;
     let (status_r, status_w) = pipe()?;
+    // The command's input for attach connections: a pipe, or a terminal whose master init
+    // sends us once it has opened it in the sandbox's devpts.
+    let (stdin_r, stdin_w) = match (spawn.stdin, spawn.tty) {
+        (true, None) => {
+            let (r, w) = pipe()?;
+            (Some(r), Some(w))
+        }
+        _ => (None, None),
+    };
+    let (pty_ours, pty_theirs) = match spawn.tty {
+        Some(_) => {
+            let (a, b) = UnixStream::pair().map_err(|e| setup_error("socketpair", e))?;
+            (Some(a), Some(OwnedFd::from(b)))
+        }
+        None => (None, None),
+    };
     for w in [&out_w, &err_w] {
         let _ = nix::fcntl::fcntl(w.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
     }
@@ -305,6 +325,7 @@ fn prepare_and_clone(
             drop((
                 out_r, err_r, sync_w, status_r, listener, log, index, lock, slot_lock, dir,
             ));
+            drop((stdin_w, pty_ours));
             sandbox::run_init(
                 spawn,
                 InitFds {
@@ -320,11 +341,14 @@ fn prepare_and_clone(
                     stdout: out_w,
                     stderr: err_w,
                     unshare_cgroupns: late_cgroupns,
+                    stdin: stdin_r,
+                    pty_socket: pty_theirs,
                 },
             )
         }
         CloneResult::Parent { child, pidfd } => {
             drop((out_w, err_w, sync_r, status_w, work, v2_cgroup));
+            drop((stdin_r, pty_theirs));
             let mapped = write_id_maps(child, spawn.ids).and_then(|()| match &cgroups {
                 Some(c) => join_v1_cgroup(c, spawn.id, child),
                 None => Ok(()),
@@ -364,7 +388,7 @@ fn prepare_and_clone(
                 .as_ref()
                 .filter(|_| spawn.limits.memory_bytes.is_some())
                 .and_then(|c| OomEvent::watch(c, spawn.id));
-            let execs = crate::exec::Execs::new(crate::exec::Context {
+            let mut execs = crate::exec::Execs::new(crate::exec::Context {
                 namespaces,
                 ids: spawn.ids,
                 capabilities: spawn.capabilities.clone(),
@@ -383,6 +407,9 @@ fn prepare_and_clone(
                     .filter(|c| c.is_v2())
                     .and_then(|c| c.open_for_clone(spawn.id)),
             });
+            if let Some(w) = stdin_w {
+                execs.set_main_input(Some(File::from(w)), None);
+            }
             Ok(Box::new(Monitor {
                 id: spawn.id,
                 cgroups,
@@ -416,6 +443,8 @@ fn prepare_and_clone(
                 timed_out: false,
                 init_exited_at: None,
                 execs,
+                pty_socket: pty_ours,
+                stdin_wanted: spawn.stdin,
             }))
         }
     }
@@ -538,6 +567,7 @@ impl Monitor {
             if self.init_status.is_some()
                 && self.stdout.is_none()
                 && self.stderr.is_none()
+                && self.pty_socket.is_none()
                 && execs_done
             {
                 break;
@@ -561,6 +591,9 @@ impl Monitor {
             }
             if ready.status {
                 self.read_status();
+            }
+            if ready.pty {
+                self.receive_terminal();
             }
             if ready.pidfd {
                 self.reap();
@@ -659,6 +692,25 @@ impl Monitor {
         }
     }
 
+    /// Init opened the command's terminal and sends its master: from now on the terminal is
+    /// the command's output (channel 1) and, with `stdin`, its input.
+    fn receive_terminal(&mut self) {
+        let Some(socket) = self.pty_socket.take() else {
+            return;
+        };
+        // Nothing (init failed before): its status pipe says why.
+        let Ok(master) = crate::exec::receive_master(&socket) else {
+            return;
+        };
+        let _ = nix::fcntl::fcntl(
+            master.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
+        );
+        let input = self.stdin_wanted.then(|| master.try_clone().ok()).flatten();
+        self.execs.set_main_input(input, master.try_clone().ok());
+        self.stdout = Some(master);
+    }
+
     /// The kernel's OOM killer struck in the sandbox's cgroup: the sandbox goes as a whole
     /// (on v2 memory.oom.group already did that; on v1 only one process was killed).
     fn on_oom_event(&mut self) {
@@ -718,6 +770,10 @@ impl Monitor {
             slots.pidfd = add(&mut fds, self.pidfd.as_fd());
         }
         slots.listener = add(&mut fds, self.listener.as_fd());
+        slots.pty = self
+            .pty_socket
+            .as_ref()
+            .and_then(|s| add(&mut fds, s.as_fd()));
         if let (Some(ev), None) = (&self.oom_event, self.init_status) {
             let (fd, flags) = ev.fd();
             fds.push(PollFd::new(fd, flags));
@@ -741,6 +797,7 @@ impl Monitor {
             status: hit(slots.status),
             pidfd: hit(slots.pidfd),
             listener: hit(slots.listener),
+            pty: hit(slots.pty),
             oom: hit(slots.oom),
             clients: (first_client..first_exec)
                 .filter(|&i| fds[i].revents().is_some_and(|r| !r.is_empty()))
@@ -1076,6 +1133,7 @@ struct Slots {
     status: Option<usize>,
     pidfd: Option<usize>,
     listener: Option<usize>,
+    pty: Option<usize>,
 }
 
 struct Ready {
@@ -1085,6 +1143,7 @@ struct Ready {
     status: bool,
     pidfd: bool,
     listener: bool,
+    pty: bool,
     clients: Vec<usize>,
     execs: Vec<crate::exec::Slot>,
 }

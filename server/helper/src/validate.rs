@@ -57,6 +57,10 @@ pub struct ValidSpawn {
     /// The bounding set the sandbox keeps: the default set, or a set the operator allows.
     pub capabilities: Vec<&'static str>,
     pub nested_user_namespaces: bool,
+    /// Keep stdin open for attach connections.
+    pub stdin: bool,
+    /// A terminal of this size (cols, rows).
+    pub tty: Option<(u16, u16)>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -196,7 +200,12 @@ pub fn validate(req: &SpawnRequest, config: &Config) -> Result<ValidSpawn, Valid
     if req.nested_user_namespaces && !config.allow_nested_userns {
         return Err(ValidateError::NestedUserns);
     }
+    if req.tty.is_some_and(|(cols, rows)| cols == 0 || rows == 0) {
+        return Err(ValidateError::Limit("terminal size"));
+    }
     Ok(ValidSpawn {
+        stdin: req.stdin,
+        tty: req.tty,
         nested_user_namespaces: req.nested_user_namespaces,
         capabilities,
         limits: l,
@@ -244,6 +253,8 @@ mod tests {
             },
             capabilities: None,
             nested_user_namespaces: false,
+            stdin: false,
+            tty: None,
         }
     }
 

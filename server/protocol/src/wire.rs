@@ -56,6 +56,12 @@ pub struct SpawnRequest {
     /// Let the sandbox create nested user namespaces (the seccomp filter refuses them otherwise).
     #[serde(default)]
     pub nested_user_namespaces: bool,
+    /// Keep the command's stdin open for attach connections (otherwise the sandbox's /dev/null).
+    #[serde(default)]
+    pub stdin: bool,
+    /// Give the command a terminal of this size (cols, rows) from the sandbox's own devpts.
+    #[serde(default)]
+    pub tty: Option<(u16, u16)>,
 }
 
 /// Resource limits of a sandbox, already checked by the daemon against what the host enforces.

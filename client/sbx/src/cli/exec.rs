@@ -78,7 +78,7 @@ impl Drop for RawMode {
     }
 }
 
-fn terminal_size() -> Option<(u16, u16)> {
+pub(super) fn terminal_size() -> Option<(u16, u16)> {
     let size = termios::tcgetwinsize(std::io::stdout())
         .or_else(|_| termios::tcgetwinsize(std::io::stdin()))
         .ok()?;
@@ -105,18 +105,45 @@ pub async fn run(client: &Client, args: ExecArgs) -> Result<u8, CliError> {
             error: exec.error.unwrap_or_else(|| "unknown error".into()),
         });
     }
-    let raw = (args.tty && args.interactive && termios::isatty(std::io::stdin()))
+    let target = Target::Exec {
+        sandbox: sid,
+        exec: exec.id.to_string(),
+    };
+    interactive(client, target, args.interactive, args.tty).await
+}
+
+/// What to attach to.
+pub(super) enum Target {
+    Exec {
+        sandbox: String,
+        exec: String,
+    },
+    /// A sandbox's main command.
+    Main {
+        sandbox: String,
+    },
+}
+
+/// Attach this terminal (raw with `tty`), stdin (with `stdin`) and SIGWINCH to `target` until
+/// it ends; its exit code.
+pub(super) async fn interactive(
+    client: &Client,
+    target: Target,
+    stdin: bool,
+    tty: bool,
+) -> Result<u8, CliError> {
+    let raw = (tty && stdin && termios::isatty(std::io::stdin()))
         .then(RawMode::enter)
         .flatten();
     let (tx, rx) = mpsc::channel::<Input>(16);
-    if args.interactive {
+    if stdin {
         spawn_stdin_reader(tx.clone());
     }
-    if args.tty {
+    if tty {
         tokio::spawn(forward_resizes(tx.clone()));
     }
     drop(tx);
-    let result = attach(client, &sid, &exec.id.to_string(), args.interactive, rx).await;
+    let result = attach(client, &target, stdin, rx).await;
     drop(raw);
     result
 }
@@ -159,8 +186,7 @@ async fn forward_resizes(tx: mpsc::Sender<Input>) {
 /// Attach (again after a drop, from the offset reached) until the exec's end.
 async fn attach(
     client: &Client,
-    sandbox: &str,
-    exec: &str,
+    target: &Target,
     stdin: bool,
     mut input: mpsc::Receiver<Input>,
 ) -> Result<u8, CliError> {
@@ -172,8 +198,13 @@ async fn attach(
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
     loop {
-        let (mut writer, mut reader) = match client.attach_exec(sandbox, exec, offset, stdin).await
-        {
+        let attached = match target {
+            Target::Exec { sandbox, exec } => {
+                client.attach_exec(sandbox, exec, offset, stdin).await
+            }
+            Target::Main { sandbox } => client.attach_sandbox(sandbox, offset, stdin).await,
+        };
+        let (mut writer, mut reader) = match attached {
             Ok(halves) => halves,
             // The previous connection's stdin may not be released yet; try again shortly.
             Err(e) if failures < MAX_REATTACH && is_transient(&e) => {

@@ -50,6 +50,12 @@ pub struct RunArgs {
     /// Print the sandbox id and return at once.
     #[arg(short, long)]
     pub(super) detach: bool,
+    /// Pass stdin on to the command.
+    #[arg(short = 'i', long, conflicts_with = "detach")]
+    interactive: bool,
+    /// Give the command a terminal (this one goes into raw mode and passes its size on).
+    #[arg(short = 't', long, conflicts_with = "detach")]
+    tty: bool,
     /// The command and its arguments.
     #[arg(
         value_name = "CMD",
@@ -63,6 +69,11 @@ pub struct RunArgs {
 
 impl RunArgs {
     pub(super) fn spec(&self) -> CreateSandbox {
+        let size = self.tty.then(super::exec::terminal_size).flatten();
+        self.spec_sized(size)
+    }
+
+    fn spec_sized(&self, size: Option<(u16, u16)>) -> CreateSandbox {
         CreateSandbox {
             command: self.command.clone(),
             env: self.env.iter().cloned().collect(),
@@ -82,6 +93,10 @@ impl RunArgs {
             remove_after_exit_secs: self.rm.then_some(RM_SAFETY_NET_SECS),
             capabilities: None,
             nested_user_namespaces: false,
+            stdin: self.interactive,
+            tty: self.tty,
+            cols: size.map(|s| s.0),
+            rows: size.map(|s| s.1),
         }
     }
 }
@@ -100,6 +115,26 @@ pub async fn run(client: &Client, args: RunArgs) -> Result<u8, CliError> {
         return Err(CliError::failed(&sandbox));
     }
 
+    if args.interactive || args.tty {
+        let target = super::exec::Target::Main {
+            sandbox: id.clone(),
+        };
+        // With a terminal, ^C is a byte for the sandbox's terminal; without, a signal for it.
+        let interrupts =
+            (!args.tty).then(|| tokio::spawn(forward_interrupts(client.clone(), id.clone())));
+        let code = super::exec::interactive(client, target, args.interactive, args.tty).await;
+        if let Some(i) = interrupts {
+            i.abort();
+        }
+        if args.rm {
+            if let Err(e) = client.delete(&id).await {
+                if !e.is_not_found() {
+                    eprintln!("sbx: removing {id}: {e}");
+                }
+            }
+        }
+        return code;
+    }
     let interrupts = tokio::spawn(forward_interrupts(client.clone(), id.clone()));
     let copied = copy_events(client.follow_logs(&id, 0), None).await;
     interrupts.abort();

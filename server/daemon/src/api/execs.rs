@@ -124,7 +124,9 @@ pub async fn logs(
         };
         return Ok(upgrade
             .max_message_size(64 * 1024)
-            .on_upgrade(move |socket| session(state, exec, opts, None, socket, true)));
+            .on_upgrade(move |socket| {
+                session(state, Target::Exec(exec), opts, None, socket, true)
+            }));
     }
     let opts = ReadOptions {
         offset: params.offset,
@@ -185,7 +187,81 @@ pub async fn attach(
     };
     Ok(upgrade
         .max_message_size(MAX_INCOMING)
-        .on_upgrade(move |socket| session(state, exec, opts, conn, socket, false)))
+        .on_upgrade(move |socket| session(state, Target::Exec(exec), opts, conn, socket, false)))
+}
+
+/// `GET /v1/sandboxes/{id}/attach` (websocket only): the same protocol for the main command.
+pub async fn attach_main(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    IdOrName(id): IdOrName,
+    ApiQuery(params): ApiQuery<AttachParams>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let sandbox = state.svc.find(&principal.scope(), &id).await?;
+    let upgrade = upgrade.map_err(|r| ApiError::from_status(r.status(), r.body_text()))?;
+    let stdin = params.stdin.unwrap_or(sandbox.spec.stdin);
+    let conn = state.svc.attach_main(&sandbox, stdin).await?;
+    let opts = ReadOptions {
+        offset: params.offset,
+        channel: None,
+        follow: true,
+        split_channels: true,
+    };
+    Ok(upgrade
+        .max_message_size(MAX_INCOMING)
+        .on_upgrade(move |socket| {
+            session(state, Target::Main(sandbox.id), opts, conn, socket, false)
+        }))
+}
+
+/// Whose output a websocket streams.
+enum Target {
+    Exec(Exec),
+    /// The sandbox's main command.
+    Main(uuid::Uuid),
+}
+
+impl Target {
+    fn dir(&self, state: &AppState) -> sandboxd_protocol::layout::SandboxDir {
+        match self {
+            Target::Exec(e) => state.svc.exec_dir(e.sandbox_id, e.id),
+            Target::Main(id) => state.svc.dir(*id),
+        }
+    }
+
+    fn exit(&self, state: &AppState) -> Option<tokio::sync::watch::Receiver<bool>> {
+        match self {
+            Target::Exec(e) => state.svc.subscribe_exec(e.id),
+            Target::Main(id) => state.svc.subscribe(*id),
+        }
+    }
+
+    /// Exit code and signal, once final.
+    async fn end(&self, state: &AppState) -> (Option<i32>, Option<String>) {
+        match self {
+            Target::Exec(e) => {
+                let row = state
+                    .svc
+                    .store()
+                    .exec(e.sandbox_id, e.id)
+                    .await
+                    .ok()
+                    .flatten();
+                (
+                    row.as_ref().and_then(|e| e.exit_code),
+                    row.and_then(|e| e.signal),
+                )
+            }
+            Target::Main(id) => {
+                let row = state.svc.store().get(*id).await.ok().flatten();
+                (
+                    row.as_ref().and_then(|s| s.exit_code),
+                    row.and_then(|s| s.signal),
+                )
+            }
+        }
+    }
 }
 
 type Sink = SplitSink<WebSocket, Message>;
@@ -204,14 +280,13 @@ async fn close(sink: &mut Sink, code: u16, reason: &str) {
 /// independently: a client that reads slowly never holds up its stdin, and the reverse.
 async fn session(
     state: AppState,
-    exec: Exec,
+    target: Target,
     opts: ReadOptions,
     monitor: Option<UnixStream>,
     socket: WebSocket,
     log_end: bool,
 ) {
-    let dir = state.svc.exec_dir(exec.sandbox_id, exec.id);
-    let mut rx = read_logs(dir, opts, state.svc.subscribe_exec(exec.id));
+    let mut rx = read_logs(target.dir(&state), opts, target.exit(&state));
     let (mut sink, incoming) = socket.split();
     // The input side says why the connection must close (or ends: the client went away).
     let (close_tx, mut close_rx) = tokio::sync::mpsc::channel::<(u16, &'static str)>(1);
@@ -228,15 +303,7 @@ async fn session(
                     }
                 }
                 Some(Ok(LogEvent::End { offset })) => {
-                    let row = state
-                        .svc
-                        .store()
-                        .exec(exec.sandbox_id, exec.id)
-                        .await
-                        .ok()
-                        .flatten();
-                    let exit_code = row.as_ref().and_then(|e| e.exit_code);
-                    let signal = row.as_ref().and_then(|e| e.signal.clone());
+                    let (exit_code, signal) = target.end(&state).await;
                     let text = if log_end {
                         serde_json::to_string(&LogEnd { exit_code, signal, reason: None, offset })
                     } else {
@@ -250,7 +317,7 @@ async fn session(
                     break;
                 }
                 Some(Err(e)) => {
-                    tracing::error!(exec = %exec.id, error = %e, "reading exec logs failed");
+                    tracing::error!(error = %e, "reading logs for an attach failed");
                     close(&mut sink, close_code::ERROR, "reading the log failed").await;
                     break;
                 }

@@ -108,6 +108,11 @@ pub fn routes() -> Vec<Route> {
         ),
         route(Method::POST, "/v1/tickets", post(tokens::ticket)),
         route(
+            Method::GET,
+            "/v1/sandboxes/{id}/attach",
+            get(execs::attach_main),
+        ),
+        route(
             Method::POST,
             "/v1/sandboxes/{id}/execs",
             post(execs::create),

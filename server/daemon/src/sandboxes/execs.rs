@@ -212,8 +212,37 @@ impl Service {
         if exec.state.is_final() {
             return Ok(None);
         }
-        let socket = self.dir(exec.sandbox_id).monitor_socket();
-        let line = proto::attach_line(exec.id, stdin);
+        self.attach_monitor(exec.sandbox_id, exec.id, stdin).await
+    }
+
+    /// Attach to a running sandbox's main command (created with `stdin` or `tty`).
+    pub async fn attach_main(
+        &self,
+        sandbox: &Sandbox,
+        stdin: bool,
+    ) -> Result<Option<UnixStream>, ServiceError> {
+        if sandbox.state.is_final() {
+            return Ok(None);
+        }
+        if stdin && !sandbox.spec.stdin {
+            return Err(ServiceError::NoStdin);
+        }
+        if !stdin && !sandbox.spec.tty {
+            // A reader of a command without a terminal needs nothing from the monitor.
+            return Ok(None);
+        }
+        // The nil id names the main command on the monitor's socket.
+        self.attach_monitor(sandbox.id, Uuid::nil(), stdin).await
+    }
+
+    async fn attach_monitor(
+        &self,
+        sandbox: Uuid,
+        target: Uuid,
+        stdin: bool,
+    ) -> Result<Option<UnixStream>, ServiceError> {
+        let socket = self.dir(sandbox).monitor_socket();
+        let line = proto::attach_line(target, stdin);
         let (answer, stream) = match tokio::time::timeout(ATTACH_TIMEOUT, request(&socket, &line))
             .await
             .map_err(|_| MonitorError::Timeout)?

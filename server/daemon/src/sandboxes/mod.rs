@@ -304,6 +304,11 @@ impl Service {
             limits: resolved.spawn,
             capabilities,
             nested_user_namespaces: v.spec.nested_user_namespaces,
+            stdin: v.spec.stdin,
+            tty: v
+                .spec
+                .tty
+                .then(|| (v.spec.cols.unwrap_or(80), v.spec.rows.unwrap_or(24))),
         };
         // A slot the database thinks free can still be held by a monitor whose sandbox the
         // database lost track of (marked lost, or a row deleted by hand); the helper refuses it

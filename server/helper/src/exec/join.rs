@@ -210,8 +210,8 @@ fn join(
     seccomp::precompiled(plan.nested_user_namespaces).map_err(|e| e.to_string())
 }
 
-/// The process's stdio.
-enum Stdio {
+/// A process's stdio (an exec's, or the main command's).
+pub(crate) enum Stdio {
     Tty(OwnedFd),
     Pipes {
         stdin: Option<OwnedFd>,
@@ -222,7 +222,7 @@ enum Stdio {
 
 /// Open a pseudo-terminal in the sandbox's own devpts (we are in its mount namespace), check
 /// that it is one, size it, send the master to the monitor and return the slave.
-fn open_pty(cols: u16, rows: u16, socket: BorrowedFd<'_>) -> Result<OwnedFd, String> {
+pub(crate) fn open_pty(cols: u16, rows: u16, socket: BorrowedFd<'_>) -> Result<OwnedFd, String> {
     fn err(what: &'static str) -> impl Fn(Errno) -> String {
         move |e| format!("{what}: {e}")
     }
@@ -258,27 +258,15 @@ fn open_pty(cols: u16, rows: u16, socket: BorrowedFd<'_>) -> Result<OwnedFd, Str
     Ok(slave)
 }
 
-/// In the sandbox's PID namespace: wire stdio, restore a clean signal state, enter the working
-/// directory, install the seccomp filter and exec. On failure, report errno through `exec_w` and
-/// exit 127 (not found) or 126.
-fn exec_process(plan: &Plan, filters: &Filters, stdio: Stdio, exec_w: OwnedFd) -> ! {
-    // Move our descriptors above 10 first, so the dup2s below cannot clobber one another.
+/// Make `stdio` descriptors 0, 1 and 2 of a session leader (a terminal also becomes its
+/// controlling terminal). The originals stay open (close-on-exec) until the caller closes them.
+pub(crate) fn wire_stdio(stdio: Stdio) -> Result<(), Errno> {
+    // Move the descriptors above 10 first, so the dup2s cannot clobber one another.
     let high = |fd: OwnedFd| -> RawFd {
         let raw = fd.into_raw_fd();
         nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10)).unwrap_or(raw)
     };
-    let report = high(exec_w);
-    let program = plan.command[0].to_string_lossy();
-    let fail = |e: Errno, what: &str| -> ! {
-        let _ = nix::unistd::write(sys::borrow_fd(report), &(e as i32).to_ne_bytes());
-        let msg = format!("sandboxd: cannot {what} {program}: {}\r\n", e.desc());
-        let _ = nix::unistd::write(sys::borrow_fd(2), msg.as_bytes());
-        sys::exit_now(if e == Errno::ENOENT { 127 } else { 126 })
-    };
-    // A session of its own: with a terminal, that terminal controls it (job control works and
-    // the shell gets SIGHUP/SIGWINCH from it); without, the process has no controlling terminal.
-    let _ = setsid();
-    let wired = match stdio {
+    match stdio {
         Stdio::Tty(slave) => {
             let slave = high(slave);
             sys::set_controlling_tty(sys::borrow_fd(slave))
@@ -304,8 +292,30 @@ fn exec_process(plan: &Plan, filters: &Filters, stdio: Stdio, exec_w: OwnedFd) -
                 .and_then(|_| dup2(err, 2))
                 .map(drop)
         }
+    }
+}
+
+/// In the sandbox's PID namespace: wire stdio, restore a clean signal state, enter the working
+/// directory, install the seccomp filter and exec. On failure, report errno through `exec_w` and
+/// exit 127 (not found) or 126.
+fn exec_process(plan: &Plan, filters: &Filters, stdio: Stdio, exec_w: OwnedFd) -> ! {
+    // Move our descriptors above 10 first, so the dup2s below cannot clobber one another.
+    let high = |fd: OwnedFd| -> RawFd {
+        let raw = fd.into_raw_fd();
+        nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10)).unwrap_or(raw)
     };
-    if let Err(e) = wired {
+    let report = high(exec_w);
+    let program = plan.command[0].to_string_lossy();
+    let fail = |e: Errno, what: &str| -> ! {
+        let _ = nix::unistd::write(sys::borrow_fd(report), &(e as i32).to_ne_bytes());
+        let msg = format!("sandboxd: cannot {what} {program}: {}\r\n", e.desc());
+        let _ = nix::unistd::write(sys::borrow_fd(2), msg.as_bytes());
+        sys::exit_now(if e == Errno::ENOENT { 127 } else { 126 })
+    };
+    // A session of its own: with a terminal, that terminal controls it (job control works and
+    // the shell gets SIGHUP/SIGWINCH from it); without, the process has no controlling terminal.
+    let _ = setsid();
+    if let Err(e) = wire_stdio(stdio) {
         fail(e, "set up stdio for");
     }
     let _ =

@@ -136,11 +136,7 @@ struct Exec {
     /// stdout, or the pty master.
     out: Option<File>,
     err: Option<File>,
-    /// The write end of stdin, or (a duplicate of) the pty master.
-    stdin: Option<File>,
-    tty: bool,
-    pending: Vec<u8>,
-    close_stdin_when_flushed: bool,
+    input: Input,
     log: File,
     index: File,
     log_len: u64,
@@ -150,6 +146,89 @@ struct Exec {
     exec_error: Option<String>,
     setup_error: Option<String>,
     end: Option<(i32, Option<i32>)>,
+}
+
+/// Where attached stdin goes: one exec's, or the main command's.
+struct Input {
+    /// The write end of stdin, or (a duplicate of) the pty master.
+    stdin: Option<File>,
+    /// With a terminal: (a duplicate of) the master, for resizes.
+    master: Option<File>,
+    pending: Vec<u8>,
+    close_when_flushed: bool,
+}
+
+impl Input {
+    fn new(stdin: Option<File>, master: Option<File>) -> Input {
+        for f in [&stdin, &master].into_iter().flatten() {
+            let _ = nix::fcntl::fcntl(
+                f.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
+            );
+        }
+        Input {
+            stdin,
+            master,
+            pending: Vec::new(),
+            close_when_flushed: false,
+        }
+    }
+
+    /// Apply one frame from the stdin owner (`writer`) or a reader.
+    fn apply(&mut self, frame: Frame, writer: bool) {
+        match frame {
+            // Only the stdin owner writes; other attachments are readers.
+            Frame::Stdin(data) if writer && !self.close_when_flushed => {
+                self.pending.extend_from_slice(&data);
+                self.flush();
+            }
+            Frame::CloseStdin if writer => {
+                if self.master.is_some() {
+                    self.pending.push(VEOF);
+                } else {
+                    self.close_when_flushed = true;
+                }
+                self.flush();
+            }
+            Frame::Resize { cols, rows } if cols > 0 && rows > 0 => {
+                if let Some(master) = &self.master {
+                    let _ = sys::set_window_size(master.as_fd(), cols, rows);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some(f) = &mut self.stdin {
+            while !self.pending.is_empty() {
+                match f.write(&self.pending) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        self.pending.drain(..n);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                    // EPIPE: the process closed its stdin; what was not read is dropped.
+                    Err(_) => {
+                        self.pending.clear();
+                        self.stdin = None;
+                        return;
+                    }
+                }
+            }
+        }
+        if self.close_when_flushed && self.pending.is_empty() {
+            self.stdin = None;
+        }
+        if self.stdin.is_none() {
+            self.pending.clear();
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.pending.len() >= MAX_PENDING_STDIN
+    }
 }
 
 struct Attachment {
@@ -167,6 +246,7 @@ pub enum Slot {
     Status(usize),
     Shim(usize),
     Stdin(usize),
+    MainStdin,
     Attachment(usize),
 }
 
@@ -177,6 +257,9 @@ pub struct Execs {
     ended: HashSet<Uuid>,
     attachments: Vec<Attachment>,
     waiters: Vec<(Uuid, UnixStream)>,
+    /// The main command's input, when it was started with stdin or a terminal; attached to as
+    /// the nil exec id.
+    main: Option<Input>,
 }
 
 fn answer(stream: &mut UnixStream, line: &str) {
@@ -192,7 +275,23 @@ impl Execs {
             ended: HashSet::new(),
             attachments: Vec::new(),
             waiters: Vec::new(),
+            main: None,
         }
+    }
+
+    /// The main command's stdin (a pipe, or the pty master) and, with a terminal, the master.
+    pub fn set_main_input(&mut self, stdin: Option<File>, master: Option<File>) {
+        self.main = Some(Input::new(stdin, master));
+    }
+
+    fn input_of(&mut self, id: Uuid) -> Option<&mut Input> {
+        if id.is_nil() {
+            return self.main.as_mut();
+        }
+        self.running
+            .iter_mut()
+            .find(|e| e.id == id)
+            .map(|e| &mut e.input)
     }
 
     /// True when no exec is running any more (the monitor may exit).
@@ -224,9 +323,12 @@ impl Execs {
                 }
             }
             ExecCommand::Attach { id, stdin } => {
-                let Some(exec) = self.running.iter().find(|e| e.id == id) else {
-                    let why = if self.ended.contains(&id) {
+                let ended = self.ended.contains(&id);
+                let Some(input) = self.input_of(id) else {
+                    let why = if ended {
                         "ended"
+                    } else if id.is_nil() {
+                        "no_stdin"
                     } else {
                         "no such exec"
                     };
@@ -234,7 +336,7 @@ impl Execs {
                     return;
                 };
                 if stdin {
-                    if exec.stdin.is_none() {
+                    if input.stdin.is_none() && input.pending.is_empty() {
                         answer(&mut stream, "err no_stdin\n");
                         return;
                     }
@@ -351,19 +453,17 @@ impl Execs {
                 CloneResult::Parent { child, pidfd } => (child, pidfd),
             };
         drop(fds);
-        let (out, err, stdin) = if let Some(socket) = ours.3 {
+        let (out, err, stdin, master) = if let Some(socket) = ours.3 {
             match receive_master(&socket) {
                 Ok(master) => {
-                    let input = if req.stdin {
-                        Some(
-                            master
-                                .try_clone()
-                                .map_err(|e| format!("duplicating the pty master: {e}"))?,
-                        )
-                    } else {
-                        None
+                    let dup = || {
+                        master
+                            .try_clone()
+                            .map_err(|e| format!("duplicating the pty master: {e}"))
                     };
-                    (Some(master), None, input)
+                    let input = if req.stdin { Some(dup()?) } else { None };
+                    let resize = Some(dup()?);
+                    (Some(master), None, input, resize)
                 }
                 Err(e) => {
                     // The shim failed before handing over a terminal; its status pipe says why.
@@ -384,9 +484,10 @@ impl Execs {
                 ours.0.map(File::from),
                 ours.1.map(File::from),
                 ours.2.map(File::from),
+                None,
             )
         };
-        for f in [&out, &err, &stdin].into_iter().flatten() {
+        for f in [&out, &err].into_iter().flatten() {
             let _ = nix::fcntl::fcntl(
                 f.as_raw_fd(),
                 nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
@@ -406,10 +507,7 @@ impl Execs {
             status_buf: Vec::new(),
             out,
             err,
-            stdin,
-            tty: req.tty,
-            pending: Vec::new(),
-            close_stdin_when_flushed: false,
+            input: Input::new(stdin, master),
             log,
             index,
             log_len: 0,
@@ -488,18 +586,31 @@ impl Execs {
             if e.shim_exited.is_none() {
                 add(e.shim_pidfd.as_fd(), PollFlags::POLLIN, Slot::Shim(i));
             }
-            if let (Some(f), false) = (&e.stdin, e.pending.is_empty()) {
+            if let (Some(f), false) = (&e.input.stdin, e.input.pending.is_empty()) {
                 add(f.as_fd(), PollFlags::POLLOUT, Slot::Stdin(i));
+            }
+        }
+        if let Some(Input {
+            stdin: Some(f),
+            pending,
+            ..
+        }) = &self.main
+        {
+            if !pending.is_empty() {
+                add(f.as_fd(), PollFlags::POLLOUT, Slot::MainStdin);
             }
         }
         for (i, a) in self.attachments.iter().enumerate() {
             // Backpressure: a writer is not read while its exec's stdin is full.
             let full = a.writer
-                && self
-                    .running
-                    .iter()
-                    .find(|e| e.id == a.exec)
-                    .is_some_and(|e| e.pending.len() >= MAX_PENDING_STDIN);
+                && if a.exec.is_nil() {
+                    self.main.as_ref().is_some_and(Input::full)
+                } else {
+                    self.running
+                        .iter()
+                        .find(|e| e.id == a.exec)
+                        .is_some_and(|e| e.input.full())
+                };
             let flags = if full {
                 PollFlags::empty()
             } else {
@@ -524,7 +635,12 @@ impl Execs {
                     e.shim_exited = Some(Instant::now());
                     e.read_status();
                 }
-                Slot::Stdin(i) => self.running[i].flush_stdin(),
+                Slot::Stdin(i) => self.running[i].input.flush(),
+                Slot::MainStdin => {
+                    if let Some(main) = &mut self.main {
+                        main.flush();
+                    }
+                }
                 Slot::Attachment(i) => attachments.push(i),
             }
         }
@@ -603,31 +719,11 @@ impl Execs {
                 Ok(None) => return true,
                 Err(_) => return false,
             };
-            let (exec_id, writer) = (a.exec, a.writer);
-            let Some(e) = self.running.iter_mut().find(|e| e.id == exec_id) else {
+            let (target, writer) = (a.exec, a.writer);
+            let Some(input) = self.input_of(target) else {
                 return false;
             };
-            match frame {
-                // Only the stdin owner writes; other attachments are readers.
-                Frame::Stdin(data) if writer && !e.close_stdin_when_flushed => {
-                    e.pending.extend_from_slice(&data);
-                    e.flush_stdin();
-                }
-                Frame::CloseStdin if writer => {
-                    if e.tty {
-                        e.pending.push(VEOF);
-                    } else {
-                        e.close_stdin_when_flushed = true;
-                    }
-                    e.flush_stdin();
-                }
-                Frame::Resize { cols, rows } if e.tty && cols > 0 && rows > 0 => {
-                    if let Some(master) = &e.out {
-                        let _ = sys::set_window_size(master.as_fd(), cols, rows);
-                    }
-                }
-                _ => {}
-            }
+            input.apply(frame, writer);
         }
     }
 
@@ -706,33 +802,6 @@ impl Exec {
                 2,
                 marker.as_bytes(),
             );
-        }
-    }
-
-    fn flush_stdin(&mut self) {
-        if let Some(f) = &mut self.stdin {
-            while !self.pending.is_empty() {
-                match f.write(&self.pending) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        self.pending.drain(..n);
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                    // EPIPE: the process closed its stdin; what was not read is dropped.
-                    Err(_) => {
-                        self.pending.clear();
-                        self.stdin = None;
-                        return;
-                    }
-                }
-            }
-        }
-        if self.close_stdin_when_flushed && self.pending.is_empty() {
-            self.stdin = None;
-        }
-        if self.stdin.is_none() {
-            self.pending.clear();
         }
     }
 
@@ -874,7 +943,7 @@ fn create_exec_dir(sandbox: BorrowedFd<'_>, id: Uuid) -> Result<OwnedFd, String>
 }
 
 /// Receive the pty master a shim sends (it does so right after joining the sandbox).
-fn receive_master(socket: &UnixStream) -> Result<File, String> {
+pub(crate) fn receive_master(socket: &UnixStream) -> Result<File, String> {
     let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
     match nix::poll::poll(&mut fds, PTY_HANDOVER_TIMEOUT_MS) {
         Ok(0) => return Err("no terminal within 5 s".into()),

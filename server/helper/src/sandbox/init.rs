@@ -13,9 +13,10 @@ use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{dup2, pipe2, setsid, ForkResult, Pid};
+use nix::unistd::{pipe2, setsid, ForkResult, Pid};
 
 use super::seccomp::Filters;
+use crate::exec::join::Stdio;
 use crate::sys::fork;
 
 use crate::sys;
@@ -35,13 +36,7 @@ const FORWARDED: &[Signal] = &[
     Signal::SIGWINCH,
 ];
 
-pub fn run(
-    spawn: &ValidSpawn,
-    filters: &Filters,
-    mut status: File,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
-) -> ! {
+pub fn run(spawn: &ValidSpawn, filters: &Filters, mut status: File, stdio: Stdio) -> ! {
     let mut waited = SigSet::empty();
     waited.add(Signal::SIGCHLD);
     for s in FORWARDED {
@@ -61,7 +56,7 @@ pub fn run(
     let command = match fork() {
         Ok(ForkResult::Child) => {
             drop(exec_r);
-            exec_command(spawn, filters, stdout, stderr, exec_w)
+            exec_command(spawn, filters, stdio, exec_w)
         }
         Ok(ForkResult::Parent { child }) => child,
         Err(e) => {
@@ -69,8 +64,8 @@ pub fn run(
             sys::exit_now(1);
         }
     };
-    // Only the command may hold the output pipes: their end of file marks the end of output.
-    drop((stdout, stderr, exec_w));
+    // Only the command may hold its stdio: the end of file of the output marks its end.
+    drop((stdio, exec_w));
     let mut errno = [0u8; 4];
     match File::from(exec_r).read(&mut errno) {
         Ok(4) => {
@@ -108,19 +103,13 @@ pub fn run(
 
 /// In the command's process: wire up stdio, restore a clean signal state, enter the working
 /// directory, install the seccomp filter and exec. On failure, report errno through `exec_w` and exit 127 (not found) or 126.
-fn exec_command(
-    spawn: &ValidSpawn,
-    filters: &Filters,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
-    exec_w: OwnedFd,
-) -> ! {
-    // Move our three descriptors above 10 first, so the dup2s below cannot clobber one another.
+fn exec_command(spawn: &ValidSpawn, filters: &Filters, stdio: Stdio, exec_w: OwnedFd) -> ! {
+    // Move the report descriptor above 10 first, so the dup2s below cannot clobber it.
     let high = |fd: OwnedFd| -> RawFd {
         let raw = fd.into_raw_fd();
         nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10)).unwrap_or(raw)
     };
-    let (out, err, report) = (high(stdout), high(stderr), high(exec_w));
+    let report = high(exec_w);
     let program = spawn.command[0].to_string_lossy();
     let fail = |e: Errno, what: &str| -> ! {
         let _ = nix::unistd::write(borrow(report), &(e as i32).to_ne_bytes());
@@ -136,12 +125,10 @@ fn exec_command(
             let _ = sys::reset_signal(s);
         }
     }
-    // stdin is the sandbox's own /dev/null: no host descriptor crosses into the sandbox.
-    let wired = nix::fcntl::open("/dev/null", OFlag::O_RDONLY, nix::sys::stat::Mode::empty())
-        .and_then(|null| dup2(null, 0))
-        .and_then(|_| dup2(out, 1))
-        .and_then(|_| dup2(err, 2));
-    if let Err(e) = wired {
+    // stdin is the sandbox's own /dev/null unless the spec asked for stdin (a pipe from the
+    // monitor) or a terminal (the sandbox's own pty, which becomes the controlling terminal):
+    // no host descriptor crosses into the sandbox.
+    if let Err(e) = crate::exec::join::wire_stdio(stdio) {
         fail(e, "set up stdio for");
     }
     if let Err(e) = crate::fds::close_all_except(&[report]) {

@@ -39,6 +39,10 @@ pub struct InitFds {
     /// Unshare the cgroup namespace once the monitor has moved us into our cgroup (cgroup v1,
     /// where a child cannot be born into its cgroup).
     pub unshare_cgroupns: bool,
+    /// Read end of the command's stdin pipe (`stdin: true` without a terminal).
+    pub stdin: Option<OwnedFd>,
+    /// With a terminal: where to send the pty master to the monitor.
+    pub pty_socket: Option<OwnedFd>,
 }
 
 /// The step that failed, and why.
@@ -56,13 +60,17 @@ pub(crate) fn step(step: impl Into<String>) -> impl FnOnce(nix::errno::Errno) ->
 
 /// Run as the cloned child. Never returns.
 pub fn run_init(spawn: &ValidSpawn, fds: InitFds) -> ! {
-    let keep = [
+    let keep: Vec<_> = [
         fds.work.as_raw_fd(),
         fds.sync.as_raw_fd(),
         fds.status.as_raw_fd(),
         fds.stdout.as_raw_fd(),
         fds.stderr.as_raw_fd(),
-    ];
+    ]
+    .into_iter()
+    .chain(fds.stdin.as_ref().map(|f| f.as_raw_fd()))
+    .chain(fds.pty_socket.as_ref().map(|f| f.as_raw_fd()))
+    .collect();
     if crate::fds::close_all_except(&keep).is_err() {
         sys::exit_now(1);
     }
@@ -97,7 +105,24 @@ pub fn run_init(spawn: &ValidSpawn, fds: InitFds) -> ! {
             sys::exit_now(1);
         }
     };
-    init::run(spawn, filters, status, fds.stdout, fds.stderr)
+    let stdio = match (spawn.tty, fds.pty_socket) {
+        // The terminal comes from the sandbox's own devpts: we are inside its root now.
+        (Some((cols, rows)), Some(socket)) => {
+            match crate::exec::join::open_pty(cols, rows, std::os::fd::AsFd::as_fd(&socket)) {
+                Ok(slave) => crate::exec::join::Stdio::Tty(slave),
+                Err(e) => {
+                    let _ = writeln!(status, "setup_failed {e}");
+                    sys::exit_now(1);
+                }
+            }
+        }
+        _ => crate::exec::join::Stdio::Pipes {
+            stdin: fds.stdin,
+            stdout: fds.stdout,
+            stderr: fds.stderr,
+        },
+    };
+    init::run(spawn, filters, status, stdio)
 }
 
 /// Switch every id to root of the new user namespace, so that the host sees the mapped ids and
