@@ -125,7 +125,14 @@ pub async fn logs(
         return Ok(upgrade
             .max_message_size(64 * 1024)
             .on_upgrade(move |socket| {
-                session(state, Target::Exec(exec), opts, None, socket, true)
+                session(
+                    state,
+                    Target::Exec(exec.sandbox_id, exec.id),
+                    opts,
+                    None,
+                    socket,
+                    true,
+                )
             }));
     }
     let opts = ReadOptions {
@@ -187,7 +194,16 @@ pub async fn attach(
     };
     Ok(upgrade
         .max_message_size(MAX_INCOMING)
-        .on_upgrade(move |socket| session(state, Target::Exec(exec), opts, conn, socket, false)))
+        .on_upgrade(move |socket| {
+            session(
+                state,
+                Target::Exec(exec.sandbox_id, exec.id),
+                opts,
+                conn,
+                socket,
+                false,
+            )
+        }))
 }
 
 /// `GET /v1/sandboxes/{id}/attach` (websocket only): the same protocol for the main command.
@@ -217,7 +233,8 @@ pub async fn attach_main(
 
 /// Whose output a websocket streams.
 enum Target {
-    Exec(Exec),
+    /// An exec: (sandbox id, exec id).
+    Exec(uuid::Uuid, uuid::Uuid),
     /// The sandbox's main command.
     Main(uuid::Uuid),
 }
@@ -225,14 +242,14 @@ enum Target {
 impl Target {
     fn dir(&self, state: &AppState) -> sandboxd_protocol::layout::SandboxDir {
         match self {
-            Target::Exec(e) => state.svc.exec_dir(e.sandbox_id, e.id),
+            Target::Exec(s, e) => state.svc.exec_dir(*s, *e),
             Target::Main(id) => state.svc.dir(*id),
         }
     }
 
     fn exit(&self, state: &AppState) -> Option<tokio::sync::watch::Receiver<bool>> {
         match self {
-            Target::Exec(e) => state.svc.subscribe_exec(e.id),
+            Target::Exec(_, e) => state.svc.subscribe_exec(*e),
             Target::Main(id) => state.svc.subscribe(*id),
         }
     }
@@ -240,14 +257,8 @@ impl Target {
     /// Exit code and signal, once final.
     async fn end(&self, state: &AppState) -> (Option<i32>, Option<String>) {
         match self {
-            Target::Exec(e) => {
-                let row = state
-                    .svc
-                    .store()
-                    .exec(e.sandbox_id, e.id)
-                    .await
-                    .ok()
-                    .flatten();
+            Target::Exec(s, e) => {
+                let row = state.svc.store().exec(*s, *e).await.ok().flatten();
                 (
                     row.as_ref().and_then(|e| e.exit_code),
                     row.and_then(|e| e.signal),
