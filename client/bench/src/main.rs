@@ -49,6 +49,9 @@ struct Args {
     /// Also run sandboxd with memory, cpus and pids limits (the cost of enforcing them).
     #[arg(long)]
     with_limits: bool,
+    /// Leave out the exec row (`true` as an exec in one running sandbox).
+    #[arg(long)]
+    no_exec: bool,
     /// Install missing peers (`apt-get install -y bubblewrap`) instead of skipping them.
     #[arg(long)]
     install_peers: bool,
@@ -145,6 +148,32 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     peers.push(Peer::ForkExec);
+    // One long-lived sandbox for the exec row, removed at the end.
+    let exec_sandbox = if args.no_exec {
+        None
+    } else {
+        let spec = sandboxd_api::CreateSandbox {
+            command: vec!["sleep".to_owned(), "86400".to_owned()],
+            env: Default::default(),
+            cwd: None,
+            hostname: None,
+            name: None,
+            labels: [("sandboxd-bench".to_owned(), "exec".to_owned())].into(),
+            limits: Default::default(),
+            ttl_secs: None,
+            remove_after_exit_secs: None,
+            capabilities: None,
+            nested_user_namespaces: false,
+            stdin: false,
+            tty: false,
+            cols: None,
+            rows: None,
+        };
+        let sandbox = client.create(&spec).await?;
+        let id = sandbox.id.to_string();
+        peers.push(Peer::SandboxdExec(client.clone(), id.clone()));
+        Some(id)
+    };
 
     let phases = [
         (1, args.iterations),
@@ -189,6 +218,11 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
 
+    if let Some(id) = exec_sandbox {
+        if let Err(e) = client.delete(&id).await {
+            eprintln!("removing the exec sandbox {id}: {}", chain(&e));
+        }
+    }
     print_report(&args, &client, &peers, &rows).await;
     let sandboxd_ok = rows
         .iter()

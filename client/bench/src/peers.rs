@@ -39,6 +39,8 @@ pub enum Peer {
     SandboxdLimited(Client),
     Bwrap(PathBuf),
     ForkExec,
+    /// `true` as an exec in a running sandbox (the sandbox's id).
+    SandboxdExec(Client, String),
 }
 
 impl Peer {
@@ -48,6 +50,7 @@ impl Peer {
             Peer::SandboxdLimited(_) => "sandboxd+limits",
             Peer::Bwrap(_) => "bwrap",
             Peer::ForkExec => "fork+exec",
+            Peer::SandboxdExec(..) => "sandboxd exec",
         }
     }
 
@@ -64,6 +67,10 @@ impl Peer {
             ),
             Peer::Bwrap(path) => format!("{} --unshare-all --ro-bind / / true", path.display()),
             Peer::ForkExec => "std::process::Command::new(\"/bin/true\").status()".to_owned(),
+            Peer::SandboxdExec(client, id) => format!(
+                "POST {}v1/sandboxes/{id}/execs {{\"command\":[\"true\"]}}, then its logs with follow=true until the end",
+                client.base_url()
+            ),
         }
     }
 
@@ -122,6 +129,30 @@ impl Peer {
                     time_command(command, &path)
                 })
                 .await?
+            }
+            Peer::SandboxdExec(client, sandbox) => {
+                let spec = sandboxd_api::CreateExec {
+                    command: vec!["true".to_owned()],
+                    env: Default::default(),
+                    cwd: None,
+                    tty: false,
+                    stdin: false,
+                    cols: None,
+                    rows: None,
+                };
+                let start = Instant::now();
+                let exec = client.create_exec(sandbox, &spec).await?;
+                let exec = client.wait_exec(sandbox, &exec.id.to_string()).await?;
+                let latency = start.elapsed();
+                if exec.state != SandboxState::Exited || exec.exit_code != Some(0) {
+                    return Err(PeerError::SandboxFailed {
+                        id: exec.id.to_string(),
+                        state: exec.state.as_str(),
+                        code: exec.exit_code,
+                        error: exec.error.unwrap_or_default(),
+                    });
+                }
+                Ok(latency)
             }
             Peer::ForkExec => {
                 tokio::task::spawn_blocking(|| {

@@ -182,6 +182,11 @@ impl Client {
         &self.http
     }
 
+    /// Send a request; a non-2xx answer is an error (for request modules in this crate).
+    pub(crate) async fn send_request(&self, request: RequestBuilder) -> Result<Response> {
+        self.send(request).await
+    }
+
     /// Send a request and decode its JSON answer (for request modules in this crate).
     pub(crate) async fn json_request<T: DeserializeOwned>(
         &self,

@@ -132,6 +132,18 @@ impl Client {
         Ok(list.items)
     }
 
+    /// Wait until an exec has ended (by reading its output to the end) and return it.
+    pub async fn wait_exec(&self, sandbox: &str, exec: &str) -> Result<Exec> {
+        let mut url = self.url(&["v1", "sandboxes", sandbox, "execs", exec, "logs"]);
+        url.query_pairs_mut().append_pair("follow", "true");
+        let response = self.send_request(self.http().get(url)).await?;
+        let mut body = response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            chunk.map_err(ClientError::Decode)?;
+        }
+        self.get_exec(sandbox, exec).await
+    }
+
     /// `GET /v1/sandboxes/{id}/execs/{exec_id}`.
     pub async fn get_exec(&self, sandbox: &str, exec: &str) -> Result<Exec> {
         let url = self.url(&["v1", "sandboxes", sandbox, "execs", exec]);
