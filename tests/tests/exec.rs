@@ -208,6 +208,32 @@ fn exec_into_a_sandbox_that_is_not_running_is_409() {
         ));
         assert_eq!(resp.status().as_u16(), 404);
         let id = d.start_sandbox(&["sleep", "300"]);
+        // Another tenant's sandbox answers exactly like a missing one, execs and attach included.
+        let other = d.create_token("other-tenant", "user");
+        let exec = create_exec(&d, &id, json!({"command": ["true"]}));
+        let as_other = d.http_as(Some(&other));
+        let resp = as_other
+            .post(format!("{}/v1/sandboxes/{id}/execs", d.url))
+            .json(&json!({"command": ["true"]}))
+            .send()
+            .expect("POST");
+        assert_eq!(resp.status().as_u16(), 404, "{mode:?}");
+        for path in [
+            format!("/v1/sandboxes/{id}/execs"),
+            format!("/v1/sandboxes/{id}/execs/{}", exec.id),
+            format!("/v1/sandboxes/{id}/execs/{}/logs", exec.id),
+        ] {
+            let resp = as_other
+                .get(format!("{}{path}", d.url))
+                .send()
+                .expect("GET");
+            assert_eq!(resp.status().as_u16(), 404, "{mode:?} {path}");
+        }
+        let attach_path = format!("/v1/sandboxes/{id}/execs/{}/attach", exec.id);
+        assert_eq!(d.websocket_as(&attach_path, Some(&other)).err(), Some(404));
+        // An exec id of one sandbox is not found under another.
+        let resp = d.get(&format!("/v1/sandboxes/{}/execs/{}", sandbox.id, exec.id));
+        assert_eq!(resp.status().as_u16(), 404);
         for bad in [
             json!({"command": []}),
             json!({"command": ["x"], "cwd": "relative"}),

@@ -52,6 +52,8 @@ const MAX_PENDING_STDIN: usize = 256 * 1024;
 const PTY_HANDOVER_TIMEOUT_MS: u16 = 5000;
 const MAX_ARGS: usize = 4096;
 const MAX_ENV: usize = 1024;
+/// Connections held for `exec-wait` and `attach` together (each is a descriptor of the monitor).
+const MAX_HELD_CONNECTIONS: usize = 256;
 /// A terminal's end-of-file character (VEOF, ^D): what `close_stdin` sends to a terminal.
 const VEOF: u8 = 4;
 
@@ -307,6 +309,11 @@ impl Execs {
         rest: Vec<u8>,
         sandbox: &Sandbox<'_>,
     ) {
+        let held = self.attachments.len() + self.waiters.len();
+        if held >= MAX_HELD_CONNECTIONS && !matches!(cmd, ExecCommand::Start(_)) {
+            answer(&mut stream, "err too many connections\n");
+            return;
+        }
         match cmd {
             ExecCommand::Start(req) => {
                 if let Err(e) = self.start(*req, stream.try_clone().ok(), sandbox) {
