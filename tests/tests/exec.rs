@@ -133,17 +133,18 @@ fn exec_sees_the_main_process_and_its_files_and_exit_codes_are_exact() {
         let (ps, exec) = run_exec(
             &d,
             &id,
-            &["sh", "-c", "cat /proc/2/cmdline | tr '\\0' ' '; echo; hostname; id -u; cat /proc/self/status | grep -E '^(CapBnd|NoNewPrivs|Seccomp):'"],
+            &["sh", "-c", "cat /proc/2/cmdline | tr '\\0' ' '; echo; hostname; id -u; cat /proc/self/status | grep -E '^(CapBnd|CapEff|CapInh|CapAmb|NoNewPrivs|Seccomp|Uid|Gid):'; cat /proc/self/cgroup; for n in user mnt pid uts ipc net cgroup; do [ \"$(readlink /proc/self/ns/$n)\" = \"$(readlink /proc/2/ns/$n)\" ] || echo \"namespace $n differs from the main command's\"; done"],
         );
         assert_eq!(exec.exit_code, Some(0), "{mode:?}: {ps}");
         assert!(ps.starts_with("sleep 300"), "{mode:?}: {ps}");
         let sandbox = d.sandbox(&id);
         assert!(ps.contains(&sandbox.hostname), "{mode:?}: {ps}");
-        // The same identity and restrictions as the main command.
+        // The same identity and restrictions as a main command (and all of this one's namespaces:
+        // a differing namespace would add a line).
         let (_, main_status) = d.run(&[
             "sh",
             "-c",
-            "cat /proc/self/status | grep -E '^(CapBnd|NoNewPrivs|Seccomp):'",
+            "cat /proc/self/status | grep -E '^(CapBnd|CapEff|CapInh|CapAmb|NoNewPrivs|Seccomp|Uid|Gid):'; cat /proc/self/cgroup",
         ]);
         let exec_status: Vec<&str> = ps.lines().skip(3).collect();
         let main_lines: Vec<String> = main_status.lines().map(str::to_owned).collect::<Vec<_>>();
