@@ -985,3 +985,95 @@ pub(crate) fn receive_master(socket: &UnixStream) -> Result<File, String> {
         .map(File::from)
         .ok_or_else(|| "the shim sent no terminal".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn execs() -> Execs {
+        let null = || OwnedFd::from(File::open("/dev/null").expect("/dev/null opens"));
+        Execs::new(Context {
+            ids: IdMap::Single {
+                uid: 1000,
+                gid: 1000,
+            },
+            capabilities: vec!["CAP_CHOWN"],
+            nested_user_namespaces: false,
+            env: vec![
+                CString::new("PATH=/bin").expect("no NUL"),
+                CString::new("HOME=/root").expect("no NUL"),
+            ],
+            cwd: CString::new("/work").expect("no NUL"),
+            output_cap: 1 << 20,
+            daemon_uid: 1000,
+            daemon_gid: 1000,
+            cgroup_procs: Vec::new(),
+            cgroup_v2: None,
+            namespaces: Namespaces {
+                user: null(),
+                others: vec![null()],
+                late_cgroup: false,
+            },
+        })
+    }
+
+    fn request(edit: impl FnOnce(&mut ExecRequest)) -> ExecRequest {
+        let mut req = ExecRequest {
+            id: Uuid::new_v4(),
+            command: vec!["sh".into()],
+            env: Vec::new(),
+            cwd: None,
+            tty: false,
+            stdin: false,
+            cols: 0,
+            rows: 0,
+        };
+        edit(&mut req);
+        req
+    }
+
+    #[test]
+    fn requests_are_validated_again_and_extend_the_sandbox() {
+        let execs = execs();
+        let bad: [(&str, Box<dyn FnOnce(&mut ExecRequest)>); 6] = [
+            ("empty command", Box::new(|r| r.command.clear())),
+            ("NUL", Box::new(|r| r.command.push("a\0b".into()))),
+            (
+                "env name",
+                Box::new(|r| r.env.push(("1X".into(), "v".into()))),
+            ),
+            (
+                "env NUL",
+                Box::new(|r| r.env.push(("X".into(), "\0".into()))),
+            ),
+            ("relative cwd", Box::new(|r| r.cwd = Some("tmp".into()))),
+            (
+                "cwd with ..",
+                Box::new(|r| r.cwd = Some("/work/../etc".into())),
+            ),
+        ];
+        for (what, edit) in bad {
+            assert!(execs.plan(&request(edit)).is_err(), "{what}");
+        }
+        let plan = execs
+            .plan(&request(|r| {
+                r.env.push(("HOME".into(), "/tmp".into()));
+                r.env.push(("A".into(), "1".into()));
+                r.tty = true;
+                r.cols = 132;
+            }))
+            .expect("valid");
+        let env: Vec<&str> = plan
+            .env
+            .iter()
+            .map(|e| e.to_str().expect("utf-8"))
+            .collect();
+        assert_eq!(env, ["PATH=/bin", "HOME=/tmp", "A=1"]);
+        assert_eq!(plan.cwd.to_str(), Ok("/work"));
+        assert_eq!(plan.tty, Some((132, 24)));
+        let plan = execs
+            .plan(&request(|r| r.cwd = Some("/tmp".into())))
+            .expect("valid");
+        assert_eq!((plan.cwd.to_str(), plan.tty), (Ok("/tmp"), None));
+    }
+}
