@@ -360,7 +360,9 @@ impl Execs {
                     writer: stdin,
                 });
                 let i = self.attachments.len() - 1;
-                self.serve_attachment_frames(i);
+                if !self.serve_attachment_frames(i) {
+                    self.attachments.swap_remove(i);
+                }
             }
         }
     }
@@ -1035,7 +1037,8 @@ mod tests {
     #[test]
     fn requests_are_validated_again_and_extend_the_sandbox() {
         let execs = execs();
-        let bad: [(&str, Box<dyn FnOnce(&mut ExecRequest)>); 6] = [
+        type Edit = Box<dyn FnOnce(&mut ExecRequest)>;
+        let bad: [(&str, Edit); 6] = [
             ("empty command", Box::new(|r| r.command.clear())),
             ("NUL", Box::new(|r| r.command.push("a\0b".into()))),
             (
