@@ -650,3 +650,42 @@ fn sbx_run_it_gives_the_main_command_this_terminal() {
     let screen = tmux.wait_for("EXIT=4");
     assert!(screen.contains("EXIT=4"), "{screen}");
 }
+
+#[test]
+fn tiocsti_reaches_no_terminal_but_the_callers_own() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let id = d.start_sandbox(&["sleep", "300"]);
+    // A shell on a terminal of the sandbox's devpts...
+    let shell = create_exec(
+        &d,
+        &id,
+        json!({"command": ["sh", "-i"], "tty": true, "stdin": true}),
+    );
+    let mut ws = attach(&d, &shell, "").expect("attach");
+    send_stdin(&mut ws, b"tty\n");
+    let out = read_until(&mut ws, "/dev/pts/", Duration::from_secs(20));
+    let pts = out
+        .split_whitespace()
+        .find(|w| w.starts_with("/dev/pts/"))
+        .expect("the shell's terminal")
+        .to_owned();
+    // ...cannot be fed input by another process of the sandbox (not its controlling terminal).
+    let script = format!(
+        "import fcntl, os, termios\n\
+         fd = os.open('{pts}', os.O_RDWR | os.O_NOCTTY)\n\
+         try:\n    fcntl.ioctl(fd, termios.TIOCSTI, b'x')\n    print('injected')\n\
+         except PermissionError:\n    print('refused')\n"
+    );
+    let (out, exec) = run_exec(&d, &id, &["python3", "-c", &script]);
+    assert_eq!(exec.exit_code, Some(0), "{out}");
+    assert_eq!(out, "refused\n");
+    // The only terminals in the sandbox are its own: no host pts is visible.
+    let (out, _) = run_exec(&d, &id, &["sh", "-c", "ls /dev/pts"]);
+    let mine = pts.trim_start_matches("/dev/pts/");
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        [mine, "ptmx"],
+        "{out}"
+    );
+}
