@@ -438,6 +438,9 @@ impl Drop for Tmux {
             .arg(&self.socket)
             .arg("kill-server")
             .output();
+        // kill-server leaves its socket behind.
+        let uid = nix::unistd::getuid();
+        let _ = std::fs::remove_file(format!("/tmp/tmux-{uid}/{}", self.socket));
     }
 }
 
