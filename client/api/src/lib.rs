@@ -51,6 +51,18 @@ pub struct CreateSandbox {
     /// otherwise). Only where the operator allows it (`--allow-nested-userns`), else 422.
     #[serde(default, skip_serializing_if = "is_false")]
     pub nested_user_namespaces: bool,
+    /// Start the command at once (the default). With `false` the sandbox stays `created`, files
+    /// can be put in, and `POST /v1/sandboxes/{id}/start` starts it.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub start: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 fn is_false(b: &bool) -> bool {
@@ -107,6 +119,8 @@ pub enum SandboxState {
     Exited,
     /// The sandbox could not be started or was lost; `reason` and `error` say why.
     Failed,
+    /// Created with `"start": false`: files can be put in; `POST /start` runs the command.
+    Created,
 }
 
 impl SandboxState {
@@ -116,6 +130,7 @@ impl SandboxState {
             SandboxState::Running => "running",
             SandboxState::Exited => "exited",
             SandboxState::Failed => "failed",
+            SandboxState::Created => "created",
         }
     }
 
@@ -125,6 +140,7 @@ impl SandboxState {
             "running" => SandboxState::Running,
             "exited" => SandboxState::Exited,
             "failed" => SandboxState::Failed,
+            "created" => SandboxState::Created,
             _ => return None,
         })
     }
@@ -409,4 +425,27 @@ pub struct Ticket {
     pub ticket: String,
     #[serde(with = "time::serde::rfc3339")]
     pub expires_at: OffsetDateTime,
+}
+
+/// One entry of a directory listing (`GET /v1/sandboxes/{id}/files` of a directory).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    /// `file`, `directory`, `symlink` or `other`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Last modification, Unix seconds.
+    pub mtime: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_target: Option<String>,
+}
+
+/// A directory listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileListing {
+    pub path: String,
+    pub entries: Vec<FileEntry>,
 }

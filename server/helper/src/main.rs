@@ -19,6 +19,7 @@ mod cgroup;
 mod config;
 mod dirs;
 mod fds;
+mod files;
 mod info;
 mod monitor;
 mod sandbox;

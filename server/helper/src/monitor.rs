@@ -477,7 +477,7 @@ impl OomEvent {
     }
 }
 
-fn write_id_maps(child: Pid, ids: IdMap) -> Result<(), HelperError> {
+pub(crate) fn write_id_maps(child: Pid, ids: IdMap) -> Result<(), HelperError> {
     let proc = format!("/proc/{child}");
     let write = |file: &str, content: &str| {
         std::fs::write(format!("{proc}/{file}"), content)

@@ -5,12 +5,14 @@
 //! * [`status`]: the exit record a monitor writes when its sandbox ends.
 //! * [`logindex`]: the record format that says which bytes of the output log came from which stream.
 //! * [`capabilities`]: capability names and the default bounding set.
+//! * [`files`]: paths a client may name in a sandbox, and the chunked streams of file transfers.
 //! * [`control`]: the line protocol of a monitor's control socket (kill, exit notification).
 //!
 //! Nothing here performs I/O beyond encoding and decoding; both sides bring their own sockets.
 
 pub mod capabilities;
 pub mod control;
+pub mod files;
 pub mod layout;
 pub mod logindex;
 pub mod status;

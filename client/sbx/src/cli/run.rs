@@ -82,6 +82,7 @@ impl RunArgs {
             remove_after_exit_secs: self.rm.then_some(RM_SAFETY_NET_SECS),
             capabilities: None,
             nested_user_namespaces: false,
+            start: true,
         }
     }
 }

@@ -8,6 +8,7 @@
 //! Lifetimes (`ttl_secs`, `remove_after_exit_secs`, `/extend`) are enforced by one reaper task
 //! (see [`reaper`]) that sleeps until the earliest deadline in the store.
 
+mod files;
 pub mod monitor;
 mod reaper;
 mod watcher;
@@ -46,6 +47,12 @@ pub enum ServiceError {
     NoCapacity,
     #[error("the sandbox is not running")]
     NotRunning,
+    #[error("the sandbox is not in state created (it was started already)")]
+    NotCreated,
+    #[error("{0}")]
+    NoFiles(String),
+    #[error("{}", .0.message)]
+    Files(sandboxd_protocol::wire::HelperError),
     #[error("signal {0:?} is not allowed")]
     BadSignal(String),
     #[error("setting up sandbox {id} failed")]
@@ -227,12 +234,13 @@ impl Service {
         // `creating` without a watcher.
         let svc = Arc::clone(self);
         let tenant = tenant.to_owned();
+        let start = v.spec.start;
         let id = tokio::spawn(async move {
             svc.create_and_start(tenant, v, resolved, capabilities)
                 .await
         })
         .await??;
-        if wait {
+        if wait && start {
             self.wait(id).await
         } else {
             self.store.get(id).await?.ok_or(ServiceError::NotFound)
@@ -280,24 +288,22 @@ impl Service {
                 });
             }
         };
-        let mut request = SpawnRequest {
-            id,
-            uid_slot,
-            command: v.command.clone(),
-            env: v.env_for(&hostname),
-            cwd: v.cwd.clone(),
-            hostname,
-            timeout_secs: v.timeout_secs,
-            limits: resolved.spawn,
-            capabilities,
-            nested_user_namespaces: v.spec.nested_user_namespaces,
-        };
+        let mut request = spawn_request(id, uid_slot, hostname, &v, &resolved, capabilities, false);
+        let start = v.spec.start;
         // A slot the database thinks free can still be held by a monitor whose sandbox the
         // database lost track of (marked lost, or a row deleted by hand); the helper refuses it
         // and we move on to the next free slot instead of failing every create.
         let mut busy_slots = Vec::new();
         let result = loop {
-            let result = helper_client::spawn(&*self.helper, request.clone()).await;
+            let result = if start {
+                helper_client::spawn(&*self.helper, request.clone())
+                    .await
+                    .map(Some)
+            } else {
+                helper_client::prepare(&*self.helper, request.clone())
+                    .await
+                    .map(|()| None)
+            };
             match (&result, request.uid_slot) {
                 (Err(HelperClientError::Refused(e)), Some(slot))
                     if e.code == HelperErrorCode::SlotBusy && busy_slots.len() < 8 =>
@@ -316,6 +322,26 @@ impl Service {
                 _ => break result,
             }
         };
+        if new.ttl_deadline_ms.is_some() {
+            self.reaper_wake.notify_one();
+        }
+        match result {
+            // Created without starting: it waits in `created` for POST /start.
+            Ok(None) => {
+                self.store.set_created(id).await?;
+                Ok(id)
+            }
+            Ok(Some(spawned)) => self.spawned(id, Ok(spawned)).await,
+            Err(e) => self.spawned(id, Err(e)).await,
+        }
+    }
+
+    /// Record the outcome of a spawn: `running` with a watcher, or `failed` and cleaned up.
+    async fn spawned(
+        self: &Arc<Self>,
+        id: Uuid,
+        result: Result<sandboxd_protocol::wire::Spawned, HelperClientError>,
+    ) -> Result<Uuid, ServiceError> {
         match result {
             Ok(spawned) => {
                 self.store
@@ -330,9 +356,6 @@ impl Service {
                     tracing::info!(%id, error = %e, "command could not be executed");
                 }
                 self.start_watcher(id);
-                if new.ttl_deadline_ms.is_some() {
-                    self.reaper_wake.notify_one();
-                }
                 Ok(id)
             }
             Err(source) => {
@@ -407,7 +430,10 @@ impl Service {
     pub async fn delete(&self, scope: &Scope, id_or_name: &str) -> Result<(), ServiceError> {
         let sandbox = self.find(scope, id_or_name).await?;
         let id = sandbox.id;
-        if !sandbox.state.is_final() {
+        if sandbox.state == SandboxState::Created {
+            // Nothing runs: whoever waits on it is told it is gone.
+            self.notify_final(id);
+        } else if !sandbox.state.is_final() {
             match monitor::kill(&self.dir(id).monitor_socket(), 9).await {
                 Ok(()) | Err(MonitorError::Gone(_)) => {}
                 Err(e) => tracing::warn!(%id, error = %e, "kill before delete failed"),
@@ -664,5 +690,32 @@ mod tests {
         assert_eq!(row.state, SandboxState::Failed);
         assert_eq!(row.reason, Some(EndReason::Lost));
         assert!(!orphan.root().exists());
+    }
+}
+
+/// The spawn request of a sandbox: from the create request, or (for POST /start and file
+/// transfers) from the stored spec, so that both build the same root.
+#[allow(clippy::too_many_arguments)]
+fn spawn_request(
+    id: Uuid,
+    uid_slot: Option<u32>,
+    hostname: String,
+    v: &ValidCreate,
+    resolved: &Resolved,
+    capabilities: Option<Vec<String>>,
+    prepared: bool,
+) -> SpawnRequest {
+    SpawnRequest {
+        id,
+        uid_slot,
+        command: v.command.clone(),
+        env: v.env_for(&hostname),
+        cwd: v.cwd.clone(),
+        hostname,
+        timeout_secs: v.timeout_secs,
+        limits: resolved.spawn,
+        capabilities,
+        nested_user_namespaces: v.spec.nested_user_namespaces,
+        prepared,
     }
 }

@@ -11,9 +11,9 @@
 //!
 //! A failure before the command runs is reported to the monitor as `setup_failed <step>: <error>`.
 
-mod harden;
+pub(crate) mod harden;
 mod init;
-mod rootfs;
+pub(crate) mod rootfs;
 pub mod seccomp;
 
 use std::io::Write;

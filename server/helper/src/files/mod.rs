@@ -1,0 +1,220 @@
+//! File transfers in and out of a sandbox (`Request::Files`), done by a *file worker*.
+//!
+//! The helper validates the request (the spawn request exactly like a `Spawn`, the path and the
+//! mode), opens the sandbox's work directory by descriptor, and forks. The fork clones the worker
+//! into new user, mount, pid and ipc namespaces, writes its uid/gid maps (the sandbox's own
+//! range, or the daemon's uid rootless) and exits. The worker, in this fixed order:
+//!
+//! 1. closes every descriptor but the transfer's connection, the work directory and the sync
+//!    pipe, and waits for its maps;
+//! 2. becomes root of its user namespace — on the host, the sandbox's root uid;
+//! 3. builds the sandbox's root with the very code init uses ([`crate::sandbox::rootfs::build`])
+//!    and pivots into it, so it sees what the sandbox sees and nothing of the host;
+//! 4. drops every capability and sets no_new_privs ([`crate::sandbox::harden::apply`] with an
+//!    empty set): from here on it is an ordinary process of the sandbox's host uid, which can
+//!    touch only what the sandbox's root owns, even if a path resolution were wrong;
+//! 5. resolves the path with `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)` and streams the
+//!    content over the connection ([`worker`]).
+//!
+//! The worker builds a root of its own in every state (created, running, exited): in host-rootfs
+//! mode the only persistent, writable place is `/work`, which is the same directory the running
+//! sandbox has mounted; its tmpfs mounts (`/tmp`, `/run`, `/root`) are its own and are not
+//! reachable through the API.
+
+mod archive;
+mod chunks;
+mod resolve;
+mod worker;
+
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+
+use nix::fcntl::OFlag;
+use nix::unistd::{pipe2, ForkResult, Gid, Uid};
+use sandboxd_protocol::files::{check_mode, SandboxPath};
+use sandboxd_protocol::layout::{PRIVATE_DIR, SANDBOXES_DIR, WORK_DIR};
+use sandboxd_protocol::wire::{self, FilesRequest, HelperError, HelperErrorCode, Response};
+
+use crate::server::Helper;
+use crate::sys::{self, CloneResult};
+use crate::validate::{self, IdMap, ValidSpawn};
+
+/// The worker needs a mount namespace for the root, a pid namespace and an ipc namespace owned
+/// by its user namespace to mount /proc and /dev/mqueue as init does; no network, uts or cgroup
+/// namespace (it runs no command).
+const NAMESPACES: libc::c_int =
+    libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC;
+
+/// A validated transfer: only this reaches the worker.
+pub struct ValidFiles {
+    pub spawn: ValidSpawn,
+    pub op: sandboxd_protocol::files::FileOp,
+    pub path: SandboxPath,
+    pub mode: Option<u32>,
+}
+
+fn invalid(message: impl Into<String>) -> HelperError {
+    HelperError::new(HelperErrorCode::Invalid, message)
+}
+
+fn validate_files(req: &FilesRequest, helper: &Helper) -> Result<ValidFiles, HelperError> {
+    let spawn =
+        validate::validate(&req.spawn, &helper.config).map_err(|e| invalid(e.to_string()))?;
+    let path = SandboxPath::parse(&req.path).map_err(|e| invalid(e.to_string()))?;
+    path.check_for(req.op).map_err(|e| invalid(e.to_string()))?;
+    let mode = req.mode.map(check_mode).transpose().map_err(invalid)?;
+    Ok(ValidFiles {
+        spawn,
+        op: req.op,
+        path,
+        mode,
+    })
+}
+
+/// Start a worker for `req` on `conn`. On success the worker owns the exchange and the helper
+/// must close its copy of the connection; on failure the helper answers the error itself.
+pub fn start(helper: &Helper, req: &FilesRequest, conn: &UnixStream) -> Result<(), HelperError> {
+    let files = validate_files(req, helper)?;
+    let work = helper
+        .sandboxes
+        .open_work(files.spawn.id, files.spawn.ids)
+        .map_err(crate::server::dir_error)?;
+    let work_path = helper
+        .config
+        .state_dir
+        .join(SANDBOXES_DIR)
+        .join(files.spawn.id.to_string())
+        .join(PRIVATE_DIR)
+        .join(WORK_DIR);
+    let setup = |step: &str, e: nix::errno::Errno| {
+        HelperError::new(HelperErrorCode::SetupFailed, format!("{step}: {e}"))
+    };
+    // SAFETY-relevant invariant: the helper is single-threaded, so forking it is sound.
+    match sys::fork().map_err(|e| setup("fork", e))? {
+        ForkResult::Parent { child } => {
+            // The fork exits as soon as the worker has its maps.
+            let _ = nix::sys::wait::waitpid(child, None);
+            Ok(())
+        }
+        ForkResult::Child => {
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                clone_worker(&files, conn, work, &work_path)
+            }))
+            .unwrap_or(1);
+            sys::exit_now(code)
+        }
+    }
+}
+
+/// Send a final frame on the transfer's connection (best effort: the daemon may be gone).
+pub(crate) fn send(conn: &UnixStream, response: &Response) {
+    if let Ok(frame) = wire::encode(response) {
+        let _ = (&*conn).write_all(&frame);
+    }
+}
+
+/// In the helper's fork: clone the worker, give it its maps, and exit.
+fn clone_worker(
+    files: &ValidFiles,
+    conn: &UnixStream,
+    work: OwnedFd,
+    work_path: &std::path::Path,
+) -> i32 {
+    let fail = |step: &str, e: &dyn std::fmt::Display| {
+        send(
+            conn,
+            &Response::Error(HelperError::new(
+                HelperErrorCode::SetupFailed,
+                format!("{step}: {e}"),
+            )),
+        );
+        1
+    };
+    // Nothing of the helper (its socket, other connections, other sandboxes) may reach the worker.
+    let Ok((sync_r, sync_w)) = pipe2(OFlag::O_CLOEXEC) else {
+        return fail("pipe", &"failed");
+    };
+    let keep = [
+        conn.as_raw_fd(),
+        work.as_raw_fd(),
+        sync_r.as_raw_fd(),
+        sync_w.as_raw_fd(),
+    ];
+    if let Err(e) = crate::fds::close_all_except(&keep) {
+        return fail("closing inherited descriptors", &e);
+    }
+    // As the monitor does: the child must start dumpable so that its uid_map belongs to us.
+    if let Err(e) = nix::sys::prctl::set_dumpable(true) {
+        return fail("prctl", &e);
+    }
+    match sys::clone_into_namespaces(NAMESPACES, None) {
+        Err(e) => fail("clone", &e),
+        Ok(CloneResult::Child) => {
+            drop(sync_w);
+            worker_main(files, conn, work, work_path, sync_r)
+        }
+        Ok(CloneResult::Parent { child, pidfd }) => {
+            drop((sync_r, work));
+            if let Err(e) = crate::monitor::write_id_maps(child, files.spawn.ids) {
+                let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+                let _ = nix::sys::wait::waitpid(child, None);
+                return fail("writing the worker's id maps", &e.message);
+            }
+            let _ = nix::sys::prctl::set_dumpable(false);
+            let _ = (&std::fs::File::from(sync_w)).write_all(b"1");
+            // The worker is reparented when we exit; it ends with its transfer.
+            0
+        }
+    }
+}
+
+/// The worker: set up as described in the module documentation, then serve the transfer.
+fn worker_main(
+    files: &ValidFiles,
+    conn: &UnixStream,
+    work: OwnedFd,
+    work_path: &std::path::Path,
+    sync: OwnedFd,
+) -> ! {
+    let fail = |e: HelperError| -> ! {
+        send(conn, &Response::Error(e));
+        sys::exit_now(1)
+    };
+    let mut byte = [0u8; 1];
+    if !matches!(nix::unistd::read(sync.as_raw_fd(), &mut byte), Ok(1)) {
+        sys::exit_now(1);
+    }
+    drop(sync);
+    if let Err(e) = become_root(files.spawn.ids) {
+        fail(HelperError::new(
+            HelperErrorCode::SetupFailed,
+            format!("becoming the sandbox's root: {e}"),
+        ));
+    }
+    let built = crate::sandbox::rootfs::build(&files.spawn, &work, work_path, files.spawn.ids)
+        .and_then(|()| crate::sandbox::harden::apply(&[]));
+    drop(work);
+    if let Err(e) = built {
+        fail(HelperError::new(
+            HelperErrorCode::SetupFailed,
+            format!("building the sandbox's root: {e}"),
+        ));
+    }
+    // A transfer may wait on a slow client, but not forever on a vanished one.
+    let _ = conn.set_read_timeout(Some(worker::IDLE_TIMEOUT));
+    let _ = conn.set_write_timeout(Some(worker::IDLE_TIMEOUT));
+    let code = worker::serve(files, conn);
+    sys::exit_now(code)
+}
+
+/// Root of the worker's user namespace (the sandbox's root uid on the host), non-dumpable.
+fn become_root(ids: IdMap) -> Result<(), nix::errno::Errno> {
+    let (g, u) = (Gid::from_raw(0), Uid::from_raw(0));
+    nix::unistd::setresgid(g, g, g)?;
+    if matches!(ids, IdMap::Range { .. }) {
+        nix::unistd::setgroups(&[])?;
+    }
+    nix::unistd::setresuid(u, u, u)?;
+    nix::sys::prctl::set_dumpable(false)
+}
