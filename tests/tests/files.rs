@@ -259,3 +259,362 @@ fn files_go_in_before_start_and_come_out_after_exit_byte_for_byte() {
         );
     }
 }
+
+/// A file on the host that a sandbox must never reach, and a name that must never appear.
+struct Canary {
+    dir: std::path::PathBuf,
+    secret: Vec<u8>,
+    tag: String,
+}
+
+impl Canary {
+    fn new(d: &Daemon) -> Canary {
+        let dir = d.state_dir.join("canary");
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = format!("host secret {}", uuid::Uuid::new_v4()).into_bytes();
+        std::fs::write(dir.join("secret"), &secret).unwrap();
+        Canary {
+            dir,
+            secret,
+            tag: format!("evil-{}", uuid::Uuid::new_v4().simple()),
+        }
+    }
+
+    /// The host is as it was: the secret unchanged, nothing new beside it, and the tagged name
+    /// nowhere a transfer might have put it.
+    fn assert_untouched(&self) {
+        assert_eq!(std::fs::read(self.dir.join("secret")).unwrap(), self.secret);
+        let names: Vec<_> = std::fs::read_dir(&self.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("secret")]);
+        for dir in ["/", "/etc", "/tmp", "/usr", "/root", "/proc/self/root"] {
+            let p = std::path::Path::new(dir).join(&self.tag);
+            assert!(!p.exists(), "{} exists on the host", p.display());
+        }
+    }
+}
+
+fn bad_request(resp: reqwest::blocking::Response, what: &str) -> String {
+    let (status, body) = answer(resp);
+    assert!(
+        status == 400 || status == 404 || status == 403,
+        "{what}: expected a refusal, got {status}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    let v: Value = serde_json::from_slice(&body).unwrap_or_else(|_| {
+        panic!(
+            "{what}: not the error shape: {}",
+            String::from_utf8_lossy(&body)
+        )
+    });
+    v["error"]["message"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn planted_links_fifos_and_devices_never_reach_the_host() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let canary = Canary::new(&d);
+    let plant = format!(
+        "set -e; cd /work; ln -s / root; ln -s ../../../../../../.. up; \
+         ln -s /proc/self/root self; ln -s /proc/1/cwd cwd; ln -s {canary} canary; \
+         mkfifo fifo; ln -s /dev/zero zero; mkdir d; ln -s /etc d/etc; echo mine > own.txt",
+        canary = canary.dir.display()
+    );
+    let (s, out) = d.run(&["sh", "-c", &plant]);
+    assert_eq!(s.exit_code, Some(0), "{out}");
+    let id = s.id.to_string();
+    let tag = &canary.tag;
+
+    // Writes through planted links: refused, or landing inside the sandbox's own root.
+    for path in [
+        format!("/work/root/etc/{tag}"),
+        format!("/work/root/tmp/{tag}"),
+        format!("/work/up/{tag}"),
+        format!("/work/up/tmp/{tag}"),
+        format!("/work/self/{tag}"),
+        format!("/work/cwd/{tag}"),
+        format!("/work/canary/{tag}"),
+        format!("/work/d/etc/{tag}"),
+    ] {
+        bad_request(
+            put(&d, &id, "files", &format!("path={path}"), b"pwned".to_vec()),
+            &format!("PUT {path}"),
+        );
+    }
+    // Replacing a planted link replaces the link, never its target.
+    expect(
+        put(
+            &d,
+            &id,
+            "files",
+            "path=/work/canary",
+            b"just a file".to_vec(),
+        ),
+        204,
+        "PUT over a link",
+    );
+    // Reads through planted links see the sandbox's root, never the host's.
+    let hostname = expect(
+        get(&d, &id, "files", "path=/work/up/etc/hostname"),
+        200,
+        "GET through ../",
+    );
+    assert_eq!(String::from_utf8_lossy(&hostname).trim(), s.hostname);
+    let hostname = expect(
+        get(&d, &id, "files", "path=/work/root/etc/hostname"),
+        200,
+        "GET through /",
+    );
+    assert_eq!(String::from_utf8_lossy(&hostname).trim(), s.hostname);
+    for path in [
+        "/work/root/etc/shadow".to_string(),
+        format!("{}/secret", canary.dir.display()),
+        "/work/self/etc/passwd".to_string(),
+        "/work/cwd/own.txt".to_string(),
+        "/proc/self/environ".to_string(),
+        "/proc/1/root/etc/passwd".to_string(),
+        "/work/zero".to_string(),
+        "/dev/zero".to_string(),
+        "/dev/null".to_string(),
+    ] {
+        bad_request(
+            get(&d, &id, "files", &format!("path={path}")),
+            &format!("GET {path}"),
+        );
+    }
+    // A FIFO answers at once (an open that would wait for a writer is never made).
+    let message = bad_request(get(&d, &id, "files", "path=/work/fifo"), "GET fifo");
+    assert!(message.contains("not a regular file"), "{message}");
+    bad_request(
+        get(&d, &id, "archive", "path=/work/fifo"),
+        "GET archive of a fifo",
+    );
+    // An archive of /work stores the links as links and skips the FIFO.
+    let tree = untar(&expect(
+        get(&d, &id, "archive", "path=/work"),
+        200,
+        "GET archive",
+    ));
+    assert_eq!(tree["root"].2.as_deref(), Some("/"));
+    assert_eq!(tree["d/etc"].2.as_deref(), Some("/etc"));
+    assert!(!tree.contains_key("fifo"));
+    assert!(tree.values().all(|(_, data, _)| data != &canary.secret));
+    // Deleting a link removes the link.
+    expect(
+        d.delete(&format!("/v1/sandboxes/{id}/files?path=/work/root")),
+        204,
+        "DELETE link",
+    );
+    assert!(std::path::Path::new("/etc/hostname").exists());
+
+    // Archives that try to leave the target directory.
+    let hostile: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "dot-dot",
+            raw_tar(
+                format!("../{tag}").as_bytes(),
+                tar::EntryType::Regular,
+                b"",
+                b"x",
+            ),
+        ),
+        (
+            "deep dot-dot",
+            raw_tar(
+                format!("a/../../../{tag}").as_bytes(),
+                tar::EntryType::Regular,
+                b"",
+                b"x",
+            ),
+        ),
+        (
+            "absolute",
+            raw_tar(
+                format!("/tmp/{tag}").as_bytes(),
+                tar::EntryType::Regular,
+                b"",
+                b"x",
+            ),
+        ),
+        (
+            "through a planted link",
+            raw_tar(
+                format!("d/etc/{tag}").as_bytes(),
+                tar::EntryType::Regular,
+                b"",
+                b"x",
+            ),
+        ),
+        (
+            "through its own link",
+            tar_of(&[("lnk", 0, b"->/"), (&format!("lnk/etc/{tag}"), 0o644, b"x")]),
+        ),
+        (
+            "through a relative link",
+            tar_of(&[
+                ("up2", 0, b"->../../../.."),
+                (&format!("up2/{tag}"), 0o644, b"x"),
+            ]),
+        ),
+        (
+            "hard link out",
+            raw_tar(
+                tag.as_bytes(),
+                tar::EntryType::Link,
+                b"../../etc/passwd",
+                b"",
+            ),
+        ),
+        (
+            "device",
+            raw_tar(tag.as_bytes(), tar::EntryType::Char, b"", b""),
+        ),
+        (
+            "fifo",
+            raw_tar(tag.as_bytes(), tar::EntryType::Fifo, b"", b""),
+        ),
+    ];
+    for (what, archive) in hostile {
+        bad_request(put(&d, &id, "archive", "path=/work", archive), what);
+    }
+    // The same archives aimed at a link: the target itself must be on /work.
+    bad_request(
+        put(
+            &d,
+            &id,
+            "archive",
+            "path=/work/up",
+            tar_of(&[(tag, 0o644, b"x")]),
+        ),
+        "archive into a link to /",
+    );
+    canary.assert_untouched();
+    // The sandbox's own files are intact.
+    assert_eq!(
+        expect(get(&d, &id, "files", "path=/work/own.txt"), 200, "own"),
+        b"mine\n"
+    );
+}
+
+#[test]
+fn bad_paths_and_modes_are_refused_before_any_file_work() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Rootless);
+    let s = create_unstarted(&d, "true");
+    let id = s.id.to_string();
+    let long = format!("/work/{}", "a".repeat(300));
+    let very_long = format!("/work/{}", "abc/".repeat(1100));
+    for (method, what, query) in [
+        ("GET", "files", "path=work/a"),
+        ("GET", "files", "path=/work/../etc/passwd"),
+        ("GET", "files", "path=/work/a%00b"),
+        ("GET", "files", "path=/work//a"),
+        ("GET", "files", &format!("path={long}")),
+        ("GET", "files", &format!("path={very_long}")),
+        ("GET", "files", ""),
+        ("PUT", "files", "path=/etc/passwd"),
+        ("PUT", "files", "path=/tmp/x"),
+        ("PUT", "files", "path=/work"),
+        ("PUT", "files", "path=/workshop/x"),
+        ("PUT", "files", "path=/work/x&mode=4755"),
+        ("PUT", "files", "path=/work/x&mode=rwx"),
+        ("PUT", "archive", "path=/usr"),
+        ("PUT", "archive", "path=/work/x&mode=0644"),
+        ("DELETE", "files", "path=/work"),
+        ("DELETE", "files", "path=/"),
+    ] {
+        let reply = d.request(
+            method,
+            &format!("/v1/sandboxes/{id}/{what}?{query}"),
+            None,
+            vec![],
+        );
+        reply.assert_error(400, &format!("{method} {what}?{query}"));
+    }
+    // Not found, and not yours, are 404s.
+    expect(
+        get(&d, &id, "files", "path=/work/nothing"),
+        404,
+        "missing file",
+    );
+    expect(
+        get(&d, &uuid::Uuid::new_v4().to_string(), "files", "path=/work"),
+        404,
+        "missing sandbox",
+    );
+    // Nothing of the refused requests reached the sandbox's directory.
+    let work = d.sandbox_dir(&id).join("private/work");
+    assert_eq!(std::fs::read_dir(work).unwrap().count(), 0);
+}
+
+#[test]
+fn a_symlink_swap_race_during_transfers_never_reaches_the_host() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let canary = Canary::new(&d);
+    let tag = canary.tag.clone();
+    // /work/d flips between a directory and links to /, to the host canary's path and to
+    // ../../.., as fast as the sandbox can, while transfers go through it.
+    let swap = format!(
+        "cd /work; while :; do rm -rf d; mkdir -p d/sub; rm -rf d; ln -s / d; rm -f d; \
+         mkdir d; rm -rf d; ln -s {canary} d; rm -f d; ln -s ../../../.. d; rm -f d; done",
+        canary = canary.dir.display()
+    );
+    let s = d.create(json!({ "command": ["sh", "-c", swap], "limits": { "timeout_secs": 300 } }));
+    let id = s.id.to_string();
+    let archive = tar_of(&[("sub/", 0o755, b""), (&format!("sub/{tag}"), 0o644, b"x")]);
+    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+    for round in 0..40 {
+        let mut record = |what: &str, resp: reqwest::blocking::Response| {
+            let (status, body) = answer(resp);
+            assert!(
+                matches!(status, 200 | 204 | 400 | 403 | 404),
+                "{what} in round {round}: {status} {}",
+                String::from_utf8_lossy(&body)
+            );
+            *outcomes.entry(format!("{what} {status}")).or_default() += 1;
+            body
+        };
+        record(
+            "PUT file",
+            put(
+                &d,
+                &id,
+                "files",
+                &format!("path=/work/d/{tag}"),
+                b"x".to_vec(),
+            ),
+        );
+        record(
+            "PUT archive",
+            put(&d, &id, "archive", "path=/work/d", archive.clone()),
+        );
+        let body = record("GET archive", get(&d, &id, "archive", "path=/work/d"));
+        assert!(
+            !body
+                .windows(canary.secret.len())
+                .any(|w| w == canary.secret),
+            "the host's secret came out"
+        );
+        record("GET secret", get(&d, &id, "files", "path=/work/d/secret"));
+        record(
+            "DELETE",
+            d.delete(&format!("/v1/sandboxes/{id}/files?path=/work/d/sub")),
+        );
+    }
+    eprintln!("outcomes: {outcomes:?}");
+    assert_eq!(
+        d.sandbox(&id).state,
+        SandboxState::Running,
+        "the swap loop kept running"
+    );
+    d.http()
+        .post(format!("{}/v1/sandboxes/{id}/kill", d.url))
+        .send()
+        .unwrap();
+    d.wait(&id);
+    canary.assert_untouched();
+}

@@ -180,9 +180,19 @@ pub fn write(
                     continue;
                 };
                 let mut h = header(&est, tar::EntryType::Symlink, 0);
-                builder
-                    .append_link(&mut h, &rel, Path::new(&target))
-                    .map_err(fail)?;
+                let target = target.as_bytes();
+                let linkname = &mut h.as_old_mut().linkname;
+                if target.len() <= linkname.len() {
+                    // Stored byte for byte (the crate's path handling would rewrite "/" as "//").
+                    linkname[..target.len()].copy_from_slice(target);
+                    builder
+                        .append_data(&mut h, &rel, io::empty())
+                        .map_err(fail)?;
+                } else {
+                    builder
+                        .append_link(&mut h, &rel, Path::new(OsStr::from_bytes(target)))
+                        .map_err(fail)?;
+                }
             }
             // FIFOs, sockets and device nodes are not content.
             _ => {}
@@ -412,14 +422,16 @@ pub fn extract(target: &OwnedFd, input: &mut impl Read) -> Result<(), HelperErro
                 )
                 .map_err(at)?;
             }
-            other => return Err(refused(format!(
+            other => {
+                return Err(refused(format!(
                 "archive entry {shown:?} is a {}: only files, directories and links are extracted",
                 match other {
                     tar::EntryType::Char | tar::EntryType::Block => "device node",
                     tar::EntryType::Fifo => "FIFO",
                     _ => "kind of entry this server does not extract",
                 }
-            ))),
+            )))
+            }
         }
     }
     Ok(())
