@@ -618,3 +618,115 @@ fn a_symlink_swap_race_during_transfers_never_reaches_the_host() {
     d.wait(&id);
     canary.assert_untouched();
 }
+
+fn sbx_ok(d: &Daemon, args: &[&str]) -> String {
+    let out = d.sbx(args);
+    assert!(
+        out.status.success(),
+        "sbx {args:?}: {:?}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn sbx_create_cp_start_and_cp_back() {
+    require_e2e!();
+    use std::os::unix::fs::PermissionsExt;
+    for mode in MODES {
+        let d = Daemon::start(mode);
+        let local = d.state_dir.join("cli-files");
+        let src = local.join("src");
+        std::fs::create_dir_all(src.join("nested/deeper")).unwrap();
+        let big = pattern(2 * 1024 * 1024 + 3, 11);
+        std::fs::write(local.join("big.bin"), &big).unwrap();
+        std::fs::set_permissions(
+            local.join("big.bin"),
+            std::fs::Permissions::from_mode(0o751),
+        )
+        .unwrap();
+        std::fs::write(src.join("nested/deeper/a.txt"), b"alpha\n").unwrap();
+        std::fs::write(src.join("top.sh"), b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(src.join("top.sh"), std::fs::Permissions::from_mode(0o700))
+            .unwrap();
+        std::os::unix::fs::symlink("nested/deeper/a.txt", src.join("link")).unwrap();
+
+        let id = sbx_ok(
+            &d,
+            &[
+                "create",
+                "--",
+                "sh",
+                "-c",
+                "cp /work/big.bin /work/big.out && cp -a /work/tree /work/tree.out && \
+                 stat -c %a /work/big.bin /work/tree/top.sh",
+            ],
+        )
+        .trim()
+        .to_string();
+        assert_eq!(d.sandbox(&id).state, SandboxState::Created);
+        sbx_ok(
+            &d,
+            &[
+                "cp",
+                local.join("big.bin").to_str().unwrap(),
+                &format!("{id}:/work/"),
+            ],
+        );
+        sbx_ok(
+            &d,
+            &["cp", src.to_str().unwrap(), &format!("{id}:/work/tree")],
+        );
+        assert_eq!(sbx_ok(&d, &["start", &id]).trim(), id);
+        assert_eq!(sbx_ok(&d, &["wait", &id]).trim(), "0");
+        assert_eq!(
+            String::from_utf8_lossy(&d.logs(&id, "")),
+            "751\n700\n",
+            "modes inside"
+        );
+
+        let back = local.join("back");
+        std::fs::create_dir_all(&back).unwrap();
+        sbx_ok(
+            &d,
+            &["cp", &format!("{id}:/work/big.out"), back.to_str().unwrap()],
+        );
+        assert_eq!(std::fs::read(back.join("big.out")).unwrap(), big);
+        sbx_ok(
+            &d,
+            &[
+                "cp",
+                &format!("{id}:/work/tree.out"),
+                back.join("tree").to_str().unwrap(),
+            ],
+        );
+        assert_eq!(
+            std::fs::read(back.join("tree/nested/deeper/a.txt")).unwrap(),
+            b"alpha\n"
+        );
+        let top = std::fs::metadata(back.join("tree/top.sh")).unwrap();
+        assert_eq!(top.permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            std::fs::read_link(back.join("tree/link")).unwrap(),
+            std::path::Path::new("nested/deeper/a.txt")
+        );
+        // Mistakes are reported, with the daemon's message.
+        let out = d.sbx(&[
+            "cp",
+            local.join("big.bin").to_str().unwrap(),
+            &format!("{id}:/etc/x"),
+        ]);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("writable"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = d.sbx(&["cp", "a", "b"]);
+        assert!(!out.status.success());
+        let out = d.sbx(&["start", &id]);
+        assert!(!out.status.success(), "a second start");
+    }
+}

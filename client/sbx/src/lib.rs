@@ -5,11 +5,13 @@
 
 mod client;
 mod error;
+mod files;
 mod logs;
 
 pub use client::{
     Client, CreatedToken, ListQuery, LogStream, TokenInfo, DEFAULT_LOG_RECONNECTS, DEFAULT_URL,
 };
 pub use error::{ClientError, Result};
+pub use files::Download;
 pub use logs::{Channel, LogEvent};
 pub use sandboxd_api as api;

@@ -2,6 +2,8 @@
 //! pieces (errors, id resolution, copying output).
 
 mod args;
+mod cp;
+mod create;
 mod extend;
 mod info;
 mod inspect;
@@ -11,6 +13,7 @@ mod ls;
 mod output;
 mod rm;
 mod run;
+mod start;
 mod stats;
 mod token;
 mod wait;
@@ -78,6 +81,12 @@ enum Command {
     Extend(extend::ExtendArgs),
     /// Manage API tokens (admin).
     Token(token::TokenArgs),
+    /// Create a sandbox without starting it and print its id (then `sbx cp`, `sbx start`).
+    Create(create::CreateArgs),
+    /// Start a sandbox made by `sbx create`.
+    Start(start::StartArgs),
+    /// Copy files or directories: `sbx cp LOCAL ID:/path` or `sbx cp ID:/path LOCAL`.
+    Cp(cp::CpArgs),
 }
 
 /// Why a verb failed.
@@ -106,6 +115,12 @@ pub enum CliError {
 
     #[error("{0}")]
     Unauthorized(String),
+
+    #[error("{0}")]
+    Usage(String),
+
+    #[error("{0}")]
+    Local(String, #[source] std::io::Error),
 }
 
 impl CliError {
@@ -246,6 +261,9 @@ async fn dispatch(client: &Client, command: Command) -> Result<u8, CliError> {
         Command::Stats(args) => stats::run(client, args).await,
         Command::Extend(args) => extend::run(client, args).await,
         Command::Token(args) => token::run(client, args).await,
+        Command::Create(args) => create::run(client, args).await,
+        Command::Start(args) => start::run(client, args).await,
+        Command::Cp(args) => cp::run(client, args).await,
     }
 }
 

@@ -215,12 +215,46 @@ async fn upload(
     op: FileOp,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
+    let mut body = body.into_data_stream();
+    let result = send_upload(state, principal, id, params, op, &mut body).await;
+    if result.is_err() {
+        drain(&mut body).await;
+    }
+    result
+}
+
+/// Read what is left of a refused upload (within bounds) before answering: an HTTP/1.1 client
+/// still sending its body would otherwise see a broken connection instead of the answer.
+async fn drain(body: &mut axum::body::BodyDataStream) {
+    let mut left = DRAIN_MAX;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(data)) = body.next().await {
+            left = left.saturating_sub(data.len());
+            if left == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// At most this much of a refused upload is read and discarded, for at most this long.
+const DRAIN_MAX: usize = 64 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(10);
+
+async fn send_upload(
+    state: AppState,
+    principal: Principal,
+    id: String,
+    params: FileParams,
+    op: FileOp,
+    body: &mut axum::body::BodyDataStream,
+) -> Result<StatusCode, ApiError> {
     let (path, mode) = checked(&params, op)?;
     let (mut conn, _) = state
         .svc
         .transfer(&principal.scope(), &id, op, &path, mode)
         .await?;
-    let mut body = body.into_data_stream();
     loop {
         let next = match tokio::time::timeout(UPLOAD_IDLE, body.next()).await {
             Ok(next) => next,
