@@ -730,3 +730,108 @@ fn sbx_create_cp_start_and_cp_back() {
         assert!(!out.status.success(), "a second start");
     }
 }
+
+/// `len` bytes of a repeating pattern, generated as they are read.
+struct Generated {
+    left: u64,
+    pos: u64,
+}
+
+/// 251 (a prime) repeated: byte `i` of a stream is `i % 251`.
+fn cycle() -> &'static [u8] {
+    static CYCLE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    CYCLE.get_or_init(|| (0..251 * 4096).map(|i| (i % 251) as u8).collect())
+}
+
+impl Read for Generated {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let start = (self.pos % 251) as usize;
+        let n = buf.len().min(self.left as usize).min(cycle().len() - start);
+        buf[..n].copy_from_slice(&cycle()[start..start + n]);
+        self.pos += n as u64;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn large_transfers_stream_with_flat_daemon_memory() {
+    require_e2e!();
+    const SIZE: u64 = 128 << 20;
+    let d = Daemon::start(Mode::Rootless);
+    let s = create_unstarted(&d, "true");
+    let id = s.id.to_string();
+    // Warm the daemon up with a small transfer, then measure its peak memory across big ones.
+    expect(
+        put(&d, &id, "files", "path=/work/small", vec![1; 4096]),
+        204,
+        "warm-up",
+    );
+    let before = peak_rss_kib(d.pid());
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    let auth = d.auth_header();
+    let with_auth = |r: reqwest::blocking::RequestBuilder| match &auth {
+        Some(a) => r.header("authorization", a),
+        None => r,
+    };
+    let resp = with_auth(client.put(format!("{}/v1/sandboxes/{id}/files?path=/work/big", d.url)))
+        .body(reqwest::blocking::Body::sized(
+            Generated { left: SIZE, pos: 0 },
+            SIZE,
+        ))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 204);
+    // Download it as a file and as an archive, reading as it arrives and checking every byte.
+    for what in ["files", "archive"] {
+        let mut resp =
+            with_auth(client.get(format!("{}/v1/sandboxes/{id}/{what}?path=/work/big", d.url)))
+                .send()
+                .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let mut expected = Generated { left: SIZE, pos: 0 };
+        let mut skip = if what == "archive" { 512 } else { 0 };
+        let mut buf = vec![0u8; 1 << 20];
+        let mut want = vec![0u8; 1 << 20];
+        let mut seen = 0u64;
+        loop {
+            let n = resp.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            let mut data = &buf[..n];
+            let s = skip.min(data.len());
+            data = &data[s..];
+            skip -= s;
+            let take = data.len().min(expected.left as usize);
+            let mut filled = 0;
+            while filled < take {
+                filled += expected.read(&mut want[filled..take]).unwrap();
+            }
+            assert!(
+                data[..take] == want[..take],
+                "{what}: content differs near byte {seen}"
+            );
+            seen += take as u64;
+        }
+        assert_eq!(seen, SIZE, "{what}: length");
+    }
+    let after = peak_rss_kib(d.pid());
+    eprintln!("daemon peak RSS: {before} KiB before, {after} KiB after moving 3 x {SIZE} bytes");
+    assert!(
+        after < before + 32 * 1024,
+        "the daemon's memory grew with the transfer: {before} KiB -> {after} KiB"
+    );
+}

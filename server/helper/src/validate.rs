@@ -244,6 +244,7 @@ mod tests {
             },
             capabilities: None,
             nested_user_namespaces: false,
+            prepared: false,
         }
     }
 

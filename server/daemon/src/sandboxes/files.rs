@@ -11,10 +11,11 @@ use sandboxd_api::{Sandbox, SandboxState};
 use sandboxd_protocol::files::{FileOp, SandboxPath};
 use sandboxd_protocol::wire::{FileReady, FilesRequest, SpawnRequest};
 use tokio::net::UnixStream;
+use uuid::Uuid;
 
-use super::{spawn_request, Scope, Service, ServiceError};
+use super::{Scope, Service, ServiceError};
 use crate::helper_client::{self, HelperClientError};
-use crate::limits;
+use crate::limits::{self, Resolved};
 use crate::store::StoreError;
 use crate::validate::ValidCreate;
 
@@ -110,5 +111,32 @@ impl Service {
             Err(HelperClientError::Refused(e)) => Err(ServiceError::Files(e)),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// The spawn request of a sandbox: from the create request, or (for POST /start and file
+/// transfers) from the stored spec, so that both build the same root.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn spawn_request(
+    id: Uuid,
+    uid_slot: Option<u32>,
+    hostname: String,
+    v: &ValidCreate,
+    resolved: &Resolved,
+    capabilities: Option<Vec<String>>,
+    prepared: bool,
+) -> SpawnRequest {
+    SpawnRequest {
+        id,
+        uid_slot,
+        command: v.command.clone(),
+        env: v.env_for(&hostname),
+        cwd: v.cwd.clone(),
+        hostname,
+        timeout_secs: v.timeout_secs,
+        limits: resolved.spawn,
+        capabilities,
+        nested_user_namespaces: v.spec.nested_user_namespaces,
+        prepared,
     }
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use sandboxd_api::{EndReason, Info, Sandbox, SandboxState, Stats};
 use sandboxd_protocol::control::ALLOWED_SIGNALS;
 use sandboxd_protocol::layout::SandboxDir;
-use sandboxd_protocol::wire::{HelperErrorCode, Mode, SandboxStats, SpawnRequest};
+use sandboxd_protocol::wire::{HelperErrorCode, Mode, SandboxStats};
 use tokio::sync::{watch, Notify, OnceCell};
 use uuid::Uuid;
 
@@ -29,6 +29,7 @@ use crate::helper_client::{self, Helper, HelperClientError};
 use crate::limits::{self, HostLimits, LimitError, LimitPolicy, Resolved};
 use crate::store::{Ending, ListQuery, NewSandbox, Store, StoreError};
 use crate::validate::ValidCreate;
+use files::spawn_request;
 use monitor::MonitorError;
 
 /// How long `DELETE` waits for a killed sandbox to end.
@@ -690,32 +691,5 @@ mod tests {
         assert_eq!(row.state, SandboxState::Failed);
         assert_eq!(row.reason, Some(EndReason::Lost));
         assert!(!orphan.root().exists());
-    }
-}
-
-/// The spawn request of a sandbox: from the create request, or (for POST /start and file
-/// transfers) from the stored spec, so that both build the same root.
-#[allow(clippy::too_many_arguments)]
-fn spawn_request(
-    id: Uuid,
-    uid_slot: Option<u32>,
-    hostname: String,
-    v: &ValidCreate,
-    resolved: &Resolved,
-    capabilities: Option<Vec<String>>,
-    prepared: bool,
-) -> SpawnRequest {
-    SpawnRequest {
-        id,
-        uid_slot,
-        command: v.command.clone(),
-        env: v.env_for(&hostname),
-        cwd: v.cwd.clone(),
-        hostname,
-        timeout_secs: v.timeout_secs,
-        limits: resolved.spawn,
-        capabilities,
-        nested_user_namespaces: v.spec.nested_user_namespaces,
-        prepared,
     }
 }

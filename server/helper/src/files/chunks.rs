@@ -40,7 +40,8 @@ impl Read for ChunkReader<'_> {
         }
         if self.left == 0 {
             let mut prefix = [0u8; 4];
-            (&*self.conn).read_exact(&mut prefix)?;
+            let mut conn = self.conn;
+            conn.read_exact(&mut prefix)?;
             self.left = chunk_len(prefix).map_err(io::Error::other)?;
             if self.left == 0 {
                 self.done = true;
@@ -48,7 +49,8 @@ impl Read for ChunkReader<'_> {
             }
         }
         let want = buf.len().min(self.left);
-        let n = (&*self.conn).read(&mut buf[..want])?;
+        let mut conn = self.conn;
+        let n = conn.read(&mut buf[..want])?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -77,7 +79,8 @@ impl<'a> ChunkWriter<'a> {
     /// Send what is buffered and the empty chunk that ends the data.
     pub fn finish(mut self) -> io::Result<()> {
         self.flush()?;
-        (&*self.conn).write_all(&chunk_header(0))
+        let mut conn = self.conn;
+        conn.write_all(&chunk_header(0))
     }
 }
 

@@ -110,7 +110,8 @@ pub fn start(helper: &Helper, req: &FilesRequest, conn: &UnixStream) -> Result<(
 /// Send a final frame on the transfer's connection (best effort: the daemon may be gone).
 pub(crate) fn send(conn: &UnixStream, response: &Response) {
     if let Ok(frame) = wire::encode(response) {
-        let _ = (&*conn).write_all(&frame);
+        let mut conn = conn;
+        let _ = conn.write_all(&frame);
     }
 }
 

@@ -46,7 +46,8 @@ pub fn serve(files: &ValidFiles, conn: &UnixStream) -> i32 {
         Err(e) => {
             if session.downloading {
                 // End the data so that the daemon reads the error as the final frame.
-                let _ = (&*conn).write_all(&sandboxd_protocol::files::chunk_header(0));
+                let mut conn = conn;
+                let _ = conn.write_all(&sandboxd_protocol::files::chunk_header(0));
             }
             send(conn, &Response::Error(e));
             1
