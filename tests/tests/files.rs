@@ -835,3 +835,67 @@ fn large_transfers_stream_with_flat_daemon_memory() {
         "the daemon's memory grew with the transfer: {before} KiB -> {after} KiB"
     );
 }
+
+#[test]
+fn the_file_worker_is_the_sandboxs_root_without_capabilities() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let (s, out) = d.run(&["sh", "-c", "head -c 33554432 /dev/zero > /work/big"]);
+    assert_eq!(s.exit_code, Some(0), "{out}");
+    let host_uid = s.host_uid.expect("host uid");
+    let id = s.id.to_string();
+    assert!(sandboxd_tests::processes_of_uid(host_uid).is_empty());
+    // A download that nobody reads keeps its worker waiting: look at it from the host.
+    let mut stream = std::net::TcpStream::connect(&d.addr).unwrap();
+    let auth = d
+        .auth_header()
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    std::io::Write::write_all(
+        &mut stream,
+        format!(
+            "GET /v1/sandboxes/{id}/files?path=/work/big HTTP/1.1\r\nHost: {}\r\n{auth}\r\n",
+            d.addr
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut workers = Vec::new();
+    assert!(sandboxd_tests::eventually(Duration::from_secs(10), || {
+        workers = sandboxd_tests::processes_of_uid(host_uid);
+        !workers.is_empty()
+    }));
+    assert_eq!(workers.len(), 1, "one worker: {workers:?}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", workers[0])).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    for cap in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        assert_eq!(field(cap), "0000000000000000", "{cap} of the worker");
+    }
+    assert_eq!(field("NoNewPrivs:"), "1");
+    let uids: Vec<u32> = field("Uid:")
+        .split_whitespace()
+        .map(|u| u.parse().unwrap())
+        .collect();
+    assert!(uids.iter().all(|u| *u == host_uid), "{uids:?}");
+    // Its root is not the host's: the kernel refuses to show it (non-dumpable), and its mount
+    // namespace is not the host's.
+    let host_ns = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    if let Ok(ns) = std::fs::read_link(format!("/proc/{}/ns/mnt", workers[0])) {
+        assert_ne!(ns, host_ns);
+    }
+    let t = std::time::Instant::now();
+    drop(stream);
+    assert!(
+        sandboxd_tests::eventually(Duration::from_secs(30), || {
+            sandboxd_tests::processes_of_uid(host_uid).is_empty()
+        }),
+        "the worker ends with its transfer"
+    );
+    eprintln!("worker gone after {:?}", t.elapsed());
+}
