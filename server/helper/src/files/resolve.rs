@@ -5,7 +5,7 @@
 //! symlinks stay inside the root, magic links (`/proc/self/root`, `/proc/<pid>/fd/N`) are refused,
 //! and a component swapped for a symlink between two steps is resolved exactly like one that was
 //! always a symlink, never against the host. Writes must land on the `/work` mount, checked by
-//! mount id on the opened descriptor (not by path). Reads refuse pseudo filesystems (`/proc`,
+//! mount id (statx) on the opened descriptor, not by path. Reads refuse pseudo filesystems (`/proc`,
 //! `/dev/pts`, `/dev/mqueue`) and anything but regular files and directories; files are opened
 //! with `O_NONBLOCK` so that a FIFO cannot make the worker wait.
 
@@ -32,7 +32,7 @@ const PSEUDO_FS: &[i64] = &[
     0x7472_6163, // tracefs
 ];
 
-/// The worker's view: its root (the sandbox's, after pivot_root) and the mount id of `/work`.
+/// The worker's view: its root (the sandbox's) and the mount id of `/work`.
 pub struct Root {
     root: OwnedFd,
     work_mnt: u64,
@@ -99,15 +99,9 @@ pub fn open2<P: ?Sized + nix::NixPath>(
     openat2(dir, path, how(flags, resolve)).map(sys::own_fd)
 }
 
-/// Mount id of an open descriptor (from the worker's own /proc, which the sandbox cannot touch:
-/// it is a fresh mount in the worker's private mount namespace).
-pub fn mount_id(fd: RawFd) -> Result<u64, Errno> {
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
-        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("mnt_id:"))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or(Errno::EIO)
+/// Mount id of an open descriptor.
+pub fn mount_id(fd: &OwnedFd) -> Result<u64, Errno> {
+    sys::mount_id(std::os::fd::AsFd::as_fd(fd))
 }
 
 pub fn is_dir(st: &FileStat) -> bool {
@@ -135,7 +129,7 @@ impl Root {
             ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_SYMLINKS,
         )
         .map_err(|e| errno("opening /work", e))?;
-        let work_mnt = mount_id(work.as_raw_fd()).map_err(|e| errno("reading /work's mount", e))?;
+        let work_mnt = mount_id(&work).map_err(|e| errno("reading /work's mount", e))?;
         Ok(Root { root, work_mnt })
     }
 
@@ -147,7 +141,7 @@ impl Root {
     /// Refuse a descriptor that is not on the `/work` mount (a symlink in /work may point
     /// elsewhere; writes never follow it there).
     pub fn check_writable(&self, fd: &OwnedFd, what: &str) -> Result<(), HelperError> {
-        let mnt = mount_id(fd.as_raw_fd()).map_err(|e| errno(what, e))?;
+        let mnt = mount_id(fd).map_err(|e| errno(what, e))?;
         if mnt != self.work_mnt {
             return Err(refused(format!(
                 "{what}: resolves outside the writable location /work"
