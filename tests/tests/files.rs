@@ -899,3 +899,42 @@ fn the_file_worker_is_the_sandboxs_root_without_capabilities() {
     );
     eprintln!("worker gone after {:?}", t.elapsed());
 }
+
+#[test]
+fn a_running_sandbox_is_reached_through_its_own_root() {
+    require_e2e!();
+    for mode in MODES {
+        let d = Daemon::start(mode);
+        // The running sandbox's tmpfs /tmp is its own: the API sees it while it runs.
+        let s = d.create(json!({
+            "command": ["sh", "-c", "echo running > /tmp/state; echo $$ > /work/pid; \
+                        while [ ! -e /work/stop ]; do sleep 0.05; done; cat /work/stop"],
+        }));
+        let id = s.id.to_string();
+        assert!(sandboxd_tests::eventually(Duration::from_secs(10), || {
+            answer(get(&d, &id, "files", "path=/work/pid")).0 == 200
+        }));
+        assert_eq!(
+            expect(get(&d, &id, "files", "path=/tmp/state"), 200, "the running /tmp"),
+            b"running\n"
+        );
+        let listing: Value =
+            serde_json::from_slice(&expect(get(&d, &id, "files", "path=/tmp"), 200, "listing"))
+                .unwrap();
+        assert!(listing["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "state"));
+        // /proc in there is the sandbox's: refused like every pseudo file system.
+        bad_request(get(&d, &id, "files", "path=/proc/1/environ"), "proc while running");
+        // A write while it runs is seen at once inside.
+        expect(put(&d, &id, "files", "path=/work/stop", b"bye\n".to_vec()), 204, "PUT stop");
+        let done = d.wait(&id);
+        assert_eq!(done.exit_code, Some(0), "{mode:?}");
+        assert_eq!(String::from_utf8_lossy(&d.logs(&id, "")), "bye\n");
+        // After the exit its tmpfs is gone; /work stays.
+        expect(get(&d, &id, "files", "path=/tmp/state"), 404, "the exited /tmp");
+        expect(get(&d, &id, "files", "path=/work/stop"), 200, "the exited /work");
+    }
+}

@@ -454,6 +454,11 @@ impl SandboxesDir {
         })
     }
 
+    /// An existing sandbox's directory.
+    pub fn open_dir(&self, id: Uuid) -> Result<OwnedFd, DirError> {
+        self.open_sandbox(id)
+    }
+
     /// The work directory of an existing sandbox (`O_PATH`), checked to belong to the root of
     /// `ids`: a request naming another uid range than the sandbox's is refused.
     pub fn open_work(&self, id: Uuid, ids: IdMap) -> Result<OwnedFd, DirError> {

@@ -228,6 +228,9 @@ struct Monitor {
     kill_requested: bool,
     timed_out: bool,
     init_exited_at: Option<Instant>,
+    /// Init's user and mount namespaces, opened while it was still dumpable: the helper's file
+    /// workers join them to reach the running sandbox's root (`ns` on the control socket).
+    namespaces: Option<[OwnedFd; 2]>,
 }
 
 fn prepare_and_clone(
@@ -333,6 +336,21 @@ fn prepare_and_clone(
                 let _ = waitpid(child, None);
                 return Err(e);
             }
+            // Init's namespaces, for file transfers while it runs: now, while the child is
+            // dumpable and still waits for the sync byte (afterwards only CAP_SYS_PTRACE could).
+            let namespaces = ["user", "mnt"].map(|ns| {
+                nix::fcntl::open(
+                    format!("/proc/{child}/ns/{ns}").as_str(),
+                    OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .ok()
+                .map(sys::own_fd)
+            });
+            let namespaces = match namespaces {
+                [Some(user), Some(mnt)] => Some([user, mnt]),
+                _ => None,
+            };
             // Non-dumpable from now on: no process of the same uid may ptrace the monitor or read
             // its memory. (Not before the clone: the child inherits the flag, and a non-dumpable
             // child's /proc files, uid_map included, belong to root, which rootless we are not.)
@@ -386,6 +404,7 @@ fn prepare_and_clone(
                 kill_requested: false,
                 timed_out: false,
                 init_exited_at: None,
+                namespaces,
             }))
         }
     }
@@ -843,8 +862,10 @@ impl Monitor {
 
     fn accept(&mut self) {
         while let Ok((stream, _)) = self.listener.accept() {
+            // The daemon, and the helper (our own uid) for `ns`.
+            let own = nix::unistd::geteuid().as_raw();
             let allowed = getsockopt(&stream, PeerCredentials)
-                .map(|c| c.uid() == self.daemon_uid)
+                .map(|c| c.uid() == self.daemon_uid || c.uid() == own)
                 .unwrap_or(false);
             if !allowed || self.clients.len() >= MAX_CONTROL_CONNECTIONS {
                 continue;
@@ -867,6 +888,10 @@ impl Monitor {
         while let Some(pos) = self.clients[i].1.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = self.clients[i].1.drain(..=pos).collect();
             let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            if line == control::NAMESPACES {
+                self.send_namespaces(i);
+                continue;
+            }
             let answer = match control::parse_kill(&line) {
                 Some(signo) if self.init_status.is_none() => {
                     match sys::pidfd_send_signal(self.pidfd.as_fd(), signo) {
@@ -884,6 +909,31 @@ impl Monitor {
         }
         if close || self.clients[i].1.len() > control::MAX_LINE {
             self.clients.swap_remove(i);
+        }
+    }
+
+    /// Answer `ns`: init's user and mount namespaces as SCM_RIGHTS, for the helper only (our own
+    /// uid; rootless, the daemon shares it and is no boundary there anyway).
+    fn send_namespaces(&mut self, i: usize) {
+        let own = nix::unistd::geteuid().as_raw();
+        let stream = &mut self.clients[i].0;
+        let from_helper = getsockopt(&*stream, PeerCredentials)
+            .map(|c| c.uid() == own)
+            .unwrap_or(false);
+        match &self.namespaces {
+            Some([user, mnt]) if from_helper && self.init_status.is_none() => {
+                let fds = [user.as_raw_fd(), mnt.as_raw_fd()];
+                let _ = nix::sys::socket::sendmsg::<()>(
+                    stream.as_raw_fd(),
+                    &[std::io::IoSlice::new(b"ok\n")],
+                    &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+                    nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+                    None,
+                );
+            }
+            _ => {
+                let _ = stream.write_all(b"err not running\n");
+            }
         }
     }
 

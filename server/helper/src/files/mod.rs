@@ -87,6 +87,9 @@ pub fn start(helper: &Helper, req: &FilesRequest, conn: &UnixStream) -> Result<(
         .join(files.spawn.id.to_string())
         .join(PRIVATE_DIR)
         .join(WORK_DIR);
+    // A running sandbox is reached through its init's namespaces, which its monitor holds; for
+    // a created or exited one (no monitor) the worker builds the root itself.
+    let namespaces = running_namespaces(helper, files.spawn.id);
     let setup = |step: &str, e: nix::errno::Errno| {
         HelperError::new(HelperErrorCode::SetupFailed, format!("{step}: {e}"))
     };
@@ -98,10 +101,15 @@ pub fn start(helper: &Helper, req: &FilesRequest, conn: &UnixStream) -> Result<(
             Ok(())
         }
         ForkResult::Child => {
-            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                clone_worker(&files, conn, work, &work_path)
-            }))
-            .unwrap_or(1);
+            let code =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match namespaces {
+                    Some(ns) => {
+                        drop(work);
+                        fork_joining_worker(&files, conn, ns)
+                    }
+                    None => clone_worker(&files, conn, work, &work_path),
+                }))
+                .unwrap_or(1);
             sys::exit_now(code)
         }
     }
@@ -112,6 +120,96 @@ pub(crate) fn send(conn: &UnixStream, response: &Response) {
     if let Ok(frame) = wire::encode(response) {
         let mut conn = conn;
         let _ = conn.write_all(&frame);
+    }
+}
+
+/// Ask the sandbox's monitor for init's user and mount namespaces (`ns` on its control socket).
+/// `None` when no monitor answers: the sandbox is not running.
+fn running_namespaces(helper: &Helper, id: uuid::Uuid) -> Option<[OwnedFd; 2]> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let dir = helper.sandboxes.open_dir(id).ok()?;
+    // Through the directory's descriptor: the helper's own directory, which nobody can swap.
+    let path = format!(
+        "/proc/self/fd/{}/{}",
+        dir.as_raw_fd(),
+        sandboxd_protocol::layout::MONITOR_SOCKET
+    );
+    let mut stream = UnixStream::connect(path).ok()?;
+    let _ = stream.set_read_timeout(Some(MONITOR_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(MONITOR_TIMEOUT));
+    stream
+        .write_all(format!("{}\n", sandboxd_protocol::control::NAMESPACES).as_bytes())
+        .ok()?;
+    let mut buf = [0u8; 64];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .ok()?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for cmsg in msg.cmsgs().ok()? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            fds.extend(received.into_iter().map(sys::own_fd));
+        }
+    }
+    let answered_ok = msg
+        .iovs()
+        .next()
+        .is_some_and(|data| data.starts_with(b"ok\n"));
+    if !answered_ok || fds.len() != 2 {
+        return None;
+    }
+    let mnt = fds.pop()?;
+    let user = fds.pop()?;
+    Some([user, mnt])
+}
+
+/// How long the helper waits for a monitor's answer to `ns`.
+const MONITOR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// In the helper's fork, for a running sandbox: fork the worker, which joins init's user and
+/// mount namespaces (so it sees exactly the sandbox's root, its tmpfs mounts included), and exit.
+fn fork_joining_worker(files: &ValidFiles, conn: &UnixStream, ns: [OwnedFd; 2]) -> i32 {
+    let fail = |step: &str, e: &dyn std::fmt::Display| {
+        send(
+            conn,
+            &Response::Error(HelperError::new(
+                HelperErrorCode::SetupFailed,
+                format!("{step}: {e}"),
+            )),
+        );
+        1
+    };
+    let keep = [conn.as_raw_fd(), ns[0].as_raw_fd(), ns[1].as_raw_fd()];
+    if let Err(e) = crate::fds::close_all_except(&keep) {
+        return fail("closing inherited descriptors", &e);
+    }
+    match sys::fork() {
+        Err(e) => fail("fork", &e),
+        Ok(ForkResult::Parent { .. }) => 0,
+        Ok(ForkResult::Child) => {
+            let [user, mnt] = ns;
+            let joined = nix::sched::setns(&user, nix::sched::CloneFlags::CLONE_NEWUSER)
+                .and_then(|()| nix::sched::setns(&mnt, nix::sched::CloneFlags::CLONE_NEWNS))
+                .and_then(|()| nix::unistd::chdir("/"));
+            drop((user, mnt));
+            if let Err(e) = joined {
+                sys::exit_now(fail("joining the sandbox's namespaces", &e));
+            }
+            if let Err(e) = become_root(files.spawn.ids) {
+                sys::exit_now(fail("becoming the sandbox's root", &e));
+            }
+            if let Err(e) = crate::sandbox::harden::apply(&[]) {
+                sys::exit_now(fail("dropping capabilities", &e));
+            }
+            let _ = conn.set_read_timeout(Some(worker::IDLE_TIMEOUT));
+            let _ = conn.set_write_timeout(Some(worker::IDLE_TIMEOUT));
+            sys::exit_now(worker::serve(files, conn))
+        }
     }
 }
 
