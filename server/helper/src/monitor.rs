@@ -9,6 +9,8 @@
 //! 3. drains the command's stdout and stderr into `output.log`/`output.idx` whether or not anyone
 //!    listens, so no byte is lost and the sandbox never blocks on a full pipe;
 //! 4. serves `kill` requests from the daemon's uid on `monitor.sock` and enforces the timeout;
+//!    hands init's user and mount namespaces (opened right after the clone, while init is still
+//!    dumpable) to the helper's file workers (`ns`, the helper's uid only);
 //! 5. when init has exited and both pipes are drained, writes `status.json`, removes the socket and
 //!    exits, which closes every control connection: the daemon's signal that the sandbox ended.
 //!

@@ -1,9 +1,17 @@
 //! File transfers in and out of a sandbox (`Request::Files`), done by a *file worker*.
 //!
 //! The helper validates the request (the spawn request exactly like a `Spawn`, the path and the
-//! mode), opens the sandbox's work directory by descriptor, and forks. The fork clones the worker
-//! into new user, mount, pid and ipc namespaces, writes its uid/gid maps (the sandbox's own
-//! range, or the daemon's uid rootless) and exits. The worker, in this fixed order:
+//! mode) and opens the sandbox's work directory by descriptor.
+//!
+//! *Running sandbox*: its monitor hands over init's user and mount namespaces (`ns` on
+//! `monitor.sock`, SCM_RIGHTS; opened while init was still dumpable). The helper forks, the fork
+//! forks the worker and exits; the worker joins both namespaces — it then sees exactly the
+//! sandbox's root, its tmpfs mounts included — becomes root there (the sandbox's root uid on the
+//! host), drops every capability and sets no_new_privs, and goes to step 5 below.
+//!
+//! *Created or exited sandbox* (no monitor): the fork clones the worker into new user, mount, pid
+//! and ipc namespaces, writes its uid/gid maps (the sandbox's own range, or the daemon's uid
+//! rootless) and exits. The worker, in this fixed order:
 //!
 //! 1. closes every descriptor but the transfer's connection, the work directory and the sync
 //!    pipe, and waits for its maps;
@@ -16,10 +24,11 @@
 //! 5. resolves the path with `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)` and streams the
 //!    content over the connection ([`worker`]).
 //!
-//! The worker builds a root of its own in every state (created, running, exited): in host-rootfs
-//! mode the only persistent, writable place is `/work`, which is the same directory the running
-//! sandbox has mounted; its tmpfs mounts (`/tmp`, `/run`, `/root`) are its own and are not
-//! reachable through the API.
+//! Either way the worker is a process of the sandbox's root uid without capabilities in a mount
+//! namespace whose root is the sandbox's; the host's tree is not mounted there. Building the root
+//! with init's own code means that a root from an image (overlay) is seen the same way before
+//! start and after exit, and joining init's namespace means that a running sandbox's overlay is
+//! never mounted twice.
 
 mod archive;
 mod chunks;
