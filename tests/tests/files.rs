@@ -915,7 +915,11 @@ fn a_running_sandbox_is_reached_through_its_own_root() {
             answer(get(&d, &id, "files", "path=/work/pid")).0 == 200
         }));
         assert_eq!(
-            expect(get(&d, &id, "files", "path=/tmp/state"), 200, "the running /tmp"),
+            expect(
+                get(&d, &id, "files", "path=/tmp/state"),
+                200,
+                "the running /tmp"
+            ),
             b"running\n"
         );
         let listing: Value =
@@ -927,14 +931,29 @@ fn a_running_sandbox_is_reached_through_its_own_root() {
             .iter()
             .any(|e| e["name"] == "state"));
         // /proc in there is the sandbox's: refused like every pseudo file system.
-        bad_request(get(&d, &id, "files", "path=/proc/1/environ"), "proc while running");
+        bad_request(
+            get(&d, &id, "files", "path=/proc/1/environ"),
+            "proc while running",
+        );
         // A write while it runs is seen at once inside.
-        expect(put(&d, &id, "files", "path=/work/stop", b"bye\n".to_vec()), 204, "PUT stop");
+        expect(
+            put(&d, &id, "files", "path=/work/stop", b"bye\n".to_vec()),
+            204,
+            "PUT stop",
+        );
         let done = d.wait(&id);
         assert_eq!(done.exit_code, Some(0), "{mode:?}");
         assert_eq!(String::from_utf8_lossy(&d.logs(&id, "")), "bye\n");
         // After the exit its tmpfs is gone; /work stays.
-        expect(get(&d, &id, "files", "path=/tmp/state"), 404, "the exited /tmp");
-        expect(get(&d, &id, "files", "path=/work/stop"), 200, "the exited /work");
+        expect(
+            get(&d, &id, "files", "path=/tmp/state"),
+            404,
+            "the exited /tmp",
+        );
+        expect(
+            get(&d, &id, "files", "path=/work/stop"),
+            200,
+            "the exited /work",
+        );
     }
 }

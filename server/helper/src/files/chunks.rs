@@ -106,3 +106,48 @@ impl Write for ChunkWriter<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn chunks_carry_bytes_exactly_and_end_with_an_empty_one() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let data: Vec<u8> = (0..(3 * MAX_CHUNK + 77)).map(|i| (i % 253) as u8).collect();
+        let sent = data.clone();
+        let writer = std::thread::spawn(move || {
+            let mut w = ChunkWriter::new(&a);
+            for piece in sent.chunks(1000) {
+                w.write_all(piece).unwrap();
+            }
+            w.finish().unwrap();
+            // Whatever follows the data is not part of it.
+            (&a).write_all(b"after").unwrap();
+        });
+        let mut r = ChunkReader::new(&b);
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).unwrap();
+        assert!(got == data);
+        assert_eq!(r.read(&mut [0u8; 8]).unwrap(), 0);
+        let mut rest = [0u8; 5];
+        (&b).read_exact(&mut rest).unwrap();
+        assert_eq!(&rest, b"after");
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn an_oversized_or_truncated_chunk_is_an_error() {
+        let (a, b) = UnixStream::pair().unwrap();
+        (&a).write_all(&((MAX_CHUNK + 1) as u32).to_le_bytes())
+            .unwrap();
+        assert!(ChunkReader::new(&b).read(&mut [0u8; 16]).is_err());
+        let (a, b) = UnixStream::pair().unwrap();
+        (&a).write_all(&chunk_header(10)).unwrap();
+        (&a).write_all(b"abc").unwrap();
+        drop(a);
+        let mut got = Vec::new();
+        assert!(ChunkReader::new(&b).read_to_end(&mut got).is_err());
+    }
+}
