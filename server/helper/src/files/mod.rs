@@ -217,6 +217,7 @@ fn fork_joining_worker(files: &ValidFiles, conn: &UnixStream, ns: [OwnedFd; 2]) 
             }
             let _ = conn.set_read_timeout(Some(worker::IDLE_TIMEOUT));
             let _ = conn.set_write_timeout(Some(worker::IDLE_TIMEOUT));
+            limit_memory();
             sys::exit_now(worker::serve(files, conn))
         }
     }
@@ -312,8 +313,23 @@ fn worker_main(
     // A transfer may wait on a slow client, but not forever on a vanished one.
     let _ = conn.set_read_timeout(Some(worker::IDLE_TIMEOUT));
     let _ = conn.set_write_timeout(Some(worker::IDLE_TIMEOUT));
+    limit_memory();
     let code = worker::serve(files, conn);
     sys::exit_now(code)
+}
+
+/// The worker's address space: it streams with small buffers, but the tar parser keeps a long
+/// name or a pax header of an entry in memory, whatever size the archive claims. A hostile
+/// archive makes the worker fail here, not the host run out of memory.
+const WORKER_ADDRESS_SPACE: u64 = 1 << 30;
+
+fn limit_memory() {
+    use nix::sys::resource::{setrlimit, Resource};
+    let _ = setrlimit(
+        Resource::RLIMIT_AS,
+        WORKER_ADDRESS_SPACE,
+        WORKER_ADDRESS_SPACE,
+    );
 }
 
 /// Root of the worker's user namespace (the sandbox's root uid on the host), non-dumpable.

@@ -221,7 +221,7 @@ fn put(root: &Root, files: &ValidFiles, s: &mut Session) -> Result<(), HelperErr
 
 /// A new, empty file in `dir` with an unused name derived from `name`.
 pub fn create_temp(dir: &OwnedFd, name: &str) -> Result<(String, OwnedFd), Errno> {
-    let stem: String = name.chars().take(64).collect();
+    let stem: String = name.chars().take(32).collect();
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
