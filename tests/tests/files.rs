@@ -836,16 +836,8 @@ fn large_transfers_stream_with_flat_daemon_memory() {
     );
 }
 
-#[test]
-fn the_file_worker_is_the_sandboxs_root_without_capabilities() {
-    require_e2e!();
-    let d = Daemon::start(Mode::Privileged);
-    let (s, out) = d.run(&["sh", "-c", "head -c 33554432 /dev/zero > /work/big"]);
-    assert_eq!(s.exit_code, Some(0), "{out}");
-    let host_uid = s.host_uid.expect("host uid");
-    let id = s.id.to_string();
-    assert!(sandboxd_tests::processes_of_uid(host_uid).is_empty());
-    // A download that nobody reads keeps its worker waiting: look at it from the host.
+/// Start a download of `path` that nobody reads (its worker stays blocked), returning the stream.
+fn stalled_download(d: &Daemon, id: &str, path: &str) -> std::net::TcpStream {
     let mut stream = std::net::TcpStream::connect(&d.addr).unwrap();
     let auth = d
         .auth_header()
@@ -854,15 +846,31 @@ fn the_file_worker_is_the_sandboxs_root_without_capabilities() {
     std::io::Write::write_all(
         &mut stream,
         format!(
-            "GET /v1/sandboxes/{id}/files?path=/work/big HTTP/1.1\r\nHost: {}\r\n{auth}\r\n",
+            "GET /v1/sandboxes/{id}/files?path={path} HTTP/1.1\r\nHost: {}\r\n{auth}\r\n",
             d.addr
         )
         .as_bytes(),
     )
     .unwrap();
+    stream
+}
+
+/// Processes of `uid` outside the pid namespace of the sandbox's init (if it runs): file workers.
+fn workers_of(uid: u32, init_pid: Option<i32>) -> Vec<i32> {
+    let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    let sandbox = init_pid.and_then(ns);
+    sandboxd_tests::processes_of_uid(uid)
+        .into_iter()
+        .filter(|pid| sandbox.is_none() || ns(*pid) != sandbox)
+        .collect()
+}
+
+/// The one file worker of `uid`: no capability at all, no_new_privs, every uid `uid`, not in
+/// the host's mount namespace.
+fn assert_capless_worker(uid: u32, init_pid: Option<i32>) {
     let mut workers = Vec::new();
     assert!(sandboxd_tests::eventually(Duration::from_secs(10), || {
-        workers = sandboxd_tests::processes_of_uid(host_uid);
+        workers = workers_of(uid, init_pid);
         !workers.is_empty()
     }));
     assert_eq!(workers.len(), 1, "one worker: {workers:?}");
@@ -882,22 +890,54 @@ fn the_file_worker_is_the_sandboxs_root_without_capabilities() {
         .split_whitespace()
         .map(|u| u.parse().unwrap())
         .collect();
-    assert!(uids.iter().all(|u| *u == host_uid), "{uids:?}");
-    // Its root is not the host's: the kernel refuses to show it (non-dumpable), and its mount
-    // namespace is not the host's.
+    assert!(uids.iter().all(|u| *u == uid), "{uids:?}");
     let host_ns = std::fs::read_link("/proc/self/ns/mnt").unwrap();
     if let Ok(ns) = std::fs::read_link(format!("/proc/{}/ns/mnt", workers[0])) {
         assert_ne!(ns, host_ns);
     }
-    let t = std::time::Instant::now();
+}
+
+#[test]
+fn the_file_worker_is_the_sandboxs_root_without_capabilities() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let big = "head -c 33554432 /dev/zero > /work/big";
+    // An exited sandbox: the worker builds the root itself.
+    let (s, out) = d.run(&["sh", "-c", big]);
+    assert_eq!(s.exit_code, Some(0), "{out}");
+    let host_uid = s.host_uid.expect("host uid");
+    let id = s.id.to_string();
+    assert!(workers_of(host_uid, None).is_empty());
+    let stream = stalled_download(&d, &id, "/work/big");
+    assert_capless_worker(host_uid, None);
     drop(stream);
     assert!(
         sandboxd_tests::eventually(Duration::from_secs(30), || {
-            sandboxd_tests::processes_of_uid(host_uid).is_empty()
+            workers_of(host_uid, None).is_empty()
         }),
         "the worker ends with its transfer"
     );
-    eprintln!("worker gone after {:?}", t.elapsed());
+
+    // A running sandbox: the worker joins its namespaces.
+    let s = d.create(json!({ "command": ["sh", "-c", format!("{big}; sleep 600")] }));
+    let id = s.id.to_string();
+    let host_uid = s.host_uid.expect("host uid");
+    assert!(sandboxd_tests::eventually(Duration::from_secs(10), || {
+        let (status, body) = answer(get(&d, &id, "files", "path=/work"));
+        status == 200 && String::from_utf8_lossy(&body).contains("33554432")
+    }));
+    let init = s.init_pid;
+    assert!(init.is_some());
+    // (The workers of the listings above end with their transfers.)
+    assert!(sandboxd_tests::eventually(Duration::from_secs(10), || {
+        workers_of(host_uid, init).is_empty()
+    }));
+    let stream = stalled_download(&d, &id, "/work/big");
+    assert_capless_worker(host_uid, init);
+    drop(stream);
+    assert!(sandboxd_tests::eventually(Duration::from_secs(30), || {
+        workers_of(host_uid, init).is_empty()
+    }));
 }
 
 #[test]
