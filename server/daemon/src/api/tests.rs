@@ -1312,6 +1312,12 @@ async fn created_sandboxes_start_once_and_bad_file_paths_never_reach_the_helper(
         .unwrap()
         .iter()
         .any(|r| matches!(r, sandboxd_protocol::wire::Request::Prepare(_))));
+    // Waiting on a sandbox that nothing runs in answers at once.
+    let (status, body) = app
+        .json(Method::POST, &format!("/v1/sandboxes/{id}/wait"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["state"], "created");
     let (status, body) = app
         .json(Method::GET, "/v1/sandboxes?state=created", None)
         .await;

@@ -64,6 +64,7 @@ impl Service {
         if !self.store.start_created(id).await? {
             return Err(ServiceError::NotCreated);
         }
+        self.register(id);
         // As for a create: the start runs in its own task, so a client hanging up cannot leave
         // the row in `creating` without a watcher.
         let svc = Arc::clone(self);

@@ -330,6 +330,8 @@ impl Service {
             // Created without starting: it waits in `created` for POST /start.
             Ok(None) => {
                 self.store.set_created(id).await?;
+                // Nothing runs: `wait` answers at once until it is started (as after a restart).
+                self.registry().remove(&id);
                 Ok(id)
             }
             Ok(Some(spawned)) => self.spawned(id, Ok(spawned)).await,
