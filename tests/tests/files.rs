@@ -997,3 +997,36 @@ fn a_running_sandbox_is_reached_through_its_own_root() {
         );
     }
 }
+
+#[test]
+fn a_created_sandbox_and_its_files_survive_a_daemon_restart() {
+    require_e2e!();
+    let mut d = Daemon::start(Mode::Privileged);
+    let s = create_unstarted(&d, "cat /work/in.txt");
+    let id = s.id.to_string();
+    expect(
+        put(&d, &id, "files", "path=/work/in.txt", b"kept\n".to_vec()),
+        204,
+        "PUT",
+    );
+    d.restart();
+    // Still created, its directory kept (not an orphan to remove), still startable.
+    assert_eq!(d.sandbox(&id).state, SandboxState::Created);
+    assert_eq!(
+        expect(
+            get(&d, &id, "files", "path=/work/in.txt"),
+            200,
+            "GET after restart"
+        ),
+        b"kept\n"
+    );
+    let started = d
+        .http()
+        .post(format!("{}/v1/sandboxes/{id}/start", d.url))
+        .send()
+        .unwrap();
+    assert_eq!(started.status().as_u16(), 200);
+    let done = d.wait(&id);
+    assert_eq!(done.exit_code, Some(0));
+    assert_eq!(d.logs(&id, ""), b"kept\n");
+}
