@@ -549,7 +549,11 @@ fn bad_paths_and_modes_are_refused_before_any_file_work() {
     let work = d.sandbox_dir(&id).join("private/work");
     assert_eq!(std::fs::read_dir(work).unwrap().count(), 0);
     // A sandbox that never started is deleted like any other, leaving nothing.
-    expect(d.delete(&format!("/v1/sandboxes/{id}")), 204, "DELETE created");
+    expect(
+        d.delete(&format!("/v1/sandboxes/{id}")),
+        204,
+        "DELETE created",
+    );
     assert!(!d.sandbox_dir(&id).exists());
 }
 

@@ -31,6 +31,21 @@ use crate::sandboxes::ServiceError;
 /// How long an upload may pause between two pieces of its body.
 const UPLOAD_IDLE: Duration = Duration::from_secs(60);
 
+/// Transfers in progress at once, across all clients: each holds a helper process (a file
+/// worker) for as long as it lasts. Beyond: 429.
+const MAX_TRANSFERS: usize = 64;
+static TRANSFERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_TRANSFERS);
+
+fn transfer_slot() -> Result<tokio::sync::SemaphorePermit<'static>, ApiError> {
+    TRANSFERS.try_acquire().map_err(|_| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_transfers",
+            format!("{MAX_TRANSFERS} file transfers are in progress; retry later"),
+        )
+    })
+}
+
 /// Header of `GET /files` answers for a regular file: its permission bits in octal.
 pub const MODE_HEADER: &str = "x-sandbox-file-mode";
 
@@ -118,6 +133,7 @@ pub async fn delete_file(
     ApiQuery(params): ApiQuery<FileParams>,
 ) -> Result<StatusCode, ApiError> {
     let (path, _) = checked(&params, FileOp::Delete)?;
+    let _slot = transfer_slot()?;
     let (mut conn, _) = state
         .svc
         .transfer(&principal.scope(), &id, FileOp::Delete, &path, None)
@@ -146,6 +162,7 @@ async fn download(
     op: FileOp,
 ) -> Result<Response, ApiError> {
     let (path, _) = checked(&params, op)?;
+    let slot = transfer_slot()?;
     let (conn, ready) = state
         .svc
         .transfer(&principal.scope(), &id, op, &path, None)
@@ -155,7 +172,7 @@ async fn download(
         FileKind::Archive => "application/x-tar",
         _ => "application/octet-stream",
     };
-    let mut response = Body::from_stream(chunks(conn)).into_response();
+    let mut response = Body::from_stream(chunks(conn, slot)).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     if ready.kind == FileKind::File {
@@ -175,9 +192,13 @@ async fn download(
 
 /// The content chunks of a download as a body stream; an error frame at the end (or a broken
 /// connection) becomes a stream error, which aborts the HTTP body.
-fn chunks(conn: UnixStream) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
-    futures_util::stream::unfold(Some(conn), |conn| async move {
-        let mut conn = conn?;
+/// The transfer's slot is held until the stream ends (or the client goes away and drops it).
+fn chunks(
+    conn: UnixStream,
+    slot: tokio::sync::SemaphorePermit<'static>,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
+    futures_util::stream::unfold(Some((conn, slot)), |state| async move {
+        let (mut conn, slot) = state?;
         let mut prefix = [0u8; 4];
         if let Err(e) = conn.read_exact(&mut prefix).await {
             return Some((Err(e), None));
@@ -189,7 +210,7 @@ fn chunks(conn: UnixStream) -> impl futures_util::Stream<Item = std::io::Result<
         if len > 0 {
             let mut buf = vec![0u8; len];
             return match conn.read_exact(&mut buf).await {
-                Ok(_) => Some((Ok(Bytes::from(buf)), Some(conn))),
+                Ok(_) => Some((Ok(Bytes::from(buf)), Some((conn, slot)))),
                 Err(e) => Some((Err(e), None)),
             };
         }
@@ -251,6 +272,7 @@ async fn send_upload(
     body: &mut axum::body::BodyDataStream,
 ) -> Result<StatusCode, ApiError> {
     let (path, mode) = checked(&params, op)?;
+    let _slot = transfer_slot()?;
     let (mut conn, _) = state
         .svc
         .transfer(&principal.scope(), &id, op, &path, mode)
