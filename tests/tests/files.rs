@@ -674,6 +674,8 @@ fn sbx_create_cp_start_and_cp_back() {
         .trim()
         .to_string();
         assert_eq!(d.sandbox(&id).state, SandboxState::Created);
+        let short: String = id.replace('-', "")[..12].to_string();
+        assert!(sbx_ok(&d, &["ls", "--state", "created"]).contains(&short));
         sbx_ok(
             &d,
             &[
@@ -735,6 +737,10 @@ fn sbx_create_cp_start_and_cp_back() {
         assert!(!out.status.success());
         let out = d.sbx(&["start", &id]);
         assert!(!out.status.success(), "a second start");
+        // A created sandbox runs nothing: `sbx rm` removes it without -f.
+        let other = sbx_ok(&d, &["create", "--", "true"]).trim().to_string();
+        sbx_ok(&d, &["rm", &other]);
+        assert!(!d.sandbox_dir(&other).exists());
     }
 }
 
