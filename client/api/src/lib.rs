@@ -63,6 +63,18 @@ pub struct CreateSandbox {
     pub cols: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rows: Option<u16>,
+    /// Start the command at once (the default). With `false` the sandbox stays `created`, files
+    /// can be put in, and `POST /v1/sandboxes/{id}/start` starts it.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub start: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 fn is_false(b: &bool) -> bool {
@@ -119,6 +131,8 @@ pub enum SandboxState {
     Exited,
     /// The sandbox could not be started or was lost; `reason` and `error` say why.
     Failed,
+    /// Created with `"start": false`: files can be put in; `POST /start` runs the command.
+    Created,
 }
 
 impl SandboxState {
@@ -128,6 +142,7 @@ impl SandboxState {
             SandboxState::Running => "running",
             SandboxState::Exited => "exited",
             SandboxState::Failed => "failed",
+            SandboxState::Created => "created",
         }
     }
 
@@ -137,6 +152,7 @@ impl SandboxState {
             "running" => SandboxState::Running,
             "exited" => SandboxState::Exited,
             "failed" => SandboxState::Failed,
+            "created" => SandboxState::Created,
             _ => return None,
         })
     }
@@ -506,4 +522,27 @@ pub struct AttachEnd {
     pub exit_code: Option<i32>,
     pub signal: Option<String>,
     pub offset: u64,
+}
+
+/// One entry of a directory listing (`GET /v1/sandboxes/{id}/files` of a directory).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    /// `file`, `directory`, `symlink` or `other`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Last modification, Unix seconds.
+    pub mtime: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_target: Option<String>,
+}
+
+/// A directory listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileListing {
+    pub path: String,
+    pub entries: Vec<FileEntry>,
 }

@@ -168,6 +168,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             tty: false,
             cols: None,
             rows: None,
+            start: true,
         };
         let sandbox = client.create(&spec).await?;
         let id = sandbox.id.to_string();

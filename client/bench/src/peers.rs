@@ -104,6 +104,7 @@ impl Peer {
                     tty: false,
                     cols: None,
                     rows: None,
+                    start: true,
                 };
                 let start = Instant::now();
                 let sandbox = client.create_and_wait(&spec).await?;

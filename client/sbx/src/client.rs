@@ -139,6 +139,11 @@ impl Client {
         &self.base
     }
 
+    /// The HTTP client, for requests built by other modules of this crate.
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
     /// The base URL followed by `segments`, each percent-encoded as one path segment.
     pub(crate) fn url(&self, segments: &[&str]) -> Url {
         let mut url = self.base.clone();
@@ -148,14 +153,14 @@ impl Client {
         url
     }
 
-    fn sandbox_url(&self, id: &str, rest: &[&str]) -> Url {
+    pub(crate) fn sandbox_url(&self, id: &str, rest: &[&str]) -> Url {
         let mut segments = vec!["v1", "sandboxes", id];
         segments.extend_from_slice(rest);
         self.url(&segments)
     }
 
     /// Sends a request and turns any non-2xx answer into `ClientError::Api`.
-    async fn send(&self, mut request: RequestBuilder) -> Result<Response> {
+    pub(crate) async fn send(&self, mut request: RequestBuilder) -> Result<Response> {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
@@ -177,11 +182,6 @@ impl Client {
         Err(ClientError::from_status_body(status.as_u16(), &body))
     }
 
-    /// The HTTP client (for request modules in this crate).
-    pub(crate) fn http(&self) -> &reqwest::Client {
-        &self.http
-    }
-
     /// Send a request; a non-2xx answer is an error (for request modules in this crate).
     pub(crate) async fn send_request(&self, request: RequestBuilder) -> Result<Response> {
         self.send(request).await
@@ -195,7 +195,7 @@ impl Client {
         self.json(request).await
     }
 
-    async fn json<T: DeserializeOwned>(&self, request: RequestBuilder) -> Result<T> {
+    pub(crate) async fn json<T: DeserializeOwned>(&self, request: RequestBuilder) -> Result<T> {
         self.send(request)
             .await?
             .json()

@@ -6,6 +6,7 @@
 mod client;
 mod error;
 mod exec;
+mod files;
 mod logs;
 
 pub use client::{
@@ -13,5 +14,6 @@ pub use client::{
 };
 pub use error::{ClientError, Result};
 pub use exec::{AttachEvent, AttachReader, AttachWriter};
+pub use files::Download;
 pub use logs::{Channel, LogEvent};
 pub use sandboxd_api as api;

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex as StdMutex};
 
 use futures_util::future::BoxFuture;
 use sandboxd_protocol::wire::{
-    self, FrameError, HelperError, HelperInfo, Mode, Request, Response, SandboxStats, SpawnRequest,
-    Spawned, PROTOCOL_VERSION,
+    self, FileReady, FilesRequest, FrameError, HelperError, HelperInfo, Mode, Request, Response,
+    SandboxStats, SpawnRequest, Spawned, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -46,6 +46,20 @@ pub trait Helper: Send + Sync + 'static {
     fn mode(&self) -> Mode;
     /// Send one request and wait for its response.
     fn call(&self, request: Request) -> BoxFuture<'_, Result<Response, HelperClientError>>;
+    /// Start a file transfer on a connection of its own (see `sandboxd_protocol::files`):
+    /// the connection and the worker's `FileReady` once the path is resolved.
+    fn transfer(
+        &self,
+        request: FilesRequest,
+    ) -> BoxFuture<'_, Result<(UnixStream, FileReady), HelperClientError>> {
+        let _ = request;
+        Box::pin(async {
+            Err(HelperClientError::Refused(HelperError::new(
+                wire::HelperErrorCode::Internal,
+                "this helper does not transfer files",
+            )))
+        })
+    }
 }
 
 fn unexpected(request: &'static str, response: Response) -> HelperClientError {
@@ -63,6 +77,13 @@ pub async fn spawn(h: &dyn Helper, req: SpawnRequest) -> Result<Spawned, HelperC
     match h.call(Request::Spawn(req)).await? {
         Response::Spawned(s) => Ok(s),
         other => Err(unexpected("spawn", other)),
+    }
+}
+
+pub async fn prepare(h: &dyn Helper, req: SpawnRequest) -> Result<(), HelperClientError> {
+    match h.call(Request::Prepare(req)).await? {
+        Response::Prepared => Ok(()),
+        other => Err(unexpected("prepare", other)),
     }
 }
 
@@ -180,6 +201,29 @@ impl Helper for SocketHelper {
                 .map_err(|e| HelperClientError::Io(std::io::Error::other(e)))?
         })
     }
+
+    fn transfer(
+        &self,
+        request: FilesRequest,
+    ) -> BoxFuture<'_, Result<(UnixStream, FileReady), HelperClientError>> {
+        Box::pin(async move {
+            let (mut stream, _) = open(&self.path).await?;
+            match round_trip(&mut stream, &Request::Files(request)).await? {
+                Response::FileReady(ready) => Ok((stream, ready)),
+                other => Err(unexpected("files", other)),
+            }
+        })
+    }
+}
+
+/// Read one frame (a response) from a connection.
+pub async fn read_response(stream: &mut UnixStream) -> Result<Response, HelperClientError> {
+    let mut prefix = [0u8; 4];
+    stream.read_exact(&mut prefix).await?;
+    let len = wire::frame_len(prefix)?;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    Ok(wire::decode(&body)?)
 }
 
 /// How the [`FakeHelper`] answers `Spawn`.
@@ -300,6 +344,23 @@ impl FakeHelper {
                     )),
                 }
             }
+            Request::Prepare(req) => {
+                let dir = SandboxDir::new(&self.state_dir, req.id);
+                let made = std::fs::create_dir_all(dir.root())
+                    .and_then(|()| std::fs::write(dir.output_log(), b""))
+                    .and_then(|()| std::fs::write(dir.output_index(), b""));
+                match made {
+                    Ok(()) => Response::Prepared,
+                    Err(e) => Response::Error(HelperError::new(
+                        wire::HelperErrorCode::Internal,
+                        e.to_string(),
+                    )),
+                }
+            }
+            Request::Files(_) => Response::Error(HelperError::new(
+                wire::HelperErrorCode::Internal,
+                "a transfer needs a connection of its own",
+            )),
             Request::Destroy { id } => {
                 let dir = SandboxDir::new(&self.state_dir, *id);
                 match std::fs::remove_dir_all(dir.root()) {

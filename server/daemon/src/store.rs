@@ -158,11 +158,11 @@ impl Store {
                          SELECT 0 AS s
                          UNION ALL
                          SELECT uid_slot + 1 FROM sandboxes
-                          WHERE uid_slot IS NOT NULL AND state IN ('creating', 'running')
+                          WHERE uid_slot IS NOT NULL AND state IN ('created', 'creating', 'running')
                      )
                      WHERE s < ?1 AND s NOT IN (
                          SELECT uid_slot FROM sandboxes
-                          WHERE uid_slot IS NOT NULL AND state IN ('creating', 'running'))
+                          WHERE uid_slot IS NOT NULL AND state IN ('created', 'creating', 'running'))
                      ORDER BY s LIMIT 1",
                 )
                 .bind(i64::from(slots))
@@ -222,13 +222,13 @@ impl Store {
                  SELECT 0 AS s
                  UNION ALL
                  SELECT uid_slot + 1 FROM sandboxes
-                  WHERE uid_slot IS NOT NULL AND state IN ('creating', 'running')
+                  WHERE uid_slot IS NOT NULL AND state IN ('created', 'creating', 'running')
                  UNION ALL
                  SELECT value + 1 FROM json_each(?2)
              )
              WHERE s < ?1
                AND s NOT IN (SELECT uid_slot FROM sandboxes
-                              WHERE uid_slot IS NOT NULL AND state IN ('creating', 'running'))
+                              WHERE uid_slot IS NOT NULL AND state IN ('created', 'creating', 'running'))
                AND s NOT IN (SELECT value FROM json_each(?2))
              ORDER BY s LIMIT 1",
         )
@@ -270,6 +270,48 @@ impl Store {
         .execute(&self.writer)
         .await?;
         Ok(())
+    }
+
+    /// The uid slot a sandbox holds (privileged mode), for requests that rebuild its spawn.
+    pub async fn uid_slot(&self, id: Uuid) -> Result<Option<u32>, StoreError> {
+        let row = sqlx::query("SELECT uid_slot FROM sandboxes WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&self.reader)
+            .await?;
+        let slot: Option<i64> = match row {
+            Some(r) => r.try_get(0)?,
+            None => None,
+        };
+        slot.map(|s| {
+            u32::try_from(s).map_err(|_| StoreError::Corrupt {
+                id: id.to_string(),
+                what: "uid slot out of range".into(),
+            })
+        })
+        .transpose()
+    }
+
+    /// A sandbox created with `"start": false` is set up: `creating` becomes `created`.
+    pub async fn set_created(&self, id: Uuid) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE sandboxes SET state = 'created' WHERE id = ? AND state = 'creating'",
+        )
+        .bind(id.to_string())
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// `POST /start`: `created` becomes `creating`; false when it was not `created` (started
+    /// already, or by a concurrent request).
+    pub async fn start_created(&self, id: Uuid) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE sandboxes SET state = 'creating' WHERE id = ? AND state = 'created'",
+        )
+        .bind(id.to_string())
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// After a restart, a row left in `creating` whose monitor answers is in fact running.
@@ -757,7 +799,7 @@ async fn check_quota(
     let usage = sqlx::query(
         "SELECT COUNT(*),
                 COALESCE(SUM(COALESCE(json_extract(spec, '$.limits.memory_bytes'), ?2)), 0)
-           FROM sandboxes WHERE tenant = ?1 AND state IN ('creating', 'running')",
+           FROM sandboxes WHERE tenant = ?1 AND state IN ('created', 'creating', 'running')",
     )
     .bind(&new.tenant)
     .bind(fallback.unwrap_or(0))
@@ -875,6 +917,7 @@ mod tests {
                 tty: false,
                 cols: None,
                 rows: None,
+                start: true,
             },
         }
     }
@@ -975,6 +1018,36 @@ mod tests {
         );
         let (due, _) = store.deadlines(t1 + 5000).await.unwrap();
         assert_eq!(due, vec![(a.id, Deadline::RemoveAfterExit)]);
+    }
+
+    #[tokio::test]
+    async fn a_created_sandbox_holds_its_slot_until_it_starts_and_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        let a = new(None);
+        assert_eq!(store.insert_creating(&a, Some(2)).await.unwrap(), Some(0));
+        assert!(store.set_created(a.id).await.unwrap());
+        assert_eq!(
+            store.get(a.id).await.unwrap().unwrap().state,
+            SandboxState::Created
+        );
+        // Its slot stays taken.
+        assert_eq!(
+            store.insert_creating(&new(None), Some(2)).await.unwrap(),
+            Some(1)
+        );
+        assert!(store.start_created(a.id).await.unwrap());
+        assert!(!store.start_created(a.id).await.unwrap());
+        assert_eq!(
+            store.get(a.id).await.unwrap().unwrap().state,
+            SandboxState::Creating
+        );
+        // The same database opened again (migrations already applied) accepts the state too.
+        drop(store);
+        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        let b = new(None);
+        store.insert_creating(&b, None).await.unwrap();
+        assert!(store.set_created(b.id).await.unwrap());
     }
 }
 

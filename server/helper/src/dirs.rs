@@ -394,6 +394,102 @@ impl SandboxesDir {
     }
 }
 
+/// Sandboxes created without being started (`Prepare`), and the work directory of an existing
+/// sandbox for a file worker.
+impl SandboxesDir {
+    /// Reopen a directory made by `create` (and released) for the sandbox's start: the same
+    /// files a fresh `create` gives, after checking that no monitor holds it, that it never ran
+    /// (no `status.json`, empty log) and that its work directory belongs to `ids`.
+    pub fn open_prepared(&self, id: Uuid, ids: IdMap) -> Result<SandboxFiles, DirError> {
+        let io = |step| move |source| DirError::Io { step, id, source };
+        let slot_lock = match ids {
+            IdMap::Range { slot, .. } => Some(self.lock_slot(slot)?),
+            IdMap::Single { .. } => None,
+        };
+        let dir = self.open_sandbox(id)?;
+        let lock = open_fd(
+            Some(dir.as_raw_fd()),
+            MONITOR_LOCK,
+            OFlag::O_RDWR,
+            Mode::empty(),
+        )
+        .map_err(io("opening monitor.lock"))?;
+        match flock(lock.as_raw_fd(), FlockArg::LockExclusiveNonblock) {
+            Ok(()) => {}
+            Err(Errno::EWOULDBLOCK) => return Err(DirError::Busy(id)),
+            Err(source) => return Err(io("locking monitor.lock")(source)),
+        }
+        match nix::sys::stat::fstatat(
+            Some(dir.as_raw_fd()),
+            sandboxd_protocol::layout::STATUS_FILE,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            Err(Errno::ENOENT) => {}
+            _ => return Err(DirError::Busy(id)),
+        }
+        let work = self.open_work_in(&dir, id, ids)?;
+        let output = |file: &'static str| -> Result<File, DirError> {
+            let fd = open_fd(
+                Some(dir.as_raw_fd()),
+                file,
+                OFlag::O_WRONLY | OFlag::O_APPEND,
+                Mode::empty(),
+            )
+            .map_err(io("opening an output file"))?;
+            let st = fstat(fd.as_raw_fd()).map_err(io("checking an output file"))?;
+            if st.st_size != 0 || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                return Err(DirError::Busy(id));
+            }
+            Ok(File::from(fd))
+        };
+        let log = output(OUTPUT_LOG)?;
+        let index = output(OUTPUT_INDEX)?;
+        Ok(SandboxFiles {
+            dir,
+            work,
+            log,
+            index,
+            lock: File::from(lock),
+            slot_lock,
+        })
+    }
+
+    /// An existing sandbox's directory.
+    pub fn open_dir(&self, id: Uuid) -> Result<OwnedFd, DirError> {
+        self.open_sandbox(id)
+    }
+
+    /// The work directory of an existing sandbox (`O_PATH`), checked to belong to the root of
+    /// `ids`: a request naming another uid range than the sandbox's is refused.
+    pub fn open_work(&self, id: Uuid, ids: IdMap) -> Result<OwnedFd, DirError> {
+        let dir = self.open_sandbox(id)?;
+        self.open_work_in(&dir, id, ids)
+    }
+
+    fn open_work_in(&self, dir: &OwnedFd, id: Uuid, ids: IdMap) -> Result<OwnedFd, DirError> {
+        let io = |step| move |source| DirError::Io { step, id, source };
+        let private = open_fd(
+            Some(dir.as_raw_fd()),
+            PRIVATE_DIR,
+            OFlag::O_PATH | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        )
+        .map_err(io("opening private/"))?;
+        let work = open_fd(
+            Some(private.as_raw_fd()),
+            WORK_DIR,
+            OFlag::O_PATH | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        )
+        .map_err(io("opening work/"))?;
+        let st = fstat(work.as_raw_fd()).map_err(io("checking work/"))?;
+        if st.st_uid != ids.host_root_uid() {
+            return Err(io("checking the owner of work/")(Errno::EPERM));
+        }
+        Ok(work)
+    }
+}
+
 /// flock(2) on a raw descriptor. nix's `Flock` guard unlocks on drop, which would release the lock
 /// the monitor inherits when the helper drops its copy after fork; a raw flock lives as long as
 /// any descriptor of the open file description does.

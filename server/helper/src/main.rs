@@ -20,6 +20,7 @@ mod config;
 mod dirs;
 mod exec;
 mod fds;
+mod files;
 mod info;
 mod monitor;
 mod sandbox;

@@ -9,6 +9,8 @@
 //! 3. drains the command's stdout and stderr into `output.log`/`output.idx` whether or not anyone
 //!    listens, so no byte is lost and the sandbox never blocks on a full pipe;
 //! 4. serves `kill` requests from the daemon's uid on `monitor.sock` and enforces the timeout;
+//!    hands init's user and mount namespaces (opened right after the clone, while init is still
+//!    dumpable) to the helper's file workers (`ns`, the helper's uid only);
 //! 5. when init has exited and both pipes are drained, writes `status.json`, removes the socket and
 //!    exits, which closes every control connection: the daemon's signal that the sandbox ended.
 //!
@@ -536,7 +538,7 @@ impl OomEvent {
     }
 }
 
-fn write_id_maps(child: Pid, ids: IdMap) -> Result<(), HelperError> {
+pub(crate) fn write_id_maps(child: Pid, ids: IdMap) -> Result<(), HelperError> {
     let proc = format!("/proc/{child}");
     let write = |file: &str, content: &str| {
         std::fs::write(format!("{proc}/{file}"), content)
@@ -950,8 +952,10 @@ impl Monitor {
 
     fn accept(&mut self) {
         while let Ok((stream, _)) = self.listener.accept() {
+            // The daemon, and the helper (our own uid) for `ns`.
+            let own = nix::unistd::geteuid().as_raw();
             let allowed = getsockopt(&stream, PeerCredentials)
-                .map(|c| c.uid() == self.daemon_uid)
+                .map(|c| c.uid() == self.daemon_uid || c.uid() == own)
                 .unwrap_or(false);
             if !allowed || self.clients.len() >= MAX_CONTROL_CONNECTIONS {
                 continue;
@@ -992,6 +996,10 @@ impl Monitor {
                 }
                 return;
             }
+            if line == control::NAMESPACES {
+                self.send_namespaces(i);
+                continue;
+            }
             let answer = match control::parse_kill(&line) {
                 Some(signo) if self.init_status.is_none() => {
                     match sys::pidfd_send_signal(self.pidfd.as_fd(), signo) {
@@ -1014,6 +1022,31 @@ impl Monitor {
         };
         if close || self.clients[i].1.len() > max_line {
             self.clients.swap_remove(i);
+        }
+    }
+
+    /// Answer `ns`: init's user and mount namespaces as SCM_RIGHTS, for the helper only (our own
+    /// uid; rootless, the daemon shares it and is no boundary there anyway).
+    fn send_namespaces(&mut self, i: usize) {
+        let own = nix::unistd::geteuid().as_raw();
+        let stream = &mut self.clients[i].0;
+        let from_helper = getsockopt(&*stream, PeerCredentials)
+            .map(|c| c.uid() == own)
+            .unwrap_or(false);
+        match self.execs.user_and_mount_namespaces() {
+            (user, mnt) if from_helper && self.init_status.is_none() => {
+                let fds = [user.as_raw_fd(), mnt.as_raw_fd()];
+                let _ = nix::sys::socket::sendmsg::<()>(
+                    stream.as_raw_fd(),
+                    &[std::io::IoSlice::new(b"ok\n")],
+                    &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+                    nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+                    None,
+                );
+            }
+            _ => {
+                let _ = stream.write_all(b"err not running\n");
+            }
         }
     }
 

@@ -19,7 +19,7 @@ use sandboxd_protocol::wire::{
 use crate::cgroup::{CgroupError, Cgroups};
 use crate::config::Config;
 use crate::dirs::{DirError, SandboxesDir};
-use crate::{info, monitor, validate};
+use crate::{files, info, monitor, validate};
 
 const MAX_CONNECTIONS: usize = 16;
 /// A connection that starts a frame must finish it within this time.
@@ -117,6 +117,11 @@ impl Helper {
                 false,
             ),
             Ok(_) if !conn.greeted => (invalid("the first request must be hello".into()), false),
+            // A transfer takes the connection over: a file worker answers on it from now on.
+            Ok(Request::Files(req)) => match files::start(self, &req, &conn.stream) {
+                Ok(()) => return false,
+                Err(e) => (Response::Error(e), false),
+            },
             Ok(request) => (self.handle(request), true),
         };
         let Ok(frame) = wire::encode(&response) else {
@@ -166,17 +171,44 @@ impl Helper {
                     Err(e) => Response::Error(dir_error(e)),
                 }
             }
-            Request::Spawn(req) => {
+            Request::Prepare(req) => {
                 let spawn = match validate::validate(&req, &self.config) {
                     Ok(s) => s,
                     Err(e) => return invalid(e.to_string()),
                 };
-                let files = match self.sandboxes.create(
+                // The directory and its locks are released at once: a created sandbox has no
+                // monitor until it starts.
+                match self.sandboxes.create(
                     spawn.id,
                     spawn.ids,
                     self.config.allow_uid,
                     self.config.allow_gid,
                 ) {
+                    Ok(files) => {
+                        drop(files);
+                        Response::Prepared
+                    }
+                    Err(e) => Response::Error(dir_error(e)),
+                }
+            }
+            // Handled in `serve_one`, which owns the connection.
+            Request::Files(_) => invalid("a transfer needs a connection of its own".into()),
+            Request::Spawn(req) => {
+                let spawn = match validate::validate(&req, &self.config) {
+                    Ok(s) => s,
+                    Err(e) => return invalid(e.to_string()),
+                };
+                let files = if req.prepared {
+                    self.sandboxes.open_prepared(spawn.id, spawn.ids)
+                } else {
+                    self.sandboxes.create(
+                        spawn.id,
+                        spawn.ids,
+                        self.config.allow_uid,
+                        self.config.allow_gid,
+                    )
+                };
+                let files = match files {
                     Ok(f) => f,
                     Err(e) => return Response::Error(dir_error(e)),
                 };
@@ -225,7 +257,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     message
 }
 
-fn dir_error(e: DirError) -> HelperError {
+pub(crate) fn dir_error(e: DirError) -> HelperError {
     let code = match &e {
         DirError::Exists(_) | DirError::Busy(_) => HelperErrorCode::Busy,
         DirError::SlotBusy(_) => HelperErrorCode::SlotBusy,

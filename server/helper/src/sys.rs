@@ -247,3 +247,26 @@ pub fn set_controlling_tty(tty: BorrowedFd<'_>) -> Result<(), Errno> {
     // SAFETY: TIOCSCTTY takes an int argument by value (0: do not steal).
     Errno::result(unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSCTTY, 0) }).map(drop)
 }
+
+/// The id of the mount an open descriptor is on (statx `STATX_MNT_ID`, Linux 5.8): how the file
+/// worker checks that a write lands on `/work` without trusting any path.
+pub fn mount_id(fd: BorrowedFd<'_>) -> Result<u64, Errno> {
+    // SAFETY: statx is plain old data; zeroed is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: an empty, NUL-terminated path with AT_EMPTY_PATH makes statx describe `fd` itself;
+    // `stx` is a valid, writable statx buffer that outlives the call.
+    let ret = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC,
+            libc::STATX_MNT_ID,
+            &mut stx,
+        )
+    };
+    Errno::result(ret)?;
+    if stx.stx_mask & libc::STATX_MNT_ID == 0 {
+        return Err(Errno::ENOSYS);
+    }
+    Ok(stx.stx_mnt_id)
+}

@@ -255,6 +255,7 @@ mod tests {
             nested_user_namespaces: false,
             stdin: false,
             tty: None,
+            prepared: false,
         }
     }
 

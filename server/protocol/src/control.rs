@@ -6,9 +6,16 @@
 //! * `kill <signo>\n` asks the monitor to deliver a signal to the sandbox's init (which forwards it
 //!   to the command; SIGKILL ends the whole sandbox). The monitor answers `ok\n` or `err <message>\n`.
 //!
+//! * `ns\n`, from the helper's uid only: the monitor answers `ok\n` with two descriptors
+//!   (SCM_RIGHTS), init's user and mount namespaces, which a file worker joins to reach the running
+//!   sandbox's root; or `err not running\n`.
+//!
 //! Lines longer than [`MAX_LINE`] bytes close the connection.
 
 pub const MAX_LINE: usize = 64;
+
+/// The request for init's namespaces (without its newline).
+pub const NAMESPACES: &str = "ns";
 
 /// Signals the monitor agrees to deliver. Not SIGSTOP: it cannot be forwarded and would stop the
 /// sandbox's init instead of its command (SIGTSTP, which init forwards, is the way to pause).

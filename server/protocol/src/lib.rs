@@ -5,6 +5,7 @@
 //! * [`status`]: the exit record a monitor writes when its sandbox ends.
 //! * [`logindex`]: the record format that says which bytes of the output log came from which stream.
 //! * [`capabilities`]: capability names and the default bounding set.
+//! * [`files`]: paths a client may name in a sandbox, and the chunked streams of file transfers.
 //! * [`control`]: the line protocol of a monitor's control socket (kill, exit notification).
 //! * [`exec`]: execs in a running sandbox: their control lines, attach frames and exit record.
 //!
@@ -13,6 +14,7 @@
 pub mod capabilities;
 pub mod control;
 pub mod exec;
+pub mod files;
 pub mod layout;
 pub mod logindex;
 pub mod status;

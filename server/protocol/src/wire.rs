@@ -35,6 +35,38 @@ pub enum Request {
     Stats {
         id: Uuid,
     },
+    /// Create a sandbox's directory without starting it (`"start": false`); a later `Spawn` with
+    /// `prepared: true` starts it.
+    Prepare(SpawnRequest),
+    /// Move files in or out of a sandbox (see [`crate::files`]). Sent on a connection of its
+    /// own, which the helper hands to a file worker: the rest of the exchange is the worker's.
+    Files(FilesRequest),
+}
+
+/// One file transfer. `spawn` is the sandbox's spawn request, so that the worker builds the
+/// sandbox's root exactly as its init does (the helper validates it like a `Spawn`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesRequest {
+    pub spawn: SpawnRequest,
+    /// (`file_op` on the wire: `op` is the request's tag.)
+    #[serde(rename = "file_op")]
+    pub op: crate::files::FileOp,
+    /// An absolute path inside the sandbox; see [`crate::files::SandboxPath`].
+    pub path: String,
+    /// Permission bits of an uploaded file (`Put`).
+    #[serde(default)]
+    pub mode: Option<u32>,
+}
+
+/// The worker's answer once the path is resolved, before any content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileReady {
+    pub kind: crate::files::FileKind,
+    /// Size of a regular file when it was opened.
+    pub size: Option<u64>,
+    /// Permission bits of a regular file.
+    pub mode: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +94,9 @@ pub struct SpawnRequest {
     /// Give the command a terminal of this size (cols, rows) from the sandbox's own devpts.
     #[serde(default)]
     pub tty: Option<(u16, u16)>,
+    /// The directory was created by `Prepare`: start the sandbox in it instead of creating one.
+    #[serde(default)]
+    pub prepared: bool,
 }
 
 /// Resource limits of a sandbox, already checked by the daemon against what the host enforces.
@@ -93,13 +128,22 @@ pub struct SandboxStats {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    Hello { version: u32, mode: Mode },
+    Hello {
+        version: u32,
+        mode: Mode,
+    },
     Info(HelperInfo),
     Spawned(Spawned),
     Destroyed,
-    List { ids: Vec<Uuid> },
+    List {
+        ids: Vec<Uuid>,
+    },
     Stats(SandboxStats),
     Error(HelperError),
+    Prepared,
+    FileReady(FileReady),
+    /// The transfer is complete.
+    FileDone,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,6 +210,8 @@ pub enum HelperErrorCode {
     /// The kernel refused a step of the setup.
     SetupFailed,
     Internal,
+    /// The sandbox's own permissions refuse the file operation.
+    Denied,
 }
 
 impl HelperError {
@@ -225,6 +271,33 @@ mod tests {
         assert_eq!(decode::<Request>(&frame[4..]).unwrap(), req);
         let bad = br#"{"op":"destroy","id":"00000000-0000-0000-0000-000000000000","path":"/etc"}"#;
         assert!(decode::<Request>(bad).is_err());
+    }
+
+    #[test]
+    fn a_files_request_round_trips() {
+        let spawn = SpawnRequest {
+            id: Uuid::nil(),
+            uid_slot: Some(1),
+            command: vec!["true".into()],
+            env: vec![],
+            cwd: "/work".into(),
+            hostname: "h".into(),
+            timeout_secs: None,
+            limits: SpawnLimits::default(),
+            capabilities: None,
+            nested_user_namespaces: false,
+            stdin: false,
+            tty: None,
+            prepared: false,
+        };
+        let req = Request::Files(FilesRequest {
+            spawn,
+            op: crate::files::FileOp::PutArchive,
+            path: "/work".into(),
+            mode: None,
+        });
+        let frame = encode(&req).unwrap();
+        assert_eq!(decode::<Request>(&frame[4..]).unwrap(), req);
     }
 
     #[test]

@@ -80,6 +80,7 @@ pub fn parse_cpus(arg: &str) -> Result<f64, String> {
 /// `--state` of `sbx ls`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StateArg {
+    Created,
     Creating,
     Running,
     Exited,
@@ -89,6 +90,7 @@ pub enum StateArg {
 impl From<StateArg> for SandboxState {
     fn from(state: StateArg) -> Self {
         match state {
+            StateArg::Created => SandboxState::Created,
             StateArg::Creating => SandboxState::Creating,
             StateArg::Running => SandboxState::Running,
             StateArg::Exited => SandboxState::Exited,

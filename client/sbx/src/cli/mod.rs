@@ -2,6 +2,8 @@
 //! pieces (errors, id resolution, copying output).
 
 mod args;
+mod cp;
+mod create;
 mod exec;
 mod extend;
 mod info;
@@ -12,6 +14,7 @@ mod ls;
 mod output;
 mod rm;
 mod run;
+mod start;
 mod stats;
 mod token;
 mod wait;
@@ -81,6 +84,12 @@ enum Command {
     Token(token::TokenArgs),
     /// Run another command in a running sandbox (-i: pass stdin on, -t: with a terminal).
     Exec(exec::ExecArgs),
+    /// Create a sandbox without starting it and print its id (then `sbx cp`, `sbx start`).
+    Create(create::CreateArgs),
+    /// Start a sandbox made by `sbx create`.
+    Start(start::StartArgs),
+    /// Copy files or directories: `sbx cp LOCAL ID:/path` or `sbx cp ID:/path LOCAL`.
+    Cp(cp::CpArgs),
 }
 
 /// Why a verb failed.
@@ -109,6 +118,12 @@ pub enum CliError {
 
     #[error("{0}")]
     Unauthorized(String),
+
+    #[error("{0}")]
+    Usage(String),
+
+    #[error("{0}")]
+    Local(String, #[source] std::io::Error),
 }
 
 impl CliError {
@@ -250,6 +265,9 @@ async fn dispatch(client: &Client, command: Command) -> Result<u8, CliError> {
         Command::Extend(args) => extend::run(client, args).await,
         Command::Token(args) => token::run(client, args).await,
         Command::Exec(args) => exec::run(client, args).await,
+        Command::Create(args) => create::run(client, args).await,
+        Command::Start(args) => start::run(client, args).await,
+        Command::Cp(args) => cp::run(client, args).await,
     }
 }
 

@@ -1,6 +1,7 @@
 //! `sbx rm`: remove sandboxes; `-f` also removes running ones (the daemon kills them).
 
 use clap::Args;
+use sandboxd_api::SandboxState;
 use sandboxd_client::Client;
 
 use super::output::println_checked;
@@ -34,7 +35,8 @@ pub async fn run(client: &Client, args: RmArgs) -> Result<u8, CliError> {
 
 async fn remove(client: &Client, arg: &str, force: bool) -> Result<(), CliError> {
     let sandbox = resolve(client, arg).await?;
-    if !force && !sandbox.state.is_final() {
+    // A created sandbox runs nothing: it is removed like an ended one.
+    if !force && !sandbox.state.is_final() && sandbox.state != SandboxState::Created {
         return Err(CliError::StillRunning {
             id: arg.to_owned(),
             state: sandbox.state.as_str(),

@@ -46,7 +46,7 @@ pub struct RunArgs {
     /// Delete the sandbox once it exited and its output was streamed (the daemon also removes it
     /// 60 seconds after the exit, should sbx not get to it).
     #[arg(long, conflicts_with = "detach")]
-    rm: bool,
+    pub(super) rm: bool,
     /// Print the sandbox id and return at once.
     #[arg(short, long)]
     pub(super) detach: bool,
@@ -97,6 +97,7 @@ impl RunArgs {
             tty: self.tty,
             cols: size.map(|s| s.0),
             rows: size.map(|s| s.1),
+            start: true,
         }
     }
 }

@@ -115,6 +115,22 @@ impl From<ServiceError> for ApiError {
             ServiceError::NotRunning => {
                 ApiError::new(StatusCode::CONFLICT, "not_running", e.to_string())
             }
+            ServiceError::NotCreated => {
+                ApiError::new(StatusCode::CONFLICT, "not_created", e.to_string())
+            }
+            ServiceError::NoFiles(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m.clone()),
+            ServiceError::Files(h) => {
+                use sandboxd_protocol::wire::HelperErrorCode as C;
+                match h.code {
+                    C::Invalid => ApiError::invalid(h.message.clone()),
+                    C::NotFound => ApiError::not_found(h.message.clone()),
+                    C::Denied => {
+                        ApiError::new(StatusCode::FORBIDDEN, "forbidden", h.message.clone())
+                    }
+                    C::Busy => ApiError::new(StatusCode::CONFLICT, "conflict", h.message.clone()),
+                    _ => ApiError::internal(&e),
+                }
+            }
             ServiceError::BadSignal(_) => ApiError::invalid(format!("signal: {e}")),
             ServiceError::Limit(l) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, l.code(), l.to_string())

@@ -5,6 +5,7 @@ pub mod auth;
 mod error;
 mod execs;
 mod extract;
+mod files;
 pub mod guard;
 mod health;
 mod info;
@@ -132,6 +133,33 @@ pub fn routes() -> Vec<Route> {
             Method::GET,
             "/v1/sandboxes/{id}/execs/{exec_id}/attach",
             get(execs::attach),
+        ),
+        route(Method::POST, "/v1/sandboxes/{id}/start", post(files::start)),
+        route(
+            Method::GET,
+            "/v1/sandboxes/{id}/files",
+            get(files::get_file),
+        ),
+        // Uploads stream without the JSON body limit (see api/files.rs).
+        route(
+            Method::PUT,
+            "/v1/sandboxes/{id}/files",
+            put(files::put_file).layer(DefaultBodyLimit::disable()),
+        ),
+        route(
+            Method::DELETE,
+            "/v1/sandboxes/{id}/files",
+            delete(files::delete_file),
+        ),
+        route(
+            Method::GET,
+            "/v1/sandboxes/{id}/archive",
+            get(files::get_archive),
+        ),
+        route(
+            Method::PUT,
+            "/v1/sandboxes/{id}/archive",
+            put(files::put_archive).layer(DefaultBodyLimit::disable()),
         ),
     ]
 }

@@ -64,7 +64,7 @@ fn list_query(params: Vec<(String, String)>) -> Result<ListQuery, ApiError> {
         match key.as_str() {
             "state" => {
                 q.state = Some(SandboxState::parse(&value).ok_or_else(|| {
-                    ApiError::invalid("state: must be creating, running, exited or failed")
+                    ApiError::invalid("state: must be created, creating, running, exited or failed")
                 })?)
             }
             "tenant" => q.tenant = Some(value),

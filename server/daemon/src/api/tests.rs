@@ -1290,3 +1290,125 @@ async fn quotas_answer_429() {
     let (status, _) = app.create(json!({})).await;
     assert_eq!(status, StatusCode::CREATED);
 }
+
+#[tokio::test]
+async fn created_sandboxes_start_once_and_bad_file_paths_never_reach_the_helper() {
+    let app = test_app(FakeSpawn::ExitAtOnce).await;
+    let (status, body) = app
+        .json(
+            Method::POST,
+            "/v1/sandboxes?wait=true",
+            Some(json!({"command": ["true"], "start": false})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["state"], "created");
+    let id = body["id"].as_str().unwrap().to_string();
+    // The helper prepared a directory and started nothing.
+    assert!(app
+        .helper
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|r| matches!(r, sandboxd_protocol::wire::Request::Prepare(_))));
+    // Waiting on a sandbox that nothing runs in answers at once.
+    let (status, body) = app
+        .json(Method::POST, &format!("/v1/sandboxes/{id}/wait"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["state"], "created");
+    let (status, body) = app
+        .json(Method::GET, "/v1/sandboxes?state=created", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["items"].as_array().unwrap().len(), 1);
+
+    for (method, uri) in [
+        (
+            Method::GET,
+            format!("/v1/sandboxes/{id}/files?path=relative"),
+        ),
+        (
+            Method::GET,
+            format!("/v1/sandboxes/{id}/files?path=/work/../etc"),
+        ),
+        (Method::GET, format!("/v1/sandboxes/{id}/files")),
+        (
+            Method::PUT,
+            format!("/v1/sandboxes/{id}/files?path=/etc/passwd"),
+        ),
+        (
+            Method::PUT,
+            format!("/v1/sandboxes/{id}/files?path=/work/a&mode=6755"),
+        ),
+        (Method::PUT, format!("/v1/sandboxes/{id}/archive?path=/tmp")),
+        (
+            Method::DELETE,
+            format!("/v1/sandboxes/{id}/files?path=/work"),
+        ),
+        (
+            Method::GET,
+            format!("/v1/sandboxes/{id}/archive?path=/work&mode=0644"),
+        ),
+    ] {
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(&uri)
+            .body(Body::empty())
+            .unwrap();
+        let (status, body) = app.send(req).await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    }
+    assert!(!app
+        .helper
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|r| matches!(r, sandboxd_protocol::wire::Request::Files(_))));
+
+    let (status, body) = app
+        .json(Method::POST, &format!("/v1/sandboxes/{id}/start"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_ne!(body["state"], "created");
+    let (status, body) = app
+        .json(Method::POST, &format!("/v1/sandboxes/{id}/start"), None)
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "not_created");
+    // The start rebuilt the same request from the stored spec, marked as prepared.
+    let spawned: Vec<_> = app
+        .helper
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|r| match r {
+            sandboxd_protocol::wire::Request::Spawn(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(spawned.len(), 1);
+    assert!(spawned[0].prepared);
+    assert_eq!(spawned[0].command, vec!["true".to_string()]);
+
+    // A created sandbox can be deleted without ever running.
+    let (status, body) = app
+        .json(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"command": ["true"], "start": false})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let other = body["id"].as_str().unwrap().to_string();
+    let req = Request::builder()
+        .method(Method::DELETE)
+        .uri(format!("/v1/sandboxes/{other}"))
+        .body(Body::empty())
+        .unwrap();
+    let (status, _) = app.send(req).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+}

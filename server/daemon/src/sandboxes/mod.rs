@@ -9,6 +9,7 @@
 //! (see [`reaper`]) that sleeps until the earliest deadline in the store.
 
 pub mod execs;
+mod files;
 pub mod monitor;
 mod reaper;
 mod watcher;
@@ -21,7 +22,7 @@ use std::time::Duration;
 use sandboxd_api::{EndReason, Info, Sandbox, SandboxState, Stats};
 use sandboxd_protocol::control::ALLOWED_SIGNALS;
 use sandboxd_protocol::layout::SandboxDir;
-use sandboxd_protocol::wire::{HelperErrorCode, Mode, SandboxStats, SpawnRequest};
+use sandboxd_protocol::wire::{HelperErrorCode, Mode, SandboxStats};
 use tokio::sync::{watch, Notify, OnceCell};
 use uuid::Uuid;
 
@@ -29,6 +30,7 @@ use crate::helper_client::{self, Helper, HelperClientError};
 use crate::limits::{self, HostLimits, LimitError, LimitPolicy, Resolved};
 use crate::store::{Ending, ListQuery, NewSandbox, Store, StoreError};
 use crate::validate::ValidCreate;
+use files::spawn_request;
 use monitor::MonitorError;
 
 /// How long `DELETE` waits for a killed sandbox to end.
@@ -47,6 +49,12 @@ pub enum ServiceError {
     NoCapacity,
     #[error("the sandbox is not running")]
     NotRunning,
+    #[error("the sandbox is not in state created (it was started already)")]
+    NotCreated,
+    #[error("{0}")]
+    NoFiles(String),
+    #[error("{}", .0.message)]
+    Files(sandboxd_protocol::wire::HelperError),
     #[error("signal {0:?} is not allowed")]
     BadSignal(String),
     #[error("setting up sandbox {id} failed")]
@@ -240,12 +248,13 @@ impl Service {
         // `creating` without a watcher.
         let svc = Arc::clone(self);
         let tenant = tenant.to_owned();
+        let start = v.spec.start;
         let id = tokio::spawn(async move {
             svc.create_and_start(tenant, v, resolved, capabilities)
                 .await
         })
         .await??;
-        if wait {
+        if wait && start {
             self.wait(id).await
         } else {
             self.store.get(id).await?.ok_or(ServiceError::NotFound)
@@ -293,29 +302,22 @@ impl Service {
                 });
             }
         };
-        let mut request = SpawnRequest {
-            id,
-            uid_slot,
-            command: v.command.clone(),
-            env: v.env_for(&hostname),
-            cwd: v.cwd.clone(),
-            hostname,
-            timeout_secs: v.timeout_secs,
-            limits: resolved.spawn,
-            capabilities,
-            nested_user_namespaces: v.spec.nested_user_namespaces,
-            stdin: v.spec.stdin,
-            tty: v
-                .spec
-                .tty
-                .then(|| (v.spec.cols.unwrap_or(80), v.spec.rows.unwrap_or(24))),
-        };
+        let mut request = spawn_request(id, uid_slot, hostname, &v, &resolved, capabilities, false);
+        let start = v.spec.start;
         // A slot the database thinks free can still be held by a monitor whose sandbox the
         // database lost track of (marked lost, or a row deleted by hand); the helper refuses it
         // and we move on to the next free slot instead of failing every create.
         let mut busy_slots = Vec::new();
         let result = loop {
-            let result = helper_client::spawn(&*self.helper, request.clone()).await;
+            let result = if start {
+                helper_client::spawn(&*self.helper, request.clone())
+                    .await
+                    .map(Some)
+            } else {
+                helper_client::prepare(&*self.helper, request.clone())
+                    .await
+                    .map(|()| None)
+            };
             match (&result, request.uid_slot) {
                 (Err(HelperClientError::Refused(e)), Some(slot))
                     if e.code == HelperErrorCode::SlotBusy && busy_slots.len() < 8 =>
@@ -334,6 +336,28 @@ impl Service {
                 _ => break result,
             }
         };
+        if new.ttl_deadline_ms.is_some() {
+            self.reaper_wake.notify_one();
+        }
+        match result {
+            // Created without starting: it waits in `created` for POST /start.
+            Ok(None) => {
+                self.store.set_created(id).await?;
+                // Nothing runs: `wait` answers at once until it is started (as after a restart).
+                self.registry().remove(&id);
+                Ok(id)
+            }
+            Ok(Some(spawned)) => self.spawned(id, Ok(spawned)).await,
+            Err(e) => self.spawned(id, Err(e)).await,
+        }
+    }
+
+    /// Record the outcome of a spawn: `running` with a watcher, or `failed` and cleaned up.
+    async fn spawned(
+        self: &Arc<Self>,
+        id: Uuid,
+        result: Result<sandboxd_protocol::wire::Spawned, HelperClientError>,
+    ) -> Result<Uuid, ServiceError> {
         match result {
             Ok(spawned) => {
                 self.store
@@ -348,9 +372,6 @@ impl Service {
                     tracing::info!(%id, error = %e, "command could not be executed");
                 }
                 self.start_watcher(id);
-                if new.ttl_deadline_ms.is_some() {
-                    self.reaper_wake.notify_one();
-                }
                 Ok(id)
             }
             Err(source) => {
@@ -425,7 +446,10 @@ impl Service {
     pub async fn delete(&self, scope: &Scope, id_or_name: &str) -> Result<(), ServiceError> {
         let sandbox = self.find(scope, id_or_name).await?;
         let id = sandbox.id;
-        if !sandbox.state.is_final() {
+        if sandbox.state == SandboxState::Created {
+            // Nothing runs: whoever waits on it is told it is gone.
+            self.notify_final(id);
+        } else if !sandbox.state.is_final() {
             match monitor::kill(&self.dir(id).monitor_socket(), 9).await {
                 Ok(()) | Err(MonitorError::Gone(_)) => {}
                 Err(e) => tracing::warn!(%id, error = %e, "kill before delete failed"),

@@ -97,6 +97,12 @@ pub struct Namespaces {
 }
 
 impl Namespaces {
+    /// The user and mount namespaces (what the helper's file workers join).
+    pub fn user_and_mount(&self) -> (BorrowedFd<'_>, BorrowedFd<'_>) {
+        // `open` puts mnt first among the others.
+        (self.user.as_fd(), self.others[0].as_fd())
+    }
+
     /// Open the namespaces of `child` (a clone that has not run its own code yet).
     pub fn open(child: Pid, late_cgroup: bool) -> Result<Namespaces, String> {
         let open = |name: &str| {
@@ -270,6 +276,11 @@ fn answer(stream: &mut UnixStream, line: &str) {
 }
 
 impl Execs {
+    /// The sandbox's user and mount namespaces (the helper's file workers join them).
+    pub fn user_and_mount_namespaces(&self) -> (BorrowedFd<'_>, BorrowedFd<'_>) {
+        self.ctx.namespaces.user_and_mount()
+    }
+
     pub fn new(ctx: Context) -> Self {
         Execs {
             ctx,

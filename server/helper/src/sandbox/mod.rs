@@ -13,7 +13,7 @@
 
 pub(crate) mod harden;
 pub(crate) mod init;
-mod rootfs;
+pub(crate) mod rootfs;
 pub mod seccomp;
 
 use std::io::Write;

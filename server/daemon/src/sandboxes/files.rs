@@ -1,0 +1,148 @@
+//! Sandboxes created without starting (`POST /start`), and file transfers in and out.
+//!
+//! A transfer is resolved and carried out by a file worker of the helper (see
+//! `server/helper/src/files/`); the daemon only checks who may ask and in which state, rebuilds
+//! the sandbox's spawn request from the stored spec (so the worker builds the same root as init),
+//! and passes the connection on to the HTTP layer, which streams the content through it.
+
+use std::sync::Arc;
+
+use sandboxd_api::{Sandbox, SandboxState};
+use sandboxd_protocol::files::{FileOp, SandboxPath};
+use sandboxd_protocol::wire::{FileReady, FilesRequest, SpawnRequest};
+use tokio::net::UnixStream;
+use uuid::Uuid;
+
+use super::{Scope, Service, ServiceError};
+use crate::helper_client::{self, HelperClientError};
+use crate::limits::{self, Resolved};
+use crate::store::StoreError;
+use crate::validate::ValidCreate;
+
+impl Service {
+    /// The spawn request of an existing sandbox, rebuilt from its stored spec.
+    async fn stored_spawn_request(
+        &self,
+        sandbox: &Sandbox,
+        prepared: bool,
+    ) -> Result<SpawnRequest, ServiceError> {
+        let corrupt = |what: String| {
+            ServiceError::Store(StoreError::Corrupt {
+                id: sandbox.id.to_string(),
+                what,
+            })
+        };
+        let v = ValidCreate::parse(sandbox.spec.clone())
+            .map_err(|e| corrupt(format!("stored spec: {}", e.0)))?;
+        let resolved = limits::resolve(&self.policy, self.host_limits().await?, &v.spec)?;
+        let capabilities =
+            limits::resolve_capabilities(&self.policy, v.spec.capabilities.as_ref())?;
+        let uid_slot = self.store.uid_slot(sandbox.id).await?;
+        Ok(spawn_request(
+            sandbox.id,
+            uid_slot,
+            sandbox.hostname.clone(),
+            &v,
+            &resolved,
+            capabilities,
+            prepared,
+        ))
+    }
+
+    /// `POST /start`: run the command of a sandbox created with `"start": false`.
+    pub async fn start(
+        self: &Arc<Self>,
+        scope: &Scope,
+        id_or_name: &str,
+    ) -> Result<Sandbox, ServiceError> {
+        let sandbox = self.find(scope, id_or_name).await?;
+        if sandbox.state != SandboxState::Created {
+            return Err(ServiceError::NotCreated);
+        }
+        let id = sandbox.id;
+        let request = self.stored_spawn_request(&sandbox, true).await?;
+        if !self.store.start_created(id).await? {
+            return Err(ServiceError::NotCreated);
+        }
+        self.register(id);
+        // As for a create: the start runs in its own task, so a client hanging up cannot leave
+        // the row in `creating` without a watcher.
+        let svc = Arc::clone(self);
+        tokio::spawn(async move {
+            let result = helper_client::spawn(&*svc.helper, request).await;
+            svc.spawned(id, result).await
+        })
+        .await??;
+        self.store.get(id).await?.ok_or(ServiceError::NotFound)
+    }
+
+    /// Start a transfer: the helper connection, positioned after the worker's `FileReady`.
+    /// `path` was checked for `op` by the caller (400s come before any filesystem work).
+    pub async fn transfer(
+        &self,
+        scope: &Scope,
+        id_or_name: &str,
+        op: FileOp,
+        path: &SandboxPath,
+        mode: Option<u32>,
+    ) -> Result<(UnixStream, FileReady), ServiceError> {
+        let sandbox = self.find(scope, id_or_name).await?;
+        match sandbox.state {
+            SandboxState::Creating => {
+                return Err(ServiceError::NoFiles(
+                    "the sandbox is being set up; retry in a moment".into(),
+                ))
+            }
+            SandboxState::Failed if sandbox.started_at.is_none() => {
+                return Err(ServiceError::NoFiles(
+                    "the sandbox failed to start and has no files".into(),
+                ))
+            }
+            _ => {}
+        }
+        let spawn = self.stored_spawn_request(&sandbox, false).await?;
+        let request = FilesRequest {
+            spawn,
+            op,
+            path: path.as_str().to_owned(),
+            mode,
+        };
+        match self.helper.transfer(request).await {
+            Ok(done) => Ok(done),
+            Err(HelperClientError::Refused(e)) => Err(ServiceError::Files(e)),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The spawn request of a sandbox: from the create request, or (for POST /start and file
+/// transfers) from the stored spec, so that both build the same root.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn spawn_request(
+    id: Uuid,
+    uid_slot: Option<u32>,
+    hostname: String,
+    v: &ValidCreate,
+    resolved: &Resolved,
+    capabilities: Option<Vec<String>>,
+    prepared: bool,
+) -> SpawnRequest {
+    SpawnRequest {
+        id,
+        uid_slot,
+        command: v.command.clone(),
+        env: v.env_for(&hostname),
+        cwd: v.cwd.clone(),
+        hostname,
+        timeout_secs: v.timeout_secs,
+        limits: resolved.spawn,
+        capabilities,
+        nested_user_namespaces: v.spec.nested_user_namespaces,
+        stdin: v.spec.stdin,
+        tty: v
+            .spec
+            .tty
+            .then(|| (v.spec.cols.unwrap_or(80), v.spec.rows.unwrap_or(24))),
+        prepared,
+    }
+}
