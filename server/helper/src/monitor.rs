@@ -244,6 +244,7 @@ fn prepare_and_clone(
         index,
         lock,
         slot_lock,
+        image_lower,
     } = files;
 
     // Keep only what this sandbox needs: never the helper's socket or other sandboxes' files.
@@ -256,6 +257,7 @@ fn prepare_and_clone(
     ]
     .into_iter()
     .chain(slot_lock.as_ref().map(|f| f.as_raw_fd()))
+    .chain(image_lower.as_ref().map(|f| f.as_raw_fd()))
     .collect();
     crate::fds::close_all_except(&[keep.as_slice(), &[report_fd]].concat())
         .map_err(|e| setup_error("closing inherited descriptors", e))?;
@@ -318,11 +320,20 @@ fn prepare_and_clone(
                     stdout: out_w,
                     stderr: err_w,
                     unshare_cgroupns: late_cgroupns,
+                    image: match &spawn.rootfs {
+                        crate::validate::Rootfs::Host => None,
+                        crate::validate::Rootfs::Image { digest, .. } => Some(match image_lower {
+                            Some(fd) => sandbox::ImageLower::Idmapped(fd),
+                            None => {
+                                sandbox::ImageLower::Path(crate::image::lower_path(config, digest))
+                            }
+                        }),
+                    },
                 },
             )
         }
         CloneResult::Parent { child, pidfd } => {
-            drop((out_w, err_w, sync_r, status_w, work, v2_cgroup));
+            drop((out_w, err_w, sync_r, status_w, work, v2_cgroup, image_lower));
             let mapped = write_id_maps(child, spawn.ids).and_then(|()| match &cgroups {
                 Some(c) => join_v1_cgroup(c, spawn.id, child),
                 None => Ok(()),
@@ -477,7 +488,7 @@ impl OomEvent {
     }
 }
 
-fn write_id_maps(child: Pid, ids: IdMap) -> Result<(), HelperError> {
+pub(crate) fn write_id_maps(child: Pid, ids: IdMap) -> Result<(), HelperError> {
     let proc = format!("/proc/{child}");
     let write = |file: &str, content: &str| {
         std::fs::write(format!("{proc}/{file}"), content)

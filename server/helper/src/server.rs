@@ -6,7 +6,7 @@
 //! typed answer; a bad request closes at most its connection, never the helper.
 
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
@@ -29,6 +29,7 @@ pub struct Helper {
     pub config: Config,
     pub sandboxes: SandboxesDir,
     pub cgroups: Cgroups,
+    pub images: crate::image::ImageStore,
     /// Read end of the daemon's lifeline pipe: end of file means the daemon is gone.
     pub lifeline: Option<std::os::fd::OwnedFd>,
 }
@@ -117,6 +118,11 @@ impl Helper {
                 false,
             ),
             Ok(_) if !conn.greeted => (invalid("the first request must be hello".into()), false),
+            Ok(Request::ImportImage { upload, digest }) => {
+                // Long work: a forked worker answers on this connection, which leaves our list.
+                self.import_in_worker(&conn.stream, upload, digest);
+                return false;
+            }
             Ok(request) => (self.handle(request), true),
         };
         let Ok(frame) = wire::encode(&response) else {
@@ -166,20 +172,66 @@ impl Helper {
                     Err(e) => Response::Error(dir_error(e)),
                 }
             }
+            Request::ImportImage { .. } => invalid("import is answered by a worker".into()),
+            Request::DeleteImage { digest } => match self.images.delete(&digest) {
+                Ok(()) => Response::ImageDeleted,
+                Err(e) => Response::Error(e),
+            },
+            Request::ListImages => match self.images.list() {
+                Ok(digests) => Response::ImageList { digests },
+                Err(e) => Response::Error(e),
+            },
             Request::Spawn(req) => {
                 let spawn = match validate::validate(&req, &self.config) {
                     Ok(s) => s,
                     Err(e) => return invalid(e.to_string()),
                 };
-                let files = match self.sandboxes.create(
+                let image = match &spawn.rootfs {
+                    crate::validate::Rootfs::Image { digest, .. } => Some(digest.as_str()),
+                    crate::validate::Rootfs::Host => None,
+                };
+                if image.is_some_and(|d| !self.images.exists(d)) {
+                    return Response::Error(HelperError::new(
+                        HelperErrorCode::NotFound,
+                        "the image is not stored",
+                    ));
+                }
+                if spawn.limits.disk_bytes.is_some() {
+                    if let Some(why) =
+                        crate::disk::unavailable(self.config.mode == wire::Mode::Privileged)
+                    {
+                        return invalid(format!("disk limits are not enforceable: {why}"));
+                    }
+                }
+                let layout = crate::dirs::Layout {
+                    image: image.is_some(),
+                    disk_bytes: spawn.limits.disk_bytes,
+                };
+                let mut files = match self.sandboxes.create(
                     spawn.id,
                     spawn.ids,
                     self.config.allow_uid,
                     self.config.allow_gid,
+                    layout,
                 ) {
                     Ok(f) => f,
                     Err(e) => return Response::Error(dir_error(e)),
                 };
+                if let (Some(digest), wire::Mode::Privileged) = (image, self.config.mode) {
+                    match crate::image::idmapped_lower(
+                        &self.images,
+                        &self.config,
+                        digest,
+                        spawn.ids,
+                    ) {
+                        Ok(lower) => files.image_lower = Some(lower),
+                        Err(e) => {
+                            drop(files);
+                            let _ = self.sandboxes.destroy(spawn.id);
+                            return Response::Error(e);
+                        }
+                    }
+                }
                 if let Err(e) = self.cgroups.create(spawn.id, &spawn.limits) {
                     drop(files);
                     let _ = self.sandboxes.destroy(spawn.id);
@@ -208,6 +260,24 @@ impl Helper {
                 }
             }
         }
+    }
+}
+
+impl Helper {
+    /// Fork a worker that imports an image and answers on `stream` itself (double-forked, so
+    /// the helper reaps only the short-lived intermediate process).
+    fn import_in_worker(&self, stream: &UnixStream, upload: uuid::Uuid, digest: String) {
+        let (stream_fd, images_fd) = (stream.as_raw_fd(), self.images.raw_fd());
+        crate::image::detached(|| {
+            let _ = crate::fds::close_all_except(&[stream_fd, images_fd]);
+            let response = match crate::image::import(&self.config, &self.images, upload, &digest) {
+                Ok(done) => Response::ImageImported(done),
+                Err(e) => Response::Error(e),
+            };
+            if let Ok(frame) = wire::encode(&response) {
+                let _ = (&*stream).write_all(&frame);
+            }
+        });
     }
 }
 

@@ -35,6 +35,20 @@ pub enum Request {
     Stats {
         id: Uuid,
     },
+    /// Unpack the upload `<state>/uploads/<upload>` (a file of the daemon's, named by a UUID)
+    /// into the image store under `digest` (64 hex digits, the sha256 of the upload), unless an
+    /// image with that digest is stored already. Answered by a forked worker on the same
+    /// connection, so the helper keeps serving other connections meanwhile.
+    ImportImage {
+        upload: Uuid,
+        digest: String,
+    },
+    /// Remove a stored image (the daemon checks first that no sandbox uses it).
+    DeleteImage {
+        digest: String,
+    },
+    /// Digests of every stored image, so the daemon can remove those it has no record of.
+    ListImages,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +70,13 @@ pub struct SpawnRequest {
     /// Let the sandbox create nested user namespaces (the seccomp filter refuses them otherwise).
     #[serde(default)]
     pub nested_user_namespaces: bool,
+    /// Digest of a stored image: the sandbox's root is an overlay with the image as its
+    /// read-only lower layer. `None` for the host root filesystem.
+    #[serde(default)]
+    pub rootfs_image: Option<String>,
+    /// Make the image root read-only (the host root is always read-only).
+    #[serde(default)]
+    pub rootfs_readonly: bool,
 }
 
 /// Resource limits of a sandbox, already checked by the daemon against what the host enforces.
@@ -68,6 +89,9 @@ pub struct SpawnLimits {
     pub pids: Option<u64>,
     /// Output cap in bytes (stdout and stderr together).
     pub output_bytes: u64,
+    /// Size of the sandbox's own filesystem (upper layer, /work, /tmp); `None` for no cap.
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
 }
 
 /// Resource figures of a sandbox; `None` where the host cannot measure one.
@@ -93,7 +117,27 @@ pub enum Response {
     Destroyed,
     List { ids: Vec<Uuid> },
     Stats(SandboxStats),
+    ImageImported(ImportedImage),
+    ImageDeleted,
+    ImageList { digests: Vec<String> },
     Error(HelperError),
+}
+
+/// A stored image, as the helper unpacked it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportedImage {
+    pub digest: String,
+    /// Bytes of regular files in the unpacked root filesystem.
+    pub size_bytes: u64,
+    /// Entries (files, directories, links) in it.
+    pub entries: u64,
+    /// `rootfs`, `docker-archive` or `oci-layout`.
+    pub format: String,
+    pub layers: u32,
+    /// Entries left out because they are not allowed in an image (device nodes, sockets).
+    pub skipped: u64,
+    /// False when the digest was stored already and nothing was unpacked.
+    pub unpacked: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,6 +204,10 @@ pub enum HelperErrorCode {
     /// The kernel refused a step of the setup.
     SetupFailed,
     Internal,
+    /// An image archive is malformed or hostile (an entry escaping the tree, a bomb...).
+    BadImage,
+    /// An image archive unpacks to more than the configured cap.
+    ImageTooLarge,
 }
 
 impl HelperError {
