@@ -19,6 +19,9 @@ use sqlx::Row;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+mod images;
+pub use images::NewImage;
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
 const COLUMNS: &str = "seq, id, name, state, exit_code, signal, reason, error, hostname, \
@@ -871,6 +874,7 @@ mod tests {
                 remove_after_exit_secs: None,
                 capabilities: None,
                 nested_user_namespaces: false,
+                rootfs: None,
             },
         }
     }

@@ -3,6 +3,7 @@
 
 mod args;
 mod extend;
+mod image;
 mod info;
 mod inspect;
 mod kill;
@@ -78,6 +79,8 @@ enum Command {
     Extend(extend::ExtendArgs),
     /// Manage API tokens (admin).
     Token(token::TokenArgs),
+    /// Import, list and remove images (root filesystems for `sbx run --image`).
+    Image(image::ImageArgs),
 }
 
 /// Why a verb failed.
@@ -246,6 +249,7 @@ async fn dispatch(client: &Client, command: Command) -> Result<u8, CliError> {
         Command::Stats(args) => stats::run(client, args).await,
         Command::Extend(args) => extend::run(client, args).await,
         Command::Token(args) => token::run(client, args).await,
+        Command::Image(args) => image::run(client, args).await,
     }
 }
 

@@ -6,6 +6,7 @@ mod error;
 mod extract;
 pub mod guard;
 mod health;
+mod images;
 mod info;
 pub mod limits;
 mod logs;
@@ -106,6 +107,20 @@ pub fn routes() -> Vec<Route> {
             get(tokens::get_quota),
         ),
         route(Method::POST, "/v1/tickets", post(tokens::ticket)),
+        // An image upload is streamed to disk, so it is not bound by the JSON body limit (the
+        // daemon's --max-image-bytes caps it instead).
+        route(
+            Method::POST,
+            "/v1/images",
+            post(images::import).layer(DefaultBodyLimit::disable()),
+        ),
+        route(Method::GET, "/v1/images", get(images::list)),
+        route(Method::GET, "/v1/images/{name}", get(images::get)),
+        route(
+            Method::DELETE,
+            "/v1/images/{name}",
+            delete(images::delete),
+        ),
     ]
 }
 

@@ -708,6 +708,7 @@ async fn limits_above_maxima_are_422_naming_the_limit() {
             cpu_millis: Some(500),
             pids: Some(100),
             output_bytes: 1 << 20,
+            disk_bytes: None,
         }
     );
 }
@@ -752,6 +753,7 @@ async fn unenforceable_limits_are_422_and_defaults_only_apply_where_enforceable(
             cpu_millis: Some(1000),
             pids: None,
             output_bytes: 64 << 20,
+            disk_bytes: None,
         }
     );
     assert_eq!(
@@ -770,6 +772,7 @@ async fn unenforceable_limits_are_422_and_defaults_only_apply_where_enforceable(
             cpu_millis: Some(1000),
             pids: Some(7),
             output_bytes: 64 << 20,
+            disk_bytes: None,
         }
     );
     assert_eq!(body["spec"]["limits"]["memory_bytes"], json!(256 << 20));

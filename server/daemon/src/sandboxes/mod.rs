@@ -8,6 +8,7 @@
 //! Lifetimes (`ttl_secs`, `remove_after_exit_secs`, `/extend`) are enforced by one reaper task
 //! (see [`reaper`]) that sleeps until the earliest deadline in the store.
 
+mod images;
 pub mod monitor;
 mod reaper;
 mod watcher;
@@ -72,6 +73,20 @@ pub enum ServiceError {
     Monitor(#[from] MonitorError),
     #[error("internal task failed")]
     Task(#[from] tokio::task::JoinError),
+    #[error("no such image")]
+    ImageNotFound,
+    #[error("rootfs.image: this tenant has no image named {0:?}")]
+    UnknownImage(String),
+    #[error("the image is in use by {0} sandbox(es): delete them first")]
+    ImageInUse(u64),
+    #[error("an image of that name exists already: delete it first")]
+    ImageExists,
+    #[error("{0}")]
+    BadImage(String),
+    #[error("{0}")]
+    ImageTooLarge(String),
+    #[error("storing the upload")]
+    Upload(#[source] std::io::Error),
 }
 
 /// Which sandboxes a caller may see: a `user` token sees only its tenant's, an `admin` every one.
@@ -106,6 +121,8 @@ pub struct Service {
     reaper_wake: Notify,
     /// Sandboxes the reaper is removing right now.
     reaping: Mutex<HashSet<Uuid>>,
+    /// Orders image deletion against creation from an image (see `images.rs`).
+    image_lock: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Service {
@@ -126,6 +143,7 @@ impl Service {
             live: Mutex::new(HashMap::new()),
             reaper_wake: Notify::new(),
             reaping: Mutex::new(HashSet::new()),
+            image_lock: Arc::new(tokio::sync::RwLock::new(())),
         })
     }
 
@@ -223,12 +241,16 @@ impl Service {
         if v.spec.nested_user_namespaces && !self.policy.allow_nested_userns {
             return Err(limits::LimitError::NestedUsernsNotAllowed.into());
         }
+        let image = match &v.spec.rootfs {
+            Some(rootfs) => Some(self.resolve_image(tenant, &rootfs.image).await?),
+            None => None,
+        };
         // The setup runs in its own task so that a client hanging up cannot leave a row in
         // `creating` without a watcher.
         let svc = Arc::clone(self);
         let tenant = tenant.to_owned();
         let id = tokio::spawn(async move {
-            svc.create_and_start(tenant, v, resolved, capabilities)
+            svc.create_and_start(tenant, v, resolved, capabilities, image)
                 .await
         })
         .await??;
@@ -245,6 +267,7 @@ impl Service {
         v: ValidCreate,
         resolved: Resolved,
         capabilities: Option<Vec<String>>,
+        image: Option<(String, tokio::sync::OwnedRwLockReadGuard<()>)>,
     ) -> Result<Uuid, ServiceError> {
         let id = Uuid::new_v4();
         let hostname = v.hostname_for(id);
@@ -291,6 +314,8 @@ impl Service {
             limits: resolved.spawn,
             capabilities,
             nested_user_namespaces: v.spec.nested_user_namespaces,
+            rootfs_readonly: v.spec.rootfs.as_ref().is_some_and(|r| r.readonly),
+            rootfs_image: image.map(|(digest, _inserted_now)| digest),
         };
         // A slot the database thinks free can still be held by a monitor whose sandbox the
         // database lost track of (marked lost, or a row deleted by hand); the helper refuses it
