@@ -456,7 +456,7 @@ fn disk_limit_gives_enospc_inside_and_leaves_nothing_behind() {
     d.restart();
     assert_eq!(d.delete(&format!("/v1/sandboxes/{id}")).status().as_u16(), 204);
     assert!(mounts_below(&dir).is_empty());
-    assert!(eventually(Duration::from_secs(5), || loops_below(&d.state_dir).is_empty()));
+    assert!(eventually(Duration::from_secs(5), || loops_below(&dir).is_empty()));
     // Every sandbox gone: nothing mounted below the state directory at all.
     for item in d.get("/v1/sandboxes").json::<Value>().unwrap()["items"]
         .as_array()

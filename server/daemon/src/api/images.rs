@@ -3,8 +3,8 @@
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use sandboxd_api::ImageList;
 use serde::Deserialize;
@@ -20,6 +20,26 @@ pub struct ImportParams {
 }
 
 pub async fn import(
+    state: State<AppState>,
+    principal: Extension<Principal>,
+    params: ApiQuery<ImportParams>,
+    body: Body,
+) -> Response {
+    match import_inner(state, principal, params, body).await {
+        Ok(created) => created.into_response(),
+        // An error may come before the body was read (a taken name, a bad query): close the
+        // connection instead of leaving an unread upload in it.
+        Err(e) => {
+            let mut response = e.into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+    }
+}
+
+async fn import_inner(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     ApiQuery(params): ApiQuery<ImportParams>,

@@ -103,7 +103,7 @@ impl Format {
 fn is_image_member(name: &str) -> bool {
     matches!(name, "manifest.json" | "index.json" | "oci-layout")
         || name.starts_with("blobs/")
-        || (name.matches('/').count() == 1 && (name.ends_with(".tar") || name.ends_with(".json")))
+        || name.matches('/').count() == 1
         || (!name.contains('/') && name.ends_with(".json"))
 }
 
@@ -145,6 +145,9 @@ fn scan_stream<R: Read>(reader: R) -> Result<HashMap<String, Member>, UnpackErro
 
 /// Scan a plain archive file, seeking over contents.
 fn scan_file(file: &File) -> Result<HashMap<String, Member>, UnpackError> {
+    // Offsets are counted from where reading starts: the start of the file.
+    let mut f = file;
+    f.seek(SeekFrom::Start(0)).map_err(UnpackError::Read)?;
     let mut archive = tar::Archive::new(file);
     let mut members = HashMap::new();
     for entry in archive.entries_with_seek().map_err(UnpackError::Read)? {
