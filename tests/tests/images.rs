@@ -132,7 +132,10 @@ fn docker_archive(s: &Scratch) -> PathBuf {
     write(&l2.join("opaque/new-file"), "layer 2\n");
     tar_dir(&l2, &outer.join("l2/layer.tar"));
     run(Command::new("gzip").arg(outer.join("l2/layer.tar")));
-    write(&outer.join("config.json"), r#"{"architecture":"amd64","os":"linux"}"#);
+    write(
+        &outer.join("config.json"),
+        r#"{"architecture":"amd64","os":"linux"}"#,
+    );
     write(
         &outer.join("manifest.json"),
         r#"[{"Config":"config.json","RepoTags":["e2e:layers"],"Layers":["l1/layer.tar","l2/layer.tar.gz"]}]"#,
@@ -228,7 +231,10 @@ fn images_import_run_copy_on_write_and_refuse_deletion_in_use() {
     assert!(!image_passwd.contains("changed"));
     assert!(!rootfs.join("etc/added").exists());
     let owner = std::fs::metadata(rootfs.join("etc/passwd")).unwrap().uid();
-    assert!(owner >= 300_000_000, "stored files carry shifted owners, got {owner}");
+    assert!(
+        owner >= 300_000_000,
+        "stored files carry shifted owners, got {owner}"
+    );
     let upper = d.sandbox_dir(&first.id.to_string()).join("private/upper");
     let upper_passwd = std::fs::metadata(upper.join("etc/passwd")).unwrap();
     assert_eq!(Some(upper_passwd.uid()), first.host_uid);
@@ -256,7 +262,12 @@ fn images_import_run_copy_on_write_and_refuse_deletion_in_use() {
     let body: Value = resp.json().unwrap();
     assert_eq!(body["error"]["code"], "image_in_use");
     for sb in [&first, &second, &ro] {
-        assert_eq!(d.delete(&format!("/v1/sandboxes/{}", sb.id)).status().as_u16(), 204);
+        assert_eq!(
+            d.delete(&format!("/v1/sandboxes/{}", sb.id))
+                .status()
+                .as_u16(),
+            204
+        );
     }
     assert_eq!(d.delete("/v1/images/base").status().as_u16(), 204);
     assert_eq!(d.get("/v1/images/base").status().as_u16(), 404);
@@ -286,7 +297,10 @@ fn docker_archive_layers_apply_in_order_with_whiteouts() {
     assert_eq!(sb.exit_code, Some(0), "{out}");
     assert!(out.contains("layer2") && out.contains("new-file"), "{out}");
     assert!(!out.contains("remove-me"), "whiteout not applied: {out}");
-    assert!(!out.contains("old-file"), "opaque directory not applied: {out}");
+    assert!(
+        !out.contains("old-file"),
+        "opaque directory not applied: {out}"
+    );
     assert!(!out.contains(".wh."), "{out}");
 }
 
@@ -330,8 +344,20 @@ fn hostile_archives_are_refused_and_the_host_is_unchanged() {
     let canary = std::env::temp_dir().join(format!("sbx-escape-{}", uuid::Uuid::new_v4().simple()));
     let canary_name = canary.to_str().unwrap().trim_start_matches('/').to_owned();
     let refused = [
-        ("dotdot", archive(&[member(&format!("../../../../../../{canary_name}"), b'0', 0o644, "", b"x")])),
-        ("absolute", archive(&[member(&format!("/{canary_name}"), b'0', 0o644, "", b"x")])),
+        (
+            "dotdot",
+            archive(&[member(
+                &format!("../../../../../../{canary_name}"),
+                b'0',
+                0o644,
+                "",
+                b"x",
+            )]),
+        ),
+        (
+            "absolute",
+            archive(&[member(&format!("/{canary_name}"), b'0', 0o644, "", b"x")]),
+        ),
         (
             "hardlink-out",
             archive(&[member("shadow", b'1', 0o644, "../../../../etc/shadow", b"")]),
@@ -351,7 +377,13 @@ fn hostile_archives_are_refused_and_the_host_is_unchanged() {
     let through_link = archive(&[
         member("tmp", b'5', 0o1777, "", b""),
         member("escape", b'2', 0o777, "/tmp", b""),
-        member(&format!("escape/{}", canary.file_name().unwrap().to_str().unwrap()), b'0', 0o644, "", b"x"),
+        member(
+            &format!("escape/{}", canary.file_name().unwrap().to_str().unwrap()),
+            b'0',
+            0o644,
+            "",
+            b"x",
+        ),
         // A device node is left out, setuid and setgid bits are dropped.
         member("dev-null", b'3', 0o666, "", b""),
         member("suid", b'0', 0o6755, "", b"#!/bin/sh\n"),
@@ -359,9 +391,16 @@ fn hostile_archives_are_refused_and_the_host_is_unchanged() {
     let (status, body) = import(&d, "through-link", through_link);
     assert_eq!(status, 201, "{body}");
     assert!(!canary.exists(), "an archive wrote to the host");
-    let digest = body["digest"].as_str().unwrap().trim_start_matches("sha256:").to_owned();
+    let digest = body["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_owned();
     let rootfs = d.state_dir.join("images").join(&digest).join("rootfs");
-    assert!(rootfs.join("tmp").join(canary.file_name().unwrap()).exists());
+    assert!(rootfs
+        .join("tmp")
+        .join(canary.file_name().unwrap())
+        .exists());
     assert!(!rootfs.join("dev-null").exists());
     assert_eq!(
         std::fs::metadata(rootfs.join("suid")).unwrap().mode() & 0o7777,
@@ -385,7 +424,12 @@ fn hostile_archives_are_refused_and_the_host_is_unchanged() {
         .iter()
         .all(|n| !n.starts_with('.'))));
     // Uploads are gone too.
-    assert_eq!(std::fs::read_dir(d.state_dir.join("uploads")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(d.state_dir.join("uploads"))
+            .unwrap()
+            .count(),
+        0
+    );
 }
 
 /// Mounts (from /proc/self/mountinfo) below a directory.
@@ -454,7 +498,10 @@ fn disk_limit_gives_enospc_inside_and_leaves_nothing_behind() {
     // A daemon crash and restart loses nothing and leaves nothing once the sandbox is deleted.
     d.kill9();
     d.restart();
-    assert_eq!(d.delete(&format!("/v1/sandboxes/{id}")).status().as_u16(), 204);
+    assert_eq!(
+        d.delete(&format!("/v1/sandboxes/{id}")).status().as_u16(),
+        204
+    );
     assert!(mounts_below(&dir).is_empty());
     assert!(eventually(Duration::from_secs(5), || loops_below(&dir).is_empty()));
     // Every sandbox gone: nothing mounted below the state directory at all.
@@ -463,10 +510,20 @@ fn disk_limit_gives_enospc_inside_and_leaves_nothing_behind() {
         .unwrap()
     {
         let id = item["id"].as_str().unwrap();
-        assert_eq!(d.delete(&format!("/v1/sandboxes/{id}")).status().as_u16(), 204);
+        assert_eq!(
+            d.delete(&format!("/v1/sandboxes/{id}")).status().as_u16(),
+            204
+        );
     }
-    assert!(mounts_below(&d.state_dir).is_empty(), "{:?}", mounts_below(&d.state_dir));
-    assert!(eventually(Duration::from_secs(5), || loops_below(&d.state_dir).is_empty()));
+    assert!(
+        mounts_below(&d.state_dir).is_empty(),
+        "{:?}",
+        mounts_below(&d.state_dir)
+    );
+    assert!(eventually(Duration::from_secs(5), || loops_below(
+        &d.state_dir
+    )
+    .is_empty()));
 }
 
 #[test]
@@ -482,7 +539,10 @@ fn rootless_images_work_and_disk_limits_are_422() {
         "stat -c '%u %n' /etc/passwd && echo changed >> /etc/passwd && cat /etc/passwd",
     );
     assert_eq!(sb.exit_code, Some(0), "{out}");
-    assert!(out.contains("0 /etc/passwd") && out.contains("changed"), "{out}");
+    assert!(
+        out.contains("0 /etc/passwd") && out.contains("changed"),
+        "{out}"
+    );
     let resp = d.post_json(
         "/v1/sandboxes",
         &json!({"command": ["true"], "rootfs": {"image": "base"}, "limits": {"disk_bytes": 32 << 20}}),
@@ -490,7 +550,10 @@ fn rootless_images_work_and_disk_limits_are_422() {
     assert_eq!(resp.status().as_u16(), 422);
     let body: Value = resp.json().unwrap();
     assert_eq!(body["error"]["code"], "limit_unenforceable");
-    assert!(body["error"]["message"].as_str().unwrap().contains("rootless"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("rootless"));
 }
 
 #[test]
@@ -501,14 +564,34 @@ fn cli_imports_lists_runs_and_removes_images() {
     let d = Daemon::start(Mode::Privileged);
     let file = archive.to_str().unwrap();
     let out = d.sbx(&["image", "import", file, "--name", "cli-image"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = d.sbx(&["image", "ls"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("cli-image"));
-    let out = d.sbx(&["run", "--rm", "--image", "cli-image", "--", "cat", "/etc/image-marker"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = d.sbx(&[
+        "run",
+        "--rm",
+        "--image",
+        "cli-image",
+        "--",
+        "cat",
+        "/etc/image-marker",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "from the image\n");
     let out = d.sbx(&["image", "rm", "cli-image"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = d.sbx(&["image", "ls"]);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("cli-image"));
 }

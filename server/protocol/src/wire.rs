@@ -17,6 +17,8 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// A request from the daemon. The helper validates every field; see `server/helper/src/validate.rs`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+// One request lives at a time per connection; boxing the spawn request would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Request {
     Hello {
         version: u32,

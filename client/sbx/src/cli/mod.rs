@@ -56,6 +56,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the largest verb's arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Create a sandbox running CMD and stream its output until it exits.
     Run(run::RunArgs),

@@ -54,7 +54,9 @@ impl Client {
 
     /// `GET /v1/images`.
     pub async fn images(&self) -> Result<Vec<Image>> {
-        let list: ImageList = self.json(self.http.get(self.url(&["v1", "images"]))).await?;
+        let list: ImageList = self
+            .json(self.http.get(self.url(&["v1", "images"])))
+            .await?;
         Ok(list.images)
     }
 

@@ -144,9 +144,11 @@ impl From<ServiceError> for ApiError {
                 )
             }
             ServiceError::ImageNotFound => ApiError::not_found("no such image"),
-            ServiceError::UnknownImage(_) => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_image", e.to_string())
-            }
+            ServiceError::UnknownImage(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown_image",
+                e.to_string(),
+            ),
             ServiceError::ImageInUse(_) => {
                 ApiError::new(StatusCode::CONFLICT, "image_in_use", e.to_string())
             }

@@ -116,11 +116,7 @@ pub fn routes() -> Vec<Route> {
         ),
         route(Method::GET, "/v1/images", get(images::list)),
         route(Method::GET, "/v1/images/{name}", get(images::get)),
-        route(
-            Method::DELETE,
-            "/v1/images/{name}",
-            delete(images::delete),
-        ),
+        route(Method::DELETE, "/v1/images/{name}", delete(images::delete)),
     ]
 }
 

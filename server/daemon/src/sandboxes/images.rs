@@ -71,7 +71,8 @@ impl Service {
         let mut hasher = Sha256::new();
         let mut total: u64 = 0;
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| ServiceError::BadImage(format!("reading the body: {e}")))?;
+            let chunk =
+                chunk.map_err(|e| ServiceError::BadImage(format!("reading the body: {e}")))?;
             total += chunk.len() as u64;
             if total > max {
                 return Err(ServiceError::ImageTooLarge(format!(

@@ -85,7 +85,11 @@ impl Store {
     }
 
     /// The digest (bare hex) of a tenant's image.
-    pub async fn image_digest(&self, tenant: &str, name: &str) -> Result<Option<String>, StoreError> {
+    pub async fn image_digest(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<String>, StoreError> {
         let row = sqlx::query("SELECT digest FROM images WHERE tenant = ? AND name = ?")
             .bind(tenant)
             .bind(name)
