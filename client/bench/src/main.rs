@@ -18,6 +18,8 @@ use sandboxd_client::{Client, DEFAULT_URL};
 
 use crate::daemon::Daemon;
 use crate::peers::{find_in_path, Peer, PeerError};
+
+mod image;
 use crate::report::Row;
 use crate::stats::Stats;
 
@@ -49,6 +51,9 @@ struct Args {
     /// Also run sandboxd with memory, cpus and pids limits (the cost of enforcing them).
     #[arg(long)]
     with_limits: bool,
+    /// Also run `true` from an image (an overlay on an idmapped image) instead of the host root.
+    #[arg(long)]
+    with_image: bool,
     /// Install missing peers (`apt-get install -y bubblewrap`) instead of skipping them.
     #[arg(long)]
     install_peers: bool,
@@ -135,6 +140,12 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut peers = vec![Peer::Sandboxd(client.clone())];
     if args.with_limits {
         peers.push(Peer::SandboxdLimited(client.clone()));
+    }
+    // Kept until the end of the run: the image's tarball is built in it.
+    let image_dir = tempfile::tempdir().context("creating a directory for the image")?;
+    if args.with_image {
+        image::import(&client, image_dir.path()).await?;
+        peers.push(Peer::SandboxdImage(client.clone()));
     }
     let mut skipped = Vec::new();
     match bwrap(args.install_peers) {
