@@ -304,6 +304,109 @@ fn docker_archive_layers_apply_in_order_with_whiteouts() {
     assert!(!out.contains(".wh."), "{out}");
 }
 
+fn sha256_of(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// Move `file` into `blobs/sha256/<its digest>` of an OCI layout; returns the digest.
+fn blob(layout: &Path, file: &Path) -> (String, u64) {
+    let digest = sha256_of(file);
+    let size = std::fs::metadata(file).unwrap().len();
+    let dir = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::rename(file, dir.join(&digest)).unwrap();
+    (format!("sha256:{digest}"), size)
+}
+
+/// An OCI image layout archive, itself gzip-compressed: layer 1 gzip, layer 2 zstd (the same
+/// layers as the docker-archive).
+fn oci_archive(s: &Scratch) -> PathBuf {
+    build_rootfs(&s.path("rootfs"));
+    let layout = s.path("layout");
+    std::fs::create_dir_all(&layout).unwrap();
+    tar_dir(&s.path("rootfs"), &s.path("l1.tar"));
+    run(Command::new("gzip").arg(s.path("l1.tar")));
+    let l2 = s.path("layer2");
+    write(&l2.join("etc/.wh.remove-me"), "");
+    write(&l2.join("etc/layer2"), "layer 2\n");
+    write(&l2.join("opaque/.wh..wh..opq"), "");
+    write(&l2.join("opaque/new-file"), "layer 2\n");
+    tar_dir(&l2, &s.path("l2.tar"));
+    run(Command::new("zstd")
+        .args(["-q", "--rm"])
+        .arg(s.path("l2.tar"))
+        .arg("-o")
+        .arg(s.path("l2.tar.zst")));
+    let (d1, n1) = blob(&layout, &s.path("l1.tar.gz"));
+    let (d2, n2) = blob(&layout, &s.path("l2.tar.zst"));
+    write(
+        &s.path("config.json"),
+        r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#,
+    );
+    let (dc, nc) = blob(&layout, &s.path("config.json"));
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": dc, "size": nc},
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d1, "size": n1},
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar+zstd", "digest": d2, "size": n2},
+        ]
+    });
+    write(&s.path("manifest.json"), &manifest.to_string());
+    let (dm, nm) = blob(&layout, &s.path("manifest.json"));
+    let index = json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": dm, "size": nm,
+            "platform": {"architecture": "amd64", "os": "linux"}
+        }]
+    });
+    write(&layout.join("index.json"), &index.to_string());
+    write(
+        &layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    );
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-czf")
+        .arg(s.path("oci.tar.gz"))
+        .arg("."));
+    s.path("oci.tar.gz")
+}
+
+#[test]
+fn oci_layout_archives_apply_their_layers_too() {
+    require_e2e!();
+    let s = Scratch::new();
+    let archive = oci_archive(&s);
+    let d = Daemon::start(Mode::Privileged);
+    let image = import_ok(&d, "oci", &archive);
+    assert_eq!((image.format.as_str(), image.layers), ("oci-layout", 2));
+    let (sb, out) = sh_in(
+        &d,
+        "oci",
+        "ls /etc /opaque && stat -c '%u' /home/user/notes",
+    );
+    assert_eq!(sb.exit_code, Some(0), "{out}");
+    assert!(out.contains("layer2") && out.contains("new-file"), "{out}");
+    assert!(
+        !out.contains("remove-me") && !out.contains("old-file"),
+        "{out}"
+    );
+    assert!(out.contains("1000"), "{out}");
+    // The decompressed copy of the archive is not kept.
+    let rootfs_parent = d.state_dir.join("images").join(hex(&image.digest));
+    assert!(!rootfs_parent.join("archive.tar").exists());
+}
+
 /// A ustar member with a raw name and link target (GNU tar will not write `..` names).
 fn member(name: &str, kind: u8, mode: u32, link: &str, data: &[u8]) -> Vec<u8> {
     let mut h = [0u8; 512];

@@ -79,7 +79,9 @@ impl Peer {
     /// the sandbox is deleted afterwards, outside the measured latency, so nothing accumulates.
     pub async fn run_once(&self) -> Result<Duration, PeerError> {
         match self {
-            Peer::Sandboxd(client) | Peer::SandboxdLimited(client) | Peer::SandboxdImage(client) => {
+            Peer::Sandboxd(client)
+            | Peer::SandboxdLimited(client)
+            | Peer::SandboxdImage(client) => {
                 let limits = match self {
                     Peer::SandboxdLimited(_) => sandboxd_api::Limits {
                         memory_bytes: Some(256 << 20),
