@@ -235,6 +235,10 @@ fn images_import_run_copy_on_write_and_refuse_deletion_in_use() {
         owner >= 300_000_000,
         "stored files carry shifted owners, got {owner}"
     );
+    assert_eq!(
+        std::fs::read_to_string(d.sandbox_dir(&first.id.to_string()).join("image.digest")).unwrap(),
+        hex(&base.digest)
+    );
     let upper = d.sandbox_dir(&first.id.to_string()).join("private/upper");
     let upper_passwd = std::fs::metadata(upper.join("etc/passwd")).unwrap();
     assert_eq!(Some(upper_passwd.uid()), first.host_uid);

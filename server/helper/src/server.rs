@@ -217,6 +217,15 @@ impl Helper {
                     Ok(f) => f,
                     Err(e) => return Response::Error(dir_error(e)),
                 };
+                if let Some(digest) = image {
+                    // Recorded so that whoever looks at the sandbox later (after its exit too)
+                    // knows its lower layer.
+                    if let Err(e) = crate::image::record_digest(&files.dir, digest) {
+                        drop(files);
+                        let _ = self.sandboxes.destroy(spawn.id);
+                        return Response::Error(e);
+                    }
+                }
                 if let (Some(digest), wire::Mode::Privileged) = (image, self.config.mode) {
                     match crate::image::idmapped_lower(
                         &self.images,

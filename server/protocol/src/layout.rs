@@ -42,6 +42,8 @@ pub const OVERLAY_WORK_DIR: &str = "overlay-work";
 pub const TMP_DIR: &str = "tmp";
 /// The sparse file holding a disk-limited sandbox's filesystem (mounted on [`PRIVATE_DIR`]).
 pub const DISK_IMAGE: &str = "disk.img";
+/// In a sandbox's directory: the digest of the image its root filesystem comes from (if any).
+pub const IMAGE_DIGEST_FILE: &str = "image.digest";
 /// The image store: `images/<sha256 hex>/rootfs/`, the helper's.
 pub const IMAGES_DIR: &str = "images";
 /// The unpacked root filesystem of an image, inside `images/<digest>/`.

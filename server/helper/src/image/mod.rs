@@ -576,3 +576,18 @@ pub fn lower_path(config: &Config, digest: &str) -> std::path::PathBuf {
         .join(digest)
         .join(IMAGE_ROOTFS)
 }
+
+/// Write `image.digest` into a new sandbox's directory.
+pub fn record_digest(sandbox_dir: &OwnedFd, digest: &str) -> Result<(), HelperError> {
+    let fd = openat(
+        Some(sandbox_dir.as_raw_fd()),
+        sandboxd_protocol::layout::IMAGE_DIGEST_FILE,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    )
+    .map(own_fd)
+    .map_err(|e| internal("recording the image", e))?;
+    File::from(fd)
+        .write_all(digest.as_bytes())
+        .map_err(|e| internal("recording the image", e))
+}
