@@ -180,6 +180,19 @@ fn sh_in(d: &Daemon, image: &str, script: &str) -> (Sandbox, String) {
     d.run_spec(json!({"command": ["sh", "-c", script], "rootfs": {"image": image}}))
 }
 
+/// Every path below `dir` (not following links).
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if entry.file_type().unwrap().is_dir() {
+            out.extend(walk(&path));
+        }
+        out.push(path);
+    }
+    out
+}
+
 fn hex(digest: &str) -> &str {
     digest.strip_prefix("sha256:").unwrap()
 }
@@ -249,6 +262,30 @@ fn images_import_run_copy_on_write_and_refuse_deletion_in_use() {
     let (second, out) = sh_in(&d, "base", "cat /etc/passwd; ls /etc");
     assert_eq!(second.exit_code, Some(0), "{out}");
     assert!(!out.contains("changed") && !out.contains("added"), "{out}");
+
+    // Fifty sandboxes share the image's files: none of them holds a copy.
+    let mut many = Vec::new();
+    for _ in 0..50 {
+        let (sb, out) = sh_in(
+            &d,
+            "base",
+            "cat /etc/image-marker > /dev/null && ls /bin > /dev/null",
+        );
+        assert_eq!(sb.exit_code, Some(0), "{out}");
+        let upper = d.sandbox_dir(&sb.id.to_string()).join("private/upper");
+        let copied: Vec<_> = walk(&upper)
+            .into_iter()
+            .filter(|p| p.is_file() && !p.starts_with(upper.join("etc")))
+            .collect();
+        assert!(copied.is_empty(), "{copied:?}");
+        many.push(sb.id);
+    }
+    for id in many {
+        assert_eq!(
+            d.delete(&format!("/v1/sandboxes/{id}")).status().as_u16(),
+            204
+        );
+    }
 
     // Read-only on request.
     let (ro, out) = d.run_spec(json!({
