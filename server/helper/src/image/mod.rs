@@ -64,6 +64,9 @@ pub fn valid_digest(digest: &str) -> bool {
 /// `<state>/images`, held open.
 pub struct ImageStore {
     fd: OwnedFd,
+    /// The idmapping user namespace of each uid slot (image range onto the slot's range), made
+    /// once per slot and kept: the mapping of a slot never changes.
+    shift_userns: std::cell::RefCell<std::collections::HashMap<u32, OwnedFd>>,
 }
 
 impl ImageStore {
@@ -89,7 +92,10 @@ impl ImageStore {
                 path.display()
             ));
         }
-        let store = ImageStore { fd };
+        let store = ImageStore {
+            fd,
+            shift_userns: Default::default(),
+        };
         for name in store.names().unwrap_or_default() {
             if name.starts_with(TMP_PREFIX) || name.starts_with(TRASH_PREFIX) {
                 if let Ok(c) = CString::new(name) {
@@ -552,7 +558,16 @@ pub fn idmapped_lower(
         CString::new(format!("{digest}/{IMAGE_ROOTFS}")).map_err(|e| internal("image path", e))?;
     let tree = sys::open_tree_clone(store.fd.as_fd(), &path)
         .map_err(|e| internal("cloning the image's mount", e))?;
-    let userns = shift_userns(config.image_base(), sandbox)?;
+    let IdMap::Range { slot, .. } = sandbox else {
+        return Err(internal("idmapping an image", "needs a uid range"));
+    };
+    let mut cache = store.shift_userns.borrow_mut();
+    let userns = match cache.entry(slot) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            e.insert(shift_userns(config.image_base(), sandbox)?)
+        }
+    };
     sys::idmap_detached_mount(
         tree.as_fd(),
         userns.as_fd(),
