@@ -38,7 +38,7 @@ impl Service {
 
     /// Receive an image archive and store it under `name` in `tenant`.
     pub async fn import_image<S, E>(
-        &self,
+        self: &std::sync::Arc<Self>,
         tenant: &str,
         name: &str,
         mut body: S,
@@ -88,6 +88,26 @@ impl Service {
             return Err(ServiceError::BadImage("the body is empty".into()));
         }
         let digest = hex::encode(hasher.finalize());
+        // From here on the work runs in its own task: a client hanging up must not leave an
+        // unpacked image without its row (or a row-less image until the next start).
+        let svc = std::sync::Arc::clone(self);
+        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+        tokio::spawn(async move {
+            svc.finish_import(upload, id, digest, total, &tenant, &name)
+                .await
+        })
+        .await?
+    }
+
+    async fn finish_import(
+        &self,
+        upload: Upload,
+        id: Uuid,
+        digest: String,
+        total: u64,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Image, ServiceError> {
         let imported = helper_client::import_image(&*self.helper, id, digest.clone())
             .await
             .map_err(|e| match e {
