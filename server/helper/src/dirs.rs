@@ -461,7 +461,7 @@ impl SandboxesDir {
 /// the monitor inherits when the helper drops its copy after fork; a raw flock lives as long as
 /// any descriptor of the open file description does.
 #[allow(deprecated)]
-fn flock(fd: RawFd, arg: FlockArg) -> Result<(), Errno> {
+pub(crate) fn flock(fd: RawFd, arg: FlockArg) -> Result<(), Errno> {
     nix::fcntl::flock(fd, arg)
 }
 

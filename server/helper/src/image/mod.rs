@@ -98,6 +98,22 @@ impl ImageStore {
         };
         for name in store.names().unwrap_or_default() {
             if name.starts_with(TMP_PREFIX) || name.starts_with(TRASH_PREFIX) {
+                // A worker of the previous helper may still be at work (it holds a lock on its
+                // scratch directory): leave that one alone.
+                let busy = openat(
+                    Some(store.raw_fd()),
+                    name.as_str(),
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map(own_fd)
+                .is_ok_and(|fd| {
+                    crate::dirs::flock(fd.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock)
+                        .is_err()
+                });
+                if busy {
+                    continue;
+                }
                 if let Ok(c) = CString::new(name) {
                     let _ = crate::dirs::remove_tree(store.fd.as_raw_fd(), &c);
                 }
@@ -280,6 +296,19 @@ pub fn import(
         Mode::from_bits_truncate(0o700),
     )
     .map_err(|e| internal("creating a scratch directory", e))?;
+    // Held until this worker exits: a restarted helper must not clear the directory under us.
+    let _lock = openat(
+        Some(store.raw_fd()),
+        scratch_name.as_str(),
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map(own_fd)
+    .and_then(|fd| {
+        crate::dirs::flock(fd.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock)?;
+        Ok(fd)
+    })
+    .map_err(|e| internal("locking the scratch directory", e))?;
     let result =
         unpack_into(config, store, &scratch_name, upload_file, ids).and_then(|mut meta| {
             meta.digest = digest.to_owned();
