@@ -637,6 +637,9 @@ fn disk_limit_gives_enospc_inside_and_leaves_nothing_behind() {
         std::fs::read_to_string(dir.join("private/work/artifact")).unwrap(),
         "kept\n"
     );
+    // Its stats count what it wrote there.
+    let stats: Value = d.get(&format!("/v1/sandboxes/{id}/stats")).json().unwrap();
+    assert!(stats["disk_bytes"].as_u64().unwrap() >= 4096, "{stats}");
     assert_eq!(mounts_below(&dir).len(), 1, "{:?}", mounts_below(&dir));
     assert_eq!(loops_below(&dir).len(), 1);
     // A daemon crash and restart loses nothing and leaves nothing once the sandbox is deleted.

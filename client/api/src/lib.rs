@@ -345,7 +345,7 @@ pub struct Stats {
     pub cpu_usec: Option<u64>,
     pub pids: Option<u64>,
     pub pids_peak: Option<u64>,
-    /// Bytes the sandbox stored in /work.
+    /// Bytes the sandbox stored in /work, its image root's upper layer, and a disk-backed /tmp.
     pub disk_bytes: Option<u64>,
     /// Bytes of output stored (at most the output cap).
     pub output_bytes: u64,

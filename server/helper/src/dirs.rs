@@ -586,8 +586,8 @@ pub fn remove_tree(parent: RawFd, name: &CStr) -> Result<(), Errno> {
     }
 }
 
-/// Bytes the sandbox stores under its work directory (allocated blocks), or None if it cannot be
-/// measured. Bounded: a tree of more than 100000 entries is not walked to the end.
+/// Bytes the sandbox stores under its work directory, its upper layer and its disk-backed /tmp
+/// (allocated blocks), or None if it cannot be measured. Bounded: a tree of more than 100000 entries is not walked to the end.
 pub fn work_usage(sandbox_dir: &OwnedFd) -> Option<u64> {
     const MAX_ENTRIES: usize = 100_000;
     let private = open_fd(
@@ -597,16 +597,25 @@ pub fn work_usage(sandbox_dir: &OwnedFd) -> Option<u64> {
         Mode::empty(),
     )
     .ok()?;
-    let work = open_fd(
-        Some(private.as_raw_fd()),
-        WORK_DIR,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-        Mode::empty(),
-    )
-    .ok()?;
+    // What counts against limits.disk_bytes: /work, an image root's upper layer, and /tmp when
+    // it lives on the sandbox's own filesystem.
+    let mut stack: Vec<OwnedFd> = [WORK_DIR, UPPER_DIR, TMP_DIR]
+        .into_iter()
+        .filter_map(|name| {
+            open_fd(
+                Some(private.as_raw_fd()),
+                name,
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+                Mode::empty(),
+            )
+            .ok()
+        })
+        .collect();
+    if stack.is_empty() {
+        return None;
+    }
     let mut total = 0u64;
     let mut seen = 0usize;
-    let mut stack = vec![work];
     while let Some(dir) = stack.pop() {
         let Ok(dup) = open_fd(
             Some(dir.as_raw_fd()),
