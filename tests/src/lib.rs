@@ -126,7 +126,8 @@ pub fn ensure_user(name: &str) -> (u32, u32) {
 fn next_uid_base() -> u32 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::SeqCst) + std::process::id() % 64 * 64;
-    300_000_000 + (n % 4096) * 8 * 65536
+    // 8 slots and the image range after them (see the helper's config.rs).
+    300_000_000 + (n % 4096) * 9 * 65536
 }
 
 /// A running daemon. Killed, and its sandboxes and state removed, on drop.

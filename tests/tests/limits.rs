@@ -73,10 +73,16 @@ fn info_says_what_is_enforceable_and_the_rest_is_refused_with_422() {
         .iter()
         .map(|v| v.as_str().unwrap())
         .collect();
-    assert_eq!(limits, vec!["memory", "cpus", "pids"], "{info}");
-    // disk_bytes cannot be enforced for host-mode roots: never silently ignored.
+    // disk: a loop-mounted filesystem of the sandbox's own (tests/tests/images.rs).
+    assert_eq!(limits, vec!["memory", "cpus", "pids", "disk"], "{info}");
+
+    // Rootless on cgroup v1: nothing is enforceable, and asking is a clear 422, not a silent no.
+    let r = Daemon::start(Mode::Rootless);
+    let info: Value = r.get("/v1/info").json().unwrap();
+    assert_eq!(info["limits"], json!([]), "{info}");
+    // disk_bytes needs the privileged helper: never silently ignored.
     let (status, body) = create_status(
-        &d,
+        &r,
         json!({"command": ["true"], "limits": {"disk_bytes": 1 << 30}}),
     );
     assert_eq!(status, 422, "{body}");
@@ -87,11 +93,6 @@ fn info_says_what_is_enforceable_and_the_rest_is_refused_with_422() {
             .contains("disk_bytes"),
         "{body}"
     );
-
-    // Rootless on cgroup v1: nothing is enforceable, and asking is a clear 422, not a silent no.
-    let r = Daemon::start(Mode::Rootless);
-    let info: Value = r.get("/v1/info").json().unwrap();
-    assert_eq!(info["limits"], json!([]), "{info}");
     for limits in [
         json!({"memory_bytes": 64 << 20}),
         json!({"cpus": 0.5}),

@@ -67,6 +67,10 @@ pub struct CreateSandbox {
     /// can be put in, and `POST /v1/sandboxes/{id}/start` starts it.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub start: bool,
+    /// The root filesystem: absent for the host's (read-only), or an image's under a private
+    /// copy-on-write layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<RootfsSpec>,
 }
 
 fn yes() -> bool {
@@ -75,6 +79,44 @@ fn yes() -> bool {
 
 fn is_true(b: &bool) -> bool {
     *b
+}
+
+/// `rootfs` of a create request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootfsSpec {
+    /// Name of an image of the caller's tenant (`POST /v1/images`).
+    pub image: String,
+    /// Mount the root read-only (changes are refused instead of kept in the upper layer).
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+/// A stored image (`GET /v1/images/{name}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Image {
+    pub name: String,
+    /// `sha256:` and the hex digest of the imported archive; the same content is stored once.
+    pub digest: String,
+    /// Bytes of regular files once unpacked.
+    pub size_bytes: u64,
+    /// Bytes of the archive as uploaded.
+    pub archive_bytes: u64,
+    /// Files, directories and links in the unpacked image.
+    pub entries: u64,
+    /// `rootfs`, `docker-archive` or `oci-layout`.
+    pub format: String,
+    pub layers: u32,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Sandboxes (in any state, until deleted) whose root filesystem is this image.
+    pub in_use_by: u64,
+}
+
+/// `GET /v1/images`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageList {
+    pub images: Vec<Image>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -110,8 +152,9 @@ pub struct Limits {
     /// Most processes and threads alive at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u64>,
-    /// What the sandbox may write to disk. Not enforceable for host-mode root filesystems yet:
-    /// answered with 422.
+    /// What the sandbox may write (its upper layer, /work and /tmp together): a filesystem of
+    /// this size of its own; writing past it fails with ENOSPC inside. At least 16 MiB. 422 where
+    /// the host cannot enforce it (rootless mode, no loop devices).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_bytes: Option<u64>,
     /// Stored output (stdout and stderr together); the log stops at the cap with a marker and
@@ -330,7 +373,7 @@ pub struct Stats {
     pub cpu_usec: Option<u64>,
     pub pids: Option<u64>,
     pub pids_peak: Option<u64>,
-    /// Bytes the sandbox stored in /work.
+    /// Bytes the sandbox stored in /work, its image root's upper layer, and a disk-backed /tmp.
     pub disk_bytes: Option<u64>,
     /// Bytes of output stored (at most the output cap).
     pub output_bytes: u64,

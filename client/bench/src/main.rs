@@ -18,6 +18,8 @@ use sandboxd_client::{Client, DEFAULT_URL};
 
 use crate::daemon::Daemon;
 use crate::peers::{find_in_path, Peer, PeerError};
+
+mod image;
 use crate::report::Row;
 use crate::stats::Stats;
 
@@ -52,6 +54,9 @@ struct Args {
     /// Leave out the exec row (`true` as an exec in one running sandbox).
     #[arg(long)]
     no_exec: bool,
+    /// Also run `true` from an image (an overlay on an idmapped image) instead of the host root.
+    #[arg(long)]
+    with_image: bool,
     /// Install missing peers (`apt-get install -y bubblewrap`) instead of skipping them.
     #[arg(long)]
     install_peers: bool,
@@ -139,6 +144,12 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.with_limits {
         peers.push(Peer::SandboxdLimited(client.clone()));
     }
+    // Kept until the end of the run: the image's tarball is built in it.
+    let image_dir = tempfile::tempdir().context("creating a directory for the image")?;
+    if args.with_image {
+        image::import(&client, image_dir.path()).await?;
+        peers.push(Peer::SandboxdImage(client.clone()));
+    }
     let mut skipped = Vec::new();
     match bwrap(args.install_peers) {
         Ok(path) => peers.push(Peer::Bwrap(path)),
@@ -169,6 +180,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             cols: None,
             rows: None,
             start: true,
+            rootfs: None,
         };
         let sandbox = client.create(&spec).await?;
         let id = sandbox.id.to_string();

@@ -37,6 +37,8 @@ pub enum Peer {
     Sandboxd(Client),
     /// The same request with memory, cpus and pids limits.
     SandboxdLimited(Client),
+    /// The same request with the root filesystem from an image (see `image.rs`).
+    SandboxdImage(Client),
     Bwrap(PathBuf),
     ForkExec,
     /// `true` as an exec in a running sandbox (the sandbox's id).
@@ -48,6 +50,7 @@ impl Peer {
         match self {
             Peer::Sandboxd(_) => "sandboxd",
             Peer::SandboxdLimited(_) => "sandboxd+limits",
+            Peer::SandboxdImage(_) => "sandboxd+image",
             Peer::Bwrap(_) => "bwrap",
             Peer::ForkExec => "fork+exec",
             Peer::SandboxdExec(..) => "sandboxd exec",
@@ -65,6 +68,11 @@ impl Peer {
                 "POST {}v1/sandboxes?wait=true {{\"command\":[\"true\"],\"limits\":{{\"memory_bytes\":268435456,\"cpus\":1,\"pids\":256}}}}",
                 client.base_url()
             ),
+            Peer::SandboxdImage(client) => format!(
+                "POST {}v1/sandboxes?wait=true {{\"command\":[\"true\"],\"rootfs\":{{\"image\":\"{}\"}}}}",
+                client.base_url(),
+                crate::image::IMAGE
+            ),
             Peer::Bwrap(path) => format!("{} --unshare-all --ro-bind / / true", path.display()),
             Peer::ForkExec => "std::process::Command::new(\"/bin/true\").status()".to_owned(),
             Peer::SandboxdExec(client, id) => format!(
@@ -78,7 +86,9 @@ impl Peer {
     /// the sandbox is deleted afterwards, outside the measured latency, so nothing accumulates.
     pub async fn run_once(&self) -> Result<Duration, PeerError> {
         match self {
-            Peer::Sandboxd(client) | Peer::SandboxdLimited(client) => {
+            Peer::Sandboxd(client)
+            | Peer::SandboxdLimited(client)
+            | Peer::SandboxdImage(client) => {
                 let limits = match self {
                     Peer::SandboxdLimited(_) => sandboxd_api::Limits {
                         memory_bytes: Some(256 << 20),
@@ -105,6 +115,12 @@ impl Peer {
                     cols: None,
                     rows: None,
                     start: true,
+                    rootfs: matches!(self, Peer::SandboxdImage(_)).then(|| {
+                        sandboxd_api::RootfsSpec {
+                            image: crate::image::IMAGE.to_owned(),
+                            readonly: false,
+                        }
+                    }),
                 };
                 let start = Instant::now();
                 let sandbox = client.create_and_wait(&spec).await?;

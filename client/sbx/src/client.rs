@@ -13,6 +13,8 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{ClientError, Result};
 
+mod images;
+
 /// Where `sbx` and the library look for the daemon when nothing else is said.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:4280";
 

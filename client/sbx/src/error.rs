@@ -52,6 +52,10 @@ pub enum ClientError {
     /// The log websocket kept dropping before the final `LogEnd` arrived.
     #[error("log stream dropped {attempts} times in a row at offset {offset}; giving up")]
     LogsInterrupted { attempts: u32, offset: u64 },
+
+    /// A local file could not be read (an image archive to upload).
+    #[error("reading {0}")]
+    Io(String, #[source] std::io::Error),
 }
 
 impl ClientError {

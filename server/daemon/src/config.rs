@@ -152,6 +152,10 @@ pub struct LimitArgs {
     /// Largest `ttl_secs` a request (or an extension) may ask for.
     #[arg(long, env = "SANDBOXD_MAX_TTL_SECS", value_name = "SECS")]
     pub max_ttl_secs: Option<u64>,
+    /// Largest image: both the upload and its unpacked size (`POST /v1/images`).
+    #[arg(long, env = "SANDBOXD_MAX_IMAGE_BYTES", value_name = "SIZE",
+          default_value = "8G", value_parser = limits::parse_size)]
+    pub max_image_bytes: u64,
 }
 
 impl LimitArgs {
@@ -170,6 +174,7 @@ impl LimitArgs {
             max_ttl_secs: self.max_ttl_secs,
             allowed_caps: Vec::new(),
             allow_nested_userns: false,
+            max_image_bytes: self.max_image_bytes,
         };
         policy.check().map_err(ConfigError::Limits)?;
         Ok(policy)

@@ -60,6 +60,12 @@ pub trait Helper: Send + Sync + 'static {
             )))
         })
     }
+
+    /// Send a request that may take long (an image import) on a connection of its own, so that
+    /// it holds up no other request.
+    fn call_long(&self, request: Request) -> BoxFuture<'_, Result<Response, HelperClientError>> {
+        self.call(request)
+    }
 }
 
 fn unexpected(request: &'static str, response: Response) -> HelperClientError {
@@ -105,6 +111,31 @@ pub async fn stats(h: &dyn Helper, id: Uuid) -> Result<SandboxStats, HelperClien
     match h.call(Request::Stats { id }).await? {
         Response::Stats(s) => Ok(s),
         other => Err(unexpected("stats", other)),
+    }
+}
+
+pub async fn import_image(
+    h: &dyn Helper,
+    upload: Uuid,
+    digest: String,
+) -> Result<wire::ImportedImage, HelperClientError> {
+    match h.call_long(Request::ImportImage { upload, digest }).await? {
+        Response::ImageImported(i) => Ok(i),
+        other => Err(unexpected("import_image", other)),
+    }
+}
+
+pub async fn delete_image(h: &dyn Helper, digest: String) -> Result<(), HelperClientError> {
+    match h.call(Request::DeleteImage { digest }).await? {
+        Response::ImageDeleted => Ok(()),
+        other => Err(unexpected("delete_image", other)),
+    }
+}
+
+pub async fn list_images(h: &dyn Helper) -> Result<Vec<String>, HelperClientError> {
+    match h.call(Request::ListImages).await? {
+        Response::ImageList { digests } => Ok(digests),
+        other => Err(unexpected("list_images", other)),
     }
 }
 
@@ -169,6 +200,20 @@ async fn round_trip(stream: &mut UnixStream, req: &Request) -> Result<Response, 
 impl Helper for SocketHelper {
     fn mode(&self) -> Mode {
         self.mode
+    }
+
+    fn call_long(&self, request: Request) -> BoxFuture<'_, Result<Response, HelperClientError>> {
+        let path = self.path.clone();
+        Box::pin(async move {
+            // Its own task: a client hanging up must not cut the exchange short (the helper's
+            // worker would then unpack for nobody, and the upload would be removed under it).
+            tokio::spawn(async move {
+                let (mut conn, _) = open(&path).await?;
+                round_trip(&mut conn, &request).await
+            })
+            .await
+            .map_err(|e| HelperClientError::Io(std::io::Error::other(e)))?
+        })
     }
 
     fn call(&self, request: Request) -> BoxFuture<'_, Result<Response, HelperClientError>> {
@@ -396,6 +441,32 @@ impl FakeHelper {
                     ))
                 }
             }
+            // Images: the fake stores nothing and reports the upload's size as the image's.
+            Request::ImportImage { upload, digest } => {
+                let path = self
+                    .state_dir
+                    .join(sandboxd_protocol::layout::UPLOADS_DIR)
+                    .join(upload.to_string());
+                match std::fs::metadata(path) {
+                    Ok(m) => Response::ImageImported(wire::ImportedImage {
+                        digest: digest.clone(),
+                        size_bytes: m.len(),
+                        entries: 1,
+                        format: "rootfs".into(),
+                        layers: 1,
+                        skipped: 0,
+                        unpacked: true,
+                    }),
+                    Err(e) => Response::Error(HelperError::new(
+                        wire::HelperErrorCode::Invalid,
+                        e.to_string(),
+                    )),
+                }
+            }
+            Request::DeleteImage { .. } => Response::ImageDeleted,
+            Request::ListImages => Response::ImageList {
+                digests: Vec::new(),
+            },
         }
     }
 }

@@ -13,6 +13,7 @@ use sandboxd_protocol::wire::{HelperInfo, SpawnLimits};
 pub const MEMORY: &str = "memory";
 pub const CPUS: &str = "cpus";
 pub const PIDS: &str = "pids";
+pub const DISK: &str = "disk";
 
 pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * KIB;
@@ -76,7 +77,12 @@ pub struct LimitPolicy {
     pub allowed_caps: Vec<&'static str>,
     /// Whether a request may ask for nested user namespaces (`--allow-nested-userns`).
     pub allow_nested_userns: bool,
+    /// Largest image upload and unpacked image (`--max-image-bytes`).
+    pub max_image_bytes: u64,
 }
+
+/// Default `--max-image-bytes`.
+pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 8 * GIB;
 
 impl Default for LimitPolicy {
     fn default() -> Self {
@@ -93,6 +99,7 @@ impl Default for LimitPolicy {
             max_ttl_secs: None,
             allowed_caps: Vec::new(),
             allow_nested_userns: false,
+            max_image_bytes: DEFAULT_MAX_IMAGE_BYTES,
         }
     }
 }
@@ -239,10 +246,16 @@ pub fn resolve(
     spec: &CreateSandbox,
 ) -> Result<Resolved, LimitError> {
     let req = &spec.limits;
-    if req.disk_bytes.is_some() {
-        return Err(LimitError::Unenforceable(
-            "limits.disk_bytes: host-mode root filesystems have no disk quota yet".into(),
-        ));
+    if req.disk_bytes.is_some() && !host.can(DISK) {
+        return Err(LimitError::Unenforceable(if host.rootless {
+            "limits.disk_bytes cannot be enforced by a rootless daemon: it needs a loop-mounted \
+             filesystem, which only the privileged helper can mount"
+                .into()
+        } else {
+            "limits.disk_bytes cannot be enforced on this host: it needs loop devices \
+             (/dev/loop-control) and mkfs.ext4"
+                .into()
+        }));
     }
     let unenforceable = |field: &str, name: &str| {
         LimitError::Unenforceable(format!(
@@ -313,13 +326,14 @@ pub fn resolve(
             cpu_millis: cpus.map(|c| (c * 1000.0).round() as u32),
             pids,
             output_bytes: output,
+            disk_bytes: req.disk_bytes,
         },
         limits: Limits {
             timeout_secs: req.timeout_secs,
             memory_bytes: memory,
             cpus,
             pids,
-            disk_bytes: None,
+            disk_bytes: req.disk_bytes,
             output_bytes: Some(output),
         },
     })
@@ -392,6 +406,7 @@ mod tests {
                 cpu_millis: Some(1500),
                 pids: Some(DEFAULT_PIDS),
                 output_bytes: DEFAULT_OUTPUT_BYTES,
+                disk_bytes: None,
             }
         );
         let none = resolve(&policy, &host(&[]), &spec(serde_json::json!({}))).unwrap();
@@ -445,6 +460,15 @@ mod tests {
             over(serde_json::json!({"disk_bytes": GIB})),
             "limit_unenforceable"
         );
+        // Where the helper can mount a limited filesystem, disk_bytes goes through.
+        let with_disk = resolve(
+            &policy,
+            &host(&[MEMORY, CPUS, PIDS, DISK]),
+            &spec(serde_json::json!({"disk_bytes": GIB})),
+        )
+        .unwrap();
+        assert_eq!(with_disk.spawn.disk_bytes, Some(GIB));
+        assert_eq!(with_disk.limits.disk_bytes, Some(GIB));
         let err = resolve(
             &policy,
             &host(&[CPUS]),

@@ -141,6 +141,8 @@ fn start_helper(
                 .flat_map(|c| ["--allow-cap", c.as_str()]),
         )
         .args(args.allow_nested_userns.then_some("--allow-nested-userns"))
+        .arg("--max-image-bytes")
+        .arg(args.limits.max_image_bytes.to_string())
         // The helper's lifeline: it exits when this pipe closes, that is when the daemon dies
         // however it dies. (PR_SET_PDEATHSIG alone is not enough: the kernel checks the dying
         // parent's permission to signal, and an unprivileged daemon may not signal a root helper.)
@@ -207,6 +209,9 @@ async fn serve(
         .await
         .context("asking the helper what it can enforce")?;
     svc.reconcile().await.context("reconciling state")?;
+    svc.reconcile_images()
+        .await
+        .context("reconciling stored images")?;
     // After reconciliation, so that its first pass (at once) sees every row's final state.
     svc.start_reaper();
 

@@ -19,6 +19,9 @@ use sqlx::Row;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+mod images;
+pub use images::NewImage;
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
 const COLUMNS: &str = "seq, id, name, state, exit_code, signal, reason, error, hostname, \
@@ -918,6 +921,7 @@ mod tests {
                 cols: None,
                 rows: None,
                 start: true,
+                rootfs: None,
             },
         }
     }

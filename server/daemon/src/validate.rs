@@ -18,6 +18,8 @@ pub const MIN_MEMORY_BYTES: u64 = 1024 * 1024;
 pub const MIN_CPUS: f64 = 0.001;
 pub const MAX_CPUS: f64 = 1024.0;
 pub const MIN_OUTPUT_BYTES: u64 = 1024;
+/// Smallest `limits.disk_bytes` (ext4 needs some room of its own).
+pub const MIN_DISK_BYTES: u64 = 16 << 20;
 
 pub const DEFAULT_CWD: &str = "/work";
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -67,6 +69,9 @@ impl ValidCreate {
         check_labels(&spec.labels)?;
         check_limits(&spec.limits)?;
         check_terminal(spec.tty, spec.cols, spec.rows)?;
+        if let Some(rootfs) = &spec.rootfs {
+            check_image_name(&rootfs.image).map_err(|e| invalid(format!("rootfs.{e}")))?;
+        }
         if let Some(changes) = &spec.capabilities {
             for name in changes.drop.iter().chain(&changes.add) {
                 if sandboxd_protocol::capabilities::canonical(name).is_none() {
@@ -151,6 +156,11 @@ pub fn check_limits(l: &Limits) -> Result<(), ValidationError> {
     }
     if l.pids == Some(0) {
         return Err(invalid("limits.pids: must be at least 1"));
+    }
+    if l.disk_bytes.is_some_and(|d| d < MIN_DISK_BYTES) {
+        return Err(invalid(format!(
+            "limits.disk_bytes: must be at least {MIN_DISK_BYTES} (16 MiB)"
+        )));
     }
     if let Some(o) = l.output_bytes {
         if o < MIN_OUTPUT_BYTES {
@@ -241,6 +251,22 @@ pub fn is_hostname(h: &str) -> bool {
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
+}
+
+/// An image name: like a sandbox name, and `:` allowed after the first character (`debian:12`).
+pub fn check_image_name(name: &str) -> Result<(), ValidationError> {
+    let bytes = name.as_bytes();
+    let ok = (1..=128).contains(&bytes.len())
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[1..]
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':'));
+    if !ok {
+        return Err(invalid(
+            "image: name must match ^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$",
+        ));
+    }
+    Ok(())
 }
 
 fn check_name(name: &str) -> Result<(), ValidationError> {

@@ -593,6 +593,7 @@ mod tests {
             cpu_millis: Some(500),
             pids: Some(32),
             output_bytes: 1 << 20,
+            disk_bytes: None,
         }
     }
 

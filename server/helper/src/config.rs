@@ -26,7 +26,12 @@ pub struct Config {
     pub allowed_caps: Vec<&'static str>,
     /// Whether sandboxes may ask for nested user namespaces (the operator's choice).
     pub allow_nested_userns: bool,
+    /// Largest unpacked size of an image (`--max-image-bytes`).
+    pub max_image_bytes: u64,
 }
+
+/// Default cap on an image's unpacked size.
+pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 8 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -55,6 +60,7 @@ impl Config {
         let mut no_cgroups = false;
         let mut allowed_caps = Vec::new();
         let mut allow_nested_userns = false;
+        let mut max_image_bytes = DEFAULT_MAX_IMAGE_BYTES;
         let mut args = args.peekable();
         while let Some(flag) = args.next() {
             let mut value = || {
@@ -74,6 +80,14 @@ impl Config {
                 "--exit-with-stdin" => exit_with_stdin = true,
                 "--no-cgroups" => no_cgroups = true,
                 "--allow-nested-userns" => allow_nested_userns = true,
+                "--max-image-bytes" => {
+                    let v = value()?;
+                    max_image_bytes = v
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| ConfigError::InvalidValue(flag.clone(), v))?;
+                }
                 "--allow-cap" => {
                     let name = value()?;
                     match sandboxd_protocol::capabilities::canonical(&name) {
@@ -114,6 +128,7 @@ impl Config {
             no_cgroups,
             allowed_caps,
             allow_nested_userns,
+            max_image_bytes,
         };
         if mode == Mode::Privileged {
             config.check_ranges()?;
@@ -123,7 +138,8 @@ impl Config {
 
     fn check_ranges(&self) -> Result<(), ConfigError> {
         let base = u64::from(self.uid_base);
-        let end = base + u64::from(self.uid_slots) * u64::from(UID_RANGE_SIZE);
+        // The sandboxes' ranges, then one more: the image range (see `image_base`).
+        let end = base + (u64::from(self.uid_slots) + 1) * u64::from(UID_RANGE_SIZE);
         if end > u64::from(u32::MAX - 1) {
             return Err(ConfigError::TooLarge(end));
         }
@@ -133,6 +149,12 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// First host id of the image range, right after the last slot's: stored image files are
+    /// owned by `image_base + id-in-the-image`, never by a real host user (and never by root).
+    pub fn image_base(&self) -> u32 {
+        self.uid_base + self.uid_slots * UID_RANGE_SIZE
     }
 
     /// First host id of a slot's range.

@@ -17,7 +17,8 @@ use nix::unistd::{fchownat, unlinkat, Gid, Uid, UnlinkatFlags};
 use uuid::Uuid;
 
 use sandboxd_protocol::layout::{
-    MONITOR_LOCK, OUTPUT_INDEX, OUTPUT_LOG, PRIVATE_DIR, SANDBOXES_DIR, WORK_DIR,
+    MONITOR_LOCK, OUTPUT_INDEX, OUTPUT_LOG, OVERLAY_WORK_DIR, PRIVATE_DIR, SANDBOXES_DIR, TMP_DIR,
+    UPPER_DIR, WORK_DIR,
 };
 
 use crate::validate::IdMap;
@@ -36,6 +37,11 @@ pub enum DirError {
     Busy(Uuid),
     #[error("uid slot {0} is in use by a running sandbox")]
     SlotBusy(u32),
+    #[error("setting up the disk limit of sandbox {id}")]
+    Disk {
+        id: Uuid,
+        source: crate::disk::DiskError,
+    },
     #[error("{step} for sandbox {id}")]
     Io {
         step: &'static str,
@@ -61,6 +67,18 @@ pub struct SandboxFiles {
     pub lock: File,
     /// The uid slot's lock, flock-held likewise (privileged mode only).
     pub slot_lock: Option<File>,
+    /// The image's idmapped lower layer (a detached mount), for a sandbox started from an image
+    /// in privileged mode.
+    pub image_lower: Option<OwnedFd>,
+}
+
+/// What a sandbox's directory holds beyond the basics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Layout {
+    /// `private/upper` and `private/overlay-work` for an image root filesystem.
+    pub image: bool,
+    /// A filesystem of this size mounted on `private/` (see `disk.rs`), with `private/tmp`.
+    pub disk_bytes: Option<u64>,
 }
 
 fn open_fd<P: ?Sized + nix::NixPath>(
@@ -118,6 +136,7 @@ impl SandboxesDir {
         ids: IdMap,
         daemon_uid: u32,
         daemon_gid: u32,
+        layout: Layout,
     ) -> Result<SandboxFiles, DirError> {
         let slot_lock = match ids {
             IdMap::Range { slot, .. } => Some(self.lock_slot(slot)?),
@@ -139,7 +158,7 @@ impl SandboxesDir {
                 })
             }
         }
-        let result = self.populate(id, &name, ids, daemon_uid, daemon_gid);
+        let result = self.populate(id, &name, ids, daemon_uid, daemon_gid, layout);
         match result {
             Ok((dir, work, log, index, lock)) => Ok(SandboxFiles {
                 dir,
@@ -148,9 +167,13 @@ impl SandboxesDir {
                 index,
                 lock,
                 slot_lock,
+                image_lower: None,
             }),
             Err(e) => {
                 // Roll back; the creation error is the one worth reporting.
+                if let Ok(dir) = self.open_sandbox(id) {
+                    let _ = crate::disk::detach(&dir);
+                }
                 let _ = remove_tree(self.raw_fd(), &cname(&name));
                 Err(e)
             }
@@ -165,6 +188,7 @@ impl SandboxesDir {
         ids: IdMap,
         daemon_uid: u32,
         daemon_gid: u32,
+        layout: Layout,
     ) -> Result<(OwnedFd, OwnedFd, File, File, File), DirError> {
         let io = |step| move |source| DirError::Io { step, id, source };
         let dir = open_fd(
@@ -186,6 +210,11 @@ impl SandboxesDir {
             Mode::from_bits_truncate(0o700),
         )
         .map_err(io("creating private/"))?;
+        if let Some(bytes) = layout.disk_bytes {
+            crate::disk::attach(&dir, bytes).map_err(|e| DirError::Disk { id, source: e })?;
+        }
+        // (With a disk limit this opens the new filesystem's root, which gets private/'s
+        // owner and mode below.)
         let private = open_fd(
             Some(dir.as_raw_fd()),
             PRIVATE_DIR,
@@ -193,10 +222,12 @@ impl SandboxesDir {
             Mode::empty(),
         )
         .map_err(io("opening private/"))?;
+        nix::sys::stat::fchmod(private.as_raw_fd(), Mode::from_bits_truncate(0o700))
+            .map_err(io("setting the mode of private/"))?;
         if let IdMap::Range { .. } = ids {
             nix::unistd::fchown(
                 private.as_raw_fd(),
-                None,
+                Some(Uid::from_raw(0)),
                 Some(Gid::from_raw(ids.host_root_gid())),
             )
             .map_err(io("handing private/ to the sandbox's root group"))?;
@@ -217,6 +248,37 @@ impl SandboxesDir {
             nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         )
         .map_err(io("handing work/ to the sandbox's root"))?;
+        let mut owned_dirs: Vec<(&str, u32)> = Vec::new();
+        if layout.image {
+            owned_dirs.push((UPPER_DIR, 0o755));
+            owned_dirs.push((OVERLAY_WORK_DIR, 0o700));
+        }
+        if layout.disk_bytes.is_some() {
+            owned_dirs.push((TMP_DIR, 0o1777));
+        }
+        for (name, mode) in owned_dirs {
+            mkdirat(
+                Some(private.as_raw_fd()),
+                name,
+                Mode::from_bits_truncate(0o700),
+            )
+            .map_err(io("creating a directory in private/"))?;
+            fchownat(
+                Some(private.as_raw_fd()),
+                name,
+                Some(Uid::from_raw(ids.host_root_uid())),
+                Some(Gid::from_raw(ids.host_root_gid())),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(io("handing a directory to the sandbox's root"))?;
+            fchmodat(
+                Some(private.as_raw_fd()),
+                name,
+                Mode::from_bits_truncate(mode),
+                FchmodatFlags::NoFollowSymlink,
+            )
+            .map_err(io("setting a directory's mode"))?;
+        }
         let work = open_fd(
             Some(private.as_raw_fd()),
             WORK_DIR,
@@ -385,6 +447,7 @@ impl SandboxesDir {
                 })
             }
         }
+        crate::disk::detach(&dir).map_err(|e| DirError::Disk { id, source: e })?;
         drop(dir);
         remove_tree(self.raw_fd(), &cname(&name)).map_err(|source| DirError::Io {
             step: "removing",
@@ -451,6 +514,7 @@ impl SandboxesDir {
             index,
             lock: File::from(lock),
             slot_lock,
+            image_lower: None,
         })
     }
 
@@ -494,7 +558,7 @@ impl SandboxesDir {
 /// the monitor inherits when the helper drops its copy after fork; a raw flock lives as long as
 /// any descriptor of the open file description does.
 #[allow(deprecated)]
-fn flock(fd: RawFd, arg: FlockArg) -> Result<(), Errno> {
+pub(crate) fn flock(fd: RawFd, arg: FlockArg) -> Result<(), Errno> {
     nix::fcntl::flock(fd, arg)
 }
 
@@ -619,8 +683,8 @@ pub fn remove_tree(parent: RawFd, name: &CStr) -> Result<(), Errno> {
     }
 }
 
-/// Bytes the sandbox stores under its work directory (allocated blocks), or None if it cannot be
-/// measured. Bounded: a tree of more than 100000 entries is not walked to the end.
+/// Bytes the sandbox stores under its work directory, its upper layer and its disk-backed /tmp
+/// (allocated blocks), or None if it cannot be measured. Bounded: a tree of more than 100000 entries is not walked to the end.
 pub fn work_usage(sandbox_dir: &OwnedFd) -> Option<u64> {
     const MAX_ENTRIES: usize = 100_000;
     let private = open_fd(
@@ -630,16 +694,25 @@ pub fn work_usage(sandbox_dir: &OwnedFd) -> Option<u64> {
         Mode::empty(),
     )
     .ok()?;
-    let work = open_fd(
-        Some(private.as_raw_fd()),
-        WORK_DIR,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-        Mode::empty(),
-    )
-    .ok()?;
+    // What counts against limits.disk_bytes: /work, an image root's upper layer, and /tmp when
+    // it lives on the sandbox's own filesystem.
+    let mut stack: Vec<OwnedFd> = [WORK_DIR, UPPER_DIR, TMP_DIR]
+        .into_iter()
+        .filter_map(|name| {
+            open_fd(
+                Some(private.as_raw_fd()),
+                name,
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+                Mode::empty(),
+            )
+            .ok()
+        })
+        .collect();
+    if stack.is_empty() {
+        return None;
+    }
     let mut total = 0u64;
     let mut seen = 0usize;
-    let mut stack = vec![work];
     while let Some(dir) = stack.pop() {
         let Ok(dup) = open_fd(
             Some(dir.as_raw_fd()),

@@ -1,6 +1,6 @@
 //! What this host lets the helper do, read from /proc and /sys once per request.
 
-use sandboxd_protocol::wire::HelperInfo;
+use sandboxd_protocol::wire::{HelperInfo, Mode};
 
 use crate::cgroup::{cgroup_mounts, Cgroups};
 use crate::config::{Config, UID_RANGE_SIZE};
@@ -25,7 +25,13 @@ pub fn detect(config: &Config, limits: &Cgroups) -> HelperInfo {
         uid_base: config.uid_base,
         uid_range_size: UID_RANGE_SIZE,
         uid_slots: config.uid_slots,
-        enforceable_limits: limits.enforceable(),
+        enforceable_limits: {
+            let mut l = limits.enforceable();
+            if crate::disk::unavailable(config.mode == Mode::Privileged).is_none() {
+                l.push("disk".to_owned());
+            }
+            l
+        },
     }
 }
 

@@ -18,9 +18,11 @@
 mod cgroup;
 mod config;
 mod dirs;
+mod disk;
 mod exec;
 mod fds;
 mod files;
+mod image;
 mod info;
 mod monitor;
 mod sandbox;
@@ -90,6 +92,7 @@ fn run() -> Result<Never, String> {
     })?;
     let state = sys::own_fd(state);
     let sandboxes = SandboxesDir::open(&config.state_dir).map_err(|e| e.to_string())?;
+    let images = image::ImageStore::open(&config.state_dir)?;
     let listener = bind_socket(&state, &config)?;
 
     // 5. Ready. Standard input may be the daemon's lifeline pipe: keep it on another descriptor.
@@ -129,6 +132,7 @@ fn run() -> Result<Never, String> {
         config,
         sandboxes,
         cgroups,
+        images,
         lifeline,
     };
     helper.serve(listener)

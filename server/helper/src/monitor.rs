@@ -252,6 +252,7 @@ fn prepare_and_clone(
         index,
         lock,
         slot_lock,
+        image_lower,
     } = files;
 
     // Keep only what this sandbox needs: never the helper's socket or other sandboxes' files.
@@ -264,6 +265,7 @@ fn prepare_and_clone(
     ]
     .into_iter()
     .chain(slot_lock.as_ref().map(|f| f.as_raw_fd()))
+    .chain(image_lower.as_ref().map(|f| f.as_raw_fd()))
     .collect();
     crate::fds::close_all_except(&[keep.as_slice(), &[report_fd]].concat())
         .map_err(|e| setup_error("closing inherited descriptors", e))?;
@@ -345,11 +347,20 @@ fn prepare_and_clone(
                     unshare_cgroupns: late_cgroupns,
                     stdin: stdin_r,
                     pty_socket: pty_theirs,
+                    image: match &spawn.rootfs {
+                        crate::validate::Rootfs::Host => None,
+                        crate::validate::Rootfs::Image { digest, .. } => Some(match image_lower {
+                            Some(fd) => sandbox::ImageLower::Idmapped(fd),
+                            None => {
+                                sandbox::ImageLower::Path(crate::image::lower_path(config, digest))
+                            }
+                        }),
+                    },
                 },
             )
         }
         CloneResult::Parent { child, pidfd } => {
-            drop((out_w, err_w, sync_r, status_w, work, v2_cgroup));
+            drop((out_w, err_w, sync_r, status_w, work, v2_cgroup, image_lower));
             drop((stdin_r, pty_theirs));
             let mapped = write_id_maps(child, spawn.ids).and_then(|()| match &cgroups {
                 Some(c) => join_v1_cgroup(c, spawn.id, child),

@@ -6,7 +6,7 @@
 //! typed answer; a bad request closes at most its connection, never the helper.
 
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
@@ -29,6 +29,7 @@ pub struct Helper {
     pub config: Config,
     pub sandboxes: SandboxesDir,
     pub cgroups: Cgroups,
+    pub images: crate::image::ImageStore,
     /// Read end of the daemon's lifeline pipe: end of file means the daemon is gone.
     pub lifeline: Option<std::os::fd::OwnedFd>,
 }
@@ -122,6 +123,11 @@ impl Helper {
                 Ok(()) => return false,
                 Err(e) => (Response::Error(e), false),
             },
+            Ok(Request::ImportImage { upload, digest }) => {
+                // Long work: a forked worker answers on this connection, which leaves our list.
+                self.import_in_worker(&conn.stream, upload, digest);
+                return false;
+            }
             Ok(request) => (self.handle(request), true),
         };
         let Ok(frame) = wire::encode(&response) else {
@@ -171,24 +177,28 @@ impl Helper {
                     Err(e) => Response::Error(dir_error(e)),
                 }
             }
+            Request::ImportImage { .. } => invalid("import is answered by a worker".into()),
+            Request::DeleteImage { digest } => match self.images.delete(&digest) {
+                Ok(()) => Response::ImageDeleted,
+                Err(e) => Response::Error(e),
+            },
+            Request::ListImages => match self.images.list() {
+                Ok(digests) => Response::ImageList { digests },
+                Err(e) => Response::Error(e),
+            },
             Request::Prepare(req) => {
                 let spawn = match validate::validate(&req, &self.config) {
                     Ok(s) => s,
                     Err(e) => return invalid(e.to_string()),
                 };
-                // The directory and its locks are released at once: a created sandbox has no
-                // monitor until it starts.
-                match self.sandboxes.create(
-                    spawn.id,
-                    spawn.ids,
-                    self.config.allow_uid,
-                    self.config.allow_gid,
-                ) {
+                // The directory (and a disk-limited sandbox's filesystem) stays; its locks are
+                // released at once: a created sandbox has no monitor until it starts.
+                match self.create_dir(&spawn) {
                     Ok(files) => {
                         drop(files);
                         Response::Prepared
                     }
-                    Err(e) => Response::Error(dir_error(e)),
+                    Err(e) => e,
                 }
             }
             // Handled in `serve_one`, which owns the connection.
@@ -199,19 +209,33 @@ impl Helper {
                     Err(e) => return invalid(e.to_string()),
                 };
                 let files = if req.prepared {
-                    self.sandboxes.open_prepared(spawn.id, spawn.ids)
+                    self.sandboxes
+                        .open_prepared(spawn.id, spawn.ids)
+                        .map_err(|e| Response::Error(dir_error(e)))
                 } else {
-                    self.sandboxes.create(
-                        spawn.id,
-                        spawn.ids,
-                        self.config.allow_uid,
-                        self.config.allow_gid,
-                    )
+                    self.create_dir(&spawn)
                 };
-                let files = match files {
+                let mut files = match files {
                     Ok(f) => f,
-                    Err(e) => return Response::Error(dir_error(e)),
+                    Err(e) => return e,
                 };
+                if let (crate::validate::Rootfs::Image { digest, .. }, wire::Mode::Privileged) =
+                    (&spawn.rootfs, self.config.mode)
+                {
+                    match crate::image::idmapped_lower(
+                        &self.images,
+                        &self.config,
+                        digest,
+                        spawn.ids,
+                    ) {
+                        Ok(lower) => files.image_lower = Some(lower),
+                        Err(e) => {
+                            drop(files);
+                            let _ = self.sandboxes.destroy(spawn.id);
+                            return Response::Error(e);
+                        }
+                    }
+                }
                 if let Err(e) = self.cgroups.create(spawn.id, &spawn.limits) {
                     drop(files);
                     let _ = self.sandboxes.destroy(spawn.id);
@@ -240,6 +264,72 @@ impl Helper {
                 }
             }
         }
+    }
+
+    /// Create a new sandbox's directory for `spawn`: its image checked to be stored, its disk
+    /// limit checked to be enforceable, and the image's digest recorded in it.
+    fn create_dir(
+        &self,
+        spawn: &validate::ValidSpawn,
+    ) -> Result<crate::dirs::SandboxFiles, Response> {
+        let image = match &spawn.rootfs {
+            crate::validate::Rootfs::Image { digest, .. } => Some(digest.as_str()),
+            crate::validate::Rootfs::Host => None,
+        };
+        if image.is_some_and(|d| !self.images.exists(d)) {
+            return Err(Response::Error(HelperError::new(
+                HelperErrorCode::NotFound,
+                "the image is not stored",
+            )));
+        }
+        if spawn.limits.disk_bytes.is_some() {
+            if let Some(why) = crate::disk::unavailable(self.config.mode == wire::Mode::Privileged)
+            {
+                return Err(invalid(format!("disk limits are not enforceable: {why}")));
+            }
+        }
+        let layout = crate::dirs::Layout {
+            image: image.is_some(),
+            disk_bytes: spawn.limits.disk_bytes,
+        };
+        let files = self
+            .sandboxes
+            .create(
+                spawn.id,
+                spawn.ids,
+                self.config.allow_uid,
+                self.config.allow_gid,
+                layout,
+            )
+            .map_err(|e| Response::Error(dir_error(e)))?;
+        if let Some(digest) = image {
+            // Recorded so that whoever looks at the sandbox later (after its exit too) knows
+            // its lower layer.
+            if let Err(e) = crate::image::record_digest(&files.dir, digest) {
+                drop(files);
+                let _ = self.sandboxes.destroy(spawn.id);
+                return Err(Response::Error(e));
+            }
+        }
+        Ok(files)
+    }
+}
+
+impl Helper {
+    /// Fork a worker that imports an image and answers on `stream` itself (double-forked, so
+    /// the helper reaps only the short-lived intermediate process).
+    fn import_in_worker(&self, stream: &UnixStream, upload: uuid::Uuid, digest: String) {
+        let (stream_fd, images_fd) = (stream.as_raw_fd(), self.images.raw_fd());
+        crate::image::detached(|| {
+            let _ = crate::fds::close_all_except(&[stream_fd, images_fd]);
+            let response = match crate::image::import(&self.config, &self.images, upload, &digest) {
+                Ok(done) => Response::ImageImported(done),
+                Err(e) => Response::Error(e),
+            };
+            if let Ok(frame) = wire::encode(&response) {
+                let _ = (&*stream).write_all(&frame);
+            }
+        });
     }
 }
 

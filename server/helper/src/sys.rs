@@ -270,3 +270,122 @@ pub fn mount_id(fd: BorrowedFd<'_>) -> Result<u64, Errno> {
     }
     Ok(stx.stx_mnt_id)
 }
+
+pub const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+/// open_tree(2) with OPEN_TREE_CLONE: a detached copy of the mount tree at `path` below `dir`
+/// (not recursive), returned as a descriptor. Needs CAP_SYS_ADMIN in the mount namespace's owner.
+pub fn open_tree_clone(dir: BorrowedFd<'_>, path: &std::ffi::CStr) -> Result<OwnedFd, Errno> {
+    // SAFETY: `path` is a valid C string; the flags ask for a new descriptor, which we own.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            dir.as_raw_fd(),
+            path.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    Errno::result(ret).map(|fd| own_fd(fd as RawFd))
+}
+
+/// Make the detached mount `tree` idmapped through the user namespace `userns` (and add the
+/// attributes in `attr_set`): see mount_setattr(2), MOUNT_ATTR_IDMAP.
+pub fn idmap_detached_mount(
+    tree: BorrowedFd<'_>,
+    userns: BorrowedFd<'_>,
+    attr_set: u64,
+) -> Result<(), Errno> {
+    let mut attr = MountAttr {
+        attr_set: attr_set | MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    // SAFETY: an empty C string with AT_EMPTY_PATH names `tree` itself; `attr` is a valid
+    // mount_attr of the size we pass, and the kernel only reads it.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &mut attr as *mut MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    Errno::result(ret).map(drop)
+}
+
+/// Attach the detached mount `tree` at `target` (move_mount(2) with MOVE_MOUNT_F_EMPTY_PATH).
+pub fn attach_mount(tree: BorrowedFd<'_>, target: &std::ffi::CStr) -> Result<(), Errno> {
+    // SAFETY: both strings are valid C strings; the call only reads them.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    Errno::result(ret).map(drop)
+}
+
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+/// The loop device detaches itself when its last user (the mounted filesystem) lets go.
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+
+/// `struct loop_info64` of <linux/loop.h>.
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+/// `struct loop_config` of <linux/loop.h>.
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+/// Number of a free loop device (LOOP_CTL_GET_FREE on /dev/loop-control).
+pub fn loop_get_free(control: BorrowedFd<'_>) -> Result<u32, Errno> {
+    // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
+    let ret = unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE as _) };
+    Errno::result(ret).map(|n| n as u32)
+}
+
+/// Back the loop device `dev` with `backing` in one step (LOOP_CONFIGURE), auto-clearing.
+pub fn loop_configure(dev: BorrowedFd<'_>, backing: BorrowedFd<'_>) -> Result<(), Errno> {
+    // SAFETY: an all-zero loop_config is valid (no offset, no size limit, no encryption).
+    let mut config: LoopConfig = unsafe { std::mem::zeroed() };
+    config.fd = backing.as_raw_fd() as u32;
+    config.info.lo_flags = LO_FLAGS_AUTOCLEAR;
+    // SAFETY: LOOP_CONFIGURE reads a loop_config, which `config` is, for the call's duration.
+    let ret = unsafe {
+        libc::ioctl(
+            dev.as_raw_fd(),
+            LOOP_CONFIGURE as _,
+            &config as *const LoopConfig,
+        )
+    };
+    Errno::result(ret).map(drop)
+}

@@ -61,6 +61,19 @@ pub struct ValidSpawn {
     pub stdin: bool,
     /// A terminal of this size (cols, rows).
     pub tty: Option<(u16, u16)>,
+    /// The root filesystem: the host's (read-only) or an image's.
+    pub rootfs: Rootfs,
+}
+
+/// Where a sandbox's root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rootfs {
+    Host,
+    /// A stored image (its digest, checked to be 64 hex digits) under a private upper layer.
+    Image {
+        digest: String,
+        readonly: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -89,6 +102,10 @@ pub enum ValidateError {
     Capability(String),
     #[error("nested user namespaces are not allowed by the operator")]
     NestedUserns,
+    #[error("malformed image digest")]
+    ImageDigest,
+    #[error("a read-only root needs an image (the host root is always read-only)")]
+    Readonly,
 }
 
 fn cstring(s: &str, what: &'static str) -> Result<CString, ValidateError> {
@@ -200,12 +217,27 @@ pub fn validate(req: &SpawnRequest, config: &Config) -> Result<ValidSpawn, Valid
     if req.nested_user_namespaces && !config.allow_nested_userns {
         return Err(ValidateError::NestedUserns);
     }
+    if l.disk_bytes
+        .is_some_and(|d| d < crate::disk::MIN_DISK_BYTES)
+    {
+        return Err(ValidateError::Limit("disk_bytes below 16 MiB"));
+    }
     if req.tty.is_some_and(|(cols, rows)| cols == 0 || rows == 0) {
         return Err(ValidateError::Limit("terminal size"));
     }
+    let rootfs = match &req.rootfs_image {
+        None if req.rootfs_readonly => return Err(ValidateError::Readonly),
+        None => Rootfs::Host,
+        Some(d) if crate::image::valid_digest(d) => Rootfs::Image {
+            digest: d.clone(),
+            readonly: req.rootfs_readonly,
+        },
+        Some(_) => return Err(ValidateError::ImageDigest),
+    };
     Ok(ValidSpawn {
         stdin: req.stdin,
         tty: req.tty,
+        rootfs,
         nested_user_namespaces: req.nested_user_namespaces,
         capabilities,
         limits: l,
@@ -235,6 +267,7 @@ mod tests {
             no_cgroups: false,
             allowed_caps: vec!["CAP_SYS_PTRACE"],
             allow_nested_userns: false,
+            max_image_bytes: 1 << 30,
         }
     }
 
@@ -256,6 +289,8 @@ mod tests {
             stdin: false,
             tty: None,
             prepared: false,
+            rootfs_image: None,
+            rootfs_readonly: false,
         }
     }
 
@@ -296,6 +331,16 @@ mod tests {
         check(
             |r| r.command = vec!["x".repeat(600 * 1024)],
             Err(ValidateError::TooLarge),
+        );
+        check(
+            |r| r.rootfs_image = Some("../../etc".into()),
+            Err(ValidateError::ImageDigest),
+        );
+        check(|r| r.rootfs_readonly = true, Err(ValidateError::Readonly));
+        check(|r| r.rootfs_image = Some("ab".repeat(32)), Ok(()));
+        check(
+            |r| r.limits.disk_bytes = Some(1 << 20),
+            Err(ValidateError::Limit("disk_bytes below 16 MiB")),
         );
     }
 

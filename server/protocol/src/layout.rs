@@ -35,6 +35,22 @@ pub const MONITOR_LOCK: &str = "monitor.lock";
 pub const PRIVATE_DIR: &str = "private";
 /// The sandbox's work directory, inside [`PRIVATE_DIR`].
 pub const WORK_DIR: &str = "work";
+/// The overlay's upper layer of a sandbox started from an image, inside [`PRIVATE_DIR`].
+pub const UPPER_DIR: &str = "upper";
+/// The overlay's work directory (same filesystem as [`UPPER_DIR`]), inside [`PRIVATE_DIR`].
+pub const OVERLAY_WORK_DIR: &str = "overlay-work";
+/// The sandbox's /tmp when it has a disk limit, inside [`PRIVATE_DIR`].
+pub const TMP_DIR: &str = "tmp";
+/// The sparse file holding a disk-limited sandbox's filesystem (mounted on [`PRIVATE_DIR`]).
+pub const DISK_IMAGE: &str = "disk.img";
+/// In a sandbox's directory: the digest of the image its root filesystem comes from (if any).
+pub const IMAGE_DIGEST_FILE: &str = "image.digest";
+/// The image store: `images/<sha256 hex>/rootfs/`, the helper's.
+pub const IMAGES_DIR: &str = "images";
+/// The unpacked root filesystem of an image, inside `images/<digest>/`.
+pub const IMAGE_ROOTFS: &str = "rootfs";
+/// Uploads the daemon is receiving or the helper is unpacking: `uploads/<uuid>`, the daemon's.
+pub const UPLOADS_DIR: &str = "uploads";
 /// The helper's own directory under the state directory (root-owned in privileged mode).
 pub const HELPER_DIR: &str = "helper";
 /// The helper's socket, inside [`HELPER_DIR`].

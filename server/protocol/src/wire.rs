@@ -17,6 +17,8 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// A request from the daemon. The helper validates every field; see `server/helper/src/validate.rs`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+// One request lives at a time per connection; boxing the spawn request would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Request {
     Hello {
         version: u32,
@@ -41,6 +43,20 @@ pub enum Request {
     /// Move files in or out of a sandbox (see [`crate::files`]). Sent on a connection of its
     /// own, which the helper hands to a file worker: the rest of the exchange is the worker's.
     Files(FilesRequest),
+    /// Unpack the upload `<state>/uploads/<upload>` (a file of the daemon's, named by a UUID)
+    /// into the image store under `digest` (64 hex digits, the sha256 of the upload), unless an
+    /// image with that digest is stored already. Answered by a forked worker on the same
+    /// connection, so the helper keeps serving other connections meanwhile.
+    ImportImage {
+        upload: Uuid,
+        digest: String,
+    },
+    /// Remove a stored image (the daemon checks first that no sandbox uses it).
+    DeleteImage {
+        digest: String,
+    },
+    /// Digests of every stored image, so the daemon can remove those it has no record of.
+    ListImages,
 }
 
 /// One file transfer. `spawn` is the sandbox's spawn request, so that the worker builds the
@@ -97,6 +113,13 @@ pub struct SpawnRequest {
     /// The directory was created by `Prepare`: start the sandbox in it instead of creating one.
     #[serde(default)]
     pub prepared: bool,
+    /// Digest of a stored image: the sandbox's root is an overlay with the image as its
+    /// read-only lower layer. `None` for the host root filesystem.
+    #[serde(default)]
+    pub rootfs_image: Option<String>,
+    /// Make the image root read-only (the host root is always read-only).
+    #[serde(default)]
+    pub rootfs_readonly: bool,
 }
 
 /// Resource limits of a sandbox, already checked by the daemon against what the host enforces.
@@ -109,6 +132,9 @@ pub struct SpawnLimits {
     pub pids: Option<u64>,
     /// Output cap in bytes (stdout and stderr together).
     pub output_bytes: u64,
+    /// Size of the sandbox's own filesystem (upper layer, /work, /tmp); `None` for no cap.
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
 }
 
 /// Resource figures of a sandbox; `None` where the host cannot measure one.
@@ -139,11 +165,33 @@ pub enum Response {
         ids: Vec<Uuid>,
     },
     Stats(SandboxStats),
+    ImageImported(ImportedImage),
+    ImageDeleted,
+    ImageList {
+        digests: Vec<String>,
+    },
     Error(HelperError),
     Prepared,
     FileReady(FileReady),
     /// The transfer is complete.
     FileDone,
+}
+
+/// A stored image, as the helper unpacked it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportedImage {
+    pub digest: String,
+    /// Bytes of regular files in the unpacked root filesystem.
+    pub size_bytes: u64,
+    /// Entries (files, directories, links) in it.
+    pub entries: u64,
+    /// `rootfs`, `docker-archive` or `oci-layout`.
+    pub format: String,
+    pub layers: u32,
+    /// Entries left out because they are not allowed in an image (device nodes, sockets).
+    pub skipped: u64,
+    /// False when the digest was stored already and nothing was unpacked.
+    pub unpacked: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,6 +260,10 @@ pub enum HelperErrorCode {
     Internal,
     /// The sandbox's own permissions refuse the file operation.
     Denied,
+    /// An image archive is malformed or hostile (an entry escaping the tree, a bomb...).
+    BadImage,
+    /// An image archive unpacks to more than the configured cap.
+    ImageTooLarge,
 }
 
 impl HelperError {
@@ -289,6 +341,8 @@ mod tests {
             stdin: false,
             tty: None,
             prepared: false,
+            rootfs_image: Some("ab".repeat(32)),
+            rootfs_readonly: false,
         };
         let req = Request::Files(FilesRequest {
             spawn,

@@ -6,6 +6,7 @@ mod cp;
 mod create;
 mod exec;
 mod extend;
+mod image;
 mod info;
 mod inspect;
 mod kill;
@@ -59,6 +60,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the largest verb's arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Create a sandbox running CMD and stream its output until it exits.
     Run(run::RunArgs),
@@ -90,6 +93,8 @@ enum Command {
     Start(start::StartArgs),
     /// Copy files or directories: `sbx cp LOCAL ID:/path` or `sbx cp ID:/path LOCAL`.
     Cp(cp::CpArgs),
+    /// Import, list and remove images (root filesystems for `sbx run --image`).
+    Image(image::ImageArgs),
 }
 
 /// Why a verb failed.
@@ -268,6 +273,7 @@ async fn dispatch(client: &Client, command: Command) -> Result<u8, CliError> {
         Command::Create(args) => create::run(client, args).await,
         Command::Start(args) => start::run(client, args).await,
         Command::Cp(args) => cp::run(client, args).await,
+        Command::Image(args) => image::run(client, args).await,
     }
 }
 

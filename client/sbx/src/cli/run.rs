@@ -1,7 +1,7 @@
 //! `sbx run`: create a sandbox, stream its output live, exit with its exit code.
 
 use clap::Args;
-use sandboxd_api::{CreateSandbox, EndReason, Limits, SandboxState};
+use sandboxd_api::{CreateSandbox, EndReason, Limits, RootfsSpec, SandboxState};
 use sandboxd_client::Client;
 
 use super::args::{parse_cpus, parse_env, parse_label, parse_size};
@@ -40,6 +40,16 @@ pub struct RunArgs {
     /// Cap on stored output (stdout and stderr together); the daemon's default when absent.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     output_limit: Option<u64>,
+    /// Root filesystem from this image (`sbx image import`) instead of the host's; changes go
+    /// to the sandbox's own copy-on-write layer.
+    #[arg(long, value_name = "NAME")]
+    image: Option<String>,
+    /// With --image: mount the image root read-only.
+    #[arg(long, requires = "image")]
+    readonly_root: bool,
+    /// Cap what the sandbox may write (upper layer, /work, /tmp), e.g. 1G; ENOSPC past it.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    disk: Option<u64>,
     /// Delete the sandbox this many seconds after its creation, running or not.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     ttl: Option<u64>,
@@ -86,7 +96,7 @@ impl RunArgs {
                 memory_bytes: self.memory,
                 cpus: self.cpus,
                 pids: self.pids,
-                disk_bytes: None,
+                disk_bytes: self.disk,
                 output_bytes: self.output_limit,
             },
             ttl_secs: self.ttl,
@@ -98,6 +108,10 @@ impl RunArgs {
             cols: size.map(|s| s.0),
             rows: size.map(|s| s.1),
             start: true,
+            rootfs: self.image.clone().map(|image| RootfsSpec {
+                image,
+                readonly: self.readonly_root,
+            }),
         }
     }
 }

@@ -172,6 +172,23 @@ impl From<ServiceError> for ApiError {
                     e.to_string(),
                 )
             }
+            ServiceError::ImageNotFound => ApiError::not_found("no such image"),
+            ServiceError::UnknownImage(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown_image",
+                e.to_string(),
+            ),
+            ServiceError::ImageInUse(_) => {
+                ApiError::new(StatusCode::CONFLICT, "image_in_use", e.to_string())
+            }
+            ServiceError::ImageExists => {
+                ApiError::new(StatusCode::CONFLICT, "image_exists", e.to_string())
+            }
+            ServiceError::BadImage(m) => ApiError::new(StatusCode::BAD_REQUEST, "bad_image", m),
+            ServiceError::ImageTooLarge(m) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "image_too_large", m)
+            }
+            ServiceError::Upload(_) => ApiError::internal(&e),
             ServiceError::Store(_)
             | ServiceError::Helper(_)
             | ServiceError::Monitor(_)

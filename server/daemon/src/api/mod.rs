@@ -8,6 +8,7 @@ mod extract;
 mod files;
 pub mod guard;
 mod health;
+mod images;
 mod info;
 pub mod limits;
 mod logs;
@@ -161,6 +162,16 @@ pub fn routes() -> Vec<Route> {
             "/v1/sandboxes/{id}/archive",
             put(files::put_archive).layer(DefaultBodyLimit::disable()),
         ),
+        // An image upload is streamed to disk, so it is not bound by the JSON body limit (the
+        // daemon's --max-image-bytes caps it instead).
+        route(
+            Method::POST,
+            "/v1/images",
+            post(images::import).layer(DefaultBodyLimit::disable()),
+        ),
+        route(Method::GET, "/v1/images", get(images::list)),
+        route(Method::GET, "/v1/images/{name}", get(images::get)),
+        route(Method::DELETE, "/v1/images/{name}", delete(images::delete)),
     ]
 }
 

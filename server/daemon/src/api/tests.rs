@@ -708,6 +708,7 @@ async fn limits_above_maxima_are_422_naming_the_limit() {
             cpu_millis: Some(500),
             pids: Some(100),
             output_bytes: 1 << 20,
+            disk_bytes: None,
         }
     );
 }
@@ -752,6 +753,7 @@ async fn unenforceable_limits_are_422_and_defaults_only_apply_where_enforceable(
             cpu_millis: Some(1000),
             pids: None,
             output_bytes: 64 << 20,
+            disk_bytes: None,
         }
     );
     assert_eq!(
@@ -770,6 +772,7 @@ async fn unenforceable_limits_are_422_and_defaults_only_apply_where_enforceable(
             cpu_millis: Some(1000),
             pids: Some(7),
             output_bytes: 64 << 20,
+            disk_bytes: None,
         }
     );
     assert_eq!(body["spec"]["limits"]["memory_bytes"], json!(256 << 20));
@@ -1411,4 +1414,124 @@ async fn created_sandboxes_start_once_and_bad_file_paths_never_reach_the_helper(
         .unwrap();
     let (status, _) = app.send(req).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn images_import_name_use_and_delete_with_409_in_use() {
+    use sha2::Digest;
+    let policy = LimitPolicy {
+        max_image_bytes: 1 << 20,
+        ..LimitPolicy::default()
+    };
+    let t = test_app_with(
+        FakeSpawn::ExitAtOnce,
+        &["memory", "cpus", "pids", "disk"],
+        policy,
+    )
+    .await;
+    let body = vec![7u8; 300_000];
+    let (status, bytes) = t
+        .raw(Method::POST, "/v1/images?name=base:1", None, body.clone())
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
+    let image: sandboxd_api::Image = serde_json::from_slice(&bytes).unwrap();
+    let digest = hex::encode(sha2::Sha256::digest(&body));
+    assert_eq!(image.digest, format!("sha256:{digest}"));
+    assert_eq!((image.archive_bytes, image.in_use_by), (300_000, 0));
+    // Same name again, a missing or bad name, an empty or oversized body.
+    for (uri, body, want, code) in [
+        (
+            "/v1/images?name=base:1",
+            vec![1u8; 10],
+            StatusCode::CONFLICT,
+            "image_exists",
+        ),
+        (
+            "/v1/images",
+            vec![1u8; 10],
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "/v1/images?name=-x",
+            vec![1u8; 10],
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "/v1/images?name=empty",
+            Vec::new(),
+            StatusCode::BAD_REQUEST,
+            "bad_image",
+        ),
+        (
+            "/v1/images?name=big",
+            vec![0u8; 2 << 20],
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "image_too_large",
+        ),
+    ] {
+        let (status, bytes) = t.raw(Method::POST, uri, None, body).await;
+        assert_eq!(status, want, "{uri}: {}", String::from_utf8_lossy(&bytes));
+        let err: ErrorBody = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(err.error.code, code, "{uri}");
+    }
+    // No upload is left behind.
+    let uploads = t.svc.state_dir().join("uploads");
+    assert_eq!(std::fs::read_dir(uploads).unwrap().count(), 0);
+
+    // A sandbox from the image: the helper gets the digest; the image is in use until deleted.
+    let (status, sandbox) = t
+        .create(json!({"rootfs": {"image": "base:1", "readonly": true}, "limits": {"disk_bytes": 64 << 20}}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{sandbox}");
+    let spawn = t
+        .helper
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find_map(|r| match r {
+            sandboxd_protocol::wire::Request::Spawn(s) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(spawn.rootfs_image.as_deref(), Some(digest.as_str()));
+    assert!(spawn.rootfs_readonly);
+    assert_eq!(spawn.limits.disk_bytes, Some(64 << 20));
+    let (_, got) = t.json(Method::GET, "/v1/images/base:1", None).await;
+    assert_eq!(got["in_use_by"], 1);
+    let (status, err) = t.json(Method::DELETE, "/v1/images/base:1", None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(err["error"]["code"], "image_in_use");
+    let id = sandbox["id"].as_str().unwrap();
+    let (status, _) = t
+        .json(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = t.json(Method::DELETE, "/v1/images/base:1", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(t.helper.requests.lock().unwrap().iter().any(|r| matches!(
+        r,
+        sandboxd_protocol::wire::Request::DeleteImage { digest: d } if *d == digest
+    )));
+    let (status, list) = t.json(Method::GET, "/v1/images", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["images"], json!([]));
+    // An unknown image, and a disk limit where the host cannot enforce one.
+    let (status, err) = t.create(json!({"rootfs": {"image": "base:1"}})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(err["error"]["code"], "unknown_image");
+    let t = test_app(FakeSpawn::ExitAtOnce).await;
+    let (status, err) = t.create(json!({"limits": {"disk_bytes": 64 << 20}})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(err["error"]["code"], "limit_unenforceable");
+    let (status, _) = t.create(json!({"limits": {"disk_bytes": 1 << 20}})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
 }

@@ -38,6 +38,15 @@ impl Service {
         let capabilities =
             limits::resolve_capabilities(&self.policy, v.spec.capabilities.as_ref())?;
         let uid_slot = self.store.uid_slot(sandbox.id).await?;
+        let image = match &v.spec.rootfs {
+            Some(rootfs) => Some(
+                self.store
+                    .sandbox_image_digest(sandbox.id)
+                    .await?
+                    .ok_or_else(|| corrupt(format!("image {:?} is not stored", rootfs.image)))?,
+            ),
+            None => None,
+        };
         Ok(spawn_request(
             sandbox.id,
             uid_slot,
@@ -45,6 +54,7 @@ impl Service {
             &v,
             &resolved,
             capabilities,
+            image,
             prepared,
         ))
     }
@@ -125,6 +135,7 @@ pub(super) fn spawn_request(
     v: &ValidCreate,
     resolved: &Resolved,
     capabilities: Option<Vec<String>>,
+    rootfs_image: Option<String>,
     prepared: bool,
 ) -> SpawnRequest {
     SpawnRequest {
@@ -144,5 +155,7 @@ pub(super) fn spawn_request(
             .tty
             .then(|| (v.spec.cols.unwrap_or(80), v.spec.rows.unwrap_or(24))),
         prepared,
+        rootfs_readonly: v.spec.rootfs.as_ref().is_some_and(|r| r.readonly),
+        rootfs_image,
     }
 }

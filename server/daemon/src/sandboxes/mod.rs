@@ -10,6 +10,7 @@
 
 pub mod execs;
 mod files;
+mod images;
 pub mod monitor;
 mod reaper;
 mod watcher;
@@ -90,6 +91,20 @@ pub enum ServiceError {
     /// The exec could not join the sandbox; the detail is in its row's `error`.
     #[error("starting exec {0} failed; its error field has the detail")]
     ExecFailed(Uuid),
+    #[error("no such image")]
+    ImageNotFound,
+    #[error("rootfs.image: this tenant has no image named {0:?}")]
+    UnknownImage(String),
+    #[error("the image is in use by {0} sandbox(es): delete them first")]
+    ImageInUse(u64),
+    #[error("an image of that name exists already: delete it first")]
+    ImageExists,
+    #[error("{0}")]
+    BadImage(String),
+    #[error("{0}")]
+    ImageTooLarge(String),
+    #[error("storing the upload")]
+    Upload(#[source] std::io::Error),
 }
 
 /// Which sandboxes a caller may see: a `user` token sees only its tenant's, an `admin` every one.
@@ -126,6 +141,8 @@ pub struct Service {
     reaping: Mutex<HashSet<Uuid>>,
     /// Like `live`, for execs (see [`execs`]).
     live_execs: Mutex<HashMap<Uuid, watch::Sender<bool>>>,
+    /// Orders image deletion against creation from an image (see `images.rs`).
+    image_lock: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Service {
@@ -147,6 +164,7 @@ impl Service {
             reaper_wake: Notify::new(),
             reaping: Mutex::new(HashSet::new()),
             live_execs: Mutex::new(HashMap::new()),
+            image_lock: Arc::new(tokio::sync::RwLock::new(())),
         })
     }
 
@@ -244,13 +262,17 @@ impl Service {
         if v.spec.nested_user_namespaces && !self.policy.allow_nested_userns {
             return Err(limits::LimitError::NestedUsernsNotAllowed.into());
         }
+        let image = match &v.spec.rootfs {
+            Some(rootfs) => Some(self.resolve_image(tenant, &rootfs.image).await?),
+            None => None,
+        };
         // The setup runs in its own task so that a client hanging up cannot leave a row in
         // `creating` without a watcher.
         let svc = Arc::clone(self);
         let tenant = tenant.to_owned();
         let start = v.spec.start;
         let id = tokio::spawn(async move {
-            svc.create_and_start(tenant, v, resolved, capabilities)
+            svc.create_and_start(tenant, v, resolved, capabilities, image)
                 .await
         })
         .await??;
@@ -267,6 +289,7 @@ impl Service {
         v: ValidCreate,
         resolved: Resolved,
         capabilities: Option<Vec<String>>,
+        image: Option<(String, tokio::sync::OwnedRwLockReadGuard<()>)>,
     ) -> Result<Uuid, ServiceError> {
         let id = Uuid::new_v4();
         let hostname = v.hostname_for(id);
@@ -302,7 +325,18 @@ impl Service {
                 });
             }
         };
-        let mut request = spawn_request(id, uid_slot, hostname, &v, &resolved, capabilities, false);
+        let mut request = spawn_request(
+            id,
+            uid_slot,
+            hostname,
+            &v,
+            &resolved,
+            capabilities,
+            image
+                .as_ref()
+                .map(|(digest, _held_until_spawned)| digest.clone()),
+            false,
+        );
         let start = v.spec.start;
         // A slot the database thinks free can still be held by a monitor whose sandbox the
         // database lost track of (marked lost, or a row deleted by hand); the helper refuses it

@@ -99,6 +99,23 @@ pub fn start(helper: &Helper, req: &FilesRequest, conn: &UnixStream) -> Result<(
     // A running sandbox is reached through its init's namespaces, which its monitor holds; for
     // a created or exited one (no monitor) the worker builds the root itself.
     let namespaces = running_namespaces(helper, files.spawn.id);
+    // A root built here from an image needs the image's lower layer, as init gets it.
+    let image = match (&namespaces, &files.spawn.rootfs) {
+        (None, crate::validate::Rootfs::Image { digest, .. }) => Some(match helper.config.mode {
+            sandboxd_protocol::wire::Mode::Privileged => {
+                crate::sandbox::ImageLower::Idmapped(crate::image::idmapped_lower(
+                    &helper.images,
+                    &helper.config,
+                    digest,
+                    files.spawn.ids,
+                )?)
+            }
+            sandboxd_protocol::wire::Mode::Rootless => {
+                crate::sandbox::ImageLower::Path(crate::image::lower_path(&helper.config, digest))
+            }
+        }),
+        _ => None,
+    };
     let setup = |step: &str, e: nix::errno::Errno| {
         HelperError::new(HelperErrorCode::SetupFailed, format!("{step}: {e}"))
     };
@@ -116,7 +133,7 @@ pub fn start(helper: &Helper, req: &FilesRequest, conn: &UnixStream) -> Result<(
                         drop(work);
                         fork_joining_worker(&files, conn, ns)
                     }
-                    None => clone_worker(&files, conn, work, &work_path),
+                    None => clone_worker(&files, conn, work, &work_path, image),
                 }))
                 .unwrap_or(1);
             sys::exit_now(code)
@@ -229,6 +246,7 @@ fn clone_worker(
     conn: &UnixStream,
     work: OwnedFd,
     work_path: &std::path::Path,
+    image: Option<crate::sandbox::ImageLower>,
 ) -> i32 {
     let fail = |step: &str, e: &dyn std::fmt::Display| {
         send(
@@ -244,12 +262,19 @@ fn clone_worker(
     let Ok((sync_r, sync_w)) = pipe2(OFlag::O_CLOEXEC) else {
         return fail("pipe", &"failed");
     };
-    let keep = [
+    let image_fd = match &image {
+        Some(crate::sandbox::ImageLower::Idmapped(fd)) => Some(fd.as_raw_fd()),
+        _ => None,
+    };
+    let keep: Vec<_> = [
         conn.as_raw_fd(),
         work.as_raw_fd(),
         sync_r.as_raw_fd(),
         sync_w.as_raw_fd(),
-    ];
+    ]
+    .into_iter()
+    .chain(image_fd)
+    .collect();
     if let Err(e) = crate::fds::close_all_except(&keep) {
         return fail("closing inherited descriptors", &e);
     }
@@ -261,10 +286,10 @@ fn clone_worker(
         Err(e) => fail("clone", &e),
         Ok(CloneResult::Child) => {
             drop(sync_w);
-            worker_main(files, conn, work, work_path, sync_r)
+            worker_main(files, conn, work, work_path, sync_r, image)
         }
         Ok(CloneResult::Parent { child, pidfd }) => {
-            drop((sync_r, work));
+            drop((sync_r, work, image));
             if let Err(e) = crate::monitor::write_id_maps(child, files.spawn.ids) {
                 let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
                 let _ = nix::sys::wait::waitpid(child, None);
@@ -285,6 +310,7 @@ fn worker_main(
     work: OwnedFd,
     work_path: &std::path::Path,
     sync: OwnedFd,
+    image: Option<crate::sandbox::ImageLower>,
 ) -> ! {
     let fail = |e: HelperError| -> ! {
         send(conn, &Response::Error(e));
@@ -301,8 +327,9 @@ fn worker_main(
             format!("becoming the sandbox's root: {e}"),
         ));
     }
-    let built = crate::sandbox::rootfs::build(&files.spawn, &work, work_path, files.spawn.ids)
-        .and_then(|()| crate::sandbox::harden::apply(&[]));
+    let built =
+        crate::sandbox::rootfs::build(&files.spawn, &work, work_path, files.spawn.ids, image)
+            .and_then(|()| crate::sandbox::harden::apply(&[]));
     drop(work);
     if let Err(e) = built {
         fail(HelperError::new(

@@ -13,7 +13,7 @@
 
 pub(crate) mod harden;
 pub(crate) mod init;
-pub(crate) mod rootfs;
+pub mod rootfs;
 pub mod seccomp;
 
 use std::io::Write;
@@ -43,6 +43,16 @@ pub struct InitFds {
     pub stdin: Option<OwnedFd>,
     /// With a terminal: where to send the pty master to the monitor.
     pub pty_socket: Option<OwnedFd>,
+    /// The image's lower layer, for a sandbox started from an image.
+    pub image: Option<ImageLower>,
+}
+
+/// An image's root filesystem as init gets it.
+pub enum ImageLower {
+    /// A detached mount, idmapped onto the sandbox's uid range (privileged mode).
+    Idmapped(OwnedFd),
+    /// A path (rootless mode: the files are the helper's own, which is the sandbox's root).
+    Path(std::path::PathBuf),
 }
 
 /// The step that failed, and why.
@@ -59,8 +69,12 @@ pub(crate) fn step(step: impl Into<String>) -> impl FnOnce(nix::errno::Errno) ->
 }
 
 /// Run as the cloned child. Never returns.
-pub fn run_init(spawn: &ValidSpawn, fds: InitFds) -> ! {
+pub fn run_init(spawn: &ValidSpawn, mut fds: InitFds) -> ! {
     let keep: Vec<_> = [
+        match &fds.image {
+            Some(ImageLower::Idmapped(fd)) => fd.as_raw_fd(),
+            _ => fds.work.as_raw_fd(),
+        },
         fds.work.as_raw_fd(),
         fds.sync.as_raw_fd(),
         fds.status.as_raw_fd(),
@@ -87,7 +101,15 @@ pub fn run_init(spawn: &ValidSpawn, fds: InitFds) -> ! {
         sys::exit_now(1);
     }
     let prepared = become_root(spawn.ids)
-        .and_then(|()| rootfs::build(spawn, &fds.work, &fds.work_path, spawn.ids))
+        .and_then(|()| {
+            rootfs::build(
+                spawn,
+                &fds.work,
+                &fds.work_path,
+                spawn.ids,
+                fds.image.take(),
+            )
+        })
         .and_then(|()| {
             nix::unistd::sethostname(&spawn.hostname).map_err(step("setting the hostname"))?;
             sys::loopback_up().map_err(step("bringing lo up"))

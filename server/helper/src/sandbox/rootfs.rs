@@ -1,4 +1,7 @@
-//! The sandbox's root filesystem in "host" mode, built inside its own mount namespace.
+//! The sandbox's root filesystem, built inside its own mount namespace: "host" mode (below) or
+//! an image (an overlay of the sandbox's upper layer on the image: [`open_image_layers`] and
+//! [`mount_image_root`], which a forked worker can call too to see a sandbox's root as it looks
+//! inside).
 //!
 //! A tmpfs becomes the new root. It receives read-only binds of the host's /usr (and /bin, /sbin,
 //! /lib* as links or binds, whatever the host has), an /etc of its own with a few host files that
@@ -12,7 +15,8 @@
 //! the host's /tmp hides nothing we need.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::symlink;
 use std::path::Path;
 
@@ -21,9 +25,11 @@ use nix::fcntl::OFlag;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::fstat;
 
-use super::{step, SetupError};
+use sandboxd_protocol::layout::{OVERLAY_WORK_DIR, TMP_DIR, UPPER_DIR};
+
+use super::{step, ImageLower, SetupError};
 use crate::sys::{self, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
-use crate::validate::{IdMap, ValidSpawn};
+use crate::validate::{IdMap, Rootfs, ValidSpawn};
 
 const NEW_ROOT: &str = "/tmp";
 
@@ -155,15 +161,10 @@ pub fn build(
     work: &OwnedFd,
     work_path: &Path,
     ids: IdMap,
+    image: Option<ImageLower>,
 ) -> Result<(), SetupError> {
     // The work directory, reopened before anything hides the host's paths (see below).
-    let reopened = nix::fcntl::open(
-        work_path,
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )
-    .map(sys::own_fd)
-    .map_err(step("opening the work directory"))?;
+    let reopened = open_path(work_path, "opening the work directory")?;
     let (a, b) = (
         fstat(work.as_raw_fd()).map_err(step("checking the work directory"))?,
         fstat(reopened.as_raw_fd()).map_err(step("checking the work directory"))?,
@@ -171,6 +172,16 @@ pub fn build(
     if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino) {
         return Err(step("checking the work directory")(Errno::EXDEV));
     }
+    // private/ holds the overlay's upper layer and, with a disk limit, /tmp: opened now too.
+    let private = work_path.parent().unwrap_or(work_path);
+    let layers = image
+        .map(|lower| open_image_layers(private, lower))
+        .transpose()?;
+    let disk_tmp = spawn
+        .limits
+        .disk_bytes
+        .map(|_| open_path(&private.join(TMP_DIR), "opening the sandbox's /tmp"))
+        .transpose()?;
     // Nothing we mount may propagate back to the host.
     mount(
         None::<&str>,
@@ -180,43 +191,50 @@ pub fn build(
         None::<&str>,
     )
     .map_err(step("making / private"))?;
-    mount_tmpfs(
-        NEW_ROOT,
-        "mode=0755,size=16m,nr_inodes=4096",
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-    )?;
     let new = |p: &str| format!("{NEW_ROOT}/{p}");
 
-    for tree in HOST_TREES {
-        share_host_path(&format!("/{tree}"), &new(tree))?;
+    match &layers {
+        None => {
+            mount_tmpfs(
+                NEW_ROOT,
+                "mode=0755,size=16m,nr_inodes=4096",
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            )?;
+            for tree in HOST_TREES {
+                share_host_path(&format!("/{tree}"), &new(tree))?;
+            }
+            build_etc(spawn, &new("etc"))?;
+        }
+        Some(layers) => {
+            mount_image_root(layers, NEW_ROOT)?;
+            for dir in ["etc", "work", "tmp", "run", "dev", "proc"] {
+                ensure_dir(NEW_ROOT, dir)?;
+            }
+            image_etc(spawn, &new("etc"))?;
+        }
     }
-    build_etc(spawn, &new("etc"))?;
 
     // /work: the sandbox's own directory. A bind source must be a mount of this namespace, so
     // the directory is opened again by path here and checked to be the very inode the helper
     // created (a swapped path component fails the check instead of exposing another directory).
     mkdir(&new("work"), 0o755)?;
-    let work_source = format!("/proc/self/fd/{}", reopened.as_raw_fd());
-    mount(
-        Some(work_source.as_str()),
-        new("work").as_str(),
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(step("binding /work"))?;
-    sys::mount_setattr(
-        &cpath(&new("work")),
-        false,
-        MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-    )
-    .map_err(step("securing /work"))?;
-
-    for (dir, options) in [
-        ("tmp", "mode=1777,size=512m,nr_inodes=65536"),
-        ("root", "mode=0700,size=64m,nr_inodes=16384"),
-        ("run", "mode=0755,size=16m,nr_inodes=4096"),
-    ] {
+    bind_fd(&reopened, &new("work"), "/work")?;
+    // /tmp: on the sandbox's size-limited filesystem when it has one, else a tmpfs.
+    mkdir(&new("tmp"), 0o755)?;
+    match &disk_tmp {
+        Some(tmp) => bind_fd(tmp, &new("tmp"), "/tmp")?,
+        None => mount_tmpfs(
+            &new("tmp"),
+            "mode=1777,size=512m,nr_inodes=65536",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        )?,
+    }
+    let mut scratch = vec![("run", "mode=0755,size=16m,nr_inodes=4096")];
+    // The host root has no /root of its own; an image keeps its own.
+    if layers.is_none() {
+        scratch.push(("root", "mode=0700,size=64m,nr_inodes=16384"));
+    }
+    for (dir, options) in scratch {
         mkdir(&new(dir), 0o755)?;
         mount_tmpfs(&new(dir), options, MsFlags::MS_NOSUID | MsFlags::MS_NODEV)?;
     }
@@ -233,9 +251,160 @@ pub fn build(
 
     pivot_into(NEW_ROOT)?;
     mask_proc()?;
-    // The root itself (and so /etc) becomes read-only; /tmp, /work, /root, /run stay writable.
-    sys::mount_setattr(&cpath("/"), false, MOUNT_ATTR_RDONLY)
-        .map_err(step("making / read-only"))?;
+    // The host root (and so /etc) is read-only; an image root only when the spec says so.
+    // /tmp, /work, /run stay writable.
+    let readonly = match &spawn.rootfs {
+        Rootfs::Host => true,
+        Rootfs::Image { readonly, .. } => *readonly,
+    };
+    if readonly {
+        sys::mount_setattr(&cpath("/"), false, MOUNT_ATTR_RDONLY)
+            .map_err(step("making / read-only"))?;
+    }
+    Ok(())
+}
+
+/// Open a directory by path as an `O_PATH` descriptor, refusing a symlink as its last component.
+fn open_path(path: &Path, what: &'static str) -> Result<OwnedFd, SetupError> {
+    nix::fcntl::open(
+        path,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map(sys::own_fd)
+    .map_err(step(what))
+}
+
+/// Bind the directory `fd` refers to on `target`, nosuid and nodev.
+fn bind_fd(fd: &OwnedFd, target: &str, name: &str) -> Result<(), SetupError> {
+    let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    mount(
+        Some(source.as_str()),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(step(format!("binding {name}")))?;
+    sys::mount_setattr(&cpath(target), false, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
+        .map_err(step(format!("securing {name}")))
+}
+
+/// The layers of a sandbox's image root filesystem, held by descriptors.
+pub struct ImageLayers {
+    lower: ImageLower,
+    /// For [`ImageLower::Path`]: the lower directory opened `O_PATH`.
+    lower_dir: Option<OwnedFd>,
+    upper: OwnedFd,
+    work: OwnedFd,
+}
+
+/// Open the layers of a sandbox's image root: `private` is the sandbox's `private/` directory
+/// (its `upper/` and `overlay-work/`), `lower` the image as [`crate::image`] prepared it.
+pub fn open_image_layers(private: &Path, lower: ImageLower) -> Result<ImageLayers, SetupError> {
+    let lower_dir = match &lower {
+        ImageLower::Path(p) => Some(open_path(p, "opening the image")?),
+        ImageLower::Idmapped(_) => None,
+    };
+    Ok(ImageLayers {
+        lower,
+        lower_dir,
+        upper: open_path(&private.join(UPPER_DIR), "opening the upper layer")?,
+        work: open_path(
+            &private.join(OVERLAY_WORK_DIR),
+            "opening the overlay's work directory",
+        )?,
+    })
+}
+
+/// Mount the sandbox's root as it looks inside: an overlay of its upper layer on the image, at
+/// `target` (an existing directory). Runs in a mount namespace of the caller's (init's, or a
+/// forked worker's); for an idmapped lower the detached mount is attached at `target` first and
+/// the overlay stacked on it. The overlay keeps its metadata in `user.` xattrs (`userxattr`), as
+/// every mount of the same upper layer must.
+pub fn mount_image_root(layers: &ImageLayers, target: &str) -> Result<(), SetupError> {
+    let lowerdir = match (&layers.lower, &layers.lower_dir) {
+        (ImageLower::Idmapped(tree), _) => {
+            sys::attach_mount(tree.as_fd(), &cpath(target)).map_err(step("attaching the image"))?;
+            target.to_owned()
+        }
+        (ImageLower::Path(_), Some(dir)) => format!("/proc/self/fd/{}", dir.as_raw_fd()),
+        (ImageLower::Path(_), None) => return Err(step("opening the image")(Errno::EBADF)),
+    };
+    let options = format!(
+        "lowerdir={lowerdir},upperdir=/proc/self/fd/{},workdir=/proc/self/fd/{},userxattr",
+        layers.upper.as_raw_fd(),
+        layers.work.as_raw_fd()
+    );
+    mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(options.as_str()),
+    )
+    .map_err(step("mounting the overlay"))
+}
+
+/// Make `root/name` a real directory: an image may have put a link or a file there, which a
+/// mount must never follow (it is replaced in the upper layer, the image is not touched).
+fn ensure_dir(root: &str, name: &str) -> Result<(), SetupError> {
+    let path = format!("{root}/{name}");
+    match nix::sys::stat::lstat(path.as_str()) {
+        Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => return Ok(()),
+        Ok(st)
+            if st.st_mode & libc::S_IFMT == libc::S_IFLNK
+                || st.st_mode & libc::S_IFMT == libc::S_IFREG =>
+        {
+            nix::unistd::unlink(path.as_str()).map_err(step(format!("replacing /{name}")))?;
+        }
+        Ok(_) => {
+            nix::unistd::unlink(path.as_str()).map_err(step(format!("replacing /{name}")))?;
+        }
+        Err(Errno::ENOENT) => {}
+        Err(e) => return Err(step(format!("checking /{name}"))(e)),
+    }
+    mkdir(&path, 0o755)
+}
+
+/// The files of an image's /etc that describe this sandbox (the image keeps its own passwd and
+/// group): written fresh in the upper layer, never through a link the image holds.
+fn image_etc(spawn: &ValidSpawn, etc: &str) -> Result<(), SetupError> {
+    let host = &spawn.hostname;
+    for (name, content) in [
+        ("hostname", format!("{host}\n")),
+        (
+            "hosts",
+            format!(
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{host}\n"
+            ),
+        ),
+        (
+            "resolv.conf",
+            "# sandboxd: this sandbox has no network (mode \"none\"), so no name servers\n".into(),
+        ),
+    ] {
+        let path = format!("{etc}/{name}");
+        match nix::unistd::unlink(path.as_str()) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(Errno::EISDIR) => continue,
+            Err(e) => return Err(step(format!("replacing /etc/{name}"))(e)),
+        }
+        let fd = nix::fcntl::open(
+            path.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .map(sys::own_fd)
+        .map_err(step(format!("writing /etc/{name}")))?;
+        std::fs::File::from(fd)
+            .write_all(content.as_bytes())
+            .map_err(|e| {
+                step(format!("writing /etc/{name}"))(Errno::from_raw(
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                ))
+            })?;
+    }
     Ok(())
 }
 

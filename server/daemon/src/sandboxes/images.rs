@@ -1,0 +1,215 @@
+//! Images: import (the upload is streamed to `<state>/uploads/<uuid>` while its sha256 is
+//! computed, then unpacked by the helper), list, get, delete, and reconciliation at start.
+//!
+//! One `RwLock` orders image deletion against sandbox creation: a create holds it shared from
+//! resolving the image's name until its row is inserted (from then on the image counts as in
+//! use), a delete holds it exclusively, so an image is never deleted under a sandbox being
+//! created from it.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use sandboxd_api::Image;
+use sandboxd_protocol::layout::UPLOADS_DIR;
+use sandboxd_protocol::wire::HelperErrorCode;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use uuid::Uuid;
+
+use super::{Service, ServiceError};
+use crate::helper_client::{self, HelperClientError};
+use crate::store::{NewImage, StoreError};
+
+/// Removes an upload file when dropped (a finished import, or a client that went away).
+struct Upload(PathBuf);
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Service {
+    fn uploads_dir(&self) -> PathBuf {
+        self.state_dir.join(UPLOADS_DIR)
+    }
+
+    /// Receive an image archive and store it under `name` in `tenant`.
+    pub async fn import_image<S, E>(
+        self: &std::sync::Arc<Self>,
+        tenant: &str,
+        name: &str,
+        mut body: S,
+    ) -> Result<Image, ServiceError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        crate::validate::check_image_name(name)
+            .map_err(|e| ServiceError::BadImage(format!("name: {e}")))?;
+        if self.store.image(tenant, name).await?.is_some() {
+            return Err(ServiceError::ImageExists);
+        }
+        let max = self.policy.max_image_bytes;
+        let dir = self.uploads_dir();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(ServiceError::Upload)?;
+        let id = Uuid::new_v4();
+        let upload = Upload(dir.join(id.to_string()));
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&upload.0)
+            .await
+            .map_err(ServiceError::Upload)?;
+        let mut hasher = Sha256::new();
+        let mut total: u64 = 0;
+        while let Some(chunk) = body.next().await {
+            let chunk =
+                chunk.map_err(|e| ServiceError::BadImage(format!("reading the body: {e}")))?;
+            total += chunk.len() as u64;
+            if total > max {
+                return Err(ServiceError::ImageTooLarge(format!(
+                    "the upload is larger than this daemon's maximum of {max} bytes"
+                )));
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk).await.map_err(ServiceError::Upload)?;
+        }
+        file.flush().await.map_err(ServiceError::Upload)?;
+        drop(file);
+        if total == 0 {
+            return Err(ServiceError::BadImage("the body is empty".into()));
+        }
+        let digest = hex::encode(hasher.finalize());
+        // From here on the work runs in its own task: a client hanging up must not leave an
+        // unpacked image without its row (or a row-less image until the next start).
+        let svc = std::sync::Arc::clone(self);
+        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+        tokio::spawn(async move {
+            svc.finish_import(upload, id, digest, total, &tenant, &name)
+                .await
+        })
+        .await?
+    }
+
+    async fn finish_import(
+        &self,
+        upload: Upload,
+        id: Uuid,
+        digest: String,
+        total: u64,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Image, ServiceError> {
+        let imported = helper_client::import_image(&*self.helper, id, digest.clone())
+            .await
+            .map_err(|e| match e {
+                HelperClientError::Refused(h) => match h.code {
+                    HelperErrorCode::BadImage => ServiceError::BadImage(h.message),
+                    HelperErrorCode::ImageTooLarge => ServiceError::ImageTooLarge(h.message),
+                    _ => ServiceError::Helper(HelperClientError::Refused(h)),
+                },
+                other => ServiceError::Helper(other),
+            })?;
+        drop(upload);
+        let new = NewImage {
+            tenant: tenant.to_owned(),
+            name: name.to_owned(),
+            digest: digest.clone(),
+            size_bytes: imported.size_bytes,
+            archive_bytes: total,
+            entries: imported.entries,
+            format: imported.format,
+            layers: imported.layers,
+            created_at_ms: crate::now_unix_ms(),
+        };
+        let _guard = self.image_lock.write().await;
+        match self.store.insert_image(&new).await {
+            Ok(()) => {}
+            Err(StoreError::NameTaken) => {
+                // Lost a race with another import of the same name: drop ours if nothing
+                // else names its content.
+                if !self.store.digest_referenced(&digest).await? {
+                    let _ = helper_client::delete_image(&*self.helper, digest).await;
+                }
+                return Err(ServiceError::ImageExists);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.store
+            .image(tenant, name)
+            .await?
+            .ok_or(ServiceError::ImageNotFound)
+    }
+
+    pub async fn images(&self, tenant: &str) -> Result<Vec<Image>, ServiceError> {
+        Ok(self.store.images(tenant).await?)
+    }
+
+    pub async fn image(&self, tenant: &str, name: &str) -> Result<Image, ServiceError> {
+        self.store
+            .image(tenant, name)
+            .await?
+            .ok_or(ServiceError::ImageNotFound)
+    }
+
+    /// Delete an image name (409 while a sandbox uses it); its files go once no name is left.
+    pub async fn delete_image(&self, tenant: &str, name: &str) -> Result<(), ServiceError> {
+        let _guard = self.image_lock.write().await;
+        let digest = self
+            .store
+            .image_digest(tenant, name)
+            .await?
+            .ok_or(ServiceError::ImageNotFound)?;
+        match self.store.delete_image(tenant, name).await? {
+            None => return Err(ServiceError::ImageNotFound),
+            Some(0) => {}
+            Some(n) => return Err(ServiceError::ImageInUse(n)),
+        }
+        if !self.store.digest_referenced(&digest).await? {
+            if let Err(e) = helper_client::delete_image(&*self.helper, digest).await {
+                tracing::warn!(error = %e, "removing an image's files failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// The digest of `name` in `tenant`, and a guard that keeps it from being deleted until the
+    /// sandbox's row exists.
+    pub(super) async fn resolve_image(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<(String, tokio::sync::OwnedRwLockReadGuard<()>), ServiceError> {
+        let guard = std::sync::Arc::clone(&self.image_lock).read_owned().await;
+        let digest = self
+            .store
+            .image_digest(tenant, name)
+            .await?
+            .ok_or_else(|| ServiceError::UnknownImage(name.to_owned()))?;
+        Ok((digest, guard))
+    }
+
+    /// At start: remove uploads a crash left, and stored images no row names any more.
+    pub async fn reconcile_images(&self) -> Result<(), ServiceError> {
+        if let Ok(entries) = std::fs::read_dir(self.uploads_dir()) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        for digest in helper_client::list_images(&*self.helper).await? {
+            if !self.store.digest_referenced(&digest).await? {
+                tracing::info!(%digest, "removing a stored image no name refers to");
+                helper_client::delete_image(&*self.helper, digest).await?;
+            }
+        }
+        Ok(())
+    }
+}

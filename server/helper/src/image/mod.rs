@@ -1,0 +1,637 @@
+//! The image store: `<state>/images/<sha256>/rootfs`, the helper's, reached only through the
+//! descriptor opened at start.
+//!
+//! **Import** runs in a worker forked from the helper (so the helper keeps serving while a big
+//! image unpacks), which answers the daemon on the connection it inherited. The worker opens the
+//! daemon's upload (`uploads/<uuid>`: a regular file owned by the daemon's uid with one link,
+//! nothing else), makes a scratch directory `images/.tmp-<digest>-<pid>` owned by the image
+//! range's root, and clones the unpacker into a **new user namespace** whose ids 0..65536 are the
+//! image range on the host (rootless: only root, mapped to the helper's own uid). The unpacker
+//! therefore has no privilege on the host at all: what it writes is owned by the image range, a
+//! chown can only pick an id of that range, and a hostile archive that got past the checks in
+//! [`unpack`] could still touch nothing but the scratch directory. The worker renames the result
+//! to `images/<digest>` (0700): a digest is stored once, and a concurrent import of the same
+//! content simply finds it there.
+//!
+//! **Use** ([`idmapped_lower`]): an image's `rootfs` is cloned as a detached mount and idmapped
+//! through a user namespace mapping the image range onto the sandbox's range, so the sandbox
+//! sees the image's owners (root is its root) while the files on disk keep the image range's.
+
+pub mod archive;
+pub mod unpack;
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::{openat, renameat, OFlag};
+use nix::sys::stat::{fstat, mkdirat, Mode};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fchown, pipe2, Gid, Uid};
+use sandboxd_protocol::layout::{IMAGES_DIR, IMAGE_ROOTFS, UPLOADS_DIR};
+use sandboxd_protocol::wire::{HelperError, HelperErrorCode, ImportedImage, Mode as HelperMode};
+
+use crate::config::{Config, UID_RANGE_SIZE};
+use crate::sys::{self, own_fd, CloneResult};
+use crate::validate::IdMap;
+
+const META_FILE: &str = "meta.json";
+const TMP_PREFIX: &str = ".tmp-";
+const TRASH_PREFIX: &str = ".del-";
+/// Most entries an image may have.
+const MAX_ENTRIES: u64 = 2_000_000;
+
+fn err(code: HelperErrorCode, message: impl Into<String>) -> HelperError {
+    HelperError::new(code, message)
+}
+
+fn internal(step: &str, e: impl std::fmt::Display) -> HelperError {
+    err(HelperErrorCode::Internal, format!("{step}: {e}"))
+}
+
+/// A digest as the store names it: 64 lower-case hex digits.
+pub fn valid_digest(digest: &str) -> bool {
+    digest.len() == 64
+        && digest
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// `<state>/images`, held open.
+pub struct ImageStore {
+    fd: OwnedFd,
+    /// The idmapping user namespace of each uid slot (image range onto the slot's range), made
+    /// once per slot and kept: the mapping of a slot never changes.
+    shift_userns: std::cell::RefCell<std::collections::HashMap<u32, OwnedFd>>,
+}
+
+impl ImageStore {
+    /// Create (if needed) and open the store, and clear what a crash left: scratch directories of
+    /// imports and images half removed.
+    pub fn open(state_dir: &Path) -> Result<Self, String> {
+        let path = state_dir.join(IMAGES_DIR);
+        match nix::unistd::mkdir(&path, Mode::from_bits_truncate(0o711)) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(format!("creating {}: {e}", path.display())),
+        }
+        let fd = nix::fcntl::open(
+            &path,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map(own_fd)
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+        let st = fstat(fd.as_raw_fd()).map_err(|e| format!("{}: {e}", path.display()))?;
+        if st.st_uid != nix::unistd::geteuid().as_raw() || st.st_mode & 0o022 != 0 {
+            return Err(format!(
+                "{} must be owned by the helper's user and not writable by others",
+                path.display()
+            ));
+        }
+        let store = ImageStore {
+            fd,
+            shift_userns: Default::default(),
+        };
+        for name in store.names().unwrap_or_default() {
+            if name.starts_with(TMP_PREFIX) || name.starts_with(TRASH_PREFIX) {
+                // A worker of the previous helper may still be at work (it holds a lock on its
+                // scratch directory): leave that one alone.
+                let busy = openat(
+                    Some(store.raw_fd()),
+                    name.as_str(),
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map(own_fd)
+                .is_ok_and(|fd| {
+                    crate::dirs::flock(fd.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock)
+                        .is_err()
+                });
+                if busy {
+                    continue;
+                }
+                if let Ok(c) = CString::new(name) {
+                    let _ = crate::dirs::remove_tree(store.fd.as_raw_fd(), &c);
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    fn names(&self) -> Result<Vec<String>, Errno> {
+        let fd = openat(
+            Some(self.raw_fd()),
+            ".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut dir = nix::dir::Dir::from_fd(fd)?;
+        let mut out = Vec::new();
+        for entry in dir.iter() {
+            let entry = entry?;
+            if let Ok(name) = entry.file_name().to_str() {
+                if name != "." && name != ".." {
+                    out.push(name.to_owned());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Digests of every stored image.
+    pub fn list(&self) -> Result<Vec<String>, HelperError> {
+        let mut digests: Vec<String> = self
+            .names()
+            .map_err(|e| internal("listing images", e))?
+            .into_iter()
+            .filter(|n| valid_digest(n))
+            .collect();
+        digests.sort();
+        Ok(digests)
+    }
+
+    /// The stored description of an image, if it is stored.
+    fn meta(&self, digest: &str) -> Option<ImportedImage> {
+        let fd = openat(
+            Some(self.raw_fd()),
+            format!("{digest}/{META_FILE}").as_str(),
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        let mut bytes = Vec::new();
+        File::from(own_fd(fd))
+            .take(64 * 1024)
+            .read_to_end(&mut bytes)
+            .ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub fn exists(&self, digest: &str) -> bool {
+        valid_digest(digest) && self.meta(digest).is_some()
+    }
+
+    /// Remove an image: renamed away at once (so a new import of it starts clean), then deleted
+    /// by a detached process, so a big tree does not hold up the helper.
+    pub fn delete(&self, digest: &str) -> Result<(), HelperError> {
+        if !valid_digest(digest) {
+            return Err(err(HelperErrorCode::Invalid, "malformed image digest"));
+        }
+        let trash = format!("{TRASH_PREFIX}{digest}-{}", std::process::id());
+        match renameat(
+            Some(self.raw_fd()),
+            digest,
+            Some(self.raw_fd()),
+            trash.as_str(),
+        ) {
+            Ok(()) => {}
+            Err(Errno::ENOENT) => {
+                return Err(err(HelperErrorCode::NotFound, "no such image digest"))
+            }
+            Err(e) => return Err(internal("removing the image", e)),
+        }
+        let dir = self.raw_fd();
+        detached(move || {
+            if let Ok(c) = CString::new(trash) {
+                let _ = crate::dirs::remove_tree(dir, &c);
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Run `work` in a double-forked process that nobody waits for (the helper reaps only the
+/// intermediate one, at once).
+pub fn detached(work: impl FnOnce()) {
+    match sys::fork() {
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            let _ = waitpid(child, None);
+        }
+        Ok(nix::unistd::ForkResult::Child) => {
+            let _ = nix::unistd::setsid();
+            if let Ok(nix::unistd::ForkResult::Child) = sys::fork() {
+                let _ = crate::fds::stdio_to_devnull();
+                work();
+            }
+            sys::exit_now(0);
+        }
+        Err(_) => {}
+    }
+}
+
+/// The image range as the unpacker's user namespace maps it.
+fn image_ids(config: &Config) -> IdMap {
+    match config.mode {
+        HelperMode::Privileged => IdMap::Range {
+            slot: u32::MAX,
+            base: config.image_base(),
+            size: UID_RANGE_SIZE,
+        },
+        HelperMode::Rootless => IdMap::Single {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+        },
+    }
+}
+
+/// Open the daemon's upload: a regular file of the daemon's uid with a single link (so it cannot
+/// be a hard link to a file the daemon could not read itself).
+fn open_upload(config: &Config, upload: uuid::Uuid) -> Result<File, HelperError> {
+    let refuse = |why: &str| err(HelperErrorCode::Invalid, format!("upload {upload}: {why}"));
+    let dir = nix::fcntl::open(
+        &config.state_dir.join(UPLOADS_DIR),
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map(own_fd)
+    .map_err(|e| refuse(&format!("opening the uploads directory: {e}")))?;
+    let fd = openat(
+        Some(dir.as_raw_fd()),
+        upload.to_string().as_str(),
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+        Mode::empty(),
+    )
+    .map(own_fd)
+    .map_err(|e| refuse(&format!("{e}")))?;
+    let file = File::from(fd);
+    let meta = file.metadata().map_err(|e| refuse(&format!("{e}")))?;
+    if !meta.file_type().is_file() || meta.uid() != config.allow_uid || meta.nlink() != 1 {
+        return Err(refuse(
+            "must be a regular file of the daemon's with a single link",
+        ));
+    }
+    Ok(file)
+}
+
+/// Import an upload (runs in the forked worker; may take long).
+pub fn import(
+    config: &Config,
+    store: &ImageStore,
+    upload: uuid::Uuid,
+    digest: &str,
+) -> Result<ImportedImage, HelperError> {
+    if !valid_digest(digest) {
+        return Err(err(HelperErrorCode::Invalid, "malformed image digest"));
+    }
+    if let Some(meta) = store.meta(digest) {
+        return Ok(ImportedImage {
+            unpacked: false,
+            ..meta
+        });
+    }
+    let upload_file = open_upload(config, upload)?;
+    let ids = image_ids(config);
+    let scratch_name = format!("{TMP_PREFIX}{digest}-{}", std::process::id());
+    mkdirat(
+        Some(store.raw_fd()),
+        scratch_name.as_str(),
+        Mode::from_bits_truncate(0o700),
+    )
+    .map_err(|e| internal("creating a scratch directory", e))?;
+    // Held until this worker exits: a restarted helper must not clear the directory under us.
+    let _lock = openat(
+        Some(store.raw_fd()),
+        scratch_name.as_str(),
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map(own_fd)
+    .and_then(|fd| {
+        crate::dirs::flock(fd.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock)?;
+        Ok(fd)
+    })
+    .map_err(|e| internal("locking the scratch directory", e))?;
+    let result =
+        unpack_into(config, store, &scratch_name, upload_file, ids).and_then(|mut meta| {
+            meta.digest = digest.to_owned();
+            let bytes = serde_json::to_vec(&meta).map_err(|e| internal("encoding", e))?;
+            let fd = openat(
+                Some(store.raw_fd()),
+                format!("{scratch_name}/{META_FILE}").as_str(),
+                OFlag::O_WRONLY
+                    | OFlag::O_CREAT
+                    | OFlag::O_EXCL
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o600),
+            )
+            .map(own_fd)
+            .map_err(|e| internal("writing meta.json", e))?;
+            File::from(fd)
+                .write_all(&bytes)
+                .map_err(|e| internal("writing meta.json", e))?;
+            Ok(meta)
+        });
+    let scratch_c = CString::new(scratch_name.clone()).unwrap_or_default();
+    let meta = match result {
+        Ok(meta) => meta,
+        Err(e) => {
+            let _ = crate::dirs::remove_tree(store.raw_fd(), &scratch_c);
+            return Err(e);
+        }
+    };
+    match renameat(
+        Some(store.raw_fd()),
+        scratch_name.as_str(),
+        Some(store.raw_fd()),
+        digest,
+    ) {
+        Ok(()) => Ok(meta),
+        // Another import of the same content finished first: keep that one.
+        Err(Errno::EEXIST) | Err(Errno::ENOTEMPTY) => {
+            let _ = crate::dirs::remove_tree(store.raw_fd(), &scratch_c);
+            Ok(ImportedImage {
+                unpacked: false,
+                ..meta
+            })
+        }
+        Err(e) => {
+            let _ = crate::dirs::remove_tree(store.raw_fd(), &scratch_c);
+            Err(internal("storing the image", e))
+        }
+    }
+}
+
+/// Clone the unpacker into its user namespace, map it onto the image range, and collect its
+/// report.
+fn unpack_into(
+    config: &Config,
+    store: &ImageStore,
+    scratch_name: &str,
+    upload: File,
+    ids: IdMap,
+) -> Result<ImportedImage, HelperError> {
+    let scratch = openat(
+        Some(store.raw_fd()),
+        scratch_name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map(own_fd)
+    .map_err(|e| internal("opening the scratch directory", e))?;
+    // The scratch directory and the root filesystem in it belong to the image range's root.
+    mkdirat(
+        Some(scratch.as_raw_fd()),
+        IMAGE_ROOTFS,
+        Mode::from_bits_truncate(0o755),
+    )
+    .map_err(|e| internal("creating rootfs/", e))?;
+    let rootfs = openat(
+        Some(scratch.as_raw_fd()),
+        IMAGE_ROOTFS,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map(own_fd)
+    .map_err(|e| internal("opening rootfs/", e))?;
+    for fd in [&scratch, &rootfs] {
+        fchown(
+            fd.as_raw_fd(),
+            Some(Uid::from_raw(ids.host_root_uid())),
+            Some(Gid::from_raw(ids.host_root_gid())),
+        )
+        .map_err(|e| internal("handing the scratch directory to the image range", e))?;
+    }
+    let (report_r, report_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| internal("pipe", e))?;
+    let (sync_r, sync_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| internal("pipe", e))?;
+    // As in the monitor: the child's /proc files must be ours for a rootless helper to write its
+    // maps, so it starts dumpable; the worker is not dumpable again afterwards.
+    nix::sys::prctl::set_dumpable(true).map_err(|e| internal("prctl", e))?;
+    let flags = libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC;
+    match sys::clone_into_namespaces(flags, None).map_err(|e| internal("clone", e))? {
+        CloneResult::Child => {
+            drop((report_r, sync_w));
+            let code = unpacker(config, upload, rootfs, scratch, sync_r, report_w);
+            sys::exit_now(code)
+        }
+        CloneResult::Parent { child, pidfd } => {
+            drop((report_w, sync_r, upload, rootfs, scratch));
+            let mapped = crate::monitor::write_id_maps(child, ids);
+            let _ = nix::sys::prctl::set_dumpable(false);
+            if let Err(e) = mapped {
+                let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+                let _ = waitpid(child, None);
+                return Err(e);
+            }
+            let _ = File::from(sync_w).write_all(b"1");
+            let mut report = Vec::new();
+            let _ = File::from(report_r)
+                .take(64 * 1024)
+                .read_to_end(&mut report);
+            let status = waitpid(child, None);
+            let outcome: Result<ImportedImage, HelperError> = serde_json::from_slice(&report)
+                .map_err(|_| {
+                    internal(
+                        "unpacking",
+                        format!("the unpacker ended without a report ({status:?})"),
+                    )
+                })?;
+            match (outcome, status) {
+                (Ok(meta), Ok(WaitStatus::Exited(_, 0))) => Ok(meta),
+                (Err(e), _) => Err(e),
+                (Ok(_), status) => Err(internal(
+                    "unpacking",
+                    format!("the unpacker failed ({status:?})"),
+                )),
+            }
+        }
+    }
+}
+
+/// The unpacker: root of its own user namespace (and nothing on the host), it unpacks and
+/// writes one JSON report.
+fn unpacker(
+    config: &Config,
+    upload: File,
+    rootfs: OwnedFd,
+    scratch: OwnedFd,
+    sync: OwnedFd,
+    report: OwnedFd,
+) -> i32 {
+    let keep = [
+        upload.as_raw_fd(),
+        rootfs.as_raw_fd(),
+        scratch.as_raw_fd(),
+        sync.as_raw_fd(),
+        report.as_raw_fd(),
+    ];
+    if crate::fds::close_all_except(&keep).is_err() {
+        return 1;
+    }
+    let mut byte = [0u8; 1];
+    if !matches!(nix::unistd::read(sync.as_raw_fd(), &mut byte), Ok(1)) {
+        return 1;
+    }
+    drop(sync);
+    let root = (Uid::from_raw(0), Gid::from_raw(0));
+    let became = nix::unistd::setresgid(root.1, root.1, root.1)
+        .and_then(|()| nix::unistd::setresuid(root.0, root.0, root.0))
+        .and_then(|()| nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL))
+        .and_then(|()| nix::sys::prctl::set_no_new_privs());
+    let outcome: Result<ImportedImage, HelperError> = match became {
+        Err(e) => Err(internal("entering the unpacker's user namespace", e)),
+        Ok(()) => {
+            let mut budget = unpack::Budget::new(config.max_image_bytes, MAX_ENTRIES);
+            match archive::unpack_upload(upload, &rootfs, &scratch, &mut budget) {
+                Ok(done) => {
+                    // The decompressed copy of a compressed image archive is not part of it.
+                    let _ = nix::unistd::unlinkat(
+                        Some(scratch.as_raw_fd()),
+                        "archive.tar",
+                        nix::unistd::UnlinkatFlags::NoRemoveDir,
+                    );
+                    Ok(ImportedImage {
+                        digest: String::new(),
+                        size_bytes: budget.bytes,
+                        entries: budget.entries,
+                        format: done.format.as_str().to_owned(),
+                        layers: done.layers,
+                        skipped: budget.skipped,
+                        unpacked: true,
+                    })
+                }
+                Err(e) => Err(unpack_error(e)),
+            }
+        }
+    };
+    let ok = outcome.is_ok();
+    let written = serde_json::to_vec(&outcome)
+        .map(|bytes| File::from(report).write_all(&bytes).is_ok())
+        .unwrap_or(false);
+    if ok && written {
+        0
+    } else {
+        1
+    }
+}
+
+fn unpack_error(e: unpack::UnpackError) -> HelperError {
+    use unpack::UnpackError as U;
+    let code = match &e {
+        U::TooLarge(_) | U::TooManyEntries(_) => HelperErrorCode::ImageTooLarge,
+        U::Read(io) if io.kind() == std::io::ErrorKind::FileTooLarge => {
+            HelperErrorCode::ImageTooLarge
+        }
+        U::Hostile { .. } | U::Read(_) => HelperErrorCode::BadImage,
+        U::Write { source, .. } if *source == Errno::ENOSPC || *source == Errno::EDQUOT => {
+            HelperErrorCode::Internal
+        }
+        U::Write { .. } => HelperErrorCode::BadImage,
+    };
+    err(code, e.to_string())
+}
+
+/// A user namespace that maps the image range onto `sandbox` (privileged mode): the idmapping of
+/// the sandbox's view of an image. Held by a descriptor; the short-lived process that created it
+/// is gone when this returns.
+fn shift_userns(image_base: u32, sandbox: IdMap) -> Result<OwnedFd, HelperError> {
+    let IdMap::Range { base, size, .. } = sandbox else {
+        return Err(internal("idmapping an image", "needs a uid range"));
+    };
+    let (hold_r, hold_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| internal("pipe", e))?;
+    match sys::clone_into_namespaces(libc::CLONE_NEWUSER, None).map_err(|e| internal("clone", e))? {
+        CloneResult::Child => {
+            drop(hold_w);
+            // Wait until the parent has what it needs, then go.
+            let mut byte = [0u8; 1];
+            let _ = nix::unistd::read(hold_r.as_raw_fd(), &mut byte);
+            sys::exit_now(0)
+        }
+        CloneResult::Parent { child, pidfd } => {
+            drop(hold_r);
+            let result = (|| {
+                let map = format!("{image_base} {base} {size}\n");
+                for file in ["uid_map", "gid_map"] {
+                    std::fs::write(format!("/proc/{child}/{file}"), &map)
+                        .map_err(|e| internal(&format!("writing {file}"), e))?;
+                }
+                nix::fcntl::open(
+                    format!("/proc/{child}/ns/user").as_str(),
+                    OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map(own_fd)
+                .map_err(|e| internal("opening the user namespace", e))
+            })();
+            if result.is_err() {
+                let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+            }
+            drop(hold_w);
+            let _ = waitpid(child, None);
+            result
+        }
+    }
+}
+
+/// The read-only lower layer of a sandbox started from `digest`, as a detached mount idmapped
+/// from the image range onto the sandbox's range (privileged mode). Init attaches it inside its
+/// own mount namespace and stacks the overlay on it.
+pub fn idmapped_lower(
+    store: &ImageStore,
+    config: &Config,
+    digest: &str,
+    sandbox: IdMap,
+) -> Result<OwnedFd, HelperError> {
+    if !store.exists(digest) {
+        return Err(err(HelperErrorCode::NotFound, "the image is not stored"));
+    }
+    let path =
+        CString::new(format!("{digest}/{IMAGE_ROOTFS}")).map_err(|e| internal("image path", e))?;
+    let tree = sys::open_tree_clone(store.fd.as_fd(), &path)
+        .map_err(|e| internal("cloning the image's mount", e))?;
+    let IdMap::Range { slot, .. } = sandbox else {
+        return Err(internal("idmapping an image", "needs a uid range"));
+    };
+    let mut cache = store.shift_userns.borrow_mut();
+    let userns = match cache.entry(slot) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            e.insert(shift_userns(config.image_base(), sandbox)?)
+        }
+    };
+    sys::idmap_detached_mount(
+        tree.as_fd(),
+        userns.as_fd(),
+        sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
+    )
+    .map_err(|e| {
+        err(
+            HelperErrorCode::SetupFailed,
+            format!("idmapping the image (does this filesystem support idmapped mounts?): {e}"),
+        )
+    })?;
+    Ok(tree)
+}
+
+/// An image's root filesystem as a path (rootless mode, where the files are the helper's own
+/// and the sandbox's root is the helper's uid: no idmapping needed).
+pub fn lower_path(config: &Config, digest: &str) -> std::path::PathBuf {
+    config
+        .state_dir
+        .join(IMAGES_DIR)
+        .join(digest)
+        .join(IMAGE_ROOTFS)
+}
+
+/// Write `image.digest` into a new sandbox's directory.
+pub fn record_digest(sandbox_dir: &OwnedFd, digest: &str) -> Result<(), HelperError> {
+    let fd = openat(
+        Some(sandbox_dir.as_raw_fd()),
+        sandboxd_protocol::layout::IMAGE_DIGEST_FILE,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    )
+    .map(own_fd)
+    .map_err(|e| internal("recording the image", e))?;
+    File::from(fd)
+        .write_all(digest.as_bytes())
+        .map_err(|e| internal("recording the image", e))
+}
