@@ -69,6 +69,29 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+const BIN_DIR_PREFIX: &str = "sandboxd-e2e-bin-";
+
+/// Remove the binaries directories of test processes that are gone (each test binary makes one
+/// and cannot remove it at exit, since statics are not dropped).
+fn remove_stale_binary_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(BIN_DIR_PREFIX))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if !process_exists(pid) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// Build the binaries once, then copy them to a world-readable directory so an unprivileged
 /// daemon can execute them wherever the checkout lives (CI clones under /root, which is 0700).
 pub fn binaries() -> &'static Path {
@@ -85,12 +108,17 @@ pub fn binaries() -> &'static Path {
         }
         let status = build.status().expect("cargo runs");
         assert!(status.success(), "building the binaries failed");
-        let dir = std::env::temp_dir().join(format!("sandboxd-e2e-bin-{}", std::process::id()));
+        remove_stale_binary_dirs();
+        let dir = std::env::temp_dir().join(format!("{BIN_DIR_PREFIX}{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the binaries directory");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         for bin in ["sandboxd", "sandboxd-helper", "sbx"] {
             let dest = dir.join(bin);
-            std::fs::copy(profile_dir.join(bin), &dest)
+            // A hard link costs no space (a copy of the debug binaries is about 240 MB per test
+            // process); a copy only where the target directory is on another filesystem.
+            std::fs::hard_link(profile_dir.join(bin), &dest)
+                .or_else(|_| std::fs::copy(profile_dir.join(bin), &dest).map(drop))
                 .unwrap_or_else(|e| panic!("copy {bin}: {e}"));
             std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         }
