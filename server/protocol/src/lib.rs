@@ -6,6 +6,7 @@
 //! * [`logindex`]: the record format that says which bytes of the output log came from which stream.
 //! * [`capabilities`]: capability names and the default bounding set.
 //! * [`control`]: the line protocol of a monitor's control socket (kill, exit notification).
+//! * [`net`]: the subnet of bridged sandboxes and the names of their interfaces.
 //!
 //! Nothing here performs I/O beyond encoding and decoding; both sides bring their own sockets.
 
@@ -13,5 +14,6 @@ pub mod capabilities;
 pub mod control;
 pub mod layout;
 pub mod logindex;
+pub mod net;
 pub mod status;
 pub mod wire;

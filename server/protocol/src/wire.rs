@@ -17,6 +17,8 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// A request from the daemon. The helper validates every field; see `server/helper/src/validate.rs`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+// Requests are decoded one at a time and never stored: the size of `Spawn` costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Request {
     Hello {
         version: u32,
@@ -56,6 +58,40 @@ pub struct SpawnRequest {
     /// Let the sandbox create nested user namespaces (the seccomp filter refuses them otherwise).
     #[serde(default)]
     pub nested_user_namespaces: bool,
+    /// Bridged networking (privileged mode only); `None` is mode `none`: only `lo`.
+    #[serde(default)]
+    pub network: Option<SpawnNetwork>,
+}
+
+/// The bridged network of a sandbox: an address the daemon allocated from the helper's subnet,
+/// the group whose members share a segment, and the ports to publish on the host's 127.0.0.1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnNetwork {
+    /// Sandboxes of one group share a bridge; `None` gives the sandbox a segment of its own.
+    pub group: Option<String>,
+    pub address: std::net::Ipv4Addr,
+    /// Host names of the group's other members, for the sandbox's /etc/hosts.
+    #[serde(default)]
+    pub peers: Vec<NetworkPeer>,
+    #[serde(default)]
+    pub ports: Vec<PortMapping>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkPeer {
+    pub hostname: String,
+    pub address: std::net::Ipv4Addr,
+}
+
+/// A published port: connections to `127.0.0.1:host` reach the sandbox's port `sandbox`. In a
+/// request `host` 0 means "pick a free one"; in an answer it is the port that was bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortMapping {
+    pub sandbox: u16,
+    pub host: u16,
 }
 
 /// Resource limits of a sandbox, already checked by the daemon against what the host enforces.
@@ -126,6 +162,12 @@ pub struct HelperInfo {
     pub uid_slots: u32,
     /// Limits the helper can enforce on this host (`memory`, `cpus`, `pids`); others get 422.
     pub enforceable_limits: Vec<String>,
+    /// Network modes this helper sets up (`none`, and `bridge` in privileged mode).
+    #[serde(default)]
+    pub network_modes: Vec<String>,
+    /// The subnet bridged sandboxes get their addresses from (`10.88.0.0/16`), when bridged.
+    #[serde(default)]
+    pub network_subnet: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,6 +180,9 @@ pub struct Spawned {
     /// Set when the command could not be executed: the sandbox has already ended and its
     /// `status.json` is written.
     pub exec_error: Option<String>,
+    /// The published ports as bound (`host` 0 in the request resolved to the port picked).
+    #[serde(default)]
+    pub ports: Vec<PortMapping>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -160,6 +205,8 @@ pub enum HelperErrorCode {
     /// The kernel refused a step of the setup.
     SetupFailed,
     Internal,
+    /// A published host port is already in use.
+    PortInUse,
 }
 
 impl HelperError {
