@@ -26,6 +26,8 @@ pub struct Config {
     pub allowed_caps: Vec<&'static str>,
     /// Whether sandboxes may ask for nested user namespaces (the operator's choice).
     pub allow_nested_userns: bool,
+    /// Where bridged sandboxes get their addresses (`--net-subnet`).
+    pub net_subnet: sandboxd_protocol::net::Subnet,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,7 @@ impl Config {
         let mut no_cgroups = false;
         let mut allowed_caps = Vec::new();
         let mut allow_nested_userns = false;
+        let mut net_subnet = None;
         let mut args = args.peekable();
         while let Some(flag) = args.next() {
             let mut value = || {
@@ -74,6 +77,15 @@ impl Config {
                 "--exit-with-stdin" => exit_with_stdin = true,
                 "--no-cgroups" => no_cgroups = true,
                 "--allow-nested-userns" => allow_nested_userns = true,
+                "--net-subnet" => {
+                    let v = value()?;
+                    match sandboxd_protocol::net::Subnet::parse(&v) {
+                        Ok(s) => net_subnet = Some(s),
+                        Err(e) => {
+                            return Err(ConfigError::InvalidValue(flag.clone(), e.to_string()))
+                        }
+                    }
+                }
                 "--allow-cap" => {
                     let name = value()?;
                     match sandboxd_protocol::capabilities::canonical(&name) {
@@ -98,23 +110,31 @@ impl Config {
         } else {
             Mode::Rootless
         };
-        let config = Config {
-            state_dir,
-            allow_uid,
-            // Rootless: files stay in the helper's own group, the only one it may chown to.
-            allow_gid: allow_gid.unwrap_or(if euid == 0 {
-                allow_uid
-            } else {
-                nix::unistd::getegid().as_raw()
-            }),
-            mode,
-            uid_base,
-            uid_slots,
-            exit_with_stdin,
-            no_cgroups,
-            allowed_caps,
-            allow_nested_userns,
-        };
+        let config =
+            Config {
+                state_dir,
+                allow_uid,
+                // Rootless: files stay in the helper's own group, the only one it may chown to.
+                allow_gid: allow_gid.unwrap_or(if euid == 0 {
+                    allow_uid
+                } else {
+                    nix::unistd::getegid().as_raw()
+                }),
+                mode,
+                uid_base,
+                uid_slots,
+                exit_with_stdin,
+                no_cgroups,
+                allowed_caps,
+                allow_nested_userns,
+                net_subnet: match net_subnet {
+                    Some(s) => s,
+                    None => sandboxd_protocol::net::Subnet::parse(
+                        sandboxd_protocol::net::DEFAULT_SUBNET,
+                    )
+                    .map_err(|e| ConfigError::InvalidValue("--net-subnet".into(), e.to_string()))?,
+                },
+            };
         if mode == Mode::Privileged {
             config.check_ranges()?;
         }

@@ -26,6 +26,8 @@ pub fn detect(config: &Config, limits: &Cgroups) -> HelperInfo {
         uid_range_size: UID_RANGE_SIZE,
         uid_slots: config.uid_slots,
         enforceable_limits: limits.enforceable(),
+        network_modes: Vec::new(),
+        network_subnet: None,
     }
 }
 

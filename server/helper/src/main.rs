@@ -21,6 +21,7 @@ mod dirs;
 mod fds;
 mod info;
 mod monitor;
+mod net;
 mod sandbox;
 mod server;
 mod sys;
@@ -89,6 +90,9 @@ fn run() -> Result<Never, String> {
     let state = sys::own_fd(state);
     let sandboxes = SandboxesDir::open(&config.state_dir).map_err(|e| e.to_string())?;
     let listener = bind_socket(&state, &config)?;
+    // The hub of bridged sandboxes (privileged mode): opened again, or created.
+    let network = net::Network::setup(std::os::fd::AsFd::as_fd(&state), &config)
+        .map_err(|e| format!("setting up networking: {}", server::error_chain(&e)))?;
 
     // 5. Ready. Standard input may be the daemon's lifeline pipe: keep it on another descriptor.
     let lifeline = if config.exit_with_stdin {
@@ -128,6 +132,7 @@ fn run() -> Result<Never, String> {
         sandboxes,
         cgroups,
         lifeline,
+        network,
     };
     helper.serve(listener)
 }

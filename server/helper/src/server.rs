@@ -19,6 +19,7 @@ use sandboxd_protocol::wire::{
 use crate::cgroup::{CgroupError, Cgroups};
 use crate::config::Config;
 use crate::dirs::{DirError, SandboxesDir};
+use crate::net::NetError;
 use crate::{info, monitor, validate};
 
 const MAX_CONNECTIONS: usize = 16;
@@ -31,6 +32,8 @@ pub struct Helper {
     pub cgroups: Cgroups,
     /// Read end of the daemon's lifeline pipe: end of file means the daemon is gone.
     pub lifeline: Option<std::os::fd::OwnedFd>,
+    /// Network namespaces, the hub and its bridges (see `net/`).
+    pub network: crate::net::Network,
 }
 
 struct Connection {
@@ -62,6 +65,7 @@ impl Helper {
             if self.lifeline.is_some() && ready.last() == Some(&true) {
                 // The daemon never writes to the pipe, so readiness means it closed: exit.
                 // Sandboxes are unaffected; they belong to their monitors.
+                self.network.release_if_idle();
                 std::process::exit(0);
             }
             for i in (0..conns.len()).rev() {
@@ -128,7 +132,14 @@ impl Helper {
     fn handle(&self, request: Request) -> Response {
         match request {
             Request::Hello { .. } => invalid("hello was already sent".into()),
-            Request::Info => Response::Info(info::detect(&self.config, &self.cgroups)),
+            Request::Info => {
+                let mut info = info::detect(&self.config, &self.cgroups);
+                info.network_modes = self.network.modes();
+                if info.network_modes.iter().any(|m| m == "bridge") {
+                    info.network_subnet = Some(self.config.net_subnet.to_string());
+                }
+                Response::Info(info)
+            }
             Request::List => match self.sandboxes.list() {
                 // Sandboxes with a directory, and cgroups left without one (a crash between
                 // the two), so that the daemon can destroy every orphan.
@@ -157,10 +168,12 @@ impl Helper {
                 match self.sandboxes.destroy(id) {
                     Ok(()) => {
                         self.cgroups.remove(id);
+                        self.network.teardown(id);
                         Response::Destroyed
                     }
                     Err(DirError::NotFound(_)) if had_cgroup => {
                         self.cgroups.remove(id);
+                        self.network.teardown(id);
                         Response::Destroyed
                     }
                     Err(e) => Response::Error(dir_error(e)),
@@ -189,14 +202,31 @@ impl Helper {
                     };
                     return Response::Error(HelperError::new(code, error_chain(&e)));
                 }
-                match monitor::start(&spawn, files, &self.config, &self.cgroups) {
+                let net = match self.network.prepare(&spawn) {
+                    Ok(net) => net,
+                    Err(e) => {
+                        drop(files);
+                        self.cgroups.remove(spawn.id);
+                        let _ = self.sandboxes.destroy(spawn.id);
+                        let code = match e {
+                            NetError::PortInUse(_) => HelperErrorCode::PortInUse,
+                            NetError::Unavailable(_) => HelperErrorCode::Invalid,
+                            _ => HelperErrorCode::SetupFailed,
+                        };
+                        return Response::Error(HelperError::new(code, error_chain(&e)));
+                    }
+                };
+                let ports = net.as_ref().map(|n| n.ports()).unwrap_or_default();
+                match monitor::start(&spawn, files, &self.config, &self.cgroups, net) {
                     Ok(mut spawned) => {
                         spawned.host_uid = spawn.ids.host_root_uid();
+                        spawned.ports = ports;
                         Response::Spawned(spawned)
                     }
                     Err(e) => {
                         // Roll back; keep the start error, which is the one worth reporting.
                         self.cgroups.remove(spawn.id);
+                        self.network.teardown(spawn.id);
                         if let Err(cleanup) = self.sandboxes.destroy(spawn.id) {
                             return Response::Error(HelperError::new(
                                 e.code,
@@ -215,7 +245,7 @@ fn invalid(message: String) -> Response {
     Response::Error(HelperError::new(HelperErrorCode::Invalid, message))
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut message = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -39,6 +39,9 @@ pub struct InitFds {
     /// Unshare the cgroup namespace once the monitor has moved us into our cgroup (cgroup v1,
     /// where a child cannot be born into its cgroup).
     pub unshare_cgroupns: bool,
+    /// The sandbox's network namespace is its own (rootless): init brings `lo` up itself.
+    /// Otherwise the helper made it, owned by the host's user namespace, and did that already.
+    pub own_network: bool,
 }
 
 /// The step that failed, and why.
@@ -82,7 +85,10 @@ pub fn run_init(spawn: &ValidSpawn, fds: InitFds) -> ! {
         .and_then(|()| rootfs::build(spawn, &fds.work, &fds.work_path, spawn.ids))
         .and_then(|()| {
             nix::unistd::sethostname(&spawn.hostname).map_err(step("setting the hostname"))?;
-            sys::loopback_up().map_err(step("bringing lo up"))
+            if fds.own_network {
+                sys::loopback_up().map_err(step("bringing lo up"))?;
+            }
+            Ok(())
         })
         .and_then(|()| harden::apply(&spawn.capabilities));
     drop(fds.work);
