@@ -19,10 +19,12 @@ use sqlx::Row;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+mod network;
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
 const COLUMNS: &str = "seq, id, name, state, exit_code, signal, reason, error, hostname, \
-     created_at, started_at, finished_at, labels, spec, init_pid, host_uid, output_truncated";
+     created_at, started_at, finished_at, labels, spec, init_pid, host_uid, output_truncated, network";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -841,6 +843,10 @@ fn to_sandbox(row: &SqliteRow) -> Result<(i64, Sandbox), StoreError> {
         output_truncated: row.try_get("output_truncated")?,
         init_pid: row.try_get("init_pid")?,
         host_uid: host_uid.and_then(|u| u32::try_from(u).ok()),
+        network: match row.try_get::<Option<String>, _>("network")? {
+            Some(json) => Some(serde_json::from_str(&json).map_err(|_| bad("network"))?),
+            None => None,
+        },
     };
     Ok((row.try_get("seq")?, sandbox))
 }
@@ -849,7 +855,7 @@ fn to_sandbox(row: &SqliteRow) -> Result<(i64, Sandbox), StoreError> {
 mod tests {
     use super::*;
 
-    fn new(name: Option<&str>) -> NewSandbox {
+    pub(super) fn new(name: Option<&str>) -> NewSandbox {
         NewSandbox {
             id: Uuid::new_v4(),
             name: name.map(str::to_owned),
@@ -871,6 +877,7 @@ mod tests {
                 remove_after_exit_secs: None,
                 capabilities: None,
                 nested_user_namespaces: false,
+                network: None,
             },
         }
     }

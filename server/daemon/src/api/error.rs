@@ -143,6 +143,21 @@ impl From<ServiceError> for ApiError {
                     format!("setting up sandbox {id} failed; its error field has the detail"),
                 )
             }
+            ServiceError::NetworkUnavailable(m) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "network_unavailable",
+                m.clone(),
+            ),
+            ServiceError::PortInUse(m) => ApiError::new(
+                StatusCode::CONFLICT,
+                "port_in_use",
+                format!("network.ports: {m}"),
+            ),
+            ServiceError::NoAddress => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_capacity",
+                e.to_string(),
+            ),
             ServiceError::Store(_)
             | ServiceError::Helper(_)
             | ServiceError::Monitor(_)

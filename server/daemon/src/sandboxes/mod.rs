@@ -9,6 +9,7 @@
 //! (see [`reaper`]) that sleeps until the earliest deadline in the store.
 
 pub mod monitor;
+mod network;
 mod reaper;
 mod watcher;
 
@@ -72,6 +73,12 @@ pub enum ServiceError {
     Monitor(#[from] MonitorError),
     #[error("internal task failed")]
     Task(#[from] tokio::task::JoinError),
+    #[error("{0}")]
+    NetworkUnavailable(String),
+    #[error("{0}")]
+    PortInUse(String),
+    #[error("no free address in the sandbox subnet: too many bridged sandboxes are running")]
+    NoAddress,
 }
 
 /// Which sandboxes a caller may see: a `user` token sees only its tenant's, an `admin` every one.
@@ -106,6 +113,8 @@ pub struct Service {
     reaper_wake: Notify,
     /// Sandboxes the reaper is removing right now.
     reaping: Mutex<HashSet<Uuid>>,
+    /// The helper's subnet when it offers bridge mode (asked once; see `network.rs`).
+    net_subnet: OnceCell<Option<sandboxd_protocol::net::Subnet>>,
 }
 
 impl Service {
@@ -126,6 +135,7 @@ impl Service {
             live: Mutex::new(HashMap::new()),
             reaper_wake: Notify::new(),
             reaping: Mutex::new(HashSet::new()),
+            net_subnet: OnceCell::new(),
         })
     }
 
@@ -223,6 +233,7 @@ impl Service {
         if v.spec.nested_user_namespaces && !self.policy.allow_nested_userns {
             return Err(limits::LimitError::NestedUsernsNotAllowed.into());
         }
+        self.check_network(&v.spec).await?;
         // The setup runs in its own task so that a client hanging up cannot leave a row in
         // `creating` without a watcher.
         let svc = Arc::clone(self);
@@ -280,6 +291,15 @@ impl Service {
                 });
             }
         };
+        let (net_info, network) = match self.assign_network(id, &v.spec).await {
+            Ok(n) => n,
+            Err(e) => {
+                // Nothing was started: the row goes, as if the request had never come.
+                let _ = self.store.delete(id).await;
+                self.registry().remove(&id);
+                return Err(e);
+            }
+        };
         let mut request = SpawnRequest {
             id,
             uid_slot,
@@ -291,6 +311,7 @@ impl Service {
             limits: resolved.spawn,
             capabilities,
             nested_user_namespaces: v.spec.nested_user_namespaces,
+            network,
         };
         // A slot the database thinks free can still be held by a monitor whose sandbox the
         // database lost track of (marked lost, or a row deleted by hand); the helper refuses it
@@ -317,7 +338,17 @@ impl Service {
             }
         };
         match result {
+            Err(HelperClientError::Refused(e)) if e.code == HelperErrorCode::PortInUse => {
+                // A conflict, not a failure: nothing was started and nothing is kept.
+                if let Err(e) = helper_client::destroy(&*self.helper, id).await {
+                    tracing::warn!(%id, error = %e, "removing a refused sandbox failed");
+                }
+                let _ = self.store.delete(id).await;
+                self.notify_final(id);
+                Err(ServiceError::PortInUse(e.message))
+            }
             Ok(spawned) => {
+                self.record_ports(id, net_info, &spawned.ports).await?;
                 self.store
                     .set_running(
                         id,
@@ -454,7 +485,11 @@ impl Service {
                 controllers: h.cgroup_controllers,
             },
             overlayfs: h.overlayfs,
-            network_modes: vec!["none".to_owned()],
+            network_modes: if h.network_modes.is_empty() {
+                vec!["none".to_owned()]
+            } else {
+                h.network_modes
+            },
             uid_ranges: sandboxd_api::UidRanges {
                 base: h.uid_base,
                 size: h.uid_range_size,
