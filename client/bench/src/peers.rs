@@ -93,6 +93,7 @@ impl Peer {
                     remove_after_exit_secs: None,
                     capabilities: None,
                     nested_user_namespaces: false,
+                    network: None,
                 };
                 let start = Instant::now();
                 let sandbox = client.create_and_wait(&spec).await?;

@@ -47,6 +47,17 @@ pub struct RunArgs {
     /// 60 seconds after the exit, should sbx not get to it).
     #[arg(long, conflicts_with = "detach")]
     rm: bool,
+    /// Network: `none` (only loopback; the default) or `bridge` (an address, reachable by its
+    /// group; implied by --group and -p).
+    #[arg(long = "net", value_name = "MODE", value_parser = super::network::parse_mode)]
+    net: Option<sandboxd_api::NetworkMode>,
+    /// Network group: sandboxes of one group reach each other by name.
+    #[arg(long, value_name = "GROUP")]
+    group: Option<String>,
+    /// Publish a port on the host's 127.0.0.1 (repeatable): SANDBOX_PORT:HOST_PORT, host 0 picks
+    /// a free one (`sbx inspect` shows it).
+    #[arg(short = 'p', long = "publish", value_name = "PORT:HOST", value_parser = super::network::parse_port)]
+    publish: Vec<sandboxd_api::PortSpec>,
     /// Print the sandbox id and return at once.
     #[arg(short, long)]
     pub(super) detach: bool,
@@ -82,6 +93,7 @@ impl RunArgs {
             remove_after_exit_secs: self.rm.then_some(RM_SAFETY_NET_SECS),
             capabilities: None,
             nested_user_namespaces: false,
+            network: super::network::spec(self.net, &self.group, &self.publish),
         }
     }
 }
