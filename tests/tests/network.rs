@@ -12,7 +12,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use sandboxd_tests::{eventually, parent_of, require_e2e, Daemon, Mode};
+use sandboxd_tests::{descendants_of, eventually, parent_of, require_e2e, Daemon, Mode};
 use serde_json::{json, Value};
 
 /// A TCP server that greets each connection with `hello <peer address>` and closes it.
@@ -219,6 +219,17 @@ fn a_published_port_reaches_the_sandbox_and_survives_a_daemon_restart() {
     assert_eq!(srv.network.as_ref().unwrap().ports[0].sandbox, 8080);
     // The sandbox sees the connection coming from its gateway, never from the host.
     assert_eq!(greet(port).unwrap().trim(), "hello 10.88.0.1");
+    // Netlink runs on a runtime of the helper's own thread: the helper still has one thread,
+    // so forking monitors from it stays sound.
+    let helper = descendants_of(d.pid() as i32)
+        .into_iter()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.trim() == "sandboxd-helper")
+        })
+        .expect("the helper runs");
+    let status = std::fs::read_to_string(format!("/proc/{helper}/status")).unwrap();
+    assert!(status.lines().any(|l| l == "Threads:\t1"), "{status}");
 
     // The same host port again: 409, and nothing is kept of the refused sandbox.
     let before = d.get("/v1/sandboxes").json::<Value>().unwrap()["items"]
@@ -263,6 +274,15 @@ print("addr", ip("addr", "add", "10.88.0.200/16", "dev", "eth0"))
 print("route", ip("route", "add", "10.99.0.0/16", "via", "10.88.0.1"))
 print("link", ip("link", "set", "eth0", "down"))
 print("lo", ip("addr", "add", "10.88.0.201/32", "dev", "lo"))
+# No raw or packet socket (CAP_NET_RAW counts only over a namespace the sandbox owns): no forged
+# source address, no forged ARP.
+for family, kind, proto in [(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP),
+                            (socket.AF_PACKET, socket.SOCK_RAW, 0)]:
+    try:
+        socket.socket(family, kind, proto).close()
+        print("raw", family, "ok")
+    except PermissionError:
+        print("raw", family, "refused")
 # What root expects still works: ping sockets and low ports.
 socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP).close()
 print("ping ok")
@@ -288,6 +308,9 @@ with open("/proc/self/status") as f:
         );
     }
     assert!(out.contains("ping ok") && out.contains("bind ok"), "{out}");
+    let raw: Vec<&str> = out.lines().filter(|l| l.starts_with("raw ")).collect();
+    assert_eq!(raw.len(), 2, "{out}");
+    assert!(raw.iter().all(|l| l.ends_with(" refused")), "{out}");
 }
 
 #[test]
@@ -416,4 +439,35 @@ fn nothing_is_left_after_delete_or_a_crash() {
         let veth = sandboxd_protocol::net::veth_name(s.id);
         assert!(!host.contains(&veth), "{veth} on the host:\n{host}");
     }
+}
+
+#[test]
+fn sbx_run_publishes_and_inspect_shows_address_and_ports() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let out = d.sbx(&[
+        "run", "-d", "--name", "cli", "--net", "bridge", "--group", "g", "-p", "8080:0", "--",
+        "python3", "-c", SERVER, "8080",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let out = d.sbx(&["inspect", "cli"]);
+    assert!(out.status.success(), "{out:?}");
+    let inspected: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let net = &inspected["network"];
+    assert_eq!(net["mode"], "bridge");
+    assert_eq!(net["group"], "g");
+    assert!(
+        net["address"].as_str().unwrap().starts_with("10.88.0."),
+        "{net}"
+    );
+    let port = net["ports"][0]["host"].as_u64().unwrap() as u16;
+    assert_eq!(net["ports"][0]["sandbox"], 8080);
+    assert!(
+        eventually(Duration::from_secs(10), || greet(port)
+            .is_ok_and(|g| g.starts_with("hello"))),
+        "the published port does not answer"
+    );
+    // A bad flag is the CLI's error, before any request.
+    let out = d.sbx(&["run", "-p", "x:1", "--", "true"]);
+    assert!(!out.status.success());
 }
