@@ -6,6 +6,7 @@ mod daemon;
 mod peers;
 mod report;
 mod stats;
+mod throughput;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -49,6 +50,19 @@ struct Args {
     /// Also run sandboxd with memory, cpus and pids limits (the cost of enforcing them).
     #[arg(long)]
     with_limits: bool,
+    /// Also run sandboxd with a bridged network (the cost of the veth, address and route).
+    #[arg(long)]
+    with_bridge: bool,
+    /// Also measure TCP throughput from the host into a sandbox through a published port,
+    /// against the same transfer over plain loopback (needs bridge mode: a privileged daemon).
+    #[arg(long)]
+    throughput: bool,
+    /// Bytes sent per throughput transfer.
+    #[arg(long, default_value_t = 512 << 20)]
+    throughput_bytes: u64,
+    /// Transfers per throughput peer.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    throughput_runs: u64,
     /// Install missing peers (`apt-get install -y bubblewrap`) instead of skipping them.
     #[arg(long)]
     install_peers: bool,
@@ -136,6 +150,9 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.with_limits {
         peers.push(Peer::SandboxdLimited(client.clone()));
     }
+    if args.with_bridge {
+        peers.push(Peer::SandboxdBridge(client.clone()));
+    }
     let mut skipped = Vec::new();
     match bwrap(args.install_peers) {
         Ok(path) => peers.push(Peer::Bwrap(path)),
@@ -190,6 +207,11 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 
     print_report(&args, &client, &peers, &rows).await;
+    if args.throughput {
+        let report = throughput::run(&client, args.throughput_bytes, args.throughput_runs).await?;
+        println!();
+        print!("{}", report.render(args.markdown));
+    }
     let sandboxd_ok = rows
         .iter()
         .filter(|r| r.peer == "sandboxd")

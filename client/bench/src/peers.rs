@@ -37,6 +37,8 @@ pub enum Peer {
     Sandboxd(Client),
     /// The same request with memory, cpus and pids limits.
     SandboxdLimited(Client),
+    /// The same request with a bridged network (`{"network": {"mode": "bridge"}}`).
+    SandboxdBridge(Client),
     Bwrap(PathBuf),
     ForkExec,
 }
@@ -46,6 +48,7 @@ impl Peer {
         match self {
             Peer::Sandboxd(_) => "sandboxd",
             Peer::SandboxdLimited(_) => "sandboxd+limits",
+            Peer::SandboxdBridge(_) => "sandboxd+bridge",
             Peer::Bwrap(_) => "bwrap",
             Peer::ForkExec => "fork+exec",
         }
@@ -62,6 +65,10 @@ impl Peer {
                 "POST {}v1/sandboxes?wait=true {{\"command\":[\"true\"],\"limits\":{{\"memory_bytes\":268435456,\"cpus\":1,\"pids\":256}}}}",
                 client.base_url()
             ),
+            Peer::SandboxdBridge(client) => format!(
+                "POST {}v1/sandboxes?wait=true {{\"command\":[\"true\"],\"network\":{{\"mode\":\"bridge\"}}}}",
+                client.base_url()
+            ),
             Peer::Bwrap(path) => format!("{} --unshare-all --ro-bind / / true", path.display()),
             Peer::ForkExec => "std::process::Command::new(\"/bin/true\").status()".to_owned(),
         }
@@ -71,7 +78,9 @@ impl Peer {
     /// the sandbox is deleted afterwards, outside the measured latency, so nothing accumulates.
     pub async fn run_once(&self) -> Result<Duration, PeerError> {
         match self {
-            Peer::Sandboxd(client) | Peer::SandboxdLimited(client) => {
+            Peer::Sandboxd(client)
+            | Peer::SandboxdLimited(client)
+            | Peer::SandboxdBridge(client) => {
                 let limits = match self {
                     Peer::SandboxdLimited(_) => sandboxd_api::Limits {
                         memory_bytes: Some(256 << 20),
@@ -93,7 +102,12 @@ impl Peer {
                     remove_after_exit_secs: None,
                     capabilities: None,
                     nested_user_namespaces: false,
-                    network: None,
+                    network: matches!(self, Peer::SandboxdBridge(_)).then(|| {
+                        sandboxd_api::NetworkSpec {
+                            mode: sandboxd_api::NetworkMode::Bridge,
+                            ..Default::default()
+                        }
+                    }),
                 };
                 let start = Instant::now();
                 let sandbox = client.create_and_wait(&spec).await?;
