@@ -80,6 +80,8 @@ fn sys_err(step: &'static str) -> impl FnOnce(nix::errno::Errno) -> NetError {
 pub struct Network {
     /// The helper's own (the host's) network namespace, to come back to.
     host: OwnedFd,
+    /// Privileged mode: the helper makes every sandbox's network namespace.
+    privileged: bool,
     /// The hub (privileged mode), or why there is none.
     hub: Result<OwnedFd, String>,
     /// `<state>/helper`, where the hub is bound.
@@ -135,39 +137,63 @@ fn sysctl(name: &'static str, value: &str) -> Result<(), NetError> {
     std::fs::write(format!("/proc/sys/net/{name}"), value).map_err(|e| NetError::Sysctl(name, e))
 }
 
+/// An IPv6 sysctl: nothing to do on a kernel without IPv6.
+fn sysctl_if_ipv6(name: &'static str, value: &str) -> Result<(), NetError> {
+    match sysctl(name, value) {
+        Err(NetError::Sysctl(_, e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Open the hub bound in `<state>/helper`, or create it.
+fn open_hub(state: BorrowedFd<'_>, host: &OwnedFd) -> Result<(OwnedFd, OwnedFd), NetError> {
+    let dir = nix::fcntl::openat(
+        Some(state.as_raw_fd()),
+        sandboxd_protocol::layout::HELPER_DIR,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+        Mode::empty(),
+    )
+    .map(sys::own_fd)
+    .map_err(sys_err("opening the helper directory"))?;
+    let path = format!("/proc/self/fd/{}/{HUB_FILE}", dir.as_raw_fd());
+    let existing = open_ns(&path).ok().filter(|fd| {
+        nix::sys::statfs::fstatfs(fd)
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
+    });
+    let hub = match existing {
+        Some(fd) => fd,
+        None => create_hub(host, &dir, &path)?,
+    };
+    Ok((dir, hub))
+}
+
 impl Network {
     /// Open (or create) the hub in privileged mode; rootless, only remember the namespace.
     pub fn setup(state: BorrowedFd<'_>, config: &Config) -> Result<Network, NetError> {
         let host = open_ns("/proc/self/ns/net")?;
-        if config.mode != wire::Mode::Privileged {
-            return Ok(Network {
-                host,
-                hub: Err("rootless mode has no privileged helper".into()),
-                helper_dir: None,
-            });
-        }
-        let dir = nix::fcntl::openat(
-            Some(state.as_raw_fd()),
-            sandboxd_protocol::layout::HELPER_DIR,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
-            Mode::empty(),
-        )
-        .map(sys::own_fd)
-        .map_err(sys_err("opening the helper directory"))?;
-        let path = format!("/proc/self/fd/{}/{HUB_FILE}", dir.as_raw_fd());
-        let existing = open_ns(&path).ok().filter(|fd| {
-            nix::sys::statfs::fstatfs(fd)
-                .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
-        });
-        let hub = match existing {
-            Some(fd) => fd,
-            None => create_hub(&host, &dir, &path)?,
-        };
-        let network = Network {
+        let mut network = Network {
             host,
-            hub: Ok(hub),
-            helper_dir: Some(dir),
+            privileged: config.mode == wire::Mode::Privileged,
+            hub: Err("rootless mode has no privileged helper".into()),
+            helper_dir: None,
         };
+        if !network.privileged {
+            return Ok(network);
+        }
+        // Without a hub, sandboxes still get namespaces of the helper's making; only bridge
+        // mode is unavailable (and `GET /v1/info` says so).
+        match open_hub(state, &network.host) {
+            Ok((dir, hub)) => {
+                network.hub = Ok(hub);
+                network.helper_dir = Some(dir);
+            }
+            Err(e) => {
+                let why = crate::server::error_chain(&e);
+                eprintln!("sandboxd-helper: bridge mode is unavailable: {why}");
+                network.hub = Err(why);
+                return Ok(network);
+            }
+        }
         // The hub's loopback must be up for its own addresses (the gateways) to answer at all:
         // a sandbox connecting to a port of its gateway gets a reset, not a hang.
         // Reconcile: bridges whose every sandbox went while no helper ran.
@@ -206,8 +232,11 @@ impl Network {
     /// The network namespace of a new sandbox, owned by the host's user namespace, with `lo` up
     /// and, when bridged, its veth, address and route. Rootless: `None` (init makes its own).
     pub fn prepare(&self, spawn: &ValidSpawn) -> Result<Option<SandboxNet>, NetError> {
-        if self.hub.is_err() && spawn.network.is_none() {
-            return Ok(None);
+        if !self.privileged {
+            return match &spawn.network {
+                None => Ok(None),
+                Some(_) => Err(NetError::Unavailable("rootless mode".into())),
+            };
         }
         // 1. Published ports, on the host's loopback: a conflict fails before anything exists.
         let mut listeners = Vec::new();
@@ -234,7 +263,7 @@ impl Network {
                 if spawn.network.is_some() {
                     // eth0 gets no IPv6 address: no duplicate address detection, no router
                     // solicitations; `lo` keeps ::1.
-                    sysctl("ipv6/conf/default/disable_ipv6", "1")?;
+                    sysctl_if_ipv6("ipv6/conf/default/disable_ipv6", "1")?;
                 }
                 Ok(Netlink::connect_here()?)
             })();
@@ -359,8 +388,8 @@ fn create_hub(host: &OwnedFd, dir: &OwnedFd, path: &str) -> Result<OwnedFd, NetE
         sysctl("ipv4/ip_forward", "0")?;
         sysctl("ipv4/conf/all/rp_filter", "0")?;
         sysctl("ipv4/conf/default/rp_filter", "0")?;
-        sysctl("ipv6/conf/default/disable_ipv6", "1")?;
-        sysctl("ipv6/conf/all/disable_ipv6", "1")?;
+        sysctl_if_ipv6("ipv6/conf/default/disable_ipv6", "1")?;
+        sysctl_if_ipv6("ipv6/conf/all/disable_ipv6", "1")?;
         Ok(())
     })();
     if let Err(e) = nix::sched::setns(host.as_fd(), CloneFlags::CLONE_NEWNET) {
