@@ -65,12 +65,20 @@ pub struct ValidSpawn {
     pub network: Option<ValidNet>,
 }
 
+impl ValidNet {
+    /// The hub's device that holds the gateway: the group's bridge, or the veth itself.
+    pub fn hub_device(&self) -> &str {
+        self.bridge.as_deref().unwrap_or(&self.veth)
+    }
+}
+
 /// A bridged network request that passed every check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidNet {
     pub group: Option<String>,
-    /// The group's bridge in the hub.
-    pub bridge: String,
+    /// The group's bridge in the hub; `None` for a sandbox without a group, whose veth end in
+    /// the hub carries the gateway itself (a bridge of one would only cost a device to delete).
+    pub bridge: Option<String>,
     /// The hub's end of the sandbox's veth pair.
     pub veth: String,
     pub address: std::net::Ipv4Addr,
@@ -154,7 +162,10 @@ pub fn validate_network(
         }
     }
     Ok(ValidNet {
-        bridge: sandboxd_protocol::net::bridge_name(net.group.as_deref(), id),
+        bridge: net
+            .group
+            .as_deref()
+            .map(sandboxd_protocol::net::bridge_name),
         veth: sandboxd_protocol::net::veth_name(id),
         group: net.group.clone(),
         address: net.address,

@@ -112,12 +112,9 @@ fn fnv12(bytes: &[u8]) -> String {
 }
 
 /// The bridge of a group in the hub (`br` and 12 hex digits: 14 bytes, within IFNAMSIZ). A
-/// sandbox without a group gets a bridge of its own, named after its id.
-pub fn bridge_name(group: Option<&str>, id: uuid::Uuid) -> String {
-    match group {
-        Some(g) => format!("br{}", fnv12(format!("group:{g}").as_bytes())),
-        None => format!("br{}", fnv12(format!("sandbox:{id}").as_bytes())),
-    }
+/// sandbox without a group has no bridge: its veth's hub end holds the gateway.
+pub fn bridge_name(group: &str) -> String {
+    format!("br{}", fnv12(format!("group:{group}").as_bytes()))
 }
 
 /// The hub's end of a sandbox's veth pair (`ve` and the id's first 12 hex digits).

@@ -43,7 +43,7 @@ mod tests {
         assert!(hosts("box", None).contains("127.0.1.1\tbox\n"));
         let net = ValidNet {
             group: Some("g".into()),
-            bridge: "br0".into(),
+            bridge: Some("br0".into()),
             veth: "ve0".into(),
             address: "10.88.0.3".parse().unwrap(),
             prefix_len: 16,

@@ -4,7 +4,7 @@
 //!
 //! It holds the listening sockets the helper bound on the host's 127.0.0.1 (a socket stays in
 //! the network namespace it was created in), then enters the hub, so every connection it makes
-//! to the sandbox leaves from the hub, bound to the sandbox's bridge: the sandbox sees the
+//! to the sandbox leaves from the hub, bound to the sandbox's device (bridge or veth): the sandbox sees the
 //! gateway as the source address. It then drops to the sandbox's host uid, with no capability.
 //! One thread, one `poll` loop, bounded buffers; it never parses what it forwards.
 
@@ -27,8 +27,8 @@ pub struct Forward {
     pub listeners: Vec<(TcpListener, u16)>,
     /// The hub's network namespace.
     pub hub: OwnedFd,
-    /// The sandbox's bridge in the hub.
-    pub bridge: String,
+    /// The hub's device towards the sandbox (its group's bridge, or its veth).
+    pub device: String,
     pub address: Ipv4Addr,
 }
 
@@ -57,13 +57,15 @@ impl Flow {
         self.start < self.end
     }
     fn room(&self) -> bool {
-        !self.eof && self.end < self.buf.len()
+        !self.eof && (self.end < self.buf.len() || self.start > 0)
     }
     /// Read what `from` has; false on an error.
     fn fill(&mut self, from: &mut TcpStream) -> bool {
-        if self.start == self.end {
+        // Make room at the end: move what is left to the front.
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
             self.start = 0;
-            self.end = 0;
         }
         while self.room() {
             match from.read(&mut self.buf[self.end..]) {
@@ -85,6 +87,11 @@ impl Flow {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => return false,
             }
+        }
+        // An empty buffer starts over, so that `room` (and so the poll interest) comes back.
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
         }
         if self.eof && !self.pending() && !self.shut {
             self.shut = true;
@@ -115,7 +122,7 @@ pub fn run(forward: Forward, uid: u32, gid: u32) -> ! {
     }
     let Forward {
         listeners,
-        bridge,
+        device,
         address,
         ..
     } = forward;
@@ -175,7 +182,7 @@ pub fn run(forward: Forward, uid: u32, gid: u32) -> ! {
                     continue;
                 }
                 let _ = client.set_nodelay(true);
-                if let Ok(upstream) = connect(&bridge, SocketAddrV4::new(address, *port)) {
+                if let Ok(upstream) = connect(&device, SocketAddrV4::new(address, *port)) {
                     conns.push(Connection {
                         client,
                         upstream,
@@ -214,8 +221,9 @@ fn enter(forward: &Forward, uid: u32, gid: u32) -> Result<(), String> {
     Ok(())
 }
 
-/// A non-blocking connection to the sandbox from the hub, through the sandbox's bridge only.
-fn connect(bridge: &str, to: SocketAddrV4) -> Result<TcpStream, Errno> {
+/// A non-blocking connection to the sandbox from the hub, through the sandbox's device only
+/// (every such device holds the same gateway address).
+fn connect(device: &str, to: SocketAddrV4) -> Result<TcpStream, Errno> {
     let fd = socket::socket(
         AddressFamily::Inet,
         SockType::Stream,
@@ -225,7 +233,7 @@ fn connect(bridge: &str, to: SocketAddrV4) -> Result<TcpStream, Errno> {
     socket::setsockopt(
         &fd,
         sockopt::BindToDevice,
-        &std::ffi::OsString::from(bridge),
+        &std::ffi::OsString::from(device),
     )?;
     let _ = socket::setsockopt(&fd, sockopt::TcpNoDelay, &true);
     match socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to)) {

@@ -3,9 +3,9 @@
 //!
 //! ```text
 //!  host netns ──(nothing)──        hub netns (one per daemon, <state>/helper/hub.net)
-//!  127.0.0.1:H ◀── forwarder ──▶   brXXXX (group A, gateway .1)   brYYYY (group B, gateway .1)
-//!                                    │ veXXXX      │ veXXXX            │ veXXXX
-//!                                  eth0 A1       eth0 A2            eth0 B1   (sandbox netns)
+//!  127.0.0.1:H ◀── forwarder ──▶   brXXXX (group A, gateway .1)  brYYYY (group B)  veZZZZ (.1)
+//!                                    │ veXXXX      │ veXXXX           │ veXXXX          │
+//!                                  eth0 A1       eth0 A2          eth0 B1   eth0 (no group)
 //! ```
 //!
 //! Isolation is by construction, without a firewall rule: the host's network namespace is never
@@ -18,7 +18,8 @@
 //! Order for a bridged sandbox (`prepare`): bind the published ports on the host (a conflict
 //! fails first, before anything else exists); create the namespace and set its sysctls; bring
 //! `lo` up; make sure the group's bridge exists in the hub; create the veth pair with the
-//! sandbox's end directly in its namespace; address, `eth0` up, default route. Teardown deletes
+//! sandbox's end directly in its namespace (without a group, the hub's end gets the gateway
+//! instead of a bridge); address, `eth0` up, default route. Teardown deletes
 //! the hub's end of the pair (if the namespace's end has not taken it away already) and every
 //! bridge left without a port.
 
@@ -286,8 +287,20 @@ impl Network {
         // 4. The group's bridge and the veth pair, then the sandbox's side.
         let hub = self.hub()?;
         let linked = self.in_hub(|hub_nl| {
-            let bridge = hub_nl.ensure_bridge(&net.bridge, net.gateway, net.prefix_len)?;
-            hub_nl.add_veth(&net.veth, bridge, SANDBOX_IFACE, netns.as_fd())?;
+            match &net.bridge {
+                Some(name) => {
+                    let bridge = hub_nl.ensure_bridge(name, net.gateway, net.prefix_len)?;
+                    hub_nl.add_veth(&net.veth, Some(bridge), SANDBOX_IFACE, netns.as_fd())?;
+                }
+                None => {
+                    hub_nl.add_veth(&net.veth, None, SANDBOX_IFACE, netns.as_fd())?;
+                    let veth = hub_nl.index(&net.veth)?.ok_or(NetError::Sys {
+                        step: "finding the new veth",
+                        source: nix::errno::Errno::ENODEV,
+                    })?;
+                    hub_nl.add_address(veth, net.gateway, net.prefix_len)?;
+                }
+            }
             Ok(())
         });
         let configured = linked.and_then(|()| {
@@ -312,7 +325,7 @@ impl Network {
                 hub: hub
                     .try_clone_to_owned()
                     .map_err(|e| NetError::Sysctl("hub", e))?,
-                bridge: net.bridge.clone(),
+                device: net.hub_device().to_owned(),
                 address: net.address,
             })
         };

@@ -134,12 +134,12 @@ impl Netlink {
         Ok(index)
     }
 
-    /// A veth pair: `name` here, attached to `bridge` and up; its peer `peer_name` created
-    /// directly in the namespace `peer_ns` (never moved there afterwards).
+    /// A veth pair: `name` here, up, attached to `bridge` if given; its peer `peer_name`
+    /// created directly in the namespace `peer_ns` (never moved there afterwards).
     pub fn add_veth(
         &self,
         name: &str,
-        bridge: u32,
+        bridge: Option<u32>,
         peer_name: &str,
         peer_ns: BorrowedFd<'_>,
     ) -> Result<(), NetlinkError> {
@@ -147,11 +147,13 @@ impl Netlink {
             .name(peer_name.to_owned())
             .setns_by_fd(peer_ns.as_raw_fd())
             .build();
-        let message = LinkVeth::new(name, peer_name)
+        let mut message = LinkVeth::new(name, peer_name)
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-            .controller(bridge)
-            .up()
-            .build();
+            .up();
+        if let Some(bridge) = bridge {
+            message = message.controller(bridge);
+        }
+        let message = message.build();
         self.rt.block_on(async {
             self.handle
                 .link()
