@@ -492,6 +492,19 @@ fn nothing_is_left_after_delete_or_a_crash() {
         let veth = sandboxd_protocol::net::veth_name(s.id);
         assert!(!host.contains(&veth), "{veth} on the host:\n{host}");
     }
+    // The helper releases the unused hub when it stops (here: with its daemon).
+    let hub = d.hub_path().display().to_string();
+    let mounted = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(&hub)
+    };
+    assert!(mounted());
+    d.kill9();
+    assert!(
+        eventually(Duration::from_secs(5), || !mounted()),
+        "the hub is still mounted after its helper stopped"
+    );
 }
 
 #[test]

@@ -57,6 +57,13 @@ enum Never {}
 fn run() -> Result<Never, String> {
     // 1. Die with the daemon. Check the parent afterwards: it may have died before the prctl.
     let parent = nix::unistd::getppid();
+    // SIGTERM (the parent-death signal, or a supervisor's) is taken through a signalfd by the
+    // request loop, so the helper can release the network hub before it exits. Monitors unblock
+    // it again (monitor.rs).
+    let mut term = nix::sys::signal::SigSet::empty();
+    term.add(Signal::SIGTERM);
+    term.thread_block()
+        .map_err(|e| format!("blocking SIGTERM: {e}"))?;
     nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(|e| format!("prctl: {e}"))?;
     if nix::unistd::getppid() != parent {
         return Err("the daemon exited during start-up".into());
@@ -68,6 +75,11 @@ fn run() -> Result<Never, String> {
         std::env::remove_var(key);
     }
     fds::close_all_except(&[]).map_err(|e| format!("closing inherited descriptors: {e}"))?;
+    let sigterm = nix::sys::signalfd::SignalFd::with_flags(
+        &term,
+        nix::sys::signalfd::SfdFlags::SFD_CLOEXEC | nix::sys::signalfd::SfdFlags::SFD_NONBLOCK,
+    )
+    .map_err(|e| format!("signalfd: {e}"))?;
     nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
     nix::sys::prctl::set_dumpable(false).map_err(|e| format!("prctl: {e}"))?;
 
@@ -133,6 +145,7 @@ fn run() -> Result<Never, String> {
         cgroups,
         lifeline,
         network,
+        sigterm,
     };
     helper.serve(listener)
 }

@@ -186,6 +186,11 @@ fn run(
     net: Option<SandboxNet>,
     report_w: OwnedFd,
 ) {
+    // The helper takes SIGTERM through a signalfd; the monitor (and so the sandbox) must not
+    // inherit it blocked.
+    let mut term = nix::sys::signal::SigSet::empty();
+    term.add(nix::sys::signal::Signal::SIGTERM);
+    let _ = term.thread_unblock();
     let report_fd = report_w.as_raw_fd();
     let mut report = Some(report_w);
     match prepare_and_clone(spawn, files, config, cgroups, net, report_fd) {

@@ -34,6 +34,8 @@ pub struct Helper {
     pub lifeline: Option<std::os::fd::OwnedFd>,
     /// Network namespaces, the hub and its bridges (see `net/`).
     pub network: crate::net::Network,
+    /// SIGTERM, blocked and read here: release the hub, then exit.
+    pub sigterm: nix::sys::signalfd::SignalFd,
 }
 
 struct Connection {
@@ -51,6 +53,7 @@ impl Helper {
                     .iter()
                     .map(|c| PollFd::new(c.stream.as_fd(), PollFlags::POLLIN)),
             );
+            fds.push(PollFd::new(self.sigterm.as_fd(), PollFlags::POLLIN));
             if let Some(lifeline) = &self.lifeline {
                 fds.push(PollFd::new(lifeline.as_fd(), PollFlags::POLLIN));
             }
@@ -62,6 +65,12 @@ impl Helper {
                 .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
                 .collect();
             drop(fds);
+            let term_slot = conns.len() + 1;
+            if ready[term_slot] {
+                // Stopped (SIGTERM, also the daemon's death): sandboxes are unaffected.
+                self.network.release_if_idle();
+                std::process::exit(0);
+            }
             if self.lifeline.is_some() && ready.last() == Some(&true) {
                 // The daemon never writes to the pipe, so readiness means it closed: exit.
                 // Sandboxes are unaffected; they belong to their monitors.
