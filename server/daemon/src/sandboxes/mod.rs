@@ -339,9 +339,12 @@ impl Service {
         };
         match result {
             Err(HelperClientError::Refused(e)) if e.code == HelperErrorCode::PortInUse => {
-                // A conflict, not a failure: nothing was started and nothing is kept.
-                if let Err(e) = helper_client::destroy(&*self.helper, id).await {
-                    tracing::warn!(%id, error = %e, "removing a refused sandbox failed");
+                // A conflict, not a failure: nothing was started and nothing is kept (the helper
+                // rolled back already; this only makes sure).
+                match helper_client::destroy(&*self.helper, id).await {
+                    Ok(()) => {}
+                    Err(HelperClientError::Refused(e)) if e.code == HelperErrorCode::NotFound => {}
+                    Err(e) => tracing::warn!(%id, error = %e, "removing a refused sandbox failed"),
                 }
                 let _ = self.store.delete(id).await;
                 self.notify_final(id);
