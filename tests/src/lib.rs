@@ -558,6 +558,11 @@ impl Daemon {
         resp.json().expect("sandbox JSON")
     }
 
+    /// The file the helper binds its hub network namespace (the bridges) to.
+    pub fn hub_path(&self) -> PathBuf {
+        self.state_dir.join("helper").join("hub.net")
+    }
+
     /// The directory the helper keeps for a sandbox.
     pub fn sandbox_dir(&self, id: &str) -> PathBuf {
         self.state_dir.join("sandboxes").join(id)
@@ -620,6 +625,9 @@ impl Drop for Daemon {
         {
             let _ = std::fs::remove_dir(entry.path().join(cgroup_parent_name(&self.state_dir)));
         }
+        // The hub of bridged sandboxes stays bound while its daemon is stopped (a restart reuses
+        // it); a test's state directory has no next start.
+        let _ = nix::mount::umount2(&self.hub_path(), nix::mount::MntFlags::MNT_DETACH);
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.state_dir);
         }

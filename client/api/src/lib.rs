@@ -71,6 +71,38 @@ pub struct CreateSandbox {
     /// copy-on-write layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs: Option<RootfsSpec>,
+    /// The sandbox's network: `{"mode": "none"}` (the default: only `lo`) or
+    /// `{"mode": "bridge", "group": "NAME", "ports": [{"sandbox": 8080, "host": 0}]}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkSpec>,
+}
+
+impl CreateSandbox {
+    /// A request for `command` with every other field at its default (what `{"command": [...]}`
+    /// means), to be completed with struct update syntax: `CreateSandbox { tty: true,
+    /// ..CreateSandbox::new(cmd) }`.
+    pub fn new(command: Vec<String>) -> CreateSandbox {
+        CreateSandbox {
+            command,
+            env: BTreeMap::new(),
+            cwd: None,
+            hostname: None,
+            name: None,
+            labels: BTreeMap::new(),
+            limits: Limits::default(),
+            ttl_secs: None,
+            remove_after_exit_secs: None,
+            capabilities: None,
+            nested_user_namespaces: false,
+            stdin: false,
+            tty: false,
+            cols: None,
+            rows: None,
+            start: true,
+            rootfs: None,
+            network: None,
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -117,6 +149,64 @@ pub struct Image {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageList {
     pub images: Vec<Image>,
+}
+
+/// `network` of a create request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    #[serde(default)]
+    pub mode: NetworkMode,
+    /// Sandboxes of one group reach each other (by name, through /etc/hosts); nothing else
+    /// does. Without a group the sandbox reaches no other sandbox. Bridge mode only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Ports to publish on the host's 127.0.0.1. Bridge mode only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortSpec>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkMode {
+    /// Only a loopback interface of its own.
+    #[default]
+    None,
+    /// A veth on the group's bridge, with an address and a default route.
+    Bridge,
+}
+
+impl NetworkMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::None => "none",
+            NetworkMode::Bridge => "bridge",
+        }
+    }
+}
+
+/// A published port: `127.0.0.1:host` on the host reaches `sandbox` in the sandbox. `host` 0
+/// (or absent) in a request picks a free port; the sandbox object shows the one picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    pub sandbox: u16,
+    #[serde(default)]
+    pub host: u16,
+}
+
+/// `network` of a sandbox: what was set up.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInfo {
+    pub mode: NetworkMode,
+    pub group: Option<String>,
+    /// The sandbox's IPv4 address (bridge mode).
+    pub address: Option<String>,
+    /// Its default gateway (bridge mode).
+    pub gateway: Option<String>,
+    /// Published ports as bound on the host's 127.0.0.1.
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -289,6 +379,9 @@ pub struct Sandbox {
     /// Host uid that root inside the sandbox maps to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_uid: Option<u32>,
+    /// The network that was set up (null for sandboxes created before networking existed).
+    #[serde(default)]
+    pub network: Option<NetworkInfo>,
 }
 
 /// Body of `GET /v1/sandboxes`.

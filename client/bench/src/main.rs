@@ -6,6 +6,7 @@ mod daemon;
 mod peers;
 mod report;
 mod stats;
+mod throughput;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -57,6 +58,19 @@ struct Args {
     /// Also run `true` from an image (an overlay on an idmapped image) instead of the host root.
     #[arg(long)]
     with_image: bool,
+    /// Also run sandboxd with a bridged network (the cost of the veth, address and route).
+    #[arg(long)]
+    with_bridge: bool,
+    /// Also measure TCP throughput from the host into a sandbox through a published port,
+    /// against the same transfer over plain loopback (needs bridge mode: a privileged daemon).
+    #[arg(long)]
+    throughput: bool,
+    /// Bytes sent per throughput transfer.
+    #[arg(long, default_value_t = 512 << 20)]
+    throughput_bytes: u64,
+    /// Transfers per throughput peer.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    throughput_runs: u64,
     /// Install missing peers (`apt-get install -y bubblewrap`) instead of skipping them.
     #[arg(long)]
     install_peers: bool,
@@ -150,6 +164,9 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         image::import(&client, image_dir.path()).await?;
         peers.push(Peer::SandboxdImage(client.clone()));
     }
+    if args.with_bridge {
+        peers.push(Peer::SandboxdBridge(client.clone()));
+    }
     let mut skipped = Vec::new();
     match bwrap(args.install_peers) {
         Ok(path) => peers.push(Peer::Bwrap(path)),
@@ -164,23 +181,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         None
     } else {
         let spec = sandboxd_api::CreateSandbox {
-            command: vec!["sleep".to_owned(), "86400".to_owned()],
-            env: Default::default(),
-            cwd: None,
-            hostname: None,
-            name: None,
             labels: [("sandboxd-bench".to_owned(), "exec".to_owned())].into(),
-            limits: Default::default(),
-            ttl_secs: None,
-            remove_after_exit_secs: None,
-            capabilities: None,
-            nested_user_namespaces: false,
-            stdin: false,
-            tty: false,
-            cols: None,
-            rows: None,
-            start: true,
-            rootfs: None,
+            ..sandboxd_api::CreateSandbox::new(vec!["sleep".to_owned(), "86400".to_owned()])
         };
         let sandbox = client.create(&spec).await?;
         let id = sandbox.id.to_string();
@@ -237,6 +239,11 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     print_report(&args, &client, &peers, &rows).await;
+    if args.throughput {
+        let report = throughput::run(&client, args.throughput_bytes, args.throughput_runs).await?;
+        println!();
+        print!("{}", report.render(args.markdown));
+    }
     let sandboxd_ok = rows
         .iter()
         .filter(|r| r.peer == "sandboxd")

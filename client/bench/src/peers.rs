@@ -39,6 +39,8 @@ pub enum Peer {
     SandboxdLimited(Client),
     /// The same request with the root filesystem from an image (see `image.rs`).
     SandboxdImage(Client),
+    /// The same request with a bridged network (`{"network": {"mode": "bridge"}}`).
+    SandboxdBridge(Client),
     Bwrap(PathBuf),
     ForkExec,
     /// `true` as an exec in a running sandbox (the sandbox's id).
@@ -51,6 +53,7 @@ impl Peer {
             Peer::Sandboxd(_) => "sandboxd",
             Peer::SandboxdLimited(_) => "sandboxd+limits",
             Peer::SandboxdImage(_) => "sandboxd+image",
+            Peer::SandboxdBridge(_) => "sandboxd+bridge",
             Peer::Bwrap(_) => "bwrap",
             Peer::ForkExec => "fork+exec",
             Peer::SandboxdExec(..) => "sandboxd exec",
@@ -73,6 +76,10 @@ impl Peer {
                 client.base_url(),
                 crate::image::IMAGE
             ),
+            Peer::SandboxdBridge(client) => format!(
+                "POST {}v1/sandboxes?wait=true {{\"command\":[\"true\"],\"network\":{{\"mode\":\"bridge\"}}}}",
+                client.base_url()
+            ),
             Peer::Bwrap(path) => format!("{} --unshare-all --ro-bind / / true", path.display()),
             Peer::ForkExec => "std::process::Command::new(\"/bin/true\").status()".to_owned(),
             Peer::SandboxdExec(client, id) => format!(
@@ -88,7 +95,8 @@ impl Peer {
         match self {
             Peer::Sandboxd(client)
             | Peer::SandboxdLimited(client)
-            | Peer::SandboxdImage(client) => {
+            | Peer::SandboxdImage(client)
+            | Peer::SandboxdBridge(client) => {
                 let limits = match self {
                     Peer::SandboxdLimited(_) => sandboxd_api::Limits {
                         memory_bytes: Some(256 << 20),
@@ -99,28 +107,21 @@ impl Peer {
                     _ => Default::default(),
                 };
                 let spec = CreateSandbox {
-                    command: vec!["true".to_owned()],
-                    env: Default::default(),
-                    cwd: None,
-                    hostname: None,
-                    name: None,
                     labels: [("sandboxd-bench".to_owned(), "true".to_owned())].into(),
                     limits,
-                    ttl_secs: None,
-                    remove_after_exit_secs: None,
-                    capabilities: None,
-                    nested_user_namespaces: false,
-                    stdin: false,
-                    tty: false,
-                    cols: None,
-                    rows: None,
-                    start: true,
                     rootfs: matches!(self, Peer::SandboxdImage(_)).then(|| {
                         sandboxd_api::RootfsSpec {
                             image: crate::image::IMAGE.to_owned(),
                             readonly: false,
                         }
                     }),
+                    network: matches!(self, Peer::SandboxdBridge(_)).then(|| {
+                        sandboxd_api::NetworkSpec {
+                            mode: sandboxd_api::NetworkMode::Bridge,
+                            ..Default::default()
+                        }
+                    }),
+                    ..CreateSandbox::new(vec!["true".to_owned()])
                 };
                 let start = Instant::now();
                 let sandbox = client.create_and_wait(&spec).await?;

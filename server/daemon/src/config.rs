@@ -59,6 +59,12 @@ pub struct Args {
     /// seccomp filter refuses by default: inside one a process regains every capability.
     #[arg(long, env = "SANDBOXD_ALLOW_NESTED_USERNS")]
     pub allow_nested_userns: bool,
+    /// IPv4 subnet bridged sandboxes get their addresses from (privileged mode); its first
+    /// address is the gateway. Each daemon's bridges live in a network namespace of their own,
+    /// so the subnet need not be unique on the host.
+    #[arg(long, env = "SANDBOXD_NET_SUBNET", default_value = sandboxd_protocol::net::DEFAULT_SUBNET,
+          value_parser = |s: &str| sandboxd_protocol::net::Subnet::parse(s).map(|n| n.to_string()))]
+    pub net_subnet: String,
     /// Do not put sandboxes in cgroups: no memory, cpus or pids limits, no cgroup accounting
     /// (for hosts where something else manages cgroups, and for measuring their cost).
     #[arg(long, env = "SANDBOXD_NO_CGROUPS")]

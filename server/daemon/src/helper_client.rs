@@ -347,6 +347,12 @@ impl FakeHelper {
                 uid_range_size: 65536,
                 uid_slots: 1024,
                 enforceable_limits: self.enforceable.clone(),
+                network_modes: match self.mode {
+                    Mode::Privileged => vec!["none".into(), "bridge".into()],
+                    Mode::Rootless => vec!["none".into()],
+                },
+                network_subnet: (self.mode == Mode::Privileged)
+                    .then(|| sandboxd_protocol::net::DEFAULT_SUBNET.into()),
             }),
             Request::Spawn(req) => {
                 if self.spawn == FakeSpawn::Fail {
@@ -382,6 +388,20 @@ impl FakeHelper {
                         host_uid: 100_000_000 + req.uid_slot.unwrap_or(0) * 65536,
                         started_at_unix_ms: now,
                         exec_error: None,
+                        // A fake "bind": port 0 becomes 40000 + its position.
+                        ports: req
+                            .network
+                            .iter()
+                            .flat_map(|n| n.ports.iter().enumerate())
+                            .map(|(i, p)| wire::PortMapping {
+                                sandbox: p.sandbox,
+                                host: if p.host == 0 {
+                                    40000 + i as u16
+                                } else {
+                                    p.host
+                                },
+                            })
+                            .collect(),
                     }),
                     Err(e) => Response::Error(HelperError::new(
                         wire::HelperErrorCode::Internal,

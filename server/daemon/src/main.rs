@@ -143,6 +143,7 @@ fn start_helper(
         .args(args.allow_nested_userns.then_some("--allow-nested-userns"))
         .arg("--max-image-bytes")
         .arg(args.limits.max_image_bytes.to_string())
+        .args(["--net-subnet", args.net_subnet.as_str()])
         // The helper's lifeline: it exits when this pipe closes, that is when the daemon dies
         // however it dies. (PR_SET_PDEATHSIG alone is not enough: the kernel checks the dying
         // parent's permission to signal, and an unprivileged daemon may not signal a root helper.)

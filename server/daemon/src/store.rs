@@ -21,11 +21,12 @@ use uuid::Uuid;
 
 mod images;
 pub use images::NewImage;
+mod network;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
 const COLUMNS: &str = "seq, id, name, state, exit_code, signal, reason, error, hostname, \
-     created_at, started_at, finished_at, labels, spec, init_pid, host_uid, output_truncated";
+     created_at, started_at, finished_at, labels, spec, init_pid, host_uid, output_truncated, network";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -886,6 +887,10 @@ fn to_sandbox(row: &SqliteRow) -> Result<(i64, Sandbox), StoreError> {
         output_truncated: row.try_get("output_truncated")?,
         init_pid: row.try_get("init_pid")?,
         host_uid: host_uid.and_then(|u| u32::try_from(u).ok()),
+        network: match row.try_get::<Option<String>, _>("network")? {
+            Some(json) => Some(serde_json::from_str(&json).map_err(|_| bad("network"))?),
+            None => None,
+        },
     };
     Ok((row.try_get("seq")?, sandbox))
 }
@@ -894,7 +899,7 @@ fn to_sandbox(row: &SqliteRow) -> Result<(i64, Sandbox), StoreError> {
 mod tests {
     use super::*;
 
-    fn new(name: Option<&str>) -> NewSandbox {
+    pub(super) fn new(name: Option<&str>) -> NewSandbox {
         NewSandbox {
             id: Uuid::new_v4(),
             name: name.map(str::to_owned),
@@ -905,23 +910,9 @@ mod tests {
             ttl_deadline_ms: None,
             remove_after_exit_ms: None,
             spec: CreateSandbox {
-                command: vec!["true".into()],
-                env: Default::default(),
-                cwd: None,
-                hostname: None,
                 name: name.map(str::to_owned),
                 labels: [("a".to_string(), "1".to_string())].into(),
-                limits: Default::default(),
-                ttl_secs: None,
-                remove_after_exit_secs: None,
-                capabilities: None,
-                nested_user_namespaces: false,
-                stdin: false,
-                tty: false,
-                cols: None,
-                rows: None,
-                start: true,
-                rootfs: None,
+                ..CreateSandbox::new(vec!["true".into()])
             },
         }
     }

@@ -81,6 +81,9 @@ impl ValidCreate {
                 }
             }
         }
+        if let Some(net) = &spec.network {
+            check_network(net)?;
+        }
         if let Some(t) = spec.ttl_secs {
             check_lifetime("ttl_secs", t)?;
         }
@@ -178,6 +181,53 @@ pub fn check_lifetime(field: &str, secs: u64) -> Result<(), ValidationError> {
         return Err(invalid(format!(
             "{field}: must be between 1 and {MAX_LIFETIME_SECS} (ten years)"
         )));
+    }
+    Ok(())
+}
+
+/// Published ports of one sandbox at most (the helper's limit too).
+pub const MAX_PORTS: usize = 64;
+
+/// The form of `network` (400 when malformed); whether this host offers the mode is the
+/// service's (422).
+pub fn check_network(net: &sandboxd_api::NetworkSpec) -> Result<(), ValidationError> {
+    if net.mode == sandboxd_api::NetworkMode::None && (net.group.is_some() || !net.ports.is_empty())
+    {
+        return Err(invalid(
+            "network: group and ports need mode \"bridge\" (mode \"none\" has only loopback)",
+        ));
+    }
+    if let Some(g) = &net.group {
+        if !sandboxd_protocol::net::valid_group(g) {
+            return Err(invalid(
+                "network.group: must be 1-63 of a-z, 0-9, '_', '.', '-', starting with a letter or digit",
+            ));
+        }
+    }
+    if net.ports.len() > MAX_PORTS {
+        return Err(invalid(format!("network.ports: at most {MAX_PORTS}")));
+    }
+    for (i, p) in net.ports.iter().enumerate() {
+        if p.sandbox == 0 {
+            return Err(invalid("network.ports: sandbox port must be 1-65535"));
+        }
+        if p.host != 0 && p.host < 1024 {
+            return Err(invalid(
+                "network.ports: host port must be 0 (pick a free one) or 1024-65535",
+            ));
+        }
+        if net.ports[..i].iter().any(|q| q.sandbox == p.sandbox) {
+            return Err(invalid(format!(
+                "network.ports: sandbox port {} is published twice",
+                p.sandbox
+            )));
+        }
+        if p.host != 0 && net.ports[..i].iter().any(|q| q.host == p.host) {
+            return Err(invalid(format!(
+                "network.ports: host port {} is given twice",
+                p.host
+            )));
+        }
     }
     Ok(())
 }

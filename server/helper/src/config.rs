@@ -28,6 +28,8 @@ pub struct Config {
     pub allow_nested_userns: bool,
     /// Largest unpacked size of an image (`--max-image-bytes`).
     pub max_image_bytes: u64,
+    /// Where bridged sandboxes get their addresses (`--net-subnet`).
+    pub net_subnet: sandboxd_protocol::net::Subnet,
 }
 
 /// Default cap on an image's unpacked size.
@@ -61,6 +63,7 @@ impl Config {
         let mut allowed_caps = Vec::new();
         let mut allow_nested_userns = false;
         let mut max_image_bytes = DEFAULT_MAX_IMAGE_BYTES;
+        let mut net_subnet = None;
         let mut args = args.peekable();
         while let Some(flag) = args.next() {
             let mut value = || {
@@ -88,6 +91,15 @@ impl Config {
                         .filter(|n| *n > 0)
                         .ok_or_else(|| ConfigError::InvalidValue(flag.clone(), v))?;
                 }
+                "--net-subnet" => {
+                    let v = value()?;
+                    match sandboxd_protocol::net::Subnet::parse(&v) {
+                        Ok(s) => net_subnet = Some(s),
+                        Err(e) => {
+                            return Err(ConfigError::InvalidValue(flag.clone(), e.to_string()))
+                        }
+                    }
+                }
                 "--allow-cap" => {
                     let name = value()?;
                     match sandboxd_protocol::capabilities::canonical(&name) {
@@ -112,24 +124,32 @@ impl Config {
         } else {
             Mode::Rootless
         };
-        let config = Config {
-            state_dir,
-            allow_uid,
-            // Rootless: files stay in the helper's own group, the only one it may chown to.
-            allow_gid: allow_gid.unwrap_or(if euid == 0 {
-                allow_uid
-            } else {
-                nix::unistd::getegid().as_raw()
-            }),
-            mode,
-            uid_base,
-            uid_slots,
-            exit_with_stdin,
-            no_cgroups,
-            allowed_caps,
-            allow_nested_userns,
-            max_image_bytes,
-        };
+        let config =
+            Config {
+                state_dir,
+                allow_uid,
+                // Rootless: files stay in the helper's own group, the only one it may chown to.
+                allow_gid: allow_gid.unwrap_or(if euid == 0 {
+                    allow_uid
+                } else {
+                    nix::unistd::getegid().as_raw()
+                }),
+                mode,
+                uid_base,
+                uid_slots,
+                exit_with_stdin,
+                no_cgroups,
+                allowed_caps,
+                allow_nested_userns,
+                max_image_bytes,
+                net_subnet: match net_subnet {
+                    Some(s) => s,
+                    None => sandboxd_protocol::net::Subnet::parse(
+                        sandboxd_protocol::net::DEFAULT_SUBNET,
+                    )
+                    .map_err(|e| ConfigError::InvalidValue("--net-subnet".into(), e.to_string()))?,
+                },
+            };
         if mode == Mode::Privileged {
             config.check_ranges()?;
         }

@@ -32,6 +32,8 @@ pub fn detect(config: &Config, limits: &Cgroups) -> HelperInfo {
             }
             l
         },
+        network_modes: Vec::new(),
+        network_subnet: None,
     }
 }
 

@@ -25,6 +25,7 @@ mod files;
 mod image;
 mod info;
 mod monitor;
+mod net;
 mod sandbox;
 mod server;
 mod sys;
@@ -60,6 +61,13 @@ enum Never {}
 fn run() -> Result<Never, String> {
     // 1. Die with the daemon. Check the parent afterwards: it may have died before the prctl.
     let parent = nix::unistd::getppid();
+    // SIGTERM (the parent-death signal, or a supervisor's) is taken through a signalfd by the
+    // request loop, so the helper can release the network hub before it exits. Monitors unblock
+    // it again (monitor.rs).
+    let mut term = nix::sys::signal::SigSet::empty();
+    term.add(Signal::SIGTERM);
+    term.thread_block()
+        .map_err(|e| format!("blocking SIGTERM: {e}"))?;
     nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(|e| format!("prctl: {e}"))?;
     if nix::unistd::getppid() != parent {
         return Err("the daemon exited during start-up".into());
@@ -71,6 +79,11 @@ fn run() -> Result<Never, String> {
         std::env::remove_var(key);
     }
     fds::close_all_except(&[]).map_err(|e| format!("closing inherited descriptors: {e}"))?;
+    let sigterm = nix::sys::signalfd::SignalFd::with_flags(
+        &term,
+        nix::sys::signalfd::SfdFlags::SFD_CLOEXEC | nix::sys::signalfd::SfdFlags::SFD_NONBLOCK,
+    )
+    .map_err(|e| format!("signalfd: {e}"))?;
     nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
     nix::sys::prctl::set_dumpable(false).map_err(|e| format!("prctl: {e}"))?;
 
@@ -94,6 +107,9 @@ fn run() -> Result<Never, String> {
     let sandboxes = SandboxesDir::open(&config.state_dir).map_err(|e| e.to_string())?;
     let images = image::ImageStore::open(&config.state_dir)?;
     let listener = bind_socket(&state, &config)?;
+    // The hub of bridged sandboxes (privileged mode): opened again, or created.
+    let network = net::Network::setup(std::os::fd::AsFd::as_fd(&state), &config)
+        .map_err(|e| format!("setting up networking: {}", server::error_chain(&e)))?;
 
     // 5. Ready. Standard input may be the daemon's lifeline pipe: keep it on another descriptor.
     let lifeline = if config.exit_with_stdin {
@@ -134,6 +150,8 @@ fn run() -> Result<Never, String> {
         cgroups,
         images,
         lifeline,
+        network,
+        sigterm,
     };
     helper.serve(listener)
 }

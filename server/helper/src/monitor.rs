@@ -41,6 +41,7 @@ use sandboxd_protocol::wire::{HelperError, HelperErrorCode, SandboxStats, Spawne
 use crate::cgroup::Cgroups;
 use crate::config::Config;
 use crate::dirs::SandboxFiles;
+use crate::net::SandboxNet;
 use crate::sandbox::{self, InitFds};
 use crate::sys::{self, CloneResult};
 use crate::validate::{IdMap, ValidSpawn};
@@ -85,6 +86,7 @@ pub fn start(
     files: SandboxFiles,
     config: &Config,
     cgroups: &Cgroups,
+    net: Option<SandboxNet>,
 ) -> StartReport {
     let (report_r, report_w) =
         pipe2(OFlag::O_CLOEXEC).map_err(|e| setup_error("report pipe", e))?;
@@ -93,6 +95,8 @@ pub fn start(
         ForkResult::Parent { child } => {
             drop(report_w);
             drop(files);
+            // The sandbox's namespace and published ports belong to the monitor from now on.
+            drop(net);
             // The intermediate process exits as soon as the monitor is forked.
             let _ = waitpid(child, None);
             read_report(report_r)
@@ -106,7 +110,7 @@ pub fn start(
                 match fork() {
                     Ok(ForkResult::Parent { .. }) => 0,
                     Ok(ForkResult::Child) => {
-                        run(spawn, files, config, cgroups, report_w);
+                        run(spawn, files, config, cgroups, net, report_w);
                         0
                     }
                     Err(_) => 1,
@@ -181,11 +185,17 @@ fn run(
     files: SandboxFiles,
     config: &Config,
     cgroups: &Cgroups,
+    net: Option<SandboxNet>,
     report_w: OwnedFd,
 ) {
+    // The helper takes SIGTERM through a signalfd; the monitor (and so the sandbox) must not
+    // inherit it blocked.
+    let mut term = nix::sys::signal::SigSet::empty();
+    term.add(nix::sys::signal::Signal::SIGTERM);
+    let _ = term.thread_unblock();
     let report_fd = report_w.as_raw_fd();
     let mut report = Some(report_w);
-    match prepare_and_clone(spawn, files, config, cgroups, report_fd) {
+    match prepare_and_clone(spawn, files, config, cgroups, net, report_fd) {
         Ok(monitor) => monitor.event_loop(&mut report),
         Err(e) => {
             send_report(&mut report, Err(e));
@@ -243,6 +253,7 @@ fn prepare_and_clone(
     files: SandboxFiles,
     config: &Config,
     cgroups: &Cgroups,
+    net: Option<SandboxNet>,
     report_fd: RawFd,
 ) -> Result<Box<Monitor>, HelperError> {
     let SandboxFiles {
@@ -266,10 +277,34 @@ fn prepare_and_clone(
     .into_iter()
     .chain(slot_lock.as_ref().map(|f| f.as_raw_fd()))
     .chain(image_lower.as_ref().map(|f| f.as_raw_fd()))
+    .chain(net.as_ref().map_or(Vec::new(), net_fds))
     .collect();
     crate::fds::close_all_except(&[keep.as_slice(), &[report_fd]].concat())
         .map_err(|e| setup_error("closing inherited descriptors", e))?;
     crate::fds::stdio_to_devnull().map_err(|e| setup_error("stdio", e))?;
+    // Privileged: init is cloned into the network namespace the helper prepared (owned by the
+    // host's user namespace), so the monitor enters it for the clone and leaves it right after.
+    let host_netns = match &net {
+        Some(_) => Some(
+            nix::fcntl::open(
+                "/proc/self/ns/net",
+                OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map(sys::own_fd)
+            .map_err(|e| setup_error("opening the host's network namespace", e))?,
+        ),
+        None => None,
+    };
+    let netns = match net {
+        Some(SandboxNet { netns, forward }) => {
+            if let Some(forward) = forward {
+                start_forwarder(forward, spawn)?;
+            }
+            Some(netns)
+        }
+        None => None,
+    };
 
     let listener = bind_control_socket(&dir, config)?;
 
@@ -312,11 +347,16 @@ fn prepare_and_clone(
         })
         .transpose()?;
     let late_cgroupns = cgroups.as_ref().is_some_and(|c| !c.is_v2());
-    let namespaces = if late_cgroupns {
+    let mut namespaces = if late_cgroupns {
         NAMESPACES & !libc::CLONE_NEWCGROUP
     } else {
         NAMESPACES
     };
+    if let Some(netns) = &netns {
+        namespaces &= !libc::CLONE_NEWNET;
+        nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| setup_error("entering the sandbox's network namespace", e))?;
+    }
 
     // The helper is non-dumpable and so, by inheritance, are we. The child must start dumpable so
     // that its /proc files (uid_map, gid_map, setgroups) belong to our uid and we can write them
@@ -356,12 +396,25 @@ fn prepare_and_clone(
                             }
                         }),
                     },
+                    own_network: netns.is_none(),
                 },
             )
         }
         CloneResult::Parent { child, pidfd } => {
             drop((out_w, err_w, sync_r, status_w, work, v2_cgroup, image_lower));
             drop((stdin_r, pty_theirs));
+            // Back to the host's namespace: the sandbox's must end with the sandbox (its veth
+            // with it), not live on as the monitor's.
+            if let Some(host) = &host_netns {
+                if let Err(e) =
+                    nix::sched::setns(host.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                {
+                    let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+                    let _ = waitpid(child, None);
+                    return Err(setup_error("leaving the sandbox's network namespace", e));
+                }
+            }
+            drop((netns, host_netns));
             let mapped = write_id_maps(child, spawn.ids).and_then(|()| match &cgroups {
                 Some(c) => join_v1_cgroup(c, spawn.id, child),
                 None => Ok(()),
@@ -459,6 +512,37 @@ fn prepare_and_clone(
                 pty_socket: pty_ours,
                 stdin_wanted: spawn.stdin,
             }))
+        }
+    }
+}
+
+/// Descriptors of a sandbox's network the monitor keeps.
+fn net_fds(net: &SandboxNet) -> Vec<RawFd> {
+    let mut fds = vec![net.netns.as_raw_fd()];
+    if let Some(f) = &net.forward {
+        fds.push(f.hub.as_raw_fd());
+        fds.extend(f.listeners.iter().map(|(l, _)| l.as_raw_fd()));
+    }
+    fds
+}
+
+/// Fork the published-port forwarder (see `net/forward.rs`): a child of the monitor, so it
+/// survives daemon restarts and dies with the monitor.
+fn start_forwarder(forward: crate::net::Forward, spawn: &ValidSpawn) -> Result<(), HelperError> {
+    // The monitor is single-threaded, so forking it is sound.
+    match fork().map_err(|e| setup_error("forking the port forwarder", e))? {
+        ForkResult::Parent { .. } => Ok(()),
+        ForkResult::Child => {
+            let mut keep = vec![forward.hub.as_raw_fd()];
+            keep.extend(forward.listeners.iter().map(|(l, _)| l.as_raw_fd()));
+            if crate::fds::close_all_except(&keep).is_err() {
+                sys::exit_now(1);
+            }
+            crate::net::forward::run(
+                forward,
+                spawn.ids.host_root_uid(),
+                spawn.ids.host_root_gid(),
+            )
         }
     }
 }
@@ -672,6 +756,7 @@ impl Monitor {
             host_uid: 0,
             started_at_unix_ms: self.started_at_ms.unwrap_or_else(now_ms),
             exec_error: None,
+            ports: Vec::new(),
         };
         if let Some(e) = &self.setup_error {
             // Report only once init is gone and our locks are released, so that the helper's

@@ -19,6 +19,7 @@ use sandboxd_protocol::wire::{
 use crate::cgroup::{CgroupError, Cgroups};
 use crate::config::Config;
 use crate::dirs::{DirError, SandboxesDir};
+use crate::net::NetError;
 use crate::{files, info, monitor, validate};
 
 const MAX_CONNECTIONS: usize = 16;
@@ -32,6 +33,10 @@ pub struct Helper {
     pub images: crate::image::ImageStore,
     /// Read end of the daemon's lifeline pipe: end of file means the daemon is gone.
     pub lifeline: Option<std::os::fd::OwnedFd>,
+    /// Network namespaces, the hub and its bridges (see `net/`).
+    pub network: crate::net::Network,
+    /// SIGTERM, blocked and read here: release the hub, then exit.
+    pub sigterm: nix::sys::signalfd::SignalFd,
 }
 
 struct Connection {
@@ -49,6 +54,7 @@ impl Helper {
                     .iter()
                     .map(|c| PollFd::new(c.stream.as_fd(), PollFlags::POLLIN)),
             );
+            fds.push(PollFd::new(self.sigterm.as_fd(), PollFlags::POLLIN));
             if let Some(lifeline) = &self.lifeline {
                 fds.push(PollFd::new(lifeline.as_fd(), PollFlags::POLLIN));
             }
@@ -60,9 +66,16 @@ impl Helper {
                 .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
                 .collect();
             drop(fds);
+            let term_slot = conns.len() + 1;
+            if ready[term_slot] {
+                // Stopped (SIGTERM, also the daemon's death): sandboxes are unaffected.
+                self.network.release_if_idle();
+                std::process::exit(0);
+            }
             if self.lifeline.is_some() && ready.last() == Some(&true) {
                 // The daemon never writes to the pipe, so readiness means it closed: exit.
                 // Sandboxes are unaffected; they belong to their monitors.
+                self.network.release_if_idle();
                 std::process::exit(0);
             }
             for i in (0..conns.len()).rev() {
@@ -139,7 +152,14 @@ impl Helper {
     fn handle(&self, request: Request) -> Response {
         match request {
             Request::Hello { .. } => invalid("hello was already sent".into()),
-            Request::Info => Response::Info(info::detect(&self.config, &self.cgroups)),
+            Request::Info => {
+                let mut info = info::detect(&self.config, &self.cgroups);
+                info.network_modes = self.network.modes();
+                if info.network_modes.iter().any(|m| m == "bridge") {
+                    info.network_subnet = Some(self.config.net_subnet.to_string());
+                }
+                Response::Info(info)
+            }
             Request::List => match self.sandboxes.list() {
                 // Sandboxes with a directory, and cgroups left without one (a crash between
                 // the two), so that the daemon can destroy every orphan.
@@ -168,10 +188,12 @@ impl Helper {
                 match self.sandboxes.destroy(id) {
                     Ok(()) => {
                         self.cgroups.remove(id);
+                        self.network.teardown(id);
                         Response::Destroyed
                     }
                     Err(DirError::NotFound(_)) if had_cgroup => {
                         self.cgroups.remove(id);
+                        self.network.teardown(id);
                         Response::Destroyed
                     }
                     Err(e) => Response::Error(dir_error(e)),
@@ -198,7 +220,7 @@ impl Helper {
                         drop(files);
                         Response::Prepared
                     }
-                    Err(e) => e,
+                    Err(e) => Response::Error(e),
                 }
             }
             // Handled in `serve_one`, which owns the connection.
@@ -211,13 +233,13 @@ impl Helper {
                 let files = if req.prepared {
                     self.sandboxes
                         .open_prepared(spawn.id, spawn.ids)
-                        .map_err(|e| Response::Error(dir_error(e)))
+                        .map_err(dir_error)
                 } else {
                     self.create_dir(&spawn)
                 };
                 let mut files = match files {
                     Ok(f) => f,
-                    Err(e) => return e,
+                    Err(e) => return Response::Error(e),
                 };
                 if let (crate::validate::Rootfs::Image { digest, .. }, wire::Mode::Privileged) =
                     (&spawn.rootfs, self.config.mode)
@@ -245,14 +267,31 @@ impl Helper {
                     };
                     return Response::Error(HelperError::new(code, error_chain(&e)));
                 }
-                match monitor::start(&spawn, files, &self.config, &self.cgroups) {
+                let net = match self.network.prepare(&spawn) {
+                    Ok(net) => net,
+                    Err(e) => {
+                        drop(files);
+                        self.cgroups.remove(spawn.id);
+                        let _ = self.sandboxes.destroy(spawn.id);
+                        let code = match e {
+                            NetError::PortInUse(_) => HelperErrorCode::PortInUse,
+                            NetError::Unavailable(_) => HelperErrorCode::Invalid,
+                            _ => HelperErrorCode::SetupFailed,
+                        };
+                        return Response::Error(HelperError::new(code, error_chain(&e)));
+                    }
+                };
+                let ports = net.as_ref().map(|n| n.ports()).unwrap_or_default();
+                match monitor::start(&spawn, files, &self.config, &self.cgroups, net) {
                     Ok(mut spawned) => {
                         spawned.host_uid = spawn.ids.host_root_uid();
+                        spawned.ports = ports;
                         Response::Spawned(spawned)
                     }
                     Err(e) => {
                         // Roll back; keep the start error, which is the one worth reporting.
                         self.cgroups.remove(spawn.id);
+                        self.network.teardown(spawn.id);
                         if let Err(cleanup) = self.sandboxes.destroy(spawn.id) {
                             return Response::Error(HelperError::new(
                                 e.code,
@@ -271,21 +310,24 @@ impl Helper {
     fn create_dir(
         &self,
         spawn: &validate::ValidSpawn,
-    ) -> Result<crate::dirs::SandboxFiles, Response> {
+    ) -> Result<crate::dirs::SandboxFiles, HelperError> {
         let image = match &spawn.rootfs {
             crate::validate::Rootfs::Image { digest, .. } => Some(digest.as_str()),
             crate::validate::Rootfs::Host => None,
         };
         if image.is_some_and(|d| !self.images.exists(d)) {
-            return Err(Response::Error(HelperError::new(
+            return Err(HelperError::new(
                 HelperErrorCode::NotFound,
                 "the image is not stored",
-            )));
+            ));
         }
         if spawn.limits.disk_bytes.is_some() {
             if let Some(why) = crate::disk::unavailable(self.config.mode == wire::Mode::Privileged)
             {
-                return Err(invalid(format!("disk limits are not enforceable: {why}")));
+                return Err(HelperError::new(
+                    HelperErrorCode::Invalid,
+                    format!("disk limits are not enforceable: {why}"),
+                ));
             }
         }
         let layout = crate::dirs::Layout {
@@ -301,14 +343,14 @@ impl Helper {
                 self.config.allow_gid,
                 layout,
             )
-            .map_err(|e| Response::Error(dir_error(e)))?;
+            .map_err(dir_error)?;
         if let Some(digest) = image {
             // Recorded so that whoever looks at the sandbox later (after its exit too) knows
             // its lower layer.
             if let Err(e) = crate::image::record_digest(&files.dir, digest) {
                 drop(files);
                 let _ = self.sandboxes.destroy(spawn.id);
-                return Err(Response::Error(e));
+                return Err(e);
             }
         }
         Ok(files)
@@ -337,7 +379,7 @@ fn invalid(message: String) -> Response {
     Response::Error(HelperError::new(HelperErrorCode::Invalid, message))
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut message = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -8,7 +8,7 @@ use std::ffi::CString;
 use std::time::Duration;
 
 use sandboxd_protocol::capabilities;
-use sandboxd_protocol::wire::{Mode, SpawnLimits, SpawnRequest};
+use sandboxd_protocol::wire::{Mode, PortMapping, SpawnLimits, SpawnNetwork, SpawnRequest};
 use uuid::Uuid;
 
 use crate::config::{Config, UID_RANGE_SIZE};
@@ -17,6 +17,10 @@ const MAX_ARGS: usize = 4096;
 const MAX_ENV: usize = 1024;
 const MAX_TOTAL_BYTES: usize = 512 * 1024;
 const MAX_TIMEOUT_SECS: u64 = 366 * 24 * 3600;
+/// Published ports of one sandbox at most.
+pub const MAX_PORTS: usize = 64;
+/// Group members listed in one sandbox's /etc/hosts at most.
+const MAX_PEERS: usize = 1024;
 
 /// How ids inside the sandbox map to host ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +67,8 @@ pub struct ValidSpawn {
     pub tty: Option<(u16, u16)>,
     /// The root filesystem: the host's (read-only) or an image's.
     pub rootfs: Rootfs,
+    /// Bridged networking; `None` is mode `none` (only `lo`).
+    pub network: Option<ValidNet>,
 }
 
 /// Where a sandbox's root filesystem comes from.
@@ -74,6 +80,29 @@ pub enum Rootfs {
         digest: String,
         readonly: bool,
     },
+}
+
+impl ValidNet {
+    /// The hub's device that holds the gateway: the group's bridge, or the veth itself.
+    pub fn hub_device(&self) -> &str {
+        self.bridge.as_deref().unwrap_or(&self.veth)
+    }
+}
+
+/// A bridged network request that passed every check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidNet {
+    pub group: Option<String>,
+    /// The group's bridge in the hub; `None` for a sandbox without a group, whose veth end in
+    /// the hub carries the gateway itself (a bridge of one would only cost a device to delete).
+    pub bridge: Option<String>,
+    /// The hub's end of the sandbox's veth pair.
+    pub veth: String,
+    pub address: std::net::Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: std::net::Ipv4Addr,
+    pub peers: Vec<(String, std::net::Ipv4Addr)>,
+    pub ports: Vec<PortMapping>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -106,6 +135,66 @@ pub enum ValidateError {
     ImageDigest,
     #[error("a read-only root needs an image (the host root is always read-only)")]
     Readonly,
+    #[error("bridged networking needs the privileged helper")]
+    NetworkRootless,
+    #[error("invalid network: {0}")]
+    Network(String),
+}
+
+/// Check a bridged network request against the helper's own subnet.
+pub fn validate_network(
+    net: &SpawnNetwork,
+    id: Uuid,
+    config: &Config,
+) -> Result<ValidNet, ValidateError> {
+    let bad = |m: String| ValidateError::Network(m);
+    if let Some(g) = &net.group {
+        if !sandboxd_protocol::net::valid_group(g) {
+            return Err(bad(format!("group {g:?}")));
+        }
+    }
+    let subnet = config.net_subnet;
+    if !subnet.is_sandbox_address(net.address) {
+        return Err(bad(format!("address {} is not in {subnet}", net.address)));
+    }
+    if net.peers.len() > MAX_PEERS {
+        return Err(bad("too many peers".into()));
+    }
+    let mut peers = Vec::with_capacity(net.peers.len());
+    for p in &net.peers {
+        if !valid_hostname(&p.hostname) || !subnet.is_sandbox_address(p.address) {
+            return Err(bad(format!("peer {:?} {}", p.hostname, p.address)));
+        }
+        peers.push((p.hostname.clone(), p.address));
+    }
+    if net.ports.len() > MAX_PORTS {
+        return Err(bad(format!("at most {MAX_PORTS} published ports")));
+    }
+    for (i, p) in net.ports.iter().enumerate() {
+        // Host ports below 1024 are the host's services' (the helper binds as root).
+        if p.sandbox == 0 || (p.host != 0 && p.host < 1024) {
+            return Err(bad(format!("port {}:{}", p.sandbox, p.host)));
+        }
+        let dup = net.ports[..i]
+            .iter()
+            .any(|q| q.sandbox == p.sandbox || (p.host != 0 && q.host == p.host));
+        if dup {
+            return Err(bad(format!("port {}:{} given twice", p.sandbox, p.host)));
+        }
+    }
+    Ok(ValidNet {
+        bridge: net
+            .group
+            .as_deref()
+            .map(sandboxd_protocol::net::bridge_name),
+        veth: sandboxd_protocol::net::veth_name(id),
+        group: net.group.clone(),
+        address: net.address,
+        prefix_len: subnet.prefix_len(),
+        gateway: subnet.gateway(),
+        peers,
+        ports: net.ports.clone(),
+    })
 }
 
 fn cstring(s: &str, what: &'static str) -> Result<CString, ValidateError> {
@@ -234,7 +323,13 @@ pub fn validate(req: &SpawnRequest, config: &Config) -> Result<ValidSpawn, Valid
         },
         Some(_) => return Err(ValidateError::ImageDigest),
     };
+    let network = match (&req.network, config.mode) {
+        (None, _) => None,
+        (Some(_), Mode::Rootless) => return Err(ValidateError::NetworkRootless),
+        (Some(net), Mode::Privileged) => Some(validate_network(net, req.id, config)?),
+    };
     Ok(ValidSpawn {
+        network,
         stdin: req.stdin,
         tty: req.tty,
         rootfs,
@@ -268,6 +363,7 @@ mod tests {
             allowed_caps: vec!["CAP_SYS_PTRACE"],
             allow_nested_userns: false,
             max_image_bytes: 1 << 30,
+            net_subnet: sandboxd_protocol::net::Subnet::parse("10.88.0.0/16").unwrap(),
         }
     }
 
@@ -291,6 +387,7 @@ mod tests {
             prepared: false,
             rootfs_image: None,
             rootfs_readonly: false,
+            network: None,
         }
     }
 
@@ -341,6 +438,55 @@ mod tests {
         check(
             |r| r.limits.disk_bytes = Some(1 << 20),
             Err(ValidateError::Limit("disk_bytes below 16 MiB")),
+        );
+    }
+
+    #[test]
+    fn network_requests_are_checked_against_the_helpers_subnet() {
+        use sandboxd_protocol::wire::NetworkPeer;
+        let net = |edit: &dyn Fn(&mut SpawnNetwork)| {
+            let mut n = SpawnNetwork {
+                group: Some("web".into()),
+                address: "10.88.0.7".parse().unwrap(),
+                peers: vec![NetworkPeer {
+                    hostname: "db".into(),
+                    address: "10.88.0.2".parse().unwrap(),
+                }],
+                ports: vec![PortMapping {
+                    sandbox: 80,
+                    host: 0,
+                }],
+            };
+            edit(&mut n);
+            let mut r = request();
+            r.network = Some(n);
+            validate(&r, &config(Mode::Privileged)).map(|v| v.network)
+        };
+        let ok = net(&|_| {}).unwrap().unwrap();
+        assert_eq!(ok.gateway, std::net::Ipv4Addr::new(10, 88, 0, 1));
+        assert_eq!(ok.prefix_len, 16);
+        assert!(net(&|n| n.address = "10.88.0.1".parse().unwrap()).is_err());
+        assert!(net(&|n| n.address = "192.168.0.7".parse().unwrap()).is_err());
+        assert!(net(&|n| n.group = Some("Bad Group".into())).is_err());
+        assert!(net(&|n| n.peers[0].hostname = "a b".into()).is_err());
+        assert!(net(&|n| n.ports[0].host = 22).is_err());
+        assert!(net(&|n| n.ports[0].sandbox = 0).is_err());
+        assert!(net(&|n| n.ports.push(PortMapping {
+            sandbox: 80,
+            host: 0
+        }))
+        .is_err());
+        let mut r = request();
+        r.uid_slot = None;
+        r.network = Some(SpawnNetwork {
+            group: None,
+            address: "10.88.0.7".parse().unwrap(),
+            peers: vec![],
+            ports: vec![],
+        });
+        assert_eq!(
+            validate(&r, &config(Mode::Rootless)).map(drop),
+            Err(ValidateError::NetworkRootless)
         );
     }
 

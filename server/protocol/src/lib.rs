@@ -8,6 +8,7 @@
 //! * [`files`]: paths a client may name in a sandbox, and the chunked streams of file transfers.
 //! * [`control`]: the line protocol of a monitor's control socket (kill, exit notification).
 //! * [`exec`]: execs in a running sandbox: their control lines, attach frames and exit record.
+//! * [`net`]: the subnet of bridged sandboxes and the names of their interfaces.
 //!
 //! Nothing here performs I/O beyond encoding and decoding; both sides bring their own sockets.
 
@@ -17,5 +18,6 @@ pub mod exec;
 pub mod files;
 pub mod layout;
 pub mod logindex;
+pub mod net;
 pub mod status;
 pub mod wire;

@@ -120,6 +120,40 @@ pub struct SpawnRequest {
     /// Make the image root read-only (the host root is always read-only).
     #[serde(default)]
     pub rootfs_readonly: bool,
+    /// Bridged networking (privileged mode only); `None` is mode `none`: only `lo`.
+    #[serde(default)]
+    pub network: Option<SpawnNetwork>,
+}
+
+/// The bridged network of a sandbox: an address the daemon allocated from the helper's subnet,
+/// the group whose members share a segment, and the ports to publish on the host's 127.0.0.1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnNetwork {
+    /// Sandboxes of one group share a bridge; `None` gives the sandbox a segment of its own.
+    pub group: Option<String>,
+    pub address: std::net::Ipv4Addr,
+    /// Host names of the group's other members, for the sandbox's /etc/hosts.
+    #[serde(default)]
+    pub peers: Vec<NetworkPeer>,
+    #[serde(default)]
+    pub ports: Vec<PortMapping>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkPeer {
+    pub hostname: String,
+    pub address: std::net::Ipv4Addr,
+}
+
+/// A published port: connections to `127.0.0.1:host` reach the sandbox's port `sandbox`. In a
+/// request `host` 0 means "pick a free one"; in an answer it is the port that was bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortMapping {
+    pub sandbox: u16,
+    pub host: u16,
 }
 
 /// Resource limits of a sandbox, already checked by the daemon against what the host enforces.
@@ -224,6 +258,12 @@ pub struct HelperInfo {
     pub uid_slots: u32,
     /// Limits the helper can enforce on this host (`memory`, `cpus`, `pids`); others get 422.
     pub enforceable_limits: Vec<String>,
+    /// Network modes this helper sets up (`none`, and `bridge` in privileged mode).
+    #[serde(default)]
+    pub network_modes: Vec<String>,
+    /// The subnet bridged sandboxes get their addresses from (`10.88.0.0/16`), when bridged.
+    #[serde(default)]
+    pub network_subnet: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,6 +276,9 @@ pub struct Spawned {
     /// Set when the command could not be executed: the sandbox has already ended and its
     /// `status.json` is written.
     pub exec_error: Option<String>,
+    /// The published ports as bound (`host` 0 in the request resolved to the port picked).
+    #[serde(default)]
+    pub ports: Vec<PortMapping>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -264,6 +307,8 @@ pub enum HelperErrorCode {
     BadImage,
     /// An image archive unpacks to more than the configured cap.
     ImageTooLarge,
+    /// A published host port is already in use.
+    PortInUse,
 }
 
 impl HelperError {
@@ -343,6 +388,7 @@ mod tests {
             prepared: false,
             rootfs_image: Some("ab".repeat(32)),
             rootfs_readonly: false,
+            network: None,
         };
         let req = Request::Files(FilesRequest {
             spawn,

@@ -12,6 +12,7 @@ mod inspect;
 mod kill;
 mod logs;
 mod ls;
+mod network;
 mod output;
 mod rm;
 mod run;
@@ -64,7 +65,7 @@ pub struct Cli {
 #[allow(clippy::large_enum_variant)]
 enum Command {
     /// Create a sandbox running CMD and stream its output until it exits.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// List sandboxes.
     Ls(ls::LsArgs),
     /// Show one sandbox as JSON.
@@ -258,7 +259,7 @@ fn connect(cli: &Cli) -> Result<(Client, String), CliError> {
 
 async fn dispatch(client: &Client, command: Command) -> Result<u8, CliError> {
     match command {
-        Command::Run(args) => run::run(client, args).await,
+        Command::Run(args) => run::run(client, *args).await,
         Command::Ls(args) => ls::run(client, args).await,
         Command::Inspect(args) => inspect::run(client, args).await,
         Command::Logs(args) => logs::run(client, args).await,

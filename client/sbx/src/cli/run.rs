@@ -57,6 +57,17 @@ pub struct RunArgs {
     /// 60 seconds after the exit, should sbx not get to it).
     #[arg(long, conflicts_with = "detach")]
     pub(super) rm: bool,
+    /// Network: `none` (only loopback; the default) or `bridge` (an address, reachable by its
+    /// group; implied by --group and -p).
+    #[arg(long = "net", value_name = "MODE", value_parser = super::network::parse_mode)]
+    net: Option<sandboxd_api::NetworkMode>,
+    /// Network group: sandboxes of one group reach each other by name.
+    #[arg(long, value_name = "GROUP")]
+    group: Option<String>,
+    /// Publish a port on the host's 127.0.0.1 (repeatable): SANDBOX_PORT:HOST_PORT, host 0 picks
+    /// a free one (`sbx inspect` shows it).
+    #[arg(short = 'p', long = "publish", value_name = "PORT:HOST", value_parser = super::network::parse_port)]
+    publish: Vec<sandboxd_api::PortSpec>,
     /// Print the sandbox id and return at once.
     #[arg(short, long)]
     pub(super) detach: bool,
@@ -112,6 +123,7 @@ impl RunArgs {
                 image,
                 readonly: self.readonly_root,
             }),
+            network: super::network::spec(self.net, &self.group, &self.publish),
         }
     }
 }

@@ -189,6 +189,21 @@ impl From<ServiceError> for ApiError {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "image_too_large", m)
             }
             ServiceError::Upload(_) => ApiError::internal(&e),
+            ServiceError::NetworkUnavailable(m) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "network_unavailable",
+                m.clone(),
+            ),
+            ServiceError::PortInUse(m) => ApiError::new(
+                StatusCode::CONFLICT,
+                "port_in_use",
+                format!("network.ports: {m}"),
+            ),
+            ServiceError::NoAddress => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_capacity",
+                e.to_string(),
+            ),
             ServiceError::Store(_)
             | ServiceError::Helper(_)
             | ServiceError::Monitor(_)

@@ -445,7 +445,7 @@ async fn info_health_and_logs() {
     let (status, body) = app.json(Method::GET, "/v1/info", None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["mode"], json!("privileged"));
-    assert_eq!(body["network_modes"], json!(["none"]));
+    assert_eq!(body["network_modes"], json!(["none", "bridge"]));
     let (status, body) = app
         .json(
             Method::POST,
@@ -1534,4 +1534,82 @@ async fn images_import_name_use_and_delete_with_409_in_use() {
     assert_eq!(err["error"]["code"], "limit_unenforceable");
     let (status, _) = t.create(json!({"limits": {"disk_bytes": 1 << 20}})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn network_requests_are_checked_allocated_and_shown() {
+    let app = test_app(FakeSpawn::ExitAtOnce).await;
+    for bad in [
+        json!({"mode": "bridge", "group": "Not A Group"}),
+        json!({"mode": "none", "group": "g"}),
+        json!({"mode": "none", "ports": [{"sandbox": 80}]}),
+        json!({"mode": "bridge", "ports": [{"sandbox": 80, "host": 80}]}),
+        json!({"mode": "bridge", "ports": [{"sandbox": 0}]}),
+        json!({"mode": "bridge", "ports": [{"sandbox": 80}, {"sandbox": 80, "host": 2000}]}),
+        json!({"mode": "host"}),
+        json!({"mode": "bridge", "dns": "1.1.1.1"}),
+    ] {
+        let (status, body) = app
+            .json(
+                Method::POST,
+                "/v1/sandboxes",
+                Some(json!({"command": ["true"], "network": bad})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+    let bridged = json!({"command": ["true"], "network": {
+        "mode": "bridge", "group": "web", "ports": [{"sandbox": 8080, "host": 0}]}});
+    for _ in 0..2 {
+        let (status, body) = app
+            .json(
+                Method::POST,
+                "/v1/sandboxes?wait=true",
+                Some(bridged.clone()),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        // The first ended before the second came: its address was free again.
+        assert_eq!(
+            body["network"],
+            json!({"mode": "bridge", "group": "web", "address": "10.88.0.2",
+                   "gateway": "10.88.0.1", "ports": [{"sandbox": 8080, "host": 40000}]})
+        );
+    }
+    let (status, body) = app
+        .json(
+            Method::POST,
+            "/v1/sandboxes?wait=true",
+            Some(json!({"command": ["true"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(
+        body["network"],
+        json!({"mode": "none", "group": null, "address": null, "gateway": null, "ports": []})
+    );
+
+    // Rootless: bridge mode is a clear 422 and nothing is stored.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("sandboxd.db")).await.unwrap();
+    let helper = FakeHelper::new(dir.path(), Mode::Rootless, FakeSpawn::ExitAtOnce);
+    let svc = Service::new(
+        store.clone(),
+        helper.clone(),
+        dir.path(),
+        4,
+        LimitPolicy::default(),
+    );
+    let rootless = TestApp {
+        router: super::app(AppState::new(Arc::clone(&svc))),
+        svc,
+        helper,
+        _dir: dir,
+    };
+    let (status, body) = rootless
+        .json(Method::POST, "/v1/sandboxes", Some(bridged))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["code"], json!("network_unavailable"));
+    assert!(store.ids().await.unwrap().is_empty());
 }

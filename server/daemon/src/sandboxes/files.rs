@@ -7,9 +7,9 @@
 
 use std::sync::Arc;
 
-use sandboxd_api::{Sandbox, SandboxState};
+use sandboxd_api::{NetworkInfo, Sandbox, SandboxState};
 use sandboxd_protocol::files::{FileOp, SandboxPath};
-use sandboxd_protocol::wire::{FileReady, FilesRequest, SpawnRequest};
+use sandboxd_protocol::wire::{FileReady, FilesRequest, SpawnNetwork, SpawnRequest};
 use tokio::net::UnixStream;
 use uuid::Uuid;
 
@@ -25,7 +25,7 @@ impl Service {
         &self,
         sandbox: &Sandbox,
         prepared: bool,
-    ) -> Result<SpawnRequest, ServiceError> {
+    ) -> Result<(SpawnRequest, NetworkInfo), ServiceError> {
         let corrupt = |what: String| {
             ServiceError::Store(StoreError::Corrupt {
                 id: sandbox.id.to_string(),
@@ -38,6 +38,13 @@ impl Service {
         let capabilities =
             limits::resolve_capabilities(&self.policy, v.spec.capabilities.as_ref())?;
         let uid_slot = self.store.uid_slot(sandbox.id).await?;
+        // A start gets the network now (its address, its group's members as they are now); a
+        // file worker needs none.
+        let (net_info, network) = if prepared {
+            self.assign_network(sandbox.id, &v.spec).await?
+        } else {
+            (NetworkInfo::default(), None)
+        };
         let image = match &v.spec.rootfs {
             Some(rootfs) => Some(
                 self.store
@@ -47,7 +54,7 @@ impl Service {
             ),
             None => None,
         };
-        Ok(spawn_request(
+        let request = spawn_request(
             sandbox.id,
             uid_slot,
             sandbox.hostname.clone(),
@@ -55,8 +62,10 @@ impl Service {
             &resolved,
             capabilities,
             image,
+            network,
             prepared,
-        ))
+        );
+        Ok((request, net_info))
     }
 
     /// `POST /start`: run the command of a sandbox created with `"start": false`.
@@ -70,17 +79,24 @@ impl Service {
             return Err(ServiceError::NotCreated);
         }
         let id = sandbox.id;
-        let request = self.stored_spawn_request(&sandbox, true).await?;
         if !self.store.start_created(id).await? {
             return Err(ServiceError::NotCreated);
         }
+        let (request, net_info) = match self.stored_spawn_request(&sandbox, true).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Not started after all: back to `created`, for another try.
+                let _ = self.store.set_created(id).await;
+                return Err(e);
+            }
+        };
         self.register(id);
         // As for a create: the start runs in its own task, so a client hanging up cannot leave
         // the row in `creating` without a watcher.
         let svc = Arc::clone(self);
         tokio::spawn(async move {
             let result = helper_client::spawn(&*svc.helper, request).await;
-            svc.spawned(id, result).await
+            svc.spawned(id, net_info, true, result).await
         })
         .await??;
         self.store.get(id).await?.ok_or(ServiceError::NotFound)
@@ -110,7 +126,7 @@ impl Service {
             }
             _ => {}
         }
-        let spawn = self.stored_spawn_request(&sandbox, false).await?;
+        let (spawn, _) = self.stored_spawn_request(&sandbox, false).await?;
         let request = FilesRequest {
             spawn,
             op,
@@ -136,6 +152,7 @@ pub(super) fn spawn_request(
     resolved: &Resolved,
     capabilities: Option<Vec<String>>,
     rootfs_image: Option<String>,
+    network: Option<SpawnNetwork>,
     prepared: bool,
 ) -> SpawnRequest {
     SpawnRequest {
@@ -157,5 +174,6 @@ pub(super) fn spawn_request(
         prepared,
         rootfs_readonly: v.spec.rootfs.as_ref().is_some_and(|r| r.readonly),
         rootfs_image,
+        network,
     }
 }

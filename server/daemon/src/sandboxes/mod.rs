@@ -12,6 +12,7 @@ pub mod execs;
 mod files;
 mod images;
 pub mod monitor;
+mod network;
 mod reaper;
 mod watcher;
 
@@ -20,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sandboxd_api::{EndReason, Info, Sandbox, SandboxState, Stats};
+use sandboxd_api::{EndReason, Info, NetworkInfo, Sandbox, SandboxState, Stats};
 use sandboxd_protocol::control::ALLOWED_SIGNALS;
 use sandboxd_protocol::layout::SandboxDir;
 use sandboxd_protocol::wire::{HelperErrorCode, Mode, SandboxStats};
@@ -105,6 +106,12 @@ pub enum ServiceError {
     ImageTooLarge(String),
     #[error("storing the upload")]
     Upload(#[source] std::io::Error),
+    #[error("{0}")]
+    NetworkUnavailable(String),
+    #[error("{0}")]
+    PortInUse(String),
+    #[error("no free address in the sandbox subnet: too many bridged sandboxes are running")]
+    NoAddress,
 }
 
 /// Which sandboxes a caller may see: a `user` token sees only its tenant's, an `admin` every one.
@@ -143,6 +150,8 @@ pub struct Service {
     live_execs: Mutex<HashMap<Uuid, watch::Sender<bool>>>,
     /// Orders image deletion against creation from an image (see `images.rs`).
     image_lock: Arc<tokio::sync::RwLock<()>>,
+    /// The helper's subnet when it offers bridge mode (asked once; see `network.rs`).
+    net_subnet: OnceCell<Option<sandboxd_protocol::net::Subnet>>,
 }
 
 impl Service {
@@ -165,6 +174,7 @@ impl Service {
             reaping: Mutex::new(HashSet::new()),
             live_execs: Mutex::new(HashMap::new()),
             image_lock: Arc::new(tokio::sync::RwLock::new(())),
+            net_subnet: OnceCell::new(),
         })
     }
 
@@ -266,6 +276,7 @@ impl Service {
             Some(rootfs) => Some(self.resolve_image(tenant, &rootfs.image).await?),
             None => None,
         };
+        self.check_network(&v.spec).await?;
         // The setup runs in its own task so that a client hanging up cannot leave a row in
         // `creating` without a watcher.
         let svc = Arc::clone(self);
@@ -325,6 +336,19 @@ impl Service {
                 });
             }
         };
+        let (net_info, network) = if v.spec.start {
+            match self.assign_network(id, &v.spec).await {
+                Ok(n) => n,
+                Err(e) => {
+                    // Nothing was started: the row goes, as if the request had never come.
+                    let _ = self.store.delete(id).await;
+                    self.registry().remove(&id);
+                    return Err(e);
+                }
+            }
+        } else {
+            (NetworkInfo::default(), None)
+        };
         let mut request = spawn_request(
             id,
             uid_slot,
@@ -335,6 +359,7 @@ impl Service {
             image
                 .as_ref()
                 .map(|(digest, _held_until_spawned)| digest.clone()),
+            network,
             false,
         );
         let start = v.spec.start;
@@ -381,19 +406,39 @@ impl Service {
                 self.registry().remove(&id);
                 Ok(id)
             }
-            Ok(Some(spawned)) => self.spawned(id, Ok(spawned)).await,
-            Err(e) => self.spawned(id, Err(e)).await,
+            Ok(Some(spawned)) => self.spawned(id, net_info, false, Ok(spawned)).await,
+            Err(e) => self.spawned(id, net_info, false, Err(e)).await,
         }
     }
 
     /// Record the outcome of a spawn: `running` with a watcher, or `failed` and cleaned up.
+    /// `prepared`: the start of a sandbox created with `"start": false`.
     async fn spawned(
         self: &Arc<Self>,
         id: Uuid,
+        net_info: NetworkInfo,
+        prepared: bool,
         result: Result<sandboxd_protocol::wire::Spawned, HelperClientError>,
     ) -> Result<Uuid, ServiceError> {
         match result {
+            // A port conflict on a new sandbox is answered as if it had never been asked for. A
+            // created sandbox's start fails like any other failed start (below), its row kept.
+            Err(HelperClientError::Refused(e))
+                if e.code == HelperErrorCode::PortInUse && !prepared =>
+            {
+                // A conflict, not a failure: nothing was started and nothing is kept (the helper
+                // rolled back already; this only makes sure).
+                match helper_client::destroy(&*self.helper, id).await {
+                    Ok(()) => {}
+                    Err(HelperClientError::Refused(e)) if e.code == HelperErrorCode::NotFound => {}
+                    Err(e) => tracing::warn!(%id, error = %e, "removing a refused sandbox failed"),
+                }
+                let _ = self.store.delete(id).await;
+                self.notify_final(id);
+                Err(ServiceError::PortInUse(e.message))
+            }
             Ok(spawned) => {
+                self.record_ports(id, net_info, &spawned.ports).await?;
                 self.store
                     .set_running(
                         id,
@@ -430,7 +475,12 @@ impl Service {
                     tracing::warn!(%id, error = %e, "removing a failed sandbox failed");
                 }
                 self.notify_final(id);
-                Err(ServiceError::SpawnFailed { id, source })
+                match source {
+                    HelperClientError::Refused(e) if e.code == HelperErrorCode::PortInUse => {
+                        Err(ServiceError::PortInUse(e.message))
+                    }
+                    source => Err(ServiceError::SpawnFailed { id, source }),
+                }
             }
         }
     }
@@ -530,7 +580,11 @@ impl Service {
                 controllers: h.cgroup_controllers,
             },
             overlayfs: h.overlayfs,
-            network_modes: vec!["none".to_owned()],
+            network_modes: if h.network_modes.is_empty() {
+                vec!["none".to_owned()]
+            } else {
+                h.network_modes
+            },
             uid_ranges: sandboxd_api::UidRanges {
                 base: h.uid_base,
                 size: h.uid_range_size,

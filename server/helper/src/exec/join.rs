@@ -195,10 +195,19 @@ fn join(
             .map_err(err("joining the cgroup namespace"))?;
     }
     drop(sandbox);
-    // The user namespace first: it grants the capabilities that joining the others needs.
+    // In privileged mode the sandbox's network namespace belongs to the host's user namespace
+    // (the sandbox has no CAP_NET_ADMIN over it), so only host root may join it: now, before
+    // the user namespace. (`CLONE_NEWNET` makes setns refuse every other kind with EINVAL; in
+    // rootless mode the network namespace is the sandbox's own and is joined below.)
+    let early: Vec<RawFd> = other_ns
+        .iter()
+        .copied()
+        .filter(|fd| nix::sched::setns(sys::borrow_fd(*fd), CloneFlags::CLONE_NEWNET).is_ok())
+        .collect();
+    // The user namespace next: it grants the capabilities that joining the others needs.
     nix::sched::setns(sys::borrow_fd(user_ns), CloneFlags::CLONE_NEWUSER)
         .map_err(err("joining the user namespace"))?;
-    for fd in other_ns {
+    for fd in other_ns.iter().filter(|fd| !early.contains(fd)) {
         nix::sched::setns(sys::borrow_fd(*fd), CloneFlags::empty())
             .map_err(err("joining a namespace"))?;
     }

@@ -45,6 +45,9 @@ pub struct InitFds {
     pub pty_socket: Option<OwnedFd>,
     /// The image's lower layer, for a sandbox started from an image.
     pub image: Option<ImageLower>,
+    /// The sandbox's network namespace is its own (rootless): init brings `lo` up itself.
+    /// Otherwise the helper made it, owned by the host's user namespace, and did that already.
+    pub own_network: bool,
 }
 
 /// An image's root filesystem as init gets it.
@@ -112,7 +115,10 @@ pub fn run_init(spawn: &ValidSpawn, mut fds: InitFds) -> ! {
         })
         .and_then(|()| {
             nix::unistd::sethostname(&spawn.hostname).map_err(step("setting the hostname"))?;
-            sys::loopback_up().map_err(step("bringing lo up"))
+            if fds.own_network {
+                sys::loopback_up().map_err(step("bringing lo up"))?;
+            }
+            Ok(())
         })
         .and_then(|()| harden::apply(&spawn.capabilities));
     drop(fds.work);

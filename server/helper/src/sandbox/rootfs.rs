@@ -371,18 +371,11 @@ fn ensure_dir(root: &str, name: &str) -> Result<(), SetupError> {
 /// group): written fresh in the upper layer, never through a link the image holds.
 fn image_etc(spawn: &ValidSpawn, etc: &str) -> Result<(), SetupError> {
     let host = &spawn.hostname;
+    let net = spawn.network.as_ref();
     for (name, content) in [
         ("hostname", format!("{host}\n")),
-        (
-            "hosts",
-            format!(
-                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{host}\n"
-            ),
-        ),
-        (
-            "resolv.conf",
-            "# sandboxd: this sandbox has no network (mode \"none\"), so no name servers\n".into(),
-        ),
+        ("hosts", crate::net::etc::hosts(host, net)),
+        ("resolv.conf", crate::net::etc::resolv_conf(net)),
     ] {
         let path = format!("{etc}/{name}");
         match nix::unistd::unlink(path.as_str()) {
@@ -423,15 +416,11 @@ fn build_etc(spawn: &ValidSpawn, etc: &str) -> Result<(), SetupError> {
         "root:x:0:\ntty:x:5:\nnogroup:x:65534:\n",
     )?;
     write_file(&format!("{etc}/hostname"), &format!("{host}\n"))?;
-    write_file(
-        &format!("{etc}/hosts"),
-        &format!(
-            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{host}\n"
-        ),
-    )?;
+    let net = spawn.network.as_ref();
+    write_file(&format!("{etc}/hosts"), &crate::net::etc::hosts(host, net))?;
     write_file(
         &format!("{etc}/resolv.conf"),
-        "# sandboxd: this sandbox has no network (mode \"none\"), so no name servers\n",
+        &crate::net::etc::resolv_conf(net),
     )?;
     Ok(())
 }

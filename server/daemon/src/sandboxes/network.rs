@@ -1,0 +1,129 @@
+//! A sandbox's network as the daemon handles it: whether this host offers the mode, the address
+//! from the helper's subnet (allocated in the store), the group's members for /etc/hosts, and
+//! what the sandbox object shows.
+
+use sandboxd_api::{CreateSandbox, NetworkInfo, NetworkMode, PortSpec};
+use sandboxd_protocol::net::Subnet;
+use sandboxd_protocol::wire::{NetworkPeer, PortMapping, SpawnNetwork};
+use uuid::Uuid;
+
+use super::{Service, ServiceError};
+use crate::helper_client;
+
+impl Service {
+    /// The helper's subnet, when it offers bridge mode (asked once).
+    async fn bridge_subnet(&self) -> Result<Option<Subnet>, ServiceError> {
+        self.net_subnet
+            .get_or_try_init(|| async {
+                let info = helper_client::info(&*self.helper).await?;
+                let bridged = info.network_modes.iter().any(|m| m == "bridge");
+                Ok::<_, ServiceError>(
+                    info.network_subnet
+                        .filter(|_| bridged)
+                        .and_then(|s| Subnet::parse(&s).ok()),
+                )
+            })
+            .await
+            .copied()
+    }
+
+    /// 422 before anything is stored when this host cannot give the sandbox its network.
+    pub(super) async fn check_network(&self, spec: &CreateSandbox) -> Result<(), ServiceError> {
+        let bridged = spec
+            .network
+            .as_ref()
+            .is_some_and(|n| n.mode == NetworkMode::Bridge);
+        if bridged && self.bridge_subnet().await?.is_none() {
+            return Err(ServiceError::NetworkUnavailable(
+                "network.mode bridge needs the privileged helper (start sandboxd as root); \
+                 this daemon runs rootless and no user-mode network stack (pasta, slirp4netns) \
+                 is supported"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Record the network of a `creating` sandbox and say what the helper must set up: for
+    /// bridge mode the lowest free address of the subnet and the group's live members.
+    pub(super) async fn assign_network(
+        &self,
+        id: Uuid,
+        spec: &CreateSandbox,
+    ) -> Result<(NetworkInfo, Option<SpawnNetwork>), ServiceError> {
+        let requested = spec.network.clone().unwrap_or_default();
+        if requested.mode == NetworkMode::None {
+            let info = NetworkInfo::default();
+            self.store.set_network(id, &info).await?;
+            return Ok((info, None));
+        }
+        let subnet = self.bridge_subnet().await?.ok_or_else(|| {
+            ServiceError::NetworkUnavailable("bridge mode is not available".into())
+        })?;
+        let (first, last) = subnet.host_range();
+        let index = self
+            .store
+            .assign_net_index(id, first, last)
+            .await?
+            .ok_or(ServiceError::NoAddress)?;
+        let address = subnet.host(index).ok_or(ServiceError::NoAddress)?;
+        let peers = match &requested.group {
+            Some(group) => self
+                .store
+                .group_members(group, id)
+                .await?
+                .into_iter()
+                .filter_map(|(hostname, address)| {
+                    Some(NetworkPeer {
+                        hostname,
+                        address: address.parse().ok()?,
+                    })
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let info = NetworkInfo {
+            mode: NetworkMode::Bridge,
+            group: requested.group.clone(),
+            address: Some(address.to_string()),
+            gateway: Some(subnet.gateway().to_string()),
+            ports: requested.ports.clone(),
+        };
+        self.store.set_network(id, &info).await?;
+        let spawn = SpawnNetwork {
+            group: requested.group,
+            address,
+            peers,
+            ports: requested
+                .ports
+                .iter()
+                .map(|p| PortMapping {
+                    sandbox: p.sandbox,
+                    host: p.host,
+                })
+                .collect(),
+        };
+        Ok((info, Some(spawn)))
+    }
+
+    /// Record the published ports as the helper bound them.
+    pub(super) async fn record_ports(
+        &self,
+        id: Uuid,
+        mut info: NetworkInfo,
+        bound: &[PortMapping],
+    ) -> Result<(), ServiceError> {
+        if bound.is_empty() {
+            return Ok(());
+        }
+        info.ports = bound
+            .iter()
+            .map(|p| PortSpec {
+                sandbox: p.sandbox,
+                host: p.host,
+            })
+            .collect();
+        self.store.set_network(id, &info).await?;
+        Ok(())
+    }
+}
