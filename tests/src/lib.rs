@@ -154,8 +154,10 @@ pub fn ensure_user(name: &str) -> (u32, u32) {
 fn next_uid_base() -> u32 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::SeqCst) + std::process::id() % 64 * 64;
-    // 8 slots and the image range after them (see the helper's config.rs).
-    300_000_000 + (n % 4096) * 9 * 65536
+    // 8 slots and the image range after them (see the helper's config.rs), all below 2^31:
+    // `ping_group_range` cannot name a gid above 2^31 - 1, so higher ranges could not ping.
+    const RANGES: u32 = (i32::MAX as u32 - 300_000_000) / (9 * 65536);
+    300_000_000 + (n % RANGES) * 9 * 65536
 }
 
 /// A running daemon. Killed, and its sandboxes and state removed, on drop.
