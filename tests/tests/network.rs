@@ -505,6 +505,20 @@ fn nothing_is_left_after_delete_or_a_crash() {
         eventually(Duration::from_secs(5), || !mounted()),
         "the hub is still mounted after its helper stopped"
     );
+    // And its parent cgroups, now empty, are gone with it (cgroup v1 here: one per controller).
+    let parent = sandboxd_tests::cgroup_parent_name(&d.state_dir);
+    let left = || {
+        ["memory", "pids", "cpu", "cpuacct", "unified"]
+            .iter()
+            .map(|c| std::path::Path::new("/sys/fs/cgroup").join(c).join(&parent))
+            .filter(|p| p.exists())
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || left().is_empty()),
+        "parent cgroups left after the helper stopped: {:?}",
+        left()
+    );
 }
 
 #[test]

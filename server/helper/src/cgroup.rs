@@ -453,6 +453,19 @@ impl Cgroups {
         }
     }
 
+    /// Remove the daemon's parent cgroups if no sandbox's cgroup is left in them (when the
+    /// helper stops). rmdir of a cgroup with children fails, so a running sandbox keeps them.
+    pub fn release_parents_if_empty(&self) {
+        let parents: Vec<PathBuf> = match &self.layout {
+            Layout::V1 { .. } => self.v1_dirs(None),
+            Layout::V2 { base, .. } => vec![base.join(&self.parent)],
+            Layout::None => Vec::new(),
+        };
+        for parent in parents {
+            let _ = fs::remove_dir(parent);
+        }
+    }
+
     /// Sandbox ids that have a cgroup (to find orphans).
     pub fn list(&self) -> Vec<Uuid> {
         let parents: Vec<PathBuf> = match &self.layout {

@@ -70,12 +70,14 @@ impl Helper {
             if ready[term_slot] {
                 // Stopped (SIGTERM, also the daemon's death): sandboxes are unaffected.
                 self.network.release_if_idle();
+                self.cgroups.release_parents_if_empty();
                 std::process::exit(0);
             }
             if self.lifeline.is_some() && ready.last() == Some(&true) {
                 // The daemon never writes to the pipe, so readiness means it closed: exit.
                 // Sandboxes are unaffected; they belong to their monitors.
                 self.network.release_if_idle();
+                self.cgroups.release_parents_if_empty();
                 std::process::exit(0);
             }
             for i in (0..conns.len()).rev() {
