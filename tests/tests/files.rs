@@ -1043,3 +1043,41 @@ fn a_created_sandbox_and_its_files_survive_a_daemon_restart() {
     assert_eq!(done.exit_code, Some(0));
     assert_eq!(d.logs(&id, ""), b"kept\n");
 }
+
+/// A transfer that builds a created sandbox's root holds it: a start meanwhile answers 409 and
+/// leaves the sandbox `created` (rather than mounting its root a second time), and succeeds once
+/// the transfer has ended.
+#[test]
+fn a_start_waits_until_no_transfer_holds_the_created_root() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let s = create_unstarted(&d, "test -s /work/big && echo started");
+    let id = s.id.to_string();
+    expect(
+        put(&d, &id, "files", "path=/work/big", vec![7u8; 32 << 20]),
+        204,
+        "upload",
+    );
+    let mut stream = stalled_download(&d, &id, "/work/big");
+    // The answer's head has come: the worker runs (and holds the root) and now stalls on us.
+    let mut head = [0u8; 12];
+    std::io::Read::read_exact(&mut stream, &mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let resp = d.post_json(&format!("/v1/sandboxes/{id}/start"), &json!({}));
+    let (status, body) = answer(resp);
+    assert_eq!(status, 409, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(d.sandbox(&id).state, SandboxState::Created);
+    drop(stream);
+    assert!(
+        sandboxd_tests::eventually(Duration::from_secs(30), || {
+            d.post_json(&format!("/v1/sandboxes/{id}/start"), &json!({}))
+                .status()
+                .as_u16()
+                == 200
+        }),
+        "the start succeeds once the transfer has ended"
+    );
+    let done = d.wait(&id);
+    assert_eq!(done.exit_code, Some(0));
+    assert_eq!(String::from_utf8_lossy(&d.logs(&id, "")), "started\n");
+}

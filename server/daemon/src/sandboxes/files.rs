@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use sandboxd_api::{NetworkInfo, Sandbox, SandboxState};
 use sandboxd_protocol::files::{FileOp, SandboxPath};
-use sandboxd_protocol::wire::{FileReady, FilesRequest, SpawnNetwork, SpawnRequest};
+use sandboxd_protocol::wire::{
+    FileReady, FilesRequest, HelperErrorCode, SpawnNetwork, SpawnRequest,
+};
 use tokio::net::UnixStream;
 use uuid::Uuid;
 
@@ -96,6 +98,18 @@ impl Service {
         let svc = Arc::clone(self);
         tokio::spawn(async move {
             let result = helper_client::spawn(&*svc.helper, request).await;
+            if let Err(HelperClientError::Refused(e)) = &result {
+                if e.code == HelperErrorCode::Busy {
+                    // A file transfer holds the sandbox's root (see the helper's files/mod.rs):
+                    // nothing was started, so it stays `created` for another try.
+                    svc.store.set_created(id).await?;
+                    svc.registry().remove(&id);
+                    return Err(ServiceError::Busy(
+                        "a file transfer into this sandbox is in progress; start it once it ends"
+                            .into(),
+                    ));
+                }
+            }
             svc.spawned(id, net_info, true, result).await
         })
         .await??;

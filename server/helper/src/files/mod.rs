@@ -99,6 +99,14 @@ pub fn start(helper: &Helper, req: &FilesRequest, conn: &UnixStream) -> Result<(
     // A running sandbox is reached through its init's namespaces, which its monitor holds; for
     // a created or exited one (no monitor) the worker builds the root itself.
     let namespaces = running_namespaces(helper, files.spawn.id);
+    // A worker that builds the root itself holds `monitor.lock` shared for its whole life: a
+    // start (whose monitor takes it exclusively) then waits until no transfer is in flight,
+    // instead of mounting the same upper layer a second time; and a monitor that holds it
+    // already means the sandbox is starting.
+    let root_lock = match &namespaces {
+        Some(_) => None,
+        None => Some(share_monitor_lock(helper, files.spawn.id)?),
+    };
     // A root built here from an image needs the image's lower layer, as init gets it.
     let image = match (&namespaces, &files.spawn.rootfs) {
         (None, crate::validate::Rootfs::Image { digest, .. }) => Some(match helper.config.mode {
@@ -133,11 +141,46 @@ pub fn start(helper: &Helper, req: &FilesRequest, conn: &UnixStream) -> Result<(
                         drop(work);
                         fork_joining_worker(&files, conn, ns)
                     }
-                    None => clone_worker(&files, conn, work, &work_path, image),
+                    None => clone_worker(&files, conn, work, &work_path, image, root_lock),
                 }))
                 .unwrap_or(1);
             sys::exit_now(code)
         }
+    }
+}
+
+/// `monitor.lock` of a sandbox that does not run, locked shared (see `start`). Busy when a
+/// monitor holds it: the sandbox is being started. (A raw flock: it must stay with the worker's
+/// inherited copy of the descriptor when the helper closes its own.)
+fn share_monitor_lock(helper: &Helper, id: uuid::Uuid) -> Result<OwnedFd, HelperError> {
+    use nix::fcntl::{openat, FlockArg, OFlag};
+    let dir = helper
+        .sandboxes
+        .open_dir(id)
+        .map_err(crate::server::dir_error)?;
+    let lock = openat(
+        Some(dir.as_raw_fd()),
+        sandboxd_protocol::layout::MONITOR_LOCK,
+        OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map(sys::own_fd)
+    .map_err(|e| {
+        HelperError::new(
+            HelperErrorCode::SetupFailed,
+            format!("opening monitor.lock: {e}"),
+        )
+    })?;
+    match crate::dirs::flock(lock.as_raw_fd(), FlockArg::LockSharedNonblock) {
+        Ok(()) => Ok(lock),
+        Err(nix::errno::Errno::EWOULDBLOCK) => Err(HelperError::new(
+            HelperErrorCode::Busy,
+            "the sandbox is being started; retry in a moment",
+        )),
+        Err(e) => Err(HelperError::new(
+            HelperErrorCode::SetupFailed,
+            format!("locking monitor.lock: {e}"),
+        )),
     }
 }
 
@@ -247,6 +290,7 @@ fn clone_worker(
     work: OwnedFd,
     work_path: &std::path::Path,
     image: Option<crate::sandbox::ImageLower>,
+    root_lock: Option<OwnedFd>,
 ) -> i32 {
     let fail = |step: &str, e: &dyn std::fmt::Display| {
         send(
@@ -274,6 +318,7 @@ fn clone_worker(
     ]
     .into_iter()
     .chain(image_fd)
+    .chain(root_lock.as_ref().map(|l| l.as_raw_fd()))
     .collect();
     if let Err(e) = crate::fds::close_all_except(&keep) {
         return fail("closing inherited descriptors", &e);
@@ -289,7 +334,7 @@ fn clone_worker(
             worker_main(files, conn, work, work_path, sync_r, image)
         }
         Ok(CloneResult::Parent { child, pidfd }) => {
-            drop((sync_r, work, image));
+            drop((sync_r, work, image, root_lock));
             if let Err(e) = crate::monitor::write_id_maps(child, files.spawn.ids) {
                 let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
                 let _ = nix::sys::wait::waitpid(child, None);
