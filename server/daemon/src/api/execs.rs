@@ -10,19 +10,15 @@
 
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
-use sandboxd_api::{
-    AttachControl, AttachEnd, CreateExec, Exec, ExecList, LogEnd, CHANNEL_STDERR, CHANNEL_STDIN,
-    CHANNEL_STDOUT,
-};
+use sandboxd_api::{AttachControl, AttachEnd, CreateExec, Exec, ExecList, LogEnd, CHANNEL_STDIN};
 use sandboxd_protocol::exec::{Frame, MAX_FRAME};
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
@@ -30,6 +26,7 @@ use tokio::net::UnixStream;
 
 use super::auth::Principal;
 use super::extract::{ApiJson, ApiQuery, IdOrName};
+use super::logs::{plain_body, wants_websocket, LogParams};
 use super::{ApiError, AppState};
 use crate::logs::{read_logs, LogEvent, ReadOptions};
 use crate::validate::check_exec;
@@ -78,25 +75,6 @@ pub async fn get(
     Ok(Json(find(&state, &principal, path).await?))
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogParams {
-    #[serde(default)]
-    offset: u64,
-    stream: Option<String>,
-    #[serde(default)]
-    follow: bool,
-    #[serde(default, rename = "ticket")]
-    _ticket: Option<String>,
-}
-
-fn wants_websocket(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
-}
-
 /// `GET .../execs/{exec_id}/logs`: the same API as a sandbox's logs.
 pub async fn logs(
     State(state): State<AppState>,
@@ -106,22 +84,11 @@ pub async fn logs(
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let channel = match params.stream.as_deref() {
-        None => None,
-        Some("stdout") => Some(CHANNEL_STDOUT),
-        Some("stderr") => Some(CHANNEL_STDERR),
-        Some(_) => return Err(ApiError::invalid("stream: must be stdout or stderr")),
-    };
+    let websocket = wants_websocket(&headers);
+    let opts = params.read_options(websocket)?;
     let exec = find(&state, &principal, path).await?;
-    let dir = state.svc.exec_dir(exec.sandbox_id, exec.id);
-    if wants_websocket(&headers) {
+    if websocket {
         let upgrade = upgrade.map_err(|r| ApiError::from_status(r.status(), r.body_text()))?;
-        let opts = ReadOptions {
-            offset: params.offset,
-            channel,
-            follow: true,
-            split_channels: true,
-        };
         return Ok(upgrade
             .max_message_size(64 * 1024)
             .on_upgrade(move |socket| {
@@ -135,28 +102,12 @@ pub async fn logs(
                 )
             }));
     }
-    let opts = ReadOptions {
-        offset: params.offset,
-        channel,
-        follow: params.follow,
-        split_channels: false,
-    };
-    let rx = read_logs(dir, opts, state.svc.subscribe_exec(exec.id));
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        match rx.recv().await? {
-            Ok(LogEvent::Data { data, .. }) => Some((Ok::<Bytes, std::io::Error>(data), rx)),
-            Ok(LogEvent::End { .. }) => None,
-            Err(e) => {
-                tracing::error!(error = %e, "reading exec logs failed");
-                Some((Err(e), rx))
-            }
-        }
-    });
-    Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream")],
-        Body::from_stream(body),
-    )
-        .into_response())
+    let dir = state.svc.exec_dir(exec.sandbox_id, exec.id);
+    Ok(plain_body(read_logs(
+        dir,
+        opts,
+        state.svc.subscribe_exec(exec.id),
+    )))
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -13,6 +13,7 @@ use axum::Extension;
 use futures_util::{SinkExt, StreamExt};
 use sandboxd_api::{LogEnd, CHANNEL_STDERR, CHANNEL_STDOUT};
 use serde::Deserialize;
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::auth::Principal;
@@ -36,48 +37,35 @@ pub struct LogParams {
     _ticket: Option<String>,
 }
 
-fn wants_websocket(headers: &HeaderMap) -> bool {
+impl LogParams {
+    /// How to read: a websocket always follows and keeps the channels apart; a plain body
+    /// follows on request and carries the bytes only. 400 for a `stream` other than stdout or
+    /// stderr.
+    pub(super) fn read_options(&self, websocket: bool) -> Result<ReadOptions, ApiError> {
+        let channel = match self.stream.as_deref() {
+            None => None,
+            Some("stdout") => Some(CHANNEL_STDOUT),
+            Some("stderr") => Some(CHANNEL_STDERR),
+            Some(_) => return Err(ApiError::invalid("stream: must be stdout or stderr")),
+        };
+        Ok(ReadOptions {
+            offset: self.offset,
+            channel,
+            follow: websocket || self.follow,
+            split_channels: websocket,
+        })
+    }
+}
+
+pub(super) fn wants_websocket(headers: &HeaderMap) -> bool {
     headers
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
-pub async fn logs(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-    IdOrName(id): IdOrName,
-    ApiQuery(params): ApiQuery<LogParams>,
-    headers: HeaderMap,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Result<Response, ApiError> {
-    let channel = match params.stream.as_deref() {
-        None => None,
-        Some("stdout") => Some(CHANNEL_STDOUT),
-        Some("stderr") => Some(CHANNEL_STDERR),
-        Some(_) => return Err(ApiError::invalid("stream: must be stdout or stderr")),
-    };
-    let sandbox = state.svc.find(&principal.scope(), &id).await?;
-    let id = sandbox.id;
-    if wants_websocket(&headers) {
-        let upgrade = upgrade.map_err(|r| ApiError::from_status(r.status(), r.body_text()))?;
-        let opts = ReadOptions {
-            offset: params.offset,
-            channel,
-            follow: true,
-            split_channels: true,
-        };
-        return Ok(upgrade
-            .max_message_size(MAX_INCOMING)
-            .on_upgrade(move |socket| stream_websocket(state, id, opts, socket)));
-    }
-    let opts = ReadOptions {
-        offset: params.offset,
-        channel,
-        follow: params.follow,
-        split_channels: false,
-    };
-    let rx = read_logs(state.svc.dir(id), opts, state.svc.subscribe(id));
+/// A plain response of the output's bytes, as `read_logs` delivers them.
+pub(super) fn plain_body(rx: mpsc::Receiver<std::io::Result<LogEvent>>) -> Response {
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         match rx.recv().await? {
             Ok(LogEvent::Data { data, .. }) => Some((Ok::<Bytes, std::io::Error>(data), rx)),
@@ -88,11 +76,36 @@ pub async fn logs(
             }
         }
     });
-    Ok((
+    (
         [(header::CONTENT_TYPE, "application/octet-stream")],
         Body::from_stream(body),
     )
-        .into_response())
+        .into_response()
+}
+
+pub async fn logs(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    IdOrName(id): IdOrName,
+    ApiQuery(params): ApiQuery<LogParams>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let websocket = wants_websocket(&headers);
+    let opts = params.read_options(websocket)?;
+    let sandbox = state.svc.find(&principal.scope(), &id).await?;
+    let id = sandbox.id;
+    if websocket {
+        let upgrade = upgrade.map_err(|r| ApiError::from_status(r.status(), r.body_text()))?;
+        return Ok(upgrade
+            .max_message_size(MAX_INCOMING)
+            .on_upgrade(move |socket| stream_websocket(state, id, opts, socket)));
+    }
+    Ok(plain_body(read_logs(
+        state.svc.dir(id),
+        opts,
+        state.svc.subscribe(id),
+    )))
 }
 
 async fn stream_websocket(state: AppState, id: Uuid, opts: ReadOptions, socket: WebSocket) {
