@@ -72,7 +72,65 @@ fn setup_error(step: &str, e: impl std::fmt::Display) -> HelperError {
     HelperError::new(HelperErrorCode::SetupFailed, format!("{step}: {e}"))
 }
 
-fn now_ms() -> i64 {
+/// Where the lines of a status pipe go: init and the exec shims report alike.
+pub(crate) struct StatusReport<'a> {
+    pub started_at_ms: &'a mut Option<i64>,
+    pub exec_error: &'a mut Option<String>,
+    pub setup_error: &'a mut Option<String>,
+    /// Exit code (`128 + N` for signal N) and the signal.
+    pub end: &'a mut Option<(i32, Option<i32>)>,
+}
+
+/// Read what a (non-blocking) status pipe holds and apply its complete lines to `report`:
+/// `started`, `exec_failed MSG`, `setup_failed MSG`, `exit N`, `signal N`. The pipe is dropped
+/// at end of file, or when more than 64 KiB arrive without a newline.
+pub(crate) fn read_status(pipe: &mut Option<File>, buf: &mut Vec<u8>, report: StatusReport<'_>) {
+    let Some(file) = pipe else { return };
+    let mut chunk = [0u8; 4096];
+    loop {
+        match file.read(&mut chunk) {
+            Ok(0) => {
+                *pipe = None;
+                break;
+            }
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.len() > 64 * 1024 {
+                    *pipe = None;
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+        let line: Vec<u8> = buf.drain(..=pos).collect();
+        let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+        let (word, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+        match word {
+            "started" => *report.started_at_ms = Some(now_ms()),
+            "exec_failed" => {
+                report.started_at_ms.get_or_insert_with(now_ms);
+                *report.exec_error = Some(rest.to_string());
+            }
+            "setup_failed" => *report.setup_error = Some(rest.to_string()),
+            "exit" => {
+                if let Ok(code) = rest.parse() {
+                    *report.end = Some((code, None));
+                }
+            }
+            "signal" => {
+                if let Ok(sig) = rest.parse::<i32>() {
+                    *report.end = Some((128 + sig, Some(sig)));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -982,52 +1040,18 @@ impl Monitor {
         }
     }
 
-    /// Read init's status lines: `started`, `exec_failed MSG`, `setup_failed MSG`,
-    /// `exit N`, `signal N`.
+    /// Read init's status lines (see [`read_status`]).
     fn read_status(&mut self) {
-        let Some(file) = &mut self.status else { return };
-        let mut chunk = [0u8; 4096];
-        loop {
-            match file.read(&mut chunk) {
-                Ok(0) => {
-                    self.status = None;
-                    break;
-                }
-                Ok(n) => {
-                    self.status_buf.extend_from_slice(&chunk[..n]);
-                    if self.status_buf.len() > 64 * 1024 {
-                        self.status = None;
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            }
-        }
-        while let Some(pos) = self.status_buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.status_buf.drain(..=pos).collect();
-            let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
-            let (word, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
-            match word {
-                "started" => self.started_at_ms = Some(now_ms()),
-                "exec_failed" => {
-                    self.started_at_ms.get_or_insert_with(now_ms);
-                    self.exec_error = Some(rest.to_string());
-                }
-                "setup_failed" => self.setup_error = Some(rest.to_string()),
-                "exit" => {
-                    if let Ok(code) = rest.parse() {
-                        self.command_end = Some((code, None));
-                    }
-                }
-                "signal" => {
-                    if let Ok(sig) = rest.parse::<i32>() {
-                        self.command_end = Some((128 + sig, Some(sig)));
-                    }
-                }
-                _ => {}
-            }
-        }
+        read_status(
+            &mut self.status,
+            &mut self.status_buf,
+            StatusReport {
+                started_at_ms: &mut self.started_at_ms,
+                exec_error: &mut self.exec_error,
+                setup_error: &mut self.setup_error,
+                end: &mut self.command_end,
+            },
+        );
     }
 
     fn reap(&mut self) {

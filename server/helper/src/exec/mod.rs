@@ -20,7 +20,7 @@ use std::io::{IoSliceMut, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{openat, renameat, OFlag};
@@ -36,7 +36,7 @@ use sandboxd_protocol::exec::{
 use sandboxd_protocol::layout::{OUTPUT_INDEX, OUTPUT_LOG, STATUS_FILE};
 use uuid::Uuid;
 
-use crate::monitor::append_output;
+use crate::monitor::{append_output, now_ms, read_status, StatusReport};
 use crate::sys::{self, CloneResult};
 use crate::validate::{valid_env_name, IdMap};
 
@@ -56,13 +56,6 @@ const MAX_ENV: usize = 1024;
 const MAX_HELD_CONNECTIONS: usize = 256;
 /// A terminal's end-of-file character (VEOF, ^D): what `close_stdin` sends to a terminal.
 const VEOF: u8 = 4;
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 /// What every exec of this sandbox shares with its main command.
 pub struct Context {
@@ -825,52 +818,18 @@ impl Exec {
         }
     }
 
-    /// Read the shim's status lines: `started`, `exec_failed MSG`, `setup_failed MSG`,
-    /// `exit N`, `signal N`.
+    /// Read the shim's status lines (see [`read_status`]).
     fn read_status(&mut self) {
-        let Some(file) = &mut self.status else { return };
-        let mut chunk = [0u8; 4096];
-        loop {
-            match file.read(&mut chunk) {
-                Ok(0) => {
-                    self.status = None;
-                    break;
-                }
-                Ok(n) => {
-                    self.status_buf.extend_from_slice(&chunk[..n]);
-                    if self.status_buf.len() > 64 * 1024 {
-                        self.status = None;
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            }
-        }
-        while let Some(pos) = self.status_buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.status_buf.drain(..=pos).collect();
-            let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
-            let (word, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
-            match word {
-                "started" => self.started_at = Some(now_ms()),
-                "exec_failed" => {
-                    self.started_at.get_or_insert_with(now_ms);
-                    self.exec_error = Some(rest.to_string());
-                }
-                "setup_failed" => self.setup_error = Some(rest.to_string()),
-                "exit" => {
-                    if let Ok(code) = rest.parse() {
-                        self.end = Some((code, None));
-                    }
-                }
-                "signal" => {
-                    if let Ok(sig) = rest.parse::<i32>() {
-                        self.end = Some((128 + sig, Some(sig)));
-                    }
-                }
-                _ => {}
-            }
-        }
+        read_status(
+            &mut self.status,
+            &mut self.status_buf,
+            StatusReport {
+                started_at_ms: &mut self.started_at,
+                exec_error: &mut self.exec_error,
+                setup_error: &mut self.setup_error,
+                end: &mut self.end,
+            },
+        );
     }
 
     /// Answer the `exec` request once the command has been executed (or failed to be).
