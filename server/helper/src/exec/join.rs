@@ -18,21 +18,22 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{IoSlice, Read, Write};
+use std::io::{IoSlice, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sched::CloneFlags;
-use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::signal::Signal;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use nix::sys::stat::{fstat, Mode, SFlag};
 use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::{dup2, pipe2, setsid, ForkResult, Pid};
+use nix::unistd::{dup2, pipe2, ForkResult, Pid};
 
+use crate::sandbox::init::{exec_command, report_exec};
 use crate::sandbox::seccomp::Filters;
-use crate::sandbox::{become_root, harden, init::exec_search, seccomp};
+use crate::sandbox::{become_root, harden, seccomp};
 use crate::sys::{self, fork};
 use crate::validate::IdMap;
 
@@ -129,7 +130,7 @@ pub fn run_shim(plan: &Plan, fds: ShimFds) -> ! {
     let child = match fork() {
         Ok(ForkResult::Child) => {
             drop((exec_r, status));
-            exec_process(plan, filters, stdio, exec_w)
+            exec_command(&plan.command, &plan.env, &plan.cwd, filters, stdio, exec_w)
         }
         Ok(ForkResult::Parent { child }) => child,
         Err(e) => {
@@ -139,17 +140,7 @@ pub fn run_shim(plan: &Plan, fds: ShimFds) -> ! {
     };
     // Only the process may hold its stdio: their end of file marks the end of its output.
     drop((stdio, exec_w));
-    let mut errno = [0u8; 4];
-    match File::from(exec_r).read(&mut errno) {
-        Ok(4) => {
-            let e = Errno::from_raw(i32::from_ne_bytes(errno));
-            let program = plan.command[0].to_string_lossy();
-            let _ = writeln!(status, "exec_failed {program}: {}", e.desc());
-        }
-        _ => {
-            let _ = writeln!(status, "started");
-        }
-    }
+    report_exec(exec_r, &plan.command[0], &mut status);
     loop {
         match waitpid(child, None) {
             Ok(WaitStatus::Exited(_, code)) => {
@@ -302,53 +293,4 @@ pub(crate) fn wire_stdio(stdio: Stdio) -> Result<(), Errno> {
                 .map(drop)
         }
     }
-}
-
-/// In the sandbox's PID namespace: wire stdio, restore a clean signal state, enter the working
-/// directory, install the seccomp filter and exec. On failure, report errno through `exec_w` and
-/// exit 127 (not found) or 126.
-fn exec_process(plan: &Plan, filters: &Filters, stdio: Stdio, exec_w: OwnedFd) -> ! {
-    // Move our descriptors above 10 first, so the dup2s below cannot clobber one another.
-    let high = |fd: OwnedFd| -> RawFd {
-        let raw = fd.into_raw_fd();
-        nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10)).unwrap_or(raw)
-    };
-    let report = high(exec_w);
-    let program = plan.command[0].to_string_lossy();
-    let fail = |e: Errno, what: &str| -> ! {
-        let _ = nix::unistd::write(sys::borrow_fd(report), &(e as i32).to_ne_bytes());
-        let msg = format!("sandboxd: cannot {what} {program}: {}\r\n", e.desc());
-        let _ = nix::unistd::write(sys::borrow_fd(2), msg.as_bytes());
-        sys::exit_now(if e == Errno::ENOENT { 127 } else { 126 })
-    };
-    // A session of its own: with a terminal, that terminal controls it (job control works and
-    // the shell gets SIGHUP/SIGWINCH from it); without, the process has no controlling terminal.
-    let _ = setsid();
-    if let Err(e) = wire_stdio(stdio) {
-        fail(e, "set up stdio for");
-    }
-    let _ =
-        nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-    for s in Signal::iterator() {
-        if s != Signal::SIGKILL && s != Signal::SIGSTOP {
-            let _ = sys::reset_signal(s);
-        }
-    }
-    if let Err(e) = crate::fds::close_all_except(&[report]) {
-        fail(e, "close descriptors for");
-    }
-    if let Err(e) = nix::unistd::chdir(plan.cwd.as_c_str()) {
-        fail(e, "enter the working directory for");
-    }
-    // The working directory must be inside the sandbox's root (CVE-2024-21626).
-    match std::env::current_dir() {
-        Ok(dir) if dir.is_absolute() => {}
-        _ => fail(Errno::ENOENT, "resolve the working directory for"),
-    }
-    // Last: from here on only the allowlist is reachable, exactly as for the main command.
-    if let Err(e) = filters.apply() {
-        fail(e, "apply the seccomp filter for");
-    }
-    let e = exec_search(&plan.command, &plan.env);
-    fail(e, "execute")
 }

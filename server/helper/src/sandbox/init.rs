@@ -4,7 +4,7 @@
 //! Signals are blocked in init and taken synchronously with sigwait, so there are no handlers and
 //! no races; the command gets an unblocked mask and default dispositions.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{BorrowedFd, IntoRawFd, OwnedFd, RawFd};
@@ -36,6 +36,23 @@ const FORWARDED: &[Signal] = &[
     Signal::SIGWINCH,
 ];
 
+/// Say on the status pipe whether the forked command was executed: its exec pipe is
+/// close-on-exec, so it closes empty when `execve` succeeded and carries the errno otherwise.
+/// (Init and the exec shims report alike; the monitor reads it with `monitor::read_status`.)
+pub(crate) fn report_exec(exec_r: OwnedFd, program: &CString, status: &mut File) {
+    let mut errno = [0u8; 4];
+    match File::from(exec_r).read(&mut errno) {
+        Ok(4) => {
+            let e = Errno::from_raw(i32::from_ne_bytes(errno));
+            let program = program.to_string_lossy();
+            let _ = writeln!(status, "exec_failed {program}: {}", e.desc());
+        }
+        _ => {
+            let _ = writeln!(status, "started");
+        }
+    }
+}
+
 pub fn run(spawn: &ValidSpawn, filters: &Filters, mut status: File, stdio: Stdio) -> ! {
     let mut waited = SigSet::empty();
     waited.add(Signal::SIGCHLD);
@@ -56,7 +73,14 @@ pub fn run(spawn: &ValidSpawn, filters: &Filters, mut status: File, stdio: Stdio
     let command = match fork() {
         Ok(ForkResult::Child) => {
             drop(exec_r);
-            exec_command(spawn, filters, stdio, exec_w)
+            exec_command(
+                &spawn.command,
+                &spawn.env,
+                &spawn.cwd,
+                filters,
+                stdio,
+                exec_w,
+            )
         }
         Ok(ForkResult::Parent { child }) => child,
         Err(e) => {
@@ -66,17 +90,7 @@ pub fn run(spawn: &ValidSpawn, filters: &Filters, mut status: File, stdio: Stdio
     };
     // Only the command may hold its stdio: the end of file of the output marks its end.
     drop((stdio, exec_w));
-    let mut errno = [0u8; 4];
-    match File::from(exec_r).read(&mut errno) {
-        Ok(4) => {
-            let e = Errno::from_raw(i32::from_ne_bytes(errno));
-            let program = spawn.command[0].to_string_lossy();
-            let _ = writeln!(status, "exec_failed {program}: {}", e.desc());
-        }
-        _ => {
-            let _ = writeln!(status, "started");
-        }
-    }
+    report_exec(exec_r, &spawn.command[0], &mut status);
     loop {
         let Ok(signal) = waited.wait() else { continue };
         if signal != Signal::SIGCHLD {
@@ -103,20 +117,32 @@ pub fn run(spawn: &ValidSpawn, filters: &Filters, mut status: File, stdio: Stdio
 
 /// In the command's process: wire up stdio, restore a clean signal state, enter the working
 /// directory, install the seccomp filter and exec. On failure, report errno through `exec_w` and exit 127 (not found) or 126.
-fn exec_command(spawn: &ValidSpawn, filters: &Filters, stdio: Stdio, exec_w: OwnedFd) -> ! {
+/// The forked command's last steps, for the main command and for execs alike: a session of its
+/// own, default signals, its stdio, no other descriptor, its working directory, the seccomp
+/// filter, exec. A failure goes to `exec_w` as an errno (see [`report_exec`]) and to stderr.
+pub(crate) fn exec_command(
+    argv: &[CString],
+    env: &[CString],
+    cwd: &CStr,
+    filters: &Filters,
+    stdio: Stdio,
+    exec_w: OwnedFd,
+) -> ! {
     // Move the report descriptor above 10 first, so the dup2s below cannot clobber it.
     let high = |fd: OwnedFd| -> RawFd {
         let raw = fd.into_raw_fd();
         nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10)).unwrap_or(raw)
     };
     let report = high(exec_w);
-    let program = spawn.command[0].to_string_lossy();
+    let program = argv[0].to_string_lossy();
     let fail = |e: Errno, what: &str| -> ! {
         let _ = nix::unistd::write(borrow(report), &(e as i32).to_ne_bytes());
         let msg = format!("sandboxd: cannot {what} {program}: {}\n", e.desc());
         let _ = nix::unistd::write(borrow(2), msg.as_bytes());
         sys::exit_now(if e == Errno::ENOENT { 127 } else { 126 })
     };
+    // A session of its own: with a terminal, that terminal controls it (job control works and
+    // the shell gets SIGHUP/SIGWINCH from it); without, it has no controlling terminal.
     let _ = setsid();
     let _ =
         nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
@@ -134,7 +160,7 @@ fn exec_command(spawn: &ValidSpawn, filters: &Filters, stdio: Stdio, exec_w: Own
     if let Err(e) = crate::fds::close_all_except(&[report]) {
         fail(e, "close descriptors for");
     }
-    if let Err(e) = nix::unistd::chdir(spawn.cwd.as_c_str()) {
+    if let Err(e) = nix::unistd::chdir(cwd) {
         fail(e, "enter the working directory for");
     }
     // The working directory must be inside the sandbox's root (it always is after pivot_root;
@@ -147,7 +173,7 @@ fn exec_command(spawn: &ValidSpawn, filters: &Filters, stdio: Stdio, exec_w: Own
     if let Err(e) = filters.apply() {
         fail(e, "apply the seccomp filter for");
     }
-    let e = exec_search(&spawn.command, &spawn.env);
+    let e = exec_search(argv, env);
     fail(e, "execute")
 }
 
