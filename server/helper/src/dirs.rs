@@ -566,6 +566,18 @@ fn fd_into_raw(fd: OwnedFd) -> RawFd {
     std::os::fd::IntoRawFd::into_raw_fd(fd)
 }
 
+/// A listing of the directory `dir`, read through a new open file description of it (so `dir`'s
+/// own offset is untouched). The caller skips `.` and `..`.
+pub(crate) fn open_listing(dir: RawFd) -> Result<nix::dir::Dir, Errno> {
+    let dup = open_fd(
+        Some(dir),
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+        Mode::empty(),
+    )?;
+    nix::dir::Dir::from_fd(fd_into_raw(dup))
+}
+
 /// Open directory `name` under `parent` without following links, opening up a directory the
 /// sandbox made unreadable (its contents are the sandbox's).
 fn open_dir_for_removal(parent: RawFd, name: &CStr) -> Result<OwnedFd, Errno> {
@@ -598,13 +610,7 @@ fn open_dir_for_removal(parent: RawFd, name: &CStr) -> Result<OwnedFd, Errno> {
 
 /// The first entry of a directory that is itself a directory, after unlinking every other entry.
 fn clear_files(dir: &OwnedFd) -> Result<Option<CString>, Errno> {
-    let dup = open_fd(
-        Some(dir.as_raw_fd()),
-        ".",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-        Mode::empty(),
-    )?;
-    let mut listing = nix::dir::Dir::from_fd(fd_into_raw(dup))?;
+    let mut listing = open_listing(dir.as_raw_fd())?;
     for entry in listing.iter() {
         let entry = entry?;
         let name = entry.file_name();
@@ -714,15 +720,7 @@ pub fn work_usage(sandbox_dir: &OwnedFd) -> Option<u64> {
     let mut total = 0u64;
     let mut seen = 0usize;
     while let Some(dir) = stack.pop() {
-        let Ok(dup) = open_fd(
-            Some(dir.as_raw_fd()),
-            ".",
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-            Mode::empty(),
-        ) else {
-            continue;
-        };
-        let Ok(mut listing) = nix::dir::Dir::from_fd(fd_into_raw(dup)) else {
+        let Ok(mut listing) = open_listing(dir.as_raw_fd()) else {
             continue;
         };
         for entry in listing.iter().flatten() {

@@ -81,13 +81,7 @@ struct Level {
 
 impl Level {
     fn new(dir: OwnedFd, prefix: PathBuf) -> io::Result<Level> {
-        let dup = nix::fcntl::openat(
-            Some(dir.as_raw_fd()),
-            ".",
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )?;
-        let mut listing = nix::dir::Dir::from_fd(dup)?;
+        let mut listing = crate::dirs::open_listing(dir.as_raw_fd())?;
         let mut names = Vec::new();
         for entry in listing.iter() {
             let name = entry?.file_name().to_bytes().to_vec();

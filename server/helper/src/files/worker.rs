@@ -136,13 +136,7 @@ pub fn copy_exactly(
 
 /// The JSON listing, written entry by entry (a huge directory is never held whole).
 fn write_listing(dir: &OwnedFd, path: &str, out: &mut impl Write) -> io::Result<()> {
-    let dup = nix::fcntl::openat(
-        Some(dir.as_raw_fd()),
-        ".",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    let mut listing = nix::dir::Dir::from_fd(dup)?;
+    let mut listing = crate::dirs::open_listing(dir.as_raw_fd())?;
     write!(
         out,
         "{{\"path\":{},\"entries\":[",

@@ -127,13 +127,7 @@ impl ImageStore {
     }
 
     fn names(&self) -> Result<Vec<String>, Errno> {
-        let fd = openat(
-            Some(self.raw_fd()),
-            ".",
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )?;
-        let mut dir = nix::dir::Dir::from_fd(fd)?;
+        let mut dir = crate::dirs::open_listing(self.raw_fd())?;
         let mut out = Vec::new();
         for entry in dir.iter() {
             let entry = entry?;

@@ -397,13 +397,7 @@ fn copy_capped<R: Read>(
 /// An opaque directory hides everything earlier layers put in it: remove every child this layer
 /// did not write itself.
 fn clear_opaque(dir: RawFd, parents: &[&[u8]], written: &HashSet<Vec<u8>>) -> Result<(), Errno> {
-    let fd = openat(
-        Some(dir),
-        ".",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    let mut listing = nix::dir::Dir::from_fd(fd)?;
+    let mut listing = crate::dirs::open_listing(dir)?;
     let mut doomed = Vec::new();
     for entry in listing.iter() {
         let entry = entry?;
