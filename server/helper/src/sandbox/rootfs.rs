@@ -266,12 +266,11 @@ pub fn build(
 
 /// Open a directory by path as an `O_PATH` descriptor, refusing a symlink as its last component.
 fn open_path(path: &Path, what: &'static str) -> Result<OwnedFd, SetupError> {
-    nix::fcntl::open(
+    crate::sys::open(
         path,
         OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         nix::sys::stat::Mode::empty(),
     )
-    .map(sys::own_fd)
     .map_err(step(what))
 }
 
@@ -383,12 +382,11 @@ fn image_etc(spawn: &ValidSpawn, etc: &str) -> Result<(), SetupError> {
             Err(Errno::EISDIR) => continue,
             Err(e) => return Err(step(format!("replacing /etc/{name}"))(e)),
         }
-        let fd = nix::fcntl::open(
+        let fd = crate::sys::open(
             path.as_str(),
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             nix::sys::stat::Mode::from_bits_truncate(0o644),
         )
-        .map(sys::own_fd)
         .map_err(step(format!("writing /etc/{name}")))?;
         std::fs::File::from(fd)
             .write_all(content.as_bytes())
