@@ -1,7 +1,5 @@
 //! Transport: the local unix socket, TLS beyond loopback, request limits and rate limiting.
 
-#![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};

@@ -1,8 +1,6 @@
 //! Sandboxes that try to wear the system down: a flood of output, deep trees, and more.
 //! Each must be stopped by the limits that exist and cleaned up completely.
 
-#![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
-
 use std::time::{Duration, Instant};
 
 use sandboxd_api::EndReason;

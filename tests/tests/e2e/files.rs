@@ -1,8 +1,6 @@
 //! Files in and out of a sandbox: `"start": false` + `POST /start`, `/files` and `/archive`,
 //! and every way a sandbox might try to make a transfer touch the host.
 
-#![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
-
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;

@@ -1,8 +1,6 @@
 //! Resource limits, accounting and lifetimes, end to end on this host's real cgroups (v1 hybrid
 //! here; the v2 code is tested against a fake cgroupfs in the helper's unit tests).
 
-#![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 

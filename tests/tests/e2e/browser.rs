@@ -1,8 +1,6 @@
 //! Browser safety of a localhost daemon: DNS rebinding (Host) and cross-site requests and
 //! websocket hijacking (Origin).
 
-#![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
-
 use std::net::TcpStream;
 
 use sandboxd_tests::{require_e2e, Daemon, Mode};

@@ -5,8 +5,6 @@
 //!
 //! Traffic goes only to the host's loopback and between namespaces the daemon under test made.
 
-#![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
-
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::process::Command;

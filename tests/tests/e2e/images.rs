@@ -2,8 +2,6 @@
 //! binaries (a root filesystem tarball and a docker-archive with two layers and whiteouts),
 //! imports them over real HTTP, runs sandboxes from them, and checks from inside and outside.
 
-#![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
-
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;

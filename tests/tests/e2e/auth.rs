@@ -1,8 +1,6 @@
 //! Authentication and tenants: bearer tokens on every route (checked against openapi.yaml),
 //! tenant isolation, quotas, the admin-only token API and single-use websocket tickets.
 
-#![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
-
 use std::time::Duration;
 
 use sandboxd_tests::{read_websocket, require_e2e, Daemon, Mode, Reply};

@@ -1,8 +1,6 @@
 //! The process model's promises: the daemon runs without privileges, the helper is the only
 //! privileged process and dies with the daemon, and sandboxes outlive both.
 
-#![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
-
 use std::time::Duration;
 
 use sandboxd_tests::{

@@ -2,8 +2,6 @@
 //! from the host (the host's /proc, mount table, hostname and IPC), in both privileged and
 //! rootless mode.
 
-#![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
-
 use std::time::Duration;
 
 use sandboxd_tests::{eventually, host_uid_of, require_e2e, Daemon, Mode};
