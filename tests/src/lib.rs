@@ -53,6 +53,44 @@ macro_rules! require_e2e {
     };
 }
 
+/// A test written once that runs in both modes, as two tests reported separately
+/// (`<name>::privileged` and `<name>::rootless`), so a failure in one mode never hides the other
+/// mode's result. Each skips like [`require_e2e!`] (or fails under `SANDBOXD_E2E_REQUIRE=1`).
+///
+/// ```text
+/// both_modes! {
+///     /// What the test shows.
+///     fn first_sandbox_runs(mode: Mode) {
+///         let d = Daemon::start(mode);
+///         assert_eq!(d.sh("echo hi"), "hi\n");
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! both_modes {
+    ($($(#[$meta:meta])* fn $name:ident($mode:ident: Mode) $body:block)+) => {$(
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn run($mode: $crate::Mode) $body
+
+            #[test]
+            fn privileged() {
+                $crate::require_e2e!();
+                run($crate::Mode::Privileged);
+            }
+
+            #[test]
+            fn rootless() {
+                $crate::require_e2e!();
+                run($crate::Mode::Rootless);
+            }
+        }
+    )+};
+}
+
 /// The workspace's target directory, found from this test executable (target/debug/deps/x).
 fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("the test knows its own path");

@@ -4,7 +4,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use sandboxd_api::{EndReason, SandboxState};
-use sandboxd_tests::{eventually, require_e2e, Daemon, Mode};
+use sandboxd_tests::{both_modes, eventually, require_e2e, Daemon, Mode};
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -36,10 +36,8 @@ fn sbx(daemon: &Daemon, args: &[&str], code: i32) -> Output {
     out
 }
 
-#[test]
-fn run_streams_output_and_exits_with_the_exit_code() {
-    require_e2e!();
-    for mode in [Mode::Privileged, Mode::Rootless] {
+both_modes! {
+    fn run_streams_output_and_exits_with_the_exit_code(mode: Mode) {
         let daemon = Daemon::start(mode);
         let out = sbx(
             &daemon,

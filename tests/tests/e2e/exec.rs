@@ -5,11 +5,9 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use sandboxd_api::{AttachEnd, Exec, SandboxState};
-use sandboxd_tests::{require_e2e, Daemon, Mode};
+use sandboxd_tests::{both_modes, require_e2e, Daemon, Mode};
 use serde_json::{json, Value};
 use tungstenite::{Message, WebSocket};
-
-const MODES: [Mode; 2] = [Mode::Privileged, Mode::Rootless];
 
 fn create_exec(d: &Daemon, sandbox: &str, spec: Value) -> Exec {
     let resp = d.post_json(&format!("/v1/sandboxes/{sandbox}/execs"), &spec);
@@ -113,10 +111,8 @@ fn read_to_end(ws: &mut WebSocket<TcpStream>) -> (Vec<u8>, AttachEnd) {
     }
 }
 
-#[test]
-fn exec_sees_the_main_process_and_its_files_and_exit_codes_are_exact() {
-    require_e2e!();
-    for mode in MODES {
+both_modes! {
+    fn exec_sees_the_main_process_and_its_files_and_exit_codes_are_exact(mode: Mode) {
         let d = Daemon::start(mode);
         let id = d.start_sandbox(&["sh", "-c", "echo from-main > /work/shared; exec sleep 300"]);
         // The main process's file is visible once it wrote it.
@@ -182,10 +178,8 @@ fn exec_sees_the_main_process_and_its_files_and_exit_codes_are_exact() {
     }
 }
 
-#[test]
-fn exec_into_a_sandbox_that_is_not_running_is_409() {
-    require_e2e!();
-    for mode in MODES {
+both_modes! {
+    fn exec_into_a_sandbox_that_is_not_running_is_409(mode: Mode) {
         let d = Daemon::start(mode);
         let (sandbox, _) = d.run(&["true"]);
         let resp = d.post_json(
@@ -249,10 +243,8 @@ fn exec_into_a_sandbox_that_is_not_running_is_409() {
     }
 }
 
-#[test]
-fn an_interactive_shell_on_a_terminal_answers_and_resizes() {
-    require_e2e!();
-    for mode in MODES {
+both_modes! {
+    fn an_interactive_shell_on_a_terminal_answers_and_resizes(mode: Mode) {
         let d = Daemon::start(mode);
         let id = d.start_sandbox(&["sleep", "300"]);
         let exec = create_exec(
@@ -293,10 +285,8 @@ fn an_interactive_shell_on_a_terminal_answers_and_resizes() {
     }
 }
 
-#[test]
-fn stdin_piped_to_cat_round_trips_five_megabytes() {
-    require_e2e!();
-    for mode in MODES {
+both_modes! {
+    fn stdin_piped_to_cat_round_trips_five_megabytes(mode: Mode) {
         let d = Daemon::start(mode);
         let id = d.start_sandbox(&["sleep", "300"]);
         let exec = create_exec(&d, &id, json!({"command": ["cat"], "stdin": true}));
@@ -323,10 +313,8 @@ fn stdin_piped_to_cat_round_trips_five_megabytes() {
     }
 }
 
-#[test]
-fn dropping_and_reattaching_a_websocket_loses_nothing_and_kills_nothing() {
-    require_e2e!();
-    for mode in MODES {
+both_modes! {
+    fn dropping_and_reattaching_a_websocket_loses_nothing_and_kills_nothing(mode: Mode) {
         let d = Daemon::start(mode);
         let id = d.start_sandbox(&["sleep", "300"]);
         // A line-numbering loop that reads stdin: it must survive the drop and take input again.
@@ -553,10 +541,8 @@ fn sbx_exec_passes_stdin_and_exit_codes() {
     );
 }
 
-#[test]
-fn the_main_command_can_have_stdin_and_a_terminal() {
-    require_e2e!();
-    for mode in MODES {
+both_modes! {
+    fn the_main_command_can_have_stdin_and_a_terminal(mode: Mode) {
         let d = Daemon::start(mode);
         // A terminal: an interactive shell as the main command.
         let sandbox = d.create(json!({

@@ -7,10 +7,8 @@ use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use sandboxd_api::{Sandbox, SandboxState};
-use sandboxd_tests::{require_e2e, Daemon, Mode};
+use sandboxd_tests::{both_modes, require_e2e, Daemon, Mode};
 use serde_json::{json, Value};
-
-const MODES: [Mode; 2] = [Mode::Privileged, Mode::Rootless];
 
 fn put(
     d: &Daemon,
@@ -116,10 +114,8 @@ fn create_unstarted(d: &Daemon, script: &str) -> Sandbox {
     s
 }
 
-#[test]
-fn files_go_in_before_start_and_come_out_after_exit_byte_for_byte() {
-    require_e2e!();
-    for mode in MODES {
+both_modes! {
+    fn files_go_in_before_start_and_come_out_after_exit_byte_for_byte(mode: Mode) {
         let d = Daemon::start(mode);
         let script = "set -e; cat /work/in.bin > /work/out.bin; \
                       stat -c '%a %u' /work/in.bin /work/tree/bin/run.sh; \
@@ -636,11 +632,9 @@ fn sbx_ok(d: &Daemon, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-#[test]
-fn sbx_create_cp_start_and_cp_back() {
-    require_e2e!();
-    use std::os::unix::fs::PermissionsExt;
-    for mode in MODES {
+both_modes! {
+    fn sbx_create_cp_start_and_cp_back(mode: Mode) {
+        use std::os::unix::fs::PermissionsExt;
         let d = Daemon::start(mode);
         let local = d.state_dir.join("cli-files");
         let src = local.join("src");
@@ -951,10 +945,8 @@ fn the_file_worker_is_the_sandboxs_root_without_capabilities() {
     }));
 }
 
-#[test]
-fn a_running_sandbox_is_reached_through_its_own_root() {
-    require_e2e!();
-    for mode in MODES {
+both_modes! {
+    fn a_running_sandbox_is_reached_through_its_own_root(mode: Mode) {
         let d = Daemon::start(mode);
         // The running sandbox's tmpfs /tmp is its own: the API sees it while it runs.
         let s = d.create(json!({

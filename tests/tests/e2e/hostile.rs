@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use sandboxd_api::EndReason;
-use sandboxd_tests::{require_e2e, Daemon, Mode};
+use sandboxd_tests::{both_modes, require_e2e, Daemon, Mode};
 use serde_json::json;
 
 #[test]
@@ -53,10 +53,8 @@ fn an_output_flood_cannot_outrun_the_timeout_or_a_kill() {
     assert!(!d.sandbox_dir(&id).exists());
 }
 
-#[test]
-fn a_deep_directory_tree_is_removed_and_the_helper_survives() {
-    require_e2e!();
-    for mode in [Mode::Privileged, Mode::Rootless] {
+both_modes! {
+    fn a_deep_directory_tree_is_removed_and_the_helper_survives(mode: Mode) {
         let d = Daemon::start(mode);
         // 20000 levels: far deeper than any path can name.
         let sandbox = d.create(json!({ "command": ["perl", "-e",

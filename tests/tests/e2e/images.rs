@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use sandboxd_api::{Image, Sandbox};
-use sandboxd_tests::{eventually, require_e2e, Daemon, Mode};
+use sandboxd_tests::{both_modes, eventually, require_e2e, Daemon, Mode};
 use serde_json::{json, Value};
 
 /// Host binaries the test images carry (with the libraries `ldd` names).
@@ -748,15 +748,13 @@ fn file_of(d: &Daemon, id: &str, path: &str) -> (u16, String) {
     (status, resp.text().unwrap())
 }
 
-/// Files in and out of a sandbox whose root is an image (with a disk limit): before start the
-/// file worker builds the same overlay root init gets, after exit it sees the upper layer's
-/// changes, and the image itself never changes.
-#[test]
-fn files_go_in_and_out_of_image_roots_before_start_and_after_exit() {
-    require_e2e!();
-    let s = Scratch::new();
-    let archive = rootfs_archive(&s);
-    for mode in [Mode::Privileged, Mode::Rootless] {
+both_modes! {
+    /// Files in and out of a sandbox whose root is an image (with a disk limit): before start the
+    /// file worker builds the same overlay root init gets, after exit it sees the upper layer's
+    /// changes, and the image itself never changes.
+    fn files_go_in_and_out_of_image_roots_before_start_and_after_exit(mode: Mode) {
+        let s = Scratch::new();
+        let archive = rootfs_archive(&s);
         let d = Daemon::start(mode);
         let image = import_ok(&d, "base", &archive);
         let mut spec = json!({

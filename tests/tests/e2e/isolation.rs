@@ -4,18 +4,8 @@
 
 use std::time::Duration;
 
-use sandboxd_tests::{eventually, host_uid_of, require_e2e, Daemon, Mode};
+use sandboxd_tests::{both_modes, eventually, host_uid_of, require_e2e, Daemon, Mode};
 use serde_json::json;
-
-const MODES: [Mode; 2] = [Mode::Privileged, Mode::Rootless];
-
-/// Run `check` against a fresh daemon in each mode.
-fn in_each_mode(check: impl Fn(&Daemon)) {
-    for mode in MODES {
-        let daemon = Daemon::start(mode);
-        check(&daemon);
-    }
-}
 
 /// A long-running sandbox for host-side inspection; returns (id, init pid, host uid).
 fn running(daemon: &Daemon, script: &str) -> (String, i32, u32) {
@@ -30,10 +20,10 @@ fn running(daemon: &Daemon, script: &str) -> (String, i32, u32) {
     (id, pid, uid)
 }
 
-#[test]
-fn user_namespace_root_inside_unprivileged_outside() {
-    require_e2e!();
-    in_each_mode(|d| {
+both_modes! {
+    fn user_namespace_root_inside_unprivileged_outside(mode: Mode) {
+        let daemon = Daemon::start(mode);
+        let d = &daemon;
         let out = d.sh("id -u; id -g; cat /proc/self/uid_map");
         let mut lines = out.lines();
         assert_eq!(lines.next(), Some("0"), "{out}");
@@ -83,7 +73,7 @@ fn user_namespace_root_inside_unprivileged_outside() {
             resp.text().unwrap_or_default(),
             d.log()
         );
-    });
+    }
 }
 
 #[test]
@@ -101,10 +91,10 @@ fn privileged_sandboxes_get_disjoint_uid_ranges() {
     );
 }
 
-#[test]
-fn pid_namespace_shows_only_the_sandbox() {
-    require_e2e!();
-    in_each_mode(|d| {
+both_modes! {
+    fn pid_namespace_shows_only_the_sandbox(mode: Mode) {
+        let daemon = Daemon::start(mode);
+        let d = &daemon;
         let out = d.sh("sleep 5 & ls /proc | grep -E '^[0-9]+$' | sort -n | tr '\\n' ' '; echo; echo $$; cat /proc/1/status | grep -E '^(PPid|NSpid)'");
         let mut lines = out.lines();
         let pids: Vec<u32> = lines
@@ -129,17 +119,17 @@ fn pid_namespace_shows_only_the_sandbox() {
         let (sandbox, output) = d.run(&["sh", "-c", "readlink /proc/1/exe || echo denied; cat /proc/1/environ >/dev/null 2>&1 || echo denied"]);
         assert_eq!(sandbox.exit_code, Some(0));
         assert_eq!(output.matches("denied").count(), 2, "{output}");
-    });
+    }
 }
 
 fn host_mounts() -> String {
     std::fs::read_to_string("/proc/self/mountinfo").unwrap()
 }
 
-#[test]
-fn mount_namespace_has_its_own_root_and_changes_nothing_on_the_host() {
-    require_e2e!();
-    in_each_mode(|d| {
+both_modes! {
+    fn mount_namespace_has_its_own_root_and_changes_nothing_on_the_host(mode: Mode) {
+        let daemon = Daemon::start(mode);
+        let d = &daemon;
         let before = host_mounts();
         let out = d.sh("cat /proc/self/mountinfo; echo ===; \
              touch /usr/x 2>/dev/null && echo usr-writable; \
@@ -194,13 +184,13 @@ fn mount_namespace_has_its_own_root_and_changes_nothing_on_the_host() {
             eventually(Duration::from_secs(5), || host_mounts() == before),
             "the host's mount table changed"
         );
-    });
+    }
 }
 
-#[test]
-fn etc_has_what_programs_need_and_no_secrets() {
-    require_e2e!();
-    in_each_mode(|d| {
+both_modes! {
+    fn etc_has_what_programs_need_and_no_secrets(mode: Mode) {
+        let daemon = Daemon::start(mode);
+        let d = &daemon;
         let out = d.sh(
             "for f in shadow gshadow sudoers sudoers.d ssh machine-id subuid subgid; do \
                [ -e /etc/$f ] && echo leaked:$f; done; \
@@ -214,13 +204,13 @@ fn etc_has_what_programs_need_and_no_secrets() {
             !out.contains(&format!(":{}:", d.uid)),
             "no host users: {out}"
         );
-    });
+    }
 }
 
-#[test]
-fn dev_is_minimal_and_proc_is_masked() {
-    require_e2e!();
-    in_each_mode(|d| {
+both_modes! {
+    fn dev_is_minimal_and_proc_is_masked(mode: Mode) {
+        let daemon = Daemon::start(mode);
+        let d = &daemon;
         let out = d.sh("ls /dev | tr '\\n' ' '; echo; \
              echo x > /dev/null && head -c 4 /dev/zero | wc -c && head -c 4 /dev/urandom | wc -c; \
              echo 1 > /proc/sys/kernel/domainname 2>/dev/null && echo procsys-writable; \
@@ -239,53 +229,56 @@ fn dev_is_minimal_and_proc_is_masked() {
             assert!(!out.contains(bad), "{bad}: {out}");
         }
         assert!(out.contains("ptmx"), "its own devpts instance: {out}");
-    });
+    }
 }
 
-#[test]
-fn uts_namespace_has_its_own_hostname() {
-    require_e2e!();
-    let host_before = nix::unistd::gethostname().unwrap();
-    in_each_mode(|d| {
+both_modes! {
+    fn uts_namespace_has_its_own_hostname(mode: Mode) {
+        let host_before = nix::unistd::gethostname().unwrap();
+        let d = Daemon::start(mode);
         let (sandbox, out) = d.run_spec(json!({ "command": ["sh", "-c", "hostname; hostname other 2>/dev/null; hostname"], "hostname": "box-1" }));
         assert_eq!(sandbox.exit_code, Some(0));
         assert!(out.starts_with("box-1\n"), "{out}");
         let (_, out) = d.run_spec(json!({ "command": ["hostname"], "name": "named-box" }));
         assert_eq!(out, "named-box\n");
-    });
-    assert_eq!(
-        nix::unistd::gethostname().unwrap(),
-        host_before,
-        "the host's hostname is unchanged"
-    );
-}
+        assert_eq!(
+            nix::unistd::gethostname().unwrap(),
+            host_before,
+            "the host's hostname is unchanged"
+        );
+    }
 
-#[test]
-fn ipc_namespace_hides_host_objects() {
-    require_e2e!();
-    // A System V shared memory segment and a POSIX message queue on the host.
-    let out = std::process::Command::new("ipcmk")
-        .args(["-M", "4096"])
-        .output()
-        .expect("ipcmk");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let shmid: String = text.split_whitespace().last().unwrap_or("").to_string();
-    in_each_mode(|d| {
+    fn ipc_namespace_hides_host_objects(mode: Mode) {
+        // A System V shared memory segment on the host, seen by the host's own ipcs (the
+        // positive control: the probe does see a segment where there is one).
+        let out = std::process::Command::new("ipcmk")
+            .args(["-M", "4096"])
+            .output()
+            .expect("ipcmk");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let shmid: String = text.split_whitespace().last().unwrap_or("").to_string();
+        let host = std::process::Command::new("sh")
+            .args(["-c", "ipcs -m | grep -c '^0x' || true"])
+            .output()
+            .expect("ipcs");
+        let host_count: u32 = String::from_utf8_lossy(&host.stdout).trim().parse().unwrap();
+        assert!(host_count >= 1, "the host shows its own segment {shmid:?}");
+        let d = Daemon::start(mode);
         let out = d.sh("ipcs -m | grep -c '^0x' || true; ls -A /dev/mqueue | wc -l; grep mqueue /proc/self/mountinfo | wc -l");
+        let _ = std::process::Command::new("ipcrm")
+            .args(["-m", &shmid])
+            .status();
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines[0], "0", "host shared memory is visible: {out}");
         assert_eq!(lines[1], "0", "{out}");
         assert_eq!(lines[2], "1", "its own mqueue mount: {out}");
-    });
-    let _ = std::process::Command::new("ipcrm")
-        .args(["-m", &shmid])
-        .status();
+    }
 }
 
-#[test]
-fn network_namespace_has_only_loopback() {
-    require_e2e!();
-    in_each_mode(|d| {
+both_modes! {
+    fn network_namespace_has_only_loopback(mode: Mode) {
+        let daemon = Daemon::start(mode);
+        let d = &daemon;
         let out = d.sh(
             "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '; echo ===; \
              cat /proc/net/route | tail -n +2 | wc -l; \
@@ -296,25 +289,25 @@ fn network_namespace_has_only_loopback() {
         assert_eq!(ifaces.trim(), "lo", "{out}");
         assert!(rest.starts_with("\n0\n"), "no routes: {out}");
         assert!(rest.contains("lo-up"), "{out}");
-    });
+    }
 }
 
-#[test]
-fn cgroup_namespace_shows_the_sandbox_at_its_root() {
-    require_e2e!();
-    in_each_mode(|d| {
+both_modes! {
+    fn cgroup_namespace_shows_the_sandbox_at_its_root(mode: Mode) {
+        let daemon = Daemon::start(mode);
+        let d = &daemon;
         let out = d.sh("cat /proc/self/cgroup");
         for line in out.lines() {
             let path = line.rsplit(':').next().unwrap();
             assert_eq!(path, "/", "{out}");
         }
-    });
+    }
 }
 
-#[test]
-fn baseline_hardening() {
-    require_e2e!();
-    in_each_mode(|d| {
+both_modes! {
+    fn baseline_hardening(mode: Mode) {
+        let daemon = Daemon::start(mode);
+        let d = &daemon;
         let out = d.sh("grep -E '^(NoNewPrivs|CapBnd|CapAmb|CapInh)' /proc/self/status; ls /proc/self/fd | tr '\\n' ' '");
         assert!(out.contains("NoNewPrivs:\t1"), "{out}");
         let field = |name: &str| {
@@ -338,13 +331,13 @@ fn baseline_hardening() {
         // ls sees its own 0-2 and the directory it is listing: nothing inherited.
         let fds = out.lines().last().unwrap();
         assert_eq!(fds.trim(), "0 1 2 3", "{out}");
-    });
+    }
 }
 
-#[test]
-fn work_is_private_writable_and_removed_on_delete() {
-    require_e2e!();
-    in_each_mode(|d| {
+both_modes! {
+    fn work_is_private_writable_and_removed_on_delete(mode: Mode) {
+        let daemon = Daemon::start(mode);
+        let d = &daemon;
         let sandbox = d.create(
             json!({ "command": ["sh", "-c", "echo data > /work/file; ls -ld /work | cut -c1-10"] }),
         );
@@ -366,13 +359,13 @@ fn work_is_private_writable_and_removed_on_delete() {
             !d.sandbox_dir(&id).exists(),
             "the sandbox directory is removed"
         );
-    });
+    }
 }
 
-#[test]
-fn other_host_users_cannot_reach_or_run_what_a_sandbox_leaves_in_work() {
-    require_e2e!();
-    in_each_mode(|d| {
+both_modes! {
+    fn other_host_users_cannot_reach_or_run_what_a_sandbox_leaves_in_work(mode: Mode) {
+        let daemon = Daemon::start(mode);
+        let d = &daemon;
         // A setuid copy of a shell: harmless inside (no_new_privs, its own uids), but a way into
         // the sandbox's host uid for anyone on the host who could execute it.
         let sandbox = d.create(json!({ "command": ["sh", "-c", "cp /bin/sh /work/suid && chmod 4755 /work/suid && chmod 777 /work"] }));
@@ -430,7 +423,7 @@ fn other_host_users_cannot_reach_or_run_what_a_sandbox_leaves_in_work() {
             "{:?}: the sandbox's own uid reaches /work",
             d.mode
         );
-    });
+    }
 }
 
 #[test]

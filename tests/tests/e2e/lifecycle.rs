@@ -6,12 +6,10 @@ use std::time::{Duration, Instant};
 
 use sandboxd_api::{EndReason, Sandbox, SandboxState};
 use sandboxd_tests::{
-    descendants_of, eventually, host_uid_of, process_exists, processes_of_uid, require_e2e, Daemon,
-    Mode,
+    both_modes, descendants_of, eventually, host_uid_of, process_exists, processes_of_uid,
+    require_e2e, Daemon, Mode,
 };
 use serde_json::json;
-
-const MODES: [Mode; 2] = [Mode::Privileged, Mode::Rootless];
 
 /// Wait until the sandbox's combined output contains `marker`.
 fn wait_for_output(daemon: &Daemon, id: &str, marker: &str) {
@@ -50,10 +48,8 @@ fn assert_ended(sandbox: &Sandbox, exit_code: i32, signal: Option<&str>, reason:
     assert!(sandbox.finished_at.is_some(), "{sandbox:?}");
 }
 
-#[test]
-fn kill_with_sigterm_and_with_the_default_sigkill() {
-    require_e2e!();
-    for mode in MODES {
+both_modes! {
+    fn kill_with_sigterm_and_with_the_default_sigkill(mode: Mode) {
         let daemon = Daemon::start(mode);
         let id = daemon.start_sandbox(&["sleep", "100"]);
         kill(&daemon, &id, Some(r#"{"signal":"SIGTERM"}"#));
@@ -73,10 +69,8 @@ fn kill_with_sigterm_and_with_the_default_sigkill() {
     }
 }
 
-#[test]
-fn init_forwards_signals_to_the_command() {
-    require_e2e!();
-    for mode in MODES {
+both_modes! {
+    fn init_forwards_signals_to_the_command(mode: Mode) {
         let daemon = Daemon::start(mode);
         let script = r#"trap "echo got-term; exit 5" TERM; echo ready; sleep 100 & wait"#;
         let id = daemon.start_sandbox(&["sh", "-c", script]);
@@ -97,10 +91,8 @@ fn init_forwards_signals_to_the_command() {
     }
 }
 
-#[test]
-fn timeout_kills_the_sandbox() {
-    require_e2e!();
-    for mode in MODES {
+both_modes! {
+    fn timeout_kills_the_sandbox(mode: Mode) {
         let daemon = Daemon::start(mode);
         let started = Instant::now();
         let resp = daemon.post_json(
@@ -153,10 +145,8 @@ fn wait_query_and_wait_endpoint_return_final_objects() {
     }
 }
 
-#[test]
-fn exec_failure_is_reported() {
-    require_e2e!();
-    for mode in MODES {
+both_modes! {
+    fn exec_failure_is_reported(mode: Mode) {
         let daemon = Daemon::start(mode);
         let (sandbox, out) = daemon.run(&["no-such-command", "arg"]);
         assert_eq!(sandbox.exit_code, Some(127), "{mode:?}: {sandbox:?}");
@@ -212,10 +202,8 @@ fn exit_codes_and_signals_of_the_command() {
     assert_ended(&sandbox, 143, Some("SIGTERM"), EndReason::Exited);
 }
 
-#[test]
-fn delete_of_a_running_sandbox_removes_processes_and_files() {
-    require_e2e!();
-    for mode in MODES {
+both_modes! {
+    fn delete_of_a_running_sandbox_removes_processes_and_files(mode: Mode) {
         let daemon = Daemon::start(mode);
         let script = "echo data > /work/file && mkdir /work/ro && touch /work/ro/f && chmod 000 /work/ro \
                       && mkdir -p /work/deep/a/b && echo x > /work/deep/a/b/c && echo ready && sleep 100";
@@ -334,10 +322,8 @@ fn helper_pid(daemon: &Daemon) -> Option<i32> {
         })
 }
 
-#[test]
-fn sandboxes_survive_a_daemon_crash_and_are_recovered() {
-    require_e2e!();
-    for mode in MODES {
+both_modes! {
+    fn sandboxes_survive_a_daemon_crash_and_are_recovered(mode: Mode) {
         let mut daemon = Daemon::start(mode);
         let script = "for i in $(seq 1 40); do echo line$i; sleep 0.1; done";
         let sandbox = daemon.create(json!({"command": ["sh", "-c", script], "name": "survivor"}));
@@ -399,10 +385,8 @@ fn sandboxes_survive_a_daemon_crash_and_are_recovered() {
     }
 }
 
-#[test]
-fn a_sandbox_that_ends_while_the_daemon_is_down_is_reported_after_restart() {
-    require_e2e!();
-    for mode in MODES {
+both_modes! {
+    fn a_sandbox_that_ends_while_the_daemon_is_down_is_reported_after_restart(mode: Mode) {
         let mut daemon = Daemon::start(mode);
         let id =
             daemon.start_sandbox(&["sh", "-c", "echo before; sleep 1; echo after >&2; exit 7"]);
@@ -441,7 +425,7 @@ fn a_sandbox_that_ends_while_the_daemon_is_down_is_reported_after_restart() {
 }
 
 #[test]
-fn host_uids_of_sandboxes() {
+fn privileged_sandboxes_run_as_their_own_host_uids() {
     require_e2e!();
     let daemon = Daemon::start(Mode::Privileged);
     let a = daemon.create(json!({"command": ["sleep", "100"]}));
@@ -469,7 +453,11 @@ fn host_uids_of_sandboxes() {
             "a process of the sandbox runs as host root"
         );
     }
+}
 
+#[test]
+fn rootless_sandboxes_run_as_the_daemons_uid() {
+    require_e2e!();
     let daemon = Daemon::start(Mode::Rootless);
     let c = daemon.create(json!({"command": ["sleep", "100"]}));
     let d = daemon.create(json!({"command": ["sleep", "100"]}));

@@ -61,7 +61,7 @@ fn delete(d: &Daemon, id: &str) {
 }
 
 #[test]
-fn info_says_what_is_enforceable_and_the_rest_is_refused_with_422() {
+fn privileged_info_says_every_limit_is_enforceable() {
     require_e2e!();
     let d = Daemon::start(Mode::Privileged);
     let info: Value = d.get("/v1/info").json().unwrap();
@@ -73,8 +73,12 @@ fn info_says_what_is_enforceable_and_the_rest_is_refused_with_422() {
         .collect();
     // disk: a loop-mounted filesystem of the sandbox's own (tests/tests/images.rs).
     assert_eq!(limits, vec!["memory", "cpus", "pids", "disk"], "{info}");
+}
 
-    // Rootless on cgroup v1: nothing is enforceable, and asking is a clear 422, not a silent no.
+/// Rootless on cgroup v1: nothing is enforceable, and asking is a clear 422, not a silent no.
+#[test]
+fn rootless_info_says_no_limit_is_enforceable_and_asking_is_422() {
+    require_e2e!();
     let r = Daemon::start(Mode::Rootless);
     let info: Value = r.get("/v1/info").json().unwrap();
     assert_eq!(info["limits"], json!([]), "{info}");

@@ -10,7 +10,9 @@ use std::net::{TcpListener, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use sandboxd_tests::{descendants_of, eventually, parent_of, require_e2e, Daemon, Mode};
+use sandboxd_tests::{
+    both_modes, descendants_of, eventually, parent_of, require_e2e, Daemon, Mode,
+};
 use serde_json::{json, Value};
 
 /// A TCP server that greets each connection with `hello <peer address>` and closes it.
@@ -363,10 +365,8 @@ with open("/proc/self/status") as f:
     assert!(raw.iter().all(|l| l.ends_with(" refused")), "{out}");
 }
 
-#[test]
-fn mode_none_has_only_loopback_and_no_route() {
-    require_e2e!();
-    for mode in [Mode::Privileged, Mode::Rootless] {
+both_modes! {
+    fn mode_none_has_only_loopback_and_no_route(mode: Mode) {
         let d = Daemon::start(mode);
         let out = d.sh(
             "cat /proc/net/route | wc -l; tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; \

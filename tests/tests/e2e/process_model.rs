@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use sandboxd_tests::{
-    descendants_of, eventually, host_uid_of, process_exists, require_e2e, Daemon, Mode,
+    both_modes, descendants_of, eventually, host_uid_of, process_exists, require_e2e, Daemon, Mode,
 };
 use serde_json::json;
 
@@ -34,10 +34,8 @@ fn helper_pid(daemon: &Daemon) -> i32 {
     helpers[0]
 }
 
-#[test]
-fn the_daemon_holds_no_privilege_and_the_helper_is_its_only_privileged_child() {
-    require_e2e!();
-    for mode in [Mode::Privileged, Mode::Rootless] {
+both_modes! {
+    fn the_daemon_holds_no_privilege_and_the_helper_is_its_only_privileged_child(mode: Mode) {
         let daemon = Daemon::start(mode);
         let pid = daemon.pid();
         // Every uid of the daemon (real, effective, saved, fs) is the unprivileged one.
@@ -102,10 +100,8 @@ fn a_helper_crash_stops_the_daemon_and_a_restart_recovers_everything() {
     );
 }
 
-#[test]
-fn the_helper_dies_with_the_daemon_in_both_modes() {
-    require_e2e!();
-    for mode in [Mode::Privileged, Mode::Rootless] {
+both_modes! {
+    fn the_helper_dies_with_the_daemon_in_both_modes(mode: Mode) {
         let mut daemon = Daemon::start(mode);
         let helper = helper_pid(&daemon);
         daemon.kill9();

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use sandboxd_tests::{require_e2e, Daemon, Mode};
+use sandboxd_tests::{both_modes, require_e2e, Daemon, Mode};
 use serde_json::json;
 
 const PROBE_SOURCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/seccomp/probe.c");
@@ -94,10 +94,8 @@ fn libc_sigsys() -> i32 {
     nix::sys::signal::Signal::SIGSYS as i32
 }
 
-#[test]
-fn shell_sees_the_filter_and_cannot_nest_user_namespaces() {
-    require_e2e!();
-    for mode in [Mode::Privileged, Mode::Rootless] {
+both_modes! {
+    fn shell_sees_the_filter_and_cannot_nest_user_namespaces(mode: Mode) {
         let d = Daemon::start(mode);
         let out = d.sh(
             "grep Seccomp: /proc/self/status; \

@@ -1,11 +1,9 @@
 //! The quickest end-to-end proof: a first sandbox runs in both modes.
 
-use sandboxd_tests::{require_e2e, Daemon, Mode};
+use sandboxd_tests::{both_modes, Daemon};
 
-#[test]
-fn first_sandbox_runs_privileged_and_rootless() {
-    require_e2e!();
-    for mode in [Mode::Privileged, Mode::Rootless] {
+both_modes! {
+    fn a_first_sandbox_runs(mode: Mode) {
         let daemon = Daemon::start(mode);
         let out = daemon.sh("echo hello from $(hostname); id -u");
         assert!(out.starts_with("hello from sbx-"), "{mode:?}: {out}");
