@@ -108,7 +108,8 @@ fn named_sandbox_through_its_whole_life() {
 
     sbx(&daemon, &["rm", "n1"], 0);
     daemon
-        .request("GET", "/v1/sandboxes/n1", None, Vec::new())
+        .request("GET", "/v1/sandboxes/n1")
+        .send()
         .assert_error(404, "GET after sbx rm");
     let out = daemon.sbx(&["inspect", "n1"]);
     assert_ne!(
@@ -207,7 +208,8 @@ fn kill_of_a_running_sandbox() {
     assert_eq!(daemon.sandbox(&id).state, SandboxState::Running);
     sbx(&daemon, &["rm", "-f", &id], 0);
     daemon
-        .request("GET", &format!("/v1/sandboxes/{id}"), None, Vec::new())
+        .request("GET", &format!("/v1/sandboxes/{id}"))
+        .send()
         .assert_error(404, "GET after sbx rm -f");
 }
 
@@ -251,7 +253,7 @@ fn sbx_run_with_limits_reports_an_oom_and_removes_the_sandbox_with_rm() {
     assert_eq!(out.status.code(), Some(137), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("ran out of memory"), "{stderr}");
-    let list: serde_json::Value = daemon.get("/v1/sandboxes").json().unwrap();
+    let list: serde_json::Value = daemon.get("/v1/sandboxes").json();
     assert_eq!(list["items"], serde_json::json!([]), "--rm removed it");
 
     let out = daemon.sbx(&[

@@ -10,16 +10,16 @@ use serde_json::{json, Value};
 use tungstenite::{Message, WebSocket};
 
 fn create_exec(d: &Daemon, sandbox: &str, spec: Value) -> Exec {
-    let resp = d.post_json(&format!("/v1/sandboxes/{sandbox}/execs"), &spec);
-    let status = resp.status().as_u16();
-    let text = resp.text().unwrap_or_default();
+    let resp = d.post(&format!("/v1/sandboxes/{sandbox}/execs"), &spec);
     assert_eq!(
-        status,
+        resp.status,
         201,
-        "exec {spec} answered {status}: {text}\n{}",
+        "exec {spec} answered {}: {}\n{}",
+        resp.status,
+        resp.body,
         d.log()
     );
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad exec JSON {text}: {e}"))
+    resp.parse()
 }
 
 /// The exec's whole output (following until it ends) and its final row.
@@ -29,8 +29,8 @@ fn finish(d: &Daemon, exec: &Exec) -> (String, Exec) {
         exec.sandbox_id, exec.id
     );
     let resp = d.get(&path);
-    assert_eq!(resp.status().as_u16(), 200);
-    let out = String::from_utf8_lossy(&resp.bytes().expect("log body")).into_owned();
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    let out = resp.body;
     (out, get_exec(d, exec))
 }
 
@@ -39,8 +39,8 @@ fn get_exec(d: &Daemon, exec: &Exec) -> Exec {
         "/v1/sandboxes/{}/execs/{}",
         exec.sandbox_id, exec.id
     ));
-    assert_eq!(resp.status().as_u16(), 200);
-    resp.json().expect("exec JSON")
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    resp.parse()
 }
 
 fn run_exec(d: &Daemon, sandbox: &str, command: &[&str]) -> (String, Exec) {
@@ -168,8 +168,7 @@ both_modes! {
         // The list has them all, oldest first.
         let list: Value = d
             .get(&format!("/v1/sandboxes/{id}/execs"))
-            .json()
-            .expect("list");
+            .json();
         let items = list["items"].as_array().expect("items");
         assert!(items.len() >= 9, "{mode:?}");
         assert_eq!(items.last().expect("one")["id"], exec.id.to_string());
@@ -182,18 +181,17 @@ both_modes! {
     fn exec_into_a_sandbox_that_is_not_running_is_409(mode: Mode) {
         let d = Daemon::start(mode);
         let (sandbox, _) = d.run(&["true"]);
-        let resp = d.post_json(
+        let resp = d.post(
             &format!("/v1/sandboxes/{}/execs", sandbox.id),
             &json!({"command": ["true"]}),
         );
-        assert_eq!(resp.status().as_u16(), 409, "{mode:?}");
-        let body: Value = resp.json().expect("error JSON");
+        assert_eq!(resp.status, 409, "{mode:?}");
+        let body: Value = resp.json();
         assert_eq!(body["error"]["code"], "not_running");
         // No row was left behind.
         let list: Value = d
             .get(&format!("/v1/sandboxes/{}/execs", sandbox.id))
-            .json()
-            .expect("list");
+            .json();
         assert_eq!(list["items"], json!([]));
         // Unknown execs and bad requests.
         let resp = d.get(&format!(
@@ -201,34 +199,30 @@ both_modes! {
             sandbox.id,
             uuid::Uuid::new_v4()
         ));
-        assert_eq!(resp.status().as_u16(), 404);
+        assert_eq!(resp.status, 404);
         let id = d.start_sandbox(&["sleep", "300"]);
         // Another tenant's sandbox answers exactly like a missing one, execs and attach included.
         let other = d.create_token("other-tenant", "user");
         let exec = create_exec(&d, &id, json!({"command": ["true"]}));
-        let as_other = d.http_as(Some(&other));
-        let resp = as_other
-            .post(format!("{}/v1/sandboxes/{id}/execs", d.url))
+        let resp = d
+            .request("POST", &format!("/v1/sandboxes/{id}/execs"))
+            .token(Some(&other))
             .json(&json!({"command": ["true"]}))
-            .send()
-            .expect("POST");
-        assert_eq!(resp.status().as_u16(), 404, "{mode:?}");
+            .send();
+        assert_eq!(resp.status, 404, "{mode:?}");
         for path in [
             format!("/v1/sandboxes/{id}/execs"),
             format!("/v1/sandboxes/{id}/execs/{}", exec.id),
             format!("/v1/sandboxes/{id}/execs/{}/logs", exec.id),
         ] {
-            let resp = as_other
-                .get(format!("{}{path}", d.url))
-                .send()
-                .expect("GET");
-            assert_eq!(resp.status().as_u16(), 404, "{mode:?} {path}");
+            let resp = d.request("GET", &path).token(Some(&other)).send();
+            assert_eq!(resp.status, 404, "{mode:?} {path}");
         }
         let attach_path = format!("/v1/sandboxes/{id}/execs/{}/attach", exec.id);
         assert_eq!(d.websocket_as(&attach_path, Some(&other)).err(), Some(404));
         // An exec id of one sandbox is not found under another.
         let resp = d.get(&format!("/v1/sandboxes/{}/execs/{}", sandbox.id, exec.id));
-        assert_eq!(resp.status().as_u16(), 404);
+        assert_eq!(resp.status, 404);
         for bad in [
             json!({"command": []}),
             json!({"command": ["x"], "cwd": "relative"}),
@@ -237,8 +231,8 @@ both_modes! {
             json!({"command": ["x"], "tty": true, "rows": 0}),
             json!({"command": ["x"], "unknown": 1}),
         ] {
-            let resp = d.post_json(&format!("/v1/sandboxes/{id}/execs"), &bad);
-            assert_eq!(resp.status().as_u16(), 400, "{bad}");
+            let resp = d.post(&format!("/v1/sandboxes/{id}/execs"), &bad);
+            assert_eq!(resp.status, 400, "{bad}");
         }
     }
 }

@@ -7,34 +7,25 @@ use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use sandboxd_api::{Sandbox, SandboxState};
-use sandboxd_tests::{both_modes, require_e2e, Daemon, Mode};
+use sandboxd_tests::{both_modes, require_e2e, Daemon, Mode, Reply};
 use serde_json::{json, Value};
 
-fn put(
-    d: &Daemon,
-    id: &str,
-    what: &str,
-    query: &str,
-    body: Vec<u8>,
-) -> reqwest::blocking::Response {
-    d.http()
-        .put(format!("{}/v1/sandboxes/{id}/{what}?{query}", d.url))
+fn put(d: &Daemon, id: &str, what: &str, query: &str, body: Vec<u8>) -> Reply {
+    d.request("PUT", &format!("/v1/sandboxes/{id}/{what}?{query}"))
         .body(body)
         .send()
-        .unwrap()
 }
 
-fn get(d: &Daemon, id: &str, what: &str, query: &str) -> reqwest::blocking::Response {
+fn get(d: &Daemon, id: &str, what: &str, query: &str) -> Reply {
     d.get(&format!("/v1/sandboxes/{id}/{what}?{query}"))
 }
 
 /// Status and body of a response, for assertions with context.
-fn answer(resp: reqwest::blocking::Response) -> (u16, Vec<u8>) {
-    let status = resp.status().as_u16();
-    (status, resp.bytes().unwrap().to_vec())
+fn answer(resp: Reply) -> (u16, Vec<u8>) {
+    (resp.status, resp.bytes)
 }
 
-fn expect(resp: reqwest::blocking::Response, status: u16, what: &str) -> Vec<u8> {
+fn expect(resp: Reply, status: u16, what: &str) -> Vec<u8> {
     let (got, body) = answer(resp);
     assert_eq!(got, status, "{what}: {}", String::from_utf8_lossy(&body));
     body
@@ -175,30 +166,22 @@ both_modes! {
         }
 
         // Start: the command sees the files as root's, with their modes.
-        let started = d
-            .http()
-            .post(format!("{}/v1/sandboxes/{id}/start", d.url))
-            .send()
-            .unwrap();
-        assert_eq!(started.status().as_u16(), 200);
+        let started = d.request("POST", &format!("/v1/sandboxes/{id}/start"))
+            .send();
+        assert_eq!(started.status, 200);
         let done = d.wait(&id);
         let out = String::from_utf8_lossy(&d.logs(&id, "")).into_owned();
         assert_eq!(done.exit_code, Some(0), "{done:?}: {out}");
         assert_eq!(out, "640 0\n755 0\n");
         // A second start is a conflict.
-        let again = d
-            .http()
-            .post(format!("{}/v1/sandboxes/{id}/start", d.url))
-            .send()
-            .unwrap();
-        assert_eq!(again.status().as_u16(), 409);
+        let again = d.request("POST", &format!("/v1/sandboxes/{id}/start"))
+            .send();
+        assert_eq!(again.status, 409);
 
         // After exit: the file and the tree come out exactly.
         let resp = get(&d, &id, "files", "path=/work/out.bin");
         assert_eq!(
-            resp.headers()
-                .get("x-sandbox-file-mode")
-                .and_then(|v| v.to_str().ok()),
+            resp.header("x-sandbox-file-mode"),
             Some("0644")
         );
         assert_eq!(expect(resp, 200, "GET out.bin"), content);
@@ -290,7 +273,7 @@ impl Canary {
     }
 }
 
-fn bad_request(resp: reqwest::blocking::Response, what: &str) -> String {
+fn bad_request(resp: Reply, what: &str) -> String {
     let (status, body) = answer(resp);
     assert!(
         status == 400 || status == 404 || status == 403,
@@ -520,12 +503,9 @@ fn bad_paths_and_modes_are_refused_before_any_file_work() {
         ("DELETE", "files", "path=/work"),
         ("DELETE", "files", "path=/"),
     ] {
-        let reply = d.request(
-            method,
-            &format!("/v1/sandboxes/{id}/{what}?{query}"),
-            None,
-            vec![],
-        );
+        let reply = d
+            .request(method, &format!("/v1/sandboxes/{id}/{what}?{query}"))
+            .send();
         reply.assert_error(400, &format!("{method} {what}?{query}"));
     }
     // Not found, and not yours, are 404s.
@@ -569,7 +549,7 @@ fn a_symlink_swap_race_during_transfers_never_reaches_the_host() {
     let archive = tar_of(&[("sub/", 0o755, b""), (&format!("sub/{tag}"), 0o644, b"x")]);
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
     for round in 0..40 {
-        let mut record = |what: &str, resp: reqwest::blocking::Response| {
+        let mut record = |what: &str, resp: Reply| {
             let (status, body) = answer(resp);
             assert!(
                 matches!(status, 200 | 204 | 400 | 403 | 404),
@@ -612,10 +592,8 @@ fn a_symlink_swap_race_during_transfers_never_reaches_the_host() {
         SandboxState::Running,
         "the swap loop kept running"
     );
-    d.http()
-        .post(format!("{}/v1/sandboxes/{id}/kill", d.url))
-        .send()
-        .unwrap();
+    d.request("POST", &format!("/v1/sandboxes/{id}/kill"))
+        .send();
     d.wait(&id);
     canary.assert_untouched();
 }
@@ -782,29 +760,21 @@ fn large_transfers_stream_with_flat_daemon_memory() {
         "warm-up",
     );
     let before = peak_rss_kib(d.pid());
-    let client = reqwest::blocking::Client::builder()
+    let resp = d
+        .request("PUT", &format!("/v1/sandboxes/{id}/files?path=/work/big"))
         .timeout(Duration::from_secs(600))
-        .build()
-        .unwrap();
-    let auth = d.auth_header();
-    let with_auth = |r: reqwest::blocking::RequestBuilder| match &auth {
-        Some(a) => r.header("authorization", a),
-        None => r,
-    };
-    let resp = with_auth(client.put(format!("{}/v1/sandboxes/{id}/files?path=/work/big", d.url)))
         .body(reqwest::blocking::Body::sized(
             Generated { left: SIZE, pos: 0 },
             SIZE,
         ))
-        .send()
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 204);
+        .send();
+    assert_eq!(resp.status, 204, "{}", resp.body);
     // Download it as a file and as an archive, reading as it arrives and checking every byte.
     for what in ["files", "archive"] {
-        let mut resp =
-            with_auth(client.get(format!("{}/v1/sandboxes/{id}/{what}?path=/work/big", d.url)))
-                .send()
-                .unwrap();
+        let mut resp = d
+            .request("GET", &format!("/v1/sandboxes/{id}/{what}?path=/work/big"))
+            .timeout(Duration::from_secs(600))
+            .stream();
         assert_eq!(resp.status().as_u16(), 200);
         let mut expected = Generated { left: SIZE, pos: 0 };
         let mut skip = if what == "archive" { 512 } else { 0 };
@@ -1024,11 +994,9 @@ fn a_created_sandbox_and_its_files_survive_a_daemon_restart() {
         b"kept\n"
     );
     let started = d
-        .http()
-        .post(format!("{}/v1/sandboxes/{id}/start", d.url))
-        .send()
-        .unwrap();
-    assert_eq!(started.status().as_u16(), 200);
+        .request("POST", &format!("/v1/sandboxes/{id}/start"))
+        .send();
+    assert_eq!(started.status, 200);
     let done = d.wait(&id);
     assert_eq!(done.exit_code, Some(0));
     assert_eq!(d.logs(&id, ""), b"kept\n");
@@ -1053,16 +1021,15 @@ fn a_start_waits_until_no_transfer_holds_the_created_root() {
     let mut head = [0u8; 12];
     std::io::Read::read_exact(&mut stream, &mut head).unwrap();
     assert_eq!(&head, b"HTTP/1.1 200");
-    let resp = d.post_json(&format!("/v1/sandboxes/{id}/start"), &json!({}));
+    let resp = d.post(&format!("/v1/sandboxes/{id}/start"), &json!({}));
     let (status, body) = answer(resp);
     assert_eq!(status, 409, "{}", String::from_utf8_lossy(&body));
     assert_eq!(d.sandbox(&id).state, SandboxState::Created);
     drop(stream);
     assert!(
         sandboxd_tests::eventually(Duration::from_secs(30), || {
-            d.post_json(&format!("/v1/sandboxes/{id}/start"), &json!({}))
-                .status()
-                .as_u16()
+            d.post(&format!("/v1/sandboxes/{id}/start"), &json!({}))
+                .status
                 == 200
         }),
         "the start succeeds once the transfer has ended"

@@ -16,12 +16,12 @@ fn an_output_flood_cannot_outrun_the_timeout_or_a_kill() {
     let flood = "for i in 1 2 3 4; do cat /dev/zero & done; wait";
     let started = Instant::now();
     let (sandbox, _) = {
-        let resp = d.post_json(
+        let resp = d.post(
             "/v1/sandboxes?wait=true",
             &json!({ "command": ["sh", "-c", flood], "limits": { "timeout_secs": 2 } }),
         );
-        assert_eq!(resp.status().as_u16(), 201);
-        let s: sandboxd_api::Sandbox = resp.json().unwrap();
+        assert_eq!(resp.status, 201, "{}", resp.body);
+        let s: sandboxd_api::Sandbox = resp.parse();
         (s, ())
     };
     assert_eq!(sandbox.reason, Some(EndReason::Timeout), "{sandbox:?}");
@@ -34,11 +34,9 @@ fn an_output_flood_cannot_outrun_the_timeout_or_a_kill() {
     let id = sandbox.id.to_string();
     std::thread::sleep(Duration::from_millis(500));
     let resp = d
-        .http()
-        .post(format!("{}/v1/sandboxes/{id}/kill", d.url))
-        .send()
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
+        .request("POST", &format!("/v1/sandboxes/{id}/kill"))
+        .send();
+    assert_eq!(resp.status, 200);
     let done = d.wait(&id);
     assert_eq!(done.reason, Some(EndReason::Killed), "{done:?}");
     // The log and its index agree: the plain log and the two filtered streams add up.
@@ -46,10 +44,7 @@ fn an_output_flood_cannot_outrun_the_timeout_or_a_kill() {
     let out = d.logs(&id, "?stream=stdout").len();
     let err = d.logs(&id, "?stream=stderr").len();
     assert_eq!(all, out + err);
-    assert_eq!(
-        d.delete(&format!("/v1/sandboxes/{id}")).status().as_u16(),
-        204
-    );
+    assert_eq!(d.delete(&format!("/v1/sandboxes/{id}")).status, 204);
     assert!(!d.sandbox_dir(&id).exists());
 }
 
@@ -65,10 +60,10 @@ both_modes! {
         assert_eq!(done.exit_code, Some(0), "{mode:?}: {done:?}");
         let resp = d.delete(&format!("/v1/sandboxes/{id}"));
         assert_eq!(
-            resp.status().as_u16(),
+            resp.status,
             204,
             "{mode:?}: {}",
-            resp.text().unwrap_or_default()
+            resp.body
         );
         assert!(!d.sandbox_dir(&id).exists(), "{mode:?}: the tree is gone");
         // The helper still serves.

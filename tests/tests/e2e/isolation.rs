@@ -65,12 +65,12 @@ both_modes! {
             Mode::Rootless => assert_eq!(host_uid, d.uid),
         }
         let resp = d.delete(&format!("/v1/sandboxes/{id}"));
-        let status = resp.status().as_u16();
+        let status = resp.status;
         assert_eq!(
             status,
             204,
             "{}\n{}",
-            resp.text().unwrap_or_default(),
+            resp.body,
             d.log()
         );
     }
@@ -352,7 +352,7 @@ both_modes! {
         // Another sandbox does not see it.
         assert_eq!(d.sh("ls -A /work | wc -l"), "0\n");
         assert_eq!(
-            d.delete(&format!("/v1/sandboxes/{id}")).status().as_u16(),
+            d.delete(&format!("/v1/sandboxes/{id}")).status,
             204
         );
         assert!(
@@ -459,16 +459,16 @@ fn capabilities_can_be_dropped_and_added_only_as_the_operator_allows() {
         json!({"command": cmd, "capabilities": {"drop": ["NET_RAW"]}}),
     );
     assert_eq!(dropped, default & !CAP_NET_RAW);
-    let resp = d.post_json(
+    let resp = d.post(
         "/v1/sandboxes",
         &json!({"command": cmd, "capabilities": {"add": ["SYS_PTRACE"]}}),
     );
-    assert_eq!(resp.status().as_u16(), 422);
-    let resp = d.post_json(
+    assert_eq!(resp.status, 422);
+    let resp = d.post(
         "/v1/sandboxes",
         &json!({"command": cmd, "capabilities": {"add": ["CAP_NOPE"]}}),
     );
-    assert_eq!(resp.status().as_u16(), 400);
+    assert_eq!(resp.status, 400);
 
     let d = Daemon::start_with(Mode::Privileged, &["--allow-cap", "SYS_PTRACE"]);
     let added = bounding(

@@ -27,8 +27,8 @@ fn wait_for_output(daemon: &Daemon, id: &str, marker: &str) {
 fn kill(daemon: &Daemon, id: &str, body: Option<&str>) -> Sandbox {
     let path = format!("/v1/sandboxes/{id}/kill");
     let reply = match body {
-        Some(body) => daemon.request_json("POST", &path, body),
-        None => daemon.request("POST", &path, None, Vec::new()),
+        Some(body) => daemon.request("POST", &path).json_text(body).send(),
+        None => daemon.request("POST", &path).send(),
     };
     assert_eq!(
         reply.status,
@@ -95,12 +95,12 @@ both_modes! {
     fn timeout_kills_the_sandbox(mode: Mode) {
         let daemon = Daemon::start(mode);
         let started = Instant::now();
-        let resp = daemon.post_json(
+        let resp = daemon.post(
             "/v1/sandboxes?wait=true",
             &json!({"command": ["sleep", "100"], "limits": {"timeout_secs": 1}}),
         );
-        assert_eq!(resp.status().as_u16(), 201);
-        let done: Sandbox = resp.json().expect("sandbox JSON");
+        assert_eq!(resp.status, 201);
+        let done: Sandbox = resp.parse();
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "{mode:?}: the timeout did not fire"
@@ -232,16 +232,16 @@ both_modes! {
 
         let resp = daemon.delete(&format!("/v1/sandboxes/{id}"));
         assert_eq!(
-            resp.status().as_u16(),
+            resp.status,
             204,
             "{mode:?}: DELETE of a running sandbox\n{}",
             daemon.log()
         );
         daemon
-            .request("GET", &format!("/v1/sandboxes/{id}"), None, Vec::new())
+            .request("GET", &format!("/v1/sandboxes/{id}")).send()
             .assert_error(404, "GET after DELETE");
         daemon
-            .request("GET", &format!("/v1/sandboxes/{id}/logs"), None, Vec::new())
+            .request("GET", &format!("/v1/sandboxes/{id}/logs")).send()
             .assert_error(404, "logs after DELETE");
         assert!(
             eventually(Duration::from_secs(10), || !process_exists(init)),
@@ -273,7 +273,7 @@ both_modes! {
         );
 
         daemon
-            .request("DELETE", &format!("/v1/sandboxes/{id}"), None, Vec::new())
+            .request("DELETE", &format!("/v1/sandboxes/{id}")).send()
             .assert_error(404, "DELETE twice");
 
         // An ended sandbox is deleted the same way, by name.
@@ -281,13 +281,13 @@ both_modes! {
             daemon.run_spec(json!({"command": ["sh", "-c", "echo x > /work/y"], "name": "gone"}));
         let dir = daemon.sandbox_dir(&ended.id.to_string());
         assert_eq!(
-            daemon.delete("/v1/sandboxes/gone").status().as_u16(),
+            daemon.delete("/v1/sandboxes/gone").status,
             204,
             "{mode:?}"
         );
         assert!(!dir.exists(), "{mode:?}: {} survived DELETE", dir.display());
         daemon
-            .request("GET", "/v1/sandboxes/gone", None, Vec::new())
+            .request("GET", "/v1/sandboxes/gone").send()
             .assert_error(404, "GET by name after DELETE");
     }
 }
@@ -377,8 +377,7 @@ both_modes! {
         assert_eq!(
             daemon
                 .delete(&format!("/v1/sandboxes/{id}"))
-                .status()
-                .as_u16(),
+                .status,
             204
         );
         assert!(!daemon.sandbox_dir(&id).exists());

@@ -232,19 +232,17 @@ fn a_published_port_reaches_the_sandbox_and_survives_a_daemon_restart() {
     assert!(status.lines().any(|l| l == "Threads:\t1"), "{status}");
 
     // The same host port again: 409, and nothing is kept of the refused sandbox.
-    let before = d.get("/v1/sandboxes").json::<Value>().unwrap()["items"]
+    let before = d.get("/v1/sandboxes").json()["items"]
         .as_array()
         .unwrap()
         .len();
-    let reply = d.request_json(
-        "POST",
-        "/v1/sandboxes",
-        &json!({"command": ["true"],
-                "network": {"mode": "bridge", "ports": [{"sandbox": 1, "host": port}]}})
-        .to_string(),
-    );
+    let reply = d
+        .request("POST", "/v1/sandboxes")
+        .json(&json!({"command": ["true"],
+                "network": {"mode": "bridge", "ports": [{"sandbox": 1, "host": port}]}}))
+        .send();
     assert_eq!(reply.assert_error(409, "port conflict"), "port_in_use");
-    let after = d.get("/v1/sandboxes").json::<Value>().unwrap()["items"]
+    let after = d.get("/v1/sandboxes").json()["items"]
         .as_array()
         .unwrap()
         .len();
@@ -256,7 +254,7 @@ fn a_published_port_reaches_the_sandbox_and_survives_a_daemon_restart() {
     assert_eq!(d.sandbox("pub").network.unwrap().ports[0].host, port);
 
     // Gone with the sandbox.
-    assert_eq!(d.delete("/v1/sandboxes/pub").status().as_u16(), 204);
+    assert_eq!(d.delete("/v1/sandboxes/pub").status, 204);
     assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
     assert_hub_empty(&d);
 }
@@ -400,19 +398,18 @@ both_modes! {
 fn rootless_bridge_is_a_clear_422() {
     require_e2e!();
     let d = Daemon::start(Mode::Rootless);
-    let info: Value = d.get("/v1/info").json().unwrap();
+    let info: Value = d.get("/v1/info").json();
     assert_eq!(info["network_modes"], json!(["none"]));
-    let reply = d.request_json(
-        "POST",
-        "/v1/sandboxes",
-        &json!({"command": ["true"], "network": {"mode": "bridge"}}).to_string(),
-    );
+    let reply = d
+        .request("POST", "/v1/sandboxes")
+        .json(&json!({"command": ["true"], "network": {"mode": "bridge"}}))
+        .send();
     assert_eq!(
         reply.assert_error(422, "rootless bridge"),
         "network_unavailable"
     );
     let privileged = Daemon::start(Mode::Privileged);
-    let info: Value = privileged.get("/v1/info").json().unwrap();
+    let info: Value = privileged.get("/v1/info").json();
     assert_eq!(info["network_modes"], json!(["none", "bridge"]));
 }
 
@@ -470,12 +467,7 @@ fn nothing_is_left_after_delete_or_a_crash() {
     ids.push(next);
 
     for s in &ids {
-        assert_eq!(
-            d.delete(&format!("/v1/sandboxes/{}", s.id))
-                .status()
-                .as_u16(),
-            204
-        );
+        assert_eq!(d.delete(&format!("/v1/sandboxes/{}", s.id)).status, 204);
     }
     assert_hub_empty(&d);
     for s in &ids {
@@ -574,17 +566,15 @@ fn a_created_sandbox_gets_its_network_at_start_and_execs_share_it() {
         created.network
     );
     let resp = d
-        .http()
-        .put(format!(
-            "{}/v1/sandboxes/{id}/files?path=/work/server.py",
-            d.url
-        ))
+        .request(
+            "PUT",
+            &format!("/v1/sandboxes/{id}/files?path=/work/server.py"),
+        )
         .body(SERVER)
-        .send()
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 204);
-    let resp = d.post_json(&format!("/v1/sandboxes/{id}/start"), &json!({}));
-    assert_eq!(resp.status().as_u16(), 200, "{}", resp.text().unwrap());
+        .send();
+    assert_eq!(resp.status, 204);
+    let resp = d.post(&format!("/v1/sandboxes/{id}/start"), &json!({}));
+    assert_eq!(resp.status, 200, "{}", resp.body);
     assert!(
         eventually(Duration::from_secs(10), || {
             String::from_utf8_lossy(&d.logs(&id, "")).contains("listening")
@@ -606,17 +596,17 @@ fn a_created_sandbox_gets_its_network_at_start_and_execs_share_it() {
         "127.0.0.1:8080".into(),
     ];
     command.push(format!("{addr}:8080"));
-    let resp = d.post_json(
+    let resp = d.post(
         &format!("/v1/sandboxes/{id}/execs"),
         &json!({ "command": command }),
     );
-    assert_eq!(resp.status().as_u16(), 201);
-    let exec: Value = resp.json().unwrap();
+    assert_eq!(resp.status, 201);
+    let exec: Value = resp.json();
     let logs = d.get(&format!(
         "/v1/sandboxes/{id}/execs/{}/logs?follow=true",
         exec["id"].as_str().unwrap()
     ));
-    let out = logs.text().unwrap();
+    let out = logs.body;
     assert!(
         line(&out, "127.0.0.1:8080").contains("connected hello"),
         "{out}"
@@ -626,9 +616,7 @@ fn a_created_sandbox_gets_its_network_at_start_and_execs_share_it() {
         "{out}"
     );
     assert_eq!(
-        d.delete(&format!("/v1/sandboxes/{id}?force=true"))
-            .status()
-            .as_u16(),
+        d.delete(&format!("/v1/sandboxes/{id}?force=true")).status,
         204
     );
     assert_hub_empty(&d);

@@ -129,11 +129,11 @@ fn nested_user_namespaces_only_when_asked_and_allowed() {
     let script = "unshare -U true && echo nested-ok";
     // Not allowed by the operator: asking is 422.
     let d = sandboxd_tests::Daemon::start(sandboxd_tests::Mode::Privileged);
-    let resp = d.post_json(
+    let resp = d.post(
         "/v1/sandboxes",
         &serde_json::json!({"command": ["sh", "-c", script], "nested_user_namespaces": true}),
     );
-    assert_eq!(resp.status().as_u16(), 422);
+    assert_eq!(resp.status, 422);
     // Allowed: only the sandboxes that ask get them.
     let d = sandboxd_tests::Daemon::start_with(
         sandboxd_tests::Mode::Privileged,
