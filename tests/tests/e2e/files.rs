@@ -305,6 +305,18 @@ fn planted_links_fifos_and_devices_never_reach_the_host() {
     let id = s.id.to_string();
     let tag = &canary.tag;
 
+    // The same PUT to a plain path is accepted (the refusals below are about the links).
+    expect(
+        put(
+            &d,
+            &id,
+            "files",
+            &format!("path=/work/d/{tag}-plain"),
+            b"fine".to_vec(),
+        ),
+        204,
+        "PUT to a plain path",
+    );
     // Writes through planted links: refused, or landing inside the sandbox's own root.
     for path in [
         format!("/work/root/etc/{tag}"),
@@ -540,13 +552,49 @@ fn a_symlink_swap_race_during_transfers_never_reaches_the_host() {
     // /work/d flips between a directory and links to /, to the host canary's path and to
     // ../../.., as fast as the sandbox can, while transfers go through it.
     let swap = format!(
-        "cd /work; while :; do rm -rf d; mkdir -p d/sub; rm -rf d; ln -s / d; rm -f d; \
+        "cd /work; mkdir stable; while :; do rm -rf d; mkdir -p d/sub; rm -rf d; ln -s / d; rm -f d; \
          mkdir d; rm -rf d; ln -s {canary} d; rm -f d; ln -s ../../../.. d; rm -f d; done",
         canary = canary.dir.display()
     );
     let s = d.create(json!({ "command": ["sh", "-c", swap], "limits": { "timeout_secs": 300 } }));
     let id = s.id.to_string();
     let archive = tar_of(&[("sub/", 0o755, b""), (&format!("sub/{tag}"), 0o644, b"x")]);
+    // The same transfers against a directory that stays put all succeed: what the race makes
+    // of them below is the race's doing.
+    assert!(sandboxd_tests::eventually(Duration::from_secs(10), || {
+        get(&d, &id, "files", "path=/work/stable").status == 200
+    }));
+    expect(
+        put(
+            &d,
+            &id,
+            "files",
+            &format!("path=/work/stable/{tag}"),
+            b"x".to_vec(),
+        ),
+        204,
+        "PUT file, stable",
+    );
+    expect(
+        put(&d, &id, "archive", "path=/work/stable", archive.clone()),
+        204,
+        "PUT archive, stable",
+    );
+    let stable = untar(&expect(
+        get(&d, &id, "archive", "path=/work/stable"),
+        200,
+        "GET archive, stable",
+    ));
+    assert!(
+        stable.contains_key(&format!("sub/{tag}")),
+        "{:?}",
+        stable.keys()
+    );
+    expect(
+        d.delete(&format!("/v1/sandboxes/{id}/files?path=/work/stable/sub")),
+        204,
+        "DELETE, stable",
+    );
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
     for round in 0..40 {
         let mut record = |what: &str, resp: Reply| {
@@ -865,6 +913,7 @@ fn assert_capless_worker(uid: u32, init_pid: Option<i32>) {
         .split_whitespace()
         .map(|u| u.parse().unwrap())
         .collect();
+    assert_eq!(uids.len(), 4, "real, effective, saved, fs: {status}");
     assert!(uids.iter().all(|u| *u == uid), "{uids:?}");
     let host_ns = std::fs::read_link("/proc/self/ns/mnt").unwrap();
     if let Ok(ns) = std::fs::read_link(format!("/proc/{}/ns/mnt", workers[0])) {

@@ -44,6 +44,11 @@ fn an_output_flood_cannot_outrun_the_timeout_or_a_kill() {
     let out = d.logs(&id, "?stream=stdout").len();
     let err = d.logs(&id, "?stream=stderr").len();
     assert_eq!(all, out + err);
+    assert!(
+        all > 0,
+        "the flood wrote nothing: the sums above prove nothing"
+    );
+    assert!(d.sandbox_dir(&id).exists());
     assert_eq!(d.delete(&format!("/v1/sandboxes/{id}")).status, 204);
     assert!(!d.sandbox_dir(&id).exists());
 }
@@ -58,6 +63,7 @@ both_modes! {
         let id = sandbox.id.to_string();
         let done = d.wait(&id);
         assert_eq!(done.exit_code, Some(0), "{mode:?}: {done:?}");
+        assert!(d.sandbox_dir(&id).join("private/work/d/d/d").is_dir(), "{mode:?}: the tree was made");
         let resp = d.delete(&format!("/v1/sandboxes/{id}"));
         assert_eq!(
             resp.status,

@@ -52,9 +52,14 @@ both_modes! {
         let (id, pid, host_uid) = running(d, "sleep 30 & wait");
         assert_ne!(host_uid, 0);
         assert_eq!(host_uid_of(pid), Some(host_uid), "init's host uid");
-        let children =
-            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-        for child in children.split_whitespace() {
+        let children = || {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default()
+        };
+        assert!(
+            eventually(Duration::from_secs(10), || !children().trim().is_empty()),
+            "init {pid} shows no child: nothing below would be checked"
+        );
+        for child in children().split_whitespace() {
             let child: i32 = child.parse().unwrap();
             assert_eq!(host_uid_of(child), Some(host_uid), "the command's host uid");
         }
@@ -172,6 +177,10 @@ both_modes! {
             rest.contains("awk-ok"),
             "host tools work through /etc/alternatives: {rest}"
         );
+        // `ls -a /` did list the root (the same check finds what is there).
+        for present in ["usr\n", "etc\n", "work\n", "tmp\n"] {
+            assert!(rest.contains(&format!("\n{present}")), "/{present} is listed: {rest}");
+        }
         for absent in ["sys\n", "home\n", "var\n", "mnt\n", "opt\n"] {
             assert!(
                 !rest.contains(&format!("\n{absent}")),
@@ -195,9 +204,14 @@ both_modes! {
             "for f in shadow gshadow sudoers sudoers.d ssh machine-id subuid subgid; do \
                [ -e /etc/$f ] && echo leaked:$f; done; \
              cat /etc/passwd /etc/hostname /etc/hosts; \
+             for f in passwd hostname hosts; do [ -e /etc/$f ] && echo present:$f; done; \
              test -r /etc/ld.so.cache && test -d /etc/ssl/certs && echo needed-ok",
         );
         assert!(!out.contains("leaked:"), "{out}");
+        // The same test finds the files that are meant to be there.
+        for f in ["passwd", "hostname", "hosts"] {
+            assert!(out.contains(&format!("present:{f}\n")), "{out}");
+        }
         assert!(out.contains("needed-ok"), "{out}");
         assert!(out.starts_with("root:x:0:0:"), "{out}");
         assert!(
@@ -214,7 +228,7 @@ both_modes! {
         let out = d.sh("ls /dev | tr '\\n' ' '; echo; \
              echo x > /dev/null && head -c 4 /dev/zero | wc -c && head -c 4 /dev/urandom | wc -c; \
              echo 1 > /proc/sys/kernel/domainname 2>/dev/null && echo procsys-writable; \
-             [ -s /proc/kcore ] && echo kcore-readable; \
+             [ -s /proc/kcore ] && echo kcore-readable; [ -s /proc/self/exe ] && echo exe-sized; \
              echo t > /proc/sysrq-trigger 2>/dev/null && echo sysrq-writable; \
              grep -c . /proc/keys 2>/dev/null || true; \
              ls /dev/pts; true");
@@ -225,6 +239,8 @@ both_modes! {
         ];
         assert_eq!(devs, expected, "{out}");
         assert!(out.contains("4\n4\n"), "{out}");
+        // The same `-s` test does see a file with a size under /proc (the shell's own binary).
+        assert!(out.contains("exe-sized"), "{out}");
         for bad in ["procsys-writable", "kcore-readable", "sysrq-writable"] {
             assert!(!out.contains(bad), "{bad}: {out}");
         }
@@ -297,6 +313,7 @@ both_modes! {
         let daemon = Daemon::start(mode);
         let d = &daemon;
         let out = d.sh("cat /proc/self/cgroup");
+        assert!(out.lines().count() > 0, "no cgroup line to check: {out:?}");
         for line in out.lines() {
             let path = line.rsplit(':').next().unwrap();
             assert_eq!(path, "/", "{out}");
@@ -390,6 +407,15 @@ both_modes! {
                 .output()
                 .expect("setpriv")
         };
+        // nobody does run a shell of the host's (the way in is sound, so a refusal below is
+        // the sandbox's directory refusing).
+        let out = as_nobody(r#""$0" -c 'id -u'"#, std::path::Path::new("/bin/sh"));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "65534\n",
+            "{:?}: nobody cannot run a host shell: {out:?}",
+            d.mode
+        );
         let out = as_nobody(r#""$0" -p -c 'id -u'"#, &suid);
         assert!(
             !out.status.success(),
