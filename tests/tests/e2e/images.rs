@@ -641,7 +641,7 @@ fn disk_limit_gives_enospc_inside_and_leaves_nothing_behind() {
         let id = item["id"].as_str().unwrap();
         assert_eq!(d.delete(&format!("/v1/sandboxes/{id}")).status, 204);
     }
-    // Only the network hub stays mounted while the helper runs (see tests/tests/network.rs).
+    // Only the network hub stays mounted while the helper runs (see tests/tests/e2e/network.rs).
     let sandbox_mounts: Vec<_> = mounts_below(&d.state_dir)
         .into_iter()
         .filter(|m| !m.contains("/helper/hub.net "))

@@ -66,7 +66,7 @@ fn privileged_info_says_every_limit_is_enforceable() {
         .iter()
         .map(|v| v.as_str().unwrap())
         .collect();
-    // disk: a loop-mounted filesystem of the sandbox's own (tests/tests/images.rs).
+    // disk: a loop-mounted filesystem of the sandbox's own (tests/tests/e2e/images.rs).
     assert_eq!(limits, vec!["memory", "cpus", "pids", "disk"], "{info}");
 }
 
@@ -189,6 +189,10 @@ fn a_fork_bomb_is_contained_and_deleted_promptly() {
     let st = stats(&d, &id);
     assert!(st.pids.unwrap() <= 64, "{st:?}");
     let uid = bomb.host_uid.unwrap();
+    // Its cgroups are where the checks after the delete look (so their absence there counts).
+    for dir in cgroup_dirs(&d, &id) {
+        assert!(dir.is_dir(), "{} of the running bomb", dir.display());
+    }
     let started = Instant::now();
     delete(&d, &id);
     assert!(
