@@ -423,12 +423,18 @@ both_modes! {
     }
 }
 
+/// A daemon in `mode` running two sleeping sandboxes.
+fn two_sleepers(mode: Mode) -> (Daemon, Sandbox, Sandbox) {
+    let daemon = Daemon::start(mode);
+    let a = daemon.create(json!({"command": ["sleep", "100"]}));
+    let b = daemon.create(json!({"command": ["sleep", "100"]}));
+    (daemon, a, b)
+}
+
 #[test]
 fn privileged_sandboxes_run_as_their_own_host_uids() {
     require_e2e!();
-    let daemon = Daemon::start(Mode::Privileged);
-    let a = daemon.create(json!({"command": ["sleep", "100"]}));
-    let b = daemon.create(json!({"command": ["sleep", "100"]}));
+    let (daemon, a, b) = two_sleepers(Mode::Privileged);
     let (ua, ub) = (a.host_uid.expect("host uid"), b.host_uid.expect("host uid"));
     assert_ne!(ua, ub, "two running sandboxes share a host uid");
     for uid in [ua, ub] {
@@ -457,9 +463,7 @@ fn privileged_sandboxes_run_as_their_own_host_uids() {
 #[test]
 fn rootless_sandboxes_run_as_the_daemons_uid() {
     require_e2e!();
-    let daemon = Daemon::start(Mode::Rootless);
-    let c = daemon.create(json!({"command": ["sleep", "100"]}));
-    let d = daemon.create(json!({"command": ["sleep", "100"]}));
+    let (daemon, c, d) = two_sleepers(Mode::Rootless);
     assert_eq!(c.host_uid, Some(daemon.uid));
     assert_eq!(d.host_uid, Some(daemon.uid));
 }
