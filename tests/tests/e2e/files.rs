@@ -168,7 +168,7 @@ both_modes! {
         // Start: the command sees the files as root's, with their modes.
         let started = d.request("POST", &format!("/v1/sandboxes/{id}/start"))
             .send();
-        assert_eq!(started.status, 200);
+        assert_eq!(started.status, 200, "start: {}\n{}", started.body, d.log());
         let done = d.wait(&id);
         let out = String::from_utf8_lossy(&d.logs(&id, "")).into_owned();
         assert_eq!(done.exit_code, Some(0), "{done:?}: {out}");
@@ -176,7 +176,7 @@ both_modes! {
         // A second start is a conflict.
         let again = d.request("POST", &format!("/v1/sandboxes/{id}/start"))
             .send();
-        assert_eq!(again.status, 409);
+        assert_eq!(again.status, 409, "second start: {}", again.body);
 
         // After exit: the file and the tree come out exactly.
         let resp = get(&d, &id, "files", "path=/work/out.bin");
@@ -1045,7 +1045,7 @@ fn a_created_sandbox_and_its_files_survive_a_daemon_restart() {
     let started = d
         .request("POST", &format!("/v1/sandboxes/{id}/start"))
         .send();
-    assert_eq!(started.status, 200);
+    assert_eq!(started.status, 200, "start: {}\n{}", started.body, d.log());
     let done = d.wait(&id);
     assert_eq!(done.exit_code, Some(0));
     assert_eq!(d.logs(&id, ""), b"kept\n");
