@@ -53,42 +53,37 @@ macro_rules! require_e2e {
     };
 }
 
-/// A test written once that runs in both modes, as two tests reported separately
+/// Run the test function `name(mode: Mode)` in both modes, as two tests reported separately
 /// (`<name>::privileged` and `<name>::rootless`), so a failure in one mode never hides the other
-/// mode's result. Each skips like [`require_e2e!`] (or fails under `SANDBOXD_E2E_REQUIRE=1`).
+/// mode's result. The function stays an ordinary one (formatted, documented, found by the
+/// editor); the macro adds a module of the same name with the two tests. Each skips like
+/// [`require_e2e!`] (or fails under `SANDBOXD_E2E_REQUIRE=1`).
 ///
 /// ```text
-/// both_modes! {
-///     /// What the test shows.
-///     fn first_sandbox_runs(mode: Mode) {
-///         let d = Daemon::start(mode);
-///         assert_eq!(d.sh("echo hi"), "hi\n");
-///     }
+/// /// What the test shows.
+/// fn first_sandbox_runs(mode: Mode) {
+///     let d = Daemon::start(mode);
+///     assert_eq!(d.sh("echo hi"), "hi\n");
 /// }
+/// both_modes!(first_sandbox_runs);
 /// ```
 #[macro_export]
 macro_rules! both_modes {
-    ($($(#[$meta:meta])* fn $name:ident($mode:ident: Mode) $body:block)+) => {$(
-        $(#[$meta])*
+    ($name:ident) => {
         mod $name {
-            #[allow(unused_imports)]
-            use super::*;
-
-            fn run($mode: $crate::Mode) $body
-
             #[test]
             fn privileged() {
                 $crate::require_e2e!();
-                run($crate::Mode::Privileged);
+                super::$name($crate::Mode::Privileged);
             }
 
             #[test]
             fn rootless() {
                 $crate::require_e2e!();
-                run($crate::Mode::Rootless);
+                super::$name($crate::Mode::Rootless);
             }
         }
-    )+};
+    };
 }
 
 /// The workspace's target directory, found from this test executable (target/debug/deps/x).

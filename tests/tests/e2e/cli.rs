@@ -36,35 +36,34 @@ fn sbx(daemon: &Daemon, args: &[&str], code: i32) -> Output {
     out
 }
 
-both_modes! {
-    fn run_streams_output_and_exits_with_the_exit_code(mode: Mode) {
-        let daemon = Daemon::start(mode);
-        let out = sbx(
-            &daemon,
-            &["run", "--", "sh", "-c", "echo hi; echo err >&2; exit 7"],
-            7,
-        );
-        assert_eq!(stdout(&out), "hi\n", "{mode:?}");
-        assert!(
-            stderr(&out).contains("err"),
-            "{mode:?}: {}",
-            describe(&[], &out)
-        );
+fn run_streams_output_and_exits_with_the_exit_code(mode: Mode) {
+    let daemon = Daemon::start(mode);
+    let out = sbx(
+        &daemon,
+        &["run", "--", "sh", "-c", "echo hi; echo err >&2; exit 7"],
+        7,
+    );
+    assert_eq!(stdout(&out), "hi\n", "{mode:?}");
+    assert!(
+        stderr(&out).contains("err"),
+        "{mode:?}: {}",
+        describe(&[], &out)
+    );
 
-        let out = sbx(&daemon, &["run", "--", "true"], 0);
-        assert_eq!(stdout(&out), "");
-        // Output without a trailing newline and big output come through exactly.
-        let out = sbx(&daemon, &["run", "--", "printf", "abc"], 0);
-        assert_eq!(stdout(&out), "abc");
-        let out = sbx(&daemon, &["run", "--", "seq", "1", "100000"], 0);
-        let want: String = (1..=100_000).map(|i| format!("{i}\n")).collect();
-        assert!(
-            stdout(&out) == want,
-            "{mode:?}: seq output differs ({} bytes)",
-            out.stdout.len()
-        );
-    }
+    let out = sbx(&daemon, &["run", "--", "true"], 0);
+    assert_eq!(stdout(&out), "");
+    // Output without a trailing newline and big output come through exactly.
+    let out = sbx(&daemon, &["run", "--", "printf", "abc"], 0);
+    assert_eq!(stdout(&out), "abc");
+    let out = sbx(&daemon, &["run", "--", "seq", "1", "100000"], 0);
+    let want: String = (1..=100_000).map(|i| format!("{i}\n")).collect();
+    assert!(
+        stdout(&out) == want,
+        "{mode:?}: seq output differs ({} bytes)",
+        out.stdout.len()
+    );
 }
+both_modes!(run_streams_output_and_exits_with_the_exit_code);
 
 #[test]
 fn named_sandbox_through_its_whole_life() {

@@ -53,26 +53,23 @@ fn an_output_flood_cannot_outrun_the_timeout_or_a_kill() {
     assert!(!d.sandbox_dir(&id).exists());
 }
 
-both_modes! {
-    fn a_deep_directory_tree_is_removed_and_the_helper_survives(mode: Mode) {
-        let d = Daemon::start(mode);
-        // 20000 levels: far deeper than any path can name.
-        let sandbox = d.create(json!({ "command": ["perl", "-e",
-            "chdir '/work' or die; for (1..20000) { mkdir 'd' or die; chdir 'd' or die } \
-             open(F, '>f') or die; chmod 0, '/work/d' or die"] }));
-        let id = sandbox.id.to_string();
-        let done = d.wait(&id);
-        assert_eq!(done.exit_code, Some(0), "{mode:?}: {done:?}");
-        assert!(d.sandbox_dir(&id).join("private/work/d/d/d").is_dir(), "{mode:?}: the tree was made");
-        let resp = d.delete(&format!("/v1/sandboxes/{id}"));
-        assert_eq!(
-            resp.status,
-            204,
-            "{mode:?}: {}",
-            resp.body
-        );
-        assert!(!d.sandbox_dir(&id).exists(), "{mode:?}: the tree is gone");
-        // The helper still serves.
-        assert_eq!(d.sh("echo alive"), "alive\n");
-    }
+fn a_deep_directory_tree_is_removed_and_the_helper_survives(mode: Mode) {
+    let d = Daemon::start(mode);
+    // 20000 levels: far deeper than any path can name.
+    let sandbox = d.create(json!({ "command": ["perl", "-e",
+        "chdir '/work' or die; for (1..20000) { mkdir 'd' or die; chdir 'd' or die } \
+         open(F, '>f') or die; chmod 0, '/work/d' or die"] }));
+    let id = sandbox.id.to_string();
+    let done = d.wait(&id);
+    assert_eq!(done.exit_code, Some(0), "{mode:?}: {done:?}");
+    assert!(
+        d.sandbox_dir(&id).join("private/work/d/d/d").is_dir(),
+        "{mode:?}: the tree was made"
+    );
+    let resp = d.delete(&format!("/v1/sandboxes/{id}"));
+    assert_eq!(resp.status, 204, "{mode:?}: {}", resp.body);
+    assert!(!d.sandbox_dir(&id).exists(), "{mode:?}: the tree is gone");
+    // The helper still serves.
+    assert_eq!(d.sh("echo alive"), "alive\n");
 }
+both_modes!(a_deep_directory_tree_is_removed_and_the_helper_survives);

@@ -729,73 +729,69 @@ fn file_of(d: &Daemon, id: &str, path: &str) -> (u16, String) {
     (status, resp.body)
 }
 
-both_modes! {
-    /// Files in and out of a sandbox whose root is an image (with a disk limit): before start the
-    /// file worker builds the same overlay root init gets, after exit it sees the upper layer's
-    /// changes, and the image itself never changes.
-    fn files_go_in_and_out_of_image_roots_before_start_and_after_exit(mode: Mode) {
-        let s = Scratch::new();
-        let archive = rootfs_archive(&s);
-        let d = Daemon::start(mode);
-        let image = import_ok(&d, "base", &archive);
-        let mut spec = json!({
-            "command": ["sh", "-c",
-                "cat /work/in.txt > /work/out.txt && echo changed >> /etc/image-marker"],
-            "rootfs": {"image": "base"},
-            "start": false,
-        });
-        if mode == Mode::Privileged {
-            spec["limits"] = json!({"disk_bytes": 32 << 20});
-        }
-        let sb = d.create(spec);
-        let id = sb.id.to_string();
-        // Before start: the image's files, seen through the sandbox's own root.
-        assert_eq!(
-            file_of(&d, &id, "/etc/image-marker"),
-            (200, "from the image\n".to_owned()),
-            "{mode:?}"
-        );
-        let resp = d.request("PUT", &format!("/v1/sandboxes/{id}/files?path=/work/in.txt"))
-            .body("hello from the host\n")
-            .send();
-        assert_eq!(
-            resp.status,
-            204,
-            "{mode:?}: {}",
-            resp.body
-        );
-        // Image files are not the API's to change: only /work is.
-        let resp = d.request("PUT", &format!("/v1/sandboxes/{id}/files?path=/etc/passwd"))
-            .body("x")
-            .send();
-        assert_eq!(resp.status, 400, "{mode:?}");
-        let resp = d.post(&format!("/v1/sandboxes/{id}/start"), &json!({}));
-        assert_eq!(resp.status, 200, "{mode:?}");
-        let done = d.wait(&id);
-        assert_eq!(done.exit_code, Some(0), "{mode:?}: {}", d.log());
-        // After exit: the command's output in /work, and its change in the upper layer.
-        assert_eq!(
-            file_of(&d, &id, "/work/out.txt"),
-            (200, "hello from the host\n".to_owned()),
-            "{mode:?}"
-        );
-        assert_eq!(
-            file_of(&d, &id, "/etc/image-marker"),
-            (200, "from the image\nchanged\n".to_owned()),
-            "{mode:?}"
-        );
-        // The image is unchanged, for the next sandbox and on disk.
-        let (_, out) = sh_in(&d, "base", "cat /etc/image-marker");
-        assert_eq!(out, "from the image\n", "{mode:?}");
-        let stored = d
-            .state_dir
-            .join("images")
-            .join(hex(&image.digest))
-            .join("rootfs/etc/image-marker");
-        assert_eq!(std::fs::read_to_string(stored).unwrap(), "from the image\n");
-        assert_eq!(
-            d.delete(&format!("/v1/sandboxes/{id}")).status,
-            204
-        );
+/// Files in and out of a sandbox whose root is an image (with a disk limit): before start the
+/// file worker builds the same overlay root init gets, after exit it sees the upper layer's
+/// changes, and the image itself never changes.
+fn files_go_in_and_out_of_image_roots_before_start_and_after_exit(mode: Mode) {
+    let s = Scratch::new();
+    let archive = rootfs_archive(&s);
+    let d = Daemon::start(mode);
+    let image = import_ok(&d, "base", &archive);
+    let mut spec = json!({
+        "command": ["sh", "-c",
+            "cat /work/in.txt > /work/out.txt && echo changed >> /etc/image-marker"],
+        "rootfs": {"image": "base"},
+        "start": false,
+    });
+    if mode == Mode::Privileged {
+        spec["limits"] = json!({"disk_bytes": 32 << 20});
     }
+    let sb = d.create(spec);
+    let id = sb.id.to_string();
+    // Before start: the image's files, seen through the sandbox's own root.
+    assert_eq!(
+        file_of(&d, &id, "/etc/image-marker"),
+        (200, "from the image\n".to_owned()),
+        "{mode:?}"
+    );
+    let resp = d
+        .request(
+            "PUT",
+            &format!("/v1/sandboxes/{id}/files?path=/work/in.txt"),
+        )
+        .body("hello from the host\n")
+        .send();
+    assert_eq!(resp.status, 204, "{mode:?}: {}", resp.body);
+    // Image files are not the API's to change: only /work is.
+    let resp = d
+        .request("PUT", &format!("/v1/sandboxes/{id}/files?path=/etc/passwd"))
+        .body("x")
+        .send();
+    assert_eq!(resp.status, 400, "{mode:?}");
+    let resp = d.post(&format!("/v1/sandboxes/{id}/start"), &json!({}));
+    assert_eq!(resp.status, 200, "{mode:?}");
+    let done = d.wait(&id);
+    assert_eq!(done.exit_code, Some(0), "{mode:?}: {}", d.log());
+    // After exit: the command's output in /work, and its change in the upper layer.
+    assert_eq!(
+        file_of(&d, &id, "/work/out.txt"),
+        (200, "hello from the host\n".to_owned()),
+        "{mode:?}"
+    );
+    assert_eq!(
+        file_of(&d, &id, "/etc/image-marker"),
+        (200, "from the image\nchanged\n".to_owned()),
+        "{mode:?}"
+    );
+    // The image is unchanged, for the next sandbox and on disk.
+    let (_, out) = sh_in(&d, "base", "cat /etc/image-marker");
+    assert_eq!(out, "from the image\n", "{mode:?}");
+    let stored = d
+        .state_dir
+        .join("images")
+        .join(hex(&image.digest))
+        .join("rootfs/etc/image-marker");
+    assert_eq!(std::fs::read_to_string(stored).unwrap(), "from the image\n");
+    assert_eq!(d.delete(&format!("/v1/sandboxes/{id}")).status, 204);
 }
+both_modes!(files_go_in_and_out_of_image_roots_before_start_and_after_exit);

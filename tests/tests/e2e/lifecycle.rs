@@ -48,72 +48,68 @@ fn assert_ended(sandbox: &Sandbox, exit_code: i32, signal: Option<&str>, reason:
     assert!(sandbox.finished_at.is_some(), "{sandbox:?}");
 }
 
-both_modes! {
-    fn kill_with_sigterm_and_with_the_default_sigkill(mode: Mode) {
-        let daemon = Daemon::start(mode);
-        let id = daemon.start_sandbox(&["sleep", "100"]);
-        kill(&daemon, &id, Some(r#"{"signal":"SIGTERM"}"#));
-        assert_ended(&daemon.wait(&id), 143, Some("SIGTERM"), EndReason::Killed);
+fn kill_with_sigterm_and_with_the_default_sigkill(mode: Mode) {
+    let daemon = Daemon::start(mode);
+    let id = daemon.start_sandbox(&["sleep", "100"]);
+    kill(&daemon, &id, Some(r#"{"signal":"SIGTERM"}"#));
+    assert_ended(&daemon.wait(&id), 143, Some("SIGTERM"), EndReason::Killed);
 
-        let id = daemon.start_sandbox(&["sleep", "100"]);
-        kill(&daemon, &id, None);
-        assert_ended(&daemon.wait(&id), 137, Some("SIGKILL"), EndReason::Killed);
+    let id = daemon.start_sandbox(&["sleep", "100"]);
+    kill(&daemon, &id, None);
+    assert_ended(&daemon.wait(&id), 137, Some("SIGKILL"), EndReason::Killed);
 
-        // Short names and numbers are signals too.
-        let id = daemon.start_sandbox(&["sleep", "100"]);
-        kill(&daemon, &id, Some(r#"{"signal":"TERM"}"#));
-        assert_ended(&daemon.wait(&id), 143, Some("SIGTERM"), EndReason::Killed);
-        let id = daemon.start_sandbox(&["sleep", "100"]);
-        kill(&daemon, &id, Some(r#"{"signal":"15"}"#));
-        assert_ended(&daemon.wait(&id), 143, Some("SIGTERM"), EndReason::Killed);
-    }
+    // Short names and numbers are signals too.
+    let id = daemon.start_sandbox(&["sleep", "100"]);
+    kill(&daemon, &id, Some(r#"{"signal":"TERM"}"#));
+    assert_ended(&daemon.wait(&id), 143, Some("SIGTERM"), EndReason::Killed);
+    let id = daemon.start_sandbox(&["sleep", "100"]);
+    kill(&daemon, &id, Some(r#"{"signal":"15"}"#));
+    assert_ended(&daemon.wait(&id), 143, Some("SIGTERM"), EndReason::Killed);
 }
+both_modes!(kill_with_sigterm_and_with_the_default_sigkill);
 
-both_modes! {
-    fn init_forwards_signals_to_the_command(mode: Mode) {
-        let daemon = Daemon::start(mode);
-        let script = r#"trap "echo got-term; exit 5" TERM; echo ready; sleep 100 & wait"#;
-        let id = daemon.start_sandbox(&["sh", "-c", script]);
-        wait_for_output(&daemon, &id, "ready");
-        kill(&daemon, &id, Some(r#"{"signal":"SIGTERM"}"#));
-        let done = daemon.wait(&id);
-        assert_eq!(done.state, SandboxState::Exited, "{mode:?}: {done:?}");
-        assert_eq!(
-            done.exit_code,
-            Some(5),
-            "{mode:?}: the trap's exit code: {done:?}"
-        );
-        assert_eq!(
-            done.signal, None,
-            "{mode:?}: it exited, no signal ended it: {done:?}"
-        );
-        assert_eq!(daemon.logs(&id, ""), b"ready\ngot-term\n", "{mode:?}");
-    }
+fn init_forwards_signals_to_the_command(mode: Mode) {
+    let daemon = Daemon::start(mode);
+    let script = r#"trap "echo got-term; exit 5" TERM; echo ready; sleep 100 & wait"#;
+    let id = daemon.start_sandbox(&["sh", "-c", script]);
+    wait_for_output(&daemon, &id, "ready");
+    kill(&daemon, &id, Some(r#"{"signal":"SIGTERM"}"#));
+    let done = daemon.wait(&id);
+    assert_eq!(done.state, SandboxState::Exited, "{mode:?}: {done:?}");
+    assert_eq!(
+        done.exit_code,
+        Some(5),
+        "{mode:?}: the trap's exit code: {done:?}"
+    );
+    assert_eq!(
+        done.signal, None,
+        "{mode:?}: it exited, no signal ended it: {done:?}"
+    );
+    assert_eq!(daemon.logs(&id, ""), b"ready\ngot-term\n", "{mode:?}");
 }
+both_modes!(init_forwards_signals_to_the_command);
 
-both_modes! {
-    fn timeout_kills_the_sandbox(mode: Mode) {
-        let daemon = Daemon::start(mode);
-        let started = Instant::now();
-        let resp = daemon.post(
-            "/v1/sandboxes?wait=true",
-            &json!({"command": ["sleep", "100"], "limits": {"timeout_secs": 1}}),
-        );
-        assert_eq!(resp.status, 201);
-        let done: Sandbox = resp.parse();
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "{mode:?}: the timeout did not fire"
-        );
-        assert_ended(&done, 137, Some("SIGKILL"), EndReason::Timeout);
-        assert_eq!(done.spec.limits.timeout_secs, Some(1));
+fn timeout_kills_the_sandbox(mode: Mode) {
+    let daemon = Daemon::start(mode);
+    let started = Instant::now();
+    let resp = daemon.post(
+        "/v1/sandboxes?wait=true",
+        &json!({"command": ["sleep", "100"], "limits": {"timeout_secs": 1}}),
+    );
+    assert_eq!(resp.status, 201);
+    let done: Sandbox = resp.parse();
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{mode:?}: the timeout did not fire"
+    );
+    assert_ended(&done, 137, Some("SIGKILL"), EndReason::Timeout);
+    assert_eq!(done.spec.limits.timeout_secs, Some(1));
 
-        // A command that ends in time is not affected by its timeout.
-        let (quick, _) =
-            daemon.run_spec(json!({"command": ["true"], "limits": {"timeout_secs": 100}}));
-        assert_ended(&quick, 0, None, EndReason::Exited);
-    }
+    // A command that ends in time is not affected by its timeout.
+    let (quick, _) = daemon.run_spec(json!({"command": ["true"], "limits": {"timeout_secs": 100}}));
+    assert_ended(&quick, 0, None, EndReason::Exited);
 }
+both_modes!(timeout_kills_the_sandbox);
 
 #[test]
 fn wait_query_and_wait_endpoint_return_final_objects() {
@@ -145,43 +141,41 @@ fn wait_query_and_wait_endpoint_return_final_objects() {
     }
 }
 
-both_modes! {
-    fn exec_failure_is_reported(mode: Mode) {
-        let daemon = Daemon::start(mode);
-        let (sandbox, out) = daemon.run(&["no-such-command", "arg"]);
-        assert_eq!(sandbox.exit_code, Some(127), "{mode:?}: {sandbox:?}");
-        assert_eq!(
-            sandbox.reason,
-            Some(EndReason::ExecFailed),
-            "{mode:?}: {sandbox:?}"
-        );
-        let error = sandbox.error.clone().unwrap_or_default();
-        assert!(
-            error.contains("no-such-command"),
-            "{mode:?}: error should name the command: {sandbox:?}"
-        );
-        let stderr =
-            String::from_utf8_lossy(&daemon.logs(&sandbox.id.to_string(), "?stream=stderr"))
-                .into_owned();
-        assert!(
-            stderr.contains("no-such-command"),
-            "{mode:?}: stderr: {stderr:?}"
-        );
-        assert_eq!(out, stderr, "{mode:?}: nothing on stdout");
+fn exec_failure_is_reported(mode: Mode) {
+    let daemon = Daemon::start(mode);
+    let (sandbox, out) = daemon.run(&["no-such-command", "arg"]);
+    assert_eq!(sandbox.exit_code, Some(127), "{mode:?}: {sandbox:?}");
+    assert_eq!(
+        sandbox.reason,
+        Some(EndReason::ExecFailed),
+        "{mode:?}: {sandbox:?}"
+    );
+    let error = sandbox.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("no-such-command"),
+        "{mode:?}: error should name the command: {sandbox:?}"
+    );
+    let stderr = String::from_utf8_lossy(&daemon.logs(&sandbox.id.to_string(), "?stream=stderr"))
+        .into_owned();
+    assert!(
+        stderr.contains("no-such-command"),
+        "{mode:?}: stderr: {stderr:?}"
+    );
+    assert_eq!(out, stderr, "{mode:?}: nothing on stdout");
 
-        // A file that exists but is not executable fails the same way, with 126 or 127.
-        let (sandbox, _) = daemon.run(&["/etc/passwd"]);
-        assert_eq!(
-            sandbox.reason,
-            Some(EndReason::ExecFailed),
-            "{mode:?}: {sandbox:?}"
-        );
-        assert!(
-            matches!(sandbox.exit_code, Some(126 | 127)),
-            "{mode:?}: {sandbox:?}"
-        );
-    }
+    // A file that exists but is not executable fails the same way, with 126 or 127.
+    let (sandbox, _) = daemon.run(&["/etc/passwd"]);
+    assert_eq!(
+        sandbox.reason,
+        Some(EndReason::ExecFailed),
+        "{mode:?}: {sandbox:?}"
+    );
+    assert!(
+        matches!(sandbox.exit_code, Some(126 | 127)),
+        "{mode:?}: {sandbox:?}"
+    );
 }
+both_modes!(exec_failure_is_reported);
 
 #[test]
 fn exit_codes_and_signals_of_the_command() {
@@ -202,95 +196,94 @@ fn exit_codes_and_signals_of_the_command() {
     assert_ended(&sandbox, 143, Some("SIGTERM"), EndReason::Exited);
 }
 
-both_modes! {
-    fn delete_of_a_running_sandbox_removes_processes_and_files(mode: Mode) {
-        let daemon = Daemon::start(mode);
-        let script = "echo data > /work/file && mkdir /work/ro && touch /work/ro/f && chmod 000 /work/ro \
-                      && mkdir -p /work/deep/a/b && echo x > /work/deep/a/b/c && echo ready && sleep 100";
-        let id = daemon.start_sandbox(&["sh", "-c", script]);
-        wait_for_output(&daemon, &id, "ready");
-        let sandbox = daemon.sandbox(&id);
-        assert_eq!(
-            sandbox.state,
-            SandboxState::Running,
-            "{mode:?}: {sandbox:?}"
-        );
-        let init = sandbox.init_pid.expect("a running sandbox has an init pid");
-        let host_uid = sandbox.host_uid.expect("a sandbox has a host uid");
-        assert!(process_exists(init), "{mode:?}: init {init} is not running");
-        let descendants = descendants_of(init);
-        assert!(
-            !descendants.is_empty(),
-            "{mode:?}: the command should run under init {init}"
-        );
-        let dir = daemon.sandbox_dir(&id);
-        assert!(
-            dir.join("private/work/file").exists(),
-            "{mode:?}: {} has no private/work/file",
-            dir.display()
-        );
+fn delete_of_a_running_sandbox_removes_processes_and_files(mode: Mode) {
+    let daemon = Daemon::start(mode);
+    let script = "echo data > /work/file && mkdir /work/ro && touch /work/ro/f && chmod 000 /work/ro \
+                  && mkdir -p /work/deep/a/b && echo x > /work/deep/a/b/c && echo ready && sleep 100";
+    let id = daemon.start_sandbox(&["sh", "-c", script]);
+    wait_for_output(&daemon, &id, "ready");
+    let sandbox = daemon.sandbox(&id);
+    assert_eq!(
+        sandbox.state,
+        SandboxState::Running,
+        "{mode:?}: {sandbox:?}"
+    );
+    let init = sandbox.init_pid.expect("a running sandbox has an init pid");
+    let host_uid = sandbox.host_uid.expect("a sandbox has a host uid");
+    assert!(process_exists(init), "{mode:?}: init {init} is not running");
+    let descendants = descendants_of(init);
+    assert!(
+        !descendants.is_empty(),
+        "{mode:?}: the command should run under init {init}"
+    );
+    let dir = daemon.sandbox_dir(&id);
+    assert!(
+        dir.join("private/work/file").exists(),
+        "{mode:?}: {} has no private/work/file",
+        dir.display()
+    );
 
-        let resp = daemon.delete(&format!("/v1/sandboxes/{id}"));
-        assert_eq!(
-            resp.status,
-            204,
-            "{mode:?}: DELETE of a running sandbox\n{}",
-            daemon.log()
-        );
-        daemon
-            .request("GET", &format!("/v1/sandboxes/{id}")).send()
-            .assert_error(404, "GET after DELETE");
-        daemon
-            .request("GET", &format!("/v1/sandboxes/{id}/logs")).send()
-            .assert_error(404, "logs after DELETE");
+    let resp = daemon.delete(&format!("/v1/sandboxes/{id}"));
+    assert_eq!(
+        resp.status,
+        204,
+        "{mode:?}: DELETE of a running sandbox\n{}",
+        daemon.log()
+    );
+    daemon
+        .request("GET", &format!("/v1/sandboxes/{id}"))
+        .send()
+        .assert_error(404, "GET after DELETE");
+    daemon
+        .request("GET", &format!("/v1/sandboxes/{id}/logs"))
+        .send()
+        .assert_error(404, "logs after DELETE");
+    assert!(
+        eventually(Duration::from_secs(10), || !process_exists(init)),
+        "{mode:?}: init {init} survived DELETE"
+    );
+    let survivors: Vec<i32> = descendants
+        .iter()
+        .copied()
+        .filter(|p| process_exists(*p))
+        .collect();
+    assert!(
+        survivors.is_empty(),
+        "{mode:?}: processes of the sandbox survived DELETE: {survivors:?}"
+    );
+    if mode == Mode::Privileged {
+        assert_ne!(host_uid, daemon.uid);
         assert!(
-            eventually(Duration::from_secs(10), || !process_exists(init)),
-            "{mode:?}: init {init} survived DELETE"
+            eventually(Duration::from_secs(10), || processes_of_uid(host_uid)
+                .is_empty()),
+            "{mode:?}: processes of uid {host_uid} survived DELETE: {:?}",
+            processes_of_uid(host_uid)
         );
-        let survivors: Vec<i32> = descendants
-            .iter()
-            .copied()
-            .filter(|p| process_exists(*p))
-            .collect();
-        assert!(
-            survivors.is_empty(),
-            "{mode:?}: processes of the sandbox survived DELETE: {survivors:?}"
-        );
-        if mode == Mode::Privileged {
-            assert_ne!(host_uid, daemon.uid);
-            assert!(
-                eventually(Duration::from_secs(10), || processes_of_uid(host_uid)
-                    .is_empty()),
-                "{mode:?}: processes of uid {host_uid} survived DELETE: {:?}",
-                processes_of_uid(host_uid)
-            );
-        }
-        assert!(
-            !dir.exists(),
-            "{mode:?}: {} survived DELETE: {:?}",
-            dir.display(),
-            list_tree(&dir)
-        );
-
-        daemon
-            .request("DELETE", &format!("/v1/sandboxes/{id}")).send()
-            .assert_error(404, "DELETE twice");
-
-        // An ended sandbox is deleted the same way, by name.
-        let (ended, _) =
-            daemon.run_spec(json!({"command": ["sh", "-c", "echo x > /work/y"], "name": "gone"}));
-        let dir = daemon.sandbox_dir(&ended.id.to_string());
-        assert_eq!(
-            daemon.delete("/v1/sandboxes/gone").status,
-            204,
-            "{mode:?}"
-        );
-        assert!(!dir.exists(), "{mode:?}: {} survived DELETE", dir.display());
-        daemon
-            .request("GET", "/v1/sandboxes/gone").send()
-            .assert_error(404, "GET by name after DELETE");
     }
+    assert!(
+        !dir.exists(),
+        "{mode:?}: {} survived DELETE: {:?}",
+        dir.display(),
+        list_tree(&dir)
+    );
+
+    daemon
+        .request("DELETE", &format!("/v1/sandboxes/{id}"))
+        .send()
+        .assert_error(404, "DELETE twice");
+
+    // An ended sandbox is deleted the same way, by name.
+    let (ended, _) =
+        daemon.run_spec(json!({"command": ["sh", "-c", "echo x > /work/y"], "name": "gone"}));
+    let dir = daemon.sandbox_dir(&ended.id.to_string());
+    assert_eq!(daemon.delete("/v1/sandboxes/gone").status, 204, "{mode:?}");
+    assert!(!dir.exists(), "{mode:?}: {} survived DELETE", dir.display());
+    daemon
+        .request("GET", "/v1/sandboxes/gone")
+        .send()
+        .assert_error(404, "GET by name after DELETE");
 }
+both_modes!(delete_of_a_running_sandbox_removes_processes_and_files);
 
 fn list_tree(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
@@ -322,106 +315,98 @@ fn helper_pid(daemon: &Daemon) -> Option<i32> {
         })
 }
 
-both_modes! {
-    fn sandboxes_survive_a_daemon_crash_and_are_recovered(mode: Mode) {
-        let mut daemon = Daemon::start(mode);
-        let script = "for i in $(seq 1 40); do echo line$i; sleep 0.1; done";
-        let sandbox = daemon.create(json!({"command": ["sh", "-c", script], "name": "survivor"}));
-        let id = sandbox.id.to_string();
-        wait_for_output(&daemon, &id, "line2\n");
-        let init = daemon.sandbox(&id).init_pid.expect("init pid");
-        let helper = helper_pid(&daemon).expect("the daemon has a helper child");
+fn sandboxes_survive_a_daemon_crash_and_are_recovered(mode: Mode) {
+    let mut daemon = Daemon::start(mode);
+    let script = "for i in $(seq 1 40); do echo line$i; sleep 0.1; done";
+    let sandbox = daemon.create(json!({"command": ["sh", "-c", script], "name": "survivor"}));
+    let id = sandbox.id.to_string();
+    wait_for_output(&daemon, &id, "line2\n");
+    let init = daemon.sandbox(&id).init_pid.expect("init pid");
+    let helper = helper_pid(&daemon).expect("the daemon has a helper child");
 
-        daemon.kill9();
-        assert!(
-            process_exists(init),
-            "{mode:?}: the sandbox died with the daemon"
-        );
-        assert!(
-            eventually(Duration::from_secs(10), || !process_exists(helper)),
-            "{mode:?}: the helper {helper} outlived its SIGKILLed daemon"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-        assert!(
-            process_exists(init),
-            "{mode:?}: the sandbox died after the daemon"
-        );
+    daemon.kill9();
+    assert!(
+        process_exists(init),
+        "{mode:?}: the sandbox died with the daemon"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || !process_exists(helper)),
+        "{mode:?}: the helper {helper} outlived its SIGKILLed daemon"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        process_exists(init),
+        "{mode:?}: the sandbox died after the daemon"
+    );
 
-        daemon.restart();
-        let after = daemon.sandbox("survivor");
-        match after.state {
-            SandboxState::Running => {}
-            SandboxState::Exited => assert_eq!(after.exit_code, Some(0), "{mode:?}: {after:?}"),
-            _ => panic!(
-                "{mode:?}: after a restart the sandbox is {after:?}\n{}",
-                daemon.log()
-            ),
-        }
-        let done = daemon.wait(&id);
-        assert_ended(&done, 0, None, EndReason::Exited);
-        let want: String = (1..=40).map(|i| format!("line{i}\n")).collect();
-        assert_eq!(
-            String::from_utf8_lossy(&daemon.logs(&id, "")),
-            want,
-            "{mode:?}"
-        );
-        let ws = sandboxd_tests::read_websocket(daemon.logs_websocket(&id, ""));
-        assert_eq!(
-            String::from_utf8_lossy(&ws.bytes(None)),
-            want,
-            "{mode:?}: websocket after restart"
-        );
-
-        // The restarted daemon still runs new sandboxes and can delete the recovered one.
-        assert_eq!(daemon.sh("echo new"), "new\n");
-        assert_eq!(
-            daemon
-                .delete(&format!("/v1/sandboxes/{id}"))
-                .status,
-            204
-        );
-        assert!(!daemon.sandbox_dir(&id).exists());
-    }
-}
-
-both_modes! {
-    fn a_sandbox_that_ends_while_the_daemon_is_down_is_reported_after_restart(mode: Mode) {
-        let mut daemon = Daemon::start(mode);
-        let id =
-            daemon.start_sandbox(&["sh", "-c", "echo before; sleep 1; echo after >&2; exit 7"]);
-        wait_for_output(&daemon, &id, "before");
-        let init = daemon.sandbox(&id).init_pid.expect("init pid");
-        // A second one that is still running when the daemon comes back, and is killed then.
-        let long = daemon.start_sandbox(&["sleep", "100"]);
-
-        daemon.kill9();
-        assert!(
-            eventually(Duration::from_secs(30), || !process_exists(init)),
-            "{mode:?}: the sandbox did not end while the daemon was down"
-        );
-        // Its monitor finishes a moment after init: status written, control socket removed.
-        let dir = daemon.sandbox_dir(&id);
-        assert!(
-            eventually(Duration::from_secs(30), || dir.join("status.json").exists()
-                && !dir.join("monitor.sock").exists()),
-            "{mode:?}: the monitor did not record the exit while the daemon was down"
-        );
-        daemon.restart();
-        let after = daemon.sandbox(&id);
-        assert_ended(&after, 7, None, EndReason::Exited);
-        assert_eq!(daemon.logs(&id, ""), b"before\nafter\n", "{mode:?}");
-        assert_eq!(daemon.logs(&id, "?stream=stderr"), b"after\n", "{mode:?}");
-
-        assert_eq!(
-            daemon.sandbox(&long).state,
-            SandboxState::Running,
-            "{mode:?}\n{}",
+    daemon.restart();
+    let after = daemon.sandbox("survivor");
+    match after.state {
+        SandboxState::Running => {}
+        SandboxState::Exited => assert_eq!(after.exit_code, Some(0), "{mode:?}: {after:?}"),
+        _ => panic!(
+            "{mode:?}: after a restart the sandbox is {after:?}\n{}",
             daemon.log()
-        );
-        kill(&daemon, &long, None);
-        assert_ended(&daemon.wait(&long), 137, Some("SIGKILL"), EndReason::Killed);
+        ),
     }
+    let done = daemon.wait(&id);
+    assert_ended(&done, 0, None, EndReason::Exited);
+    let want: String = (1..=40).map(|i| format!("line{i}\n")).collect();
+    assert_eq!(
+        String::from_utf8_lossy(&daemon.logs(&id, "")),
+        want,
+        "{mode:?}"
+    );
+    let ws = sandboxd_tests::read_websocket(daemon.logs_websocket(&id, ""));
+    assert_eq!(
+        String::from_utf8_lossy(&ws.bytes(None)),
+        want,
+        "{mode:?}: websocket after restart"
+    );
+
+    // The restarted daemon still runs new sandboxes and can delete the recovered one.
+    assert_eq!(daemon.sh("echo new"), "new\n");
+    assert_eq!(daemon.delete(&format!("/v1/sandboxes/{id}")).status, 204);
+    assert!(!daemon.sandbox_dir(&id).exists());
 }
+both_modes!(sandboxes_survive_a_daemon_crash_and_are_recovered);
+
+fn a_sandbox_that_ends_while_the_daemon_is_down_is_reported_after_restart(mode: Mode) {
+    let mut daemon = Daemon::start(mode);
+    let id = daemon.start_sandbox(&["sh", "-c", "echo before; sleep 1; echo after >&2; exit 7"]);
+    wait_for_output(&daemon, &id, "before");
+    let init = daemon.sandbox(&id).init_pid.expect("init pid");
+    // A second one that is still running when the daemon comes back, and is killed then.
+    let long = daemon.start_sandbox(&["sleep", "100"]);
+
+    daemon.kill9();
+    assert!(
+        eventually(Duration::from_secs(30), || !process_exists(init)),
+        "{mode:?}: the sandbox did not end while the daemon was down"
+    );
+    // Its monitor finishes a moment after init: status written, control socket removed.
+    let dir = daemon.sandbox_dir(&id);
+    assert!(
+        eventually(Duration::from_secs(30), || dir.join("status.json").exists()
+            && !dir.join("monitor.sock").exists()),
+        "{mode:?}: the monitor did not record the exit while the daemon was down"
+    );
+    daemon.restart();
+    let after = daemon.sandbox(&id);
+    assert_ended(&after, 7, None, EndReason::Exited);
+    assert_eq!(daemon.logs(&id, ""), b"before\nafter\n", "{mode:?}");
+    assert_eq!(daemon.logs(&id, "?stream=stderr"), b"after\n", "{mode:?}");
+
+    assert_eq!(
+        daemon.sandbox(&long).state,
+        SandboxState::Running,
+        "{mode:?}\n{}",
+        daemon.log()
+    );
+    kill(&daemon, &long, None);
+    assert_ended(&daemon.wait(&long), 137, Some("SIGKILL"), EndReason::Killed);
+}
+both_modes!(a_sandbox_that_ends_while_the_daemon_is_down_is_reported_after_restart);
 
 /// A daemon in `mode` running two sleeping sandboxes.
 fn two_sleepers(mode: Mode) -> (Daemon, Sandbox, Sandbox) {

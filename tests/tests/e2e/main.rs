@@ -1,8 +1,8 @@
 //! The end-to-end tests: one test binary with one module per area, so the harness and the
 //! dependencies link once. Every test runs the real `sandboxd`, `sandboxd-helper` and `sbx`
-//! binaries (see the `sandboxd_tests` harness); a test of both modes exists once per mode
-//! (`area::test::privileged`, `area::test::rootless`, made by `both_modes!`), so a failure in
-//! one mode never hides the result of the other.
+//! binaries (see the `sandboxd_tests` harness); a test of both modes is one function
+//! `test(mode: Mode)` that `both_modes!(test)` runs once per mode (`area::test::privileged`,
+//! `area::test::rootless`), so a failure in one mode never hides the result of the other.
 
 #![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
 

@@ -94,20 +94,17 @@ fn libc_sigsys() -> i32 {
     nix::sys::signal::Signal::SIGSYS as i32
 }
 
-both_modes! {
-    fn shell_sees_the_filter_and_cannot_nest_user_namespaces(mode: Mode) {
-        let d = Daemon::start(mode);
-        let out = d.sh(
-            "grep Seccomp: /proc/self/status; \
-             if unshare -U true 2>/dev/null; then echo unshare-worked; else echo unshare-failed; fi",
-        );
-        assert!(out.contains("Seccomp:\t2"), "{mode:?}: {out}");
-        assert!(out.contains("unshare-failed"), "{mode:?}: {out}");
-        // The filter is inherited by everything the command starts.
-        let out = d.sh("sh -c 'grep Seccomp: /proc/self/status' | cat");
-        assert!(out.contains("Seccomp:\t2"), "{mode:?}: {out}");
-    }
+fn shell_sees_the_filter_and_cannot_nest_user_namespaces(mode: Mode) {
+    let d = Daemon::start(mode);
+    let out = d.sh("grep Seccomp: /proc/self/status; \
+         if unshare -U true 2>/dev/null; then echo unshare-worked; else echo unshare-failed; fi");
+    assert!(out.contains("Seccomp:\t2"), "{mode:?}: {out}");
+    assert!(out.contains("unshare-failed"), "{mode:?}: {out}");
+    // The filter is inherited by everything the command starts.
+    let out = d.sh("sh -c 'grep Seccomp: /proc/self/status' | cat");
+    assert!(out.contains("Seccomp:\t2"), "{mode:?}: {out}");
 }
+both_modes!(shell_sees_the_filter_and_cannot_nest_user_namespaces);
 
 #[test]
 fn ordinary_tools_still_work() {
