@@ -53,6 +53,39 @@ macro_rules! require_e2e {
     };
 }
 
+/// Run the test function `name(mode: Mode)` in both modes, as two tests reported separately
+/// (`<name>::privileged` and `<name>::rootless`), so a failure in one mode never hides the other
+/// mode's result. The function stays an ordinary one (formatted, documented, found by the
+/// editor); the macro adds a module of the same name with the two tests. Each skips like
+/// [`require_e2e!`] (or fails under `SANDBOXD_E2E_REQUIRE=1`).
+///
+/// ```text
+/// /// What the test shows.
+/// fn first_sandbox_runs(mode: Mode) {
+///     let d = Daemon::start(mode);
+///     assert_eq!(d.sh("echo hi"), "hi\n");
+/// }
+/// both_modes!(first_sandbox_runs);
+/// ```
+#[macro_export]
+macro_rules! both_modes {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn privileged() {
+                $crate::require_e2e!();
+                super::$name($crate::Mode::Privileged);
+            }
+
+            #[test]
+            fn rootless() {
+                $crate::require_e2e!();
+                super::$name($crate::Mode::Rootless);
+            }
+        }
+    };
+}
+
 /// The workspace's target directory, found from this test executable (target/debug/deps/x).
 fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("the test knows its own path");
@@ -177,19 +210,10 @@ pub struct Daemon {
     token: Option<String>,
 }
 
-/// A blocking HTTP client that sends `token` (if any) as a bearer token on every request.
-pub fn http_client(token: Option<&str>) -> reqwest::blocking::Client {
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(token) = token {
-        let mut value: reqwest::header::HeaderValue = format!("Bearer {token}")
-            .parse()
-            .expect("a token is a header value");
-        value.set_sensitive(true);
-        headers.insert(reqwest::header::AUTHORIZATION, value);
-    }
+/// The blocking HTTP client every [`Request`] goes through (the request adds its token).
+fn http_client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(60))
-        .default_headers(headers)
         .build()
         .expect("http client")
 }
@@ -227,7 +251,7 @@ impl Daemon {
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             child: None,
             log: Arc::new(Mutex::new(String::new())),
-            http: http_client(None),
+            http: http_client(),
             token: None,
         };
         daemon.spawn(listen);
@@ -299,7 +323,6 @@ impl Daemon {
         self.url = format!("http://{addr}");
         self.child = Some(child);
         self.token = self.read_admin_token();
-        self.http = http_client(self.token.as_deref());
     }
 
     /// The admin token from `<state-dir>/admin.token`. A daemon without auth writes none; a daemon
@@ -315,11 +338,7 @@ impl Daemon {
         if let Some(token) = read() {
             return Some(token);
         }
-        let status = http_client(None)
-            .get(format!("{}/v1/info", self.url))
-            .send()
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0);
+        let status = self.request("GET", "/v1/info").token(None).send().status;
         if status != 401 {
             return None;
         }
@@ -347,22 +366,19 @@ impl Daemon {
         self.token.as_ref().map(|t| format!("Bearer {t}"))
     }
 
-    /// A client that sends `token` (or nothing) instead of the admin token.
-    pub fn http_as(&self, token: Option<&str>) -> reqwest::blocking::Client {
-        http_client(token)
-    }
-
     /// Create a token with the admin token (`POST /v1/tokens`) and return the whole answer.
     pub fn create_token_with(&self, tenant: &str, role: &str, ttl_secs: Option<u64>) -> Value {
         let mut body = json!({ "tenant": tenant, "role": role });
         if let Some(ttl) = ttl_secs {
             body["ttl_secs"] = json!(ttl);
         }
-        let resp = self.post_json("/v1/tokens", &body);
-        let status = resp.status().as_u16();
-        let text = resp.text().unwrap_or_default();
-        assert_eq!(status, 201, "POST /v1/tokens {body}: {status} {text}");
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad token JSON {text}: {e}"))
+        let reply = self.post("/v1/tokens", &body);
+        assert_eq!(
+            reply.status, 201,
+            "POST /v1/tokens {body}: {} {}",
+            reply.status, reply.body
+        );
+        reply.json()
     }
 
     /// Create a token for `tenant` with `role` and return its secret.
@@ -465,44 +481,48 @@ impl Daemon {
         self.spawn(&addr);
     }
 
-    pub fn http(&self) -> &reqwest::blocking::Client {
-        &self.http
+    /// A request to this daemon with the admin token (see [`Request`] for the rest):
+    /// `d.request("PUT", path).body(bytes).send()`.
+    pub fn request(&self, method: &str, path: &str) -> Request<'_> {
+        Request {
+            daemon: self,
+            method: reqwest::Method::from_bytes(method.as_bytes()).expect("a valid method"),
+            path: path.to_string(),
+            token: self.token.clone(),
+            query: Vec::new(),
+            headers: Vec::new(),
+            body: None,
+            timeout: None,
+        }
     }
 
-    pub fn get(&self, path: &str) -> reqwest::blocking::Response {
-        self.http
-            .get(format!("{}{path}", self.url))
-            .send()
-            .expect("GET")
+    /// `GET path` with the admin token, read to the end.
+    pub fn get(&self, path: &str) -> Reply {
+        self.request("GET", path).send()
     }
 
-    pub fn post_json(&self, path: &str, body: &Value) -> reqwest::blocking::Response {
-        self.http
-            .post(format!("{}{path}", self.url))
-            .json(body)
-            .send()
-            .expect("POST")
+    /// `POST path` with a JSON body and the admin token, read to the end.
+    pub fn post(&self, path: &str, body: &Value) -> Reply {
+        self.request("POST", path).json(body).send()
     }
 
-    pub fn delete(&self, path: &str) -> reqwest::blocking::Response {
-        self.http
-            .delete(format!("{}{path}", self.url))
-            .send()
-            .expect("DELETE")
+    /// `DELETE path` with the admin token, read to the end.
+    pub fn delete(&self, path: &str) -> Reply {
+        self.request("DELETE", path).send()
     }
 
     /// Create a sandbox and return it, asserting 201.
     pub fn create(&self, spec: Value) -> Sandbox {
-        let resp = self.post_json("/v1/sandboxes", &spec);
-        let status = resp.status();
-        let text = resp.text().unwrap_or_default();
+        let reply = self.post("/v1/sandboxes", &spec);
         assert_eq!(
-            status.as_u16(),
+            reply.status,
             201,
-            "create {spec} answered {status}: {text}\n{}",
+            "create {spec} answered {}: {}\n{}",
+            reply.status,
+            reply.body,
             self.log()
         );
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad sandbox JSON {text}: {e}"))
+        reply.parse()
     }
 
     /// Run a command to completion (`?wait=true`) and return the sandbox and its stdout+stderr.
@@ -511,17 +531,16 @@ impl Daemon {
     }
 
     pub fn run_spec(&self, spec: Value) -> (Sandbox, String) {
-        let resp = self.post_json("/v1/sandboxes?wait=true", &spec);
-        let status = resp.status();
-        let text = resp.text().unwrap_or_default();
+        let reply = self.post("/v1/sandboxes?wait=true", &spec);
         assert_eq!(
-            status.as_u16(),
+            reply.status,
             201,
-            "create {spec} answered {status}: {text}\n{}",
+            "create {spec} answered {}: {}\n{}",
+            reply.status,
+            reply.body,
             self.log()
         );
-        let sandbox: Sandbox =
-            serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON {text}: {e}"));
+        let sandbox: Sandbox = reply.parse();
         let logs = self.logs(&sandbox.id.to_string(), "");
         (sandbox, String::from_utf8_lossy(&logs).into_owned())
     }
@@ -539,25 +558,23 @@ impl Daemon {
     }
 
     pub fn logs(&self, id: &str, query: &str) -> Vec<u8> {
-        let resp = self.get(&format!("/v1/sandboxes/{id}/logs{query}"));
-        assert_eq!(resp.status().as_u16(), 200, "logs of {id}");
-        resp.bytes().expect("log body").to_vec()
+        let reply = self.get(&format!("/v1/sandboxes/{id}/logs{query}"));
+        assert_eq!(reply.status, 200, "logs of {id}: {}", reply.body);
+        reply.bytes
     }
 
     pub fn sandbox(&self, id: &str) -> Sandbox {
-        let resp = self.get(&format!("/v1/sandboxes/{id}"));
-        assert_eq!(resp.status().as_u16(), 200, "GET {id}");
-        resp.json().expect("sandbox JSON")
+        let reply = self.get(&format!("/v1/sandboxes/{id}"));
+        assert_eq!(reply.status, 200, "GET {id}: {}", reply.body);
+        reply.parse()
     }
 
     pub fn wait(&self, id: &str) -> Sandbox {
-        let resp = self
-            .http
-            .post(format!("{}/v1/sandboxes/{id}/wait", self.url))
-            .send()
-            .expect("wait");
-        assert_eq!(resp.status().as_u16(), 200, "wait {id}");
-        resp.json().expect("sandbox JSON")
+        let reply = self
+            .request("POST", &format!("/v1/sandboxes/{id}/wait"))
+            .send();
+        assert_eq!(reply.status, 200, "wait {id}: {}", reply.body);
+        reply.parse()
     }
 
     /// The file the helper binds its hub network namespace (the bridges) to.
@@ -586,19 +603,16 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         if self.child.is_some() {
             // Best effort: delete every sandbox so nothing outlives the test.
-            if let Ok(resp) = self
-                .http
-                .get(format!("{}/v1/sandboxes?limit=1000", self.url))
-                .send()
+            if let Ok(list) = self
+                .request("GET", "/v1/sandboxes?limit=1000")
+                .try_send()
+                .and_then(|r| r.json::<Value>())
             {
-                if let Ok(list) = resp.json::<Value>() {
-                    for item in list["items"].as_array().into_iter().flatten() {
-                        if let Some(id) = item["id"].as_str() {
-                            let _ = self
-                                .http
-                                .delete(format!("{}/v1/sandboxes/{id}", self.url))
-                                .send();
-                        }
+                for item in list["items"].as_array().into_iter().flatten() {
+                    if let Some(id) = item["id"].as_str() {
+                        let _ = self
+                            .request("DELETE", &format!("/v1/sandboxes/{id}"))
+                            .try_send();
                     }
                 }
             }
@@ -689,27 +703,122 @@ pub fn read_all(mut r: impl Read) -> String {
     s
 }
 
-/// A response read to the end: its status and its body as text.
+/// A request being built, from [`Daemon::request`]: it carries the admin token unless
+/// [`Request::token`] says otherwise. [`Request::send`] reads the whole answer into a [`Reply`];
+/// [`Request::stream`] hands over the response to read as it arrives.
+pub struct Request<'a> {
+    daemon: &'a Daemon,
+    method: reqwest::Method,
+    path: String,
+    token: Option<String>,
+    query: Vec<(String, String)>,
+    headers: Vec<(String, String)>,
+    body: Option<reqwest::blocking::Body>,
+    timeout: Option<Duration>,
+}
+
+impl Request<'_> {
+    /// A query parameter, percent-encoded (for values a test does not want to encode by hand).
+    pub fn query(mut self, name: &str, value: &str) -> Self {
+        self.query.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// Send `token` as the bearer token instead of the admin token (None: no token at all).
+    pub fn token(mut self, token: Option<&str>) -> Self {
+        self.token = token.map(str::to_string);
+        self
+    }
+
+    /// A header (added after the bearer token, so an `authorization` here is sent as well).
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// A raw body (bytes, a string, or a streaming `reqwest::blocking::Body`).
+    pub fn body(mut self, body: impl Into<reqwest::blocking::Body>) -> Self {
+        self.body = Some(body.into());
+        self
+    }
+
+    /// A JSON body with `Content-Type: application/json`.
+    pub fn json(self, body: &Value) -> Self {
+        self.json_text(&body.to_string())
+    }
+
+    /// A body sent as JSON exactly as written (for malformed or hand-written bodies).
+    pub fn json_text(self, body: &str) -> Self {
+        self.header("content-type", "application/json")
+            .body(body.to_string())
+    }
+
+    /// A longer (or shorter) timeout than the client's 60 seconds.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Send it; the response, unread, or the transport error.
+    pub fn try_send(self) -> reqwest::Result<reqwest::blocking::Response> {
+        let url = format!("{}{}", self.daemon.url, self.path);
+        let mut req = self.daemon.http.request(self.method, url);
+        if let Some(token) = &self.token {
+            let mut value: reqwest::header::HeaderValue = format!("Bearer {token}")
+                .parse()
+                .expect("a token is a header value");
+            value.set_sensitive(true);
+            req = req.header(reqwest::header::AUTHORIZATION, value);
+        }
+        if !self.query.is_empty() {
+            req = req.query(&self.query);
+        }
+        for (name, value) in &self.headers {
+            req = req.header(name, value);
+        }
+        if let Some(body) = self.body {
+            req = req.body(body);
+        }
+        if let Some(timeout) = self.timeout {
+            req = req.timeout(timeout);
+        }
+        req.send()
+    }
+
+    /// Send it and hand over the response to read as it arrives (panics if it cannot be sent).
+    pub fn stream(self) -> reqwest::blocking::Response {
+        let what = format!("{} {}", self.method, self.path);
+        self.try_send()
+            .unwrap_or_else(|e| panic!("{what} failed: {e}"))
+    }
+
+    /// Send it and read the whole answer (panics if it cannot be sent).
+    pub fn send(self) -> Reply {
+        Reply::from(self.stream())
+    }
+}
+
+/// A response read to the end: its status, headers and body.
 #[derive(Debug, Clone)]
 pub struct Reply {
     pub status: u16,
-    pub content_type: Option<String>,
+    pub headers: reqwest::header::HeaderMap,
+    /// The body as text (lossy where it is not UTF-8).
     pub body: String,
+    /// The body as it came.
+    pub bytes: Vec<u8>,
 }
 
 impl From<reqwest::blocking::Response> for Reply {
     fn from(resp: reqwest::blocking::Response) -> Reply {
         let status = resp.status().as_u16();
-        let content_type = resp
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let body = resp.text().unwrap_or_default();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().map(|b| b.to_vec()).unwrap_or_default();
         Reply {
             status,
-            content_type,
-            body,
+            headers,
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+            bytes,
         }
     }
 }
@@ -717,8 +826,22 @@ impl From<reqwest::blocking::Response> for Reply {
 impl Reply {
     /// The body as JSON (panics with the body when it is not JSON).
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("answer {} is not JSON ({e}): {:?}", self.status, self.body))
+        self.parse()
+    }
+
+    /// The body as JSON of type `T` (panics with the body when it is not).
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> T {
+        serde_json::from_slice(&self.bytes).unwrap_or_else(|e| {
+            panic!(
+                "answer {} is not the JSON expected ({e}): {:?}",
+                self.status, self.body
+            )
+        })
+    }
+
+    /// A header's value as text, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
     /// Assert this is an API error with `status`, in the one error shape
@@ -745,65 +868,6 @@ impl Reply {
 }
 
 impl Daemon {
-    /// Send any request (raw body, optional content type) and read the whole answer.
-    pub fn request(
-        &self,
-        method: &str,
-        path: &str,
-        content_type: Option<&str>,
-        body: Vec<u8>,
-    ) -> Reply {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a valid method");
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.url))
-            .body(body);
-        if let Some(ct) = content_type {
-            req = req.header("content-type", ct);
-        }
-        Reply::from(req.send().expect("request"))
-    }
-
-    /// Send any request with `token` (or no token at all) instead of the admin token.
-    pub fn request_as(
-        &self,
-        token: Option<&str>,
-        method: &str,
-        path: &str,
-        content_type: Option<&str>,
-        body: Vec<u8>,
-    ) -> Reply {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a valid method");
-        let mut req = http_client(token)
-            .request(method, format!("{}{path}", self.url))
-            .body(body);
-        if let Some(ct) = content_type {
-            req = req.header("content-type", ct);
-        }
-        Reply::from(req.send().expect("request"))
-    }
-
-    /// A JSON request with `token` (or none) instead of the admin token.
-    pub fn json_as(&self, token: Option<&str>, method: &str, path: &str, body: &Value) -> Reply {
-        self.request_as(
-            token,
-            method,
-            path,
-            Some("application/json"),
-            body.to_string().into_bytes(),
-        )
-    }
-
-    /// Send a JSON body (already serialised or not) with `Content-Type: application/json`.
-    pub fn request_json(&self, method: &str, path: &str, body: &str) -> Reply {
-        self.request(
-            method,
-            path,
-            Some("application/json"),
-            body.as_bytes().to_vec(),
-        )
-    }
-
     /// Create a sandbox without waiting for it and return its id (asserting 201).
     pub fn start_sandbox(&self, command: &[&str]) -> String {
         self.create(json!({ "command": command })).id.to_string()

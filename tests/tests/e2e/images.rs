@@ -2,15 +2,13 @@
 //! binaries (a root filesystem tarball and a docker-archive with two layers and whiteouts),
 //! imports them over real HTTP, runs sandboxes from them, and checks from inside and outside.
 
-#![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
-
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use sandboxd_api::{Image, Sandbox};
-use sandboxd_tests::{eventually, require_e2e, Daemon, Mode};
+use sandboxd_tests::{both_modes, eventually, require_e2e, Daemon, Mode};
 use serde_json::{json, Value};
 
 /// Host binaries the test images carry (with the libraries `ldd` names).
@@ -151,16 +149,14 @@ fn docker_archive(s: &Scratch) -> PathBuf {
 
 fn import(d: &Daemon, name: &str, body: Vec<u8>) -> (u16, Value) {
     let resp = d
-        .http()
-        .post(format!("{}/v1/images", d.url))
-        .query(&[("name", name)])
+        .request("POST", "/v1/images")
+        .query("name", name)
         .header("content-type", "application/x-tar")
         .body(body)
         .timeout(Duration::from_secs(120))
-        .send()
-        .unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().unwrap_or(Value::Null))
+        .send();
+    let body = serde_json::from_slice(&resp.bytes).unwrap_or(Value::Null);
+    (resp.status, body)
 }
 
 fn import_ok(d: &Daemon, name: &str, file: &Path) -> Image {
@@ -281,10 +277,7 @@ fn images_import_run_copy_on_write_and_refuse_deletion_in_use() {
         many.push(sb.id);
     }
     for id in many {
-        assert_eq!(
-            d.delete(&format!("/v1/sandboxes/{id}")).status().as_u16(),
-            204
-        );
+        assert_eq!(d.delete(&format!("/v1/sandboxes/{id}")).status, 204);
     }
 
     // Read-only on request.
@@ -296,34 +289,29 @@ fn images_import_run_copy_on_write_and_refuse_deletion_in_use() {
     assert!(out.contains("Read-only file system"), "{out}");
 
     // In use by the three sandboxes until they are deleted.
-    let got: Image = d.get("/v1/images/base").json().unwrap();
+    let got: Image = d.get("/v1/images/base").parse();
     assert_eq!(got.in_use_by, 3);
     let resp = d.delete("/v1/images/base");
-    assert_eq!(resp.status().as_u16(), 409);
-    let body: Value = resp.json().unwrap();
+    assert_eq!(resp.status, 409);
+    let body: Value = resp.json();
     assert_eq!(body["error"]["code"], "image_in_use");
     for sb in [&first, &second, &ro] {
-        assert_eq!(
-            d.delete(&format!("/v1/sandboxes/{}", sb.id))
-                .status()
-                .as_u16(),
-            204
-        );
+        assert_eq!(d.delete(&format!("/v1/sandboxes/{}", sb.id)).status, 204);
     }
-    assert_eq!(d.delete("/v1/images/base").status().as_u16(), 204);
-    assert_eq!(d.get("/v1/images/base").status().as_u16(), 404);
+    assert_eq!(d.delete("/v1/images/base").status, 204);
+    assert_eq!(d.get("/v1/images/base").status, 404);
     // The other name still holds the content; once it goes, so do the files.
     assert!(rootfs.exists());
-    assert_eq!(d.delete("/v1/images/base-again").status().as_u16(), 204);
+    assert_eq!(d.delete("/v1/images/base-again").status, 204);
     assert!(eventually(Duration::from_secs(10), || !image_dirs(&d)
         .iter()
         .any(|n| n.contains(hex(&base.digest)))));
     // Unknown images are refused before anything starts.
-    let resp = d.post_json(
+    let resp = d.post(
         "/v1/sandboxes",
         &json!({"command": ["true"], "rootfs": {"image": "base"}}),
     );
-    assert_eq!(resp.status().as_u16(), 422);
+    assert_eq!(resp.status, 422);
 }
 
 #[test]
@@ -515,7 +503,7 @@ fn hostile_archives_are_refused_and_the_host_is_unchanged() {
         let (status, body) = import(&d, name, body);
         assert_eq!(status, 400, "{name}: {body}");
         assert_eq!(body["error"]["code"], "bad_image", "{name}: {body}");
-        assert_eq!(d.get(&format!("/v1/images/{name}")).status().as_u16(), 404);
+        assert_eq!(d.get(&format!("/v1/images/{name}")).status, 404);
     }
     // A link planted to the host's /tmp, then a file through it: lands inside the image.
     let through_link = archive(&[
@@ -638,31 +626,22 @@ fn disk_limit_gives_enospc_inside_and_leaves_nothing_behind() {
         "kept\n"
     );
     // Its stats count what it wrote there.
-    let stats: Value = d.get(&format!("/v1/sandboxes/{id}/stats")).json().unwrap();
+    let stats: Value = d.get(&format!("/v1/sandboxes/{id}/stats")).json();
     assert!(stats["disk_bytes"].as_u64().unwrap() >= 4096, "{stats}");
     assert_eq!(mounts_below(&dir).len(), 1, "{:?}", mounts_below(&dir));
     assert_eq!(loops_below(&dir).len(), 1);
     // A daemon crash and restart loses nothing and leaves nothing once the sandbox is deleted.
     d.kill9();
     d.restart();
-    assert_eq!(
-        d.delete(&format!("/v1/sandboxes/{id}")).status().as_u16(),
-        204
-    );
+    assert_eq!(d.delete(&format!("/v1/sandboxes/{id}")).status, 204);
     assert!(mounts_below(&dir).is_empty());
     assert!(eventually(Duration::from_secs(5), || loops_below(&dir).is_empty()));
     // Every sandbox gone: nothing mounted below the state directory at all.
-    for item in d.get("/v1/sandboxes").json::<Value>().unwrap()["items"]
-        .as_array()
-        .unwrap()
-    {
+    for item in d.get("/v1/sandboxes").json()["items"].as_array().unwrap() {
         let id = item["id"].as_str().unwrap();
-        assert_eq!(
-            d.delete(&format!("/v1/sandboxes/{id}")).status().as_u16(),
-            204
-        );
+        assert_eq!(d.delete(&format!("/v1/sandboxes/{id}")).status, 204);
     }
-    // Only the network hub stays mounted while the helper runs (see tests/tests/network.rs).
+    // Only the network hub stays mounted while the helper runs (see tests/tests/e2e/network.rs).
     let sandbox_mounts: Vec<_> = mounts_below(&d.state_dir)
         .into_iter()
         .filter(|m| !m.contains("/helper/hub.net "))
@@ -691,12 +670,12 @@ fn rootless_images_work_and_disk_limits_are_422() {
         out.contains("0 /etc/passwd") && out.contains("changed"),
         "{out}"
     );
-    let resp = d.post_json(
+    let resp = d.post(
         "/v1/sandboxes",
         &json!({"command": ["true"], "rootfs": {"image": "base"}, "limits": {"disk_bytes": 32 << 20}}),
     );
-    assert_eq!(resp.status().as_u16(), 422);
-    let body: Value = resp.json().unwrap();
+    assert_eq!(resp.status, 422);
+    let body: Value = resp.json();
     assert_eq!(body["error"]["code"], "limit_unenforceable");
     assert!(body["error"]["message"]
         .as_str()
@@ -746,91 +725,73 @@ fn cli_imports_lists_runs_and_removes_images() {
 
 fn file_of(d: &Daemon, id: &str, path: &str) -> (u16, String) {
     let resp = d.get(&format!("/v1/sandboxes/{id}/files?path={path}"));
-    let status = resp.status().as_u16();
-    (status, resp.text().unwrap())
+    let status = resp.status;
+    (status, resp.body)
 }
 
 /// Files in and out of a sandbox whose root is an image (with a disk limit): before start the
 /// file worker builds the same overlay root init gets, after exit it sees the upper layer's
 /// changes, and the image itself never changes.
-#[test]
-fn files_go_in_and_out_of_image_roots_before_start_and_after_exit() {
-    require_e2e!();
+fn files_go_in_and_out_of_image_roots_before_start_and_after_exit(mode: Mode) {
     let s = Scratch::new();
     let archive = rootfs_archive(&s);
-    for mode in [Mode::Privileged, Mode::Rootless] {
-        let d = Daemon::start(mode);
-        let image = import_ok(&d, "base", &archive);
-        let mut spec = json!({
-            "command": ["sh", "-c",
-                "cat /work/in.txt > /work/out.txt && echo changed >> /etc/image-marker"],
-            "rootfs": {"image": "base"},
-            "start": false,
-        });
-        if mode == Mode::Privileged {
-            spec["limits"] = json!({"disk_bytes": 32 << 20});
-        }
-        let sb = d.create(spec);
-        let id = sb.id.to_string();
-        // Before start: the image's files, seen through the sandbox's own root.
-        assert_eq!(
-            file_of(&d, &id, "/etc/image-marker"),
-            (200, "from the image\n".to_owned()),
-            "{mode:?}"
-        );
-        let resp = d
-            .http()
-            .put(format!(
-                "{}/v1/sandboxes/{id}/files?path=/work/in.txt",
-                d.url
-            ))
-            .body("hello from the host\n")
-            .send()
-            .unwrap();
-        assert_eq!(
-            resp.status().as_u16(),
-            204,
-            "{mode:?}: {}",
-            resp.text().unwrap()
-        );
-        // Image files are not the API's to change: only /work is.
-        let resp = d
-            .http()
-            .put(format!(
-                "{}/v1/sandboxes/{id}/files?path=/etc/passwd",
-                d.url
-            ))
-            .body("x")
-            .send()
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 400, "{mode:?}");
-        let resp = d.post_json(&format!("/v1/sandboxes/{id}/start"), &json!({}));
-        assert_eq!(resp.status().as_u16(), 200, "{mode:?}");
-        let done = d.wait(&id);
-        assert_eq!(done.exit_code, Some(0), "{mode:?}: {}", d.log());
-        // After exit: the command's output in /work, and its change in the upper layer.
-        assert_eq!(
-            file_of(&d, &id, "/work/out.txt"),
-            (200, "hello from the host\n".to_owned()),
-            "{mode:?}"
-        );
-        assert_eq!(
-            file_of(&d, &id, "/etc/image-marker"),
-            (200, "from the image\nchanged\n".to_owned()),
-            "{mode:?}"
-        );
-        // The image is unchanged, for the next sandbox and on disk.
-        let (_, out) = sh_in(&d, "base", "cat /etc/image-marker");
-        assert_eq!(out, "from the image\n", "{mode:?}");
-        let stored = d
-            .state_dir
-            .join("images")
-            .join(hex(&image.digest))
-            .join("rootfs/etc/image-marker");
-        assert_eq!(std::fs::read_to_string(stored).unwrap(), "from the image\n");
-        assert_eq!(
-            d.delete(&format!("/v1/sandboxes/{id}")).status().as_u16(),
-            204
-        );
+    let d = Daemon::start(mode);
+    let image = import_ok(&d, "base", &archive);
+    let mut spec = json!({
+        "command": ["sh", "-c",
+            "cat /work/in.txt > /work/out.txt && echo changed >> /etc/image-marker"],
+        "rootfs": {"image": "base"},
+        "start": false,
+    });
+    if mode == Mode::Privileged {
+        spec["limits"] = json!({"disk_bytes": 32 << 20});
     }
+    let sb = d.create(spec);
+    let id = sb.id.to_string();
+    // Before start: the image's files, seen through the sandbox's own root.
+    assert_eq!(
+        file_of(&d, &id, "/etc/image-marker"),
+        (200, "from the image\n".to_owned()),
+        "{mode:?}"
+    );
+    let resp = d
+        .request(
+            "PUT",
+            &format!("/v1/sandboxes/{id}/files?path=/work/in.txt"),
+        )
+        .body("hello from the host\n")
+        .send();
+    assert_eq!(resp.status, 204, "{mode:?}: {}", resp.body);
+    // Image files are not the API's to change: only /work is.
+    let resp = d
+        .request("PUT", &format!("/v1/sandboxes/{id}/files?path=/etc/passwd"))
+        .body("x")
+        .send();
+    assert_eq!(resp.status, 400, "{mode:?}");
+    let resp = d.post(&format!("/v1/sandboxes/{id}/start"), &json!({}));
+    assert_eq!(resp.status, 200, "{mode:?}");
+    let done = d.wait(&id);
+    assert_eq!(done.exit_code, Some(0), "{mode:?}: {}", d.log());
+    // After exit: the command's output in /work, and its change in the upper layer.
+    assert_eq!(
+        file_of(&d, &id, "/work/out.txt"),
+        (200, "hello from the host\n".to_owned()),
+        "{mode:?}"
+    );
+    assert_eq!(
+        file_of(&d, &id, "/etc/image-marker"),
+        (200, "from the image\nchanged\n".to_owned()),
+        "{mode:?}"
+    );
+    // The image is unchanged, for the next sandbox and on disk.
+    let (_, out) = sh_in(&d, "base", "cat /etc/image-marker");
+    assert_eq!(out, "from the image\n", "{mode:?}");
+    let stored = d
+        .state_dir
+        .join("images")
+        .join(hex(&image.digest))
+        .join("rootfs/etc/image-marker");
+    assert_eq!(std::fs::read_to_string(stored).unwrap(), "from the image\n");
+    assert_eq!(d.delete(&format!("/v1/sandboxes/{id}")).status, 204);
 }
+both_modes!(files_go_in_and_out_of_image_roots_before_start_and_after_exit);

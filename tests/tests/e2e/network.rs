@@ -5,14 +5,14 @@
 //!
 //! Traffic goes only to the host's loopback and between namespaces the daemon under test made.
 
-#![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
-
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use sandboxd_tests::{descendants_of, eventually, parent_of, require_e2e, Daemon, Mode};
+use sandboxd_tests::{
+    both_modes, descendants_of, eventually, parent_of, require_e2e, Daemon, Mode,
+};
 use serde_json::{json, Value};
 
 /// A TCP server that greets each connection with `hello <peer address>` and closes it.
@@ -30,9 +30,24 @@ while True:
 "#;
 
 /// Tries each `host:port` argument: prints `TARGET connected GREETING` or `TARGET failed ERROR`.
+/// With `--serve-self` first, it also serves a greeting on its own loopback (`SELF`) and tries
+/// that too: the positive control that shows the probe can connect where something listens.
 const PROBE: &str = r#"
-import socket, sys
-for target in sys.argv[1:]:
+import socket, sys, threading
+targets = sys.argv[1:]
+if targets[:1] == ["--serve-self"]:
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 7777))
+    srv.listen(8)
+    def serve():
+        while True:
+            c, _ = srv.accept()
+            c.sendall(b"hello self\n")
+            c.close()
+    threading.Thread(target=serve, daemon=True).start()
+    targets = targets[1:] + ["127.0.0.1:7777"]
+for target in targets:
     host, port = target.rsplit(":", 1)
     try:
         s = socket.create_connection((host, int(port)), timeout=2)
@@ -67,12 +82,22 @@ fn server(d: &Daemon, name: &str, port: u16, network: Value) -> sandboxd_api::Sa
     d.sandbox(&id)
 }
 
-/// Run the probe in a new sandbox with `network`; returns its output.
+/// The probe's own loopback server (see `PROBE`).
+const SELF: &str = "127.0.0.1:7777";
+
+/// Run the probe in a new sandbox with `network`; returns its output, after checking that the
+/// same probe reached its own loopback server (so a "failed" line means something).
 fn probe(d: &Daemon, network: Value, targets: &[String]) -> String {
     let mut command = vec!["python3".to_string(), "-c".into(), PROBE.into()];
+    command.push("--serve-self".into());
     command.extend(targets.iter().cloned());
     let (sandbox, out) = d.run_spec(json!({"command": command, "network": network}));
     assert_eq!(sandbox.exit_code, Some(0), "probe failed: {out}");
+    assert_eq!(
+        line(&out, SELF),
+        format!("{SELF} connected hello self"),
+        "{network}: the probe does not even reach its own loopback: {out}"
+    );
     out
 }
 
@@ -114,14 +139,13 @@ fn hub_addresses_and_rules(d: &Daemon) -> (String, String) {
 }
 
 /// The hub holds nothing but its loopback: no bridge, no veth, no address but lo's, and the
-/// default rules only.
+/// default rules only (and it does show its loopback, so an empty answer cannot pass).
 fn assert_hub_empty(d: &Daemon) {
-    let ok = eventually(Duration::from_secs(5), || {
-        hub_links(d).lines().all(|l| l.starts_with("lo "))
-    });
+    let only_lo = |out: &str| out.lines().count() == 1 && out.starts_with("lo ");
+    let ok = eventually(Duration::from_secs(5), || only_lo(&hub_links(d)));
     assert!(ok, "links left in the hub:\n{}", hub_links(d));
     let (addrs, rules) = hub_addresses_and_rules(d);
-    assert!(addrs.lines().all(|l| l.starts_with("lo ")), "{addrs}");
+    assert!(only_lo(&addrs), "{addrs}");
     assert_eq!(
         rules.lines().count(),
         3,
@@ -160,7 +184,9 @@ fn a_group_talks_by_name_and_nothing_else_reaches_it() {
     assert!(l.contains("connected hello 10.88.0."), "{out}");
     assert!(!l.contains(&addr), "{out}");
 
-    // Another group, and no group: neither the name nor the address.
+    // Another group, and no group: neither the name nor the address. (The other group does
+    // reach its own server by name: names work there, they just do not cross groups.)
+    server(&d, "osrv", 80, bridged(Some("other")));
     for network in [
         bridged(Some("other")),
         bridged(None),
@@ -169,12 +195,20 @@ fn a_group_talks_by_name_and_nothing_else_reaches_it() {
         let out = probe(
             &d,
             network.clone(),
-            &["srv:80".into(), format!("{addr}:80")],
+            &["srv:80".into(), format!("{addr}:80"), "osrv:80".into()],
         );
-        assert!(
-            !out.contains("connected"),
-            "{network} reached the group web: {out}"
-        );
+        for target in ["srv:80".to_string(), format!("{addr}:80")] {
+            assert!(
+                line(&out, &target).contains(" failed "),
+                "{network} reached the group web: {out}"
+            );
+        }
+        if network == bridged(Some("other")) {
+            assert!(
+                line(&out, "osrv:80").contains("connected hello 10.88.0."),
+                "the group other does not reach its own server: {out}"
+            );
+        }
     }
 }
 
@@ -202,6 +236,13 @@ fn sandboxes_reach_neither_the_host_nor_the_api() {
         listener.accept().is_err(),
         "a sandbox reached the host's loopback listener"
     );
+    // From the host both answer: what the sandboxes could not reach is really there.
+    let _from_host = TcpStream::connect(("127.0.0.1", host_port)).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || listener.accept().is_ok()),
+        "the host's own connection to its listener was not accepted"
+    );
+    assert_eq!(d.get("/healthz").status, 200, "the API answers the host");
 }
 
 #[test]
@@ -232,19 +273,17 @@ fn a_published_port_reaches_the_sandbox_and_survives_a_daemon_restart() {
     assert!(status.lines().any(|l| l == "Threads:\t1"), "{status}");
 
     // The same host port again: 409, and nothing is kept of the refused sandbox.
-    let before = d.get("/v1/sandboxes").json::<Value>().unwrap()["items"]
+    let before = d.get("/v1/sandboxes").json()["items"]
         .as_array()
         .unwrap()
         .len();
-    let reply = d.request_json(
-        "POST",
-        "/v1/sandboxes",
-        &json!({"command": ["true"],
-                "network": {"mode": "bridge", "ports": [{"sandbox": 1, "host": port}]}})
-        .to_string(),
-    );
+    let reply = d
+        .request("POST", "/v1/sandboxes")
+        .json(&json!({"command": ["true"],
+                "network": {"mode": "bridge", "ports": [{"sandbox": 1, "host": port}]}}))
+        .send();
     assert_eq!(reply.assert_error(409, "port conflict"), "port_in_use");
-    let after = d.get("/v1/sandboxes").json::<Value>().unwrap()["items"]
+    let after = d.get("/v1/sandboxes").json()["items"]
         .as_array()
         .unwrap()
         .len();
@@ -256,7 +295,7 @@ fn a_published_port_reaches_the_sandbox_and_survives_a_daemon_restart() {
     assert_eq!(d.sandbox("pub").network.unwrap().ports[0].host, port);
 
     // Gone with the sandbox.
-    assert_eq!(d.delete("/v1/sandboxes/pub").status().as_u16(), 204);
+    assert_eq!(d.delete("/v1/sandboxes/pub").status, 204);
     assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
     assert_hub_empty(&d);
 }
@@ -322,6 +361,7 @@ import socket, subprocess
 def ip(*args):
     r = subprocess.run(["ip"] + list(args), capture_output=True, text=True)
     return "ok" if r.returncode == 0 else "refused"
+print("show", ip("addr", "show", "dev", "eth0"))
 print("addr", ip("addr", "add", "10.88.0.200/16", "dev", "eth0"))
 print("route", ip("route", "add", "10.99.0.0/16", "via", "10.88.0.1"))
 print("link", ip("link", "set", "eth0", "down"))
@@ -352,6 +392,8 @@ with open("/proc/self/status") as f:
     let capeff = out.lines().find(|l| l.starts_with("CapEff")).unwrap();
     let bits = u64::from_str_radix(capeff.split_whitespace().last().unwrap(), 16).unwrap();
     assert!(bits & (1 << 12) != 0, "{out}");
+    // The same `ip` reads what it may not change: "refused" below is the kernel's answer.
+    assert!(out.lines().any(|l| l == "show ok"), "{out}");
     for what in ["addr", "route", "link", "lo"] {
         assert_eq!(
             out.lines().find(|l| l.starts_with(&format!("{what} "))),
@@ -365,56 +407,52 @@ with open("/proc/self/status") as f:
     assert!(raw.iter().all(|l| l.ends_with(" refused")), "{out}");
 }
 
-#[test]
-fn mode_none_has_only_loopback_and_no_route() {
-    require_e2e!();
-    for mode in [Mode::Privileged, Mode::Rootless] {
-        let d = Daemon::start(mode);
+fn mode_none_has_only_loopback_and_no_route(mode: Mode) {
+    let d = Daemon::start(mode);
+    let out = d.sh(
+        "cat /proc/net/route | wc -l; tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; \
+         cat /etc/resolv.conf",
+    );
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next(),
+        Some("1"),
+        "only the header of the routing table: {out}"
+    );
+    assert_eq!(lines.next(), Some("lo"), "{out}");
+    let (sandbox, _) = d.run(&["true"]);
+    let net = sandbox
+        .network
+        .expect("every new sandbox shows its network");
+    assert_eq!(net.mode, sandboxd_api::NetworkMode::None);
+    assert!(net.address.is_none() && net.ports.is_empty());
+    if mode == Mode::Privileged {
+        // The helper made the namespace: root inside may still bind low ports and ping.
         let out = d.sh(
-            "cat /proc/net/route | wc -l; tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; \
-             cat /etc/resolv.conf",
+            "python3 -c 'import socket; socket.socket().bind((\"127.0.0.1\", 80)); \
+             socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP); print(\"ok\")'",
         );
-        let mut lines = out.lines();
-        assert_eq!(
-            lines.next(),
-            Some("1"),
-            "only the header of the routing table: {out}"
-        );
-        assert_eq!(lines.next(), Some("lo"), "{out}");
-        let (sandbox, _) = d.run(&["true"]);
-        let net = sandbox
-            .network
-            .expect("every new sandbox shows its network");
-        assert_eq!(net.mode, sandboxd_api::NetworkMode::None);
-        assert!(net.address.is_none() && net.ports.is_empty());
-        if mode == Mode::Privileged {
-            // The helper made the namespace: root inside may still bind low ports and ping.
-            let out = d.sh(
-                "python3 -c 'import socket; socket.socket().bind((\"127.0.0.1\", 80)); \
-                 socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP); print(\"ok\")'",
-            );
-            assert_eq!(out.trim(), "ok");
-        }
+        assert_eq!(out.trim(), "ok");
     }
 }
+both_modes!(mode_none_has_only_loopback_and_no_route);
 
 #[test]
 fn rootless_bridge_is_a_clear_422() {
     require_e2e!();
     let d = Daemon::start(Mode::Rootless);
-    let info: Value = d.get("/v1/info").json().unwrap();
+    let info: Value = d.get("/v1/info").json();
     assert_eq!(info["network_modes"], json!(["none"]));
-    let reply = d.request_json(
-        "POST",
-        "/v1/sandboxes",
-        &json!({"command": ["true"], "network": {"mode": "bridge"}}).to_string(),
-    );
+    let reply = d
+        .request("POST", "/v1/sandboxes")
+        .json(&json!({"command": ["true"], "network": {"mode": "bridge"}}))
+        .send();
     assert_eq!(
         reply.assert_error(422, "rootless bridge"),
         "network_unavailable"
     );
     let privileged = Daemon::start(Mode::Privileged);
-    let info: Value = privileged.get("/v1/info").json().unwrap();
+    let info: Value = privileged.get("/v1/info").json();
     assert_eq!(info["network_modes"], json!(["none", "bridge"]));
 }
 
@@ -448,6 +486,11 @@ fn nothing_is_left_after_delete_or_a_crash() {
         2,
         "{links}"
     );
+    // Each sandbox's veth has the name the protocol gives it (so its absence later means gone).
+    for s in &ids {
+        let veth = sandboxd_protocol::net::veth_name(s.id);
+        assert!(links.contains(&veth), "{veth} not in the hub:\n{links}");
+    }
     let addresses: Vec<String> = ids.iter().map(address).collect();
     let mut unique = addresses.clone();
     unique.sort();
@@ -471,19 +514,22 @@ fn nothing_is_left_after_delete_or_a_crash() {
     assert_eq!(address(&next), address(lost));
     ids.push(next);
 
+    // The published ports of the running sandboxes answer on the host until they are deleted
+    // (the lost sandbox's forwarder died with its monitor).
+    let published: Vec<u16> = ids
+        .iter()
+        .flat_map(|s| s.network.as_ref().unwrap().ports.iter().map(|p| p.host))
+        .collect();
+    assert_eq!(published.len(), 2, "{ids:?}");
+    let running_port = ids[2].network.as_ref().unwrap().ports[0].host;
+    assert!(TcpStream::connect(("127.0.0.1", running_port)).is_ok());
+
     for s in &ids {
-        assert_eq!(
-            d.delete(&format!("/v1/sandboxes/{}", s.id))
-                .status()
-                .as_u16(),
-            204
-        );
+        assert_eq!(d.delete(&format!("/v1/sandboxes/{}", s.id)).status, 204);
     }
     assert_hub_empty(&d);
-    for s in &ids {
-        for p in &s.network.as_ref().unwrap().ports {
-            assert!(TcpStream::connect(("127.0.0.1", p.host)).is_err());
-        }
+    for port in &published {
+        assert!(TcpStream::connect(("127.0.0.1", *port)).is_err());
     }
     // Nothing of ours on the host either.
     let host = Command::new("ip").args(["-br", "link"]).output().unwrap();
@@ -576,17 +622,15 @@ fn a_created_sandbox_gets_its_network_at_start_and_execs_share_it() {
         created.network
     );
     let resp = d
-        .http()
-        .put(format!(
-            "{}/v1/sandboxes/{id}/files?path=/work/server.py",
-            d.url
-        ))
+        .request(
+            "PUT",
+            &format!("/v1/sandboxes/{id}/files?path=/work/server.py"),
+        )
         .body(SERVER)
-        .send()
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 204);
-    let resp = d.post_json(&format!("/v1/sandboxes/{id}/start"), &json!({}));
-    assert_eq!(resp.status().as_u16(), 200, "{}", resp.text().unwrap());
+        .send();
+    assert_eq!(resp.status, 204);
+    let resp = d.post(&format!("/v1/sandboxes/{id}/start"), &json!({}));
+    assert_eq!(resp.status, 200, "{}", resp.body);
     assert!(
         eventually(Duration::from_secs(10), || {
             String::from_utf8_lossy(&d.logs(&id, "")).contains("listening")
@@ -608,17 +652,17 @@ fn a_created_sandbox_gets_its_network_at_start_and_execs_share_it() {
         "127.0.0.1:8080".into(),
     ];
     command.push(format!("{addr}:8080"));
-    let resp = d.post_json(
+    let resp = d.post(
         &format!("/v1/sandboxes/{id}/execs"),
         &json!({ "command": command }),
     );
-    assert_eq!(resp.status().as_u16(), 201);
-    let exec: Value = resp.json().unwrap();
+    assert_eq!(resp.status, 201);
+    let exec: Value = resp.json();
     let logs = d.get(&format!(
         "/v1/sandboxes/{id}/execs/{}/logs?follow=true",
         exec["id"].as_str().unwrap()
     ));
-    let out = logs.text().unwrap();
+    let out = logs.body;
     assert!(
         line(&out, "127.0.0.1:8080").contains("connected hello"),
         "{out}"
@@ -628,9 +672,7 @@ fn a_created_sandbox_gets_its_network_at_start_and_execs_share_it() {
         "{out}"
     );
     assert_eq!(
-        d.delete(&format!("/v1/sandboxes/{id}?force=true"))
-            .status()
-            .as_u16(),
+        d.delete(&format!("/v1/sandboxes/{id}?force=true")).status,
         204
     );
     assert_hub_empty(&d);

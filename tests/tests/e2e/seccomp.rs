@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use sandboxd_tests::{require_e2e, Daemon, Mode};
+use sandboxd_tests::{both_modes, require_e2e, Daemon, Mode};
 use serde_json::json;
 
 const PROBE_SOURCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/seccomp/probe.c");
@@ -94,22 +94,17 @@ fn libc_sigsys() -> i32 {
     nix::sys::signal::Signal::SIGSYS as i32
 }
 
-#[test]
-fn shell_sees_the_filter_and_cannot_nest_user_namespaces() {
-    require_e2e!();
-    for mode in [Mode::Privileged, Mode::Rootless] {
-        let d = Daemon::start(mode);
-        let out = d.sh(
-            "grep Seccomp: /proc/self/status; \
-             if unshare -U true 2>/dev/null; then echo unshare-worked; else echo unshare-failed; fi",
-        );
-        assert!(out.contains("Seccomp:\t2"), "{mode:?}: {out}");
-        assert!(out.contains("unshare-failed"), "{mode:?}: {out}");
-        // The filter is inherited by everything the command starts.
-        let out = d.sh("sh -c 'grep Seccomp: /proc/self/status' | cat");
-        assert!(out.contains("Seccomp:\t2"), "{mode:?}: {out}");
-    }
+fn shell_sees_the_filter_and_cannot_nest_user_namespaces(mode: Mode) {
+    let d = Daemon::start(mode);
+    let out = d.sh("grep Seccomp: /proc/self/status; \
+         if unshare -U true 2>/dev/null; then echo unshare-worked; else echo unshare-failed; fi");
+    assert!(out.contains("Seccomp:\t2"), "{mode:?}: {out}");
+    assert!(out.contains("unshare-failed"), "{mode:?}: {out}");
+    // The filter is inherited by everything the command starts.
+    let out = d.sh("sh -c 'grep Seccomp: /proc/self/status' | cat");
+    assert!(out.contains("Seccomp:\t2"), "{mode:?}: {out}");
 }
+both_modes!(shell_sees_the_filter_and_cannot_nest_user_namespaces);
 
 #[test]
 fn ordinary_tools_still_work() {
@@ -131,11 +126,11 @@ fn nested_user_namespaces_only_when_asked_and_allowed() {
     let script = "unshare -U true && echo nested-ok";
     // Not allowed by the operator: asking is 422.
     let d = sandboxd_tests::Daemon::start(sandboxd_tests::Mode::Privileged);
-    let resp = d.post_json(
+    let resp = d.post(
         "/v1/sandboxes",
         &serde_json::json!({"command": ["sh", "-c", script], "nested_user_namespaces": true}),
     );
-    assert_eq!(resp.status().as_u16(), 422);
+    assert_eq!(resp.status, 422);
     // Allowed: only the sandboxes that ask get them.
     let d = sandboxd_tests::Daemon::start_with(
         sandboxd_tests::Mode::Privileged,

@@ -123,15 +123,17 @@ fn bad_create_bodies() -> Vec<(&'static str, String, u16)> {
 
 fn assert_bad_creates_refused(daemon: &Daemon) {
     for (what, body, status) in bad_create_bodies() {
-        let reply = daemon.request_json("POST", "/v1/sandboxes", &body);
+        let reply = daemon
+            .request("POST", "/v1/sandboxes")
+            .json_text(&body)
+            .send();
         reply.assert_error(status, what);
     }
-    let reply = daemon.request(
-        "POST",
-        "/v1/sandboxes",
-        Some("text/plain"),
-        br#"{"command":["true"]}"#.to_vec(),
-    );
+    let reply = daemon
+        .request("POST", "/v1/sandboxes")
+        .header("content-type", "text/plain")
+        .body(br#"{"command":["true"]}"#.to_vec())
+        .send();
     reply.assert_error(415, "Content-Type: text/plain");
 }
 
@@ -141,7 +143,7 @@ fn bad_create_requests_are_refused_with_the_error_shape() {
     let daemon = Daemon::start(Mode::Privileged);
     assert_bad_creates_refused(&daemon);
     // None of them created anything.
-    let list: SandboxList = daemon.get("/v1/sandboxes").json().expect("list JSON");
+    let list: SandboxList = daemon.get("/v1/sandboxes").parse();
     assert!(
         list.items.is_empty(),
         "refused requests created sandboxes: {list:?}"
@@ -160,7 +162,8 @@ fn unknown_ids_names_routes_and_methods() {
         "/v1/sandboxes/no-such-name/logs".to_string(),
     ] {
         daemon
-            .request("GET", &path, None, Vec::new())
+            .request("GET", &path)
+            .send()
             .assert_error(404, &format!("GET {path}"));
     }
     for path in [
@@ -170,7 +173,9 @@ fn unknown_ids_names_routes_and_methods() {
         "/v1/sandboxes/no-such-name/kill".to_string(),
     ] {
         daemon
-            .request_json("POST", &path, "{}")
+            .request("POST", &path)
+            .json_text("{}")
+            .send()
             .assert_error(404, &format!("POST {path}"));
     }
     for path in [
@@ -178,12 +183,14 @@ fn unknown_ids_names_routes_and_methods() {
         "/v1/sandboxes/no-such-name".to_string(),
     ] {
         daemon
-            .request("DELETE", &path, None, Vec::new())
+            .request("DELETE", &path)
+            .send()
             .assert_error(404, &format!("DELETE {path}"));
     }
     for path in ["/v1/nothing", "/v2/sandboxes", "/", "/v1/sandboxes/x/y/z"] {
         daemon
-            .request("GET", path, None, Vec::new())
+            .request("GET", path)
+            .send()
             .assert_error(404, &format!("GET {path}"));
     }
     for (method, path) in [
@@ -197,7 +204,8 @@ fn unknown_ids_names_routes_and_methods() {
         ("POST", "/v1/sandboxes/x/logs"),
     ] {
         daemon
-            .request(method, path, None, Vec::new())
+            .request(method, path)
+            .send()
             .assert_error(405, &format!("{method} {path}"));
     }
 }
@@ -208,11 +216,9 @@ fn name_conflict_kill_conflict_and_bad_signal() {
     let daemon = Daemon::start(Mode::Privileged);
     let running = daemon.create(json!({"command": ["sleep", "100"], "name": "taken"}));
     daemon
-        .request_json(
-            "POST",
-            "/v1/sandboxes",
-            r#"{"command":["true"],"name":"taken"}"#,
-        )
+        .request("POST", "/v1/sandboxes")
+        .json_text(r#"{"command":["true"],"name":"taken"}"#)
+        .send()
         .assert_error(409, "name taken");
 
     let id = running.id.to_string();
@@ -223,40 +229,32 @@ fn name_conflict_kill_conflict_and_bad_signal() {
         r#"{"signal":""}"#,
     ] {
         daemon
-            .request_json("POST", &format!("/v1/sandboxes/{id}/kill"), signal)
+            .request("POST", &format!("/v1/sandboxes/{id}/kill"))
+            .json_text(signal)
+            .send()
             .assert_error(400, &format!("kill with {signal}"));
     }
     daemon
-        .request_json(
-            "POST",
-            &format!("/v1/sandboxes/{id}/kill"),
-            r#"{"sig":"TERM"}"#,
-        )
+        .request("POST", &format!("/v1/sandboxes/{id}/kill"))
+        .json_text(r#"{"sig":"TERM"}"#)
+        .send()
         .assert_error(400, "kill with an unknown field");
     // The refused kills did nothing.
     assert_eq!(daemon.sandbox(&id).state, SandboxState::Running);
 
     let (exited, _) = daemon.run(&["true"]);
     daemon
-        .request_json("POST", &format!("/v1/sandboxes/{}/kill", exited.id), "{}")
+        .request("POST", &format!("/v1/sandboxes/{}/kill", exited.id))
+        .json_text("{}")
+        .send()
         .assert_error(409, "kill of an exited sandbox");
     daemon
-        .request(
-            "POST",
-            &format!("/v1/sandboxes/{}/kill", exited.id),
-            None,
-            Vec::new(),
-        )
+        .request("POST", &format!("/v1/sandboxes/{}/kill", exited.id))
+        .send()
         .assert_error(409, "kill (empty body) of an exited sandbox");
 
     // The name is free again once its sandbox is deleted.
-    assert_eq!(
-        daemon
-            .delete(&format!("/v1/sandboxes/{id}"))
-            .status()
-            .as_u16(),
-        204
-    );
+    assert_eq!(daemon.delete(&format!("/v1/sandboxes/{id}")).status, 204);
     let again = daemon.create(json!({"command": ["true"], "name": "taken"}));
     assert_eq!(again.name.as_deref(), Some("taken"));
 }
@@ -265,11 +263,11 @@ fn name_conflict_kill_conflict_and_bad_signal() {
 fn healthz_openapi_and_info_privileged() {
     require_e2e!();
     let daemon = Daemon::start(Mode::Privileged);
-    let health = daemon.request("GET", "/healthz", None, Vec::new());
+    let health = daemon.request("GET", "/healthz").send();
     assert_eq!(health.status, 200, "{}", health.body);
     assert_eq!(health.json()["status"], "ok", "{}", health.body);
 
-    let openapi = daemon.request("GET", "/openapi.yaml", None, Vec::new());
+    let openapi = daemon.request("GET", "/openapi.yaml").send();
     assert_eq!(openapi.status, 200);
     assert!(openapi.body.contains("/v1/sandboxes"), "{}", openapi.body);
     assert!(
@@ -289,7 +287,7 @@ fn info_rootless() {
 }
 
 fn check_info(daemon: &Daemon, mode: &str) {
-    let reply = daemon.request("GET", "/v1/info", None, Vec::new());
+    let reply = daemon.request("GET", "/v1/info").send();
     assert_eq!(reply.status, 200, "{}", reply.body);
     let info: sandboxd_api::Info = serde_json::from_str(&reply.body).expect("Info JSON");
     assert_eq!(info.mode, mode, "{}", reply.body);
@@ -350,7 +348,10 @@ fn sandbox_object_and_state_transitions() {
         "cwd": "/tmp",
         "limits": {"timeout_secs": 300},
     });
-    let reply = daemon.request_json("POST", "/v1/sandboxes", &spec.to_string());
+    let reply = daemon
+        .request("POST", "/v1/sandboxes")
+        .json_text(&spec.to_string())
+        .send();
     assert_eq!(reply.status, 201, "{}", reply.body);
     let raw = reply.json();
     for field in [
@@ -457,7 +458,9 @@ fn rootless_create_and_get() {
 }
 
 fn list(daemon: &Daemon, query: &str) -> SandboxList {
-    let reply = daemon.request("GET", &format!("/v1/sandboxes{query}"), None, Vec::new());
+    let reply = daemon
+        .request("GET", &format!("/v1/sandboxes{query}"))
+        .send();
     assert_eq!(reply.status, 200, "list {query}: {}", reply.body);
     serde_json::from_str(&reply.body)
         .unwrap_or_else(|e| panic!("list {query}: {e}: {}", reply.body))
@@ -538,7 +541,9 @@ fn list_order_filters_and_pagination() {
     let mut query = "?limit=2".to_string();
     let mut pages = 0;
     loop {
-        let reply = daemon.request("GET", &format!("/v1/sandboxes{query}"), None, Vec::new());
+        let reply = daemon
+            .request("GET", &format!("/v1/sandboxes{query}"))
+            .send();
         assert_eq!(reply.status, 200, "{query}: {}", reply.body);
         let raw = reply.json();
         assert!(
@@ -621,7 +626,8 @@ fn bad_list_queries_are_refused() {
     daemon.run(&["true"]);
     for query in bad_list_queries() {
         daemon
-            .request("GET", &format!("/v1/sandboxes{query}"), None, Vec::new())
+            .request("GET", &format!("/v1/sandboxes{query}"))
+            .send()
             .assert_error(400, &format!("list {query}"));
     }
     assert_eq!(list(&daemon, "?limit=1000").items.len(), 1);
@@ -656,34 +662,27 @@ fn bad_requests_do_not_crash_or_hang_the_daemon() {
         assert_bad_creates_refused(&daemon);
         for query in bad_list_queries() {
             daemon
-                .request("GET", &format!("/v1/sandboxes{query}"), None, Vec::new())
+                .request("GET", &format!("/v1/sandboxes{query}"))
+                .send()
                 .assert_error(400, query);
         }
         daemon
-            .request_json(
-                "POST",
-                &format!("/v1/sandboxes/{id}/kill"),
-                r#"{"signal":"NOPE"}"#,
-            )
+            .request("POST", &format!("/v1/sandboxes/{id}/kill"))
+            .json_text(r#"{"signal":"NOPE"}"#)
+            .send()
             .assert_error(400, "bad signal");
         daemon
-            .request_json("POST", &format!("/v1/sandboxes/{id}/kill"), "{not json")
+            .request("POST", &format!("/v1/sandboxes/{id}/kill"))
+            .json_text("{not json")
+            .send()
             .assert_error(400, "malformed kill body");
         daemon
-            .request(
-                "GET",
-                &format!("/v1/sandboxes/{id}/logs?offset=abc"),
-                None,
-                Vec::new(),
-            )
+            .request("GET", &format!("/v1/sandboxes/{id}/logs?offset=abc"))
+            .send()
             .assert_error(400, "bad offset");
         daemon
-            .request(
-                "GET",
-                &format!("/v1/sandboxes/{id}/logs?stream=stdin"),
-                None,
-                Vec::new(),
-            )
+            .request("GET", &format!("/v1/sandboxes/{id}/logs?stream=stdin"))
+            .send()
             .assert_error(400, "bad stream");
     }
     // Garbage at the HTTP level: not HTTP at all, a truncated body, a huge header, a lying
@@ -709,15 +708,10 @@ fn bad_requests_do_not_crash_or_hang_the_daemon() {
     raw_exchange(&daemon, b"", false);
 
     // Still healthy, the running sandbox is untouched, and a new sandbox runs.
-    assert_eq!(
-        daemon.get("/healthz").status().as_u16(),
-        200,
-        "{}",
-        daemon.log()
-    );
+    assert_eq!(daemon.get("/healthz").status, 200, "{}", daemon.log());
     assert_eq!(daemon.sandbox(&id).state, SandboxState::Running);
     assert_eq!(daemon.sh("echo still-fine"), "still-fine\n");
-    let listed: Value = daemon.get("/v1/sandboxes").json().expect("list");
+    let listed: Value = daemon.get("/v1/sandboxes").json();
     assert_eq!(
         listed["items"].as_array().map(Vec::len),
         Some(2),

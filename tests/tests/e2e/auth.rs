@@ -1,8 +1,6 @@
 //! Authentication and tenants: bearer tokens on every route (checked against openapi.yaml),
 //! tenant isolation, quotas, the admin-only token API and single-use websocket tickets.
 
-#![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
-
 use std::time::Duration;
 
 use sandboxd_tests::{read_websocket, require_e2e, Daemon, Mode, Reply};
@@ -72,11 +70,15 @@ fn every_route_but_healthz_needs_a_valid_token() {
     let revoked = revoked["token"].as_str().unwrap().to_string();
     // The revoked token works until it is revoked.
     assert_eq!(
-        d.request_as(Some(&revoked), "GET", "/v1/info", None, vec![])
+        d.request("GET", "/v1/info")
+            .token(Some(&revoked))
+            .send()
             .status,
         200
     );
-    let reply = d.request("DELETE", &format!("/v1/tokens/{revoked_id}"), None, vec![]);
+    let reply = d
+        .request("DELETE", &format!("/v1/tokens/{revoked_id}"))
+        .send();
     assert_eq!(reply.status, 204, "revoke: {}", reply.body);
     std::thread::sleep(Duration::from_millis(2200));
 
@@ -90,12 +92,16 @@ fn every_route_but_healthz_needs_a_valid_token() {
     for (method, template) in &routes {
         let path = fill(template, &sandbox, &token_id);
         if template == "/healthz" {
-            let reply = d.request_as(None, method, &path, None, vec![]);
+            let reply = d.request(method, &path).token(None).send();
             assert_eq!(reply.status, 200, "/healthz needs no token: {}", reply.body);
             continue;
         }
         for (what, token) in cases {
-            let reply = d.json_as(token, method, &path, &json!({}));
+            let reply = d
+                .request(method, &path)
+                .token(token)
+                .json(&json!({}))
+                .send();
             assert_unauthorized(&reply, &format!("{method} {path} with {what}"));
             if template.ends_with("/logs") {
                 let status = d.websocket_as(&path, token).err();
@@ -105,7 +111,7 @@ fn every_route_but_healthz_needs_a_valid_token() {
     }
     // Nothing was touched by the refused requests.
     assert_eq!(d.sandbox(&sandbox).state.as_str(), "running");
-    let tokens: Value = d.get("/v1/tokens").json().unwrap();
+    let tokens: Value = d.get("/v1/tokens").json();
     assert!(
         tokens["items"]
             .as_array()
@@ -125,7 +131,10 @@ fn id_of(reply: &Reply) -> String {
 }
 
 fn listed(d: &Daemon, token: Option<&str>) -> Vec<String> {
-    let reply = d.request_as(token, "GET", "/v1/sandboxes?limit=1000", None, vec![]);
+    let reply = d
+        .request("GET", "/v1/sandboxes?limit=1000")
+        .token(token)
+        .send();
     assert_eq!(reply.status, 200, "{}", reply.body);
     reply.json()["items"]
         .as_array()
@@ -142,12 +151,10 @@ fn a_tenant_cannot_see_or_touch_another_tenants_sandboxes() {
     let a = d.create_token("team-a", "user");
     let b = d.create_token("team-b", "user");
     let create = |token: &str, name: &str| {
-        d.json_as(
-            Some(token),
-            "POST",
-            "/v1/sandboxes",
-            &json!({"command": ["sh", "-c", "echo secret; sleep 100"], "name": name}),
-        )
+        d.request("POST", "/v1/sandboxes")
+            .token(Some(token))
+            .json(&json!({"command": ["sh", "-c", "echo secret; sleep 100"], "name": name}))
+            .send()
     };
     let b_id = id_of(&create(&b, "b-box"));
     let a_id = id_of(&create(&a, "a-box"));
@@ -166,7 +173,7 @@ fn a_tenant_cannot_see_or_touch_another_tenants_sandboxes() {
             ),
             ("DELETE", format!("/v1/sandboxes/{target}"), json!({})),
         ] {
-            let reply = d.json_as(a, method, &path, &body);
+            let reply = d.request(method, &path).token(a).json(&body).send();
             let code = reply.assert_error(404, &format!("team-a {method} {path}"));
             assert_eq!(code, "not_found");
         }
@@ -175,7 +182,10 @@ fn a_tenant_cannot_see_or_touch_another_tenants_sandboxes() {
     }
     // B's sandbox is untouched and B still sees it; lists never cross tenants; admin sees both.
     let b = Some(b.as_str());
-    let reply = d.request_as(b, "GET", &format!("/v1/sandboxes/{b_id}"), None, vec![]);
+    let reply = d
+        .request("GET", &format!("/v1/sandboxes/{b_id}"))
+        .token(b)
+        .send();
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(reply.json()["state"], "running");
     assert_eq!(listed(&d, a), vec![a_id.clone()]);
@@ -183,13 +193,10 @@ fn a_tenant_cannot_see_or_touch_another_tenants_sandboxes() {
     let all = listed(&d, d.token());
     assert!(all.contains(&a_id) && all.contains(&b_id), "{all:?}");
     for state in ["running", "exited"] {
-        let reply = d.request_as(
-            a,
-            "GET",
-            &format!("/v1/sandboxes?state={state}"),
-            None,
-            vec![],
-        );
+        let reply = d
+            .request("GET", &format!("/v1/sandboxes?state={state}"))
+            .token(a)
+            .send();
         assert!(!reply.body.contains(&b_id), "{}", reply.body);
     }
     // The owner can stream its own logs.
@@ -201,7 +208,10 @@ fn a_tenant_cannot_see_or_touch_another_tenants_sandboxes() {
 fn a_tenant_cannot_exceed_its_sandbox_quota() {
     require_e2e!();
     let d = Daemon::start(Mode::Privileged);
-    let reply = d.request_json("PUT", "/v1/tenants/team-q/quota", r#"{"max_sandboxes":1}"#);
+    let reply = d
+        .request("PUT", "/v1/tenants/team-q/quota")
+        .json_text(r#"{"max_sandboxes":1}"#)
+        .send();
     assert!(
         reply.status / 100 == 2,
         "set quota: {} {}",
@@ -211,32 +221,40 @@ fn a_tenant_cannot_exceed_its_sandbox_quota() {
     let q = d.create_token("team-q", "user");
     let q = Some(q.as_str());
     let spec = json!({"command": ["sleep", "100"]});
-    let first = id_of(&d.json_as(q, "POST", "/v1/sandboxes", &spec));
-    let reply = d.json_as(q, "POST", "/v1/sandboxes", &spec);
+    let first = id_of(
+        &d.request("POST", "/v1/sandboxes")
+            .token(q)
+            .json(&spec)
+            .send(),
+    );
+    let reply = d
+        .request("POST", "/v1/sandboxes")
+        .token(q)
+        .json(&spec)
+        .send();
     let code = reply.assert_error(429, "second live sandbox over a quota of 1");
     assert_eq!(code, "quota_exceeded");
     // Another tenant is not limited by team-q's quota.
     d.start_sandbox(&["sleep", "100"]);
-    let reply = d.json_as(
-        q,
-        "DELETE",
-        &format!("/v1/sandboxes/{first}?force=true"),
-        &json!({}),
-    );
+    let reply = d
+        .request("DELETE", &format!("/v1/sandboxes/{first}?force=true"))
+        .token(q)
+        .json(&json!({}))
+        .send();
     if reply.status == 409 {
-        d.json_as(
-            q,
-            "POST",
-            &format!("/v1/sandboxes/{first}/kill"),
-            &json!({}),
-        );
-        d.json_as(
-            q,
-            "POST",
-            &format!("/v1/sandboxes/{first}/wait"),
-            &json!({}),
-        );
-        let reply = d.json_as(q, "DELETE", &format!("/v1/sandboxes/{first}"), &json!({}));
+        d.request("POST", &format!("/v1/sandboxes/{first}/kill"))
+            .token(q)
+            .json(&json!({}))
+            .send();
+        d.request("POST", &format!("/v1/sandboxes/{first}/wait"))
+            .token(q)
+            .json(&json!({}))
+            .send();
+        let reply = d
+            .request("DELETE", &format!("/v1/sandboxes/{first}"))
+            .token(q)
+            .json(&json!({}))
+            .send();
         assert!(
             reply.status / 100 == 2,
             "delete: {} {}",
@@ -251,7 +269,12 @@ fn a_tenant_cannot_exceed_its_sandbox_quota() {
             reply.body
         );
     }
-    id_of(&d.json_as(q, "POST", "/v1/sandboxes", &spec));
+    id_of(
+        &d.request("POST", "/v1/sandboxes")
+            .token(q)
+            .json(&spec)
+            .send(),
+    );
 }
 
 #[test]
@@ -281,24 +304,25 @@ fn only_admins_manage_tokens_and_quotas() {
             json!({"max_sandboxes": 100}),
         ),
     ] {
-        let reply = d.json_as(user, method, &path, &body);
+        let reply = d.request(method, &path).token(user).json(&body).send();
         let code = reply.assert_error(403, &format!("user {method} {path}"));
         assert_eq!(code, "forbidden");
     }
     // The other token was not revoked.
     let other = other["token"].as_str().unwrap();
     assert_eq!(
-        d.request_as(Some(other), "GET", "/v1/info", None, vec![])
+        d.request("GET", "/v1/info")
+            .token(Some(other))
+            .send()
             .status,
         200
     );
     // The user can still do its ordinary work.
-    let reply = d.json_as(
-        user,
-        "POST",
-        "/v1/sandboxes?wait=true",
-        &json!({"command": ["true"]}),
-    );
+    let reply = d
+        .request("POST", "/v1/sandboxes?wait=true")
+        .token(user)
+        .json(&json!({"command": ["true"]}))
+        .send();
     assert_eq!(reply.status, 201, "{}", reply.body);
 }
 
@@ -309,7 +333,11 @@ fn a_websocket_ticket_works_once() {
     let (sandbox, _) = d.run(&["echo", "through a ticket"]);
     let path = format!("/v1/sandboxes/{}/logs", sandbox.id);
     let ticket = |token: Option<&str>| {
-        let reply = d.json_as(token, "POST", "/v1/tickets", &json!({}));
+        let reply = d
+            .request("POST", "/v1/tickets")
+            .token(token)
+            .json(&json!({}))
+            .send();
         assert!(
             reply.status / 100 == 2,
             "ticket: {} {}",
@@ -332,7 +360,10 @@ fn a_websocket_ticket_works_once() {
     assert_eq!(bogus.err(), Some(401), "a made-up ticket");
     // A ticket is not a bearer token for plain HTTP.
     let t = ticket(d.token());
-    let reply = d.request_as(None, "GET", &format!("{path}?ticket={t}"), None, vec![]);
+    let reply = d
+        .request("GET", &format!("{path}?ticket={t}"))
+        .token(None)
+        .send();
     assert_ne!(reply.status, 200, "a ticket opened a plain HTTP route");
     // A ticket of another tenant does not open this tenant's sandbox.
     let other = d.create_token("team-t", "user");
@@ -356,7 +387,9 @@ fn sbx_manages_tokens() {
     let secret = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(!secret.is_empty() && !secret.contains(' '), "{secret:?}");
     assert_eq!(
-        d.request_as(Some(&secret), "GET", "/v1/info", None, vec![])
+        d.request("GET", "/v1/info")
+            .token(Some(&secret))
+            .send()
             .status,
         200
     );
@@ -380,7 +413,9 @@ fn sbx_manages_tokens() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
-        d.request_as(Some(&secret), "GET", "/v1/info", None, vec![])
+        d.request("GET", "/v1/info")
+            .token(Some(&secret))
+            .send()
             .status,
         401
     );
@@ -400,28 +435,20 @@ fn a_user_reads_its_own_quota_and_not_another_tenants() {
     sandboxd_tests::require_e2e!();
     let d = sandboxd_tests::Daemon::start(sandboxd_tests::Mode::Privileged);
     let resp = d
-        .http()
-        .put(format!("{}/v1/tenants/team-a/quota", d.url))
+        .request("PUT", "/v1/tenants/team-a/quota")
         .json(&serde_json::json!({"max_sandboxes": 3}))
-        .send()
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
+        .send();
+    assert_eq!(resp.status, 200, "{}", resp.body);
     let user = d.create_token("team-a", "user");
-    let own = d.request_as(
-        Some(&user),
-        "GET",
-        "/v1/tenants/team-a/quota",
-        None,
-        Vec::new(),
-    );
+    let own = d
+        .request("GET", "/v1/tenants/team-a/quota")
+        .token(Some(&user))
+        .send();
     assert_eq!(own.status, 200, "{}", own.body);
     assert!(own.body.contains("\"max_sandboxes\":3"), "{}", own.body);
-    let other = d.request_as(
-        Some(&user),
-        "GET",
-        "/v1/tenants/team-b/quota",
-        None,
-        Vec::new(),
-    );
+    let other = d
+        .request("GET", "/v1/tenants/team-b/quota")
+        .token(Some(&user))
+        .send();
     assert_eq!(other.status, 404, "{}", other.body);
 }

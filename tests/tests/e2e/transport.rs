@@ -1,7 +1,5 @@
 //! Transport: the local unix socket, TLS beyond loopback, request limits and rate limiting.
 
-#![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -276,7 +274,7 @@ fn raw_status(d: &Daemon, request: &[u8]) -> Option<u16> {
 }
 
 fn assert_healthy(d: &Daemon) {
-    let reply = d.request_as(None, "GET", "/healthz", None, vec![]);
+    let reply = d.request("GET", "/healthz").token(None).send();
     assert_eq!(reply.status, 200, "the daemon is unwell: {}", d.log());
 }
 
@@ -298,12 +296,16 @@ fn oversize_headers_and_bodies_are_refused_quickly() {
     assert_healthy(&d);
 
     let body = vec![b' '; 2 << 20];
-    let reply = d.request("POST", "/v1/sandboxes", Some("application/json"), body);
+    let reply = d
+        .request("POST", "/v1/sandboxes")
+        .header("content-type", "application/json")
+        .body(body)
+        .send();
     assert_eq!(reply.status, 413, "2 MiB body: {}", reply.body);
     assert_healthy(&d);
 
     let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
-    let reply = d.request_json("POST", "/v1/sandboxes", &deep);
+    let reply = d.request("POST", "/v1/sandboxes").json_text(&deep).send();
     assert!(
         reply.status / 100 == 4,
         "deep JSON: {} {}",
@@ -324,13 +326,11 @@ fn a_burst_gets_429_with_retry_after_and_others_still_get_through() {
     let d = Daemon::start(Mode::Privileged);
     let burst = d.create_token("team-burst", "user");
     let other = d.create_token("team-calm", "user");
-    let client = d.http_as(Some(&burst));
-    let url = format!("{}/v1/info", d.url);
     let started = Instant::now();
     let mut limited = None;
     for _ in 0..2000 {
-        let resp = client.get(&url).send().unwrap();
-        if resp.status().as_u16() == 429 {
+        let resp = d.request("GET", "/v1/info").token(Some(&burst)).send();
+        if resp.status == 429 {
             limited = Some(resp);
             break;
         }
@@ -341,20 +341,15 @@ fn a_burst_gets_429_with_retry_after_and_others_still_get_through() {
             started.elapsed()
         )
     });
-    let retry_after = resp
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let reply = sandboxd_tests::Reply::from(resp);
-    assert_eq!(reply.assert_error(429, "burst"), "rate_limited");
-    let retry_after: u64 = retry_after
+    assert_eq!(resp.assert_error(429, "burst"), "rate_limited");
+    let retry_after: u64 = resp
+        .header("retry-after")
         .expect("429 carries Retry-After")
         .parse()
         .expect("Retry-After in seconds");
     assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
     // Another token is not starved, and the daemon is healthy.
-    let reply = d.request_as(Some(&other), "GET", "/v1/info", None, vec![]);
+    let reply = d.request("GET", "/v1/info").token(Some(&other)).send();
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_healthy(&d);
 }
@@ -377,7 +372,7 @@ fn an_oversized_websocket_message_closes_that_socket_and_nothing_else() {
         }
     };
     assert!(closed);
-    assert_eq!(d.get("/healthz").status().as_u16(), 200);
+    assert_eq!(d.get("/healthz").status, 200);
     assert_eq!(d.sandbox(&id).state, sandboxd_api::SandboxState::Running);
 }
 
@@ -400,5 +395,5 @@ fn a_trickling_body_times_out() {
     let n = stream.read(&mut answer).unwrap();
     let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert_eq!(d.get("/healthz").status().as_u16(), 200);
+    assert_eq!(d.get("/healthz").status, 200);
 }

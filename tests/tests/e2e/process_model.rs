@@ -1,12 +1,10 @@
 //! The process model's promises: the daemon runs without privileges, the helper is the only
 //! privileged process and dies with the daemon, and sandboxes outlive both.
 
-#![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
-
 use std::time::Duration;
 
 use sandboxd_tests::{
-    descendants_of, eventually, host_uid_of, process_exists, require_e2e, Daemon, Mode,
+    both_modes, descendants_of, eventually, host_uid_of, process_exists, require_e2e, Daemon, Mode,
 };
 use serde_json::json;
 
@@ -36,39 +34,36 @@ fn helper_pid(daemon: &Daemon) -> i32 {
     helpers[0]
 }
 
-#[test]
-fn the_daemon_holds_no_privilege_and_the_helper_is_its_only_privileged_child() {
-    require_e2e!();
-    for mode in [Mode::Privileged, Mode::Rootless] {
-        let daemon = Daemon::start(mode);
-        let pid = daemon.pid();
-        // Every uid of the daemon (real, effective, saved, fs) is the unprivileged one.
-        let uids: Vec<u32> = status_field(pid, "Uid:")
-            .split_whitespace()
-            .map(|u| u.parse().unwrap())
-            .collect();
-        assert_eq!(uids, vec![daemon.uid; 4], "{mode:?}");
-        for caps in ["CapEff:", "CapPrm:", "CapInh:", "CapAmb:"] {
-            assert_eq!(
-                u64::from_str_radix(&status_field(pid, caps), 16).unwrap(),
-                0,
-                "{mode:?} {caps}"
-            );
-        }
-        assert_eq!(status_field(pid, "NoNewPrivs:"), "1", "{mode:?}");
-        let helper = helper_pid(&daemon);
-        let expected = if mode == Mode::Privileged {
-            0
-        } else {
-            daemon.uid
-        };
+fn the_daemon_holds_no_privilege_and_the_helper_is_its_only_privileged_child(mode: Mode) {
+    let daemon = Daemon::start(mode);
+    let pid = daemon.pid();
+    // Every uid of the daemon (real, effective, saved, fs) is the unprivileged one.
+    let uids: Vec<u32> = status_field(pid, "Uid:")
+        .split_whitespace()
+        .map(|u| u.parse().unwrap())
+        .collect();
+    assert_eq!(uids, vec![daemon.uid; 4], "{mode:?}");
+    for caps in ["CapEff:", "CapPrm:", "CapInh:", "CapAmb:"] {
         assert_eq!(
-            host_uid_of(helper),
-            Some(expected),
-            "{mode:?}: the helper's uid"
+            u64::from_str_radix(&status_field(pid, caps), 16).unwrap(),
+            0,
+            "{mode:?} {caps}"
         );
     }
+    assert_eq!(status_field(pid, "NoNewPrivs:"), "1", "{mode:?}");
+    let helper = helper_pid(&daemon);
+    let expected = if mode == Mode::Privileged {
+        0
+    } else {
+        daemon.uid
+    };
+    assert_eq!(
+        host_uid_of(helper),
+        Some(expected),
+        "{mode:?}: the helper's uid"
+    );
 }
+both_modes!(the_daemon_holds_no_privilege_and_the_helper_is_its_only_privileged_child);
 
 #[test]
 fn a_helper_crash_stops_the_daemon_and_a_restart_recovers_everything() {
@@ -104,16 +99,13 @@ fn a_helper_crash_stops_the_daemon_and_a_restart_recovers_everything() {
     );
 }
 
-#[test]
-fn the_helper_dies_with_the_daemon_in_both_modes() {
-    require_e2e!();
-    for mode in [Mode::Privileged, Mode::Rootless] {
-        let mut daemon = Daemon::start(mode);
-        let helper = helper_pid(&daemon);
-        daemon.kill9();
-        assert!(
-            eventually(Duration::from_secs(10), || !process_exists(helper)),
-            "{mode:?}: the helper outlived its SIGKILLed daemon"
-        );
-    }
+fn the_helper_dies_with_the_daemon_in_both_modes(mode: Mode) {
+    let mut daemon = Daemon::start(mode);
+    let helper = helper_pid(&daemon);
+    daemon.kill9();
+    assert!(
+        eventually(Duration::from_secs(10), || !process_exists(helper)),
+        "{mode:?}: the helper outlived its SIGKILLed daemon"
+    );
 }
+both_modes!(the_helper_dies_with_the_daemon_in_both_modes);

@@ -4,7 +4,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use sandboxd_api::{EndReason, SandboxState};
-use sandboxd_tests::{eventually, require_e2e, Daemon, Mode};
+use sandboxd_tests::{both_modes, eventually, require_e2e, Daemon, Mode};
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -36,37 +36,34 @@ fn sbx(daemon: &Daemon, args: &[&str], code: i32) -> Output {
     out
 }
 
-#[test]
-fn run_streams_output_and_exits_with_the_exit_code() {
-    require_e2e!();
-    for mode in [Mode::Privileged, Mode::Rootless] {
-        let daemon = Daemon::start(mode);
-        let out = sbx(
-            &daemon,
-            &["run", "--", "sh", "-c", "echo hi; echo err >&2; exit 7"],
-            7,
-        );
-        assert_eq!(stdout(&out), "hi\n", "{mode:?}");
-        assert!(
-            stderr(&out).contains("err"),
-            "{mode:?}: {}",
-            describe(&[], &out)
-        );
+fn run_streams_output_and_exits_with_the_exit_code(mode: Mode) {
+    let daemon = Daemon::start(mode);
+    let out = sbx(
+        &daemon,
+        &["run", "--", "sh", "-c", "echo hi; echo err >&2; exit 7"],
+        7,
+    );
+    assert_eq!(stdout(&out), "hi\n", "{mode:?}");
+    assert!(
+        stderr(&out).contains("err"),
+        "{mode:?}: {}",
+        describe(&[], &out)
+    );
 
-        let out = sbx(&daemon, &["run", "--", "true"], 0);
-        assert_eq!(stdout(&out), "");
-        // Output without a trailing newline and big output come through exactly.
-        let out = sbx(&daemon, &["run", "--", "printf", "abc"], 0);
-        assert_eq!(stdout(&out), "abc");
-        let out = sbx(&daemon, &["run", "--", "seq", "1", "100000"], 0);
-        let want: String = (1..=100_000).map(|i| format!("{i}\n")).collect();
-        assert!(
-            stdout(&out) == want,
-            "{mode:?}: seq output differs ({} bytes)",
-            out.stdout.len()
-        );
-    }
+    let out = sbx(&daemon, &["run", "--", "true"], 0);
+    assert_eq!(stdout(&out), "");
+    // Output without a trailing newline and big output come through exactly.
+    let out = sbx(&daemon, &["run", "--", "printf", "abc"], 0);
+    assert_eq!(stdout(&out), "abc");
+    let out = sbx(&daemon, &["run", "--", "seq", "1", "100000"], 0);
+    let want: String = (1..=100_000).map(|i| format!("{i}\n")).collect();
+    assert!(
+        stdout(&out) == want,
+        "{mode:?}: seq output differs ({} bytes)",
+        out.stdout.len()
+    );
 }
+both_modes!(run_streams_output_and_exits_with_the_exit_code);
 
 #[test]
 fn named_sandbox_through_its_whole_life() {
@@ -110,7 +107,8 @@ fn named_sandbox_through_its_whole_life() {
 
     sbx(&daemon, &["rm", "n1"], 0);
     daemon
-        .request("GET", "/v1/sandboxes/n1", None, Vec::new())
+        .request("GET", "/v1/sandboxes/n1")
+        .send()
         .assert_error(404, "GET after sbx rm");
     let out = daemon.sbx(&["inspect", "n1"]);
     assert_ne!(
@@ -209,7 +207,8 @@ fn kill_of_a_running_sandbox() {
     assert_eq!(daemon.sandbox(&id).state, SandboxState::Running);
     sbx(&daemon, &["rm", "-f", &id], 0);
     daemon
-        .request("GET", &format!("/v1/sandboxes/{id}"), None, Vec::new())
+        .request("GET", &format!("/v1/sandboxes/{id}"))
+        .send()
         .assert_error(404, "GET after sbx rm -f");
 }
 
@@ -253,7 +252,7 @@ fn sbx_run_with_limits_reports_an_oom_and_removes_the_sandbox_with_rm() {
     assert_eq!(out.status.code(), Some(137), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("ran out of memory"), "{stderr}");
-    let list: serde_json::Value = daemon.get("/v1/sandboxes").json().unwrap();
+    let list: serde_json::Value = daemon.get("/v1/sandboxes").json();
     assert_eq!(list["items"], serde_json::json!([]), "--rm removed it");
 
     let out = daemon.sbx(&[
