@@ -6,7 +6,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use sandboxd_api::{ErrorBody, ErrorDetail};
+use sandboxd_api::{ErrorBody, ErrorCode, ErrorDetail};
 
 use crate::sandboxes::ServiceError;
 use crate::validate::ValidationError;
@@ -14,12 +14,12 @@ use crate::validate::ValidationError;
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -28,11 +28,11 @@ impl ApiError {
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+        ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest, message)
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+        ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
     }
 
     /// A failure on our side: log the whole chain, answer without internals.
@@ -40,7 +40,7 @@ impl ApiError {
         tracing::error!(error = %chain(err), "request failed");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            ErrorCode::Internal,
             "internal error",
         )
     }
@@ -48,18 +48,18 @@ impl ApiError {
     /// Map any status code (typically from a framework rejection) to the error shape.
     pub fn from_status(status: StatusCode, message: impl Into<String>) -> Self {
         let code = match status {
-            StatusCode::BAD_REQUEST => "invalid_request",
-            StatusCode::UNAUTHORIZED => "unauthorized",
-            StatusCode::FORBIDDEN => "forbidden",
-            StatusCode::NOT_FOUND => "not_found",
-            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-            StatusCode::CONFLICT => "conflict",
-            StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-            StatusCode::UNPROCESSABLE_ENTITY => "unprocessable",
-            StatusCode::REQUEST_TIMEOUT => "request_timeout",
-            s if s.is_client_error() => "invalid_request",
-            _ => "internal",
+            StatusCode::BAD_REQUEST => ErrorCode::InvalidRequest,
+            StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
+            StatusCode::FORBIDDEN => ErrorCode::Forbidden,
+            StatusCode::NOT_FOUND => ErrorCode::NotFound,
+            StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+            StatusCode::CONFLICT => ErrorCode::Conflict,
+            StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+            StatusCode::UNPROCESSABLE_ENTITY => ErrorCode::Unprocessable,
+            StatusCode::REQUEST_TIMEOUT => ErrorCode::RequestTimeout,
+            s if s.is_client_error() => ErrorCode::InvalidRequest,
+            _ => ErrorCode::Internal,
         };
         let status = if status.is_client_error() || status.is_server_error() {
             status
@@ -86,7 +86,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
             error: ErrorDetail {
-                code: self.code.to_owned(),
+                code: self.code,
                 message: self.message,
             },
         };
@@ -104,30 +104,38 @@ impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         match &e {
             ServiceError::NotFound => ApiError::not_found("no such sandbox"),
-            ServiceError::NameTaken => {
-                ApiError::new(StatusCode::CONFLICT, "conflict", "name: already taken")
-            }
+            ServiceError::NameTaken => ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorCode::Conflict,
+                "name: already taken",
+            ),
             ServiceError::NoCapacity => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "no_capacity",
+                ErrorCode::NoCapacity,
                 e.to_string(),
             ),
             ServiceError::NotRunning => {
-                ApiError::new(StatusCode::CONFLICT, "not_running", e.to_string())
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::NotRunning, e.to_string())
             }
             ServiceError::NotCreated => {
-                ApiError::new(StatusCode::CONFLICT, "not_created", e.to_string())
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::NotCreated, e.to_string())
             }
-            ServiceError::NoFiles(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m.clone()),
+            ServiceError::NoFiles(m) => {
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::Conflict, m.clone())
+            }
             ServiceError::Files(h) => {
                 use sandboxd_protocol::wire::HelperErrorCode as C;
                 match h.code {
                     C::Invalid => ApiError::invalid(h.message.clone()),
                     C::NotFound => ApiError::not_found(h.message.clone()),
-                    C::Denied => {
-                        ApiError::new(StatusCode::FORBIDDEN, "forbidden", h.message.clone())
+                    C::Denied => ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        ErrorCode::Forbidden,
+                        h.message.clone(),
+                    ),
+                    C::Busy => {
+                        ApiError::new(StatusCode::CONFLICT, ErrorCode::Conflict, h.message.clone())
                     }
-                    C::Busy => ApiError::new(StatusCode::CONFLICT, "conflict", h.message.clone()),
                     _ => ApiError::internal(&e),
                 }
             }
@@ -135,19 +143,21 @@ impl From<ServiceError> for ApiError {
             ServiceError::Limit(l) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, l.code(), l.to_string())
             }
-            ServiceError::QuotaExceeded(m) => {
-                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", m.clone())
-            }
+            ServiceError::QuotaExceeded(m) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::QuotaExceeded,
+                m.clone(),
+            ),
             ServiceError::MemoryLimitRequired => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "memory_limit_required",
+                ErrorCode::MemoryLimitRequired,
                 e.to_string(),
             ),
             ServiceError::StopTimeout | ServiceError::Busy(_) => {
                 tracing::warn!(error = %chain(&e), "sandbox busy");
                 ApiError::new(
                     StatusCode::CONFLICT,
-                    "conflict",
+                    ErrorCode::Conflict,
                     "the sandbox is still stopping; retry",
                 )
             }
@@ -155,53 +165,57 @@ impl From<ServiceError> for ApiError {
                 tracing::error!(error = %chain(&e), "spawn failed");
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    "spawn_failed",
+                    ErrorCode::SpawnFailed,
                     format!("setting up sandbox {id} failed; its error field has the detail"),
                 )
             }
             ServiceError::ExecNotFound => ApiError::not_found("no such exec"),
             ServiceError::StdinBusy => {
-                ApiError::new(StatusCode::CONFLICT, "stdin_busy", e.to_string())
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::StdinBusy, e.to_string())
             }
-            ServiceError::NoStdin => ApiError::new(StatusCode::CONFLICT, "no_stdin", e.to_string()),
+            ServiceError::NoStdin => {
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::NoStdin, e.to_string())
+            }
             ServiceError::ExecFailed(_) => {
                 tracing::error!(error = %chain(&e), "exec failed");
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    "exec_failed",
+                    ErrorCode::ExecFailed,
                     e.to_string(),
                 )
             }
             ServiceError::ImageNotFound => ApiError::not_found("no such image"),
             ServiceError::UnknownImage(_) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "unknown_image",
+                ErrorCode::UnknownImage,
                 e.to_string(),
             ),
             ServiceError::ImageInUse(_) => {
-                ApiError::new(StatusCode::CONFLICT, "image_in_use", e.to_string())
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::ImageInUse, e.to_string())
             }
             ServiceError::ImageExists => {
-                ApiError::new(StatusCode::CONFLICT, "image_exists", e.to_string())
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::ImageExists, e.to_string())
             }
-            ServiceError::BadImage(m) => ApiError::new(StatusCode::BAD_REQUEST, "bad_image", m),
+            ServiceError::BadImage(m) => {
+                ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadImage, m)
+            }
             ServiceError::ImageTooLarge(m) => {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "image_too_large", m)
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::ImageTooLarge, m)
             }
             ServiceError::Upload(_) => ApiError::internal(&e),
             ServiceError::NetworkUnavailable(m) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "network_unavailable",
+                ErrorCode::NetworkUnavailable,
                 m.clone(),
             ),
             ServiceError::PortInUse(m) => ApiError::new(
                 StatusCode::CONFLICT,
-                "port_in_use",
+                ErrorCode::PortInUse,
                 format!("network.ports: {m}"),
             ),
             ServiceError::NoAddress => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "no_capacity",
+                ErrorCode::NoCapacity,
                 e.to_string(),
             ),
             ServiceError::Store(_)

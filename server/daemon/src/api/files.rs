@@ -40,7 +40,7 @@ fn transfer_slot() -> Result<tokio::sync::SemaphorePermit<'static>, ApiError> {
     TRANSFERS.try_acquire().map_err(|_| {
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
-            "too_many_transfers",
+            sandboxd_api::ErrorCode::TooManyTransfers,
             format!("{MAX_TRANSFERS} file transfers are in progress; retry later"),
         )
     })

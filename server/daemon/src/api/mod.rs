@@ -210,7 +210,7 @@ async fn not_found() -> ApiError {
 async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        sandboxd_api::ErrorCode::MethodNotAllowed,
         "method not allowed on this route",
     )
 }

@@ -512,7 +512,8 @@ async fn openapi_and_router_agree() {
         if status == StatusCode::NOT_FOUND || status == StatusCode::METHOD_NOT_ALLOWED {
             let err: ErrorBody = serde_json::from_slice(&body).unwrap();
             assert!(
-                err.error.code != "method_not_allowed" && err.error.message != "no such route",
+                err.error.code.as_str() != "method_not_allowed"
+                    && err.error.message != "no such route",
                 "{method} {uri} hit a fallback"
             );
         }
@@ -1479,7 +1480,7 @@ async fn images_import_name_use_and_delete_with_409_in_use() {
         let (status, bytes) = t.raw(Method::POST, uri, None, body).await;
         assert_eq!(status, want, "{uri}: {}", String::from_utf8_lossy(&bytes));
         let err: ErrorBody = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(err.error.code, code, "{uri}");
+        assert_eq!(err.error.code.as_str(), code, "{uri}");
     }
     // No upload is left behind.
     let uploads = t.svc.state_dir().join("uploads");

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::monitor::{self, MonitorError};
-use super::{signal_name, Scope, Service, ServiceError};
+use super::{Scope, Service, ServiceError};
 use crate::store::ExecEnding;
 
 /// How long a monitor may take to start an exec (joining, and executing the command).
@@ -319,7 +319,7 @@ fn ending_of(status: &ExecStatus) -> ExecEnding {
             SandboxState::Exited
         },
         exit_code: status.exit_code,
-        signal: status.signal.map(signal_name),
+        signal: status.signal.map(sandboxd_protocol::rules::Signal::name_of),
         error: status.error.clone(),
         finished_at_ms: status.finished_at_unix_ms,
     }

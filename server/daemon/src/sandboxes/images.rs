@@ -87,7 +87,8 @@ impl Service {
         if total == 0 {
             return Err(ServiceError::BadImage("the body is empty".into()));
         }
-        let digest = hex::encode(hasher.finalize());
+        let digest =
+            sandboxd_protocol::rules::Digest::of_sha256(&hasher.finalize().into()).into_string();
         // From here on the work runs in its own task: a client hanging up must not leave an
         // unpacked image without its row (or a row-less image until the next start).
         let svc = std::sync::Arc::clone(self);

@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sandboxd_api::{EndReason, Info, NetworkInfo, Sandbox, SandboxState, Stats};
-use sandboxd_protocol::control::ALLOWED_SIGNALS;
 use sandboxd_protocol::layout::SandboxDir;
+use sandboxd_protocol::rules::Signal;
 use sandboxd_protocol::wire::{HelperErrorCode, Mode, SandboxStats};
 use tokio::sync::{watch, Notify, OnceCell};
 use uuid::Uuid;
@@ -508,8 +508,10 @@ impl Service {
         signal: Option<&str>,
     ) -> Result<Sandbox, ServiceError> {
         let signo = match signal {
-            Some(s) => parse_signal(s).ok_or_else(|| ServiceError::BadSignal(s.to_owned()))?,
-            None => 9,
+            Some(s) => Signal::parse(s)
+                .map_err(|_| ServiceError::BadSignal(s.to_owned()))?
+                .number(),
+            None => Signal::KILL.number(),
         };
         let sandbox = self.find(scope, id_or_name).await?;
         if sandbox.state != SandboxState::Running {
@@ -725,44 +727,9 @@ fn api_stats(s: SandboxStats) -> Stats {
     }
 }
 
-/// `SIGTERM`, `TERM` or `15`, limited to the signals a monitor agrees to deliver.
-pub fn parse_signal(s: &str) -> Option<i32> {
-    let n = match s.parse::<i32>() {
-        Ok(n) => n,
-        Err(_) => {
-            let upper = s.to_ascii_uppercase();
-            let name = if upper.starts_with("SIG") {
-                upper
-            } else {
-                format!("SIG{upper}")
-            };
-            name.parse::<nix::sys::signal::Signal>().ok()? as i32
-        }
-    };
-    ALLOWED_SIGNALS.contains(&n).then_some(n)
-}
-
-/// `"SIGKILL"` for 9.
-pub fn signal_name(n: i32) -> String {
-    nix::sys::signal::Signal::try_from(n)
-        .map(|s| s.as_str().to_owned())
-        .unwrap_or_else(|_| format!("SIG{n}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn signals_parse_by_name_and_number() {
-        assert_eq!(parse_signal("SIGTERM"), Some(15));
-        assert_eq!(parse_signal("term"), Some(15));
-        assert_eq!(parse_signal("9"), Some(9));
-        assert_eq!(parse_signal("SIGSEGV"), None);
-        assert_eq!(parse_signal("0"), None);
-        assert_eq!(parse_signal("bogus"), None);
-        assert_eq!(signal_name(9), "SIGKILL");
-    }
 
     #[tokio::test]
     async fn reconcile_marks_lost_rows_and_removes_orphans() {

@@ -9,7 +9,7 @@ use sandboxd_protocol::status::{ExitReason, ExitStatus};
 use uuid::Uuid;
 
 use super::monitor::{self, MonitorError};
-use super::{lost, signal_name, Service};
+use super::{lost, Service};
 use crate::store::Ending;
 
 /// Attempts to reach a monitor when the error is neither "not found" nor "refused".
@@ -64,7 +64,7 @@ fn ending_of(status: &ExitStatus) -> Ending {
     Ending {
         state: SandboxState::Exited,
         exit_code: Some(status.exit_code),
-        signal: status.signal.map(signal_name),
+        signal: status.signal.map(sandboxd_protocol::rules::Signal::name_of),
         reason: match status.reason {
             ExitReason::Exited => EndReason::Exited,
             ExitReason::Killed => EndReason::Killed,
