@@ -28,7 +28,20 @@ pub mod store;
 pub mod transport;
 pub mod validate;
 
-/// Milliseconds since the Unix epoch, the time unit of the database.
+/// `outer: inner: innermost`, for logs.
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut next = err.source();
+    while let Some(e) = next {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        next = e.source();
+    }
+    out
+}
+
+/// Milliseconds since the Unix epoch, the time unit of the database (read through
+/// [`lifetime::Clock`] everywhere but in the real clock and the fake helper).
 pub fn now_unix_ms() -> i64 {
     let now = time::OffsetDateTime::now_utc();
     (now.unix_timestamp_nanos() / 1_000_000) as i64

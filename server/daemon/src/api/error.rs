@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use sandboxd_api::{ErrorBody, ErrorCode, ErrorDetail};
 
-use crate::sandboxes::ServiceError;
+use crate::sandboxes::{ExecError, FileError, ImageError, SandboxError};
 use crate::validate::ValidationError;
 
 #[derive(Debug, Clone)]
@@ -70,17 +70,7 @@ impl ApiError {
     }
 }
 
-/// `outer: inner: innermost`, for logs.
-pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut next = err.source();
-    while let Some(e) = next {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        next = e.source();
-    }
-    out
-}
+pub use crate::chain;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -100,30 +90,111 @@ impl From<ValidationError> for ApiError {
     }
 }
 
-impl From<ServiceError> for ApiError {
-    fn from(e: ServiceError) -> Self {
+impl From<SandboxError> for ApiError {
+    fn from(e: SandboxError) -> Self {
         match &e {
-            ServiceError::NotFound => ApiError::not_found("no such sandbox"),
-            ServiceError::NameTaken => ApiError::new(
+            SandboxError::NotFound => ApiError::not_found("no such sandbox"),
+            SandboxError::NameTaken => ApiError::new(
                 StatusCode::CONFLICT,
                 ErrorCode::Conflict,
                 "name: already taken",
             ),
-            ServiceError::NoCapacity => ApiError::new(
+            SandboxError::NoCapacity | SandboxError::NoAddress => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::NoCapacity,
                 e.to_string(),
             ),
-            ServiceError::NotRunning => {
+            SandboxError::NotRunning => {
                 ApiError::new(StatusCode::CONFLICT, ErrorCode::NotRunning, e.to_string())
             }
-            ServiceError::NotCreated => {
+            SandboxError::NotCreated => {
                 ApiError::new(StatusCode::CONFLICT, ErrorCode::NotCreated, e.to_string())
             }
-            ServiceError::NoFiles(m) => {
-                ApiError::new(StatusCode::CONFLICT, ErrorCode::Conflict, m.clone())
+            SandboxError::BadSignal(_) => ApiError::invalid(format!("signal: {e}")),
+            SandboxError::Limit(l) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, l.code(), l.to_string())
             }
-            ServiceError::Files(h) => {
+            SandboxError::QuotaExceeded(m) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::QuotaExceeded,
+                m.clone(),
+            ),
+            SandboxError::MemoryLimitRequired => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::MemoryLimitRequired,
+                e.to_string(),
+            ),
+            SandboxError::StopTimeout | SandboxError::Busy(_) => {
+                tracing::warn!(error = %chain(&e), "sandbox busy");
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    ErrorCode::Conflict,
+                    "the sandbox is still stopping; retry",
+                )
+            }
+            SandboxError::SpawnFailed { id, .. } => {
+                tracing::error!(error = %chain(&e), "spawn failed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::SpawnFailed,
+                    format!("setting up sandbox {id} failed; its error field has the detail"),
+                )
+            }
+            SandboxError::UnknownImage(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::UnknownImage,
+                e.to_string(),
+            ),
+            SandboxError::NetworkUnavailable(m) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::NetworkUnavailable,
+                m.clone(),
+            ),
+            SandboxError::PortInUse(m) => ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorCode::PortInUse,
+                format!("network.ports: {m}"),
+            ),
+            SandboxError::Store(_)
+            | SandboxError::Helper(_)
+            | SandboxError::Monitor(_)
+            | SandboxError::Task(_) => ApiError::internal(&e),
+        }
+    }
+}
+
+impl From<ExecError> for ApiError {
+    fn from(e: ExecError) -> Self {
+        match e {
+            ExecError::Sandbox(e) => e.into(),
+            ExecError::NotFound => ApiError::not_found("no such exec"),
+            ExecError::StdinBusy => {
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::StdinBusy, e.to_string())
+            }
+            ExecError::NoStdin => {
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::NoStdin, e.to_string())
+            }
+            ExecError::Failed(_) => {
+                tracing::error!(error = %chain(&e), "exec failed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::ExecFailed,
+                    e.to_string(),
+                )
+            }
+            ExecError::Store(_) | ExecError::Monitor(_) | ExecError::Task(_) => {
+                ApiError::internal(&e)
+            }
+        }
+    }
+}
+
+impl From<FileError> for ApiError {
+    fn from(e: FileError) -> Self {
+        match e {
+            FileError::Sandbox(e) => e.into(),
+            FileError::NoFiles(m) => ApiError::new(StatusCode::CONFLICT, ErrorCode::Conflict, m),
+            FileError::Refused(ref h) => {
                 use sandboxd_protocol::wire::HelperErrorCode as C;
                 match h.code {
                     C::Invalid => ApiError::invalid(h.message.clone()),
@@ -139,89 +210,31 @@ impl From<ServiceError> for ApiError {
                     _ => ApiError::internal(&e),
                 }
             }
-            ServiceError::BadSignal(_) => ApiError::invalid(format!("signal: {e}")),
-            ServiceError::Limit(l) => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, l.code(), l.to_string())
+            FileError::Stopped | FileError::Helper(_) | FileError::Unexpected(_) => {
+                ApiError::internal(&e)
             }
-            ServiceError::QuotaExceeded(m) => ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                ErrorCode::QuotaExceeded,
-                m.clone(),
-            ),
-            ServiceError::MemoryLimitRequired => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                ErrorCode::MemoryLimitRequired,
-                e.to_string(),
-            ),
-            ServiceError::StopTimeout | ServiceError::Busy(_) => {
-                tracing::warn!(error = %chain(&e), "sandbox busy");
-                ApiError::new(
-                    StatusCode::CONFLICT,
-                    ErrorCode::Conflict,
-                    "the sandbox is still stopping; retry",
-                )
-            }
-            ServiceError::SpawnFailed { id, .. } => {
-                tracing::error!(error = %chain(&e), "spawn failed");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    ErrorCode::SpawnFailed,
-                    format!("setting up sandbox {id} failed; its error field has the detail"),
-                )
-            }
-            ServiceError::ExecNotFound => ApiError::not_found("no such exec"),
-            ServiceError::StdinBusy => {
-                ApiError::new(StatusCode::CONFLICT, ErrorCode::StdinBusy, e.to_string())
-            }
-            ServiceError::NoStdin => {
-                ApiError::new(StatusCode::CONFLICT, ErrorCode::NoStdin, e.to_string())
-            }
-            ServiceError::ExecFailed(_) => {
-                tracing::error!(error = %chain(&e), "exec failed");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    ErrorCode::ExecFailed,
-                    e.to_string(),
-                )
-            }
-            ServiceError::ImageNotFound => ApiError::not_found("no such image"),
-            ServiceError::UnknownImage(_) => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                ErrorCode::UnknownImage,
-                e.to_string(),
-            ),
-            ServiceError::ImageInUse(_) => {
+        }
+    }
+}
+
+impl From<ImageError> for ApiError {
+    fn from(e: ImageError) -> Self {
+        match e {
+            ImageError::NotFound => ApiError::not_found("no such image"),
+            ImageError::InUse(_) => {
                 ApiError::new(StatusCode::CONFLICT, ErrorCode::ImageInUse, e.to_string())
             }
-            ServiceError::ImageExists => {
+            ImageError::Exists => {
                 ApiError::new(StatusCode::CONFLICT, ErrorCode::ImageExists, e.to_string())
             }
-            ServiceError::BadImage(m) => {
-                ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadImage, m)
-            }
-            ServiceError::ImageTooLarge(m) => {
+            ImageError::Bad(m) => ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadImage, m),
+            ImageError::TooLarge(m) => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::ImageTooLarge, m)
             }
-            ServiceError::Upload(_) => ApiError::internal(&e),
-            ServiceError::NetworkUnavailable(m) => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                ErrorCode::NetworkUnavailable,
-                m.clone(),
-            ),
-            ServiceError::PortInUse(m) => ApiError::new(
-                StatusCode::CONFLICT,
-                ErrorCode::PortInUse,
-                format!("network.ports: {m}"),
-            ),
-            ServiceError::NoAddress => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::NoCapacity,
-                e.to_string(),
-            ),
-            ServiceError::Store(_)
-            | ServiceError::Helper(_)
-            | ServiceError::Monitor(_)
-            | ServiceError::Task(_) => ApiError::internal(&e),
+            ImageError::Upload(_)
+            | ImageError::Store(_)
+            | ImageError::Helper(_)
+            | ImageError::Task(_) => ApiError::internal(&e),
         }
     }
 }

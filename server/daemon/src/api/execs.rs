@@ -19,16 +19,14 @@ use axum::{Extension, Json};
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use sandboxd_api::{AttachControl, AttachEnd, CreateExec, Exec, ExecList, LogEnd, CHANNEL_STDIN};
-use sandboxd_protocol::exec::{Frame, MAX_FRAME};
 use serde::Deserialize;
-use tokio::io::AsyncWriteExt;
-use tokio::net::UnixStream;
 
 use super::auth::Principal;
 use super::extract::{ApiJson, ApiQuery, IdOrName};
 use super::logs::{plain_body, wants_websocket, LogParams};
 use super::{ApiError, AppState};
 use crate::logs::{read_logs, LogEvent, ReadOptions};
+use crate::sandboxes::{AttachSession, ExecError};
 use crate::validate::check_exec;
 
 /// Largest message an attach websocket accepts (stdin is cut into frames of 64 KiB).
@@ -133,7 +131,7 @@ pub async fn attach(
     let upgrade = upgrade.map_err(|r| ApiError::from_status(r.status(), r.body_text()))?;
     let stdin = params.stdin.unwrap_or(exec.spec.stdin);
     if stdin && !exec.spec.stdin {
-        return Err(crate::sandboxes::ServiceError::NoStdin.into());
+        return Err(ExecError::NoStdin.into());
     }
     // Ask the monitor before upgrading, so that a taken stdin is a plain 409.
     let conn = state.svc.attach_exec(&exec, stdin).await?;
@@ -209,14 +207,14 @@ impl Target {
     async fn end(&self, state: &AppState) -> (Option<i32>, Option<String>) {
         match self {
             Target::Exec(s, e) => {
-                let row = state.svc.store().exec(*s, *e).await.ok().flatten();
+                let row = state.svc.exec_row(*s, *e).await.ok().flatten();
                 (
                     row.as_ref().and_then(|e| e.exit_code),
                     row.and_then(|e| e.signal),
                 )
             }
             Target::Main(id) => {
-                let row = state.svc.store().get(*id).await.ok().flatten();
+                let row = state.svc.sandbox(*id).await.ok().flatten();
                 (
                     row.as_ref().and_then(|s| s.exit_code),
                     row.and_then(|s| s.signal),
@@ -238,13 +236,13 @@ async fn close(sink: &mut Sink, code: u16, reason: &str) {
 }
 
 /// Stream an exec's output from the log and, when attached, pass stdin and resizes on to the
-/// monitor, until the exec has ended and everything was sent. Input and output run
+/// attach session, until the exec has ended and everything was sent. Input and output run
 /// independently: a client that reads slowly never holds up its stdin, and the reverse.
 async fn session(
     state: AppState,
     target: Target,
     opts: ReadOptions,
-    monitor: Option<UnixStream>,
+    monitor: Option<AttachSession>,
     socket: WebSocket,
     log_end: bool,
 ) {
@@ -293,24 +291,27 @@ async fn session(
             }
         }
     }
-    // Dropping the monitor connection releases stdin; the process goes on.
+    // Dropping the attach session releases stdin; the process goes on.
     input.abort();
 }
 
-/// Pass the client's messages on to the monitor as frames until the client goes away.
+/// What one client message asks of the attached process.
+enum Input {
+    Stdin(Vec<u8>),
+    Control(AttachControl),
+}
+
+/// Pass the client's messages on to the attach session until the client goes away.
 async fn forward_input(
     mut incoming: futures_util::stream::SplitStream<WebSocket>,
-    mut monitor: Option<UnixStream>,
+    mut monitor: Option<AttachSession>,
     close_tx: tokio::sync::mpsc::Sender<(u16, &'static str)>,
 ) {
     while let Some(msg) = incoming.next().await {
-        let frames = match msg {
+        let input = match msg {
             Err(_) | Ok(Message::Close(_)) => return,
             Ok(Message::Binary(data)) => match data.split_first() {
-                Some((&CHANNEL_STDIN, payload)) => payload
-                    .chunks(MAX_FRAME)
-                    .map(|c| Frame::Stdin(c.to_vec()))
-                    .collect(),
+                Some((&CHANNEL_STDIN, payload)) => Input::Stdin(payload.to_vec()),
                 _ => {
                     let why = "binary messages must start with channel 0 (stdin)";
                     let _ = close_tx.send((close_code::INVALID, why)).await;
@@ -318,19 +319,7 @@ async fn forward_input(
                 }
             },
             Ok(Message::Text(text)) => match serde_json::from_str::<AttachControl>(text.as_str()) {
-                Ok(control) => {
-                    let mut frames = Vec::new();
-                    if let Some(size) = control.resize {
-                        frames.push(Frame::Resize {
-                            cols: size.cols,
-                            rows: size.rows,
-                        });
-                    }
-                    if control.close_stdin == Some(true) {
-                        frames.push(Frame::CloseStdin);
-                    }
-                    frames
-                }
+                Ok(control) => Input::Control(control),
                 Err(_) => {
                     let why = "text messages must be {\"resize\":{\"cols\":C,\"rows\":R}} or {\"close_stdin\":true}";
                     let _ = close_tx.send((close_code::INVALID, why)).await;
@@ -339,14 +328,24 @@ async fn forward_input(
             },
             Ok(_) => continue,
         };
-        // Without a monitor connection (a reader, or the exec ended) input goes nowhere.
-        if let Some(m) = monitor.as_mut() {
-            for f in frames {
-                if m.write_all(&f.encode()).await.is_err() {
-                    // The exec ended: its end arrives through the log.
-                    monitor = None;
-                    break;
+        // Without an attach session (a reader, or the process ended) input goes nowhere.
+        if let Some(session) = monitor.as_mut() {
+            let sent = match input {
+                Input::Stdin(data) => session.send_stdin(&data).await,
+                Input::Control(control) => {
+                    let mut sent = Ok(());
+                    if let Some(size) = control.resize {
+                        sent = session.resize(size.cols, size.rows).await;
+                    }
+                    if sent.is_ok() && control.close_stdin == Some(true) {
+                        sent = session.close_stdin().await;
+                    }
+                    sent
                 }
+            };
+            if sent.is_err() {
+                // The process ended: its end arrives through the log.
+                monitor = None;
             }
         }
     }

@@ -123,7 +123,7 @@ async fn stream_websocket(state: AppState, id: Uuid, opts: ReadOptions, socket: 
                     }
                 }
                 Some(Ok(LogEvent::End { offset })) => {
-                    let sandbox = state.svc.store().get(id).await.ok().flatten();
+                    let sandbox = state.svc.sandbox(id).await.ok().flatten();
                     let end = LogEnd {
                         exit_code: sandbox.as_ref().and_then(|s| s.exit_code),
                         signal: sandbox.as_ref().and_then(|s| s.signal.clone()),

@@ -38,8 +38,7 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(svc: Arc<Service>) -> Self {
-        let auth = Arc::new(crate::auth::Auth::new(svc.store().clone()));
+    pub fn new(svc: Arc<Service>, auth: Arc<crate::auth::Auth>) -> Self {
         AppState { svc, auth }
     }
 }

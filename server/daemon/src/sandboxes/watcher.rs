@@ -21,7 +21,7 @@ pub(super) async fn watch(svc: Arc<Service>, id: Uuid) {
     for attempt in 1..=CONNECT_ATTEMPTS {
         match monitor::connect(&socket).await {
             Ok(stream) => {
-                if let Err(e) = svc.store().recover_running(id, crate::now_unix_ms()).await {
+                if let Err(e) = svc.store.recover_running(id, svc.clock.now_unix_ms()).await {
                     tracing::warn!(%id, error = %e, "marking a recovered sandbox running failed");
                 }
                 // The monitor answers nothing on this connection; it closes it once the status
@@ -40,10 +40,13 @@ pub(super) async fn watch(svc: Arc<Service>, id: Uuid) {
         Some(status) => ending_of(&status),
         None => {
             tracing::warn!(%id, "monitor ended without an exit status");
-            lost("the sandbox's monitor ended without recording an exit status")
+            lost(
+                "the sandbox's monitor ended without recording an exit status",
+                svc.clock.now_unix_ms(),
+            )
         }
     };
-    if let Err(e) = svc.store().finish(id, &ending).await {
+    if let Err(e) = svc.store.finish(id, &ending, svc.clock.now_ms()).await {
         tracing::error!(%id, error = %e, "recording a sandbox exit failed");
     }
     svc.notify_final(id);
