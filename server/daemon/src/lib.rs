@@ -5,7 +5,7 @@
 //! lives here so that it can be tested without root and without the real helper:
 //!
 //! * [`config`]: command-line arguments and the resolved configuration.
-//! * [`privileges`]: user lookup and the privilege drop (the only use of `nix` in the daemon).
+//! * [`privileges`]: user lookup and the privilege drop.
 //! * [`helper_client`]: the [`helper_client::Helper`] trait, its socket client and a fake.
 //! * [`limits`]: resource limit defaults, maximums and enforceability.
 //! * [`store`]: every SQL statement.
@@ -14,11 +14,20 @@
 //! * [`logs`]: reading and following a sandbox's output log.
 //! * [`auth`]: tokens, websocket tickets and the admin token bootstrap.
 //! * [`api`]: the HTTP router, one module per resource.
+//! * [`lifetime`]: the [`lifetime::Clock`] every reading of time goes through.
+//! * [`transport`]: the TCP and unix listeners around the router.
+//!
+//! The modules form layers (checked by a unit test in `layers.rs`, described in ARCHITECTURE.md):
+//! `lifetime`, `privileges`, `validate` < `limits` < `config`, `store`, `helper_client`, `logs` <
+//! `sandboxes`, `auth` < `api` < `transport`; a module uses lower layers only, and `api` reaches
+//! the store and the helper through the services.
 
 pub mod api;
 pub mod auth;
 pub mod config;
 pub mod helper_client;
+#[cfg(test)]
+mod layers;
 pub mod lifetime;
 pub mod limits;
 pub mod logs;

@@ -54,8 +54,11 @@ pub struct FakeHelper {
     /// Every request received, in order.
     pub requests: StdMutex<Vec<Request>>,
     /// Files by sandbox and path: content and permission bits.
-    files: Arc<StdMutex<HashMap<(Uuid, String), FakeFile>>>,
+    files: Files,
 }
+
+/// The fake's files by sandbox and path.
+type Files = Arc<StdMutex<HashMap<(Uuid, String), FakeFile>>>;
 
 #[derive(Debug, Clone)]
 struct FakeFile {
@@ -338,11 +341,7 @@ struct FakeTransfer {
     /// The upload went over [`FAKE_MAX_FILE`]: the "worker" no longer reads.
     stopped: bool,
     /// Where an upload lands once it ends.
-    target: Option<(
-        Arc<StdMutex<HashMap<(Uuid, String), FakeFile>>>,
-        (Uuid, String),
-        FakeFile,
-    )>,
+    target: Option<(Files, (Uuid, String), FakeFile)>,
 }
 
 impl FileTransfer for FakeTransfer {

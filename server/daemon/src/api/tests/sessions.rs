@@ -338,20 +338,14 @@ async fn attach_carries_stdin_and_streams_output_until_the_exec_ends() {
     assert_eq!(out, b"hello world");
     assert_eq!((end.exit_code, end.offset), (Some(0), 11));
     let (out, end) = read_to_end(&mut reader).await;
-    assert_eq!(
-        (out.as_slice(), end.offset),
-        (&b"hello world"[..], 11)
-    );
+    assert_eq!((out.as_slice(), end.offset), (&b"hello world"[..], 11));
 
     // Reattaching after the end replays from any offset and ends at once.
     let (mut again, _) = tokio_tungstenite::connect_async(format!("{url}?offset=6&stdin=false"))
         .await
         .unwrap();
     let (out, end) = read_to_end(&mut again).await;
-    assert_eq!(
-        (out.as_slice(), end.exit_code),
-        (&b"world"[..], Some(0))
-    );
+    assert_eq!((out.as_slice(), end.exit_code), (&b"world"[..], Some(0)));
 }
 
 #[tokio::test]
