@@ -292,21 +292,28 @@ where
     panic!("the websocket ended without an AttachEnd");
 }
 
-#[tokio::test]
-async fn attach_carries_stdin_and_streams_output_until_the_exec_ends() {
-    let app = test_app(FakeSpawn::Run).await;
-    running(&app, "at", json!({})).await;
+/// A running sandbox `name` with a `cat` exec that has stdin, and the router served: its address
+/// and the exec's attach URL.
+async fn attachable_cat(app: &TestApp, name: &str) -> (std::net::SocketAddr, String) {
+    running(app, name, json!({})).await;
     let (status, body) = app
         .json(
             Method::POST,
-            "/v1/sandboxes/at/execs",
+            &format!("/v1/sandboxes/{name}/execs"),
             Some(json!({"command": ["cat"], "stdin": true})),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let exec: Exec = serde_json::from_value(body).unwrap();
     let addr = app.serve().await;
-    let url = format!("ws://{addr}/v1/sandboxes/at/execs/{}/attach", exec.id);
+    let url = format!("ws://{addr}/v1/sandboxes/{name}/execs/{}/attach", exec.id);
+    (addr, url)
+}
+
+#[tokio::test]
+async fn attach_carries_stdin_and_streams_output_until_the_exec_ends() {
+    let app = test_app(FakeSpawn::Run).await;
+    let (_, url) = attachable_cat(&app, "at").await;
     let (mut ws, _) = tokio_tungstenite::connect_async(url.clone()).await.unwrap();
 
     // A second connection may read, but not own stdin.
@@ -351,18 +358,7 @@ async fn attach_carries_stdin_and_streams_output_until_the_exec_ends() {
 #[tokio::test]
 async fn attach_refuses_bad_messages_and_stdin_the_exec_does_not_have() {
     let app = test_app(FakeSpawn::Run).await;
-    running(&app, "bad", json!({})).await;
-    let (status, body) = app
-        .json(
-            Method::POST,
-            "/v1/sandboxes/bad/execs",
-            Some(json!({"command": ["cat"], "stdin": true})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let exec: Exec = serde_json::from_value(body).unwrap();
-    let addr = app.serve().await;
-    let url = format!("ws://{addr}/v1/sandboxes/bad/execs/{}/attach", exec.id);
+    let (addr, url) = attachable_cat(&app, "bad").await;
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     ws.send(Message::Binary(b"\x01not stdin".to_vec().into()))
         .await
