@@ -8,25 +8,22 @@
 //! `{"close_stdin": true}`. Any number of connections may read; one at a time owns stdin (409
 //! `stdin_busy` for a second). Closing the websocket never ends the process.
 
-use std::time::Duration;
-
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
-use sandboxd_api::{AttachControl, AttachEnd, CreateExec, Exec, ExecList, LogEnd, CHANNEL_STDIN};
+use sandboxd_api::{CreateExec, Exec, ExecList};
 use serde::Deserialize;
 
 use super::auth::Principal;
 use super::extract::{ApiJson, ApiQuery, IdOrName};
 use super::logs::{plain_body, wants_websocket, LogParams};
+use super::relay::{relay, Incoming, Last, Target};
 use super::{ApiError, AppState};
-use crate::logs::{read_logs, LogEvent, ReadOptions};
-use crate::sandboxes::{AttachSession, ExecError};
+use crate::logs::{read_logs, ReadOptions};
+use crate::sandboxes::ExecError;
 use crate::validate::check_exec;
 
 /// Largest message an attach websocket accepts (stdin is cut into frames of 64 KiB).
@@ -90,13 +87,14 @@ pub async fn logs(
         return Ok(upgrade
             .max_message_size(64 * 1024)
             .on_upgrade(move |socket| {
-                session(
+                // As before the relay was shared: input is checked like an attach's.
+                relay(
                     state,
                     Target::Exec(exec.sandbox_id, exec.id),
                     opts,
-                    None,
+                    Incoming::Attach(None),
                     socket,
-                    true,
+                    Last::LogEnd,
                 )
             }));
     }
@@ -144,13 +142,13 @@ pub async fn attach(
     Ok(upgrade
         .max_message_size(MAX_INCOMING)
         .on_upgrade(move |socket| {
-            session(
+            relay(
                 state,
                 Target::Exec(exec.sandbox_id, exec.id),
                 opts,
-                conn,
+                Incoming::Attach(conn),
                 socket,
-                false,
+                Last::AttachEnd,
             )
         }))
 }
@@ -176,177 +174,13 @@ pub async fn attach_main(
     Ok(upgrade
         .max_message_size(MAX_INCOMING)
         .on_upgrade(move |socket| {
-            session(state, Target::Main(sandbox.id), opts, conn, socket, false)
+            relay(
+                state,
+                Target::Main(sandbox.id),
+                opts,
+                Incoming::Attach(conn),
+                socket,
+                Last::AttachEnd,
+            )
         }))
-}
-
-/// Whose output a websocket streams.
-enum Target {
-    /// An exec: (sandbox id, exec id).
-    Exec(uuid::Uuid, uuid::Uuid),
-    /// The sandbox's main command.
-    Main(uuid::Uuid),
-}
-
-impl Target {
-    fn dir(&self, state: &AppState) -> sandboxd_protocol::layout::SandboxDir {
-        match self {
-            Target::Exec(s, e) => state.svc.exec_dir(*s, *e),
-            Target::Main(id) => state.svc.dir(*id),
-        }
-    }
-
-    fn exit(&self, state: &AppState) -> Option<tokio::sync::watch::Receiver<bool>> {
-        match self {
-            Target::Exec(_, e) => state.svc.subscribe_exec(*e),
-            Target::Main(id) => state.svc.subscribe(*id),
-        }
-    }
-
-    /// Exit code and signal, once final.
-    async fn end(&self, state: &AppState) -> (Option<i32>, Option<String>) {
-        match self {
-            Target::Exec(s, e) => {
-                let row = state.svc.exec_row(*s, *e).await.ok().flatten();
-                (
-                    row.as_ref().and_then(|e| e.exit_code),
-                    row.and_then(|e| e.signal),
-                )
-            }
-            Target::Main(id) => {
-                let row = state.svc.sandbox(*id).await.ok().flatten();
-                (
-                    row.as_ref().and_then(|s| s.exit_code),
-                    row.and_then(|s| s.signal),
-                )
-            }
-        }
-    }
-}
-
-type Sink = SplitSink<WebSocket, Message>;
-
-async fn close(sink: &mut Sink, code: u16, reason: &str) {
-    let _ = sink
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.to_owned().into(),
-        })))
-        .await;
-}
-
-/// Stream an exec's output from the log and, when attached, pass stdin and resizes on to the
-/// attach session, until the exec has ended and everything was sent. Input and output run
-/// independently: a client that reads slowly never holds up its stdin, and the reverse.
-async fn session(
-    state: AppState,
-    target: Target,
-    opts: ReadOptions,
-    monitor: Option<AttachSession>,
-    socket: WebSocket,
-    log_end: bool,
-) {
-    let mut rx = read_logs(target.dir(&state), opts, target.exit(&state));
-    let (mut sink, incoming) = socket.split();
-    // The input side says why the connection must close (or ends: the client went away).
-    let (close_tx, mut close_rx) = tokio::sync::mpsc::channel::<(u16, &'static str)>(1);
-    let mut input = tokio::spawn(forward_input(incoming, monitor, close_tx));
-    loop {
-        tokio::select! {
-            event = rx.recv() => match event {
-                Some(Ok(LogEvent::Data { channel, data })) => {
-                    let mut msg = Vec::with_capacity(1 + data.len());
-                    msg.push(channel);
-                    msg.extend_from_slice(&data);
-                    if sink.send(Message::Binary(msg.into())).await.is_err() {
-                        break;
-                    }
-                }
-                Some(Ok(LogEvent::End { offset })) => {
-                    let (exit_code, signal) = target.end(&state).await;
-                    let text = if log_end {
-                        serde_json::to_string(&LogEnd { exit_code, signal, reason: None, offset })
-                    } else {
-                        serde_json::to_string(&AttachEnd { exit_code, signal, offset })
-                    };
-                    if sink.send(Message::Text(text.unwrap_or_default().into())).await.is_ok() {
-                        close(&mut sink, close_code::NORMAL, "").await;
-                        // Give the client a moment to answer the close frame.
-                        let _ = tokio::time::timeout(Duration::from_secs(2), &mut input).await;
-                    }
-                    break;
-                }
-                Some(Err(e)) => {
-                    tracing::error!(error = %e, "reading logs for an attach failed");
-                    close(&mut sink, close_code::ERROR, "reading the log failed").await;
-                    break;
-                }
-                None => break,
-            },
-            why = close_rx.recv() => {
-                if let Some((code, reason)) = why {
-                    close(&mut sink, code, reason).await;
-                }
-                break;
-            }
-        }
-    }
-    // Dropping the attach session releases stdin; the process goes on.
-    input.abort();
-}
-
-/// What one client message asks of the attached process.
-enum Input {
-    Stdin(Vec<u8>),
-    Control(AttachControl),
-}
-
-/// Pass the client's messages on to the attach session until the client goes away.
-async fn forward_input(
-    mut incoming: futures_util::stream::SplitStream<WebSocket>,
-    mut monitor: Option<AttachSession>,
-    close_tx: tokio::sync::mpsc::Sender<(u16, &'static str)>,
-) {
-    while let Some(msg) = incoming.next().await {
-        let input = match msg {
-            Err(_) | Ok(Message::Close(_)) => return,
-            Ok(Message::Binary(data)) => match data.split_first() {
-                Some((&CHANNEL_STDIN, payload)) => Input::Stdin(payload.to_vec()),
-                _ => {
-                    let why = "binary messages must start with channel 0 (stdin)";
-                    let _ = close_tx.send((close_code::INVALID, why)).await;
-                    return;
-                }
-            },
-            Ok(Message::Text(text)) => match serde_json::from_str::<AttachControl>(text.as_str()) {
-                Ok(control) => Input::Control(control),
-                Err(_) => {
-                    let why = "text messages must be {\"resize\":{\"cols\":C,\"rows\":R}} or {\"close_stdin\":true}";
-                    let _ = close_tx.send((close_code::INVALID, why)).await;
-                    return;
-                }
-            },
-            Ok(_) => continue,
-        };
-        // Without an attach session (a reader, or the process ended) input goes nowhere.
-        if let Some(session) = monitor.as_mut() {
-            let sent = match input {
-                Input::Stdin(data) => session.send_stdin(&data).await,
-                Input::Control(control) => {
-                    let mut sent = Ok(());
-                    if let Some(size) = control.resize {
-                        sent = session.resize(size.cols, size.rows).await;
-                    }
-                    if sent.is_ok() && control.close_stdin == Some(true) {
-                        sent = session.close_stdin().await;
-                    }
-                    sent
-                }
-            };
-            if sent.is_err() {
-                // The process ended: its end arrives through the log.
-                monitor = None;
-            }
-        }
-    }
 }

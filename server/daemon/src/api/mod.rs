@@ -12,6 +12,7 @@ mod images;
 mod info;
 pub mod limits;
 mod logs;
+mod relay;
 mod sandboxes;
 mod tokens;
 
