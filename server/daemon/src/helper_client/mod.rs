@@ -366,3 +366,116 @@ impl FileTransfer for SocketTransfer {
         Box::pin(self.verdict())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sandboxd_protocol::files::FileKind;
+
+    fn transfer(stream: UnixStream) -> Box<dyn FileTransfer> {
+        Box::new(SocketTransfer {
+            stream,
+            ready: FileReady {
+                kind: FileKind::File,
+                size: None,
+                mode: None,
+            },
+        })
+    }
+
+    /// The worker's side of a download: chunks, the end, then the final frame.
+    #[tokio::test]
+    async fn a_download_is_chunks_then_the_workers_verdict() {
+        for (verdict, ok) in [
+            (Response::FileDone, true),
+            (
+                Response::Error(HelperError::new(wire::HelperErrorCode::Denied, "no")),
+                false,
+            ),
+        ] {
+            let (ours, mut worker) = UnixStream::pair().unwrap();
+            tokio::spawn(async move {
+                for piece in [&b"abc"[..], b"de"] {
+                    worker
+                        .write_all(&files::chunk_header(piece.len()))
+                        .await
+                        .unwrap();
+                    worker.write_all(piece).await.unwrap();
+                }
+                worker.write_all(&files::chunk_header(0)).await.unwrap();
+                worker
+                    .write_all(&wire::encode(&verdict).unwrap())
+                    .await
+                    .unwrap();
+            });
+            let mut t = transfer(ours);
+            assert_eq!(t.next_chunk().await.unwrap().as_deref(), Some(&b"abc"[..]));
+            assert_eq!(t.next_chunk().await.unwrap().as_deref(), Some(&b"de"[..]));
+            match t.next_chunk().await {
+                Ok(None) => assert!(ok),
+                Err(TransferError::Refused(e)) => assert!(!ok && e.message == "no"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    /// The daemon's side of an upload: pieces cut to chunks, an empty chunk, then the verdict.
+    #[tokio::test]
+    async fn an_upload_is_cut_into_chunks_and_ended() {
+        let (ours, mut worker) = UnixStream::pair().unwrap();
+        let received = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut sizes = Vec::new();
+            loop {
+                let mut prefix = [0u8; 4];
+                worker.read_exact(&mut prefix).await.unwrap();
+                let len = files::chunk_len(prefix).unwrap();
+                sizes.push(len);
+                if len == 0 {
+                    break;
+                }
+                let mut buf = vec![0u8; len];
+                worker.read_exact(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf);
+            }
+            let done = wire::encode(&Response::FileDone).unwrap();
+            worker.write_all(&done).await.unwrap();
+            (got, sizes)
+        });
+        let mut t = transfer(ours);
+        let data = vec![5u8; files::MAX_CHUNK + 10];
+        t.send(&data).await.unwrap();
+        t.send(b"tail").await.unwrap();
+        t.end_upload().await.unwrap();
+        let (got, sizes) = received.await.unwrap();
+        assert_eq!(sizes, vec![files::MAX_CHUNK, 10, 4, 0]);
+        assert_eq!(got.len(), data.len() + 4);
+    }
+
+    /// A worker that stops reading: `send` says so, and the verdict tells why.
+    #[tokio::test]
+    async fn a_worker_that_stops_reading_gives_its_reason() {
+        let (ours, mut worker) = UnixStream::pair().unwrap();
+        let refusal = Response::Error(HelperError::new(wire::HelperErrorCode::Invalid, "full"));
+        worker
+            .write_all(&wire::encode(&refusal).unwrap())
+            .await
+            .unwrap();
+        drop(worker);
+        let mut t = transfer(ours);
+        let mut stopped = false;
+        // The socket buffers take some data before the closed end shows.
+        for _ in 0..64 {
+            if let Err(e) = t.send(&vec![0u8; files::MAX_CHUNK]).await {
+                assert!(matches!(e, TransferError::Stopped), "{e:?}");
+                stopped = true;
+                break;
+            }
+        }
+        assert!(stopped, "the closed worker never stopped the upload");
+        match t.outcome().await {
+            Err(TransferError::Refused(e)) => assert_eq!(e.message, "full"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
