@@ -23,7 +23,7 @@ use super::logs::{plain_body, wants_websocket, LogParams};
 use super::relay::{relay, Incoming, Last, Target};
 use super::{ApiError, AppState};
 use crate::logs::{read_logs, ReadOptions};
-use crate::sandboxes::ExecError;
+use crate::sandboxes::{AttachSession, ExecError};
 use crate::validate::check_exec;
 
 /// Largest message an attach websocket accepts (stdin is cut into frames of 64 KiB).
@@ -132,25 +132,37 @@ pub async fn attach(
         return Err(ExecError::NoStdin.into());
     }
     // Ask the monitor before upgrading, so that a taken stdin is a plain 409.
-    let conn = state.svc.attach_exec(&exec, stdin).await?;
+    let session = state.svc.attach_exec(&exec, stdin).await?;
+    let target = Target::Exec(exec.sandbox_id, exec.id);
+    Ok(attached(state, upgrade, target, params.offset, session))
+}
+
+/// Upgrade to an attach websocket: `target`'s output from `offset` on, input to `session`.
+fn attached(
+    state: AppState,
+    upgrade: WebSocketUpgrade,
+    target: Target,
+    offset: u64,
+    session: Option<AttachSession>,
+) -> Response {
     let opts = ReadOptions {
-        offset: params.offset,
+        offset,
         channel: None,
         follow: true,
         split_channels: true,
     };
-    Ok(upgrade
+    upgrade
         .max_message_size(MAX_INCOMING)
         .on_upgrade(move |socket| {
             relay(
                 state,
-                Target::Exec(exec.sandbox_id, exec.id),
+                target,
                 opts,
-                Incoming::Attach(conn),
+                Incoming::Attach(session),
                 socket,
                 Last::AttachEnd,
             )
-        }))
+        })
 }
 
 /// `GET /v1/sandboxes/{id}/attach` (websocket only): the same protocol for the main command.
@@ -164,23 +176,7 @@ pub async fn attach_main(
     let sandbox = state.svc.find(&principal.scope(), &id).await?;
     let upgrade = upgrade.map_err(|r| ApiError::from_status(r.status(), r.body_text()))?;
     let stdin = params.stdin.unwrap_or(sandbox.spec.stdin);
-    let conn = state.svc.attach_main(&sandbox, stdin).await?;
-    let opts = ReadOptions {
-        offset: params.offset,
-        channel: None,
-        follow: true,
-        split_channels: true,
-    };
-    Ok(upgrade
-        .max_message_size(MAX_INCOMING)
-        .on_upgrade(move |socket| {
-            relay(
-                state,
-                Target::Main(sandbox.id),
-                opts,
-                Incoming::Attach(conn),
-                socket,
-                Last::AttachEnd,
-            )
-        }))
+    let session = state.svc.attach_main(&sandbox, stdin).await?;
+    let target = Target::Main(sandbox.id);
+    Ok(attached(state, upgrade, target, params.offset, session))
 }
