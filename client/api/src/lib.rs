@@ -453,8 +453,107 @@ pub struct ErrorBody {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorDetail {
     /// Stable machine-readable code such as `invalid_request`, `not_found`, `conflict`.
-    pub code: String,
+    pub code: ErrorCode,
     pub message: String,
+}
+
+/// Declares [`ErrorCode`]: each variant with the code it is on the wire.
+macro_rules! error_codes {
+    ($($(#[$doc:meta])* $variant:ident = $code:literal,)*) => {
+        /// Every error code the daemon answers with (the `code` of an [`ErrorBody`]). A code this
+        /// version does not know (from a newer daemon) is kept as [`ErrorCode::Other`].
+        #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+        pub enum ErrorCode {
+            $($(#[$doc])* $variant,)*
+            /// A code this version of the API does not know.
+            Other(String),
+        }
+
+        impl ErrorCode {
+            /// Every known code, in declaration order.
+            pub const KNOWN: &'static [ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            /// The code as it is on the wire (`not_found`).
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $(ErrorCode::$variant => $code,)*
+                    ErrorCode::Other(code) => code,
+                }
+            }
+
+            /// The code for a wire string; never fails (unknown codes are [`ErrorCode::Other`]).
+            pub fn parse(code: &str) -> Self {
+                match code {
+                    $($code => ErrorCode::$variant,)*
+                    other => ErrorCode::Other(other.to_owned()),
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// The request is malformed (a field, a query parameter, a path).
+    InvalidRequest = "invalid_request",
+    /// No, an unknown, an expired or a revoked token.
+    Unauthorized = "unauthorized",
+    /// The token may not do this.
+    Forbidden = "forbidden",
+    /// The `Host` header names another site.
+    ForbiddenHost = "forbidden_host",
+    /// The `Origin` header names a site that may not use the daemon.
+    ForbiddenOrigin = "forbidden_origin",
+    NotFound = "not_found",
+    MethodNotAllowed = "method_not_allowed",
+    Conflict = "conflict",
+    PayloadTooLarge = "payload_too_large",
+    UnsupportedMediaType = "unsupported_media_type",
+    Unprocessable = "unprocessable",
+    RequestTimeout = "request_timeout",
+    /// A failure on the daemon's side; the detail is in its log.
+    Internal = "internal",
+    /// No uid range or sandbox address is free.
+    NoCapacity = "no_capacity",
+    NotRunning = "not_running",
+    NotCreated = "not_created",
+    QuotaExceeded = "quota_exceeded",
+    MemoryLimitRequired = "memory_limit_required",
+    SpawnFailed = "spawn_failed",
+    StdinBusy = "stdin_busy",
+    NoStdin = "no_stdin",
+    ExecFailed = "exec_failed",
+    UnknownImage = "unknown_image",
+    ImageInUse = "image_in_use",
+    ImageExists = "image_exists",
+    BadImage = "bad_image",
+    ImageTooLarge = "image_too_large",
+    NetworkUnavailable = "network_unavailable",
+    PortInUse = "port_in_use",
+    TooManyTransfers = "too_many_transfers",
+    LimitExceeded = "limit_exceeded",
+    LimitUnenforceable = "limit_unenforceable",
+    CapabilityNotAllowed = "capability_not_allowed",
+    NestedUsernsNotAllowed = "nested_userns_not_allowed",
+    RateLimited = "rate_limited",
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for ErrorCode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let code = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Ok(ErrorCode::parse(&code))
+    }
 }
 
 /// Body of `GET /v1/sandboxes/{id}/stats`: live figures while running, the final ones after exit.
@@ -681,4 +780,52 @@ pub struct FileEntry {
 pub struct FileListing {
     pub path: String,
     pub entries: Vec<FileEntry>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `NotFound` -> `not_found`.
+    fn snake_case(variant: &str) -> String {
+        let mut out = String::new();
+        for (i, c) in variant.chars().enumerate() {
+            if c.is_ascii_uppercase() {
+                if i > 0 {
+                    out.push('_');
+                }
+                out.push(c.to_ascii_lowercase());
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn error_codes_are_the_snake_case_of_their_names_and_round_trip() {
+        for code in ErrorCode::KNOWN {
+            assert_eq!(code.as_str(), snake_case(&format!("{code:?}")));
+            let json = serde_json::to_string(code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            assert_eq!(&serde_json::from_str::<ErrorCode>(&json).unwrap(), code);
+            assert_eq!(&ErrorCode::parse(code.as_str()), code);
+        }
+        let mut seen = std::collections::HashSet::new();
+        assert!(ErrorCode::KNOWN.iter().all(|c| seen.insert(c.as_str())));
+    }
+
+    #[test]
+    fn an_unknown_code_from_a_newer_daemon_still_deserializes() {
+        let body: ErrorBody =
+            serde_json::from_str(r#"{"error":{"code":"brand_new","message":"m"}}"#).unwrap();
+        assert_eq!(body.error.code, ErrorCode::Other("brand_new".into()));
+        assert_eq!(
+            serde_json::to_value(&body).unwrap()["error"]["code"],
+            "brand_new"
+        );
+        let known: ErrorBody =
+            serde_json::from_str(r#"{"error":{"code":"stdin_busy","message":"m"}}"#).unwrap();
+        assert_eq!(known.error.code, ErrorCode::StdinBusy);
+    }
 }

@@ -1,6 +1,6 @@
 //! The one error type of the client library.
 
-use sandboxd_api::ErrorBody;
+use sandboxd_api::{ErrorBody, ErrorCode};
 
 /// Everything that can go wrong talking to sandboxd.
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +21,7 @@ pub enum ClientError {
     #[error("{message}")]
     Api {
         status: u16,
-        code: String,
+        code: ErrorCode,
         message: String,
     },
 
@@ -68,7 +68,7 @@ impl ClientError {
     }
 
     /// The API's machine-readable error code (`not_found`, `conflict`...), if this is an API error.
-    pub fn code(&self) -> Option<&str> {
+    pub fn code(&self) -> Option<&ErrorCode> {
         match self {
             ClientError::Api { code, .. } => Some(code),
             _ => None,
@@ -98,7 +98,7 @@ impl ClientError {
                 };
                 ClientError::Api {
                     status,
-                    code: format!("http_{status}"),
+                    code: ErrorCode::Other(format!("http_{status}")),
                     message,
                 }
             }
@@ -120,7 +120,7 @@ mod tests {
             br#"{"error":{"code":"not_found","message":"no sandbox named x"}}"#,
         );
         assert_eq!(err.status(), Some(404));
-        assert_eq!(err.code(), Some("not_found"));
+        assert_eq!(err.code(), Some(&ErrorCode::NotFound));
         assert_eq!(err.to_string(), "no sandbox named x");
         assert!(err.is_not_found());
     }
@@ -128,7 +128,7 @@ mod tests {
     #[test]
     fn non_json_error_body_keeps_status_and_text() {
         let err = ClientError::from_status_body(502, b"bad gateway\n");
-        assert_eq!(err.code(), Some("http_502"));
+        assert_eq!(err.code(), Some(&ErrorCode::Other("http_502".into())));
         assert_eq!(err.to_string(), "daemon answered HTTP 502: bad gateway");
         let err = ClientError::from_status_body(500, b"");
         assert_eq!(err.to_string(), "daemon answered HTTP 500");

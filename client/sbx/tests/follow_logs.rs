@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures_util::StreamExt;
-use sandboxd_api::{EndReason, ErrorBody, ErrorDetail, LogEnd};
+use sandboxd_api::{EndReason, ErrorBody, ErrorCode, ErrorDetail, LogEnd};
 use sandboxd_client::{Channel, Client, ClientError, LogEvent};
 
 /// The output of the fake sandbox, as `(channel, bytes)` writes.
@@ -51,7 +51,7 @@ async fn logs(
     if id == "missing" {
         let body = ErrorBody {
             error: ErrorDetail {
-                code: "not_found".into(),
+                code: ErrorCode::NotFound,
                 message: "no sandbox missing".into(),
             },
         };
@@ -187,7 +187,7 @@ async fn refused_upgrade_is_an_api_error_without_retries() {
     match events.as_slice() {
         [Err(e @ ClientError::Api { .. })] => {
             assert_eq!(e.status(), Some(404));
-            assert_eq!(e.code(), Some("not_found"));
+            assert_eq!(e.code(), Some(&ErrorCode::NotFound));
             assert_eq!(e.to_string(), "no sandbox missing");
         }
         other => panic!("expected one not_found error, got {other:?}"),

@@ -9,14 +9,16 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sandboxd_api::Role;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::store::{Store, StoreError, StoredToken};
+use crate::lifetime::Clock;
+use crate::store::{Store, StoreError};
+pub use crate::store::{StoredQuota, StoredToken};
 
 /// Prefix of every token secret.
 pub const TOKEN_PREFIX: &str = "sbx_";
@@ -79,19 +81,38 @@ struct PendingTicket {
 /// Token checks and the in-memory ticket table.
 pub struct Auth {
     store: Store,
+    clock: Arc<dyn Clock>,
     tickets: Mutex<HashMap<String, PendingTicket>>,
 }
 
 impl Auth {
-    pub fn new(store: Store) -> Self {
+    pub fn new(store: Store, clock: Arc<dyn Clock>) -> Self {
         Auth {
             store,
+            clock,
             tickets: Mutex::new(HashMap::new()),
         }
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
+    /// Every token, revoked and expired ones included.
+    pub async fn tokens(&self) -> Result<Vec<StoredToken>, AuthError> {
+        Ok(self.store.tokens().await?)
+    }
+
+    /// Revoke a token now; `false` when there is no such token.
+    pub async fn revoke_token(&self, id: &str) -> Result<bool, AuthError> {
+        Ok(self
+            .store
+            .revoke_token(id, self.clock.now_unix_ms())
+            .await?)
+    }
+
+    pub async fn quota(&self, tenant: &str) -> Result<StoredQuota, AuthError> {
+        Ok(self.store.quota(tenant).await?)
+    }
+
+    pub async fn set_quota(&self, tenant: &str, quota: &StoredQuota) -> Result<(), AuthError> {
+        Ok(self.store.set_quota(tenant, quota).await?)
     }
 
     /// Create a token; returns the stored row and the secret (shown once).
@@ -102,7 +123,7 @@ impl Auth {
         ttl: Option<Duration>,
     ) -> Result<(StoredToken, String), AuthError> {
         let secret = format!("{TOKEN_PREFIX}{}", random_hex()?);
-        let now = crate::now_unix_ms();
+        let now = self.clock.now_unix_ms();
         let token = StoredToken {
             id: Uuid::new_v4().to_string(),
             tenant: tenant.to_owned(),
@@ -126,7 +147,7 @@ impl Auth {
         let Some(t) = self.store.token_by_hash(&hash_secret(secret)).await? else {
             return Ok(None);
         };
-        if !t.is_valid(crate::now_unix_ms()) {
+        if !t.is_valid(self.clock.now_unix_ms()) {
             return Ok(None);
         }
         Ok(Some(Principal {
@@ -177,7 +198,7 @@ impl Auth {
         }
         if let Some(id) = &pending.principal.token_id {
             match self.store.token(id).await? {
-                Some(t) if t.is_valid(crate::now_unix_ms()) => {}
+                Some(t) if t.is_valid(self.clock.now_unix_ms()) => {}
                 _ => return Ok(None),
             }
         }
@@ -197,7 +218,7 @@ impl Auth {
         }
         if self
             .store
-            .valid_admin_token_exists(crate::now_unix_ms())
+            .valid_admin_token_exists(self.clock.now_unix_ms())
             .await?
         {
             return Ok(None);
@@ -260,7 +281,7 @@ mod tests {
     async fn tokens_tickets_and_bootstrap() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db")).await.unwrap();
-        let auth = Auth::new(store);
+        let auth = Auth::new(store, crate::lifetime::FakeClock::at(1_000));
         let path = auth.bootstrap_admin(dir.path()).await.unwrap().unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
@@ -272,10 +293,10 @@ mod tests {
         assert!(auth.bootstrap_admin(dir.path()).await.unwrap().is_none());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), secret);
         // Revoked and no other admin: a new one replaces the stale file.
-        auth.store()
-            .revoke_token(who.token_id.as_deref().unwrap(), 1)
+        assert!(auth
+            .revoke_token(who.token_id.as_deref().unwrap())
             .await
-            .unwrap();
+            .unwrap());
         assert!(auth.check_token(secret.trim()).await.unwrap().is_none());
         assert!(auth.bootstrap_admin(dir.path()).await.unwrap().is_some());
         assert_ne!(std::fs::read_to_string(&path).unwrap(), secret);

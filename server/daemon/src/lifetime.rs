@@ -6,12 +6,27 @@
 //! clock continues monotonically across restarts; a new boot re-derives it from the wall clock
 //! (the only link between boots), so deadlines keep their approximate wall-clock meaning. It
 //! starts out equal to the wall clock, in Unix milliseconds.
+//!
+//! Every reading of time goes through a [`Clock`] handed to the services at start: the
+//! [`SystemClock`] in the daemon, a [`FakeClock`] that tests set and advance, so that no test
+//! waits for a deadline in real time. The store takes the time as a parameter and reads no clock.
 
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
-use crate::store::{Store, StoreError};
+use futures_util::future::BoxFuture;
+use tokio::sync::watch;
 
-static OFFSET_MS: AtomicI64 = AtomicI64::new(i64::MIN);
+/// The time sources of the daemon.
+pub trait Clock: Send + Sync + 'static {
+    /// The wall clock in Unix milliseconds: timestamps shown to clients, token expiry.
+    fn now_unix_ms(&self) -> i64;
+    /// The lifetime clock in milliseconds: TTL and remove-after-exit deadlines.
+    fn now_ms(&self) -> i64;
+    /// Resolve once the lifetime clock reads `at_ms` or later.
+    fn sleep_until(&self, at_ms: i64) -> BoxFuture<'static, ()>;
+}
 
 fn boottime_ms() -> i64 {
     match nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) {
@@ -21,7 +36,8 @@ fn boottime_ms() -> i64 {
     }
 }
 
-fn boot_id() -> String {
+/// The kernel's boot id (empty when unreadable).
+pub fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
@@ -41,30 +57,80 @@ fn offset_for(
     }
 }
 
-/// Load (or establish) the offset for this boot. Called once at start, before any deadline.
-pub async fn init(store: &Store) -> Result<(), StoreError> {
-    let boot = boot_id();
-    let stored = store.lifetime_clock().await?;
-    let rebooted = stored.is_some();
-    let (offset, changed) = offset_for(stored, &boot, crate::now_unix_ms(), boottime_ms());
-    if changed {
-        if rebooted {
-            tracing::info!("the host rebooted since the last start: lifetime deadlines follow the wall clock across it");
-        }
-        store.set_lifetime_clock(&boot, offset).await?;
-    }
-    OFFSET_MS.store(offset, Ordering::SeqCst);
-    Ok(())
+/// The real clocks: the wall clock, and CLOCK_BOOTTIME plus this boot's offset.
+pub struct SystemClock {
+    offset_ms: i64,
 }
 
-/// Now, on the lifetime clock, in milliseconds.
-pub fn now_ms() -> i64 {
-    let offset = OFFSET_MS.load(Ordering::SeqCst);
-    if offset == i64::MIN {
-        // Not initialised (unit tests without a store): the wall clock is the best stand-in.
-        return crate::now_unix_ms();
+impl SystemClock {
+    /// The clock for this boot from the stored `(boot id, offset)`; the offset to store when it
+    /// changed (a first start, or a new boot).
+    pub fn establish(stored: Option<(String, i64)>, boot: &str) -> (Self, Option<i64>) {
+        let rebooted = stored.is_some();
+        let (offset_ms, changed) = offset_for(stored, boot, crate::now_unix_ms(), boottime_ms());
+        if changed && rebooted {
+            tracing::info!("the host rebooted since the last start: lifetime deadlines follow the wall clock across it");
+        }
+        (SystemClock { offset_ms }, changed.then_some(offset_ms))
     }
-    boottime_ms() + offset
+}
+
+impl Clock for SystemClock {
+    fn now_unix_ms(&self) -> i64 {
+        crate::now_unix_ms()
+    }
+
+    fn now_ms(&self) -> i64 {
+        boottime_ms() + self.offset_ms
+    }
+
+    fn sleep_until(&self, at_ms: i64) -> BoxFuture<'static, ()> {
+        let ms = (at_ms - self.now_ms()).max(0);
+        Box::pin(tokio::time::sleep(Duration::from_millis(ms as u64)))
+    }
+}
+
+/// A clock that stands still until [`FakeClock::advance`]; both readings move together.
+pub struct FakeClock {
+    unix_ms: AtomicI64,
+    lifetime: watch::Sender<i64>,
+}
+
+impl FakeClock {
+    /// Both clocks at `unix_ms`.
+    pub fn at(unix_ms: i64) -> Arc<Self> {
+        Arc::new(FakeClock {
+            unix_ms: AtomicI64::new(unix_ms),
+            lifetime: watch::channel(unix_ms).0,
+        })
+    }
+
+    /// Move both clocks forward, waking the sleepers whose time has come.
+    pub fn advance(&self, by: Duration) {
+        let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        self.unix_ms.fetch_add(ms, Ordering::SeqCst);
+        self.lifetime.send_modify(|now| *now += ms);
+    }
+}
+
+impl Clock for FakeClock {
+    fn now_unix_ms(&self) -> i64 {
+        self.unix_ms.load(Ordering::SeqCst)
+    }
+
+    fn now_ms(&self) -> i64 {
+        *self.lifetime.borrow()
+    }
+
+    fn sleep_until(&self, at_ms: i64) -> BoxFuture<'static, ()> {
+        let mut rx = self.lifetime.subscribe();
+        Box::pin(async move {
+            // The sender lives as long as the clock; a dropped clock never wakes anyone.
+            if rx.wait_for(|now| *now >= at_ms).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        })
+    }
 }
 
 #[cfg(test)]
@@ -90,15 +156,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_clock_is_stored_per_boot() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).await.unwrap();
-        assert_eq!(store.lifetime_clock().await.unwrap(), None);
-        store.set_lifetime_clock("b1", 42).await.unwrap();
-        store.set_lifetime_clock("b2", 43).await.unwrap();
-        assert_eq!(
-            store.lifetime_clock().await.unwrap(),
-            Some(("b2".into(), 43))
+    async fn a_fake_clock_wakes_sleepers_when_it_reaches_their_time() {
+        let clock = FakeClock::at(1_000);
+        let mut sleeper = tokio::spawn(clock.sleep_until(1_500));
+        clock.advance(Duration::from_millis(400));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), &mut sleeper)
+                .await
+                .is_err(),
+            "woke before its time"
         );
+        clock.advance(Duration::from_millis(100));
+        sleeper.await.unwrap();
+        assert_eq!((clock.now_ms(), clock.now_unix_ms()), (1_500, 1_500));
+        // A time already passed resolves at once.
+        clock.sleep_until(10).await;
     }
 }

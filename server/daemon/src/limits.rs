@@ -211,12 +211,13 @@ pub enum LimitError {
 }
 
 impl LimitError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> sandboxd_api::ErrorCode {
+        use sandboxd_api::ErrorCode;
         match self {
-            LimitError::Exceeded(_) => "limit_exceeded",
-            LimitError::Unenforceable(_) => "limit_unenforceable",
-            LimitError::CapabilityNotAllowed(_) => "capability_not_allowed",
-            LimitError::NestedUsernsNotAllowed => "nested_userns_not_allowed",
+            LimitError::Exceeded(_) => ErrorCode::LimitExceeded,
+            LimitError::Unenforceable(_) => ErrorCode::LimitUnenforceable,
+            LimitError::CapabilityNotAllowed(_) => ErrorCode::CapabilityNotAllowed,
+            LimitError::NestedUsernsNotAllowed => ErrorCode::NestedUsernsNotAllowed,
         }
     }
 }
@@ -446,7 +447,12 @@ mod tests {
                     .into()
             )
         );
-        let over = |l: serde_json::Value| resolve(&policy, &all, &spec(l)).unwrap_err().code();
+        let over = |l: serde_json::Value| {
+            resolve(&policy, &all, &spec(l))
+                .unwrap_err()
+                .code()
+                .to_string()
+        };
         assert_eq!(over(serde_json::json!({"cpus": 2.5})), "limit_exceeded");
         assert_eq!(
             over(serde_json::json!({"timeout_secs": 61})),

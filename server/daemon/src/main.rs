@@ -190,9 +190,19 @@ async fn serve(
     let store = Store::open(&state_dir.join("sandboxd.db"))
         .await
         .context("opening the database")?;
-    sandboxd::lifetime::init(&store)
+    let stored_clock = store
+        .lifetime_clock()
         .await
         .context("reading the lifetime clock")?;
+    let boot = sandboxd::lifetime::boot_id();
+    let (clock, changed) = sandboxd::lifetime::SystemClock::establish(stored_clock, &boot);
+    if let Some(offset) = changed {
+        store
+            .set_lifetime_clock(&boot, offset)
+            .await
+            .context("storing the lifetime clock")?;
+    }
+    let clock: Arc<dyn sandboxd::lifetime::Clock> = Arc::new(clock);
     let helper = SocketHelper::connect(&helper_socket(&state_dir))
         .await
         .context("connecting to the helper")?;
@@ -205,7 +215,15 @@ async fn serve(
             None => anyhow::bail!("--allow-cap: unknown capability {name:?}"),
         }
     }
-    let svc = Service::new(store, Arc::new(helper), &state_dir, args.uid_slots, policy);
+    let auth = Arc::new(sandboxd::auth::Auth::new(store.clone(), Arc::clone(&clock)));
+    let svc = Service::new(
+        store,
+        Arc::new(helper),
+        clock,
+        &state_dir,
+        args.uid_slots,
+        policy,
+    );
     svc.check_host_limits()
         .await
         .context("asking the helper what it can enforce")?;
@@ -222,7 +240,7 @@ async fn serve(
     let addr = listener.local_addr().context("reading the bound address")?;
     let socket_path = state_dir.join(transport::API_SOCKET);
     let unix_listener = transport::bind_unix(&socket_path)?;
-    let state = AppState::new(svc);
+    let state = AppState::new(svc, auth);
     sandboxd::auth::bootstrap_admin_token(&state.auth, &state_dir)
         .await
         .context("creating the admin token")?;

@@ -334,8 +334,9 @@ impl Store {
     /// Record how a live sandbox ended. Returns false when it was already final (or gone).
     ///
     /// A sandbox the daemon killed itself (see [`Store::set_kill_reason`]) is recorded with that
-    /// reason instead of `killed`; `remove_at_ms` is set from `remove_after_exit_ms`.
-    pub async fn finish(&self, id: Uuid, end: &Ending) -> Result<bool, StoreError> {
+    /// reason instead of `killed`; `remove_at_ms` is `now_ms` (the lifetime clock) plus
+    /// `remove_after_exit_ms`.
+    pub async fn finish(&self, id: Uuid, end: &Ending, now_ms: i64) -> Result<bool, StoreError> {
         let stats = end
             .stats
             .as_ref()
@@ -362,7 +363,7 @@ impl Store {
         .bind(stats)
         .bind(truncated)
         .bind(id.to_string())
-        .bind(crate::lifetime::now_ms())
+        .bind(now_ms)
         .execute(&self.writer)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -899,6 +900,19 @@ fn to_sandbox(row: &SqliteRow) -> Result<(i64, Sandbox), StoreError> {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn the_clock_is_stored_per_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        assert_eq!(store.lifetime_clock().await.unwrap(), None);
+        store.set_lifetime_clock("b1", 42).await.unwrap();
+        store.set_lifetime_clock("b2", 43).await.unwrap();
+        assert_eq!(
+            store.lifetime_clock().await.unwrap(),
+            Some(("b2".into(), 43))
+        );
+    }
+
     pub(super) fn new(name: Option<&str>) -> NewSandbox {
         NewSandbox {
             id: Uuid::new_v4(),
@@ -942,8 +956,8 @@ mod tests {
             finished_at_ms: 2,
             stats: None,
         };
-        assert!(store.finish(a.id, &end).await.unwrap());
-        assert!(!store.finish(a.id, &end).await.unwrap());
+        assert!(store.finish(a.id, &end, 1).await.unwrap());
+        assert!(!store.finish(a.id, &end, 1).await.unwrap());
         assert_eq!(
             store.insert_creating(&new(None), Some(2)).await.unwrap(),
             Some(0)
@@ -995,9 +1009,8 @@ mod tests {
                 ..SandboxStats::default()
             }),
         };
-        let t0 = crate::lifetime::now_ms();
-        assert!(store.finish(a.id, &end).await.unwrap());
-        let t1 = crate::lifetime::now_ms();
+        let now = 5_000;
+        assert!(store.finish(a.id, &end, now).await.unwrap());
         let row = store.get(a.id).await.unwrap().unwrap();
         assert_eq!(row.reason, Some(EndReason::Ttl));
         assert!(row.output_truncated);
@@ -1007,11 +1020,8 @@ mod tests {
         store.set_ttl_deadline(a.id, i64::MAX / 2).await.unwrap();
         let (due, next) = store.deadlines(1000).await.unwrap();
         let next = next.unwrap();
-        assert!(
-            due.is_empty() && (t0 + 5000..=t1 + 5000).contains(&next),
-            "{next} {t0} {t1}"
-        );
-        let (due, _) = store.deadlines(t1 + 5000).await.unwrap();
+        assert!(due.is_empty() && next == now + 5000, "{next}");
+        let (due, _) = store.deadlines(now + 5000).await.unwrap();
         assert_eq!(due, vec![(a.id, Deadline::RemoveAfterExit)]);
     }
 

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use sandboxd_api::{CreateSandbox, Limits};
+use sandboxd_protocol::rules::{EnvEntry, Hostname};
 use uuid::Uuid;
 
 pub const MAX_ARGS: usize = 4096;
@@ -57,11 +58,7 @@ impl ValidCreate {
             None => DEFAULT_CWD.to_owned(),
         };
         if let Some(h) = &spec.hostname {
-            if !is_hostname(h) {
-                return Err(invalid(
-                    "hostname: must be 1-63 letters, digits or '-' per label, not starting or ending with '-', at most 253 bytes",
-                ));
-            }
+            Hostname::parse(h).map_err(|e| invalid(format!("hostname: {e}")))?;
         }
         if let Some(n) = &spec.name {
             check_name(n)?;
@@ -106,7 +103,7 @@ impl ValidCreate {
         if let Some(h) = &self.hostname {
             return h.clone();
         }
-        if let Some(n) = self.name.as_deref().filter(|n| is_hostname(n)) {
+        if let Some(n) = self.name.as_deref().filter(|n| Hostname::parse(n).is_ok()) {
             return n.to_owned();
         }
         let simple = id.simple().to_string();
@@ -255,20 +252,7 @@ fn check_env(env: &BTreeMap<String, String>) -> Result<(), ValidationError> {
         return Err(invalid(format!("env: at most {MAX_ENV} entries")));
     }
     for (k, v) in env {
-        let mut chars = k.chars();
-        let first_ok = chars
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-        if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(invalid(format!(
-                "env: key {k:?} must match [A-Za-z_][A-Za-z0-9_]*"
-            )));
-        }
-        if v.contains('\0') {
-            return Err(invalid(format!(
-                "env: value of {k} must not contain NUL bytes"
-            )));
-        }
+        EnvEntry::parse(k, v).map_err(|e| invalid(format!("env: {e}")))?;
     }
     Ok(())
 }
@@ -287,20 +271,6 @@ fn check_cwd(cwd: &str) -> Result<(), ValidationError> {
         return Err(invalid("cwd: must not contain '..'"));
     }
     Ok(())
-}
-
-/// Dot-separated labels of 1-63 letters, digits and '-', not starting or ending with '-'.
-pub fn is_hostname(h: &str) -> bool {
-    !h.is_empty()
-        && h.len() <= 253
-        && h.split('.').all(|label| {
-            (1..=63).contains(&label.len())
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
 }
 
 /// An image name: like a sandbox name, and `:` allowed after the first character (`debian:12`).

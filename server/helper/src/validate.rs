@@ -7,8 +7,8 @@
 use std::ffi::CString;
 use std::time::Duration;
 
-use sandboxd_protocol::capabilities;
 use sandboxd_protocol::wire::{Mode, PortMapping, SpawnLimits, SpawnNetwork, SpawnRequest};
+use sandboxd_protocol::{capabilities, rules};
 use uuid::Uuid;
 
 use crate::config::{Config, UID_RANGE_SIZE};
@@ -201,23 +201,14 @@ fn cstring(s: &str, what: &'static str) -> Result<CString, ValidateError> {
     CString::new(s).map_err(|_| ValidateError::Nul(what))
 }
 
+/// The shared rule ([`rules::EnvName`]).
 pub(crate) fn valid_env_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
-        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+    rules::EnvName::parse(name).is_ok()
 }
 
-/// A host name of dot-separated labels of `[A-Za-z0-9-]`, none starting or ending with `-`.
+/// The shared rule ([`rules::Hostname`]).
 pub fn valid_hostname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label.chars().all(|c| c == '-' || c.is_ascii_alphanumeric())
-        })
+    rules::Hostname::parse(name).is_ok()
 }
 
 pub fn validate(req: &SpawnRequest, config: &Config) -> Result<ValidSpawn, ValidateError> {
@@ -244,10 +235,11 @@ pub fn validate(req: &SpawnRequest, config: &Config) -> Result<ValidSpawn, Valid
         .collect::<Result<Vec<_>, _>>()?;
     let mut env = Vec::with_capacity(req.env.len());
     for (k, v) in &req.env {
-        if !valid_env_name(k) {
-            return Err(ValidateError::EnvName(k.clone()));
-        }
-        env.push(cstring(&format!("{k}={v}"), "env")?);
+        let entry = rules::EnvEntry::parse(k, v).map_err(|e| match e {
+            rules::RuleError::EnvName(k) => ValidateError::EnvName(k),
+            _ => ValidateError::Nul("env"),
+        })?;
+        env.push(cstring(&entry.to_assignment(), "env")?);
     }
     if !req.cwd.starts_with('/') || req.cwd.split('/').any(|c| c == "..") || req.cwd.len() > 4096 {
         return Err(ValidateError::Cwd);
@@ -317,7 +309,7 @@ pub fn validate(req: &SpawnRequest, config: &Config) -> Result<ValidSpawn, Valid
     let rootfs = match &req.rootfs_image {
         None if req.rootfs_readonly => return Err(ValidateError::Readonly),
         None => Rootfs::Host,
-        Some(d) if crate::image::valid_digest(d) => Rootfs::Image {
+        Some(d) if rules::Digest::parse(d).is_ok() => Rootfs::Image {
             digest: d.clone(),
             readonly: req.rootfs_readonly,
         },

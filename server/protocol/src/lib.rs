@@ -9,6 +9,7 @@
 //! * [`control`]: the line protocol of a monitor's control socket (kill, exit notification).
 //! * [`exec`]: execs in a running sandbox: their control lines, attach frames and exit record.
 //! * [`net`]: the subnet of bridged sandboxes and the names of their interfaces.
+//! * [`rules`]: host names, environment entries, digests and signals, parsed the same on both sides.
 //!
 //! Nothing here performs I/O beyond encoding and decoding; both sides bring their own sockets.
 
@@ -19,5 +20,6 @@ pub mod files;
 pub mod layout;
 pub mod logindex;
 pub mod net;
+pub mod rules;
 pub mod status;
 pub mod wire;

@@ -58,7 +58,7 @@ impl Principal {
         } else {
             Err(ApiError::new(
                 StatusCode::FORBIDDEN,
-                "forbidden",
+                sandboxd_api::ErrorCode::Forbidden,
                 "this needs an admin token",
             ))
         }
@@ -67,7 +67,12 @@ impl Principal {
 
 /// 401 `unauthorized` with `WWW-Authenticate: Bearer`.
 pub fn unauthorized(message: &str) -> Response {
-    let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+    let mut resp = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        sandboxd_api::ErrorCode::Unauthorized,
+        message,
+    )
+    .into_response();
     resp.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static("Bearer realm=\"sandboxd\""),

@@ -6,20 +6,20 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use sandboxd_api::{ErrorBody, ErrorDetail};
+use sandboxd_api::{ErrorBody, ErrorCode, ErrorDetail};
 
-use crate::sandboxes::ServiceError;
+use crate::sandboxes::{ExecError, FileError, ImageError, SandboxError};
 use crate::validate::ValidationError;
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -28,11 +28,11 @@ impl ApiError {
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+        ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest, message)
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+        ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
     }
 
     /// A failure on our side: log the whole chain, answer without internals.
@@ -40,7 +40,7 @@ impl ApiError {
         tracing::error!(error = %chain(err), "request failed");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            ErrorCode::Internal,
             "internal error",
         )
     }
@@ -48,18 +48,18 @@ impl ApiError {
     /// Map any status code (typically from a framework rejection) to the error shape.
     pub fn from_status(status: StatusCode, message: impl Into<String>) -> Self {
         let code = match status {
-            StatusCode::BAD_REQUEST => "invalid_request",
-            StatusCode::UNAUTHORIZED => "unauthorized",
-            StatusCode::FORBIDDEN => "forbidden",
-            StatusCode::NOT_FOUND => "not_found",
-            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-            StatusCode::CONFLICT => "conflict",
-            StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-            StatusCode::UNPROCESSABLE_ENTITY => "unprocessable",
-            StatusCode::REQUEST_TIMEOUT => "request_timeout",
-            s if s.is_client_error() => "invalid_request",
-            _ => "internal",
+            StatusCode::BAD_REQUEST => ErrorCode::InvalidRequest,
+            StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
+            StatusCode::FORBIDDEN => ErrorCode::Forbidden,
+            StatusCode::NOT_FOUND => ErrorCode::NotFound,
+            StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+            StatusCode::CONFLICT => ErrorCode::Conflict,
+            StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+            StatusCode::UNPROCESSABLE_ENTITY => ErrorCode::Unprocessable,
+            StatusCode::REQUEST_TIMEOUT => ErrorCode::RequestTimeout,
+            s if s.is_client_error() => ErrorCode::InvalidRequest,
+            _ => ErrorCode::Internal,
         };
         let status = if status.is_client_error() || status.is_server_error() {
             status
@@ -70,23 +70,13 @@ impl ApiError {
     }
 }
 
-/// `outer: inner: innermost`, for logs.
-pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut next = err.source();
-    while let Some(e) = next {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        next = e.source();
-    }
-    out
-}
+pub use crate::chain;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
             error: ErrorDetail {
-                code: self.code.to_owned(),
+                code: self.code,
                 message: self.message,
             },
         };
@@ -100,114 +90,151 @@ impl From<ValidationError> for ApiError {
     }
 }
 
-impl From<ServiceError> for ApiError {
-    fn from(e: ServiceError) -> Self {
+impl From<SandboxError> for ApiError {
+    fn from(e: SandboxError) -> Self {
         match &e {
-            ServiceError::NotFound => ApiError::not_found("no such sandbox"),
-            ServiceError::NameTaken => {
-                ApiError::new(StatusCode::CONFLICT, "conflict", "name: already taken")
-            }
-            ServiceError::NoCapacity => ApiError::new(
+            SandboxError::NotFound => ApiError::not_found("no such sandbox"),
+            SandboxError::NameTaken => ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorCode::Conflict,
+                "name: already taken",
+            ),
+            SandboxError::NoCapacity | SandboxError::NoAddress => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "no_capacity",
+                ErrorCode::NoCapacity,
                 e.to_string(),
             ),
-            ServiceError::NotRunning => {
-                ApiError::new(StatusCode::CONFLICT, "not_running", e.to_string())
+            SandboxError::NotRunning => {
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::NotRunning, e.to_string())
             }
-            ServiceError::NotCreated => {
-                ApiError::new(StatusCode::CONFLICT, "not_created", e.to_string())
+            SandboxError::NotCreated => {
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::NotCreated, e.to_string())
             }
-            ServiceError::NoFiles(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m.clone()),
-            ServiceError::Files(h) => {
+            SandboxError::BadSignal(_) => ApiError::invalid(format!("signal: {e}")),
+            SandboxError::Limit(l) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, l.code(), l.to_string())
+            }
+            SandboxError::QuotaExceeded(m) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::QuotaExceeded,
+                m.clone(),
+            ),
+            SandboxError::MemoryLimitRequired => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::MemoryLimitRequired,
+                e.to_string(),
+            ),
+            SandboxError::StopTimeout | SandboxError::Busy(_) => {
+                tracing::warn!(error = %chain(&e), "sandbox busy");
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    ErrorCode::Conflict,
+                    "the sandbox is still stopping; retry",
+                )
+            }
+            SandboxError::SpawnFailed { id, .. } => {
+                tracing::error!(error = %chain(&e), "spawn failed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::SpawnFailed,
+                    format!("setting up sandbox {id} failed; its error field has the detail"),
+                )
+            }
+            SandboxError::UnknownImage(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::UnknownImage,
+                e.to_string(),
+            ),
+            SandboxError::NetworkUnavailable(m) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::NetworkUnavailable,
+                m.clone(),
+            ),
+            SandboxError::PortInUse(m) => ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorCode::PortInUse,
+                format!("network.ports: {m}"),
+            ),
+            SandboxError::Store(_)
+            | SandboxError::Helper(_)
+            | SandboxError::Monitor(_)
+            | SandboxError::Task(_) => ApiError::internal(&e),
+        }
+    }
+}
+
+impl From<ExecError> for ApiError {
+    fn from(e: ExecError) -> Self {
+        match e {
+            ExecError::Sandbox(e) => e.into(),
+            ExecError::NotFound => ApiError::not_found("no such exec"),
+            ExecError::StdinBusy => {
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::StdinBusy, e.to_string())
+            }
+            ExecError::NoStdin => {
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::NoStdin, e.to_string())
+            }
+            ExecError::Failed(_) => {
+                tracing::error!(error = %chain(&e), "exec failed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::ExecFailed,
+                    e.to_string(),
+                )
+            }
+            ExecError::Store(_) | ExecError::Monitor(_) | ExecError::Task(_) => {
+                ApiError::internal(&e)
+            }
+        }
+    }
+}
+
+impl From<FileError> for ApiError {
+    fn from(e: FileError) -> Self {
+        match e {
+            FileError::Sandbox(e) => e.into(),
+            FileError::NoFiles(m) => ApiError::new(StatusCode::CONFLICT, ErrorCode::Conflict, m),
+            FileError::Refused(ref h) => {
                 use sandboxd_protocol::wire::HelperErrorCode as C;
                 match h.code {
                     C::Invalid => ApiError::invalid(h.message.clone()),
                     C::NotFound => ApiError::not_found(h.message.clone()),
-                    C::Denied => {
-                        ApiError::new(StatusCode::FORBIDDEN, "forbidden", h.message.clone())
+                    C::Denied => ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        ErrorCode::Forbidden,
+                        h.message.clone(),
+                    ),
+                    C::Busy => {
+                        ApiError::new(StatusCode::CONFLICT, ErrorCode::Conflict, h.message.clone())
                     }
-                    C::Busy => ApiError::new(StatusCode::CONFLICT, "conflict", h.message.clone()),
                     _ => ApiError::internal(&e),
                 }
             }
-            ServiceError::BadSignal(_) => ApiError::invalid(format!("signal: {e}")),
-            ServiceError::Limit(l) => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, l.code(), l.to_string())
+            FileError::Stopped | FileError::Helper(_) | FileError::Unexpected(_) => {
+                ApiError::internal(&e)
             }
-            ServiceError::QuotaExceeded(m) => {
-                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", m.clone())
+        }
+    }
+}
+
+impl From<ImageError> for ApiError {
+    fn from(e: ImageError) -> Self {
+        match e {
+            ImageError::NotFound => ApiError::not_found("no such image"),
+            ImageError::InUse(_) => {
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::ImageInUse, e.to_string())
             }
-            ServiceError::MemoryLimitRequired => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "memory_limit_required",
-                e.to_string(),
-            ),
-            ServiceError::StopTimeout | ServiceError::Busy(_) => {
-                tracing::warn!(error = %chain(&e), "sandbox busy");
-                ApiError::new(
-                    StatusCode::CONFLICT,
-                    "conflict",
-                    "the sandbox is still stopping; retry",
-                )
+            ImageError::Exists => {
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::ImageExists, e.to_string())
             }
-            ServiceError::SpawnFailed { id, .. } => {
-                tracing::error!(error = %chain(&e), "spawn failed");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "spawn_failed",
-                    format!("setting up sandbox {id} failed; its error field has the detail"),
-                )
+            ImageError::Bad(m) => ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadImage, m),
+            ImageError::TooLarge(m) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::ImageTooLarge, m)
             }
-            ServiceError::ExecNotFound => ApiError::not_found("no such exec"),
-            ServiceError::StdinBusy => {
-                ApiError::new(StatusCode::CONFLICT, "stdin_busy", e.to_string())
-            }
-            ServiceError::NoStdin => ApiError::new(StatusCode::CONFLICT, "no_stdin", e.to_string()),
-            ServiceError::ExecFailed(_) => {
-                tracing::error!(error = %chain(&e), "exec failed");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "exec_failed",
-                    e.to_string(),
-                )
-            }
-            ServiceError::ImageNotFound => ApiError::not_found("no such image"),
-            ServiceError::UnknownImage(_) => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "unknown_image",
-                e.to_string(),
-            ),
-            ServiceError::ImageInUse(_) => {
-                ApiError::new(StatusCode::CONFLICT, "image_in_use", e.to_string())
-            }
-            ServiceError::ImageExists => {
-                ApiError::new(StatusCode::CONFLICT, "image_exists", e.to_string())
-            }
-            ServiceError::BadImage(m) => ApiError::new(StatusCode::BAD_REQUEST, "bad_image", m),
-            ServiceError::ImageTooLarge(m) => {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "image_too_large", m)
-            }
-            ServiceError::Upload(_) => ApiError::internal(&e),
-            ServiceError::NetworkUnavailable(m) => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "network_unavailable",
-                m.clone(),
-            ),
-            ServiceError::PortInUse(m) => ApiError::new(
-                StatusCode::CONFLICT,
-                "port_in_use",
-                format!("network.ports: {m}"),
-            ),
-            ServiceError::NoAddress => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_capacity",
-                e.to_string(),
-            ),
-            ServiceError::Store(_)
-            | ServiceError::Helper(_)
-            | ServiceError::Monitor(_)
-            | ServiceError::Task(_) => ApiError::internal(&e),
+            ImageError::Upload(_)
+            | ImageError::Store(_)
+            | ImageError::Helper(_)
+            | ImageError::Task(_) => ApiError::internal(&e),
         }
     }
 }

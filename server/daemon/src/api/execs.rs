@@ -8,27 +8,22 @@
 //! `{"close_stdin": true}`. Any number of connections may read; one at a time owns stdin (409
 //! `stdin_busy` for a second). Closing the websocket never ends the process.
 
-use std::time::Duration;
-
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
-use sandboxd_api::{AttachControl, AttachEnd, CreateExec, Exec, ExecList, LogEnd, CHANNEL_STDIN};
-use sandboxd_protocol::exec::{Frame, MAX_FRAME};
+use sandboxd_api::{CreateExec, Exec, ExecList};
 use serde::Deserialize;
-use tokio::io::AsyncWriteExt;
-use tokio::net::UnixStream;
 
 use super::auth::Principal;
 use super::extract::{ApiJson, ApiQuery, IdOrName};
 use super::logs::{plain_body, wants_websocket, LogParams};
+use super::relay::{relay, Incoming, Last, Target};
 use super::{ApiError, AppState};
-use crate::logs::{read_logs, LogEvent, ReadOptions};
+use crate::logs::{read_logs, ReadOptions};
+use crate::sandboxes::{AttachSession, ExecError};
 use crate::validate::check_exec;
 
 /// Largest message an attach websocket accepts (stdin is cut into frames of 64 KiB).
@@ -92,13 +87,14 @@ pub async fn logs(
         return Ok(upgrade
             .max_message_size(64 * 1024)
             .on_upgrade(move |socket| {
-                session(
+                // As before the relay was shared: input is checked like an attach's.
+                relay(
                     state,
                     Target::Exec(exec.sandbox_id, exec.id),
                     opts,
-                    None,
+                    Incoming::Attach(None),
                     socket,
-                    true,
+                    Last::LogEnd,
                 )
             }));
     }
@@ -133,28 +129,40 @@ pub async fn attach(
     let upgrade = upgrade.map_err(|r| ApiError::from_status(r.status(), r.body_text()))?;
     let stdin = params.stdin.unwrap_or(exec.spec.stdin);
     if stdin && !exec.spec.stdin {
-        return Err(crate::sandboxes::ServiceError::NoStdin.into());
+        return Err(ExecError::NoStdin.into());
     }
     // Ask the monitor before upgrading, so that a taken stdin is a plain 409.
-    let conn = state.svc.attach_exec(&exec, stdin).await?;
+    let session = state.svc.attach_exec(&exec, stdin).await?;
+    let target = Target::Exec(exec.sandbox_id, exec.id);
+    Ok(attached(state, upgrade, target, params.offset, session))
+}
+
+/// Upgrade to an attach websocket: `target`'s output from `offset` on, input to `session`.
+fn attached(
+    state: AppState,
+    upgrade: WebSocketUpgrade,
+    target: Target,
+    offset: u64,
+    session: Option<AttachSession>,
+) -> Response {
     let opts = ReadOptions {
-        offset: params.offset,
+        offset,
         channel: None,
         follow: true,
         split_channels: true,
     };
-    Ok(upgrade
+    upgrade
         .max_message_size(MAX_INCOMING)
         .on_upgrade(move |socket| {
-            session(
+            relay(
                 state,
-                Target::Exec(exec.sandbox_id, exec.id),
+                target,
                 opts,
-                conn,
+                Incoming::Attach(session),
                 socket,
-                false,
+                Last::AttachEnd,
             )
-        }))
+        })
 }
 
 /// `GET /v1/sandboxes/{id}/attach` (websocket only): the same protocol for the main command.
@@ -168,186 +176,7 @@ pub async fn attach_main(
     let sandbox = state.svc.find(&principal.scope(), &id).await?;
     let upgrade = upgrade.map_err(|r| ApiError::from_status(r.status(), r.body_text()))?;
     let stdin = params.stdin.unwrap_or(sandbox.spec.stdin);
-    let conn = state.svc.attach_main(&sandbox, stdin).await?;
-    let opts = ReadOptions {
-        offset: params.offset,
-        channel: None,
-        follow: true,
-        split_channels: true,
-    };
-    Ok(upgrade
-        .max_message_size(MAX_INCOMING)
-        .on_upgrade(move |socket| {
-            session(state, Target::Main(sandbox.id), opts, conn, socket, false)
-        }))
-}
-
-/// Whose output a websocket streams.
-enum Target {
-    /// An exec: (sandbox id, exec id).
-    Exec(uuid::Uuid, uuid::Uuid),
-    /// The sandbox's main command.
-    Main(uuid::Uuid),
-}
-
-impl Target {
-    fn dir(&self, state: &AppState) -> sandboxd_protocol::layout::SandboxDir {
-        match self {
-            Target::Exec(s, e) => state.svc.exec_dir(*s, *e),
-            Target::Main(id) => state.svc.dir(*id),
-        }
-    }
-
-    fn exit(&self, state: &AppState) -> Option<tokio::sync::watch::Receiver<bool>> {
-        match self {
-            Target::Exec(_, e) => state.svc.subscribe_exec(*e),
-            Target::Main(id) => state.svc.subscribe(*id),
-        }
-    }
-
-    /// Exit code and signal, once final.
-    async fn end(&self, state: &AppState) -> (Option<i32>, Option<String>) {
-        match self {
-            Target::Exec(s, e) => {
-                let row = state.svc.store().exec(*s, *e).await.ok().flatten();
-                (
-                    row.as_ref().and_then(|e| e.exit_code),
-                    row.and_then(|e| e.signal),
-                )
-            }
-            Target::Main(id) => {
-                let row = state.svc.store().get(*id).await.ok().flatten();
-                (
-                    row.as_ref().and_then(|s| s.exit_code),
-                    row.and_then(|s| s.signal),
-                )
-            }
-        }
-    }
-}
-
-type Sink = SplitSink<WebSocket, Message>;
-
-async fn close(sink: &mut Sink, code: u16, reason: &str) {
-    let _ = sink
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.to_owned().into(),
-        })))
-        .await;
-}
-
-/// Stream an exec's output from the log and, when attached, pass stdin and resizes on to the
-/// monitor, until the exec has ended and everything was sent. Input and output run
-/// independently: a client that reads slowly never holds up its stdin, and the reverse.
-async fn session(
-    state: AppState,
-    target: Target,
-    opts: ReadOptions,
-    monitor: Option<UnixStream>,
-    socket: WebSocket,
-    log_end: bool,
-) {
-    let mut rx = read_logs(target.dir(&state), opts, target.exit(&state));
-    let (mut sink, incoming) = socket.split();
-    // The input side says why the connection must close (or ends: the client went away).
-    let (close_tx, mut close_rx) = tokio::sync::mpsc::channel::<(u16, &'static str)>(1);
-    let mut input = tokio::spawn(forward_input(incoming, monitor, close_tx));
-    loop {
-        tokio::select! {
-            event = rx.recv() => match event {
-                Some(Ok(LogEvent::Data { channel, data })) => {
-                    let mut msg = Vec::with_capacity(1 + data.len());
-                    msg.push(channel);
-                    msg.extend_from_slice(&data);
-                    if sink.send(Message::Binary(msg.into())).await.is_err() {
-                        break;
-                    }
-                }
-                Some(Ok(LogEvent::End { offset })) => {
-                    let (exit_code, signal) = target.end(&state).await;
-                    let text = if log_end {
-                        serde_json::to_string(&LogEnd { exit_code, signal, reason: None, offset })
-                    } else {
-                        serde_json::to_string(&AttachEnd { exit_code, signal, offset })
-                    };
-                    if sink.send(Message::Text(text.unwrap_or_default().into())).await.is_ok() {
-                        close(&mut sink, close_code::NORMAL, "").await;
-                        // Give the client a moment to answer the close frame.
-                        let _ = tokio::time::timeout(Duration::from_secs(2), &mut input).await;
-                    }
-                    break;
-                }
-                Some(Err(e)) => {
-                    tracing::error!(error = %e, "reading logs for an attach failed");
-                    close(&mut sink, close_code::ERROR, "reading the log failed").await;
-                    break;
-                }
-                None => break,
-            },
-            why = close_rx.recv() => {
-                if let Some((code, reason)) = why {
-                    close(&mut sink, code, reason).await;
-                }
-                break;
-            }
-        }
-    }
-    // Dropping the monitor connection releases stdin; the process goes on.
-    input.abort();
-}
-
-/// Pass the client's messages on to the monitor as frames until the client goes away.
-async fn forward_input(
-    mut incoming: futures_util::stream::SplitStream<WebSocket>,
-    mut monitor: Option<UnixStream>,
-    close_tx: tokio::sync::mpsc::Sender<(u16, &'static str)>,
-) {
-    while let Some(msg) = incoming.next().await {
-        let frames = match msg {
-            Err(_) | Ok(Message::Close(_)) => return,
-            Ok(Message::Binary(data)) => match data.split_first() {
-                Some((&CHANNEL_STDIN, payload)) => payload
-                    .chunks(MAX_FRAME)
-                    .map(|c| Frame::Stdin(c.to_vec()))
-                    .collect(),
-                _ => {
-                    let why = "binary messages must start with channel 0 (stdin)";
-                    let _ = close_tx.send((close_code::INVALID, why)).await;
-                    return;
-                }
-            },
-            Ok(Message::Text(text)) => match serde_json::from_str::<AttachControl>(text.as_str()) {
-                Ok(control) => {
-                    let mut frames = Vec::new();
-                    if let Some(size) = control.resize {
-                        frames.push(Frame::Resize {
-                            cols: size.cols,
-                            rows: size.rows,
-                        });
-                    }
-                    if control.close_stdin == Some(true) {
-                        frames.push(Frame::CloseStdin);
-                    }
-                    frames
-                }
-                Err(_) => {
-                    let why = "text messages must be {\"resize\":{\"cols\":C,\"rows\":R}} or {\"close_stdin\":true}";
-                    let _ = close_tx.send((close_code::INVALID, why)).await;
-                    return;
-                }
-            },
-            Ok(_) => continue,
-        };
-        // Without a monitor connection (a reader, or the exec ended) input goes nowhere.
-        if let Some(m) = monitor.as_mut() {
-            for f in frames {
-                if m.write_all(&f.encode()).await.is_err() {
-                    // The exec ended: its end arrives through the log.
-                    monitor = None;
-                    break;
-                }
-            }
-        }
-    }
+    let session = state.svc.attach_main(&sandbox, stdin).await?;
+    let target = Target::Main(sandbox.id);
+    Ok(attached(state, upgrade, target, params.offset, session))
 }

@@ -2,8 +2,8 @@
 //! in and out.
 //!
 //! Paths and modes are checked here (400) before anything reaches the helper. Content streams
-//! between the HTTP body and the file worker's connection one chunk at a time (see
-//! `sandboxd_protocol::files`): the daemon never holds a whole file, whatever its size.
+//! between the HTTP body and the service's [`Transfer`] one chunk at a time: the daemon never
+//! holds a whole file, whatever its size.
 
 use std::time::Duration;
 
@@ -14,19 +14,13 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures_util::StreamExt;
 use sandboxd_api::Sandbox;
-use sandboxd_protocol::files::{
-    check_mode, chunk_header, chunk_len, FileKind, FileOp, SandboxPath, MAX_CHUNK,
-};
-use sandboxd_protocol::wire::Response as HelperResponse;
+use sandboxd_protocol::files::{check_mode, FileKind, FileOp, SandboxPath};
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 
 use super::auth::Principal;
 use super::extract::{ApiQuery, IdOrName};
 use super::{ApiError, AppState};
-use crate::helper_client::read_response;
-use crate::sandboxes::ServiceError;
+use crate::sandboxes::{FileError, Transfer};
 
 /// How long an upload may pause between two pieces of its body.
 const UPLOAD_IDLE: Duration = Duration::from_secs(60);
@@ -40,7 +34,7 @@ fn transfer_slot() -> Result<tokio::sync::SemaphorePermit<'static>, ApiError> {
     TRANSFERS.try_acquire().map_err(|_| {
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
-            "too_many_transfers",
+            sandboxd_api::ErrorCode::TooManyTransfers,
             format!("{MAX_TRANSFERS} file transfers are in progress; retry later"),
         )
     })
@@ -134,24 +128,12 @@ pub async fn delete_file(
 ) -> Result<StatusCode, ApiError> {
     let (path, _) = checked(&params, FileOp::Delete)?;
     let _slot = transfer_slot()?;
-    let (mut conn, _) = state
+    let transfer = state
         .svc
         .transfer(&principal.scope(), &id, FileOp::Delete, &path, None)
         .await?;
-    finish(&mut conn).await?;
+    transfer.outcome().await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// The worker's final frame: done, or the error that ended the transfer.
-async fn finish(conn: &mut UnixStream) -> Result<(), ApiError> {
-    match read_response(conn).await {
-        Ok(HelperResponse::FileDone) => Ok(()),
-        Ok(HelperResponse::Error(e)) => Err(ServiceError::Files(e).into()),
-        Ok(other) => Err(ApiError::internal(&ServiceError::NoFiles(format!(
-            "unexpected answer from the file worker: {other:?}"
-        )))),
-        Err(e) => Err(ServiceError::Helper(e).into()),
-    }
 }
 
 async fn download(
@@ -163,16 +145,17 @@ async fn download(
 ) -> Result<Response, ApiError> {
     let (path, _) = checked(&params, op)?;
     let slot = transfer_slot()?;
-    let (conn, ready) = state
+    let transfer = state
         .svc
         .transfer(&principal.scope(), &id, op, &path, None)
         .await?;
+    let ready = transfer.ready().clone();
     let content_type = match ready.kind {
         FileKind::Directory => "application/json",
         FileKind::Archive => "application/x-tar",
         _ => "application/octet-stream",
     };
-    let mut response = Body::from_stream(chunks(conn, slot)).into_response();
+    let mut response = Body::from_stream(chunks(transfer, slot)).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     if ready.kind == FileKind::File {
@@ -190,37 +173,23 @@ async fn download(
     Ok(response)
 }
 
-/// The content chunks of a download as a body stream; an error frame at the end (or a broken
+/// The content chunks of a download as a body stream; an error at the end (or a broken
 /// connection) becomes a stream error, which aborts the HTTP body.
 /// The transfer's slot is held until the stream ends (or the client goes away and drops it).
 fn chunks(
-    conn: UnixStream,
+    transfer: Transfer,
     slot: tokio::sync::SemaphorePermit<'static>,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
-    futures_util::stream::unfold(Some((conn, slot)), |state| async move {
-        let (mut conn, slot) = state?;
-        let mut prefix = [0u8; 4];
-        if let Err(e) = conn.read_exact(&mut prefix).await {
-            return Some((Err(e), None));
-        }
-        let len = match chunk_len(prefix) {
-            Ok(len) => len,
-            Err(e) => return Some((Err(std::io::Error::other(e)), None)),
-        };
-        if len > 0 {
-            let mut buf = vec![0u8; len];
-            return match conn.read_exact(&mut buf).await {
-                Ok(_) => Some((Ok(Bytes::from(buf)), Some((conn, slot)))),
-                Err(e) => Some((Err(e), None)),
-            };
-        }
-        match read_response(&mut conn).await {
-            Ok(HelperResponse::FileDone) => None,
-            Ok(HelperResponse::Error(e)) => {
+    futures_util::stream::unfold(Some((transfer, slot)), |state| async move {
+        let (mut transfer, slot) = state?;
+        match transfer.next_chunk().await {
+            Ok(Some(data)) => Some((Ok(data), Some((transfer, slot)))),
+            Ok(None) => None,
+            Err(FileError::Refused(e)) => {
                 tracing::info!(error = %e.message, "a download failed part-way");
                 Some((Err(std::io::Error::other(e.message)), None))
             }
-            Ok(_) | Err(_) => Some((
+            Err(_) => Some((
                 Err(std::io::Error::other("the file worker broke off")),
                 None,
             )),
@@ -273,7 +242,7 @@ async fn send_upload(
 ) -> Result<StatusCode, ApiError> {
     let (path, mode) = checked(&params, op)?;
     let _slot = transfer_slot()?;
-    let (mut conn, _) = state
+    let mut transfer = state
         .svc
         .transfer(&principal.scope(), &id, op, &path, mode)
         .await?;
@@ -281,7 +250,7 @@ async fn send_upload(
         let next = match tokio::time::timeout(UPLOAD_IDLE, body.next()).await {
             Ok(next) => next,
             Err(_) => {
-                // Dropping the connection without the last chunk makes the worker discard it.
+                // Dropping the transfer without its end makes the worker discard the upload.
                 return Err(ApiError::from_status(
                     StatusCode::REQUEST_TIMEOUT,
                     "the request body stalled",
@@ -297,21 +266,19 @@ async fn send_upload(
                 )))
             }
         };
-        let mut sent = true;
-        for piece in data.chunks(MAX_CHUNK) {
-            if conn.write_all(&chunk_header(piece.len())).await.is_err()
-                || conn.write_all(piece).await.is_err()
-            {
-                sent = false;
-                break;
+        match transfer.send(&data).await {
+            Ok(()) => {}
+            // The worker stopped reading: its verdict says why.
+            Err(FileError::Stopped) => {
+                return transfer
+                    .outcome()
+                    .await
+                    .map(|()| StatusCode::NO_CONTENT)
+                    .map_err(ApiError::from)
             }
-        }
-        if !sent {
-            // The worker stopped reading: its final frame says why.
-            return finish(&mut conn).await.map(|()| StatusCode::NO_CONTENT);
+            Err(e) => return Err(e.into()),
         }
     }
-    let _ = conn.write_all(&chunk_header(0)).await;
-    finish(&mut conn).await?;
+    transfer.end_upload().await?;
     Ok(StatusCode::NO_CONTENT)
 }

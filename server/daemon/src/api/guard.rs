@@ -68,7 +68,7 @@ impl RequestGuard {
     }
 }
 
-fn forbidden(code: &'static str, message: String) -> Response {
+fn forbidden(code: sandboxd_api::ErrorCode, message: String) -> Response {
     ApiError::new(axum::http::StatusCode::FORBIDDEN, code, message).into_response()
 }
 
@@ -78,7 +78,7 @@ async fn check(State(guard): State<Arc<RequestGuard>>, request: Request, next: N
         let host = host.to_str().unwrap_or("");
         if !guard.host_allowed(host) {
             return forbidden(
-                "forbidden_host",
+                sandboxd_api::ErrorCode::ForbiddenHost,
                 format!("Host {host:?} is not this daemon's (allow it with --allowed-host)"),
             );
         }
@@ -96,7 +96,7 @@ async fn check(State(guard): State<Arc<RequestGuard>>, request: Request, next: N
             let origin = origin.to_str().unwrap_or("");
             if !guard.origin_allowed(origin) {
                 return forbidden(
-                    "forbidden_origin",
+                    sandboxd_api::ErrorCode::ForbiddenOrigin,
                     format!("Origin {origin:?} may not use this daemon (allow it with --allowed-origin)"),
                 );
             }

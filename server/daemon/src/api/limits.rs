@@ -160,7 +160,7 @@ pub fn rate_limited(wait: Duration) -> Response {
     let secs = secs.max(1);
     let mut resp = ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,
-        "rate_limited",
+        sandboxd_api::ErrorCode::RateLimited,
         format!("too many requests from this client; retry in {secs} s"),
     )
     .into_response();

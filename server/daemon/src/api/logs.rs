@@ -1,23 +1,20 @@
 //! `GET /v1/sandboxes/{id}/logs`: the output as raw bytes (optionally followed), or, with a
 //! websocket upgrade, as binary messages `[channel][data]` ending with a `LogEnd` text message.
 
-use std::time::Duration;
-
 use axum::body::{Body, Bytes};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
-use futures_util::{SinkExt, StreamExt};
-use sandboxd_api::{LogEnd, CHANNEL_STDERR, CHANNEL_STDOUT};
+use sandboxd_api::{CHANNEL_STDERR, CHANNEL_STDOUT};
 use serde::Deserialize;
 use tokio::sync::mpsc;
-use uuid::Uuid;
 
 use super::auth::Principal;
 use super::extract::{ApiQuery, IdOrName};
+use super::relay::{relay, Incoming, Last, Target};
 use super::{ApiError, AppState};
 use crate::logs::{read_logs, LogEvent, ReadOptions};
 
@@ -99,74 +96,20 @@ pub async fn logs(
         let upgrade = upgrade.map_err(|r| ApiError::from_status(r.status(), r.body_text()))?;
         return Ok(upgrade
             .max_message_size(MAX_INCOMING)
-            .on_upgrade(move |socket| stream_websocket(state, id, opts, socket)));
+            .on_upgrade(move |socket| {
+                relay(
+                    state,
+                    Target::Main(id),
+                    opts,
+                    Incoming::Ignored,
+                    socket,
+                    Last::LogEnd,
+                )
+            }));
     }
     Ok(plain_body(read_logs(
         state.svc.dir(id),
         opts,
         state.svc.subscribe(id),
     )))
-}
-
-async fn stream_websocket(state: AppState, id: Uuid, opts: ReadOptions, socket: WebSocket) {
-    let mut rx = read_logs(state.svc.dir(id), opts, state.svc.subscribe(id));
-    let (mut sink, mut incoming) = socket.split();
-    loop {
-        tokio::select! {
-            event = rx.recv() => match event {
-                Some(Ok(LogEvent::Data { channel, data })) => {
-                    let mut msg = Vec::with_capacity(1 + data.len());
-                    msg.push(channel);
-                    msg.extend_from_slice(&data);
-                    if sink.send(Message::Binary(msg.into())).await.is_err() {
-                        return;
-                    }
-                }
-                Some(Ok(LogEvent::End { offset })) => {
-                    let sandbox = state.svc.store().get(id).await.ok().flatten();
-                    let end = LogEnd {
-                        exit_code: sandbox.as_ref().and_then(|s| s.exit_code),
-                        signal: sandbox.as_ref().and_then(|s| s.signal.clone()),
-                        reason: sandbox.as_ref().and_then(|s| s.reason),
-                        offset,
-                    };
-                    let text = serde_json::to_string(&end).unwrap_or_default();
-                    if sink.send(Message::Text(text.into())).await.is_err() {
-                        return;
-                    }
-                    let _ = sink
-                        .send(Message::Close(Some(CloseFrame {
-                            code: close_code::NORMAL,
-                            reason: "".into(),
-                        })))
-                        .await;
-                    break;
-                }
-                Some(Err(e)) => {
-                    tracing::error!(%id, error = %e, "reading logs failed");
-                    let _ = sink
-                        .send(Message::Close(Some(CloseFrame {
-                            code: close_code::ERROR,
-                            reason: "reading the log failed".into(),
-                        })))
-                        .await;
-                    break;
-                }
-                None => return,
-            },
-            msg = incoming.next() => match msg {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
-                Some(Ok(_)) => {}
-            },
-        }
-    }
-    // Give the client a moment to answer the close frame, completing the closing handshake.
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Some(Ok(msg)) = incoming.next().await {
-            if matches!(msg, Message::Close(_)) {
-                break;
-            }
-        }
-    })
-    .await;
 }

@@ -12,6 +12,7 @@ mod images;
 mod info;
 pub mod limits;
 mod logs;
+mod relay;
 mod sandboxes;
 mod tokens;
 
@@ -38,8 +39,7 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(svc: Arc<Service>) -> Self {
-        let auth = Arc::new(crate::auth::Auth::new(svc.store().clone()));
+    pub fn new(svc: Arc<Service>, auth: Arc<crate::auth::Auth>) -> Self {
         AppState { svc, auth }
     }
 }
@@ -210,7 +210,7 @@ async fn not_found() -> ApiError {
 async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        sandboxd_api::ErrorCode::MethodNotAllowed,
         "method not allowed on this route",
     )
 }

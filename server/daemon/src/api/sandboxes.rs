@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::auth::Principal;
 use super::extract::{ApiJson, ApiQuery, IdOrName, OptionalJson};
 use super::{ApiError, AppState};
-use crate::store::ListQuery;
+use crate::sandboxes::ListQuery;
 use crate::validate::{check_lifetime, ValidCreate};
 
 const DEFAULT_LIMIT: u32 = 100;

@@ -14,6 +14,7 @@ use tower::ServiceExt;
 use super::auth::LocalPeer;
 use super::{app, routes, AppState};
 use crate::helper_client::{FakeHelper, FakeSpawn};
+use crate::lifetime::FakeClock;
 use crate::limits::LimitPolicy;
 use crate::sandboxes::Service;
 use crate::store::Store;
@@ -22,7 +23,25 @@ struct TestApp {
     router: axum::Router,
     svc: Arc<Service>,
     helper: Arc<FakeHelper>,
+    clock: Arc<FakeClock>,
     _dir: tempfile::TempDir,
+}
+
+/// A service on `helper` with a fake clock that starts at the wall clock's now.
+fn service(
+    store: &Store,
+    helper: Arc<FakeHelper>,
+    dir: &std::path::Path,
+    policy: LimitPolicy,
+) -> (Arc<Service>, Arc<FakeClock>) {
+    let clock = FakeClock::at(crate::now_unix_ms());
+    let svc = Service::new(store.clone(), helper, clock.clone(), dir, 4, policy);
+    (svc, clock)
+}
+
+fn app_state(store: &Store, svc: &Arc<Service>) -> AppState {
+    let auth = Arc::new(crate::auth::Auth::new(store.clone(), svc.clock()));
+    AppState::new(Arc::clone(svc), auth)
 }
 
 async fn test_app(spawn: FakeSpawn) -> TestApp {
@@ -33,13 +52,14 @@ async fn test_app_with(spawn: FakeSpawn, enforceable: &[&str], policy: LimitPoli
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("sandboxd.db")).await.unwrap();
     let helper = FakeHelper::with_limits(dir.path(), Mode::Privileged, spawn, enforceable);
-    let svc = Service::new(store, helper.clone(), dir.path(), 4, policy);
+    let (svc, clock) = service(&store, helper.clone(), dir.path(), policy);
     svc.check_host_limits().await.unwrap();
     svc.start_reaper();
     TestApp {
-        router: app(AppState::new(Arc::clone(&svc))),
+        router: app(app_state(&store, &svc)),
         svc,
         helper,
+        clock,
         _dir: dir,
     }
 }
@@ -512,7 +532,8 @@ async fn openapi_and_router_agree() {
         if status == StatusCode::NOT_FOUND || status == StatusCode::METHOD_NOT_ALLOWED {
             let err: ErrorBody = serde_json::from_slice(&body).unwrap();
             assert!(
-                err.error.code != "method_not_allowed" && err.error.message != "no such route",
+                err.error.code.as_str() != "method_not_allowed"
+                    && err.error.message != "no such route",
                 "{method} {uri} hit a fallback"
             );
         }
@@ -528,7 +549,7 @@ async fn websocket_streams_backlog_then_log_end() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("sandboxd.db")).await.unwrap();
     let helper = FakeHelper::new(dir.path(), Mode::Rootless, FakeSpawn::ExitAtOnce);
-    let svc = Service::new(store, helper, dir.path(), 4, LimitPolicy::default());
+    let (svc, _clock) = service(&store, helper, dir.path(), LimitPolicy::default());
     let valid = crate::validate::ValidCreate::parse(
         serde_json::from_value(json!({"command": ["true"]})).unwrap(),
     )
@@ -553,7 +574,7 @@ async fn websocket_streams_backlog_then_log_end() {
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let state = AppState::new(svc);
+    let state = app_state(&store, &svc);
     // Browsers cannot set headers on a websocket: a single-use ticket in the query instead.
     let (_, secret) = state
         .auth
@@ -905,28 +926,49 @@ async fn gone_within(app: &TestApp, name: &str, secs: u64) -> bool {
     false
 }
 
+/// After a reaper pass at the clock's current time: `name` is neither being removed nor gone.
+async fn survives_a_reaper_pass(app: &TestApp, name: &str) {
+    app.svc.reap_due().await.unwrap();
+    let (status, body) = app
+        .json(Method::GET, &format!("/v1/sandboxes/{name}"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{name} is gone: {body}");
+    let id: uuid::Uuid = serde_json::from_value(body["id"].clone()).unwrap();
+    assert!(!app.svc.is_reaping(id), "{name} is being removed");
+}
+
+/// The reaper on a fake clock: deadlines pass when the test advances it, never in real time.
 #[tokio::test]
 async fn reaper_removes_after_exit_and_on_ttl() {
+    use std::time::Duration;
     let app = test_app(FakeSpawn::ExitAtOnce).await;
     let (status, body) = app
         .create(json!({"name": "rm", "remove_after_exit_secs": 1}))
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id: uuid::Uuid = serde_json::from_value(body["id"].clone()).unwrap();
+    app.svc.wait(id).await.unwrap();
     let (status, body) = app.create(json!({"name": "keep"})).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
+    // A millisecond early: nothing happens.
+    app.clock.advance(Duration::from_millis(999));
+    survives_a_reaper_pass(&app, "rm").await;
+    app.clock.advance(Duration::from_millis(1));
     assert!(
         gone_within(&app, "rm", 15).await,
         "remove_after_exit did not remove"
     );
-    let (status, _) = app.json(Method::GET, "/v1/sandboxes/keep", None).await;
-    assert_eq!(status, StatusCode::OK);
+    survives_a_reaper_pass(&app, "keep").await;
 
     // A running sandbox whose TTL runs out is killed with reason `ttl`, then deleted.
     let app = test_app(FakeSpawn::Run).await;
     let (status, body) = app.create(json!({"name": "t", "ttl_secs": 1})).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let id: uuid::Uuid = serde_json::from_value(body["id"].clone()).unwrap();
-    let ended = tokio::time::timeout(std::time::Duration::from_secs(15), app.svc.wait(id))
+    app.clock.advance(Duration::from_millis(999));
+    survives_a_reaper_pass(&app, "t").await;
+    app.clock.advance(Duration::from_millis(1));
+    let ended = tokio::time::timeout(Duration::from_secs(15), app.svc.wait(id))
         .await
         .expect("ttl did not end the sandbox");
     // The row may already be gone when the waiter reads it; if not, the reason is `ttl`.
@@ -946,14 +988,19 @@ async fn reaper_removes_after_exit_and_on_ttl() {
         )
         .await;
     assert_eq!(status, StatusCode::OK);
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    app.clock.advance(Duration::from_millis(1500));
+    survives_a_reaper_pass(&app, "x").await;
     let (status, body) = app.json(Method::GET, "/v1/sandboxes/x", None).await;
     assert_eq!(
         (status, body["state"].clone()),
         (StatusCode::OK, json!("running"))
     );
-    let (status, _) = app.json(Method::DELETE, "/v1/sandboxes/x", None).await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
+    // ... until the extended deadline.
+    app.clock.advance(Duration::from_secs(3600));
+    assert!(
+        gone_within(&app, "x", 15).await,
+        "the extended ttl did not delete"
+    );
 }
 
 impl TestApp {
@@ -1016,7 +1063,7 @@ async fn requests_need_a_valid_token() {
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (_, expired) = app.token("default", "admin", Some(1)).await;
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    app.clock.advance(std::time::Duration::from_millis(1100));
     let (_, good) = app.token("default", "admin", None).await;
     let sample = [
         (Method::GET, "/v1/info"),
@@ -1479,7 +1526,7 @@ async fn images_import_name_use_and_delete_with_409_in_use() {
         let (status, bytes) = t.raw(Method::POST, uri, None, body).await;
         assert_eq!(status, want, "{uri}: {}", String::from_utf8_lossy(&bytes));
         let err: ErrorBody = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(err.error.code, code, "{uri}");
+        assert_eq!(err.error.code.as_str(), code, "{uri}");
     }
     // No upload is left behind.
     let uploads = t.svc.state_dir().join("uploads");
@@ -1593,17 +1640,12 @@ async fn network_requests_are_checked_allocated_and_shown() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("sandboxd.db")).await.unwrap();
     let helper = FakeHelper::new(dir.path(), Mode::Rootless, FakeSpawn::ExitAtOnce);
-    let svc = Service::new(
-        store.clone(),
-        helper.clone(),
-        dir.path(),
-        4,
-        LimitPolicy::default(),
-    );
+    let (svc, clock) = service(&store, helper.clone(), dir.path(), LimitPolicy::default());
     let rootless = TestApp {
-        router: super::app(AppState::new(Arc::clone(&svc))),
+        router: super::app(app_state(&store, &svc)),
         svc,
         helper,
+        clock,
         _dir: dir,
     };
     let (status, body) = rootless
@@ -1613,3 +1655,5 @@ async fn network_requests_are_checked_allocated_and_shown() {
     assert_eq!(body["error"]["code"], json!("network_unavailable"));
     assert!(store.ids().await.unwrap().is_empty());
 }
+
+mod sessions;

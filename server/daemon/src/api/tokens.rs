@@ -13,8 +13,7 @@ use time::OffsetDateTime;
 use super::auth::Principal;
 use super::extract::ApiJson;
 use super::{ApiError, AppState};
-use crate::auth::valid_tenant;
-use crate::store::{StoredQuota, StoredToken};
+use crate::auth::{valid_tenant, StoredQuota, StoredToken};
 
 /// Longest token lifetime accepted: ten years.
 const MAX_TOKEN_TTL_SECS: u64 = 10 * 366 * 24 * 3600;
@@ -89,7 +88,7 @@ pub async fn list(
     Extension(principal): Extension<Principal>,
 ) -> Result<Json<TokenList>, ApiError> {
     principal.require_admin()?;
-    let tokens = state.auth.store().tokens().await.map_err(internal)?;
+    let tokens = state.auth.tokens().await.map_err(internal)?;
     Ok(Json(TokenList {
         items: tokens.into_iter().map(info).collect(),
     }))
@@ -101,12 +100,7 @@ pub async fn revoke(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     principal.require_admin()?;
-    let done = state
-        .auth
-        .store()
-        .revoke_token(&id, crate::now_unix_ms())
-        .await
-        .map_err(internal)?;
+    let done = state.auth.revoke_token(&id).await.map_err(internal)?;
     if !done {
         return Err(ApiError::not_found("no such token"));
     }
@@ -136,7 +130,6 @@ pub async fn put_quota(
     };
     state
         .auth
-        .store()
         .set_quota(&tenant, &quota)
         .await
         .map_err(internal)?;
@@ -158,7 +151,7 @@ pub async fn get_quota(
     if !principal.is_admin() && principal.tenant != tenant {
         return Err(ApiError::not_found("no such tenant"));
     }
-    let quota = state.auth.store().quota(&tenant).await.map_err(internal)?;
+    let quota = state.auth.quota(&tenant).await.map_err(internal)?;
     let to_u64 = |v: Option<i64>| v.and_then(|n| u64::try_from(n).ok());
     Ok(Json(Quota {
         tenant: Some(tenant),

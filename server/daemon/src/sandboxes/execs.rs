@@ -19,8 +19,64 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::monitor::{self, MonitorError};
-use super::{signal_name, Scope, Service, ServiceError};
-use crate::store::ExecEnding;
+use super::{SandboxError, Scope, Service};
+use crate::store::{ExecEnding, StoreError};
+
+/// Why an exec operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// Finding its sandbox failed (not found, not running...).
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error("no such exec")]
+    NotFound,
+    #[error("another connection owns the exec's stdin")]
+    StdinBusy,
+    #[error("the exec was created without stdin")]
+    NoStdin,
+    /// The exec could not join the sandbox; the detail is in its row's `error`.
+    #[error("starting exec {0} failed; its error field has the detail")]
+    Failed(Uuid),
+    #[error("store")]
+    Store(#[from] StoreError),
+    #[error("monitor")]
+    Monitor(#[from] MonitorError),
+    #[error("internal task failed")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// A connection on which a monitor accepted `attach`: stdin (when granted), terminal size and
+/// the end of stdin go in as `sandboxd_protocol::exec::Frame`s. Output is not here: it is read
+/// from the log. Dropping the session releases stdin; the process goes on.
+pub struct AttachSession {
+    stream: UnixStream,
+}
+
+impl AttachSession {
+    async fn send(&mut self, frame: proto::Frame) -> Result<(), MonitorError> {
+        self.stream.write_all(&frame.encode()).await?;
+        Ok(())
+    }
+
+    /// Bytes for the process's stdin, in frames of at most `MAX_FRAME`. An error means the
+    /// process has ended (its end arrives through the log).
+    pub async fn send_stdin(&mut self, data: &[u8]) -> Result<(), MonitorError> {
+        for piece in data.chunks(proto::MAX_FRAME) {
+            self.send(proto::Frame::Stdin(piece.to_vec())).await?;
+        }
+        Ok(())
+    }
+
+    /// A new terminal size (ignored without a terminal).
+    pub async fn resize(&mut self, cols: u16, rows: u16) -> Result<(), MonitorError> {
+        self.send(proto::Frame::Resize { cols, rows }).await
+    }
+
+    /// End of input (for a terminal: its end-of-file character).
+    pub async fn close_stdin(&mut self) -> Result<(), MonitorError> {
+        self.send(proto::Frame::CloseStdin).await
+    }
+}
 
 /// How long a monitor may take to start an exec (joining, and executing the command).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -84,10 +140,10 @@ impl Service {
         scope: &Scope,
         sandbox: &str,
         spec: CreateExec,
-    ) -> Result<Exec, ServiceError> {
+    ) -> Result<Exec, ExecError> {
         let sandbox = self.find(scope, sandbox).await?;
         if sandbox.state != SandboxState::Running {
-            return Err(ServiceError::NotRunning);
+            return Err(ExecError::Sandbox(SandboxError::NotRunning));
         }
         // In its own task, so that a client hanging up cannot leave a row without a watcher.
         let svc = Arc::clone(self);
@@ -98,16 +154,16 @@ impl Service {
         self: Arc<Self>,
         sandbox: Sandbox,
         spec: CreateExec,
-    ) -> Result<Exec, ServiceError> {
+    ) -> Result<Exec, ExecError> {
         let id = Uuid::new_v4();
         self.exec_registry().insert(id, watch::channel(false).0);
         if !self
             .store
-            .insert_exec(id, sandbox.id, crate::now_unix_ms(), &spec)
+            .insert_exec(id, sandbox.id, self.clock.now_unix_ms(), &spec)
             .await?
         {
             self.exec_registry().remove(&id);
-            return Err(ServiceError::NotRunning);
+            return Err(ExecError::Sandbox(SandboxError::NotRunning));
         }
         let req = ExecRequest {
             id,
@@ -155,7 +211,7 @@ impl Service {
                 // The sandbox ended in between: as if it had been asked a moment later.
                 self.store.delete_exec(id).await?;
                 self.exec_registry().remove(&id);
-                return Err(ServiceError::NotRunning);
+                return Err(ExecError::Sandbox(SandboxError::NotRunning));
             }
             other => {
                 let why = match other {
@@ -168,38 +224,38 @@ impl Service {
                     exit_code: None,
                     signal: None,
                     error: Some(why),
-                    finished_at_ms: crate::now_unix_ms(),
+                    finished_at_ms: self.clock.now_unix_ms(),
                 };
                 self.store.finish_exec(id, &end).await?;
                 self.notify_exec_final(id);
-                return Err(ServiceError::ExecFailed(id));
+                return Err(ExecError::Failed(id));
             }
         }
         self.store
             .exec(sandbox.id, id)
             .await?
-            .ok_or(ServiceError::ExecNotFound)
+            .ok_or(ExecError::NotFound)
     }
 
     /// The execs of a sandbox, oldest first.
-    pub async fn execs(&self, scope: &Scope, sandbox: &str) -> Result<Vec<Exec>, ServiceError> {
+    pub async fn execs(&self, scope: &Scope, sandbox: &str) -> Result<Vec<Exec>, ExecError> {
         let sandbox = self.find(scope, sandbox).await?;
         Ok(self.store.execs(sandbox.id).await?)
     }
 
     /// One exec of a sandbox (an exec id of another sandbox is not found).
-    pub async fn exec(
-        &self,
-        scope: &Scope,
-        sandbox: &str,
-        exec: &str,
-    ) -> Result<Exec, ServiceError> {
+    pub async fn exec(&self, scope: &Scope, sandbox: &str, exec: &str) -> Result<Exec, ExecError> {
         let sandbox = self.find(scope, sandbox).await?;
-        let exec = Uuid::parse_str(exec).map_err(|_| ServiceError::ExecNotFound)?;
+        let exec = Uuid::parse_str(exec).map_err(|_| ExecError::NotFound)?;
         self.store
             .exec(sandbox.id, exec)
             .await?
-            .ok_or(ServiceError::ExecNotFound)
+            .ok_or(ExecError::NotFound)
+    }
+
+    /// An exec by its sandbox's id and its own (for a caller that found it within its scope).
+    pub async fn exec_row(&self, sandbox: Uuid, exec: Uuid) -> Result<Option<Exec>, ExecError> {
+        Ok(self.store.exec(sandbox, exec).await?)
     }
 
     /// Attach to a running exec: a connection that carries `sandboxd_protocol::exec::Frame`s
@@ -208,7 +264,7 @@ impl Service {
         &self,
         exec: &Exec,
         stdin: bool,
-    ) -> Result<Option<UnixStream>, ServiceError> {
+    ) -> Result<Option<AttachSession>, ExecError> {
         if exec.state.is_final() {
             return Ok(None);
         }
@@ -220,12 +276,12 @@ impl Service {
         &self,
         sandbox: &Sandbox,
         stdin: bool,
-    ) -> Result<Option<UnixStream>, ServiceError> {
+    ) -> Result<Option<AttachSession>, ExecError> {
         if sandbox.state.is_final() {
             return Ok(None);
         }
         if stdin && !sandbox.spec.stdin {
-            return Err(ServiceError::NoStdin);
+            return Err(ExecError::NoStdin);
         }
         if !stdin && !sandbox.spec.tty {
             // A reader of a command without a terminal needs nothing from the monitor.
@@ -240,7 +296,7 @@ impl Service {
         sandbox: Uuid,
         target: Uuid,
         stdin: bool,
-    ) -> Result<Option<UnixStream>, ServiceError> {
+    ) -> Result<Option<AttachSession>, ExecError> {
         let socket = self.dir(sandbox).monitor_socket();
         let line = proto::attach_line(target, stdin);
         let (answer, stream) = match tokio::time::timeout(ATTACH_TIMEOUT, request(&socket, &line))
@@ -252,9 +308,9 @@ impl Service {
             Err(e) => return Err(e.into()),
         };
         match answer.as_deref() {
-            Some("ok") => Ok(Some(stream)),
-            Some(a) if a == format!("err {}", proto::STDIN_BUSY) => Err(ServiceError::StdinBusy),
-            Some("err no_stdin") => Err(ServiceError::NoStdin),
+            Some("ok") => Ok(Some(AttachSession { stream })),
+            Some(a) if a == format!("err {}", proto::STDIN_BUSY) => Err(ExecError::StdinBusy),
+            Some("err no_stdin") => Err(ExecError::NoStdin),
             // Ended in between (or the monitor is exiting): the log has everything.
             _ => Ok(None),
         }
@@ -262,7 +318,7 @@ impl Service {
 
     /// After a restart: every exec that was not final gets a watcher again, which records how
     /// it ended if it did while the daemon was away.
-    pub(super) async fn reconcile_execs(self: &Arc<Self>) -> Result<(), ServiceError> {
+    pub(super) async fn reconcile_execs(self: &Arc<Self>) -> Result<(), StoreError> {
         for exec in self.store.live_execs().await? {
             self.exec_registry()
                 .entry(exec.id)
@@ -299,12 +355,12 @@ async fn watch_exec(svc: Arc<Service>, sandbox: Uuid, exec: Uuid) {
             Ok(status) => ending_of(&status),
             Err(e) => {
                 tracing::warn!(%exec, error = %e, "unreadable exec status.json");
-                lost()
+                lost(svc.clock.now_unix_ms())
             }
         },
-        Err(_) => lost(),
+        Err(_) => lost(svc.clock.now_unix_ms()),
     };
-    match svc.store().finish_exec(exec, &ending).await {
+    match svc.store.finish_exec(exec, &ending).await {
         Ok(_) => {}
         Err(e) => tracing::error!(%exec, error = %e, "recording an exec's exit failed"),
     }
@@ -319,18 +375,18 @@ fn ending_of(status: &ExecStatus) -> ExecEnding {
             SandboxState::Exited
         },
         exit_code: status.exit_code,
-        signal: status.signal.map(signal_name),
+        signal: status.signal.map(sandboxd_protocol::rules::Signal::name_of),
         error: status.error.clone(),
         finished_at_ms: status.finished_at_unix_ms,
     }
 }
 
-fn lost() -> ExecEnding {
+fn lost(now_unix_ms: i64) -> ExecEnding {
     ExecEnding {
         state: SandboxState::Failed,
         exit_code: None,
         signal: None,
         error: Some("the exec's monitor ended without recording an exit status".into()),
-        finished_at_ms: crate::now_unix_ms(),
+        finished_at_ms: now_unix_ms,
     }
 }

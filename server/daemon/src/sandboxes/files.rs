@@ -3,23 +3,89 @@
 //! A transfer is resolved and carried out by a file worker of the helper (see
 //! `server/helper/src/files/`); the daemon only checks who may ask and in which state, rebuilds
 //! the sandbox's spawn request from the stored spec (so the worker builds the same root as init),
-//! and passes the connection on to the HTTP layer, which streams the content through it.
+//! and hands the HTTP layer a [`Transfer`] to stream the content through, one chunk at a time.
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use sandboxd_api::{NetworkInfo, Sandbox, SandboxState};
 use sandboxd_protocol::files::{FileOp, SandboxPath};
 use sandboxd_protocol::wire::{
-    FileReady, FilesRequest, HelperErrorCode, SpawnNetwork, SpawnRequest,
+    FileReady, FilesRequest, HelperError, HelperErrorCode, SpawnNetwork, SpawnRequest,
 };
-use tokio::net::UnixStream;
 use uuid::Uuid;
 
-use super::{Scope, Service, ServiceError};
-use crate::helper_client::{self, HelperClientError};
+use super::{SandboxError, Scope, Service};
+use crate::helper_client::{self, FileTransfer, HelperClientError, TransferError};
 use crate::limits::{self, Resolved};
 use crate::store::StoreError;
 use crate::validate::ValidCreate;
+
+/// Why a file transfer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// Finding its sandbox failed, or rebuilding its spawn request.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    /// The sandbox is in a state without files (being set up, failed to start).
+    #[error("{0}")]
+    NoFiles(String),
+    /// The file worker refused or failed, and said why.
+    #[error("{}", .0.message)]
+    Refused(HelperError),
+    /// The worker stopped reading an upload; [`Transfer::outcome`] says why.
+    #[error("the file worker stopped reading")]
+    Stopped,
+    #[error("helper")]
+    Helper(#[source] HelperClientError),
+    #[error("unexpected answer from the file worker: {0}")]
+    Unexpected(String),
+}
+
+impl From<TransferError> for FileError {
+    fn from(e: TransferError) -> Self {
+        match e {
+            TransferError::Refused(e) => FileError::Refused(e),
+            TransferError::Stopped => FileError::Stopped,
+            TransferError::Helper(e) => FileError::Helper(e),
+            TransferError::Unexpected(m) => FileError::Unexpected(m),
+        }
+    }
+}
+
+/// A file transfer whose path the worker has resolved: a download's chunks come out of
+/// [`Transfer::next_chunk`], an upload's go in through [`Transfer::send`] and end with
+/// [`Transfer::end_upload`]. Dropping it midway makes the worker discard an upload.
+pub struct Transfer {
+    inner: Box<dyn FileTransfer>,
+}
+
+impl Transfer {
+    /// What the worker found at the path (kind, size and mode of a regular file).
+    pub fn ready(&self) -> &FileReady {
+        self.inner.ready()
+    }
+
+    /// The next piece of a download; `None` after the last, once the worker said it is done.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, FileError> {
+        Ok(self.inner.next_chunk().await?)
+    }
+
+    /// Send a piece of an upload; [`FileError::Stopped`] when the worker no longer reads.
+    pub async fn send(&mut self, data: &[u8]) -> Result<(), FileError> {
+        Ok(self.inner.send(data).await?)
+    }
+
+    /// End an upload and wait for the worker's verdict.
+    pub async fn end_upload(self) -> Result<(), FileError> {
+        Ok(self.inner.end_upload().await?)
+    }
+
+    /// The worker's verdict without sending more: a deletion, or an upload it stopped reading.
+    pub async fn outcome(self) -> Result<(), FileError> {
+        Ok(self.inner.outcome().await?)
+    }
+}
 
 impl Service {
     /// The spawn request of an existing sandbox, rebuilt from its stored spec.
@@ -27,9 +93,9 @@ impl Service {
         &self,
         sandbox: &Sandbox,
         prepared: bool,
-    ) -> Result<(SpawnRequest, NetworkInfo), ServiceError> {
+    ) -> Result<(SpawnRequest, NetworkInfo), SandboxError> {
         let corrupt = |what: String| {
-            ServiceError::Store(StoreError::Corrupt {
+            SandboxError::Store(StoreError::Corrupt {
                 id: sandbox.id.to_string(),
                 what,
             })
@@ -75,14 +141,14 @@ impl Service {
         self: &Arc<Self>,
         scope: &Scope,
         id_or_name: &str,
-    ) -> Result<Sandbox, ServiceError> {
+    ) -> Result<Sandbox, SandboxError> {
         let sandbox = self.find(scope, id_or_name).await?;
         if sandbox.state != SandboxState::Created {
-            return Err(ServiceError::NotCreated);
+            return Err(SandboxError::NotCreated);
         }
         let id = sandbox.id;
         if !self.store.start_created(id).await? {
-            return Err(ServiceError::NotCreated);
+            return Err(SandboxError::NotCreated);
         }
         let (request, net_info) = match self.stored_spawn_request(&sandbox, true).await {
             Ok(r) => r,
@@ -104,7 +170,7 @@ impl Service {
                     // nothing was started, so it stays `created` for another try.
                     svc.store.set_created(id).await?;
                     svc.registry().remove(&id);
-                    return Err(ServiceError::Busy(
+                    return Err(SandboxError::Busy(
                         "a file transfer into this sandbox is in progress; start it once it ends"
                             .into(),
                     ));
@@ -113,10 +179,10 @@ impl Service {
             svc.spawned(id, net_info, true, result).await
         })
         .await??;
-        self.store.get(id).await?.ok_or(ServiceError::NotFound)
+        self.store.get(id).await?.ok_or(SandboxError::NotFound)
     }
 
-    /// Start a transfer: the helper connection, positioned after the worker's `FileReady`.
+    /// Start a transfer, once the worker has resolved the path.
     /// `path` was checked for `op` by the caller (400s come before any filesystem work).
     pub async fn transfer(
         &self,
@@ -125,16 +191,16 @@ impl Service {
         op: FileOp,
         path: &SandboxPath,
         mode: Option<u32>,
-    ) -> Result<(UnixStream, FileReady), ServiceError> {
+    ) -> Result<Transfer, FileError> {
         let sandbox = self.find(scope, id_or_name).await?;
         match sandbox.state {
             SandboxState::Creating => {
-                return Err(ServiceError::NoFiles(
+                return Err(FileError::NoFiles(
                     "the sandbox is being set up; retry in a moment".into(),
                 ))
             }
             SandboxState::Failed if sandbox.started_at.is_none() => {
-                return Err(ServiceError::NoFiles(
+                return Err(FileError::NoFiles(
                     "the sandbox failed to start and has no files".into(),
                 ))
             }
@@ -148,9 +214,9 @@ impl Service {
             mode,
         };
         match self.helper.transfer(request).await {
-            Ok(done) => Ok(done),
-            Err(HelperClientError::Refused(e)) => Err(ServiceError::Files(e)),
-            Err(e) => Err(e.into()),
+            Ok(inner) => Ok(Transfer { inner }),
+            Err(HelperClientError::Refused(e)) => Err(FileError::Refused(e)),
+            Err(e) => Err(FileError::Helper(e)),
         }
     }
 }

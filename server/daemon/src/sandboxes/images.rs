@@ -18,9 +18,32 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
-use super::{Service, ServiceError};
+use super::{SandboxError, Service};
 use crate::helper_client::{self, HelperClientError};
 use crate::store::{NewImage, StoreError};
+
+/// Why an image operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("no such image")]
+    NotFound,
+    #[error("the image is in use by {0} sandbox(es): delete them first")]
+    InUse(u64),
+    #[error("an image of that name exists already: delete it first")]
+    Exists,
+    #[error("{0}")]
+    Bad(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("storing the upload")]
+    Upload(#[source] std::io::Error),
+    #[error("store")]
+    Store(#[from] StoreError),
+    #[error("helper")]
+    Helper(#[from] HelperClientError),
+    #[error("internal task failed")]
+    Task(#[from] tokio::task::JoinError),
+}
 
 /// Removes an upload file when dropped (a finished import, or a client that went away).
 struct Upload(PathBuf);
@@ -42,15 +65,15 @@ impl Service {
         tenant: &str,
         name: &str,
         mut body: S,
-    ) -> Result<Image, ServiceError>
+    ) -> Result<Image, ImageError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
         crate::validate::check_image_name(name)
-            .map_err(|e| ServiceError::BadImage(format!("name: {e}")))?;
+            .map_err(|e| ImageError::Bad(format!("name: {e}")))?;
         if self.store.image(tenant, name).await?.is_some() {
-            return Err(ServiceError::ImageExists);
+            return Err(ImageError::Exists);
         }
         let max = self.policy.max_image_bytes;
         let dir = self.uploads_dir();
@@ -58,7 +81,7 @@ impl Service {
             .recursive(true)
             .mode(0o700)
             .create(&dir)
-            .map_err(ServiceError::Upload)?;
+            .map_err(ImageError::Upload)?;
         let id = Uuid::new_v4();
         let upload = Upload(dir.join(id.to_string()));
         let mut file = tokio::fs::OpenOptions::new()
@@ -67,27 +90,27 @@ impl Service {
             .mode(0o600)
             .open(&upload.0)
             .await
-            .map_err(ServiceError::Upload)?;
+            .map_err(ImageError::Upload)?;
         let mut hasher = Sha256::new();
         let mut total: u64 = 0;
         while let Some(chunk) = body.next().await {
-            let chunk =
-                chunk.map_err(|e| ServiceError::BadImage(format!("reading the body: {e}")))?;
+            let chunk = chunk.map_err(|e| ImageError::Bad(format!("reading the body: {e}")))?;
             total += chunk.len() as u64;
             if total > max {
-                return Err(ServiceError::ImageTooLarge(format!(
+                return Err(ImageError::TooLarge(format!(
                     "the upload is larger than this daemon's maximum of {max} bytes"
                 )));
             }
             hasher.update(&chunk);
-            file.write_all(&chunk).await.map_err(ServiceError::Upload)?;
+            file.write_all(&chunk).await.map_err(ImageError::Upload)?;
         }
-        file.flush().await.map_err(ServiceError::Upload)?;
+        file.flush().await.map_err(ImageError::Upload)?;
         drop(file);
         if total == 0 {
-            return Err(ServiceError::BadImage("the body is empty".into()));
+            return Err(ImageError::Bad("the body is empty".into()));
         }
-        let digest = hex::encode(hasher.finalize());
+        let digest =
+            sandboxd_protocol::rules::Digest::of_sha256(&hasher.finalize().into()).into_string();
         // From here on the work runs in its own task: a client hanging up must not leave an
         // unpacked image without its row (or a row-less image until the next start).
         let svc = std::sync::Arc::clone(self);
@@ -107,16 +130,16 @@ impl Service {
         total: u64,
         tenant: &str,
         name: &str,
-    ) -> Result<Image, ServiceError> {
+    ) -> Result<Image, ImageError> {
         let imported = helper_client::import_image(&*self.helper, id, digest.clone())
             .await
             .map_err(|e| match e {
                 HelperClientError::Refused(h) => match h.code {
-                    HelperErrorCode::BadImage => ServiceError::BadImage(h.message),
-                    HelperErrorCode::ImageTooLarge => ServiceError::ImageTooLarge(h.message),
-                    _ => ServiceError::Helper(HelperClientError::Refused(h)),
+                    HelperErrorCode::BadImage => ImageError::Bad(h.message),
+                    HelperErrorCode::ImageTooLarge => ImageError::TooLarge(h.message),
+                    _ => ImageError::Helper(HelperClientError::Refused(h)),
                 },
-                other => ServiceError::Helper(other),
+                other => ImageError::Helper(other),
             })?;
         drop(upload);
         let new = NewImage {
@@ -128,7 +151,7 @@ impl Service {
             entries: imported.entries,
             format: imported.format,
             layers: imported.layers,
-            created_at_ms: crate::now_unix_ms(),
+            created_at_ms: self.clock.now_unix_ms(),
         };
         let _guard = self.image_lock.write().await;
         match self.store.insert_image(&new).await {
@@ -139,39 +162,39 @@ impl Service {
                 if !self.store.digest_referenced(&digest).await? {
                     let _ = helper_client::delete_image(&*self.helper, digest).await;
                 }
-                return Err(ServiceError::ImageExists);
+                return Err(ImageError::Exists);
             }
             Err(e) => return Err(e.into()),
         }
         self.store
             .image(tenant, name)
             .await?
-            .ok_or(ServiceError::ImageNotFound)
+            .ok_or(ImageError::NotFound)
     }
 
-    pub async fn images(&self, tenant: &str) -> Result<Vec<Image>, ServiceError> {
+    pub async fn images(&self, tenant: &str) -> Result<Vec<Image>, ImageError> {
         Ok(self.store.images(tenant).await?)
     }
 
-    pub async fn image(&self, tenant: &str, name: &str) -> Result<Image, ServiceError> {
+    pub async fn image(&self, tenant: &str, name: &str) -> Result<Image, ImageError> {
         self.store
             .image(tenant, name)
             .await?
-            .ok_or(ServiceError::ImageNotFound)
+            .ok_or(ImageError::NotFound)
     }
 
     /// Delete an image name (409 while a sandbox uses it); its files go once no name is left.
-    pub async fn delete_image(&self, tenant: &str, name: &str) -> Result<(), ServiceError> {
+    pub async fn delete_image(&self, tenant: &str, name: &str) -> Result<(), ImageError> {
         let _guard = self.image_lock.write().await;
         let digest = self
             .store
             .image_digest(tenant, name)
             .await?
-            .ok_or(ServiceError::ImageNotFound)?;
+            .ok_or(ImageError::NotFound)?;
         match self.store.delete_image(tenant, name).await? {
-            None => return Err(ServiceError::ImageNotFound),
+            None => return Err(ImageError::NotFound),
             Some(0) => {}
-            Some(n) => return Err(ServiceError::ImageInUse(n)),
+            Some(n) => return Err(ImageError::InUse(n)),
         }
         if !self.store.digest_referenced(&digest).await? {
             if let Err(e) = helper_client::delete_image(&*self.helper, digest).await {
@@ -187,18 +210,18 @@ impl Service {
         &self,
         tenant: &str,
         name: &str,
-    ) -> Result<(String, tokio::sync::OwnedRwLockReadGuard<()>), ServiceError> {
+    ) -> Result<(String, tokio::sync::OwnedRwLockReadGuard<()>), SandboxError> {
         let guard = std::sync::Arc::clone(&self.image_lock).read_owned().await;
         let digest = self
             .store
             .image_digest(tenant, name)
             .await?
-            .ok_or_else(|| ServiceError::UnknownImage(name.to_owned()))?;
+            .ok_or_else(|| SandboxError::UnknownImage(name.to_owned()))?;
         Ok((digest, guard))
     }
 
     /// At start: remove uploads a crash left, and stored images no row names any more.
-    pub async fn reconcile_images(&self) -> Result<(), ServiceError> {
+    pub async fn reconcile_images(&self) -> Result<(), ImageError> {
         if let Ok(entries) = std::fs::read_dir(self.uploads_dir()) {
             for entry in entries.flatten() {
                 let _ = std::fs::remove_file(entry.path());

@@ -8,13 +8,18 @@
 //! Lifetimes (`ttl_secs`, `remove_after_exit_secs`, `/extend`) are enforced by one reaper task
 //! (see [`reaper`]) that sleeps until the earliest deadline in the store.
 
-pub mod execs;
+mod execs;
 mod files;
 mod images;
-pub mod monitor;
+mod monitor;
 mod network;
 mod reaper;
 mod watcher;
+
+pub use crate::store::ListQuery;
+pub use execs::{AttachSession, ExecError};
+pub use files::{FileError, Transfer};
+pub use images::ImageError;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -22,15 +27,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sandboxd_api::{EndReason, Info, NetworkInfo, Sandbox, SandboxState, Stats};
-use sandboxd_protocol::control::ALLOWED_SIGNALS;
 use sandboxd_protocol::layout::SandboxDir;
+use sandboxd_protocol::rules::Signal;
 use sandboxd_protocol::wire::{HelperErrorCode, Mode, SandboxStats};
 use tokio::sync::{watch, Notify, OnceCell};
 use uuid::Uuid;
 
 use crate::helper_client::{self, Helper, HelperClientError};
+use crate::lifetime::Clock;
 use crate::limits::{self, HostLimits, LimitError, LimitPolicy, Resolved};
-use crate::store::{Ending, ListQuery, NewSandbox, Store, StoreError};
+use crate::store::{Ending, NewSandbox, Store, StoreError};
 use crate::validate::ValidCreate;
 use files::spawn_request;
 use monitor::MonitorError;
@@ -41,8 +47,10 @@ const DELETE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const DESTROY_BUSY_ATTEMPTS: u32 = 60;
 const DESTROY_BUSY_PAUSE: Duration = Duration::from_millis(50);
 
+/// Why a lifecycle operation (create, start, wait, kill, delete, stats, extend) failed. Execs,
+/// files and images have their own errors ([`ExecError`], [`FileError`], [`ImageError`]).
 #[derive(Debug, thiserror::Error)]
-pub enum ServiceError {
+pub enum SandboxError {
     #[error("no such sandbox")]
     NotFound,
     #[error("the name is already taken")]
@@ -53,10 +61,6 @@ pub enum ServiceError {
     NotRunning,
     #[error("the sandbox is not in state created (it was started already)")]
     NotCreated,
-    #[error("{0}")]
-    NoFiles(String),
-    #[error("{}", .0.message)]
-    Files(sandboxd_protocol::wire::HelperError),
     #[error("signal {0:?} is not allowed")]
     BadSignal(String),
     #[error("setting up sandbox {id} failed")]
@@ -75,6 +79,14 @@ pub enum ServiceError {
     QuotaExceeded(String),
     #[error("this tenant has a memory quota: the sandbox needs limits.memory_bytes")]
     MemoryLimitRequired,
+    #[error("rootfs.image: this tenant has no image named {0:?}")]
+    UnknownImage(String),
+    #[error("{0}")]
+    NetworkUnavailable(String),
+    #[error("{0}")]
+    PortInUse(String),
+    #[error("no free address in the sandbox subnet: too many bridged sandboxes are running")]
+    NoAddress,
     #[error("store")]
     Store(#[from] StoreError),
     #[error("helper")]
@@ -83,35 +95,6 @@ pub enum ServiceError {
     Monitor(#[from] MonitorError),
     #[error("internal task failed")]
     Task(#[from] tokio::task::JoinError),
-    #[error("no such exec")]
-    ExecNotFound,
-    #[error("another connection owns the exec's stdin")]
-    StdinBusy,
-    #[error("the exec was created without stdin")]
-    NoStdin,
-    /// The exec could not join the sandbox; the detail is in its row's `error`.
-    #[error("starting exec {0} failed; its error field has the detail")]
-    ExecFailed(Uuid),
-    #[error("no such image")]
-    ImageNotFound,
-    #[error("rootfs.image: this tenant has no image named {0:?}")]
-    UnknownImage(String),
-    #[error("the image is in use by {0} sandbox(es): delete them first")]
-    ImageInUse(u64),
-    #[error("an image of that name exists already: delete it first")]
-    ImageExists,
-    #[error("{0}")]
-    BadImage(String),
-    #[error("{0}")]
-    ImageTooLarge(String),
-    #[error("storing the upload")]
-    Upload(#[source] std::io::Error),
-    #[error("{0}")]
-    NetworkUnavailable(String),
-    #[error("{0}")]
-    PortInUse(String),
-    #[error("no free address in the sandbox subnet: too many bridged sandboxes are running")]
-    NoAddress,
 }
 
 /// Which sandboxes a caller may see: a `user` token sees only its tenant's, an `admin` every one.
@@ -135,6 +118,7 @@ impl Scope {
 pub struct Service {
     store: Store,
     helper: Arc<dyn Helper>,
+    clock: Arc<dyn Clock>,
     state_dir: PathBuf,
     uid_slots: u32,
     policy: LimitPolicy,
@@ -158,6 +142,7 @@ impl Service {
     pub fn new(
         store: Store,
         helper: Arc<dyn Helper>,
+        clock: Arc<dyn Clock>,
         state_dir: &Path,
         uid_slots: u32,
         policy: LimitPolicy,
@@ -165,6 +150,7 @@ impl Service {
         Arc::new(Service {
             store,
             helper,
+            clock,
             state_dir: state_dir.to_owned(),
             uid_slots,
             policy,
@@ -184,17 +170,17 @@ impl Service {
 
     /// What the host can enforce (asked of the helper on first use; the answer does not change
     /// while the helper lives, and the daemon exits with its helper).
-    pub async fn host_limits(&self) -> Result<&HostLimits, ServiceError> {
+    pub async fn host_limits(&self) -> Result<&HostLimits, SandboxError> {
         self.host
             .get_or_try_init(|| async {
                 let info = helper_client::info(&*self.helper).await?;
-                Ok::<_, ServiceError>(HostLimits::from_info(&info))
+                Ok::<_, SandboxError>(HostLimits::from_info(&info))
             })
             .await
     }
 
     /// Ask the helper what it enforces and warn about daemon defaults that cannot apply.
-    pub async fn check_host_limits(&self) -> Result<(), ServiceError> {
+    pub async fn check_host_limits(&self) -> Result<(), SandboxError> {
         let host = self.host_limits().await?;
         tracing::info!(enforceable = ?host.enforceable, cgroup = %host.cgroup_version, "resource limits");
         for warning in self.policy.unapplied_defaults(host) {
@@ -207,8 +193,14 @@ impl Service {
         &self.state_dir
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
+    /// The clock every reading of time in the services comes from.
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        Arc::clone(&self.clock)
+    }
+
+    /// A sandbox by id, whoever owns it (for a caller that found it within its scope before).
+    pub async fn sandbox(&self, id: Uuid) -> Result<Option<Sandbox>, SandboxError> {
+        Ok(self.store.get(id).await?)
     }
 
     pub fn dir(&self, id: Uuid) -> SandboxDir {
@@ -243,7 +235,7 @@ impl Service {
     }
 
     /// Find a sandbox by id (anything that parses as a UUID) or by name, within `scope`.
-    pub async fn find(&self, scope: &Scope, id_or_name: &str) -> Result<Sandbox, ServiceError> {
+    pub async fn find(&self, scope: &Scope, id_or_name: &str) -> Result<Sandbox, SandboxError> {
         let found = match Uuid::parse_str(id_or_name) {
             Ok(id) => self.store.get_in(id, scope.tenant()).await?,
             Err(_) => {
@@ -252,10 +244,10 @@ impl Service {
                     .await?
             }
         };
-        found.ok_or(ServiceError::NotFound)
+        found.ok_or(SandboxError::NotFound)
     }
 
-    pub async fn list(&self, q: &ListQuery) -> Result<(Vec<Sandbox>, Option<i64>), ServiceError> {
+    pub async fn list(&self, q: &ListQuery) -> Result<(Vec<Sandbox>, Option<i64>), SandboxError> {
         Ok(self.store.list(q).await?)
     }
 
@@ -265,7 +257,7 @@ impl Service {
         tenant: &str,
         v: ValidCreate,
         wait: bool,
-    ) -> Result<Sandbox, ServiceError> {
+    ) -> Result<Sandbox, SandboxError> {
         let resolved = limits::resolve(&self.policy, self.host_limits().await?, &v.spec)?;
         let capabilities =
             limits::resolve_capabilities(&self.policy, v.spec.capabilities.as_ref())?;
@@ -290,7 +282,7 @@ impl Service {
         if wait && start {
             self.wait(id).await
         } else {
-            self.store.get(id).await?.ok_or(ServiceError::NotFound)
+            self.store.get(id).await?.ok_or(SandboxError::NotFound)
         }
     }
 
@@ -301,10 +293,10 @@ impl Service {
         resolved: Resolved,
         capabilities: Option<Vec<String>>,
         image: Option<(String, tokio::sync::OwnedRwLockReadGuard<()>)>,
-    ) -> Result<Uuid, ServiceError> {
+    ) -> Result<Uuid, SandboxError> {
         let id = Uuid::new_v4();
         let hostname = v.hostname_for(id);
-        let created_at_ms = crate::now_unix_ms();
+        let created_at_ms = self.clock.now_unix_ms();
         // The stored spec shows the limits in effect, daemon defaults included.
         let mut spec = v.spec.clone();
         spec.limits = resolved.limits.clone();
@@ -315,9 +307,7 @@ impl Service {
             quota_memory_default: self.policy.max_memory,
             hostname: hostname.clone(),
             created_at_ms,
-            ttl_deadline_ms: spec
-                .ttl_secs
-                .map(|t| crate::lifetime::now_ms() + secs_to_ms(t)),
+            ttl_deadline_ms: spec.ttl_secs.map(|t| self.clock.now_ms() + secs_to_ms(t)),
             remove_after_exit_ms: spec.remove_after_exit_secs.map(secs_to_ms),
             spec,
         };
@@ -328,10 +318,10 @@ impl Service {
             Err(e) => {
                 self.registry().remove(&id);
                 return Err(match e {
-                    StoreError::NameTaken => ServiceError::NameTaken,
-                    StoreError::NoCapacity => ServiceError::NoCapacity,
-                    StoreError::QuotaExceeded(m) => ServiceError::QuotaExceeded(m),
-                    StoreError::MemoryLimitRequired => ServiceError::MemoryLimitRequired,
+                    StoreError::NameTaken => SandboxError::NameTaken,
+                    StoreError::NoCapacity => SandboxError::NoCapacity,
+                    StoreError::QuotaExceeded(m) => SandboxError::QuotaExceeded(m),
+                    StoreError::MemoryLimitRequired => SandboxError::MemoryLimitRequired,
                     other => other.into(),
                 });
             }
@@ -419,7 +409,7 @@ impl Service {
         net_info: NetworkInfo,
         prepared: bool,
         result: Result<sandboxd_protocol::wire::Spawned, HelperClientError>,
-    ) -> Result<Uuid, ServiceError> {
+    ) -> Result<Uuid, SandboxError> {
         match result {
             // A port conflict on a new sandbox is answered as if it had never been asked for. A
             // created sandbox's start fails like any other failed start (below), its row kept.
@@ -435,7 +425,7 @@ impl Service {
                 }
                 let _ = self.store.delete(id).await;
                 self.notify_final(id);
-                Err(ServiceError::PortInUse(e.message))
+                Err(SandboxError::PortInUse(e.message))
             }
             Ok(spawned) => {
                 self.record_ports(id, net_info, &spawned.ports).await?;
@@ -464,10 +454,10 @@ impl Service {
                         HelperClientError::Refused(e) => e.message.clone(),
                         other => other.to_string(),
                     }),
-                    finished_at_ms: crate::now_unix_ms(),
+                    finished_at_ms: self.clock.now_unix_ms(),
                     stats: None,
                 };
-                if let Err(e) = self.store.finish(id, &end).await {
+                if let Err(e) = self.store.finish(id, &end, self.clock.now_ms()).await {
                     tracing::error!(%id, error = %e, "recording a failed spawn failed");
                 }
                 // Keep both errors: the spawn failure is reported, a cleanup failure is logged.
@@ -477,9 +467,9 @@ impl Service {
                 self.notify_final(id);
                 match source {
                     HelperClientError::Refused(e) if e.code == HelperErrorCode::PortInUse => {
-                        Err(ServiceError::PortInUse(e.message))
+                        Err(SandboxError::PortInUse(e.message))
                     }
-                    source => Err(ServiceError::SpawnFailed { id, source }),
+                    source => Err(SandboxError::SpawnFailed { id, source }),
                 }
             }
         }
@@ -491,13 +481,13 @@ impl Service {
     }
 
     /// Wait until the sandbox is final and return it.
-    pub async fn wait(&self, id: Uuid) -> Result<Sandbox, ServiceError> {
+    pub async fn wait(&self, id: Uuid) -> Result<Sandbox, SandboxError> {
         // Subscribe before reading the row, so that an exit in between is not missed.
         if let Some(mut rx) = self.subscribe(id) {
             // An error means the sender is gone, which happens only after it was set final.
             let _ = rx.wait_for(|done| *done).await;
         }
-        self.store.get(id).await?.ok_or(ServiceError::NotFound)
+        self.store.get(id).await?.ok_or(SandboxError::NotFound)
     }
 
     /// Deliver a signal (a name like `SIGTERM`/`TERM` or a number; SIGKILL when absent).
@@ -506,28 +496,30 @@ impl Service {
         scope: &Scope,
         id_or_name: &str,
         signal: Option<&str>,
-    ) -> Result<Sandbox, ServiceError> {
+    ) -> Result<Sandbox, SandboxError> {
         let signo = match signal {
-            Some(s) => parse_signal(s).ok_or_else(|| ServiceError::BadSignal(s.to_owned()))?,
-            None => 9,
+            Some(s) => Signal::parse(s)
+                .map_err(|_| SandboxError::BadSignal(s.to_owned()))?
+                .number(),
+            None => Signal::KILL.number(),
         };
         let sandbox = self.find(scope, id_or_name).await?;
         if sandbox.state != SandboxState::Running {
-            return Err(ServiceError::NotRunning);
+            return Err(SandboxError::NotRunning);
         }
         match monitor::kill(&self.dir(sandbox.id).monitor_socket(), signo).await {
             Ok(()) => {}
-            Err(MonitorError::Gone(_)) => return Err(ServiceError::NotRunning),
+            Err(MonitorError::Gone(_)) => return Err(SandboxError::NotRunning),
             Err(e) => return Err(e.into()),
         }
         self.store
             .get(sandbox.id)
             .await?
-            .ok_or(ServiceError::NotFound)
+            .ok_or(SandboxError::NotFound)
     }
 
     /// Stop (SIGKILL) if needed, remove every trace through the helper, then forget the row.
-    pub async fn delete(&self, scope: &Scope, id_or_name: &str) -> Result<(), ServiceError> {
+    pub async fn delete(&self, scope: &Scope, id_or_name: &str) -> Result<(), SandboxError> {
         let sandbox = self.find(scope, id_or_name).await?;
         let id = sandbox.id;
         if sandbox.state == SandboxState::Created {
@@ -540,7 +532,7 @@ impl Service {
             }
             tokio::time::timeout(DELETE_STOP_TIMEOUT, self.wait(id))
                 .await
-                .map_err(|_| ServiceError::StopTimeout)??;
+                .map_err(|_| SandboxError::StopTimeout)??;
         }
         // The monitor closes its socket (and so the sandbox becomes final) a moment before it
         // exits and releases the sandbox, so the helper may still answer Busy for a short while.
@@ -552,7 +544,7 @@ impl Service {
                 Err(HelperClientError::Refused(e)) if e.code == HelperErrorCode::NotFound => break,
                 Err(HelperClientError::Refused(e)) if e.code == HelperErrorCode::Busy => {
                     if attempt >= DESTROY_BUSY_ATTEMPTS {
-                        return Err(ServiceError::Busy(e.message));
+                        return Err(SandboxError::Busy(e.message));
                     }
                     tokio::time::sleep(DESTROY_BUSY_PAUSE).await;
                 }
@@ -560,13 +552,13 @@ impl Service {
             }
         }
         if !self.store.delete(id).await? {
-            return Err(ServiceError::NotFound);
+            return Err(SandboxError::NotFound);
         }
         Ok(())
     }
 
     /// What this host can do, from the helper's point of view plus the daemon's constants.
-    pub async fn info(&self) -> Result<Info, ServiceError> {
+    pub async fn info(&self) -> Result<Info, SandboxError> {
         let h = helper_client::info(&*self.helper).await?;
         Ok(Info {
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -595,7 +587,7 @@ impl Service {
     }
 
     /// Resource figures: live from the helper while the sandbox runs, the stored final ones after.
-    pub async fn stats(&self, scope: &Scope, id_or_name: &str) -> Result<Stats, ServiceError> {
+    pub async fn stats(&self, scope: &Scope, id_or_name: &str) -> Result<Stats, SandboxError> {
         let sandbox = self.find(scope, id_or_name).await?;
         let id = sandbox.id;
         if sandbox.state == SandboxState::Running {
@@ -610,7 +602,7 @@ impl Service {
                 Err(e) => return Err(e.into()),
             }
         }
-        let stored = self.store.stats(id).await?.ok_or(ServiceError::NotFound)?;
+        let stored = self.store.stats(id).await?.ok_or(SandboxError::NotFound)?;
         Ok(match stored.stats {
             Some(s) => api_stats(s),
             // Never started, still being created, or lost: only the log can be measured.
@@ -631,12 +623,12 @@ impl Service {
         scope: &Scope,
         id_or_name: &str,
         ttl_secs: u64,
-    ) -> Result<Sandbox, ServiceError> {
+    ) -> Result<Sandbox, SandboxError> {
         limits::check_ttl(&self.policy, ttl_secs)?;
         let sandbox = self.find(scope, id_or_name).await?;
-        let deadline = crate::lifetime::now_ms() + secs_to_ms(ttl_secs);
+        let deadline = self.clock.now_ms() + secs_to_ms(ttl_secs);
         if !self.store.set_ttl_deadline(sandbox.id, deadline).await? {
-            return Err(ServiceError::NotFound);
+            return Err(SandboxError::NotFound);
         }
         self.reaper_wake.notify_one();
         Ok(sandbox)
@@ -644,7 +636,7 @@ impl Service {
 
     /// Bring the store and the sandbox directories back in line after a (possibly unclean) stop:
     /// live rows get a watcher again or are marked lost, directories without a row are removed.
-    pub async fn reconcile(self: &Arc<Self>) -> Result<(), ServiceError> {
+    pub async fn reconcile(self: &Arc<Self>) -> Result<(), SandboxError> {
         let on_disk: HashSet<Uuid> = helper_client::list(&*self.helper)
             .await?
             .into_iter()
@@ -656,9 +648,11 @@ impl Service {
                 self.start_watcher(id);
             } else {
                 tracing::warn!(%id, "sandbox directory is gone; marking the sandbox lost");
-                self.store
-                    .finish(id, &lost("the sandbox directory disappeared"))
-                    .await?;
+                let why = lost(
+                    "the sandbox directory disappeared",
+                    self.clock.now_unix_ms(),
+                );
+                self.store.finish(id, &why, self.clock.now_ms()).await?;
             }
         }
         let known: HashSet<Uuid> = self.store.ids().await?.into_iter().collect();
@@ -693,14 +687,14 @@ impl Service {
     }
 }
 
-fn lost(why: &str) -> Ending {
+fn lost(why: &str, now_unix_ms: i64) -> Ending {
     Ending {
         state: SandboxState::Failed,
         exit_code: None,
         signal: None,
         reason: EndReason::Lost,
         error: Some(why.to_owned()),
-        finished_at_ms: crate::now_unix_ms(),
+        finished_at_ms: now_unix_ms,
         stats: None,
     }
 }
@@ -725,44 +719,9 @@ fn api_stats(s: SandboxStats) -> Stats {
     }
 }
 
-/// `SIGTERM`, `TERM` or `15`, limited to the signals a monitor agrees to deliver.
-pub fn parse_signal(s: &str) -> Option<i32> {
-    let n = match s.parse::<i32>() {
-        Ok(n) => n,
-        Err(_) => {
-            let upper = s.to_ascii_uppercase();
-            let name = if upper.starts_with("SIG") {
-                upper
-            } else {
-                format!("SIG{upper}")
-            };
-            name.parse::<nix::sys::signal::Signal>().ok()? as i32
-        }
-    };
-    ALLOWED_SIGNALS.contains(&n).then_some(n)
-}
-
-/// `"SIGKILL"` for 9.
-pub fn signal_name(n: i32) -> String {
-    nix::sys::signal::Signal::try_from(n)
-        .map(|s| s.as_str().to_owned())
-        .unwrap_or_else(|_| format!("SIG{n}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn signals_parse_by_name_and_number() {
-        assert_eq!(parse_signal("SIGTERM"), Some(15));
-        assert_eq!(parse_signal("term"), Some(15));
-        assert_eq!(parse_signal("9"), Some(9));
-        assert_eq!(parse_signal("SIGSEGV"), None);
-        assert_eq!(parse_signal("0"), None);
-        assert_eq!(parse_signal("bogus"), None);
-        assert_eq!(signal_name(9), "SIGKILL");
-    }
 
     #[tokio::test]
     async fn reconcile_marks_lost_rows_and_removes_orphans() {
@@ -770,7 +729,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db")).await.unwrap();
         let helper = FakeHelper::new(dir.path(), Mode::Rootless, FakeSpawn::ExitAtOnce);
-        let svc = Service::new(store.clone(), helper, dir.path(), 4, LimitPolicy::default());
+        let clock = crate::lifetime::FakeClock::at(1_000);
+        let svc = Service::new(
+            store.clone(),
+            helper,
+            clock,
+            dir.path(),
+            4,
+            LimitPolicy::default(),
+        );
         // A running row whose directory is gone, and a directory without a row.
         let spec: sandboxd_api::CreateSandbox =
             serde_json::from_value(serde_json::json!({"command": ["true"]})).unwrap();

@@ -7,17 +7,17 @@ use sandboxd_protocol::net::Subnet;
 use sandboxd_protocol::wire::{NetworkPeer, PortMapping, SpawnNetwork};
 use uuid::Uuid;
 
-use super::{Service, ServiceError};
+use super::{SandboxError, Service};
 use crate::helper_client;
 
 impl Service {
     /// The helper's subnet, when it offers bridge mode (asked once).
-    async fn bridge_subnet(&self) -> Result<Option<Subnet>, ServiceError> {
+    async fn bridge_subnet(&self) -> Result<Option<Subnet>, SandboxError> {
         self.net_subnet
             .get_or_try_init(|| async {
                 let info = helper_client::info(&*self.helper).await?;
                 let bridged = info.network_modes.iter().any(|m| m == "bridge");
-                Ok::<_, ServiceError>(
+                Ok::<_, SandboxError>(
                     info.network_subnet
                         .filter(|_| bridged)
                         .and_then(|s| Subnet::parse(&s).ok()),
@@ -28,13 +28,13 @@ impl Service {
     }
 
     /// 422 before anything is stored when this host cannot give the sandbox its network.
-    pub(super) async fn check_network(&self, spec: &CreateSandbox) -> Result<(), ServiceError> {
+    pub(super) async fn check_network(&self, spec: &CreateSandbox) -> Result<(), SandboxError> {
         let bridged = spec
             .network
             .as_ref()
             .is_some_and(|n| n.mode == NetworkMode::Bridge);
         if bridged && self.bridge_subnet().await?.is_none() {
-            return Err(ServiceError::NetworkUnavailable(
+            return Err(SandboxError::NetworkUnavailable(
                 "network.mode bridge needs the privileged helper (start sandboxd as root); \
                  this daemon runs rootless and no user-mode network stack (pasta, slirp4netns) \
                  is supported"
@@ -50,7 +50,7 @@ impl Service {
         &self,
         id: Uuid,
         spec: &CreateSandbox,
-    ) -> Result<(NetworkInfo, Option<SpawnNetwork>), ServiceError> {
+    ) -> Result<(NetworkInfo, Option<SpawnNetwork>), SandboxError> {
         let requested = spec.network.clone().unwrap_or_default();
         if requested.mode == NetworkMode::None {
             let info = NetworkInfo::default();
@@ -58,15 +58,15 @@ impl Service {
             return Ok((info, None));
         }
         let subnet = self.bridge_subnet().await?.ok_or_else(|| {
-            ServiceError::NetworkUnavailable("bridge mode is not available".into())
+            SandboxError::NetworkUnavailable("bridge mode is not available".into())
         })?;
         let (first, last) = subnet.host_range();
         let index = self
             .store
             .assign_net_index(id, first, last)
             .await?
-            .ok_or(ServiceError::NoAddress)?;
-        let address = subnet.host(index).ok_or(ServiceError::NoAddress)?;
+            .ok_or(SandboxError::NoAddress)?;
+        let address = subnet.host(index).ok_or(SandboxError::NoAddress)?;
         let peers = match &requested.group {
             Some(group) => self
                 .store
@@ -112,7 +112,7 @@ impl Service {
         id: Uuid,
         mut info: NetworkInfo,
         bound: &[PortMapping],
-    ) -> Result<(), ServiceError> {
+    ) -> Result<(), SandboxError> {
         if bound.is_empty() {
             return Ok(());
         }

@@ -1,9 +1,9 @@
 //! The reaper: one task that deletes sandboxes whose lifetime ran out.
 //!
 //! Clocks: the monitor's `timeout_secs` runs on CLOCK_MONOTONIC inside the monitor; TTL and
-//! remove-after-exit deadlines are on the lifetime clock (`crate::lifetime`: CLOCK_BOOTTIME plus
+//! remove-after-exit deadlines are on the lifetime clock (the service's `Clock`: CLOCK_BOOTTIME plus
 //! an offset kept in SQLite per boot), so a wall-clock step never moves them and they survive
-//! daemon restarts. The reaper sleeps (on tokio's monotonic timer) until the earliest deadline,
+//! daemon restarts. The reaper sleeps (the clock's `sleep_until`) until the earliest deadline,
 //! re-reads the store whenever a deadline may have moved earlier (a `Notify`: create with a TTL,
 //! an exit with `remove_after_exit_secs`, `/extend`), and never sleeps longer than
 //! [`MAX_SLEEP`]. It runs once
@@ -20,7 +20,8 @@ use std::time::Duration;
 use sandboxd_api::EndReason;
 use uuid::Uuid;
 
-use super::{Service, ServiceError};
+use super::{SandboxError, Service};
+use crate::chain;
 use crate::store::Deadline;
 
 /// Longest sleep between two looks at the store, whatever the deadlines.
@@ -36,31 +37,27 @@ impl Service {
     }
 
     async fn reaper_loop(self: Arc<Self>) {
+        let max_sleep = i64::try_from(MAX_SLEEP.as_millis()).unwrap_or(i64::MAX);
         loop {
             let next = match self.reap_due().await {
                 Ok(next) => next,
                 Err(e) => {
-                    tracing::warn!(error = %crate::api::chain(&e), "reaper: reading deadlines failed");
-                    Some(crate::lifetime::now_ms() + RETRY_MS)
+                    tracing::warn!(error = %chain(&e), "reaper: reading deadlines failed");
+                    Some(self.clock.now_ms() + RETRY_MS)
                 }
             };
-            let sleep = match next {
-                Some(at) => {
-                    let ms = (at - crate::lifetime::now_ms()).max(0);
-                    Duration::from_millis(ms as u64).min(MAX_SLEEP)
-                }
-                None => MAX_SLEEP,
-            };
+            let latest = self.clock.now_ms() + max_sleep;
+            let until = next.map_or(latest, |at| at.min(latest));
             tokio::select! {
                 _ = self.reaper_wake.notified() => {}
-                _ = tokio::time::sleep(sleep) => {}
+                _ = self.clock.sleep_until(until) => {}
             }
         }
     }
 
     /// Start removing every sandbox whose deadline has passed; returns the next deadline.
-    async fn reap_due(self: &Arc<Self>) -> Result<Option<i64>, ServiceError> {
-        let now = crate::lifetime::now_ms();
+    pub(crate) async fn reap_due(self: &Arc<Self>) -> Result<Option<i64>, SandboxError> {
+        let now = self.clock.now_ms();
         let (due, next) = self.store.deadlines(now).await?;
         for (id, which) in due {
             let fresh = self
@@ -74,12 +71,12 @@ impl Service {
             let svc = Arc::clone(self);
             tokio::spawn(async move {
                 if let Err(e) = svc.expire(id, which).await {
-                    tracing::warn!(%id, ?which, error = %crate::api::chain(&e), "reaper: removing a sandbox failed; retrying later");
-                    let later = crate::lifetime::now_ms() + RETRY_MS;
+                    tracing::warn!(%id, ?which, error = %chain(&e), "reaper: removing a sandbox failed; retrying later");
+                    let later = svc.clock.now_ms() + RETRY_MS;
                     if let Err(e) = svc.store.postpone(id, which, later).await {
                         tracing::error!(%id, error = %e, "reaper: postponing a deadline failed");
                         // Do not spin on a failing database.
-                        tokio::time::sleep(Duration::from_millis(RETRY_MS as u64)).await;
+                        svc.clock.sleep_until(later).await;
                     }
                 }
                 svc.reaping
@@ -92,7 +89,16 @@ impl Service {
         Ok(next)
     }
 
-    async fn expire(&self, id: Uuid, which: Deadline) -> Result<(), ServiceError> {
+    /// Whether the reaper is removing `id` right now.
+    #[cfg(test)]
+    pub(crate) fn is_reaping(&self, id: Uuid) -> bool {
+        self.reaping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&id)
+    }
+
+    async fn expire(&self, id: Uuid, which: Deadline) -> Result<(), SandboxError> {
         let Some(sandbox) = self.store.get(id).await? else {
             return Ok(());
         };
@@ -104,7 +110,7 @@ impl Service {
             tracing::info!(%id, ?which, "lifetime ran out; removing the sandbox");
         }
         match self.delete(&super::Scope::All, &id.to_string()).await {
-            Ok(()) | Err(ServiceError::NotFound) => Ok(()),
+            Ok(()) | Err(SandboxError::NotFound) => Ok(()),
             Err(e) => Err(e),
         }
     }

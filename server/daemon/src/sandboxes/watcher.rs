@@ -9,7 +9,7 @@ use sandboxd_protocol::status::{ExitReason, ExitStatus};
 use uuid::Uuid;
 
 use super::monitor::{self, MonitorError};
-use super::{lost, signal_name, Service};
+use super::{lost, Service};
 use crate::store::Ending;
 
 /// Attempts to reach a monitor when the error is neither "not found" nor "refused".
@@ -21,7 +21,7 @@ pub(super) async fn watch(svc: Arc<Service>, id: Uuid) {
     for attempt in 1..=CONNECT_ATTEMPTS {
         match monitor::connect(&socket).await {
             Ok(stream) => {
-                if let Err(e) = svc.store().recover_running(id, crate::now_unix_ms()).await {
+                if let Err(e) = svc.store.recover_running(id, svc.clock.now_unix_ms()).await {
                     tracing::warn!(%id, error = %e, "marking a recovered sandbox running failed");
                 }
                 // The monitor answers nothing on this connection; it closes it once the status
@@ -40,10 +40,13 @@ pub(super) async fn watch(svc: Arc<Service>, id: Uuid) {
         Some(status) => ending_of(&status),
         None => {
             tracing::warn!(%id, "monitor ended without an exit status");
-            lost("the sandbox's monitor ended without recording an exit status")
+            lost(
+                "the sandbox's monitor ended without recording an exit status",
+                svc.clock.now_unix_ms(),
+            )
         }
     };
-    if let Err(e) = svc.store().finish(id, &ending).await {
+    if let Err(e) = svc.store.finish(id, &ending, svc.clock.now_ms()).await {
         tracing::error!(%id, error = %e, "recording a sandbox exit failed");
     }
     svc.notify_final(id);
@@ -64,7 +67,7 @@ fn ending_of(status: &ExitStatus) -> Ending {
     Ending {
         state: SandboxState::Exited,
         exit_code: Some(status.exit_code),
-        signal: status.signal.map(signal_name),
+        signal: status.signal.map(sandboxd_protocol::rules::Signal::name_of),
         reason: match status.reason {
             ExitReason::Exited => EndReason::Exited,
             ExitReason::Killed => EndReason::Killed,

@@ -111,7 +111,7 @@ mod tests {
             finished_at_ms: 5,
             stats: None,
         };
-        store.finish(ids[0], &end).await.unwrap();
+        store.finish(ids[0], &end, 1).await.unwrap();
         assert_eq!(store.assign_net_index(ids[2], 2, 3).await.unwrap(), Some(2));
         let info = NetworkInfo {
             mode: sandboxd_api::NetworkMode::Bridge,
