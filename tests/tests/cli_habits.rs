@@ -3,6 +3,8 @@
 //! `logs --tail/--since`, completions, daemon errors with their code, and a taken image name
 //! answered with the daemon's 409 even for a large upload.
 
+#![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
