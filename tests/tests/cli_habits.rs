@@ -407,6 +407,27 @@ fn completions_and_a_taken_image_name_with_a_large_upload() {
         assert!(err.contains("(image_exists, HTTP 409)"), "{err}");
         assert!(!err.to_lowercase().contains("broken pipe"), "{err}");
     }
+    // On a terminal (script(1) gives it one) the import draws a bar with rate and ETA.
+    let command = format!(
+        "{} image import {} --name other",
+        binaries().join("sbx").display(),
+        big.display()
+    );
+    let mut cmd = Command::new("script");
+    cmd.args(["-qec", &command, "/dev/null"])
+        .env("SANDBOXD_URL", &d.url);
+    if let Some(token) = d.token() {
+        cmd.env("SANDBOXD_TOKEN", token);
+    }
+    let out = d.sbx_command(cmd, &[]);
+    let shown = stdout(&out);
+    assert!(
+        shown.contains("importing other") && shown.contains("ETA") && shown.contains("MiB/s"),
+        "{shown:?}"
+    );
+    if out.status.success() {
+        sbx(&d, &["image", "rm", "other"], 0);
+    }
     // The image is still the small one.
     let listed = stdout(&sbx(&d, &["image", "ls", "--json"], 0));
     let images: serde_json::Value = serde_json::from_str(&listed).unwrap();
