@@ -10,6 +10,15 @@ cd "$(dirname "$0")/.."
 export SANDBOXD_E2E_REQUIRE=1
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
+echo "== openapi.yaml is valid OpenAPI (openapi-spec-validator)"
+# Pinned; on Debian's own python3 pip refuses system-wide installs unless told to.
+osv="openapi-spec-validator==0.7.1"
+pip_install() { python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$@"; }
+if ! out="$(pip_install "$osv" 2>&1)"; then
+    grep -q externally-managed-environment <<<"$out" || { echo "$out" >&2; exit 1; }
+    pip_install --break-system-packages "$osv"
+fi
+python3 -m openapi_spec_validator openapi.yaml
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy (warnings are errors)"

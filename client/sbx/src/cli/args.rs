@@ -13,6 +13,48 @@ pub fn parse_env(arg: &str) -> Result<(String, String), String> {
     Ok((key, value))
 }
 
+/// Reads `--env-file FILE` in Docker's format (see [`parse_env_lines`]), with `KEY` alone taken
+/// from sbx's own environment.
+pub fn parse_env_file(path: &str) -> Result<Vec<(String, String)>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))?;
+    parse_env_lines(&text, |key| std::env::var(key).ok()).map_err(|e| format!("{path}: {e}"))
+}
+
+/// Docker's env-file format: one `KEY=VALUE` per line (the value taken as written, quotes and
+/// spaces included), leading whitespace ignored, blank lines and lines starting with `#`
+/// skipped, and `KEY` alone meaning the caller's value of KEY (left out when it has none).
+pub fn parse_env_lines(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Vec<(String, String)>, String> {
+    let mut vars = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim_start();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (key, value) = match line.split_once('=') {
+            Some((key, value)) => (key, Some(value.to_owned())),
+            None => (line.trim_end(), None),
+        };
+        if key.is_empty() {
+            return Err(format!("line {}: empty variable name", n + 1));
+        }
+        if key.chars().any(char::is_whitespace) {
+            return Err(format!(
+                "line {}: variable {key:?} contains whitespace",
+                n + 1
+            ));
+        }
+        if let Some(value) = value.or_else(|| lookup(key)) {
+            let (key, value) =
+                parse_env(&format!("{key}={value}")).map_err(|e| format!("line {}: {e}", n + 1))?;
+            vars.push((key, value));
+        }
+    }
+    Ok(vars)
+}
+
 /// Parses `KEY=VALUE` for `--label`.
 pub fn parse_label(arg: &str) -> Result<(String, String), String> {
     split_pair(arg)
@@ -65,6 +107,44 @@ pub fn parse_size(arg: &str) -> Result<u64, String> {
         return Err(format!("size {arg:?} is too large"));
     }
     Ok(bytes as u64)
+}
+
+/// Parses a duration for `--since`: seconds, or numbers with `s`, `m`, `h`, `d` run together
+/// (`90`, `45s`, `10m`, `1h30m`, `2d`).
+pub fn parse_duration(arg: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("invalid duration {arg:?}: expected e.g. 45s, 10m, 1h30m, 2d");
+    let t = arg.trim();
+    if t.is_empty() {
+        return Err(bad());
+    }
+    if let Ok(secs) = t.parse::<u64>() {
+        return Ok(std::time::Duration::from_secs(secs));
+    }
+    let mut secs: u64 = 0;
+    let mut number = String::new();
+    for c in t.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return Err(bad()),
+        };
+        let n: u64 = number.parse().map_err(|_| bad())?;
+        number.clear();
+        secs = n
+            .checked_mul(unit)
+            .and_then(|v| secs.checked_add(v))
+            .ok_or_else(bad)?;
+    }
+    if !number.is_empty() {
+        return Err(bad());
+    }
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 /// Parses `--cpus`: a positive, finite number of cores.
@@ -157,6 +237,39 @@ mod tests {
         assert!(parse_cpus("0").is_err());
         assert!(parse_cpus("inf").is_err());
         assert!(parse_cpus("NaN").is_err());
+    }
+
+    #[test]
+    fn env_files_read_like_docker() {
+        let text = "# a comment\n\nA=1\n  B=two words \nC=\"quoted\"\nFROM_ENV\nUNSET\nD=x=y\n";
+        let got = parse_env_lines(text, |k| (k == "FROM_ENV").then(|| "env value".to_owned()));
+        let want: Vec<(String, String)> = [
+            ("A", "1"),
+            ("B", "two words "),
+            ("C", "\"quoted\""),
+            ("FROM_ENV", "env value"),
+            ("D", "x=y"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(got, Ok(want));
+        assert!(parse_env_lines("=x\n", |_| None).is_err());
+        assert!(parse_env_lines("A B=x\n", |_| None).is_err());
+        assert!(parse_env_file("/nonexistent/env").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        let secs = |s| parse_duration(s).map(|d| d.as_secs());
+        assert_eq!(secs("90"), Ok(90));
+        assert_eq!(secs("45s"), Ok(45));
+        assert_eq!(secs("10m"), Ok(600));
+        assert_eq!(secs("1h30m"), Ok(5400));
+        assert_eq!(secs("2d"), Ok(172_800));
+        for bad in ["", "m", "10x", "1h30", "-5s", "1.5h"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ use futures_util::StreamExt;
 use sandboxd_client::{Client, Download};
 use tokio::io::AsyncReadExt;
 
+use super::progress::Progress;
 use super::{resolve, CliError};
 
 /// Bytes per piece of an upload or of a tar stream.
@@ -79,8 +80,22 @@ async fn upload(client: &Client, id: &str, local: &Path, remote: &str) -> Result
         .await
         .map_err(io("reading", local))?;
     if meta.is_dir() {
-        let body = reqwest::Body::wrap_stream(tar_stream(local.to_owned()));
-        client.put_archive(id, remote, body).await?;
+        let dir = local.to_owned();
+        let total = tokio::task::spawn_blocking(move || tar_size(&dir))
+            .await
+            .ok();
+        let progress = Progress::bytes(&format!("copying {}", local.display()), total);
+        let counted = progress.clone();
+        let pieces = tar_stream(local.to_owned()).inspect(move |piece| {
+            if let Ok(piece) = piece {
+                counted.add(piece.len() as u64);
+            }
+        });
+        let sent = client
+            .put_archive(id, remote, reqwest::Body::wrap_stream(pieces))
+            .await;
+        progress.finish();
+        sent?;
         return Ok(());
     }
     let mut remote = remote.to_owned();
@@ -106,10 +121,43 @@ async fn upload(client: &Client, id: &str, local: &Path, remote: &str) -> Result
         }
     });
     let mode = meta.permissions().mode() & 0o1777;
-    client
+    let progress = Progress::bytes(&format!("copying {}", local.display()), Some(meta.len()));
+    let counted = progress.clone();
+    let content = content.inspect(move |piece| {
+        if let Ok(piece) = piece {
+            counted.add(piece.len() as u64);
+        }
+    });
+    let sent = client
         .put_file(id, &remote, Some(mode), reqwest::Body::wrap_stream(content))
-        .await?;
+        .await;
+    progress.finish();
+    sent?;
     Ok(())
+}
+
+/// About the size of the tar stream of `dir`: a header per entry, file data in 512-byte blocks,
+/// and the two closing blocks. For the progress bar only.
+fn tar_size(dir: &Path) -> u64 {
+    let mut total = 1024;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.path().symlink_metadata() else {
+                continue;
+            };
+            total += 512;
+            if meta.is_dir() {
+                pending.push(entry.path());
+            } else if meta.is_file() {
+                total += meta.len().div_ceil(512) * 512;
+            }
+        }
+    }
+    total
 }
 
 /// A tar stream of `dir`'s contents, written by a blocking thread a piece at a time (symlinks
@@ -178,12 +226,15 @@ async fn download(client: &Client, id: &str, remote: &str, local: &Path) -> Resu
             let mut file = tokio::fs::File::create(&target)
                 .await
                 .map_err(io("creating", &target))?;
+            let progress = Progress::bytes(&format!("copying {remote}"), None);
             while let Some(piece) = content.next().await {
                 let piece = piece?;
+                progress.add(piece.len() as u64);
                 tokio::io::AsyncWriteExt::write_all(&mut file, &piece)
                     .await
                     .map_err(io("writing", &target))?;
             }
+            progress.finish();
             tokio::io::AsyncWriteExt::flush(&mut file)
                 .await
                 .map_err(io("writing", &target))?;
@@ -213,7 +264,11 @@ async fn download(client: &Client, id: &str, remote: &str, local: &Path) -> Resu
                 archive.unpack(&dest)
             });
             let mut failed = None;
+            let progress = Progress::bytes(&format!("copying {remote}"), None);
             while let Some(piece) = stream.next().await {
+                if let Ok(piece) = &piece {
+                    progress.add(piece.len() as u64);
+                }
                 let item = piece.map_err(|e| std::io::Error::other(e.to_string()));
                 let stop = item.is_err();
                 if let Err(e) = &item {
@@ -224,6 +279,7 @@ async fn download(client: &Client, id: &str, remote: &str, local: &Path) -> Resu
                 }
             }
             drop(tx);
+            progress.finish();
             let unpacked = unpack
                 .await
                 .map_err(|e| CliError::Local("unpacking".into(), std::io::Error::other(e)))?;

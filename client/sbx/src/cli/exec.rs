@@ -38,14 +38,9 @@ pub struct ExecArgs {
     cwd: Option<String>,
     /// The sandbox (id, unique id prefix, or name).
     id: String,
-    /// The command and its arguments.
-    #[arg(
-        value_name = "CMD",
-        required = true,
-        num_args = 1..,
-        trailing_var_arg = true,
-        allow_hyphen_values = true
-    )]
+    /// The command and its arguments. Options of sbx come before it (or before `--`); an
+    /// unknown option there is an error, and everything from the command on is the command's.
+    #[arg(value_name = "CMD", required = true, num_args = 1.., trailing_var_arg = true)]
     command: Vec<String>,
 }
 

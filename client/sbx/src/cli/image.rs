@@ -6,6 +6,7 @@ use clap::{Args, Subcommand};
 use sandboxd_client::Client;
 
 use super::output::{print_json, println_checked};
+use super::progress::Progress;
 use super::CliError;
 
 #[derive(Debug, Args)]
@@ -69,7 +70,13 @@ fn human(bytes: u64) -> String {
 pub async fn run(client: &Client, args: ImageArgs) -> Result<u8, CliError> {
     match args.command {
         ImageCommand::Import(args) => {
-            let image = client.import_image(&args.name, &args.file).await?;
+            let total = std::fs::metadata(&args.file).ok().map(|m| m.len());
+            let progress = Progress::bytes(&format!("importing {}", args.name), total);
+            let imported = client
+                .import_image_with_progress(&args.name, &args.file, |n| progress.add(n))
+                .await;
+            progress.finish();
+            let image = imported?;
             if args.json {
                 print_json(&image)?;
             } else {
@@ -115,7 +122,7 @@ pub async fn run(client: &Client, args: ImageArgs) -> Result<u8, CliError> {
                 match client.delete_image(name).await {
                     Ok(()) => println_checked(name)?,
                     Err(e) => {
-                        eprintln!("sbx: {name}: {e}");
+                        eprintln!("sbx: {name}: {}", super::client_error(&e));
                         failed = true;
                     }
                 }

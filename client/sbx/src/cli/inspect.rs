@@ -1,19 +1,30 @@
-//! `sbx inspect`: one sandbox as pretty JSON.
+//! `sbx inspect`: one sandbox as pretty JSON, or in a `--format` of the caller's.
 
 use clap::Args;
 use sandboxd_client::Client;
 
-use super::output::print_json;
+use super::format::Format;
+use super::output::{print_json, println_checked};
 use super::{resolve, CliError};
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
     /// Id, unique id prefix or name of the sandbox.
     id: String,
+    /// Print this instead of the JSON: a field list (`id,name,state`, tab-separated) or a
+    /// template (`{{.id}} {{.network.ports}}`), as `sbx ls --format` takes it.
+    #[arg(short, long, value_name = "FORMAT", value_parser = Format::parse)]
+    format: Option<Format>,
 }
 
 pub async fn run(client: &Client, args: InspectArgs) -> Result<u8, CliError> {
     let sandbox = resolve(client, &args.id).await?;
-    print_json(&sandbox)?;
+    match &args.format {
+        Some(format) => {
+            let value = serde_json::to_value(&sandbox).map_err(CliError::Json)?;
+            println_checked(&format.render(&value).map_err(CliError::Usage)?)?;
+        }
+        None => print_json(&sandbox)?,
+    }
     Ok(0)
 }

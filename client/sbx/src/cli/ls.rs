@@ -1,4 +1,5 @@
-//! `sbx ls`: list sandboxes as a table or as JSON.
+//! `sbx ls` (or `sbx ps`): list sandboxes as a table, as JSON, as ids only (`-q`) or in a
+//! `--format` of the caller's.
 
 use clap::Args;
 use sandboxd_api::{Sandbox, SandboxList};
@@ -6,6 +7,7 @@ use sandboxd_client::{Client, ListQuery};
 use time::OffsetDateTime;
 
 use super::args::{parse_label, StateArg};
+use super::format::Format;
 use super::output::{print_json, println_checked};
 use super::CliError;
 
@@ -24,8 +26,17 @@ pub struct LsArgs {
     #[arg(short = 'a', long)]
     all_pages: bool,
     /// Print the API's JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["quiet", "format"])]
     json: bool,
+    /// Print only the sandboxes' ids, one a line.
+    #[arg(short, long, conflicts_with = "format")]
+    quiet: bool,
+    /// One line per sandbox in this format: a field list (`id,name,state`, tab-separated) or a
+    /// template (`{{.id}} {{.state}}`). Fields are the keys of `--json`, case-insensitive,
+    /// dotted for nested ones (`spec.command`); `\t` and `\n` in a template are a tab and a
+    /// newline.
+    #[arg(long, value_name = "FORMAT", value_parser = Format::parse)]
+    format: Option<Format>,
 }
 
 pub async fn run(client: &Client, args: LsArgs) -> Result<u8, CliError> {
@@ -45,6 +56,15 @@ pub async fn run(client: &Client, args: LsArgs) -> Result<u8, CliError> {
     };
     if args.json {
         print_json(&list)?;
+    } else if args.quiet {
+        for s in &list.items {
+            println_checked(&s.id.to_string())?;
+        }
+    } else if let Some(format) = &args.format {
+        for s in &list.items {
+            let value = serde_json::to_value(s).map_err(CliError::Json)?;
+            println_checked(&format.render(&value).map_err(CliError::Usage)?)?;
+        }
     } else {
         println_checked(table(&list.items, OffsetDateTime::now_utc()).trim_end())?;
         if list.next_cursor.is_some() {

@@ -2,10 +2,12 @@
 //! pieces (errors, id resolution, copying output).
 
 mod args;
+mod completion;
 mod cp;
 mod create;
 mod exec;
 mod extend;
+mod format;
 mod image;
 mod info;
 mod inspect;
@@ -14,6 +16,7 @@ mod logs;
 mod ls;
 mod network;
 mod output;
+mod progress;
 mod rm;
 mod run;
 mod start;
@@ -66,7 +69,8 @@ pub struct Cli {
 enum Command {
     /// Create a sandbox running CMD and stream its output until it exits.
     Run(Box<run::RunArgs>),
-    /// List sandboxes.
+    /// List sandboxes (also `sbx ps`).
+    #[command(visible_alias = "ps")]
     Ls(ls::LsArgs),
     /// Show one sandbox as JSON.
     Inspect(inspect::InspectArgs),
@@ -96,6 +100,10 @@ enum Command {
     Cp(cp::CpArgs),
     /// Import, list and remove images (root filesystems for `sbx run --image`).
     Image(image::ImageArgs),
+    /// Print a shell completion script: `source <(sbx completion bash)`, or save the output of
+    /// `sbx completion zsh` as `_sbx` in a directory of `$fpath`, or of `sbx completion fish` as
+    /// `~/.config/fish/completions/sbx.fish`.
+    Completion(completion::CompletionArgs),
 }
 
 /// Why a verb failed.
@@ -152,13 +160,35 @@ impl CliError {
     }
 }
 
-/// Prints an error as one line `sbx: message: cause: cause` on stderr. A closed stdout is not
-/// worth a message: the reader went away on purpose (`sbx logs x | head`).
+/// Prints an error as one line `sbx: message: cause: cause` on stderr; a daemon's error ends
+/// with its code and HTTP status (`sbx: no sandbox named x (not_found, HTTP 404)`). A closed
+/// stdout is not worth a message: the reader went away on purpose (`sbx logs x | head`).
 pub fn report(error: &CliError) {
     if error.exit_code() == EXIT_BROKEN_PIPE {
         return;
     }
-    eprintln!("sbx: {}", error_chain(error));
+    eprintln!("sbx: {}", describe(error));
+}
+
+/// The one-line text of an error, as `report` prints it without the `sbx: ` prefix.
+pub fn describe(error: &CliError) -> String {
+    match error {
+        CliError::Client(e) => client_error(e),
+        CliError::Unauthorized(message) => format!("{message} (unauthorized, HTTP 401)"),
+        e => error_chain(e),
+    }
+}
+
+/// A client error with the daemon's code and status when it is one of the daemon's answers.
+pub fn client_error(error: &ClientError) -> String {
+    match error {
+        ClientError::Api {
+            status,
+            code,
+            message,
+        } => format!("{message} ({code}, HTTP {status})"),
+        e => error_chain(e),
+    }
 }
 
 /// The error and its causes joined by `: `, skipping a cause whose text the previous one already
@@ -181,6 +211,9 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 
 /// Runs the verb and returns the process's exit status.
 pub async fn run(cli: Cli) -> Result<u8, CliError> {
+    if let Command::Completion(args) = &cli.command {
+        return completion::run(args);
+    }
     let (client, hint) = connect(&cli)?;
     dispatch(&client, cli.command).await.map_err(|e| match e {
         CliError::Client(ClientError::Api {
@@ -275,6 +308,7 @@ async fn dispatch(client: &Client, command: Command) -> Result<u8, CliError> {
         Command::Start(args) => start::run(client, args).await,
         Command::Cp(args) => cp::run(client, args).await,
         Command::Image(args) => image::run(client, args).await,
+        Command::Completion(args) => completion::run(&args),
     }
 }
 
@@ -422,7 +456,16 @@ mod tests {
             &["run", "--memory", "lots", "--", "true"],
             &["run", "--cpus", "0", "--", "true"],
             &["run", "--pids", "0", "--", "true"],
-            &["run", "--rm", "-d", "--", "true"],
+            &["run", "-u", "1000", "--", "id"],
+            &["run", "--user", "1000", "id"],
+            &["run", "--entrypoint", "sh", "--", "id"],
+            &["run", "-p", "8080:0", "--", "true"],
+            &["run", "--env-file", "/nonexistent/sbx.env", "--", "true"],
+            &["exec", "x", "-u", "1000", "id"],
+            &["ls", "-q", "--json"],
+            &["ls", "--format", "{{.id"],
+            &["logs", "--since", "soon", "x"],
+            &["completion", "powershell"],
             &["extend", "x", "0"],
             &["extend", "x"],
             &["stats"],
@@ -434,6 +477,103 @@ mod tests {
             let err = parse(bad).expect_err(&format!("{bad:?} should not parse"));
             assert_eq!(err.exit_code(), 2, "{bad:?}");
         }
+    }
+
+    fn run_args(args: &[&str]) -> Box<run::RunArgs> {
+        match parse(args).expect("valid").command {
+            Command::Run(args) => args,
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_flags_before_the_command_are_errors() {
+        let err = parse(&["run", "-u", "1000", "--", "id"]).expect_err("-u is no sbx flag");
+        assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
+        // After the command, everything is the command's, and `--` still ends sbx's options.
+        assert_eq!(run_args(&["run", "id", "-u"]).spec().command, ["id", "-u"]);
+        assert_eq!(
+            run_args(&["run", "--", "-weird", "-u"]).spec().command,
+            ["-weird", "-u"]
+        );
+    }
+
+    #[test]
+    fn publish_is_host_then_sandbox() {
+        let ports = |args: &[&str]| {
+            run_args(args)
+                .spec()
+                .network
+                .expect("network")
+                .ports
+                .iter()
+                .map(|p| (p.host, p.sandbox))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            ports(&["run", "-p", "3000:8080", "-p", "9000", "--", "true"]),
+            [(3000, 8080), (0, 9000)]
+        );
+        assert_eq!(ports(&["run", "--publish", "0:80", "true"]), [(0, 80)]);
+    }
+
+    #[test]
+    fn detached_rm_is_removed_by_the_daemon_at_once() {
+        let args = run_args(&["run", "-d", "--rm", "--", "true"]);
+        assert!(args.detach);
+        assert_eq!(args.spec().remove_after_exit_secs, Some(1));
+        let args = run_args(&["run", "--rm", "--", "true"]);
+        assert_eq!(args.spec().remove_after_exit_secs, Some(60));
+    }
+
+    #[test]
+    fn env_files_come_before_env_flags() {
+        let path = std::env::temp_dir().join(format!("sbx-env-test-{}", std::process::id()));
+        std::fs::write(&path, "# comment\nA=from file\nB=file\n").expect("write env file");
+        let file = path.to_str().expect("utf-8 path");
+        let env = run_args(&["run", "--env-file", file, "-e", "B=flag", "--", "env"])
+            .spec()
+            .env;
+        std::fs::remove_file(&path).expect("remove env file");
+        assert_eq!(env.get("A").map(String::as_str), Some("from file"));
+        assert_eq!(env.get("B").map(String::as_str), Some("flag"));
+    }
+
+    #[test]
+    fn listing_and_logs_habits_parse() {
+        for args in [
+            &["ps"][..],
+            &["ps", "-q"],
+            &["ls", "--quiet", "--state", "running"],
+            &["ls", "--format", "id,name,state"],
+            &["ps", "--format", "{{.id}} {{.state}}"],
+            &["inspect", "-f", "{{.state}}", "x"],
+            &["inspect", "--format", "id,network.ports", "x"],
+            &["logs", "--tail", "5", "x"],
+            &["logs", "-n", "5", "-f", "--since", "10m", "x"],
+            &["completion", "bash"],
+            &["completion", "zsh"],
+            &["completion", "fish"],
+        ] {
+            parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+        assert!(matches!(
+            parse(&["ps"]).expect("valid").command,
+            Command::Ls(_)
+        ));
+    }
+
+    #[test]
+    fn api_errors_show_code_and_status() {
+        let e = CliError::Client(ClientError::Api {
+            status: 409,
+            code: "image_exists".into(),
+            message: "an image named x exists".into(),
+        });
+        assert_eq!(
+            describe(&e),
+            "an image named x exists (image_exists, HTTP 409)"
+        );
     }
 
     #[test]

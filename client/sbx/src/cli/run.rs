@@ -4,7 +4,7 @@ use clap::Args;
 use sandboxd_api::{CreateSandbox, EndReason, Limits, RootfsSpec, SandboxState};
 use sandboxd_client::Client;
 
-use super::args::{parse_cpus, parse_env, parse_label, parse_size};
+use super::args::{parse_cpus, parse_env, parse_env_file, parse_label, parse_size};
 use super::output::{copy_events, exit_status, println_checked};
 use super::{CliError, EXIT_DAEMON_ERROR};
 
@@ -16,6 +16,11 @@ pub struct RunArgs {
     /// Set an environment variable (repeatable).
     #[arg(short = 'e', long = "env", value_name = "K=V", value_parser = parse_env)]
     env: Vec<(String, String)>,
+    /// Read environment variables from FILE (repeatable), as Docker does: `KEY=VALUE` lines,
+    /// `#` comments, and `KEY` alone for the value of KEY in sbx's own environment (left out
+    /// when unset). `-e` wins over a file.
+    #[arg(long = "env-file", value_name = "FILE", value_parser = parse_env_file)]
+    env_files: Vec<Vec<(String, String)>>,
     /// Attach a label (repeatable).
     #[arg(short = 'l', long = "label", value_name = "K=V", value_parser = parse_label)]
     labels: Vec<(String, String)>,
@@ -54,8 +59,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     ttl: Option<u64>,
     /// Delete the sandbox once it exited and its output was streamed (the daemon also removes it
-    /// 60 seconds after the exit, should sbx not get to it).
-    #[arg(long, conflicts_with = "detach")]
+    /// 60 seconds after the exit, should sbx not get to it). With -d the daemon removes it one
+    /// second after it exits.
+    #[arg(long)]
     pub(super) rm: bool,
     /// Network: `none` (only loopback; the default) or `bridge` (an address, reachable by its
     /// group; implied by --group and -p).
@@ -64,9 +70,11 @@ pub struct RunArgs {
     /// Network group: sandboxes of one group reach each other by name.
     #[arg(long, value_name = "GROUP")]
     group: Option<String>,
-    /// Publish a port on the host's 127.0.0.1 (repeatable): SANDBOX_PORT:HOST_PORT, host 0 picks
-    /// a free one (`sbx inspect` shows it).
-    #[arg(short = 'p', long = "publish", value_name = "PORT:HOST", value_parser = super::network::parse_port)]
+    /// Publish a port on the host's 127.0.0.1 (repeatable): HOST_PORT:SANDBOX_PORT as in Docker,
+    /// or SANDBOX_PORT alone; host port 0 (or none) picks a free one (`sbx inspect` shows it).
+    /// Before this release sbx read it the other way round (SANDBOX:HOST): `-p 8080:0` is now
+    /// refused, write `-p 0:8080` or `-p 8080`.
+    #[arg(short = 'p', long = "publish", value_name = "HOST:SANDBOX", value_parser = super::network::parse_port)]
     publish: Vec<sandboxd_api::PortSpec>,
     /// Print the sandbox id and return at once.
     #[arg(short, long)]
@@ -77,14 +85,9 @@ pub struct RunArgs {
     /// Give the command a terminal (this one goes into raw mode and passes its size on).
     #[arg(short = 't', long, conflicts_with = "detach")]
     tty: bool,
-    /// The command and its arguments.
-    #[arg(
-        value_name = "CMD",
-        required = true,
-        num_args = 1..,
-        trailing_var_arg = true,
-        allow_hyphen_values = true
-    )]
+    /// The command and its arguments. Options of sbx come before it (or before `--`); an
+    /// unknown option there is an error, and everything from the command on is the command's.
+    #[arg(value_name = "CMD", required = true, num_args = 1.., trailing_var_arg = true)]
     command: Vec<String>,
 }
 
@@ -97,7 +100,13 @@ impl RunArgs {
     fn spec_sized(&self, size: Option<(u16, u16)>) -> CreateSandbox {
         CreateSandbox {
             command: self.command.clone(),
-            env: self.env.iter().cloned().collect(),
+            env: self
+                .env_files
+                .iter()
+                .flatten()
+                .chain(&self.env)
+                .cloned()
+                .collect(),
             cwd: self.cwd.clone(),
             hostname: self.hostname.clone(),
             name: self.name.clone(),
@@ -111,7 +120,12 @@ impl RunArgs {
                 output_bytes: self.output_limit,
             },
             ttl_secs: self.ttl,
-            remove_after_exit_secs: self.rm.then_some(RM_SAFETY_NET_SECS),
+            remove_after_exit_secs: match (self.rm, self.detach) {
+                (false, _) => None,
+                // Nobody streams a detached sandbox's output: the daemon removes it at once.
+                (true, true) => Some(DETACHED_RM_SECS),
+                (true, false) => Some(RM_SAFETY_NET_SECS),
+            },
             capabilities: None,
             nested_user_namespaces: false,
             stdin: self.interactive,
@@ -130,6 +144,9 @@ impl RunArgs {
 
 /// With `--rm`, the daemon removes the sandbox this long after its exit if sbx could not.
 const RM_SAFETY_NET_SECS: u64 = 60;
+
+/// With `-d --rm`, the daemon removes the sandbox this long after its exit (the API's least).
+const DETACHED_RM_SECS: u64 = 1;
 
 pub async fn run(client: &Client, args: RunArgs) -> Result<u8, CliError> {
     let sandbox = client.create(&args.spec()).await?;
@@ -156,7 +173,7 @@ pub async fn run(client: &Client, args: RunArgs) -> Result<u8, CliError> {
         if args.rm {
             if let Err(e) = client.delete(&id).await {
                 if !e.is_not_found() {
-                    eprintln!("sbx: removing {id}: {e}");
+                    eprintln!("sbx: removing {id}: {}", super::client_error(&e));
                 }
             }
         }
@@ -195,7 +212,8 @@ pub async fn run(client: &Client, args: RunArgs) -> Result<u8, CliError> {
             Ok(()) => {}
             Err(e) if e.is_not_found() => {}
             Err(e) => eprintln!(
-                "sbx: removing {id}: {e} (the daemon removes it {RM_SAFETY_NET_SECS}s after its exit)"
+                "sbx: removing {id}: {} (the daemon removes it {RM_SAFETY_NET_SECS}s after its exit)",
+                super::client_error(&e)
             ),
         }
     }
@@ -217,7 +235,10 @@ async fn forward_interrupts(client: Client, id: String) {
             }
         };
         if let Err(e) = client.kill(&id, Some(signal)).await {
-            eprintln!("sbx: forwarding {signal} to {id}: {e}");
+            eprintln!(
+                "sbx: forwarding {signal} to {id}: {}",
+                super::client_error(&e)
+            );
         }
     }
 }
