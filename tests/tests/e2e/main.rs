@@ -10,6 +10,7 @@ mod api;
 mod auth;
 mod browser;
 mod cli;
+mod cli_habits;
 mod exec;
 mod files;
 mod hostile;

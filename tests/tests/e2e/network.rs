@@ -572,7 +572,7 @@ fn sbx_run_publishes_and_inspect_shows_address_and_ports() {
     require_e2e!();
     let d = Daemon::start(Mode::Privileged);
     let out = d.sbx(&[
-        "run", "-d", "--name", "cli", "--net", "bridge", "--group", "g", "-p", "8080:0", "--",
+        "run", "-d", "--name", "cli", "--net", "bridge", "--group", "g", "-p", "0:8080", "--",
         "python3", "-c", SERVER, "8080",
     ]);
     assert!(out.status.success(), "{out:?}");

@@ -3,8 +3,6 @@
 //! `logs --tail/--since`, completions, daemon errors with their code, and a taken image name
 //! answered with the daemon's 409 even for a large upload.
 
-#![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -95,7 +93,7 @@ fn unknown_flags_create_nothing_and_daemon_errors_show_their_code() {
         .to_owned();
     sbx(&d, &["exec", &id, "-u", "1000", "id"], 2);
     let execs = d.get(&format!("/v1/sandboxes/{id}/execs"));
-    let execs: serde_json::Value = execs.json().unwrap();
+    let execs: serde_json::Value = execs.json();
     assert_eq!(execs["items"], serde_json::json!([]), "{execs}");
     // Flags after the command are the command's.
     let out = sbx(&d, &["exec", &id, "sh", "-c", "echo $0", "-u"], 0);
