@@ -567,7 +567,7 @@ mod tests {
     fn api_errors_show_code_and_status() {
         let e = CliError::Client(ClientError::Api {
             status: 409,
-            code: "image_exists".into(),
+            code: sandboxd_api::ErrorCode::ImageExists,
             message: "an image named x exists".into(),
         });
         assert_eq!(
