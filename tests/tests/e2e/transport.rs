@@ -142,9 +142,9 @@ fn sbx_without_any_way_in_fails_in_one_clear_line() {
         err.contains("--token") && err.contains("SANDBOXD_TOKEN"),
         "{err}"
     );
-    // With the state directory it finds admin.token by itself.
+    // Positive control: without a URL, the state directory's local socket lets it in.
     let mut cmd = Command::new(binaries().join("sbx"));
-    cmd.env("SANDBOXD_URL", &d.url)
+    cmd.env_remove("SANDBOXD_URL")
         .env_remove("SANDBOXD_TOKEN")
         .env("SANDBOXD_STATE_DIR", &d.state_dir);
     let out = d.sbx_command(cmd, &["ls"]);
@@ -154,6 +154,67 @@ fn sbx_without_any_way_in_fails_in_one_clear_line() {
         String::from_utf8_lossy(&out.stderr)
     );
     let _ = std::fs::remove_dir_all(&empty);
+}
+
+/// Issue 12, finding 5: given a URL but no token, sbx must not send the admin token it can read
+/// in a state directory to whatever server the URL names.
+#[test]
+fn sbx_never_sends_the_state_dirs_admin_token_to_a_url() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let admin = std::fs::read_to_string(d.state_dir.join("admin.token")).unwrap();
+    assert!(!admin.trim().is_empty());
+    // A server that is not the daemon: it records the request head and answers 401.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = std::thread::spawn(move || {
+        let mut heads = Vec::new();
+        listener.set_nonblocking(false).unwrap();
+        // sbx makes one request; stop after the first (or when sbx gives up and the test ends).
+        if let Ok((mut conn, _)) = listener.accept() {
+            conn.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match std::io::Read::read(&mut conn, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body = r#"{"error":{"code":"unauthorized","message":"no token"}}"#;
+            let _ = std::io::Write::write_all(
+                &mut conn,
+                format!(
+                    "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+            heads.push(String::from_utf8_lossy(&head).into_owned());
+        }
+        heads
+    });
+    let mut cmd = Command::new(binaries().join("sbx"));
+    cmd.env("SANDBOXD_URL", &url)
+        .env_remove("SANDBOXD_TOKEN")
+        .env("SANDBOXD_STATE_DIR", &d.state_dir);
+    let out = d.sbx_command(cmd, &["ls"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("--token"), "the hint names --token: {err}");
+    let heads = server.join().unwrap();
+    // The probe reached the server (so the absence below means something).
+    assert_eq!(heads.len(), 1, "sbx made no request: {err}");
+    let head = heads[0].to_ascii_lowercase();
+    assert!(head.starts_with("get /v1/sandboxes"), "{head}");
+    assert!(!head.contains("authorization"), "{head}");
+    assert!(
+        !heads[0].contains(admin.trim()),
+        "the admin token left: {}",
+        heads[0]
+    );
 }
 
 #[test]

@@ -50,7 +50,7 @@ pub struct Cli {
     url: Option<String>,
 
     /// API token (sent as a bearer token). Without it sbx uses the local unix socket, which needs
-    /// none, or reads `<state-dir>/admin.token`.
+    /// none; it never sends `<state-dir>/admin.token` to a --url.
     #[arg(long, global = true, env = "SANDBOXD_TOKEN", hide_env_values = true)]
     token: Option<String>,
 
@@ -225,7 +225,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
     })
 }
 
-/// The state directory sbx looks in for `api.sock` and `admin.token`.
+/// The state directory sbx looks in for `api.sock`.
 fn state_dir(explicit: Option<&Path>) -> PathBuf {
     if let Some(dir) = explicit {
         return dir.to_path_buf();
@@ -252,11 +252,12 @@ fn state_dir(explicit: Option<&Path>) -> PathBuf {
 }
 
 /// Token discovery: `--token`/`SANDBOXD_TOKEN`; else, without `--url`, the local unix socket
-/// (no token needed); else `<state-dir>/admin.token` if readable. Returns the client and a hint
-/// for a 401 answer.
+/// (no token needed). A token found in a state directory (`admin.token`) is never sent anywhere:
+/// it belongs to the daemon whose socket is beside it, and that socket needs no token, while a
+/// `--url` may name any server (issue 12: the CLI must not leak the admin token to it). Returns
+/// the client and a hint for a 401 answer.
 fn connect(cli: &Cli) -> Result<(Client, String), CliError> {
     let dir = state_dir(cli.state_dir.as_deref());
-    let token_file = dir.join("admin.token");
     let socket = dir.join("api.sock");
     if let Some(token) = cli.token.as_deref().filter(|t| !t.is_empty()) {
         let url = cli.url.as_deref().unwrap_or(DEFAULT_URL);
@@ -273,21 +274,19 @@ fn connect(cli: &Cli) -> Result<(Client, String), CliError> {
         ));
     }
     let url = cli.url.as_deref().unwrap_or(DEFAULT_URL);
-    let client = Client::new(url)?;
-    match std::fs::read_to_string(&token_file) {
-        Ok(token) if !token.trim().is_empty() => Ok((
-            client.with_token(token.trim()),
-            format!("the token in {} was refused", token_file.display()),
-        )),
-        _ => Ok((
-            client,
-            format!(
-                "no token: pass --token or set SANDBOXD_TOKEN; no local socket {} and no readable {}",
-                socket.display(),
-                token_file.display()
-            ),
-        )),
-    }
+    let hint = if cli.url.is_some() {
+        format!(
+            "no token: pass --token or set SANDBOXD_TOKEN (sbx never sends a state directory's \
+             admin.token to a --url; without --url it uses the local socket {})",
+            socket.display()
+        )
+    } else {
+        format!(
+            "no token: pass --token or set SANDBOXD_TOKEN; no local socket {}",
+            socket.display()
+        )
+    };
+    Ok((Client::new(url)?, hint))
 }
 
 async fn dispatch(client: &Client, command: Command) -> Result<u8, CliError> {
