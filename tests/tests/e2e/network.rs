@@ -629,7 +629,7 @@ fn a_created_sandbox_gets_its_network_at_start_and_execs_share_it() {
         .body(SERVER)
         .send();
     assert_eq!(resp.status, 204);
-    let resp = d.post(&format!("/v1/sandboxes/{id}/start"), &json!({}));
+    let resp = d.start_after_transfer(&id);
     assert_eq!(resp.status, 200, "{}", resp.body);
     assert!(
         eventually(Duration::from_secs(10), || {
