@@ -165,9 +165,7 @@ fn files_go_in_before_start_and_come_out_after_exit_byte_for_byte(mode: Mode) {
     }
 
     // Start: the command sees the files as root's, with their modes.
-    let started = d
-        .request("POST", &format!("/v1/sandboxes/{id}/start"))
-        .send();
+    let started = d.start_after_transfer(&id);
     assert_eq!(started.status, 200, "start: {}\n{}", started.body, d.log());
     let done = d.wait(&id);
     let out = String::from_utf8_lossy(&d.logs(&id, "")).into_owned();
@@ -1037,9 +1035,7 @@ fn a_created_sandbox_and_its_files_survive_a_daemon_restart() {
         ),
         b"kept\n"
     );
-    let started = d
-        .request("POST", &format!("/v1/sandboxes/{id}/start"))
-        .send();
+    let started = d.start_after_transfer(&id);
     assert_eq!(started.status, 200, "start: {}\n{}", started.body, d.log());
     let done = d.wait(&id);
     assert_eq!(done.exit_code, Some(0));

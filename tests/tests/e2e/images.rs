@@ -768,7 +768,7 @@ fn files_go_in_and_out_of_image_roots_before_start_and_after_exit(mode: Mode) {
         .body("x")
         .send();
     assert_eq!(resp.status, 400, "{mode:?}");
-    let resp = d.post(&format!("/v1/sandboxes/{id}/start"), &json!({}));
+    let resp = d.start_after_transfer(&id);
     assert_eq!(resp.status, 200, "{mode:?}");
     let done = d.wait(&id);
     assert_eq!(done.exit_code, Some(0), "{mode:?}: {}", d.log());
