@@ -388,6 +388,10 @@ fn create_hub(host: &OwnedFd, dir: &OwnedFd, path: &str) -> Result<OwnedFd, NetE
     nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(sys_err("unshare(CLONE_NEWNET)"))?;
     let result = (|| -> Result<(), NetError> {
         const SELF_NS: &CStr = c"/proc/thread-self/ns/net";
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "pinning a network namespace is a bind mount of its nsfs file"
+        )]
         nix::mount::mount(
             Some(SELF_NS),
             path,
