@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use nix::errno::Errno;
-use nix::fcntl::{openat, FlockArg, OFlag};
+use nix::fcntl::{FlockArg, OFlag};
 use nix::sys::stat::{fchmodat, fstat, mkdirat, FchmodatFlags, Mode};
 use nix::unistd::{fchownat, unlinkat, Gid, Uid, UnlinkatFlags};
 use uuid::Uuid;
@@ -87,13 +87,12 @@ fn open_fd<P: ?Sized + nix::NixPath>(
     flags: OFlag,
     mode: Mode,
 ) -> Result<OwnedFd, Errno> {
-    let fd = openat(
+    crate::sys::openat(
         dir,
         name,
         flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
         mode,
-    )?;
-    Ok(crate::sys::own_fd(fd))
+    )
 }
 
 impl SandboxesDir {

@@ -18,13 +18,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use nix::errno::Errno;
-use nix::fcntl::{openat, OFlag};
+use nix::fcntl::OFlag;
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{fstat, fstatat, Mode};
 
 use sandboxd_protocol::layout::{DISK_IMAGE, PRIVATE_DIR};
 
-use crate::sys::{self, own_fd};
+use crate::sys;
 
 /// Where mkfs.ext4 may be.
 const MKFS: &[&str] = &["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"];
@@ -69,21 +69,19 @@ pub fn attach(sandbox_dir: &OwnedFd, bytes: u64) -> Result<(), DiskError> {
     if bytes < MIN_DISK_BYTES {
         return Err(DiskError::TooSmall);
     }
-    let image = openat(
+    let image = crate::sys::openat(
         Some(sandbox_dir.as_raw_fd()),
         DISK_IMAGE,
         OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::from_bits_truncate(0o600),
     )
-    .map(own_fd)
     .map_err(sys_err("creating disk.img"))?;
     nix::unistd::ftruncate(&image, bytes as i64).map_err(sys_err("sizing disk.img"))?;
-    let control = nix::fcntl::open(
+    let control = crate::sys::open(
         "/dev/loop-control",
         OFlag::O_RDWR | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
-    .map(own_fd)
     .map_err(sys_err("opening /dev/loop-control"))?;
     // Another process may take the device we were told is free: try a few.
     let mut attached = None;
@@ -91,8 +89,7 @@ pub fn attach(sandbox_dir: &OwnedFd, bytes: u64) -> Result<(), DiskError> {
         let n =
             sys::loop_get_free(control.as_fd()).map_err(sys_err("finding a free loop device"))?;
         let path = PathBuf::from(format!("/dev/loop{n}"));
-        let dev = nix::fcntl::open(&path, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
-            .map(own_fd)
+        let dev = crate::sys::open(&path, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
             .map_err(sys_err("opening the loop device"))?;
         match sys::loop_configure(dev.as_fd(), image.as_fd()) {
             Ok(()) => {

@@ -92,7 +92,7 @@ fn run() -> Result<Never, String> {
     let config = Config::parse(args.into_iter(), euid).map_err(|e| e.to_string())?;
 
     // 4. Directories and the socket, both reached through a descriptor of the state directory.
-    let state = nix::fcntl::open(
+    let state = sys::open(
         &config.state_dir,
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
         Mode::empty(),
@@ -103,7 +103,6 @@ fn run() -> Result<Never, String> {
             config.state_dir.display()
         )
     })?;
-    let state = sys::own_fd(state);
     let sandboxes = SandboxesDir::open(&config.state_dir).map_err(|e| e.to_string())?;
     let images = image::ImageStore::open(&config.state_dir)?;
     let listener = bind_socket(&state, &config)?;
@@ -113,9 +112,10 @@ fn run() -> Result<Never, String> {
 
     // 5. Ready. Standard input may be the daemon's lifeline pipe: keep it on another descriptor.
     let lifeline = if config.exit_with_stdin {
-        let fd = nix::fcntl::fcntl(0, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))
+        let stdin = std::io::stdin();
+        let fd = sys::dup_at_least(std::os::fd::AsFd::as_fd(&stdin), 3)
             .map_err(|e| format!("keeping stdin: {e}"))?;
-        Some(sys::own_fd(fd))
+        Some(fd)
     } else {
         None
     };
@@ -168,13 +168,12 @@ fn bind_socket(state: &std::os::fd::OwnedFd, config: &Config) -> Result<UnixList
         Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
         Err(e) => return Err(format!("creating {HELPER_DIR}/: {e}")),
     }
-    let dir = nix::fcntl::openat(
+    let dir = crate::sys::openat(
         Some(state.as_raw_fd()),
         HELPER_DIR,
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
         Mode::empty(),
     )
-    .map(sys::own_fd)
     .map_err(|e| format!("opening {HELPER_DIR}/: {e}"))?;
     let st = nix::sys::stat::fstat(dir.as_raw_fd()).map_err(|e| format!("{HELPER_DIR}/: {e}"))?;
     if st.st_uid != nix::unistd::geteuid().as_raw() || st.st_mode & 0o022 != 0 {

@@ -23,7 +23,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::errno::Errno;
-use nix::fcntl::{openat, renameat, OFlag};
+use nix::fcntl::{renameat, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::sys::stat::Mode;
@@ -148,7 +148,7 @@ pub fn start(
 ) -> StartReport {
     let (report_r, report_w) =
         pipe2(OFlag::O_CLOEXEC).map_err(|e| setup_error("report pipe", e))?;
-    // SAFETY-relevant invariant: the helper is single-threaded, so forking it is sound.
+    // `fork` refuses to run unless the helper is single-threaded (it never starts a thread).
     match fork().map_err(|e| setup_error("fork", e))? {
         ForkResult::Parent { child } => {
             drop(report_w);
@@ -344,12 +344,11 @@ fn prepare_and_clone(
     // host's user namespace), so the monitor enters it for the clone and leaves it right after.
     let host_netns = match &net {
         Some(_) => Some(
-            nix::fcntl::open(
+            crate::sys::open(
                 "/proc/self/ns/net",
                 OFlag::O_RDONLY | OFlag::O_CLOEXEC,
                 Mode::empty(),
             )
-            .map(sys::own_fd)
             .map_err(|e| setup_error("opening the host's network namespace", e))?,
         ),
         None => None,
@@ -1030,13 +1029,12 @@ impl Monitor {
                 2,
                 marker.as_bytes(),
             );
-            let _ = openat(
+            let _ = crate::sys::openat(
                 Some(self.dir.as_raw_fd()),
                 OUTPUT_TRUNCATED,
                 OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
                 Mode::from_bits_truncate(0o644),
-            )
-            .map(sys::own_fd);
+            );
         }
     }
 
@@ -1227,13 +1225,13 @@ impl Monitor {
             tmp.as_str(),
             nix::unistd::UnlinkatFlags::NoRemoveDir,
         );
-        let fd = openat(
+        let fd = sys::openat(
             Some(self.dir.as_raw_fd()),
             tmp.as_str(),
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::from_bits_truncate(0o640),
         )?;
-        let mut file = File::from(sys::own_fd(fd));
+        let mut file = File::from(fd);
         nix::unistd::fchown(
             file.as_raw_fd(),
             Some(Uid::from_raw(self.daemon_uid)),

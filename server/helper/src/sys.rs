@@ -15,6 +15,47 @@ pub enum CloneResult {
     Child,
 }
 
+/// Why a process could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum ForkError {
+    /// Another thread exists (or shares this address space): the child would inherit locks held
+    /// by threads that do not exist in it, so it could deadlock or corrupt memory before exec.
+    #[error("refusing to fork a process with more than one thread")]
+    Threaded,
+    /// Flags other than `CLONE_NEW*` namespace flags were asked for.
+    #[error("clone flags {0:#x} are not namespace flags")]
+    NotNamespaceFlags(libc::c_int),
+    #[error("{0}")]
+    Sys(#[source] Errno),
+}
+
+impl From<ForkError> for Errno {
+    /// For callers that only report an errno: `EDEADLK` stands for "would deadlock".
+    fn from(e: ForkError) -> Errno {
+        match e {
+            ForkError::Threaded => Errno::EDEADLK,
+            ForkError::NotNamespaceFlags(_) => Errno::EINVAL,
+            ForkError::Sys(e) => e,
+        }
+    }
+}
+
+/// Fail unless the calling thread is the only thread of its process and shares its memory with
+/// no other task. `unshare(CLONE_VM)` checks exactly that in the kernel (unshare(2): "EINVAL ...
+/// the calling process is multithreaded") and changes nothing when it holds. One syscall, and it
+/// works where `/proc/self` does not name us (an exec's shim sits in the sandbox's mount
+/// namespace but outside its PID namespace).
+///
+/// Only the calling thread can create another thread, and it is busy here until the fork: so
+/// the answer still holds when the caller forks right after.
+pub fn check_single_threaded() -> Result<(), ForkError> {
+    match nix::sched::unshare(nix::sched::CloneFlags::CLONE_VM) {
+        Ok(()) => Ok(()),
+        Err(Errno::EINVAL) => Err(ForkError::Threaded),
+        Err(e) => Err(ForkError::Sys(e)),
+    }
+}
+
 /// `struct clone_args` of clone3(2), version 2 (88 bytes: up to the `cgroup` field).
 #[repr(C)]
 #[derive(Default)]
@@ -35,17 +76,30 @@ struct CloneArgs {
 /// clone3's CLONE_INTO_CGROUP (Linux 5.7), not in every libc crate version.
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
+/// The namespace flags `clone_into_namespaces` accepts: nothing that shares memory, files or
+/// signal handlers with the parent, so the child is a plain copy as after fork(2).
+const NAMESPACE_FLAGS: libc::c_int = libc::CLONE_NEWNS
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUSER
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWCGROUP;
+
 /// clone3 with fork semantics (the child continues on a copy of the caller's stack) into the new
-/// namespaces named by `ns_flags`, returning a pidfd for the child in the parent.
-///
-/// The caller must be single-threaded: like fork, only the calling thread exists in the child.
+/// namespaces named by `ns_flags` (only `CLONE_NEW*` flags), returning a pidfd for the child in
+/// the parent. Refuses, like [`fork`], to run in a process with more than one thread.
 ///
 /// With `cgroup` (a cgroup v2 directory), the child is born in that cgroup (CLONE_INTO_CGROUP):
 /// no instant of it runs outside its limits.
 pub fn clone_into_namespaces(
     ns_flags: libc::c_int,
     cgroup: Option<BorrowedFd<'_>>,
-) -> Result<CloneResult, Errno> {
+) -> Result<CloneResult, ForkError> {
+    if ns_flags & !NAMESPACE_FLAGS != 0 {
+        return Err(ForkError::NotNamespaceFlags(ns_flags));
+    }
+    check_single_threaded()?;
     let mut pidfd: libc::c_int = -1;
     let mut args = CloneArgs {
         flags: ns_flags as u64 | libc::CLONE_PIDFD as u64,
@@ -59,7 +113,8 @@ pub fn clone_into_namespaces(
     }
     // SAFETY: `args` is a valid clone_args of the size we pass, `pidfd` outlives the call, and no
     // stack is given, so the child runs on a copy of this stack exactly as after fork(2). The
-    // callers are single-threaded processes (the monitor), so no lock can be held by a thread that
+    // flags are namespace flags only (checked above: no CLONE_VM, CLONE_FILES, CLONE_THREAD...),
+    // and this process was just found single-threaded, so no lock can be held by a thread that
     // does not exist in the child.
     let ret = unsafe {
         libc::syscall(
@@ -69,7 +124,7 @@ pub fn clone_into_namespaces(
         )
     };
     match ret {
-        -1 => Err(Errno::last()),
+        -1 => Err(ForkError::Sys(Errno::last())),
         0 => Ok(CloneResult::Child),
         pid => Ok(CloneResult::Parent {
             child: Pid::from_raw(pid as libc::pid_t),
@@ -77,6 +132,16 @@ pub fn clone_into_namespaces(
             pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
         }),
     }
+}
+
+/// fork(2), refused (with [`ForkError::Threaded`]) unless the caller is single-threaded, which
+/// is what makes it sound: the child then inherits no lock held by a thread it does not have.
+/// The helper never starts a thread; neither do its forked children.
+pub fn fork() -> Result<nix::unistd::ForkResult, ForkError> {
+    check_single_threaded()?;
+    // SAFETY: this process was just found to have one thread (and that thread is here), so the
+    // child cannot inherit a lock held by another thread.
+    unsafe { nix::unistd::fork() }.map_err(ForkError::Sys)
 }
 
 /// Send a signal to the process a pidfd refers to (never to a recycled pid).
@@ -190,26 +255,83 @@ pub fn reset_signal(signal: nix::sys::signal::Signal) -> Result<(), Errno> {
     unsafe { nix::sys::signal::sigaction(signal, &default) }.map(drop)
 }
 
-/// Wrap a descriptor number that the caller owns and nothing else will close.
-pub fn own_fd(fd: RawFd) -> OwnedFd {
-    // SAFETY: callers pass descriptors freshly returned by a successful open/accept/dup that no
-    // other object owns.
+/// Wrap a descriptor number in an `OwnedFd`, which closes it when dropped.
+///
+/// # Safety
+/// `fd` must be open, and nothing else may own it: no other `OwnedFd`, `File` or socket object
+/// closes it, now or later. (The wrappers below return `OwnedFd`s straight from the syscall, so
+/// callers rarely need this.)
+pub unsafe fn own_fd(fd: RawFd) -> OwnedFd {
+    // SAFETY: the caller promises that `fd` is open and owned by nothing else.
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
-/// Borrow a descriptor number that stays open for the rest of the process (used only in a
-/// command's process between fork and exec, where descriptors are managed by number).
-pub fn borrow_fd(fd: RawFd) -> BorrowedFd<'static> {
-    // SAFETY: callers pass descriptors they keep open until exec or _exit.
-    unsafe { BorrowedFd::borrow_raw(fd) }
+/// `open(2)`, returning the new descriptor owned (close-on-exec is the caller's flag to pass).
+pub fn open<P: ?Sized + nix::NixPath>(
+    path: &P,
+    flags: nix::fcntl::OFlag,
+    mode: nix::sys::stat::Mode,
+) -> Result<OwnedFd, Errno> {
+    let fd = nix::fcntl::open(path, flags, mode)?;
+    // SAFETY: a successful open returns a new descriptor that nothing else owns.
+    Ok(unsafe { own_fd(fd) })
 }
 
-/// fork(2). Only ever called from single-threaded processes: the helper (which never starts a
-/// thread), the intermediate process and init.
-pub fn fork() -> Result<nix::unistd::ForkResult, Errno> {
-    // SAFETY: every caller is single-threaded (see above), so the child cannot inherit a lock
-    // held by another thread, and the child only runs our own code until it execs or exits.
-    unsafe { nix::unistd::fork() }
+/// `openat(2)` relative to `dir` (`None`: the working directory), returning the new descriptor
+/// owned. A wrong `dir` number makes the call fail or resolve elsewhere, never unsound.
+pub fn openat<P: ?Sized + nix::NixPath>(
+    dir: Option<RawFd>,
+    path: &P,
+    flags: nix::fcntl::OFlag,
+    mode: nix::sys::stat::Mode,
+) -> Result<OwnedFd, Errno> {
+    let fd = nix::fcntl::openat(dir, path, flags, mode)?;
+    // SAFETY: a successful openat returns a new descriptor that nothing else owns.
+    Ok(unsafe { own_fd(fd) })
+}
+
+/// `openat2(2)` relative to `dir`, returning the new descriptor owned.
+pub fn openat2<P: ?Sized + nix::NixPath>(
+    dir: RawFd,
+    path: &P,
+    how: nix::fcntl::OpenHow,
+) -> Result<OwnedFd, Errno> {
+    let fd = nix::fcntl::openat2(dir, path, how)?;
+    // SAFETY: a successful openat2 returns a new descriptor that nothing else owns.
+    Ok(unsafe { own_fd(fd) })
+}
+
+/// A close-on-exec duplicate of `fd` numbered `min` or above (`F_DUPFD_CLOEXEC`).
+pub fn dup_at_least(fd: BorrowedFd<'_>, min: RawFd) -> Result<OwnedFd, Errno> {
+    let new = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))?;
+    // SAFETY: a successful F_DUPFD_CLOEXEC returns a new descriptor that nothing else owns.
+    Ok(unsafe { own_fd(new) })
+}
+
+/// Receive one message of at most `buf.len()` bytes and up to `N` descriptors (SCM_RIGHTS,
+/// close-on-exec) on a unix socket: the number of bytes and the descriptors, owned.
+pub fn recv_with_fds<const N: usize>(
+    socket: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> Result<(usize, Vec<OwnedFd>), Errno> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut space = nix::cmsg_space!([RawFd; N]);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            // SAFETY: descriptors received with SCM_RIGHTS are new in this process; nothing
+            // else owns them.
+            fds.extend(received.into_iter().map(|fd| unsafe { own_fd(fd) }));
+        }
+    }
+    Ok((msg.bytes, fds))
 }
 
 /// Unlock the slave of a pseudo-terminal master (`unlockpt`), so that it can be opened.
@@ -287,7 +409,8 @@ pub fn open_tree_clone(dir: BorrowedFd<'_>, path: &std::ffi::CStr) -> Result<Own
             OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
         )
     };
-    Errno::result(ret).map(|fd| own_fd(fd as RawFd))
+    // SAFETY: on success open_tree returned a new descriptor that nothing else owns.
+    Errno::result(ret).map(|fd| unsafe { own_fd(fd as RawFd) })
 }
 
 /// Make the detached mount `tree` idmapped through the user namespace `userns` (and add the
@@ -388,4 +511,68 @@ pub fn loop_configure(dev: BorrowedFd<'_>, backing: BorrowedFd<'_>) -> Result<()
         )
     };
     Errno::result(ret).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fork_is_refused_while_another_thread_exists() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        #[allow(clippy::disallowed_methods, reason = "the test needs a second thread")]
+        let other = std::thread::spawn(move || rx.recv());
+        assert!(matches!(check_single_threaded(), Err(ForkError::Threaded)));
+        assert!(matches!(fork(), Err(ForkError::Threaded)));
+        assert!(matches!(
+            clone_into_namespaces(0, None),
+            Err(ForkError::Threaded)
+        ));
+        tx.send(()).unwrap();
+        other.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn clone_takes_namespace_flags_only() {
+        assert!(matches!(
+            clone_into_namespaces(libc::CLONE_VM, None),
+            Err(ForkError::NotNamespaceFlags(_))
+        ));
+        assert!(matches!(
+            clone_into_namespaces(libc::CLONE_NEWPID | libc::CLONE_FILES, None),
+            Err(ForkError::NotNamespaceFlags(_))
+        ));
+    }
+
+    #[test]
+    fn received_descriptors_are_owned() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsFd;
+        use std::os::unix::net::UnixStream;
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut r, mut w) = UnixStream::pair().unwrap();
+        let fds = [r.as_raw_fd()];
+        nix::sys::socket::sendmsg::<()>(
+            a.as_raw_fd(),
+            &[std::io::IoSlice::new(b"ok\n")],
+            &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+            nix::sys::socket::MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        let mut buf = [0u8; 8];
+        let (len, received) = recv_with_fds::<2>(b.as_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..len], b"ok\n");
+        assert_eq!(received.len(), 1);
+        let mut copy = std::fs::File::from(received.into_iter().next().unwrap());
+        w.write_all(b"x").unwrap();
+        let mut byte = [0u8; 1];
+        copy.read_exact(&mut byte).unwrap();
+        assert_eq!(&byte, b"x");
+        drop(copy);
+        // The original end still works: the received copy was a new descriptor.
+        w.write_all(b"y").unwrap();
+        r.read_exact(&mut byte).unwrap();
+        assert_eq!(&byte, b"y");
+    }
 }

@@ -19,7 +19,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{IoSlice, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
 use nix::errno::Errno;
@@ -64,8 +64,8 @@ pub struct ShimFds {
     pub sandbox: OwnedFd,
     /// The sandbox's user namespace and its other namespaces (inherited from the monitor,
     /// which keeps them open; see `exec::Namespaces`).
-    pub user_ns: RawFd,
-    pub other_ns: Vec<RawFd>,
+    pub user_ns: OwnedFd,
+    pub other_ns: Vec<OwnedFd>,
     /// Write end of the status pipe to the monitor.
     pub status: OwnedFd,
     /// Without a terminal: stdin (read end, or `None` for the sandbox's /dev/null), stdout and
@@ -80,7 +80,7 @@ pub struct ShimFds {
 /// Run as the monitor's forked child. Never returns.
 pub fn run_shim(plan: &Plan, fds: ShimFds) -> ! {
     let keep: Vec<RawFd> = [
-        Some(fds.user_ns),
+        Some(fds.user_ns.as_raw_fd()),
         Some(fds.sandbox.as_raw_fd()),
         Some(fds.status.as_raw_fd()),
         fds.stdin.as_ref().map(|f| f.as_raw_fd()),
@@ -90,13 +90,13 @@ pub fn run_shim(plan: &Plan, fds: ShimFds) -> ! {
     ]
     .into_iter()
     .flatten()
-    .chain(fds.other_ns.iter().copied())
+    .chain(fds.other_ns.iter().map(|f| f.as_raw_fd()))
     .collect();
     if crate::fds::close_all_except(&keep).is_err() {
         sys::exit_now(1);
     }
     let mut status = File::from(fds.status);
-    let joined = join(plan, fds.sandbox, fds.user_ns, &fds.other_ns);
+    let joined = join(plan, fds.sandbox, fds.user_ns, fds.other_ns);
     let stdio = joined.and_then(|filters| {
         let stdio = match plan.tty {
             Some((cols, rows)) => {
@@ -161,8 +161,8 @@ pub fn run_shim(plan: &Plan, fds: ShimFds) -> ! {
 fn join(
     plan: &Plan,
     sandbox: OwnedFd,
-    user_ns: RawFd,
-    other_ns: &[RawFd],
+    user_ns: OwnedFd,
+    other_ns: Vec<OwnedFd>,
 ) -> Result<&'static Filters, String> {
     fn err(what: &'static str) -> impl Fn(Errno) -> String {
         move |e| format!("{what}: {e}")
@@ -190,21 +190,17 @@ fn join(
     // (the sandbox has no CAP_NET_ADMIN over it), so only host root may join it: now, before
     // the user namespace. (`CLONE_NEWNET` makes setns refuse every other kind with EINVAL; in
     // rootless mode the network namespace is the sandbox's own and is joined below.)
-    let early: Vec<RawFd> = other_ns
-        .iter()
-        .copied()
-        .filter(|fd| nix::sched::setns(sys::borrow_fd(*fd), CloneFlags::CLONE_NEWNET).is_ok())
-        .collect();
+    let (_early, late): (Vec<OwnedFd>, Vec<OwnedFd>) = other_ns
+        .into_iter()
+        .partition(|fd| nix::sched::setns(fd, CloneFlags::CLONE_NEWNET).is_ok());
     // The user namespace next: it grants the capabilities that joining the others needs.
-    nix::sched::setns(sys::borrow_fd(user_ns), CloneFlags::CLONE_NEWUSER)
+    nix::sched::setns(&user_ns, CloneFlags::CLONE_NEWUSER)
         .map_err(err("joining the user namespace"))?;
-    for fd in other_ns.iter().filter(|fd| !early.contains(fd)) {
-        nix::sched::setns(sys::borrow_fd(*fd), CloneFlags::empty())
-            .map_err(err("joining a namespace"))?;
+    for fd in &late {
+        nix::sched::setns(fd, CloneFlags::empty()).map_err(err("joining a namespace"))?;
     }
-    for fd in other_ns.iter().chain([&user_ns]) {
-        let _ = nix::unistd::close(*fd);
-    }
+    // The descriptors close here (`_early`, `late` and `user_ns` drop): joined, not needed.
+    drop((late, user_ns));
     become_root(plan.ids).map_err(|e| e.to_string())?;
     harden::apply(&plan.capabilities).map_err(|e| e.to_string())?;
     seccomp::precompiled(plan.nested_user_namespaces).map_err(|e| e.to_string())
@@ -228,12 +224,11 @@ pub(crate) fn open_pty(cols: u16, rows: u16, socket: BorrowedFd<'_>) -> Result<O
     }
     // O_NOFOLLOW and O_NONBLOCK: whatever the sandbox put in its /dev, this neither follows a
     // link nor blocks on a fifo; the checks below refuse anything but a devpts multiplexer.
-    let master = nix::fcntl::open(
+    let master = crate::sys::open(
         "/dev/pts/ptmx",
         OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK,
         Mode::empty(),
     )
-    .map(sys::own_fd)
     .map_err(err("opening /dev/pts/ptmx"))?;
     let st = fstat(master.as_raw_fd()).map_err(err("fstat of the pty master"))?;
     let is_ptmx = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFCHR
@@ -261,36 +256,38 @@ pub(crate) fn open_pty(cols: u16, rows: u16, socket: BorrowedFd<'_>) -> Result<O
 /// Make `stdio` descriptors 0, 1 and 2 of a session leader (a terminal also becomes its
 /// controlling terminal). The originals stay open (close-on-exec) until the caller closes them.
 pub(crate) fn wire_stdio(stdio: Stdio) -> Result<(), Errno> {
-    // Move the descriptors above 10 first, so the dup2s cannot clobber one another.
-    let high = |fd: OwnedFd| -> RawFd {
-        let raw = fd.into_raw_fd();
-        nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10)).unwrap_or(raw)
-    };
+    // Move the descriptors above 10 first, so the dup2s cannot clobber one another (the
+    // originals close as they are replaced; the high copies close on return, once 0, 1 and 2
+    // are set).
+    let high = |fd: OwnedFd| sys::dup_at_least(fd.as_fd(), 10);
     match stdio {
         Stdio::Tty(slave) => {
-            let slave = high(slave);
-            sys::set_controlling_tty(sys::borrow_fd(slave))
-                .and_then(|()| dup2(slave, 0))
-                .and_then(|_| dup2(slave, 1))
-                .and_then(|_| dup2(slave, 2))
-                .map(drop)
+            let slave = high(slave)?;
+            sys::set_controlling_tty(slave.as_fd())?;
+            for target in 0..=2 {
+                dup2(slave.as_raw_fd(), target)?;
+            }
+            Ok(())
         }
         Stdio::Pipes {
             stdin,
             stdout,
             stderr,
         } => {
-            let (out, err) = (high(stdout), high(stderr));
+            let (out, err) = (high(stdout)?, high(stderr)?);
             // Without stdin: the sandbox's own /dev/null (no host descriptor crosses over).
             let input = match stdin {
-                Some(fd) => Ok(high(fd)),
-                None => nix::fcntl::open("/dev/null", OFlag::O_RDONLY, Mode::empty()),
+                Some(fd) => high(fd)?,
+                None => sys::open(
+                    "/dev/null",
+                    OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )?,
             };
-            input
-                .and_then(|fd| dup2(fd, 0))
-                .and_then(|_| dup2(out, 1))
-                .and_then(|_| dup2(err, 2))
-                .map(drop)
+            dup2(input.as_raw_fd(), 0)?;
+            dup2(out.as_raw_fd(), 1)?;
+            dup2(err.as_raw_fd(), 2)?;
+            Ok(())
         }
     }
 }

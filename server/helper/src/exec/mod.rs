@@ -16,16 +16,15 @@ pub mod join;
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{IoSliceMut, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::fcntl::{openat, renameat, OFlag};
+use nix::fcntl::{renameat, OFlag};
 use nix::poll::{PollFd, PollFlags};
-use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use nix::sys::stat::{mkdirat, Mode};
 use nix::sys::wait::waitpid;
 use nix::unistd::{pipe2, Gid, Pid, Uid};
@@ -99,12 +98,11 @@ impl Namespaces {
     /// Open the namespaces of `child` (a clone that has not run its own code yet).
     pub fn open(child: Pid, late_cgroup: bool) -> Result<Namespaces, String> {
         let open = |name: &str| {
-            nix::fcntl::open(
+            crate::sys::open(
                 format!("/proc/{child}/ns/{name}").as_str(),
                 OFlag::O_RDONLY | OFlag::O_CLOEXEC,
                 Mode::empty(),
             )
-            .map(sys::own_fd)
             .map_err(|e| format!("opening the sandbox's {name} namespace: {e}"))
         };
         let mut names = vec!["mnt", "pid", "uts", "ipc", "net"];
@@ -386,7 +384,7 @@ impl Execs {
         let plan = self.plan(&req)?;
         let dir = create_exec_dir(sandbox.dir, req.id)?;
         let daemon_file = |name: &str| -> Result<File, String> {
-            let fd = openat(
+            let fd = crate::sys::openat(
                 Some(dir.as_raw_fd()),
                 name,
                 OFlag::O_WRONLY
@@ -397,7 +395,6 @@ impl Execs {
                     | OFlag::O_CLOEXEC,
                 Mode::from_bits_truncate(0o640),
             )
-            .map(sys::own_fd)
             .map_err(|e| format!("creating {name}: {e}"))?;
             nix::unistd::fchown(
                 fd.as_raw_fd(),
@@ -418,14 +415,14 @@ impl Execs {
             .map_err(|e| format!("duplicating the pidfd: {e}"))?;
         let mut fds = join::ShimFds {
             sandbox: sandbox_pidfd,
-            user_ns: self.ctx.namespaces.user.as_raw_fd(),
+            user_ns: dup_ns(&self.ctx.namespaces.user)?,
             other_ns: self
                 .ctx
                 .namespaces
                 .others
                 .iter()
-                .map(|f| f.as_raw_fd())
-                .collect(),
+                .map(dup_ns)
+                .collect::<Result<_, _>>()?,
             status: status_w,
             stdin: None,
             stdout: None,
@@ -864,7 +861,7 @@ impl Exec {
         };
         let bytes = serde_json::to_vec(&status).map_err(|_| Errno::EINVAL)?;
         let tmp = format!("{STATUS_FILE}.tmp");
-        let fd = openat(
+        let fd = sys::openat(
             Some(self.dir.as_raw_fd()),
             tmp.as_str(),
             OFlag::O_WRONLY
@@ -874,7 +871,7 @@ impl Exec {
                 | OFlag::O_CLOEXEC,
             Mode::from_bits_truncate(0o640),
         )?;
-        let mut file = File::from(sys::own_fd(fd));
+        let mut file = File::from(fd);
         nix::unistd::fchown(
             file.as_raw_fd(),
             Some(Uid::from_raw(daemon_uid)),
@@ -899,13 +896,12 @@ fn create_exec_dir(sandbox: BorrowedFd<'_>, id: Uuid) -> Result<OwnedFd, String>
         Err(e) => return Err(format!("creating {EXECS_DIR}/: {e}")),
     }
     let open_dir = |parent: BorrowedFd<'_>, name: &str| {
-        openat(
+        crate::sys::openat(
             Some(parent.as_raw_fd()),
             name,
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         )
-        .map(sys::own_fd)
         .map_err(|e| format!("opening {name}: {e}"))
     };
     let execs = open_dir(sandbox, EXECS_DIR)?;
@@ -921,6 +917,12 @@ fn create_exec_dir(sandbox: BorrowedFd<'_>, id: Uuid) -> Result<OwnedFd, String>
     Ok(dir)
 }
 
+/// The shim's own copy of a namespace descriptor (it closes it once joined).
+fn dup_ns(fd: &OwnedFd) -> Result<OwnedFd, String> {
+    fd.try_clone()
+        .map_err(|e| format!("duplicating a namespace descriptor: {e}"))
+}
+
 /// Receive the pty master a shim sends (it does so right after joining the sandbox).
 pub(crate) fn receive_master(socket: &UnixStream) -> Result<File, String> {
     let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
@@ -930,30 +932,10 @@ pub(crate) fn receive_master(socket: &UnixStream) -> Result<File, String> {
         Err(e) => return Err(format!("waiting for the terminal: {e}")),
     }
     let mut byte = [0u8; 1];
-    let mut iov = [IoSliceMut::new(&mut byte)];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let msg = recvmsg::<()>(
-        socket.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(|e| format!("receiving the terminal: {e}"))?;
-    let mut received = None;
-    for cmsg in msg
-        .cmsgs()
-        .map_err(|e| format!("receiving the terminal: {e}"))?
-    {
-        if let ControlMessageOwned::ScmRights(fds) = cmsg {
-            for fd in fds {
-                let owned = sys::own_fd(fd);
-                if received.is_none() {
-                    received = Some(owned);
-                }
-            }
-        }
-    }
-    received
+    let (_, fds) = sys::recv_with_fds::<1>(socket.as_fd(), &mut byte)
+        .map_err(|e| format!("receiving the terminal: {e}"))?;
+    fds.into_iter()
+        .next()
         .map(File::from)
         .ok_or_else(|| "the shim sent no terminal".into())
 }

@@ -202,13 +202,12 @@ fn open_same(
     flags: OFlag,
     listed: &FileStat,
 ) -> Result<OwnedFd, Errno> {
-    let fd = nix::fcntl::openat(
+    let fd = crate::sys::openat(
         Some(dir),
         name,
         flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
         Mode::empty(),
-    )
-    .map(crate::sys::own_fd)?;
+    )?;
     let st = fstat(fd.as_raw_fd())?;
     if (st.st_dev, st.st_ino) != (listed.st_dev, listed.st_ino)
         || st.st_mode & libc::S_IFMT != listed.st_mode & libc::S_IFMT
@@ -329,7 +328,7 @@ pub fn extract(target: &OwnedFd, input: &mut impl Read) -> Result<(), HelperErro
                         "archive entry {shown:?} is a directory here"
                     )));
                 }
-                let fd = nix::fcntl::openat(
+                let fd = crate::sys::openat(
                     Some(dir.as_raw_fd()),
                     name,
                     OFlag::O_WRONLY
@@ -339,7 +338,6 @@ pub fn extract(target: &OwnedFd, input: &mut impl Read) -> Result<(), HelperErro
                         | OFlag::O_CLOEXEC,
                     Mode::from_bits_truncate(0o600),
                 )
-                .map(crate::sys::own_fd)
                 .map_err(at)?;
                 let mut file = File::from(fd);
                 io::copy(&mut entry, &mut file).map_err(bad)?;

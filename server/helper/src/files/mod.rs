@@ -128,7 +128,7 @@ pub fn start(helper: &Helper, req: &FilesRequest, conn: &UnixStream) -> Result<(
         HelperError::new(HelperErrorCode::SetupFailed, format!("{step}: {e}"))
     };
     // SAFETY-relevant invariant: the helper is single-threaded, so forking it is sound.
-    match sys::fork().map_err(|e| setup("fork", e))? {
+    match sys::fork().map_err(|e| setup("fork", e.into()))? {
         ForkResult::Parent { child } => {
             // The fork exits as soon as the worker has its maps.
             let _ = nix::sys::wait::waitpid(child, None);
@@ -153,18 +153,17 @@ pub fn start(helper: &Helper, req: &FilesRequest, conn: &UnixStream) -> Result<(
 /// monitor holds it: the sandbox is being started. (A raw flock: it must stay with the worker's
 /// inherited copy of the descriptor when the helper closes its own.)
 fn share_monitor_lock(helper: &Helper, id: uuid::Uuid) -> Result<OwnedFd, HelperError> {
-    use nix::fcntl::{openat, FlockArg, OFlag};
+    use nix::fcntl::{FlockArg, OFlag};
     let dir = helper
         .sandboxes
         .open_dir(id)
         .map_err(crate::server::dir_error)?;
-    let lock = openat(
+    let lock = crate::sys::openat(
         Some(dir.as_raw_fd()),
         sandboxd_protocol::layout::MONITOR_LOCK,
         OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
         nix::sys::stat::Mode::empty(),
     )
-    .map(sys::own_fd)
     .map_err(|e| {
         HelperError::new(
             HelperErrorCode::SetupFailed,
@@ -195,7 +194,6 @@ pub(crate) fn send(conn: &UnixStream, response: &Response) {
 /// Ask the sandbox's monitor for init's user and mount namespaces (`ns` on its control socket).
 /// `None` when no monitor answers: the sandbox is not running.
 fn running_namespaces(helper: &Helper, id: uuid::Uuid) -> Option<[OwnedFd; 2]> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     let dir = helper.sandboxes.open_dir(id).ok()?;
     // Through the directory's descriptor: the helper's own directory, which nobody can swap.
     let path = format!(
@@ -210,25 +208,8 @@ fn running_namespaces(helper: &Helper, id: uuid::Uuid) -> Option<[OwnedFd; 2]> {
         .write_all(format!("{}\n", sandboxd_protocol::control::NAMESPACES).as_bytes())
         .ok()?;
     let mut buf = [0u8; 64];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
-    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-    let msg = recvmsg::<()>(
-        stream.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .ok()?;
-    let mut fds: Vec<OwnedFd> = Vec::new();
-    for cmsg in msg.cmsgs().ok()? {
-        if let ControlMessageOwned::ScmRights(received) = cmsg {
-            fds.extend(received.into_iter().map(sys::own_fd));
-        }
-    }
-    let answered_ok = msg
-        .iovs()
-        .next()
-        .is_some_and(|data| data.starts_with(b"ok\n"));
+    let (len, mut fds) = sys::recv_with_fds::<2>(stream.as_fd(), &mut buf).ok()?;
+    let answered_ok = buf[..len].starts_with(b"ok\n");
     if !answered_ok || fds.len() != 2 {
         return None;
     }

@@ -12,7 +12,7 @@
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
-use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{fstat, FileStat, Mode};
 use sandboxd_protocol::wire::{HelperError, HelperErrorCode};
 
@@ -94,9 +94,9 @@ pub fn open2<P: ?Sized + nix::NixPath>(
     resolve: ResolveFlag,
 ) -> Result<OwnedFd, Errno> {
     if path.is_empty() {
-        return openat2(dir, ".", how(flags, resolve)).map(sys::own_fd);
+        return crate::sys::openat2(dir, ".", how(flags, resolve));
     }
-    openat2(dir, path, how(flags, resolve)).map(sys::own_fd)
+    crate::sys::openat2(dir, path, how(flags, resolve))
 }
 
 /// Mount id of an open descriptor.
@@ -115,12 +115,11 @@ pub fn is_reg(st: &FileStat) -> bool {
 impl Root {
     /// Open `/` (the sandbox's root, after pivot_root) and `/work`.
     pub fn new() -> Result<Root, HelperError> {
-        let root = nix::fcntl::open(
+        let root = crate::sys::open(
             "/",
             OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
             Mode::empty(),
         )
-        .map(sys::own_fd)
         .map_err(|e| errno("opening the sandbox's root", e))?;
         let work = open2(
             root.as_raw_fd(),

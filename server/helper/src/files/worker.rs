@@ -222,13 +222,13 @@ pub fn create_temp(dir: &OwnedFd, name: &str) -> Result<(String, OwnedFd), Errno
         .unwrap_or(0);
     for attempt in 0..100u32 {
         let tmp = format!(".{stem}.sbx-upload-{nanos:x}-{attempt}");
-        match nix::fcntl::openat(
+        match crate::sys::openat(
             Some(dir.as_raw_fd()),
             tmp.as_str(),
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::from_bits_truncate(0o600),
         ) {
-            Ok(fd) => return Ok((tmp, crate::sys::own_fd(fd))),
+            Ok(fd) => return Ok((tmp, fd)),
             Err(Errno::EEXIST) => continue,
             Err(e) => return Err(e),
         }

@@ -396,7 +396,7 @@ pub fn unpack_upload(
 
 fn decompress_to_scratch(mut stream: impl Read, scratch: &OwnedFd) -> Result<File, UnpackError> {
     use std::os::fd::AsRawFd;
-    let fd = nix::fcntl::openat(
+    let fd = crate::sys::openat(
         Some(scratch.as_raw_fd()),
         "archive.tar",
         nix::fcntl::OFlag::O_RDWR
@@ -406,7 +406,6 @@ fn decompress_to_scratch(mut stream: impl Read, scratch: &OwnedFd) -> Result<Fil
             | nix::fcntl::OFlag::O_CLOEXEC,
         nix::sys::stat::Mode::from_bits_truncate(0o600),
     )
-    .map(crate::sys::own_fd)
     .map_err(|e| UnpackError::Write {
         path: "archive.tar".into(),
         step: "creating a scratch file",

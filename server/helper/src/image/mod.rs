@@ -28,7 +28,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use nix::errno::Errno;
-use nix::fcntl::{openat, renameat, OFlag};
+use nix::fcntl::{renameat, OFlag};
 use nix::sys::stat::{fstat, mkdirat, Mode};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fchown, pipe2, Gid, Uid};
@@ -36,7 +36,7 @@ use sandboxd_protocol::layout::{IMAGES_DIR, IMAGE_ROOTFS, UPLOADS_DIR};
 use sandboxd_protocol::wire::{HelperError, HelperErrorCode, ImportedImage, Mode as HelperMode};
 
 use crate::config::{Config, UID_RANGE_SIZE};
-use crate::sys::{self, own_fd, CloneResult};
+use crate::sys::{self, CloneResult};
 use crate::validate::IdMap;
 
 const META_FILE: &str = "meta.json";
@@ -78,12 +78,11 @@ impl ImageStore {
             Ok(()) | Err(Errno::EEXIST) => {}
             Err(e) => return Err(format!("creating {}: {e}", path.display())),
         }
-        let fd = nix::fcntl::open(
+        let fd = crate::sys::open(
             &path,
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         )
-        .map(own_fd)
         .map_err(|e| format!("opening {}: {e}", path.display()))?;
         let st = fstat(fd.as_raw_fd()).map_err(|e| format!("{}: {e}", path.display()))?;
         if st.st_uid != nix::unistd::geteuid().as_raw() || st.st_mode & 0o022 != 0 {
@@ -100,13 +99,12 @@ impl ImageStore {
             if name.starts_with(TMP_PREFIX) || name.starts_with(TRASH_PREFIX) {
                 // A worker of the previous helper may still be at work (it holds a lock on its
                 // scratch directory): leave that one alone.
-                let busy = openat(
+                let busy = crate::sys::openat(
                     Some(store.raw_fd()),
                     name.as_str(),
                     OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
                     Mode::empty(),
                 )
-                .map(own_fd)
                 .is_ok_and(|fd| {
                     crate::dirs::flock(fd.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock)
                         .is_err()
@@ -154,7 +152,7 @@ impl ImageStore {
 
     /// The stored description of an image, if it is stored.
     fn meta(&self, digest: &str) -> Option<ImportedImage> {
-        let fd = openat(
+        let fd = sys::openat(
             Some(self.raw_fd()),
             format!("{digest}/{META_FILE}").as_str(),
             OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
@@ -162,7 +160,7 @@ impl ImageStore {
         )
         .ok()?;
         let mut bytes = Vec::new();
-        File::from(own_fd(fd))
+        File::from(fd)
             .take(64 * 1024)
             .read_to_end(&mut bytes)
             .ok()?;
@@ -240,20 +238,18 @@ fn image_ids(config: &Config) -> IdMap {
 /// be a hard link to a file the daemon could not read itself).
 fn open_upload(config: &Config, upload: uuid::Uuid) -> Result<File, HelperError> {
     let refuse = |why: &str| err(HelperErrorCode::Invalid, format!("upload {upload}: {why}"));
-    let dir = nix::fcntl::open(
+    let dir = crate::sys::open(
         &config.state_dir.join(UPLOADS_DIR),
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
-    .map(own_fd)
     .map_err(|e| refuse(&format!("opening the uploads directory: {e}")))?;
-    let fd = openat(
+    let fd = crate::sys::openat(
         Some(dir.as_raw_fd()),
         upload.to_string().as_str(),
         OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
         Mode::empty(),
     )
-    .map(own_fd)
     .map_err(|e| refuse(&format!("{e}")))?;
     let file = File::from(fd);
     let meta = file.metadata().map_err(|e| refuse(&format!("{e}")))?;
@@ -291,13 +287,12 @@ pub fn import(
     )
     .map_err(|e| internal("creating a scratch directory", e))?;
     // Held until this worker exits: a restarted helper must not clear the directory under us.
-    let _lock = openat(
+    let _lock = crate::sys::openat(
         Some(store.raw_fd()),
         scratch_name.as_str(),
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
-    .map(own_fd)
     .and_then(|fd| {
         crate::dirs::flock(fd.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock)?;
         Ok(fd)
@@ -307,7 +302,7 @@ pub fn import(
         unpack_into(config, store, &scratch_name, upload_file, ids).and_then(|mut meta| {
             meta.digest = digest.to_owned();
             let bytes = serde_json::to_vec(&meta).map_err(|e| internal("encoding", e))?;
-            let fd = openat(
+            let fd = crate::sys::openat(
                 Some(store.raw_fd()),
                 format!("{scratch_name}/{META_FILE}").as_str(),
                 OFlag::O_WRONLY
@@ -317,7 +312,6 @@ pub fn import(
                     | OFlag::O_CLOEXEC,
                 Mode::from_bits_truncate(0o600),
             )
-            .map(own_fd)
             .map_err(|e| internal("writing meta.json", e))?;
             File::from(fd)
                 .write_all(&bytes)
@@ -363,13 +357,12 @@ fn unpack_into(
     upload: File,
     ids: IdMap,
 ) -> Result<ImportedImage, HelperError> {
-    let scratch = openat(
+    let scratch = crate::sys::openat(
         Some(store.raw_fd()),
         scratch_name,
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
-    .map(own_fd)
     .map_err(|e| internal("opening the scratch directory", e))?;
     // The scratch directory and the root filesystem in it belong to the image range's root.
     mkdirat(
@@ -378,13 +371,12 @@ fn unpack_into(
         Mode::from_bits_truncate(0o755),
     )
     .map_err(|e| internal("creating rootfs/", e))?;
-    let rootfs = openat(
+    let rootfs = crate::sys::openat(
         Some(scratch.as_raw_fd()),
         IMAGE_ROOTFS,
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
-    .map(own_fd)
     .map_err(|e| internal("opening rootfs/", e))?;
     for fd in [&scratch, &rootfs] {
         fchown(
@@ -547,12 +539,11 @@ fn shift_userns(image_base: u32, sandbox: IdMap) -> Result<OwnedFd, HelperError>
                     std::fs::write(format!("/proc/{child}/{file}"), &map)
                         .map_err(|e| internal(&format!("writing {file}"), e))?;
                 }
-                nix::fcntl::open(
+                crate::sys::open(
                     format!("/proc/{child}/ns/user").as_str(),
                     OFlag::O_RDONLY | OFlag::O_CLOEXEC,
                     Mode::empty(),
                 )
-                .map(own_fd)
                 .map_err(|e| internal("opening the user namespace", e))
             })();
             if result.is_err() {
@@ -617,13 +608,12 @@ pub fn lower_path(config: &Config, digest: &str) -> std::path::PathBuf {
 
 /// Write `image.digest` into a new sandbox's directory.
 pub fn record_digest(sandbox_dir: &OwnedFd, digest: &str) -> Result<(), HelperError> {
-    let fd = openat(
+    let fd = crate::sys::openat(
         Some(sandbox_dir.as_raw_fd()),
         sandboxd_protocol::layout::IMAGE_DIGEST_FILE,
         OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::from_bits_truncate(0o644),
     )
-    .map(own_fd)
     .map_err(|e| internal("recording the image", e))?;
     File::from(fd)
         .write_all(digest.as_bytes())

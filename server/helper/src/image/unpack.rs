@@ -20,11 +20,9 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
-use nix::fcntl::{openat, openat2, OFlag, OpenHow, ResolveFlag};
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{fchmodat, fstatat, mkdirat, mknodat, FchmodatFlags, Mode, SFlag};
 use nix::unistd::{fchownat, linkat, symlinkat, unlinkat, Gid, Uid, UnlinkatFlags};
-
-use crate::sys::own_fd;
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
@@ -132,7 +130,7 @@ fn open_dir(root: &OwnedFd, parts: &[&[u8]], path: &[u8]) -> Result<OwnedFd, Unp
     };
     let open = |n: usize| -> Result<OwnedFd, Errno> {
         let p = CString::new(joined(n)).map_err(|_| Errno::EINVAL)?;
-        openat2(root.as_raw_fd(), p.as_c_str(), resolve_how()).map(own_fd)
+        crate::sys::openat2(root.as_raw_fd(), p.as_c_str(), resolve_how())
     };
     match open(parts.len()) {
         Ok(fd) => return Ok(fd),
@@ -250,7 +248,7 @@ pub fn apply_layer<R: Read>(
                     return Err(UnpackError::TooLarge(budget.max_bytes));
                 }
                 remove_any(d, &cname).map_err(write("replacing an entry"))?;
-                let fd = openat(
+                let fd = crate::sys::openat(
                     Some(d),
                     cname.as_c_str(),
                     OFlag::O_WRONLY
@@ -260,7 +258,6 @@ pub fn apply_layer<R: Read>(
                         | OFlag::O_CLOEXEC,
                     Mode::from_bits_truncate(0o600),
                 )
-                .map(own_fd)
                 .map_err(write("creating a file"))?;
                 let mut file = File::from(fd);
                 copy_capped(&mut entry, &mut file, budget, &raw)?;
@@ -427,14 +424,12 @@ mod tests {
 
     fn root() -> (tempfile::TempDir, OwnedFd) {
         let dir = tempfile::tempdir().unwrap();
-        let fd = own_fd(
-            nix::fcntl::open(
-                dir.path(),
-                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )
-            .unwrap(),
-        );
+        let fd = crate::sys::open(
+            dir.path(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
         (dir, fd)
     }
 

@@ -38,7 +38,6 @@ use sandboxd_protocol::wire::{self, PortMapping};
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::sys;
 use crate::validate::ValidSpawn;
 pub use forward::Forward;
 use netlink::{Netlink, NetlinkError};
@@ -128,8 +127,7 @@ fn inside<T>(
 }
 
 fn open_ns(path: &str) -> Result<OwnedFd, NetError> {
-    nix::fcntl::open(path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
-        .map(sys::own_fd)
+    crate::sys::open(path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(sys_err("opening a namespace"))
 }
 
@@ -148,13 +146,12 @@ fn sysctl_if_ipv6(name: &'static str, value: &str) -> Result<(), NetError> {
 
 /// Open the hub bound in `<state>/helper`, or create it.
 fn open_hub(state: BorrowedFd<'_>, host: &OwnedFd) -> Result<(OwnedFd, OwnedFd), NetError> {
-    let dir = nix::fcntl::openat(
+    let dir = crate::sys::openat(
         Some(state.as_raw_fd()),
         sandboxd_protocol::layout::HELPER_DIR,
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
         Mode::empty(),
     )
-    .map(sys::own_fd)
     .map_err(sys_err("opening the helper directory"))?;
     let path = format!("/proc/self/fd/{}/{HUB_FILE}", dir.as_raw_fd());
     let existing = open_ns(&path).ok().filter(|fd| {
@@ -377,13 +374,12 @@ impl Network {
 /// Create the hub: a network namespace bound to `<state>/helper/hub.net`, forwarding nothing.
 fn create_hub(host: &OwnedFd, dir: &OwnedFd, path: &str) -> Result<OwnedFd, NetError> {
     let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
-    nix::fcntl::openat(
+    crate::sys::openat(
         Some(dir.as_raw_fd()),
         HUB_FILE,
         OFlag::O_RDONLY | OFlag::O_CREAT | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
         Mode::from_bits_truncate(0o400),
     )
-    .map(sys::own_fd)
     .map_err(sys_err("creating the hub's file"))?;
     nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(sys_err("unshare(CLONE_NEWNET)"))?;
     let result = (|| -> Result<(), NetError> {

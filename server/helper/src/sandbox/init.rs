@@ -7,7 +7,7 @@
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{BorrowedFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -129,16 +129,15 @@ pub(crate) fn exec_command(
     exec_w: OwnedFd,
 ) -> ! {
     // Move the report descriptor above 10 first, so the dup2s below cannot clobber it.
-    let high = |fd: OwnedFd| -> RawFd {
-        let raw = fd.into_raw_fd();
-        nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10)).unwrap_or(raw)
+    let report = match sys::dup_at_least(exec_w.as_fd(), 10) {
+        Ok(high) => high,
+        Err(_) => exec_w,
     };
-    let report = high(exec_w);
     let program = argv[0].to_string_lossy();
     let fail = |e: Errno, what: &str| -> ! {
-        let _ = nix::unistd::write(borrow(report), &(e as i32).to_ne_bytes());
+        let _ = nix::unistd::write(&report, &(e as i32).to_ne_bytes());
         let msg = format!("sandboxd: cannot {what} {program}: {}\n", e.desc());
-        let _ = nix::unistd::write(borrow(2), msg.as_bytes());
+        let _ = nix::unistd::write(std::io::stderr(), msg.as_bytes());
         sys::exit_now(if e == Errno::ENOENT { 127 } else { 126 })
     };
     // A session of its own: with a terminal, that terminal controls it (job control works and
@@ -157,7 +156,7 @@ pub(crate) fn exec_command(
     if let Err(e) = crate::exec::join::wire_stdio(stdio) {
         fail(e, "set up stdio for");
     }
-    if let Err(e) = crate::fds::close_all_except(&[report]) {
+    if let Err(e) = crate::fds::close_all_except(&[report.as_raw_fd()]) {
         fail(e, "close descriptors for");
     }
     if let Err(e) = nix::unistd::chdir(cwd) {
@@ -175,10 +174,6 @@ pub(crate) fn exec_command(
     }
     let e = exec_search(argv, env);
     fail(e, "execute")
-}
-
-fn borrow(fd: RawFd) -> BorrowedFd<'static> {
-    sys::borrow_fd(fd)
 }
 
 /// execve `argv[0]`, searching the PATH of the *sandbox's* environment (execvp would use init's).

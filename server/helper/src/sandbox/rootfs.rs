@@ -828,12 +828,11 @@ fn bind_readonly(source: &str, target: &str) -> Result<(), SetupError> {
 
 /// Open a directory by path as an `O_PATH` descriptor, refusing a symlink as its last component.
 fn open_path(path: &Path, what: &'static str) -> Result<OwnedFd, SetupError> {
-    nix::fcntl::open(
+    crate::sys::open(
         path,
         OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         nix::sys::stat::Mode::empty(),
     )
-    .map(sys::own_fd)
     .map_err(step(what))
 }
 
@@ -926,12 +925,11 @@ fn replace_file(path: &str, name: &str, content: &str) -> Result<(), SetupError>
         Err(Errno::EISDIR) => return Ok(()),
         Err(e) => return Err(step(format!("replacing {name}"))(e)),
     }
-    let fd = nix::fcntl::open(
+    let fd = crate::sys::open(
         path,
         OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         nix::sys::stat::Mode::from_bits_truncate(0o644),
     )
-    .map(sys::own_fd)
     .map_err(step(format!("writing {name}")))?;
     std::fs::File::from(fd)
         .write_all(content.as_bytes())
