@@ -17,13 +17,18 @@
 
 mod cgroup;
 mod config;
+mod digest;
 mod dirs;
 mod disk;
+mod error;
 mod exec;
+mod fdfs;
 mod fds;
 mod files;
 mod image;
 mod info;
+#[cfg(test)]
+mod layers_test;
 mod monitor;
 mod net;
 mod sandbox;
@@ -108,7 +113,7 @@ fn run() -> Result<Never, String> {
     let listener = bind_socket(&state, &config)?;
     // The hub of bridged sandboxes (privileged mode): opened again, or created.
     let network = net::Network::setup(std::os::fd::AsFd::as_fd(&state), &config)
-        .map_err(|e| format!("setting up networking: {}", server::error_chain(&e)))?;
+        .map_err(|e| format!("setting up networking: {}", error::error_chain(&e)))?;
 
     // 5. Ready. Standard input may be the daemon's lifeline pipe: keep it on another descriptor.
     let lifeline = if config.exit_with_stdin {

@@ -134,7 +134,15 @@ impl Helper {
             ),
             Ok(_) if !conn.greeted => (invalid("the first request must be hello".into()), false),
             // A transfer takes the connection over: a file worker answers on it from now on.
-            Ok(Request::Files(req)) => match files::start(self, &req, &conn.stream) {
+            Ok(Request::Files(req)) => match files::start(
+                &files::Context {
+                    config: &self.config,
+                    sandboxes: &self.sandboxes,
+                    images: &self.images,
+                },
+                &req,
+                &conn.stream,
+            ) {
                 Ok(()) => return false,
                 Err(e) => (Response::Error(e), false),
             },
@@ -171,7 +179,7 @@ impl Helper {
                     ids.dedup();
                     Response::List { ids }
                 }
-                Err(e) => Response::Error(dir_error(e)),
+                Err(e) => Response::Error(DirError::into_wire(e)),
             },
             Request::Stats { id } => match self.sandboxes.stats(id) {
                 Ok(mut stats) => {
@@ -183,7 +191,7 @@ impl Helper {
                     stats.pids_peak = cg.pids_peak;
                     Response::Stats(stats)
                 }
-                Err(e) => Response::Error(dir_error(e)),
+                Err(e) => Response::Error(DirError::into_wire(e)),
             },
             Request::Destroy { id } => {
                 let had_cgroup = self.cgroups.exists(id);
@@ -198,7 +206,7 @@ impl Helper {
                         self.network.teardown(id);
                         Response::Destroyed
                     }
-                    Err(e) => Response::Error(dir_error(e)),
+                    Err(e) => Response::Error(DirError::into_wire(e)),
                 }
             }
             Request::ImportImage { .. } => invalid("import is answered by a worker".into()),
@@ -235,7 +243,7 @@ impl Helper {
                 let files = if req.prepared {
                     self.sandboxes
                         .open_prepared(spawn.id, spawn.ids)
-                        .map_err(dir_error)
+                        .map_err(DirError::into_wire)
                 } else {
                     self.create_dir(&spawn)
                 };
@@ -267,7 +275,7 @@ impl Helper {
                         CgroupError::Unenforceable(_) => HelperErrorCode::Invalid,
                         _ => HelperErrorCode::SetupFailed,
                     };
-                    return Response::Error(HelperError::new(code, error_chain(&e)));
+                    return Response::Error(crate::error::wire(code, &e));
                 }
                 let net = match self.network.prepare(&spawn) {
                     Ok(net) => net,
@@ -280,7 +288,7 @@ impl Helper {
                             NetError::Unavailable(_) => HelperErrorCode::Invalid,
                             _ => HelperErrorCode::SetupFailed,
                         };
-                        return Response::Error(HelperError::new(code, error_chain(&e)));
+                        return Response::Error(crate::error::wire(code, &e));
                     }
                 };
                 let ports = net.as_ref().map(|n| n.ports()).unwrap_or_default();
@@ -345,7 +353,7 @@ impl Helper {
                 self.config.allow_gid,
                 layout,
             )
-            .map_err(dir_error)?;
+            .map_err(DirError::into_wire)?;
         if let Some(digest) = image {
             // Recorded so that whoever looks at the sandbox later (after its exit too) knows
             // its lower layer.
@@ -379,30 +387,4 @@ impl Helper {
 
 fn invalid(message: String) -> Response {
     Response::Error(HelperError::new(HelperErrorCode::Invalid, message))
-}
-
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        message.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    message
-}
-
-pub(crate) fn dir_error(e: DirError) -> HelperError {
-    let code = match &e {
-        DirError::Exists(_) | DirError::Busy(_) => HelperErrorCode::Busy,
-        DirError::SlotBusy(_) => HelperErrorCode::SlotBusy,
-        DirError::NotFound(_) => HelperErrorCode::NotFound,
-        _ => HelperErrorCode::Internal,
-    };
-    let mut message = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        message.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    HelperError::new(code, message)
 }

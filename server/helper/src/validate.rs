@@ -317,7 +317,7 @@ pub fn validate(req: &SpawnRequest, config: &Config) -> Result<ValidSpawn, Valid
     let rootfs = match &req.rootfs_image {
         None if req.rootfs_readonly => return Err(ValidateError::Readonly),
         None => Rootfs::Host,
-        Some(d) if crate::image::valid_digest(d) => Rootfs::Image {
+        Some(d) if crate::digest::valid_digest(d) => Rootfs::Image {
             digest: d.clone(),
             readonly: req.rootfs_readonly,
         },

@@ -45,7 +45,9 @@ use sandboxd_protocol::files::{check_mode, SandboxPath};
 use sandboxd_protocol::layout::{PRIVATE_DIR, SANDBOXES_DIR, WORK_DIR};
 use sandboxd_protocol::wire::{self, FilesRequest, HelperError, HelperErrorCode, Response};
 
-use crate::server::Helper;
+use crate::config::Config;
+use crate::dirs::SandboxesDir;
+use crate::image::ImageStore;
 use crate::sys::{self, CloneResult};
 use crate::validate::{self, IdMap, ValidSpawn};
 
@@ -67,9 +69,16 @@ fn invalid(message: impl Into<String>) -> HelperError {
     HelperError::new(HelperErrorCode::Invalid, message)
 }
 
-fn validate_files(req: &FilesRequest, helper: &Helper) -> Result<ValidFiles, HelperError> {
-    let spawn =
-        validate::validate(&req.spawn, &helper.config).map_err(|e| invalid(e.to_string()))?;
+/// What a transfer needs of the helper: no more than its configuration, the sandboxes directory
+/// and the image store (the request loop hands these over, not itself).
+pub struct Context<'a> {
+    pub config: &'a Config,
+    pub sandboxes: &'a SandboxesDir,
+    pub images: &'a ImageStore,
+}
+
+fn validate_files(req: &FilesRequest, cx: &Context<'_>) -> Result<ValidFiles, HelperError> {
+    let spawn = validate::validate(&req.spawn, cx.config).map_err(|e| invalid(e.to_string()))?;
     let path = SandboxPath::parse(&req.path).map_err(|e| invalid(e.to_string()))?;
     path.check_for(req.op).map_err(|e| invalid(e.to_string()))?;
     let mode = req.mode.map(check_mode).transpose().map_err(invalid)?;
@@ -81,15 +90,15 @@ fn validate_files(req: &FilesRequest, helper: &Helper) -> Result<ValidFiles, Hel
     })
 }
 
-/// Start a worker for `req` on `conn`. On success the worker owns the exchange and the helper
+/// Start a worker for `req` on `conn`. On success the worker owns the exchange and the cx
 /// must close its copy of the connection; on failure the helper answers the error itself.
-pub fn start(helper: &Helper, req: &FilesRequest, conn: &UnixStream) -> Result<(), HelperError> {
-    let files = validate_files(req, helper)?;
-    let work = helper
+pub fn start(cx: &Context<'_>, req: &FilesRequest, conn: &UnixStream) -> Result<(), HelperError> {
+    let files = validate_files(req, cx)?;
+    let work = cx
         .sandboxes
         .open_work(files.spawn.id, files.spawn.ids)
-        .map_err(crate::server::dir_error)?;
-    let work_path = helper
+        .map_err(crate::dirs::DirError::into_wire)?;
+    let work_path = cx
         .config
         .state_dir
         .join(SANDBOXES_DIR)
@@ -98,28 +107,23 @@ pub fn start(helper: &Helper, req: &FilesRequest, conn: &UnixStream) -> Result<(
         .join(WORK_DIR);
     // A running sandbox is reached through its init's namespaces, which its monitor holds; for
     // a created or exited one (no monitor) the worker builds the root itself.
-    let namespaces = running_namespaces(helper, files.spawn.id);
+    let namespaces = running_namespaces(cx, files.spawn.id);
     // A worker that builds the root itself holds `monitor.lock` shared for its whole life: a
     // start (whose monitor takes it exclusively) then waits until no transfer is in flight,
     // instead of mounting the same upper layer a second time; and a monitor that holds it
     // already means the sandbox is starting.
     let root_lock = match &namespaces {
         Some(_) => None,
-        None => Some(share_monitor_lock(helper, files.spawn.id)?),
+        None => Some(share_monitor_lock(cx, files.spawn.id)?),
     };
     // A root built here from an image needs the image's lower layer, as init gets it.
     let image = match (&namespaces, &files.spawn.rootfs) {
-        (None, crate::validate::Rootfs::Image { digest, .. }) => Some(match helper.config.mode {
-            sandboxd_protocol::wire::Mode::Privileged => {
-                crate::sandbox::ImageLower::Idmapped(crate::image::idmapped_lower(
-                    &helper.images,
-                    &helper.config,
-                    digest,
-                    files.spawn.ids,
-                )?)
-            }
+        (None, crate::validate::Rootfs::Image { digest, .. }) => Some(match cx.config.mode {
+            sandboxd_protocol::wire::Mode::Privileged => crate::sandbox::ImageLower::Idmapped(
+                crate::image::idmapped_lower(cx.images, cx.config, digest, files.spawn.ids)?,
+            ),
             sandboxd_protocol::wire::Mode::Rootless => {
-                crate::sandbox::ImageLower::Path(crate::image::lower_path(&helper.config, digest))
+                crate::sandbox::ImageLower::Path(crate::image::lower_path(cx.config, digest))
             }
         }),
         _ => None,
@@ -152,12 +156,12 @@ pub fn start(helper: &Helper, req: &FilesRequest, conn: &UnixStream) -> Result<(
 /// `monitor.lock` of a sandbox that does not run, locked shared (see `start`). Busy when a
 /// monitor holds it: the sandbox is being started. (A raw flock: it must stay with the worker's
 /// inherited copy of the descriptor when the helper closes its own.)
-fn share_monitor_lock(helper: &Helper, id: uuid::Uuid) -> Result<OwnedFd, HelperError> {
+fn share_monitor_lock(cx: &Context<'_>, id: uuid::Uuid) -> Result<OwnedFd, HelperError> {
     use nix::fcntl::{FlockArg, OFlag};
-    let dir = helper
+    let dir = cx
         .sandboxes
         .open_dir(id)
-        .map_err(crate::server::dir_error)?;
+        .map_err(crate::dirs::DirError::into_wire)?;
     let lock = crate::sys::openat(
         Some(dir.as_raw_fd()),
         sandboxd_protocol::layout::MONITOR_LOCK,
@@ -170,7 +174,7 @@ fn share_monitor_lock(helper: &Helper, id: uuid::Uuid) -> Result<OwnedFd, Helper
             format!("opening monitor.lock: {e}"),
         )
     })?;
-    match crate::dirs::flock(lock.as_raw_fd(), FlockArg::LockSharedNonblock) {
+    match crate::fdfs::flock(lock.as_raw_fd(), FlockArg::LockSharedNonblock) {
         Ok(()) => Ok(lock),
         Err(nix::errno::Errno::EWOULDBLOCK) => Err(HelperError::new(
             HelperErrorCode::Busy,
@@ -193,8 +197,8 @@ pub(crate) fn send(conn: &UnixStream, response: &Response) {
 
 /// Ask the sandbox's monitor for init's user and mount namespaces (`ns` on its control socket).
 /// `None` when no monitor answers: the sandbox is not running.
-fn running_namespaces(helper: &Helper, id: uuid::Uuid) -> Option<[OwnedFd; 2]> {
-    let dir = helper.sandboxes.open_dir(id).ok()?;
+fn running_namespaces(cx: &Context<'_>, id: uuid::Uuid) -> Option<[OwnedFd; 2]> {
+    let dir = cx.sandboxes.open_dir(id).ok()?;
     // Through the directory's descriptor: the helper's own directory, which nobody can swap.
     let path = format!(
         "/proc/self/fd/{}/{}",

@@ -36,6 +36,7 @@ use sandboxd_protocol::layout::{IMAGES_DIR, IMAGE_ROOTFS, UPLOADS_DIR};
 use sandboxd_protocol::wire::{HelperError, HelperErrorCode, ImportedImage, Mode as HelperMode};
 
 use crate::config::{Config, UID_RANGE_SIZE};
+use crate::digest::valid_digest;
 use crate::sys::{self, CloneResult};
 use crate::validate::IdMap;
 
@@ -51,14 +52,6 @@ fn err(code: HelperErrorCode, message: impl Into<String>) -> HelperError {
 
 fn internal(step: &str, e: impl std::fmt::Display) -> HelperError {
     err(HelperErrorCode::Internal, format!("{step}: {e}"))
-}
-
-/// A digest as the store names it: 64 lower-case hex digits.
-pub fn valid_digest(digest: &str) -> bool {
-    digest.len() == 64
-        && digest
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// `<state>/images`, held open.
@@ -106,14 +99,14 @@ impl ImageStore {
                     Mode::empty(),
                 )
                 .is_ok_and(|fd| {
-                    crate::dirs::flock(fd.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock)
+                    crate::fdfs::flock(fd.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock)
                         .is_err()
                 });
                 if busy {
                     continue;
                 }
                 if let Ok(c) = CString::new(name) {
-                    let _ = crate::dirs::remove_tree(store.fd.as_raw_fd(), &c);
+                    let _ = crate::fdfs::remove_tree(store.fd.as_raw_fd(), &c);
                 }
             }
         }
@@ -125,7 +118,7 @@ impl ImageStore {
     }
 
     fn names(&self) -> Result<Vec<String>, Errno> {
-        let mut dir = crate::dirs::open_listing(self.raw_fd())?;
+        let mut dir = crate::fdfs::open_listing(self.raw_fd())?;
         let mut out = Vec::new();
         for entry in dir.iter() {
             let entry = entry?;
@@ -193,7 +186,7 @@ impl ImageStore {
         let dir = self.raw_fd();
         detached(move || {
             if let Ok(c) = CString::new(trash) {
-                let _ = crate::dirs::remove_tree(dir, &c);
+                let _ = crate::fdfs::remove_tree(dir, &c);
             }
         });
         Ok(())
@@ -294,7 +287,7 @@ pub fn import(
         Mode::empty(),
     )
     .and_then(|fd| {
-        crate::dirs::flock(fd.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock)?;
+        crate::fdfs::flock(fd.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock)?;
         Ok(fd)
     })
     .map_err(|e| internal("locking the scratch directory", e))?;
@@ -322,7 +315,7 @@ pub fn import(
     let meta = match result {
         Ok(meta) => meta,
         Err(e) => {
-            let _ = crate::dirs::remove_tree(store.raw_fd(), &scratch_c);
+            let _ = crate::fdfs::remove_tree(store.raw_fd(), &scratch_c);
             return Err(e);
         }
     };
@@ -335,14 +328,14 @@ pub fn import(
         Ok(()) => Ok(meta),
         // Another import of the same content finished first: keep that one.
         Err(Errno::EEXIST) | Err(Errno::ENOTEMPTY) => {
-            let _ = crate::dirs::remove_tree(store.raw_fd(), &scratch_c);
+            let _ = crate::fdfs::remove_tree(store.raw_fd(), &scratch_c);
             Ok(ImportedImage {
                 unpacked: false,
                 ..meta
             })
         }
         Err(e) => {
-            let _ = crate::dirs::remove_tree(store.raw_fd(), &scratch_c);
+            let _ = crate::fdfs::remove_tree(store.raw_fd(), &scratch_c);
             Err(internal("storing the image", e))
         }
     }

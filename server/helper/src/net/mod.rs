@@ -186,7 +186,7 @@ impl Network {
                 network.helper_dir = Some(dir);
             }
             Err(e) => {
-                let why = crate::server::error_chain(&e);
+                let why = crate::error::error_chain(&e);
                 eprintln!("sandboxd-helper: bridge mode is unavailable: {why}");
                 network.hub = Err(why);
                 return Ok(network);
@@ -343,7 +343,7 @@ impl Network {
         if let Err(e) = result {
             eprintln!(
                 "sandboxd-helper: network teardown of {id}: {}",
-                crate::server::error_chain(&e)
+                crate::error::error_chain(&e)
             );
         }
     }
