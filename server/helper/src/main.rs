@@ -14,6 +14,19 @@
 //! 5. prints `ready` on stdout and serves requests on one thread (see `server.rs`).
 //!
 //! It never starts a thread, so forking it (to start monitors) is always sound.
+//!
+//! # Layers
+//!
+//! The modules form an order, bottom to top; each uses only modules below it (`layers_test.rs`
+//! holds the table and fails on any other `crate::` edge; ARCHITECTURE.md draws it):
+//!
+//! 1. leaves: `sys` (the only `unsafe`), `config`, `error`, `digest`, `cgroup`;
+//! 2. descriptors and file work by descriptor: `fds`, `fdfs`, `disk`;
+//! 3. `validate` (requests into valid types), then `dirs` (the sandboxes directory's layout);
+//! 4. process plumbing: `child`, `output`;
+//! 5. per-sandbox work: `net`, `image`, `sandbox` (init and its root), `files`, `exec`;
+//! 6. `monitor`, the top of per-sandbox code; `info`;
+//! 7. `server`, which dispatches requests and hands each worker only what it needs; `main`.
 
 mod cgroup;
 mod config;
