@@ -212,11 +212,11 @@ impl Helper {
             Request::ImportImage { .. } => invalid("import is answered by a worker".into()),
             Request::DeleteImage { digest } => match self.images.delete(&digest) {
                 Ok(()) => Response::ImageDeleted,
-                Err(e) => Response::Error(e),
+                Err(e) => Response::Error(e.into_wire()),
             },
             Request::ListImages => match self.images.list() {
                 Ok(digests) => Response::ImageList { digests },
-                Err(e) => Response::Error(e),
+                Err(e) => Response::Error(e.into_wire()),
             },
             Request::Prepare(req) => {
                 let spawn = match validate::validate(&req, &self.config) {
@@ -264,7 +264,7 @@ impl Helper {
                         Err(e) => {
                             drop(files);
                             let _ = self.sandboxes.destroy(spawn.id);
-                            return Response::Error(e);
+                            return Response::Error(e.into_wire());
                         }
                     }
                 }
@@ -360,7 +360,7 @@ impl Helper {
             if let Err(e) = crate::image::record_digest(&files.dir, digest) {
                 drop(files);
                 let _ = self.sandboxes.destroy(spawn.id);
-                return Err(e);
+                return Err(e.into_wire());
             }
         }
         Ok(files)
@@ -376,7 +376,7 @@ impl Helper {
             let _ = crate::fds::close_all_except(&[stream_fd, images_fd]);
             let response = match crate::image::import(&self.config, &self.images, upload, &digest) {
                 Ok(done) => Response::ImageImported(done),
-                Err(e) => Response::Error(e),
+                Err(e) => Response::Error(e.into_wire()),
             };
             if let Ok(frame) = wire::encode(&response) {
                 let _ = (&*stream).write_all(&frame);

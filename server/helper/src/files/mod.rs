@@ -120,7 +120,8 @@ pub fn start(cx: &Context<'_>, req: &FilesRequest, conn: &UnixStream) -> Result<
     let image = match (&namespaces, &files.spawn.rootfs) {
         (None, crate::validate::Rootfs::Image { digest, .. }) => Some(match cx.config.mode {
             sandboxd_protocol::wire::Mode::Privileged => crate::sandbox::ImageLower::Idmapped(
-                crate::image::idmapped_lower(cx.images, cx.config, digest, files.spawn.ids)?,
+                crate::image::idmapped_lower(cx.images, cx.config, digest, files.spawn.ids)
+                    .map_err(crate::image::ImageError::into_wire)?,
             ),
             sandboxd_protocol::wire::Mode::Rootless => {
                 crate::sandbox::ImageLower::Path(crate::image::lower_path(cx.config, digest))
