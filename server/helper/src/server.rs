@@ -144,7 +144,7 @@ impl Helper {
                 &conn.stream,
             ) {
                 Ok(()) => return false,
-                Err(e) => (Response::Error(e), false),
+                Err(e) => (Response::Error(e.into_wire()), false),
             },
             Ok(Request::ImportImage { upload, digest }) => {
                 // Long work: a forked worker answers on this connection, which leaves our list.

@@ -65,8 +65,45 @@ pub struct ValidFiles {
     pub mode: Option<u32>,
 }
 
-fn invalid(message: impl Into<String>) -> HelperError {
-    HelperError::new(HelperErrorCode::Invalid, message)
+/// Why a transfer could not start; the request loop answers it as the wire's error
+/// ([`FilesError::into_wire`]). Once a worker runs, it answers on the connection itself.
+#[derive(Debug, thiserror::Error)]
+pub enum FilesError {
+    /// The request: its spawn, path or mode.
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Dir(#[from] crate::dirs::DirError),
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    #[error("opening monitor.lock")]
+    OpenLock(#[source] nix::errno::Errno),
+    #[error("the sandbox is being started; retry in a moment")]
+    Starting,
+    #[error("locking monitor.lock")]
+    Lock(#[source] nix::errno::Errno),
+    #[error("fork")]
+    Fork(#[source] sys::ForkError),
+}
+
+impl FilesError {
+    /// This error on the wire.
+    pub fn into_wire(self) -> HelperError {
+        let code = match self {
+            FilesError::Dir(e) => return e.into_wire(),
+            FilesError::Image(e) => return e.into_wire(),
+            FilesError::Invalid(_) => HelperErrorCode::Invalid,
+            FilesError::Starting => HelperErrorCode::Busy,
+            FilesError::OpenLock(_) | FilesError::Lock(_) | FilesError::Fork(_) => {
+                HelperErrorCode::SetupFailed
+            }
+        };
+        crate::error::wire(code, &self)
+    }
+}
+
+fn invalid(message: impl Into<String>) -> FilesError {
+    FilesError::Invalid(message.into())
 }
 
 /// What a transfer needs of the helper: no more than its configuration, the sandboxes directory
@@ -77,7 +114,7 @@ pub struct Context<'a> {
     pub images: &'a ImageStore,
 }
 
-fn validate_files(req: &FilesRequest, cx: &Context<'_>) -> Result<ValidFiles, HelperError> {
+fn validate_files(req: &FilesRequest, cx: &Context<'_>) -> Result<ValidFiles, FilesError> {
     let spawn = validate::validate(&req.spawn, cx.config).map_err(|e| invalid(e.to_string()))?;
     let path = SandboxPath::parse(&req.path).map_err(|e| invalid(e.to_string()))?;
     path.check_for(req.op).map_err(|e| invalid(e.to_string()))?;
@@ -92,12 +129,9 @@ fn validate_files(req: &FilesRequest, cx: &Context<'_>) -> Result<ValidFiles, He
 
 /// Start a worker for `req` on `conn`. On success the worker owns the exchange and the cx
 /// must close its copy of the connection; on failure the helper answers the error itself.
-pub fn start(cx: &Context<'_>, req: &FilesRequest, conn: &UnixStream) -> Result<(), HelperError> {
+pub fn start(cx: &Context<'_>, req: &FilesRequest, conn: &UnixStream) -> Result<(), FilesError> {
     let files = validate_files(req, cx)?;
-    let work = cx
-        .sandboxes
-        .open_work(files.spawn.id, files.spawn.ids)
-        .map_err(crate::dirs::DirError::into_wire)?;
+    let work = cx.sandboxes.open_work(files.spawn.id, files.spawn.ids)?;
     let work_path = cx
         .config
         .state_dir
@@ -120,8 +154,7 @@ pub fn start(cx: &Context<'_>, req: &FilesRequest, conn: &UnixStream) -> Result<
     let image = match (&namespaces, &files.spawn.rootfs) {
         (None, crate::validate::Rootfs::Image { digest, .. }) => Some(match cx.config.mode {
             sandboxd_protocol::wire::Mode::Privileged => crate::sandbox::ImageLower::Idmapped(
-                crate::image::idmapped_lower(cx.images, cx.config, digest, files.spawn.ids)
-                    .map_err(crate::image::ImageError::into_wire)?,
+                crate::image::idmapped_lower(cx.images, cx.config, digest, files.spawn.ids)?,
             ),
             sandboxd_protocol::wire::Mode::Rootless => {
                 crate::sandbox::ImageLower::Path(crate::image::lower_path(cx.config, digest))
@@ -129,11 +162,8 @@ pub fn start(cx: &Context<'_>, req: &FilesRequest, conn: &UnixStream) -> Result<
         }),
         _ => None,
     };
-    let setup = |step: &str, e: nix::errno::Errno| {
-        HelperError::new(HelperErrorCode::SetupFailed, format!("{step}: {e}"))
-    };
     // SAFETY-relevant invariant: the helper is single-threaded, so forking it is sound.
-    match sys::fork().map_err(|e| setup("fork", e.into()))? {
+    match sys::fork().map_err(FilesError::Fork)? {
         ForkResult::Parent { child } => {
             // The fork exits as soon as the worker has its maps.
             let _ = nix::sys::wait::waitpid(child, None);
@@ -157,34 +187,20 @@ pub fn start(cx: &Context<'_>, req: &FilesRequest, conn: &UnixStream) -> Result<
 /// `monitor.lock` of a sandbox that does not run, locked shared (see `start`). Busy when a
 /// monitor holds it: the sandbox is being started. (A raw flock: it must stay with the worker's
 /// inherited copy of the descriptor when the helper closes its own.)
-fn share_monitor_lock(cx: &Context<'_>, id: uuid::Uuid) -> Result<OwnedFd, HelperError> {
+fn share_monitor_lock(cx: &Context<'_>, id: uuid::Uuid) -> Result<OwnedFd, FilesError> {
     use nix::fcntl::{FlockArg, OFlag};
-    let dir = cx
-        .sandboxes
-        .open_dir(id)
-        .map_err(crate::dirs::DirError::into_wire)?;
+    let dir = cx.sandboxes.open_dir(id)?;
     let lock = crate::sys::openat(
         Some(dir.as_raw_fd()),
         sandboxd_protocol::layout::MONITOR_LOCK,
         OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
         nix::sys::stat::Mode::empty(),
     )
-    .map_err(|e| {
-        HelperError::new(
-            HelperErrorCode::SetupFailed,
-            format!("opening monitor.lock: {e}"),
-        )
-    })?;
+    .map_err(FilesError::OpenLock)?;
     match crate::fdfs::flock(lock.as_raw_fd(), FlockArg::LockSharedNonblock) {
         Ok(()) => Ok(lock),
-        Err(nix::errno::Errno::EWOULDBLOCK) => Err(HelperError::new(
-            HelperErrorCode::Busy,
-            "the sandbox is being started; retry in a moment",
-        )),
-        Err(e) => Err(HelperError::new(
-            HelperErrorCode::SetupFailed,
-            format!("locking monitor.lock: {e}"),
-        )),
+        Err(nix::errno::Errno::EWOULDBLOCK) => Err(FilesError::Starting),
+        Err(e) => Err(FilesError::Lock(e)),
     }
 }
 
@@ -399,4 +415,35 @@ fn become_root(ids: IdMap) -> Result<(), nix::errno::Errno> {
     }
     nix::unistd::setresuid(u, u, u)?;
     nix::sys::prctl::set_dumpable(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_errors_reach_the_wire_with_their_code() {
+        let cases = [
+            (invalid("bad mode"), HelperErrorCode::Invalid, "bad mode"),
+            (
+                FilesError::Starting,
+                HelperErrorCode::Busy,
+                "the sandbox is being started; retry in a moment",
+            ),
+            (
+                FilesError::Lock(nix::errno::Errno::EIO),
+                HelperErrorCode::SetupFailed,
+                "locking monitor.lock: EIO: I/O error",
+            ),
+            (
+                FilesError::Image(crate::image::ImageError::NotStored),
+                HelperErrorCode::NotFound,
+                "the image is not stored",
+            ),
+        ];
+        for (error, code, message) in cases {
+            let wire = error.into_wire();
+            assert_eq!((wire.code, wire.message.as_str()), (code, message));
+        }
+    }
 }
