@@ -229,15 +229,12 @@ pub enum MountOp {
         source: String,
         target: String,
     },
-    Proc {
+    /// A fresh instance of a kernel filesystem: proc, devpts, mqueue.
+    KernelFs {
+        fstype: &'static str,
         target: String,
-    },
-    Devpts {
-        target: String,
-        options: &'static str,
-    },
-    Mqueue {
-        target: String,
+        options: Option<&'static str>,
+        flags: MsFlags,
     },
     /// Create or truncate a file with this content.
     WriteFile {
@@ -377,7 +374,12 @@ pub fn plan(spec: &Spec<'_>) -> Vec<MountOp> {
         path: p("/proc"),
         mode: 0o555,
     });
-    ops.push(Proc { target: p("/proc") });
+    ops.push(KernelFs {
+        fstype: "proc",
+        target: p("/proc"),
+        options: None,
+        flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+    });
     ops.push(PivotRoot);
     for file in PROC_MASKED_FILES {
         ops.push(MaskFile {
@@ -455,9 +457,11 @@ fn plan_dev(ops: &mut Vec<MountOp>, ids: IdMap) {
         IdMap::Range { .. } => "newinstance,ptmxmode=0666,mode=0620,gid=5",
         IdMap::Single { .. } => "newinstance,ptmxmode=0666,mode=0620",
     };
-    ops.push(Devpts {
+    ops.push(KernelFs {
+        fstype: "devpts",
         target: "/dev/pts".into(),
-        options,
+        options: Some(options),
+        flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
     });
     ops.push(Symlink {
         path: "/dev/ptmx".into(),
@@ -476,8 +480,11 @@ fn plan_dev(ops: &mut Vec<MountOp>, ids: IdMap) {
         path: "/dev/mqueue".into(),
         mode: 0o1777,
     });
-    ops.push(Mqueue {
+    ops.push(KernelFs {
+        fstype: "mqueue",
         target: "/dev/mqueue".into(),
+        options: None,
+        flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
     });
     for (link, dest) in [
         ("fd", "/proc/self/fd"),
@@ -516,9 +523,15 @@ impl std::fmt::Display for MountOp {
             MountOp::BindDevice { source, target } => {
                 write!(out, "bind-device {target} <- host {source}")
             }
-            MountOp::Proc { target } => write!(out, "proc {target}"),
-            MountOp::Devpts { target, options } => write!(out, "devpts {target} {options}"),
-            MountOp::Mqueue { target } => write!(out, "mqueue {target}"),
+            MountOp::KernelFs {
+                fstype,
+                target,
+                options,
+                flags,
+            } => match options {
+                Some(options) => write!(out, "{fstype} {target} {options} {}", flag_names(*flags)),
+                None => write!(out, "{fstype} {target} {}", flag_names(*flags)),
+            },
             MountOp::WriteFile { path, content } => {
                 write!(out, "write {path} {content:?}")
             }
@@ -686,28 +699,17 @@ pub fn apply(ops: &[MountOp], held: &Held) -> Result<(), SetupError> {
                 )
                 .map_err(step(format!("securing {target}")))?;
             }
-            MountOp::Proc { target } => mount(
-                Some("proc"),
+            MountOp::KernelFs {
+                fstype,
+                target,
+                options,
+                flags,
+            } => mount(
+                Some(*fstype),
                 at(target, pivoted).as_str(),
-                Some("proc"),
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-                None::<&str>,
-            )
-            .map_err(step(format!("mounting {target}")))?,
-            MountOp::Devpts { target, options } => mount(
-                Some("devpts"),
-                at(target, pivoted).as_str(),
-                Some("devpts"),
-                MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-                Some(*options),
-            )
-            .map_err(step(format!("mounting {target}")))?,
-            MountOp::Mqueue { target } => mount(
-                Some("mqueue"),
-                at(target, pivoted).as_str(),
-                Some("mqueue"),
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-                None::<&str>,
+                Some(*fstype),
+                *flags,
+                *options,
             )
             .map_err(step(format!("mounting {target}")))?,
             MountOp::WriteFile { path, content } => write_file(&at(path, pivoted), content)?,
@@ -1005,13 +1007,13 @@ mkdir /dev/pts 0755
 mkdir /dev/shm 1777
 tmpfs /dev/shm mode=1777,size=64m nosuid,nodev
 mkdir /dev/mqueue 1777
-mqueue /dev/mqueue
+mqueue /dev/mqueue nosuid,nodev,noexec
 symlink /dev/fd -> /proc/self/fd
 symlink /dev/stdin -> /proc/self/fd/0
 symlink /dev/stdout -> /proc/self/fd/1
 symlink /dev/stderr -> /proc/self/fd/2
 mkdir /proc 0555
-proc /proc
+proc /proc nosuid,nodev,noexec
 pivot-root
 mask-file /proc/kcore
 mask-file /proc/keys
@@ -1029,8 +1031,9 @@ readonly /proc/bus
 readonly /proc/fs
 ";
 
-    const PTS_RANGE: &str = "devpts /dev/pts newinstance,ptmxmode=0666,mode=0620,gid=5\n";
-    const PTS_SINGLE: &str = "devpts /dev/pts newinstance,ptmxmode=0666,mode=0620\n";
+    const PTS_RANGE: &str =
+        "devpts /dev/pts newinstance,ptmxmode=0666,mode=0620,gid=5 nosuid,noexec\n";
+    const PTS_SINGLE: &str = "devpts /dev/pts newinstance,ptmxmode=0666,mode=0620 nosuid,noexec\n";
 
     fn spec(root: Root, disk_tmp: bool, ids: IdMap) -> Spec<'static> {
         Spec {
@@ -1175,16 +1178,7 @@ tmpfs /run mode=0755,size=16m,nr_inodes=4096 nosuid,nodev
 
     #[test]
     fn a_bridged_network_names_the_sandbox_on_its_address() {
-        let net = ValidNet {
-            group: Some("g".into()),
-            bridge: Some("br0".into()),
-            veth: "ve0".into(),
-            address: "10.88.0.3".parse().unwrap(),
-            prefix_len: 16,
-            gateway: "10.88.0.1".parse().unwrap(),
-            peers: vec![("db".into(), "10.88.0.2".parse().unwrap())],
-            ports: vec![],
-        };
+        let net = crate::net::etc::sample_net();
         let spec = Spec {
             network: Some(&net),
             ..spec(Root::Image { readonly: true }, false, RANGE)
