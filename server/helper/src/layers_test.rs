@@ -66,12 +66,19 @@ const LAYERS: &[(&str, &[&str])] = &[
         ],
     ),
     ("info", &[SYS, "config", "cgroup", "disk"]),
+    // Prepare and spawn: the directory, image, cgroup, network and monitor of a new sandbox.
+    (
+        "spawn",
+        &[
+            SYS, "config", "error", "cgroup", "disk", "validate", "dirs", "net", "image", "monitor",
+        ],
+    ),
     // The request loop: dispatches to the workers below it.
     (
         "server",
         &[
             SYS, "config", "error", "digest", "cgroup", "fds", "fdfs", "disk", "validate", "dirs",
-            "net", "image", "files", "monitor", "info",
+            "net", "image", "files", "monitor", "info", "spawn",
         ],
     ),
 ];
