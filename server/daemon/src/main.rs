@@ -124,6 +124,10 @@ fn start_helper(
     daemon_uid: u32,
     args: &Args,
 ) -> anyhow::Result<std::process::Child> {
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "the helper is the one process the daemon starts, before any thread exists"
+    )]
     let mut child = Command::new(helper)
         .arg("--state-dir")
         .arg(state_dir)

@@ -628,6 +628,10 @@ mod tests {
                 except OSError:\n  d=b''\n\
                 print(d)\n";
             use std::os::unix::process::CommandExt;
+            #[allow(
+                clippy::disallowed_methods,
+                reason = "the test connects as another user from a separate process"
+            )]
             let mut cmd = std::process::Command::new("python3");
             cmd.arg("-c").arg(script).arg(&path).uid(65534).gid(65534);
             let out = tokio::task::spawn_blocking(move || cmd.output())

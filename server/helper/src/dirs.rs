@@ -5,7 +5,7 @@
 //! (refusing a symlink or a directory it does not own) and does all later work relative to that
 //! descriptor with `O_NOFOLLOW`, so no request can make it create, chown or delete anything else.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
@@ -13,7 +13,7 @@ use std::path::Path;
 use nix::errno::Errno;
 use nix::fcntl::{FlockArg, OFlag};
 use nix::sys::stat::{fchmodat, fstat, mkdirat, FchmodatFlags, Mode};
-use nix::unistd::{fchownat, unlinkat, Gid, Uid, UnlinkatFlags};
+use nix::unistd::{fchownat, Gid, Uid};
 use uuid::Uuid;
 
 use sandboxd_protocol::layout::{
@@ -21,6 +21,9 @@ use sandboxd_protocol::layout::{
     UPPER_DIR, WORK_DIR,
 };
 
+use sandboxd_protocol::wire::{HelperError, HelperErrorCode};
+
+use crate::fdfs::{self, flock, open_fd, remove_tree};
 use crate::validate::IdMap;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +51,19 @@ pub enum DirError {
         id: Uuid,
         source: Errno,
     },
+}
+
+impl DirError {
+    /// This error on the wire: the codes the daemon tells apart, else internal.
+    pub fn into_wire(self) -> HelperError {
+        let code = match &self {
+            DirError::Exists(_) | DirError::Busy(_) => HelperErrorCode::Busy,
+            DirError::SlotBusy(_) => HelperErrorCode::SlotBusy,
+            DirError::NotFound(_) => HelperErrorCode::NotFound,
+            _ => HelperErrorCode::Internal,
+        };
+        crate::error::wire(code, &self)
+    }
 }
 
 /// `<state>/sandboxes`, held open.
@@ -79,20 +95,6 @@ pub struct Layout {
     pub image: bool,
     /// A filesystem of this size mounted on `private/` (see `disk.rs`), with `private/tmp`.
     pub disk_bytes: Option<u64>,
-}
-
-fn open_fd<P: ?Sized + nix::NixPath>(
-    dir: Option<RawFd>,
-    name: &P,
-    flags: OFlag,
-    mode: Mode,
-) -> Result<OwnedFd, Errno> {
-    crate::sys::openat(
-        dir,
-        name,
-        flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
-        mode,
-    )
 }
 
 impl SandboxesDir {
@@ -346,14 +348,7 @@ impl SandboxesDir {
             id: Uuid::nil(),
             source,
         };
-        let fd = open_fd(
-            Some(self.raw_fd()),
-            ".",
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-            Mode::empty(),
-        )
-        .map_err(io)?;
-        let mut dir = nix::dir::Dir::from_fd(fd_into_raw(fd)).map_err(io)?;
+        let mut dir = fdfs::open_listing(self.raw_fd()).map_err(io)?;
         let mut ids = Vec::new();
         for entry in dir.iter() {
             let entry = entry.map_err(io)?;
@@ -553,145 +548,9 @@ impl SandboxesDir {
     }
 }
 
-/// flock(2) on a raw descriptor. nix's `Flock` guard unlocks on drop, which would release the lock
-/// the monitor inherits when the helper drops its copy after fork; a raw flock lives as long as
-/// any descriptor of the open file description does.
-#[allow(deprecated)]
-pub(crate) fn flock(fd: RawFd, arg: FlockArg) -> Result<(), Errno> {
-    nix::fcntl::flock(fd, arg)
-}
-
-fn fd_into_raw(fd: OwnedFd) -> RawFd {
-    std::os::fd::IntoRawFd::into_raw_fd(fd)
-}
-
-/// A listing of the directory `dir`, read through a new open file description of it (so `dir`'s
-/// own offset is untouched). The caller skips `.` and `..`.
-pub(crate) fn open_listing(dir: RawFd) -> Result<nix::dir::Dir, Errno> {
-    let dup = open_fd(
-        Some(dir),
-        ".",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-        Mode::empty(),
-    )?;
-    nix::dir::Dir::from_fd(fd_into_raw(dup))
-}
-
-/// Open directory `name` under `parent` without following links, opening up a directory the
-/// sandbox made unreadable (its contents are the sandbox's).
-fn open_dir_for_removal(parent: RawFd, name: &CStr) -> Result<OwnedFd, Errno> {
-    let open = || {
-        open_fd(
-            Some(parent),
-            name,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-            Mode::empty(),
-        )
-    };
-    let dir = match open() {
-        Err(Errno::EACCES) => {
-            fchmodat(
-                Some(parent),
-                name,
-                Mode::from_bits_truncate(0o700),
-                FchmodatFlags::NoFollowSymlink,
-            )?;
-            open()?
-        }
-        other => other?,
-    };
-    let st = fstat(dir.as_raw_fd())?;
-    if st.st_mode & 0o700 != 0o700 {
-        nix::sys::stat::fchmod(dir.as_raw_fd(), Mode::from_bits_truncate(0o700))?;
-    }
-    Ok(dir)
-}
-
-/// The first entry of a directory that is itself a directory, after unlinking every other entry.
-fn clear_files(dir: &OwnedFd) -> Result<Option<CString>, Errno> {
-    let mut listing = open_listing(dir.as_raw_fd())?;
-    for entry in listing.iter() {
-        let entry = entry?;
-        let name = entry.file_name();
-        if name.to_bytes() == b"." || name.to_bytes() == b".." {
-            continue;
-        }
-        match unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir) {
-            Ok(()) | Err(Errno::ENOENT) => {}
-            Err(Errno::EISDIR) | Err(Errno::EPERM) => return Ok(Some(name.to_owned())),
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(None)
-}
-
-/// Remove `name` under `parent` and everything below it, never following a link.
-///
-/// Iterative, holding one directory descriptor at a time: a sandbox can build a tree as deep as
-/// it likes, and neither the helper's stack nor its descriptor table may depend on that. Going
-/// back up uses `..`, checked against the device and inode recorded on the way down (nothing can
-/// rename things meanwhile: this runs only once the sandbox's processes are gone).
-pub fn remove_tree(parent: RawFd, name: &CStr) -> Result<(), Errno> {
-    match unlinkat(Some(parent), name, UnlinkatFlags::NoRemoveDir) {
-        Ok(()) | Err(Errno::ENOENT) => return Ok(()),
-        Err(Errno::EISDIR) | Err(Errno::EPERM) => {}
-        Err(e) => return Err(e),
-    }
-    let parent_st = fstat(parent)?;
-    // The path from `parent` down to the current directory, with each step's (dev, ino).
-    let mut path: Vec<(CString, (u64, u64))> = Vec::new();
-    let mut current = open_dir_for_removal(parent, name)?;
-    let st = fstat(current.as_raw_fd())?;
-    path.push((name.to_owned(), (st.st_dev, st.st_ino)));
-    loop {
-        if let Some(child) = clear_files(&current)? {
-            let next = open_dir_for_removal(current.as_raw_fd(), &child)?;
-            let st = fstat(next.as_raw_fd())?;
-            path.push((child, (st.st_dev, st.st_ino)));
-            current = next;
-            continue;
-        }
-        // `current` is empty: remove it from its parent and continue there.
-        let (done, _) = path.pop().ok_or(Errno::EINVAL)?;
-        let expected = path
-            .last()
-            .map(|(_, id)| *id)
-            .unwrap_or((parent_st.st_dev, parent_st.st_ino));
-        let up = if path.is_empty() {
-            open_fd(
-                Some(parent),
-                ".",
-                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-                Mode::empty(),
-            )?
-        } else {
-            open_fd(
-                Some(current.as_raw_fd()),
-                "..",
-                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-                Mode::empty(),
-            )?
-        };
-        let st = fstat(up.as_raw_fd())?;
-        if (st.st_dev, st.st_ino) != expected {
-            return Err(Errno::ESTALE);
-        }
-        unlinkat(
-            Some(up.as_raw_fd()),
-            done.as_c_str(),
-            UnlinkatFlags::RemoveDir,
-        )?;
-        if path.is_empty() {
-            return Ok(());
-        }
-        current = up;
-    }
-}
-
 /// Bytes the sandbox stores under its work directory, its upper layer and its disk-backed /tmp
-/// (allocated blocks), or None if it cannot be measured. Bounded: a tree of more than 100000 entries is not walked to the end.
+/// (allocated blocks), or None if it cannot be measured (see [`fdfs::tree_usage`] for the bounds).
 pub fn work_usage(sandbox_dir: &OwnedFd) -> Option<u64> {
-    const MAX_ENTRIES: usize = 100_000;
     let private = open_fd(
         Some(sandbox_dir.as_raw_fd()),
         PRIVATE_DIR,
@@ -701,7 +560,7 @@ pub fn work_usage(sandbox_dir: &OwnedFd) -> Option<u64> {
     .ok()?;
     // What counts against limits.disk_bytes: /work, an image root's upper layer, and /tmp when
     // it lives on the sandbox's own filesystem.
-    let mut stack: Vec<OwnedFd> = [WORK_DIR, UPPER_DIR, TMP_DIR]
+    let roots: Vec<OwnedFd> = [WORK_DIR, UPPER_DIR, TMP_DIR]
         .into_iter()
         .filter_map(|name| {
             open_fd(
@@ -713,102 +572,12 @@ pub fn work_usage(sandbox_dir: &OwnedFd) -> Option<u64> {
             .ok()
         })
         .collect();
-    if stack.is_empty() {
+    if roots.is_empty() {
         return None;
     }
-    let mut total = 0u64;
-    let mut seen = 0usize;
-    while let Some(dir) = stack.pop() {
-        let Ok(mut listing) = open_listing(dir.as_raw_fd()) else {
-            continue;
-        };
-        for entry in listing.iter().flatten() {
-            let name = entry.file_name();
-            if name.to_bytes() == b"." || name.to_bytes() == b".." {
-                continue;
-            }
-            seen += 1;
-            if seen > MAX_ENTRIES {
-                return Some(total);
-            }
-            let Ok(st) = nix::sys::stat::fstatat(
-                Some(dir.as_raw_fd()),
-                name,
-                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-            ) else {
-                continue;
-            };
-            total += st.st_blocks as u64 * 512;
-            if st.st_mode & libc::S_IFMT == libc::S_IFDIR && stack.len() < 64 {
-                if let Ok(child) = open_fd(
-                    Some(dir.as_raw_fd()),
-                    name,
-                    OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-                    Mode::empty(),
-                ) {
-                    stack.push(child);
-                }
-            }
-        }
-    }
-    Some(total)
+    Some(fdfs::tree_usage(roots))
 }
 
 fn cname(name: &str) -> CString {
     CString::new(name).unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::PermissionsExt;
-
-    #[test]
-    fn removes_deep_unreadable_trees_without_following_links() {
-        let base = std::env::temp_dir().join(format!("sandboxd-rm-{}", std::process::id()));
-        let outside = base.join("outside");
-        std::fs::create_dir_all(&outside).unwrap();
-        std::fs::write(outside.join("keep"), "x").unwrap();
-        let tree = base.join("tree");
-        std::fs::create_dir(&tree).unwrap();
-        std::os::unix::fs::symlink(&outside, tree.join("link")).unwrap();
-        // Deeper than PATH_MAX allows to name: built one directory descriptor at a time.
-        let mut deep = open_fd(
-            None,
-            tree.as_path(),
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-            Mode::empty(),
-        )
-        .unwrap();
-        for _ in 0..3000 {
-            mkdirat(Some(deep.as_raw_fd()), "d", Mode::from_bits_truncate(0o755)).unwrap();
-            deep = open_fd(
-                Some(deep.as_raw_fd()),
-                "d",
-                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-                Mode::empty(),
-            )
-            .unwrap();
-        }
-        nix::unistd::symlinkat(&outside, Some(deep.as_raw_fd()), "link").unwrap();
-        drop(
-            open_fd(
-                Some(deep.as_raw_fd()),
-                "f",
-                OFlag::O_WRONLY | OFlag::O_CREAT,
-                Mode::from_bits_truncate(0o644),
-            )
-            .unwrap(),
-        );
-        let locked = tree.join("locked");
-        std::fs::create_dir(&locked).unwrap();
-        std::fs::write(locked.join("f"), "x").unwrap();
-        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
-
-        let parent = std::fs::File::open(&base).unwrap();
-        remove_tree(parent.as_raw_fd(), &cname("tree")).unwrap();
-        assert!(!tree.exists());
-        assert_eq!(std::fs::read_to_string(outside.join("keep")).unwrap(), "x");
-        std::fs::remove_dir_all(&base).unwrap();
-    }
 }

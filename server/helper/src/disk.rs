@@ -105,6 +105,10 @@ pub fn attach(sandbox_dir: &OwnedFd, bytes: u64) -> Result<(), DiskError> {
     };
     // Until mounted, our descriptor keeps the (auto-clearing) loop device alive.
     let mkfs = mkfs().ok_or_else(|| DiskError::Mkfs("mkfs.ext4 is not installed".into()))?;
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "mkfs.ext4 is the one tool the helper runs, with a cleared environment"
+    )]
     let out = Command::new(mkfs)
         .args(["-q", "-F", "-m", "0", "-O", "^has_journal", "-E"])
         .arg("lazy_itable_init=1,nodiscard")
@@ -121,6 +125,10 @@ pub fn attach(sandbox_dir: &OwnedFd, bytes: u64) -> Result<(), DiskError> {
         ));
     }
     let target = format!("/proc/self/fd/{}/{PRIVATE_DIR}", sandbox_dir.as_raw_fd());
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "the size-limited filesystem is mounted on the sandbox's private/ here"
+    )]
     mount(
         Some(path.as_path()),
         target.as_str(),

@@ -14,20 +14,39 @@
 //! 5. prints `ready` on stdout and serves requests on one thread (see `server.rs`).
 //!
 //! It never starts a thread, so forking it (to start monitors) is always sound.
+//!
+//! # Layers
+//!
+//! The modules form an order, bottom to top; each uses only modules below it (`layers_test.rs`
+//! holds the table and fails on any other `crate::` edge; ARCHITECTURE.md draws it):
+//!
+//! 1. leaves: `sys` (the only `unsafe`), `config`, `error`, `cgroup`;
+//! 2. descriptors and file work by descriptor: `fds`, `fdfs`, `disk`;
+//! 3. `validate` (requests into valid types), then `dirs` (the sandboxes directory's layout);
+//! 4. process plumbing: `child`, `output`;
+//! 5. per-sandbox work: `net`, `image`, `sandbox` (init and its root), `files`, `exec`;
+//! 6. `monitor`, the top of per-sandbox code; `info`; `spawn` (a new sandbox's directory,
+//!    image, cgroup, network and monitor, rolled back by a guard);
+//! 7. `server`, which dispatches requests and hands each worker only what it needs; `main`.
 
 mod cgroup;
 mod config;
 mod dirs;
 mod disk;
+mod error;
 mod exec;
+mod fdfs;
 mod fds;
 mod files;
 mod image;
 mod info;
+#[cfg(test)]
+mod layers_test;
 mod monitor;
 mod net;
 mod sandbox;
 mod server;
+mod spawn;
 mod sys;
 mod validate;
 
@@ -108,7 +127,7 @@ fn run() -> Result<Never, String> {
     let listener = bind_socket(&state, &config)?;
     // The hub of bridged sandboxes (privileged mode): opened again, or created.
     let network = net::Network::setup(std::os::fd::AsFd::as_fd(&state), &config)
-        .map_err(|e| format!("setting up networking: {}", server::error_chain(&e)))?;
+        .map_err(|e| format!("setting up networking: {}", error::error_chain(&e)))?;
 
     // 5. Ready. Standard input may be the daemon's lifeline pipe: keep it on another descriptor.
     let lifeline = if config.exit_with_stdin {

@@ -1,5 +1,7 @@
 //! The helper's request loop: one thread, `poll` over the listening socket and the daemon's
-//! connections, one request at a time.
+//! connections, one request at a time. It dispatches only: each request goes to the module that
+//! does it (`spawn`, `files`, `image`, `dirs`, `info`) with just what that module needs, and module
+//! errors become the wire's errors here.
 //!
 //! Only the daemon's uid may connect (checked with SO_PEERCRED on every accept). The first request
 //! of a connection must be `Hello` with our protocol version. Every request gets exactly one
@@ -16,11 +18,10 @@ use sandboxd_protocol::wire::{
     self, HelperError, HelperErrorCode, Request, Response, PROTOCOL_VERSION,
 };
 
-use crate::cgroup::{CgroupError, Cgroups};
+use crate::cgroup::Cgroups;
 use crate::config::Config;
 use crate::dirs::{DirError, SandboxesDir};
-use crate::net::NetError;
-use crate::{files, info, monitor, validate};
+use crate::{files, info, validate};
 
 const MAX_CONNECTIONS: usize = 16;
 /// A connection that starts a frame must finish it within this time.
@@ -134,9 +135,17 @@ impl Helper {
             ),
             Ok(_) if !conn.greeted => (invalid("the first request must be hello".into()), false),
             // A transfer takes the connection over: a file worker answers on it from now on.
-            Ok(Request::Files(req)) => match files::start(self, &req, &conn.stream) {
+            Ok(Request::Files(req)) => match files::start(
+                &files::Context {
+                    config: &self.config,
+                    sandboxes: &self.sandboxes,
+                    images: &self.images,
+                },
+                &req,
+                &conn.stream,
+            ) {
                 Ok(()) => return false,
-                Err(e) => (Response::Error(e), false),
+                Err(e) => (Response::Error(e.into_wire()), false),
             },
             Ok(Request::ImportImage { upload, digest }) => {
                 // Long work: a forked worker answers on this connection, which leaves our list.
@@ -171,7 +180,7 @@ impl Helper {
                     ids.dedup();
                     Response::List { ids }
                 }
-                Err(e) => Response::Error(dir_error(e)),
+                Err(e) => Response::Error(DirError::into_wire(e)),
             },
             Request::Stats { id } => match self.sandboxes.stats(id) {
                 Ok(mut stats) => {
@@ -183,7 +192,7 @@ impl Helper {
                     stats.pids_peak = cg.pids_peak;
                     Response::Stats(stats)
                 }
-                Err(e) => Response::Error(dir_error(e)),
+                Err(e) => Response::Error(DirError::into_wire(e)),
             },
             Request::Destroy { id } => {
                 let had_cgroup = self.cgroups.exists(id);
@@ -198,164 +207,48 @@ impl Helper {
                         self.network.teardown(id);
                         Response::Destroyed
                     }
-                    Err(e) => Response::Error(dir_error(e)),
+                    Err(e) => Response::Error(DirError::into_wire(e)),
                 }
             }
             Request::ImportImage { .. } => invalid("import is answered by a worker".into()),
             Request::DeleteImage { digest } => match self.images.delete(&digest) {
                 Ok(()) => Response::ImageDeleted,
-                Err(e) => Response::Error(e),
+                Err(e) => Response::Error(e.into_wire()),
             },
             Request::ListImages => match self.images.list() {
                 Ok(digests) => Response::ImageList { digests },
-                Err(e) => Response::Error(e),
+                Err(e) => Response::Error(e.into_wire()),
             },
-            Request::Prepare(req) => {
-                let spawn = match validate::validate(&req, &self.config) {
-                    Ok(s) => s,
-                    Err(e) => return invalid(e.to_string()),
-                };
-                // The directory (and a disk-limited sandbox's filesystem) stays; its locks are
-                // released at once: a created sandbox has no monitor until it starts.
-                match self.create_dir(&spawn) {
-                    Ok(files) => {
-                        drop(files);
-                        Response::Prepared
-                    }
+            Request::Prepare(req) => match validate::validate(&req, &self.config) {
+                Ok(spawn) => match crate::spawn::prepare(&self.spawn_context(), &spawn) {
+                    Ok(()) => Response::Prepared,
                     Err(e) => Response::Error(e),
-                }
-            }
+                },
+                Err(e) => invalid(e.to_string()),
+            },
             // Handled in `serve_one`, which owns the connection.
             Request::Files(_) => invalid("a transfer needs a connection of its own".into()),
-            Request::Spawn(req) => {
-                let spawn = match validate::validate(&req, &self.config) {
-                    Ok(s) => s,
-                    Err(e) => return invalid(e.to_string()),
-                };
-                let files = if req.prepared {
-                    self.sandboxes
-                        .open_prepared(spawn.id, spawn.ids)
-                        .map_err(dir_error)
-                } else {
-                    self.create_dir(&spawn)
-                };
-                let mut files = match files {
-                    Ok(f) => f,
-                    Err(e) => return Response::Error(e),
-                };
-                if let (crate::validate::Rootfs::Image { digest, .. }, wire::Mode::Privileged) =
-                    (&spawn.rootfs, self.config.mode)
-                {
-                    match crate::image::idmapped_lower(
-                        &self.images,
-                        &self.config,
-                        digest,
-                        spawn.ids,
-                    ) {
-                        Ok(lower) => files.image_lower = Some(lower),
-                        Err(e) => {
-                            drop(files);
-                            let _ = self.sandboxes.destroy(spawn.id);
-                            return Response::Error(e);
-                        }
+            Request::Spawn(req) => match validate::validate(&req, &self.config) {
+                Ok(spawn) => {
+                    match crate::spawn::spawn(&self.spawn_context(), &spawn, req.prepared) {
+                        Ok(spawned) => Response::Spawned(spawned),
+                        Err(e) => Response::Error(e),
                     }
                 }
-                if let Err(e) = self.cgroups.create(spawn.id, &spawn.limits) {
-                    drop(files);
-                    let _ = self.sandboxes.destroy(spawn.id);
-                    let code = match e {
-                        CgroupError::Unenforceable(_) => HelperErrorCode::Invalid,
-                        _ => HelperErrorCode::SetupFailed,
-                    };
-                    return Response::Error(HelperError::new(code, error_chain(&e)));
-                }
-                let net = match self.network.prepare(&spawn) {
-                    Ok(net) => net,
-                    Err(e) => {
-                        drop(files);
-                        self.cgroups.remove(spawn.id);
-                        let _ = self.sandboxes.destroy(spawn.id);
-                        let code = match e {
-                            NetError::PortInUse(_) => HelperErrorCode::PortInUse,
-                            NetError::Unavailable(_) => HelperErrorCode::Invalid,
-                            _ => HelperErrorCode::SetupFailed,
-                        };
-                        return Response::Error(HelperError::new(code, error_chain(&e)));
-                    }
-                };
-                let ports = net.as_ref().map(|n| n.ports()).unwrap_or_default();
-                match monitor::start(&spawn, files, &self.config, &self.cgroups, net) {
-                    Ok(mut spawned) => {
-                        spawned.host_uid = spawn.ids.host_root_uid();
-                        spawned.ports = ports;
-                        Response::Spawned(spawned)
-                    }
-                    Err(e) => {
-                        // Roll back; keep the start error, which is the one worth reporting.
-                        self.cgroups.remove(spawn.id);
-                        self.network.teardown(spawn.id);
-                        if let Err(cleanup) = self.sandboxes.destroy(spawn.id) {
-                            return Response::Error(HelperError::new(
-                                e.code,
-                                format!("{} (and cleaning up failed: {cleanup})", e.message),
-                            ));
-                        }
-                        Response::Error(e)
-                    }
-                }
-            }
+                Err(e) => invalid(e.to_string()),
+            },
         }
     }
 
-    /// Create a new sandbox's directory for `spawn`: its image checked to be stored, its disk
-    /// limit checked to be enforceable, and the image's digest recorded in it.
-    fn create_dir(
-        &self,
-        spawn: &validate::ValidSpawn,
-    ) -> Result<crate::dirs::SandboxFiles, HelperError> {
-        let image = match &spawn.rootfs {
-            crate::validate::Rootfs::Image { digest, .. } => Some(digest.as_str()),
-            crate::validate::Rootfs::Host => None,
-        };
-        if image.is_some_and(|d| !self.images.exists(d)) {
-            return Err(HelperError::new(
-                HelperErrorCode::NotFound,
-                "the image is not stored",
-            ));
+    /// What the spawn and prepare requests need of the helper.
+    fn spawn_context(&self) -> crate::spawn::Context<'_> {
+        crate::spawn::Context {
+            config: &self.config,
+            sandboxes: &self.sandboxes,
+            cgroups: &self.cgroups,
+            images: &self.images,
+            network: &self.network,
         }
-        if spawn.limits.disk_bytes.is_some() {
-            if let Some(why) = crate::disk::unavailable(self.config.mode == wire::Mode::Privileged)
-            {
-                return Err(HelperError::new(
-                    HelperErrorCode::Invalid,
-                    format!("disk limits are not enforceable: {why}"),
-                ));
-            }
-        }
-        let layout = crate::dirs::Layout {
-            image: image.is_some(),
-            disk_bytes: spawn.limits.disk_bytes,
-        };
-        let files = self
-            .sandboxes
-            .create(
-                spawn.id,
-                spawn.ids,
-                self.config.allow_uid,
-                self.config.allow_gid,
-                layout,
-            )
-            .map_err(dir_error)?;
-        if let Some(digest) = image {
-            // Recorded so that whoever looks at the sandbox later (after its exit too) knows
-            // its lower layer.
-            if let Err(e) = crate::image::record_digest(&files.dir, digest) {
-                drop(files);
-                let _ = self.sandboxes.destroy(spawn.id);
-                return Err(e);
-            }
-        }
-        Ok(files)
     }
 }
 
@@ -368,7 +261,7 @@ impl Helper {
             let _ = crate::fds::close_all_except(&[stream_fd, images_fd]);
             let response = match crate::image::import(&self.config, &self.images, upload, &digest) {
                 Ok(done) => Response::ImageImported(done),
-                Err(e) => Response::Error(e),
+                Err(e) => Response::Error(e.into_wire()),
             };
             if let Ok(frame) = wire::encode(&response) {
                 let _ = (&*stream).write_all(&frame);
@@ -379,30 +272,4 @@ impl Helper {
 
 fn invalid(message: String) -> Response {
     Response::Error(HelperError::new(HelperErrorCode::Invalid, message))
-}
-
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        message.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    message
-}
-
-pub(crate) fn dir_error(e: DirError) -> HelperError {
-    let code = match &e {
-        DirError::Exists(_) | DirError::Busy(_) => HelperErrorCode::Busy,
-        DirError::SlotBusy(_) => HelperErrorCode::SlotBusy,
-        DirError::NotFound(_) => HelperErrorCode::NotFound,
-        _ => HelperErrorCode::Internal,
-    };
-    let mut message = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        message.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    HelperError::new(code, message)
 }

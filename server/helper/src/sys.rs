@@ -520,6 +520,7 @@ mod tests {
     #[test]
     fn fork_is_refused_while_another_thread_exists() {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
+        #[allow(clippy::disallowed_methods, reason = "the test needs a second thread")]
         let other = std::thread::spawn(move || rx.recv());
         assert!(matches!(check_single_threaded(), Err(ForkError::Threaded)));
         assert!(matches!(fork(), Err(ForkError::Threaded)));

@@ -81,7 +81,7 @@ struct Level {
 
 impl Level {
     fn new(dir: OwnedFd, prefix: PathBuf) -> io::Result<Level> {
-        let mut listing = crate::dirs::open_listing(dir.as_raw_fd())?;
+        let mut listing = crate::fdfs::open_listing(dir.as_raw_fd())?;
         let mut names = Vec::new();
         for entry in listing.iter() {
             let name = entry?.file_name().to_bytes().to_vec();

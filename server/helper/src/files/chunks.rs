@@ -117,6 +117,10 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let data: Vec<u8> = (0..(3 * MAX_CHUNK + 77)).map(|i| (i % 253) as u8).collect();
         let sent = data.clone();
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "a test thread plays the other end; the helper process itself never runs one"
+        )]
         let writer = std::thread::spawn(move || {
             let mut w = ChunkWriter::new(&a);
             for piece in sent.chunks(1000) {

@@ -45,7 +45,9 @@ use sandboxd_protocol::files::{check_mode, SandboxPath};
 use sandboxd_protocol::layout::{PRIVATE_DIR, SANDBOXES_DIR, WORK_DIR};
 use sandboxd_protocol::wire::{self, FilesRequest, HelperError, HelperErrorCode, Response};
 
-use crate::server::Helper;
+use crate::config::Config;
+use crate::dirs::SandboxesDir;
+use crate::image::ImageStore;
 use crate::sys::{self, CloneResult};
 use crate::validate::{self, IdMap, ValidSpawn};
 
@@ -63,13 +65,57 @@ pub struct ValidFiles {
     pub mode: Option<u32>,
 }
 
-fn invalid(message: impl Into<String>) -> HelperError {
-    HelperError::new(HelperErrorCode::Invalid, message)
+/// Why a transfer could not start; the request loop answers it as the wire's error
+/// ([`FilesError::into_wire`]). Once a worker runs, it answers on the connection itself.
+#[derive(Debug, thiserror::Error)]
+pub enum FilesError {
+    /// The request: its spawn, path or mode.
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Dir(#[from] crate::dirs::DirError),
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    #[error("opening monitor.lock")]
+    OpenLock(#[source] nix::errno::Errno),
+    #[error("the sandbox is being started; retry in a moment")]
+    Starting,
+    #[error("locking monitor.lock")]
+    Lock(#[source] nix::errno::Errno),
+    #[error("fork")]
+    Fork(#[source] sys::ForkError),
 }
 
-fn validate_files(req: &FilesRequest, helper: &Helper) -> Result<ValidFiles, HelperError> {
-    let spawn =
-        validate::validate(&req.spawn, &helper.config).map_err(|e| invalid(e.to_string()))?;
+impl FilesError {
+    /// This error on the wire.
+    pub fn into_wire(self) -> HelperError {
+        let code = match self {
+            FilesError::Dir(e) => return e.into_wire(),
+            FilesError::Image(e) => return e.into_wire(),
+            FilesError::Invalid(_) => HelperErrorCode::Invalid,
+            FilesError::Starting => HelperErrorCode::Busy,
+            FilesError::OpenLock(_) | FilesError::Lock(_) | FilesError::Fork(_) => {
+                HelperErrorCode::SetupFailed
+            }
+        };
+        crate::error::wire(code, &self)
+    }
+}
+
+fn invalid(message: impl Into<String>) -> FilesError {
+    FilesError::Invalid(message.into())
+}
+
+/// What a transfer needs of the helper: no more than its configuration, the sandboxes directory
+/// and the image store (the request loop hands these over, not itself).
+pub struct Context<'a> {
+    pub config: &'a Config,
+    pub sandboxes: &'a SandboxesDir,
+    pub images: &'a ImageStore,
+}
+
+fn validate_files(req: &FilesRequest, cx: &Context<'_>) -> Result<ValidFiles, FilesError> {
+    let spawn = validate::validate(&req.spawn, cx.config).map_err(|e| invalid(e.to_string()))?;
     let path = SandboxPath::parse(&req.path).map_err(|e| invalid(e.to_string()))?;
     path.check_for(req.op).map_err(|e| invalid(e.to_string()))?;
     let mode = req.mode.map(check_mode).transpose().map_err(invalid)?;
@@ -81,15 +127,12 @@ fn validate_files(req: &FilesRequest, helper: &Helper) -> Result<ValidFiles, Hel
     })
 }
 
-/// Start a worker for `req` on `conn`. On success the worker owns the exchange and the helper
+/// Start a worker for `req` on `conn`. On success the worker owns the exchange and the cx
 /// must close its copy of the connection; on failure the helper answers the error itself.
-pub fn start(helper: &Helper, req: &FilesRequest, conn: &UnixStream) -> Result<(), HelperError> {
-    let files = validate_files(req, helper)?;
-    let work = helper
-        .sandboxes
-        .open_work(files.spawn.id, files.spawn.ids)
-        .map_err(crate::server::dir_error)?;
-    let work_path = helper
+pub fn start(cx: &Context<'_>, req: &FilesRequest, conn: &UnixStream) -> Result<(), FilesError> {
+    let files = validate_files(req, cx)?;
+    let work = cx.sandboxes.open_work(files.spawn.id, files.spawn.ids)?;
+    let work_path = cx
         .config
         .state_dir
         .join(SANDBOXES_DIR)
@@ -98,37 +141,29 @@ pub fn start(helper: &Helper, req: &FilesRequest, conn: &UnixStream) -> Result<(
         .join(WORK_DIR);
     // A running sandbox is reached through its init's namespaces, which its monitor holds; for
     // a created or exited one (no monitor) the worker builds the root itself.
-    let namespaces = running_namespaces(helper, files.spawn.id);
+    let namespaces = running_namespaces(cx, files.spawn.id);
     // A worker that builds the root itself holds `monitor.lock` shared for its whole life: a
     // start (whose monitor takes it exclusively) then waits until no transfer is in flight,
     // instead of mounting the same upper layer a second time; and a monitor that holds it
     // already means the sandbox is starting.
     let root_lock = match &namespaces {
         Some(_) => None,
-        None => Some(share_monitor_lock(helper, files.spawn.id)?),
+        None => Some(share_monitor_lock(cx, files.spawn.id)?),
     };
     // A root built here from an image needs the image's lower layer, as init gets it.
     let image = match (&namespaces, &files.spawn.rootfs) {
-        (None, crate::validate::Rootfs::Image { digest, .. }) => Some(match helper.config.mode {
-            sandboxd_protocol::wire::Mode::Privileged => {
-                crate::sandbox::ImageLower::Idmapped(crate::image::idmapped_lower(
-                    &helper.images,
-                    &helper.config,
-                    digest,
-                    files.spawn.ids,
-                )?)
-            }
+        (None, crate::validate::Rootfs::Image { digest, .. }) => Some(match cx.config.mode {
+            sandboxd_protocol::wire::Mode::Privileged => crate::sandbox::ImageLower::Idmapped(
+                crate::image::idmapped_lower(cx.images, cx.config, digest, files.spawn.ids)?,
+            ),
             sandboxd_protocol::wire::Mode::Rootless => {
-                crate::sandbox::ImageLower::Path(crate::image::lower_path(&helper.config, digest))
+                crate::sandbox::ImageLower::Path(crate::image::lower_path(cx.config, digest))
             }
         }),
         _ => None,
     };
-    let setup = |step: &str, e: nix::errno::Errno| {
-        HelperError::new(HelperErrorCode::SetupFailed, format!("{step}: {e}"))
-    };
     // SAFETY-relevant invariant: the helper is single-threaded, so forking it is sound.
-    match sys::fork().map_err(|e| setup("fork", e.into()))? {
+    match sys::fork().map_err(FilesError::Fork)? {
         ForkResult::Parent { child } => {
             // The fork exits as soon as the worker has its maps.
             let _ = nix::sys::wait::waitpid(child, None);
@@ -152,34 +187,20 @@ pub fn start(helper: &Helper, req: &FilesRequest, conn: &UnixStream) -> Result<(
 /// `monitor.lock` of a sandbox that does not run, locked shared (see `start`). Busy when a
 /// monitor holds it: the sandbox is being started. (A raw flock: it must stay with the worker's
 /// inherited copy of the descriptor when the helper closes its own.)
-fn share_monitor_lock(helper: &Helper, id: uuid::Uuid) -> Result<OwnedFd, HelperError> {
+fn share_monitor_lock(cx: &Context<'_>, id: uuid::Uuid) -> Result<OwnedFd, FilesError> {
     use nix::fcntl::{FlockArg, OFlag};
-    let dir = helper
-        .sandboxes
-        .open_dir(id)
-        .map_err(crate::server::dir_error)?;
+    let dir = cx.sandboxes.open_dir(id)?;
     let lock = crate::sys::openat(
         Some(dir.as_raw_fd()),
         sandboxd_protocol::layout::MONITOR_LOCK,
         OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
         nix::sys::stat::Mode::empty(),
     )
-    .map_err(|e| {
-        HelperError::new(
-            HelperErrorCode::SetupFailed,
-            format!("opening monitor.lock: {e}"),
-        )
-    })?;
-    match crate::dirs::flock(lock.as_raw_fd(), FlockArg::LockSharedNonblock) {
+    .map_err(FilesError::OpenLock)?;
+    match crate::fdfs::flock(lock.as_raw_fd(), FlockArg::LockSharedNonblock) {
         Ok(()) => Ok(lock),
-        Err(nix::errno::Errno::EWOULDBLOCK) => Err(HelperError::new(
-            HelperErrorCode::Busy,
-            "the sandbox is being started; retry in a moment",
-        )),
-        Err(e) => Err(HelperError::new(
-            HelperErrorCode::SetupFailed,
-            format!("locking monitor.lock: {e}"),
-        )),
+        Err(nix::errno::Errno::EWOULDBLOCK) => Err(FilesError::Starting),
+        Err(e) => Err(FilesError::Lock(e)),
     }
 }
 
@@ -193,8 +214,8 @@ pub(crate) fn send(conn: &UnixStream, response: &Response) {
 
 /// Ask the sandbox's monitor for init's user and mount namespaces (`ns` on its control socket).
 /// `None` when no monitor answers: the sandbox is not running.
-fn running_namespaces(helper: &Helper, id: uuid::Uuid) -> Option<[OwnedFd; 2]> {
-    let dir = helper.sandboxes.open_dir(id).ok()?;
+fn running_namespaces(cx: &Context<'_>, id: uuid::Uuid) -> Option<[OwnedFd; 2]> {
+    let dir = cx.sandboxes.open_dir(id).ok()?;
     // Through the directory's descriptor: the helper's own directory, which nobody can swap.
     let path = format!(
         "/proc/self/fd/{}/{}",
@@ -394,4 +415,35 @@ fn become_root(ids: IdMap) -> Result<(), nix::errno::Errno> {
     }
     nix::unistd::setresuid(u, u, u)?;
     nix::sys::prctl::set_dumpable(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_errors_reach_the_wire_with_their_code() {
+        let cases = [
+            (invalid("bad mode"), HelperErrorCode::Invalid, "bad mode"),
+            (
+                FilesError::Starting,
+                HelperErrorCode::Busy,
+                "the sandbox is being started; retry in a moment",
+            ),
+            (
+                FilesError::Lock(nix::errno::Errno::EIO),
+                HelperErrorCode::SetupFailed,
+                "locking monitor.lock: EIO: I/O error",
+            ),
+            (
+                FilesError::Image(crate::image::ImageError::NotStored),
+                HelperErrorCode::NotFound,
+                "the image is not stored",
+            ),
+        ];
+        for (error, code, message) in cases {
+            let wire = error.into_wire();
+            assert_eq!((wire.code, wire.message.as_str()), (code, message));
+        }
+    }
 }

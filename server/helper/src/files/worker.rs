@@ -136,7 +136,7 @@ pub fn copy_exactly(
 
 /// The JSON listing, written entry by entry (a huge directory is never held whole).
 fn write_listing(dir: &OwnedFd, path: &str, out: &mut impl Write) -> io::Result<()> {
-    let mut listing = crate::dirs::open_listing(dir.as_raw_fd())?;
+    let mut listing = crate::fdfs::open_listing(dir.as_raw_fd())?;
     write!(
         out,
         "{{\"path\":{},\"entries\":[",
@@ -247,7 +247,7 @@ fn delete(root: &Root, files: &ValidFiles, s: &mut Session) -> Result<(), Helper
     if is_dir(&st) {
         // Iterative, one directory descriptor at a time, never following a link.
         let cname = std::ffi::CString::new(name).map_err(|_| refused("NUL in path"))?;
-        crate::dirs::remove_tree(dir.as_raw_fd(), &cname).map_err(|e| errno(path, e))?;
+        crate::fdfs::remove_tree(dir.as_raw_fd(), &cname).map_err(|e| errno(path, e))?;
     } else {
         unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir)
             .map_err(|e| errno(path, e))?;

@@ -45,20 +45,92 @@ const TRASH_PREFIX: &str = ".del-";
 /// Most entries an image may have.
 const MAX_ENTRIES: u64 = 2_000_000;
 
-fn err(code: HelperErrorCode, message: impl Into<String>) -> HelperError {
-    HelperError::new(code, message)
+/// What went wrong with the image store, an import or an image's lower layer; the request loop
+/// (and the import worker, which answers the daemon itself) turns it into the wire's error with
+/// [`ImageError::into_wire`].
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("malformed image digest")]
+    MalformedDigest,
+    #[error("no such image digest")]
+    NoSuchDigest,
+    #[error("the image is not stored")]
+    NotStored,
+    /// The daemon's upload is not one the helper reads (missing, a link, another owner's...).
+    #[error("upload {upload}: {why}")]
+    Upload { upload: uuid::Uuid, why: String },
+    /// A system call of the step named failed.
+    #[error("{step}")]
+    Step {
+        step: String,
+        #[source]
+        source: Errno,
+    },
+    #[error("{step}")]
+    Io {
+        step: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("encoding")]
+    Encode(#[source] serde_json::Error),
+    #[error("clone")]
+    Clone(#[source] sys::ForkError),
+    /// The unpacker ended without reporting success.
+    #[error("unpacking: {0}")]
+    Unpacker(String),
+    /// The archive itself: too large, hostile or unreadable.
+    #[error(transparent)]
+    Unpack(unpack::UnpackError),
+    #[error("idmapping an image: needs a uid range")]
+    NeedsRange,
+    #[error("idmapping the image (does this filesystem support idmapped mounts?)")]
+    Idmap(#[source] Errno),
+    /// An error already in the wire's shape: the unpacker's report, or the id maps.
+    #[error("{}", .0.message)]
+    Reported(HelperError),
 }
 
-fn internal(step: &str, e: impl std::fmt::Display) -> HelperError {
-    err(HelperErrorCode::Internal, format!("{step}: {e}"))
+impl ImageError {
+    /// This error on the wire: its code, and its message with every cause.
+    pub fn into_wire(self) -> HelperError {
+        use unpack::UnpackError as U;
+        if let ImageError::Reported(e) = self {
+            return e;
+        }
+        let code = match &self {
+            ImageError::MalformedDigest | ImageError::Upload { .. } => HelperErrorCode::Invalid,
+            ImageError::NoSuchDigest | ImageError::NotStored => HelperErrorCode::NotFound,
+            ImageError::Idmap(_) => HelperErrorCode::SetupFailed,
+            ImageError::Unpack(e) => match e {
+                U::TooLarge(_) | U::TooManyEntries(_) => HelperErrorCode::ImageTooLarge,
+                U::Read(io) if io.kind() == std::io::ErrorKind::FileTooLarge => {
+                    HelperErrorCode::ImageTooLarge
+                }
+                U::Hostile { .. } | U::Read(_) => HelperErrorCode::BadImage,
+                U::Write { source, .. } if *source == Errno::ENOSPC || *source == Errno::EDQUOT => {
+                    HelperErrorCode::Internal
+                }
+                U::Write { .. } => HelperErrorCode::BadImage,
+            },
+            _ => HelperErrorCode::Internal,
+        };
+        match self {
+            // The archive's own message, as the unpacker has always reported it.
+            ImageError::Unpack(e) => HelperError::new(code, e.to_string()),
+            other => crate::error::wire(code, &other),
+        }
+    }
 }
 
-/// A digest as the store names it: 64 lower-case hex digits.
-pub fn valid_digest(digest: &str) -> bool {
-    digest.len() == 64
-        && digest
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+fn step(step: impl Into<String>) -> impl FnOnce(Errno) -> ImageError {
+    let step = step.into();
+    move |source| ImageError::Step { step, source }
+}
+
+fn io_step(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageError {
+    let step = step.into();
+    move |source| ImageError::Io { step, source }
 }
 
 /// `<state>/images`, held open.
@@ -106,14 +178,14 @@ impl ImageStore {
                     Mode::empty(),
                 )
                 .is_ok_and(|fd| {
-                    crate::dirs::flock(fd.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock)
+                    crate::fdfs::flock(fd.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock)
                         .is_err()
                 });
                 if busy {
                     continue;
                 }
                 if let Ok(c) = CString::new(name) {
-                    let _ = crate::dirs::remove_tree(store.fd.as_raw_fd(), &c);
+                    let _ = crate::fdfs::remove_tree(store.fd.as_raw_fd(), &c);
                 }
             }
         }
@@ -125,7 +197,7 @@ impl ImageStore {
     }
 
     fn names(&self) -> Result<Vec<String>, Errno> {
-        let mut dir = crate::dirs::open_listing(self.raw_fd())?;
+        let mut dir = crate::fdfs::open_listing(self.raw_fd())?;
         let mut out = Vec::new();
         for entry in dir.iter() {
             let entry = entry?;
@@ -139,12 +211,12 @@ impl ImageStore {
     }
 
     /// Digests of every stored image.
-    pub fn list(&self) -> Result<Vec<String>, HelperError> {
+    pub fn list(&self) -> Result<Vec<String>, ImageError> {
         let mut digests: Vec<String> = self
             .names()
-            .map_err(|e| internal("listing images", e))?
+            .map_err(step("listing images"))?
             .into_iter()
-            .filter(|n| valid_digest(n))
+            .filter(|n| is_digest(n))
             .collect();
         digests.sort();
         Ok(digests)
@@ -168,14 +240,14 @@ impl ImageStore {
     }
 
     pub fn exists(&self, digest: &str) -> bool {
-        valid_digest(digest) && self.meta(digest).is_some()
+        is_digest(digest) && self.meta(digest).is_some()
     }
 
     /// Remove an image: renamed away at once (so a new import of it starts clean), then deleted
     /// by a detached process, so a big tree does not hold up the helper.
-    pub fn delete(&self, digest: &str) -> Result<(), HelperError> {
-        if !valid_digest(digest) {
-            return Err(err(HelperErrorCode::Invalid, "malformed image digest"));
+    pub fn delete(&self, digest: &str) -> Result<(), ImageError> {
+        if !is_digest(digest) {
+            return Err(ImageError::MalformedDigest);
         }
         let trash = format!("{TRASH_PREFIX}{digest}-{}", std::process::id());
         match renameat(
@@ -185,15 +257,13 @@ impl ImageStore {
             trash.as_str(),
         ) {
             Ok(()) => {}
-            Err(Errno::ENOENT) => {
-                return Err(err(HelperErrorCode::NotFound, "no such image digest"))
-            }
-            Err(e) => return Err(internal("removing the image", e)),
+            Err(Errno::ENOENT) => return Err(ImageError::NoSuchDigest),
+            Err(e) => return Err(step("removing the image")(e)),
         }
         let dir = self.raw_fd();
         detached(move || {
             if let Ok(c) = CString::new(trash) {
-                let _ = crate::dirs::remove_tree(dir, &c);
+                let _ = crate::fdfs::remove_tree(dir, &c);
             }
         });
         Ok(())
@@ -236,8 +306,11 @@ fn image_ids(config: &Config) -> IdMap {
 
 /// Open the daemon's upload: a regular file of the daemon's uid with a single link (so it cannot
 /// be a hard link to a file the daemon could not read itself).
-fn open_upload(config: &Config, upload: uuid::Uuid) -> Result<File, HelperError> {
-    let refuse = |why: &str| err(HelperErrorCode::Invalid, format!("upload {upload}: {why}"));
+fn open_upload(config: &Config, upload: uuid::Uuid) -> Result<File, ImageError> {
+    let refuse = |why: &str| ImageError::Upload {
+        upload,
+        why: why.to_owned(),
+    };
     let dir = crate::sys::open(
         &config.state_dir.join(UPLOADS_DIR),
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
@@ -267,9 +340,9 @@ pub fn import(
     store: &ImageStore,
     upload: uuid::Uuid,
     digest: &str,
-) -> Result<ImportedImage, HelperError> {
-    if !valid_digest(digest) {
-        return Err(err(HelperErrorCode::Invalid, "malformed image digest"));
+) -> Result<ImportedImage, ImageError> {
+    if !is_digest(digest) {
+        return Err(ImageError::MalformedDigest);
     }
     if let Some(meta) = store.meta(digest) {
         return Ok(ImportedImage {
@@ -285,7 +358,7 @@ pub fn import(
         scratch_name.as_str(),
         Mode::from_bits_truncate(0o700),
     )
-    .map_err(|e| internal("creating a scratch directory", e))?;
+    .map_err(step("creating a scratch directory"))?;
     // Held until this worker exits: a restarted helper must not clear the directory under us.
     let _lock = crate::sys::openat(
         Some(store.raw_fd()),
@@ -294,14 +367,14 @@ pub fn import(
         Mode::empty(),
     )
     .and_then(|fd| {
-        crate::dirs::flock(fd.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock)?;
+        crate::fdfs::flock(fd.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock)?;
         Ok(fd)
     })
-    .map_err(|e| internal("locking the scratch directory", e))?;
+    .map_err(step("locking the scratch directory"))?;
     let result =
         unpack_into(config, store, &scratch_name, upload_file, ids).and_then(|mut meta| {
             meta.digest = digest.to_owned();
-            let bytes = serde_json::to_vec(&meta).map_err(|e| internal("encoding", e))?;
+            let bytes = serde_json::to_vec(&meta).map_err(ImageError::Encode)?;
             let fd = crate::sys::openat(
                 Some(store.raw_fd()),
                 format!("{scratch_name}/{META_FILE}").as_str(),
@@ -312,17 +385,17 @@ pub fn import(
                     | OFlag::O_CLOEXEC,
                 Mode::from_bits_truncate(0o600),
             )
-            .map_err(|e| internal("writing meta.json", e))?;
+            .map_err(step("writing meta.json"))?;
             File::from(fd)
                 .write_all(&bytes)
-                .map_err(|e| internal("writing meta.json", e))?;
+                .map_err(io_step("writing meta.json"))?;
             Ok(meta)
         });
     let scratch_c = CString::new(scratch_name.clone()).unwrap_or_default();
     let meta = match result {
         Ok(meta) => meta,
         Err(e) => {
-            let _ = crate::dirs::remove_tree(store.raw_fd(), &scratch_c);
+            let _ = crate::fdfs::remove_tree(store.raw_fd(), &scratch_c);
             return Err(e);
         }
     };
@@ -335,15 +408,15 @@ pub fn import(
         Ok(()) => Ok(meta),
         // Another import of the same content finished first: keep that one.
         Err(Errno::EEXIST) | Err(Errno::ENOTEMPTY) => {
-            let _ = crate::dirs::remove_tree(store.raw_fd(), &scratch_c);
+            let _ = crate::fdfs::remove_tree(store.raw_fd(), &scratch_c);
             Ok(ImportedImage {
                 unpacked: false,
                 ..meta
             })
         }
         Err(e) => {
-            let _ = crate::dirs::remove_tree(store.raw_fd(), &scratch_c);
-            Err(internal("storing the image", e))
+            let _ = crate::fdfs::remove_tree(store.raw_fd(), &scratch_c);
+            Err(step("storing the image")(e))
         }
     }
 }
@@ -356,43 +429,43 @@ fn unpack_into(
     scratch_name: &str,
     upload: File,
     ids: IdMap,
-) -> Result<ImportedImage, HelperError> {
+) -> Result<ImportedImage, ImageError> {
     let scratch = crate::sys::openat(
         Some(store.raw_fd()),
         scratch_name,
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| internal("opening the scratch directory", e))?;
+    .map_err(step("opening the scratch directory"))?;
     // The scratch directory and the root filesystem in it belong to the image range's root.
     mkdirat(
         Some(scratch.as_raw_fd()),
         IMAGE_ROOTFS,
         Mode::from_bits_truncate(0o755),
     )
-    .map_err(|e| internal("creating rootfs/", e))?;
+    .map_err(step("creating rootfs/"))?;
     let rootfs = crate::sys::openat(
         Some(scratch.as_raw_fd()),
         IMAGE_ROOTFS,
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| internal("opening rootfs/", e))?;
+    .map_err(step("opening rootfs/"))?;
     for fd in [&scratch, &rootfs] {
         fchown(
             fd.as_raw_fd(),
             Some(Uid::from_raw(ids.host_root_uid())),
             Some(Gid::from_raw(ids.host_root_gid())),
         )
-        .map_err(|e| internal("handing the scratch directory to the image range", e))?;
+        .map_err(step("handing the scratch directory to the image range"))?;
     }
-    let (report_r, report_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| internal("pipe", e))?;
-    let (sync_r, sync_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| internal("pipe", e))?;
+    let (report_r, report_w) = pipe2(OFlag::O_CLOEXEC).map_err(step("pipe"))?;
+    let (sync_r, sync_w) = pipe2(OFlag::O_CLOEXEC).map_err(step("pipe"))?;
     // As in the monitor: the child's /proc files must be ours for a rootless helper to write its
     // maps, so it starts dumpable; the worker is not dumpable again afterwards.
-    nix::sys::prctl::set_dumpable(true).map_err(|e| internal("prctl", e))?;
+    nix::sys::prctl::set_dumpable(true).map_err(step("prctl"))?;
     let flags = libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC;
-    match sys::clone_into_namespaces(flags, None).map_err(|e| internal("clone", e))? {
+    match sys::clone_into_namespaces(flags, None).map_err(ImageError::Clone)? {
         CloneResult::Child => {
             drop((report_r, sync_w));
             let code = unpacker(config, upload, rootfs, scratch, sync_r, report_w);
@@ -405,7 +478,7 @@ fn unpack_into(
             if let Err(e) = mapped {
                 let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
                 let _ = waitpid(child, None);
-                return Err(e);
+                return Err(ImageError::Reported(e));
             }
             let _ = File::from(sync_w).write_all(b"1");
             let mut report = Vec::new();
@@ -415,18 +488,16 @@ fn unpack_into(
             let status = waitpid(child, None);
             let outcome: Result<ImportedImage, HelperError> = serde_json::from_slice(&report)
                 .map_err(|_| {
-                    internal(
-                        "unpacking",
-                        format!("the unpacker ended without a report ({status:?})"),
-                    )
+                    ImageError::Unpacker(format!(
+                        "the unpacker ended without a report ({status:?})"
+                    ))
                 })?;
             match (outcome, status) {
                 (Ok(meta), Ok(WaitStatus::Exited(_, 0))) => Ok(meta),
-                (Err(e), _) => Err(e),
-                (Ok(_), status) => Err(internal(
-                    "unpacking",
-                    format!("the unpacker failed ({status:?})"),
-                )),
+                (Err(e), _) => Err(ImageError::Reported(e)),
+                (Ok(_), status) => Err(ImageError::Unpacker(format!(
+                    "the unpacker failed ({status:?})"
+                ))),
             }
         }
     }
@@ -462,8 +533,8 @@ fn unpacker(
         .and_then(|()| nix::unistd::setresuid(root.0, root.0, root.0))
         .and_then(|()| nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL))
         .and_then(|()| nix::sys::prctl::set_no_new_privs());
-    let outcome: Result<ImportedImage, HelperError> = match became {
-        Err(e) => Err(internal("entering the unpacker's user namespace", e)),
+    let outcome: Result<ImportedImage, ImageError> = match became {
+        Err(e) => Err(step("entering the unpacker's user namespace")(e)),
         Ok(()) => {
             let mut budget = unpack::Budget::new(config.max_image_bytes, MAX_ENTRIES);
             match archive::unpack_upload(upload, &rootfs, &scratch, &mut budget) {
@@ -484,10 +555,12 @@ fn unpacker(
                         unpacked: true,
                     })
                 }
-                Err(e) => Err(unpack_error(e)),
+                Err(e) => Err(ImageError::Unpack(e)),
             }
         }
     };
+    // The report crosses to the worker as the wire's error: this process's edge.
+    let outcome = outcome.map_err(ImageError::into_wire);
     let ok = outcome.is_ok();
     let written = serde_json::to_vec(&outcome)
         .map(|bytes| File::from(report).write_all(&bytes).is_ok())
@@ -499,31 +572,15 @@ fn unpacker(
     }
 }
 
-fn unpack_error(e: unpack::UnpackError) -> HelperError {
-    use unpack::UnpackError as U;
-    let code = match &e {
-        U::TooLarge(_) | U::TooManyEntries(_) => HelperErrorCode::ImageTooLarge,
-        U::Read(io) if io.kind() == std::io::ErrorKind::FileTooLarge => {
-            HelperErrorCode::ImageTooLarge
-        }
-        U::Hostile { .. } | U::Read(_) => HelperErrorCode::BadImage,
-        U::Write { source, .. } if *source == Errno::ENOSPC || *source == Errno::EDQUOT => {
-            HelperErrorCode::Internal
-        }
-        U::Write { .. } => HelperErrorCode::BadImage,
-    };
-    err(code, e.to_string())
-}
-
 /// A user namespace that maps the image range onto `sandbox` (privileged mode): the idmapping of
 /// the sandbox's view of an image. Held by a descriptor; the short-lived process that created it
 /// is gone when this returns.
-fn shift_userns(image_base: u32, sandbox: IdMap) -> Result<OwnedFd, HelperError> {
+fn shift_userns(image_base: u32, sandbox: IdMap) -> Result<OwnedFd, ImageError> {
     let IdMap::Range { base, size, .. } = sandbox else {
-        return Err(internal("idmapping an image", "needs a uid range"));
+        return Err(ImageError::NeedsRange);
     };
-    let (hold_r, hold_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| internal("pipe", e))?;
-    match sys::clone_into_namespaces(libc::CLONE_NEWUSER, None).map_err(|e| internal("clone", e))? {
+    let (hold_r, hold_w) = pipe2(OFlag::O_CLOEXEC).map_err(step("pipe"))?;
+    match sys::clone_into_namespaces(libc::CLONE_NEWUSER, None).map_err(ImageError::Clone)? {
         CloneResult::Child => {
             drop(hold_w);
             // Wait until the parent has what it needs, then go.
@@ -536,15 +593,19 @@ fn shift_userns(image_base: u32, sandbox: IdMap) -> Result<OwnedFd, HelperError>
             let result = (|| {
                 let map = format!("{image_base} {base} {size}\n");
                 for file in ["uid_map", "gid_map"] {
-                    std::fs::write(format!("/proc/{child}/{file}"), &map)
-                        .map_err(|e| internal(&format!("writing {file}"), e))?;
+                    std::fs::write(format!("/proc/{child}/{file}"), &map).map_err(|e| {
+                        ImageError::Step {
+                            step: format!("writing {file}"),
+                            source: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+                        }
+                    })?;
                 }
                 crate::sys::open(
                     format!("/proc/{child}/ns/user").as_str(),
                     OFlag::O_RDONLY | OFlag::O_CLOEXEC,
                     Mode::empty(),
                 )
-                .map_err(|e| internal("opening the user namespace", e))
+                .map_err(step("opening the user namespace"))
             })();
             if result.is_err() {
                 let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
@@ -564,16 +625,17 @@ pub fn idmapped_lower(
     config: &Config,
     digest: &str,
     sandbox: IdMap,
-) -> Result<OwnedFd, HelperError> {
+) -> Result<OwnedFd, ImageError> {
     if !store.exists(digest) {
-        return Err(err(HelperErrorCode::NotFound, "the image is not stored"));
+        return Err(ImageError::NotStored);
     }
-    let path =
-        CString::new(format!("{digest}/{IMAGE_ROOTFS}")).map_err(|e| internal("image path", e))?;
-    let tree = sys::open_tree_clone(store.fd.as_fd(), &path)
-        .map_err(|e| internal("cloning the image's mount", e))?;
+    // A valid digest (checked by `exists`) has no NUL byte.
+    let path = CString::new(format!("{digest}/{IMAGE_ROOTFS}"))
+        .map_err(|_| ImageError::MalformedDigest)?;
+    let tree =
+        sys::open_tree_clone(store.fd.as_fd(), &path).map_err(step("cloning the image's mount"))?;
     let IdMap::Range { slot, .. } = sandbox else {
-        return Err(internal("idmapping an image", "needs a uid range"));
+        return Err(ImageError::NeedsRange);
     };
     let mut cache = store.shift_userns.borrow_mut();
     let userns = match cache.entry(slot) {
@@ -587,12 +649,7 @@ pub fn idmapped_lower(
         userns.as_fd(),
         sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
     )
-    .map_err(|e| {
-        err(
-            HelperErrorCode::SetupFailed,
-            format!("idmapping the image (does this filesystem support idmapped mounts?): {e}"),
-        )
-    })?;
+    .map_err(ImageError::Idmap)?;
     Ok(tree)
 }
 
@@ -607,15 +664,65 @@ pub fn lower_path(config: &Config, digest: &str) -> std::path::PathBuf {
 }
 
 /// Write `image.digest` into a new sandbox's directory.
-pub fn record_digest(sandbox_dir: &OwnedFd, digest: &str) -> Result<(), HelperError> {
+pub fn record_digest(sandbox_dir: &OwnedFd, digest: &str) -> Result<(), ImageError> {
     let fd = crate::sys::openat(
         Some(sandbox_dir.as_raw_fd()),
         sandboxd_protocol::layout::IMAGE_DIGEST_FILE,
         OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::from_bits_truncate(0o644),
     )
-    .map_err(|e| internal("recording the image", e))?;
+    .map_err(step("recording the image"))?;
     File::from(fd)
         .write_all(digest.as_bytes())
-        .map_err(|e| internal("recording the image", e))
+        .map_err(io_step("recording the image"))
+}
+
+/// A digest as the store names its directories: the shared rule (`protocol::rules::Digest`).
+fn is_digest(name: &str) -> bool {
+    sandboxd_protocol::rules::Digest::parse(name).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_reach_the_wire_with_their_code_and_every_cause() {
+        let cases = [
+            (ImageError::MalformedDigest, HelperErrorCode::Invalid, "malformed image digest"),
+            (ImageError::NotStored, HelperErrorCode::NotFound, "the image is not stored"),
+            (
+                step("creating rootfs/")(Errno::ENOSPC),
+                HelperErrorCode::Internal,
+                "creating rootfs/: ENOSPC: No space left on device",
+            ),
+            (
+                ImageError::Idmap(Errno::EINVAL),
+                HelperErrorCode::SetupFailed,
+                "idmapping the image (does this filesystem support idmapped mounts?): EINVAL: Invalid argument",
+            ),
+            (
+                ImageError::Unpack(unpack::UnpackError::TooManyEntries(7)),
+                HelperErrorCode::ImageTooLarge,
+                "the image has more than 7 entries",
+            ),
+            (
+                ImageError::Unpack(unpack::UnpackError::Hostile {
+                    path: "../x".into(),
+                    why: "escapes the root",
+                }),
+                HelperErrorCode::BadImage,
+                "entry \"../x\": escapes the root",
+            ),
+            (
+                ImageError::Reported(HelperError::new(HelperErrorCode::SlotBusy, "as reported")),
+                HelperErrorCode::SlotBusy,
+                "as reported",
+            ),
+        ];
+        for (error, code, message) in cases {
+            let wire = error.into_wire();
+            assert_eq!((wire.code, wire.message.as_str()), (code, message));
+        }
+    }
 }

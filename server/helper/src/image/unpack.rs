@@ -168,7 +168,7 @@ fn open_dir(root: &OwnedFd, parts: &[&[u8]], path: &[u8]) -> Result<OwnedFd, Unp
 fn remove_any(dir: RawFd, name: &CStr) -> Result<(), Errno> {
     match unlinkat(Some(dir), name, UnlinkatFlags::NoRemoveDir) {
         Ok(()) | Err(Errno::ENOENT) => Ok(()),
-        Err(Errno::EISDIR) => crate::dirs::remove_tree(dir, name),
+        Err(Errno::EISDIR) => crate::fdfs::remove_tree(dir, name),
         Err(e) => Err(e),
     }
 }
@@ -394,7 +394,7 @@ fn copy_capped<R: Read>(
 /// An opaque directory hides everything earlier layers put in it: remove every child this layer
 /// did not write itself.
 fn clear_opaque(dir: RawFd, parents: &[&[u8]], written: &HashSet<Vec<u8>>) -> Result<(), Errno> {
-    let mut listing = crate::dirs::open_listing(dir)?;
+    let mut listing = crate::fdfs::open_listing(dir)?;
     let mut doomed = Vec::new();
     for entry in listing.iter() {
         let entry = entry?;

@@ -34,6 +34,25 @@ pub fn resolv_conf(net: Option<&ValidNet>) -> String {
     }
 }
 
+/// A bridged network of sandbox "box" (10.88.0.3) whose group has "db" (10.88.0.2) and a stale
+/// entry of its own name, for tests.
+#[cfg(test)]
+pub fn sample_net() -> ValidNet {
+    ValidNet {
+        group: Some("g".into()),
+        bridge: Some("br0".into()),
+        veth: "ve0".into(),
+        address: "10.88.0.3".parse().unwrap(),
+        prefix_len: 16,
+        gateway: "10.88.0.1".parse().unwrap(),
+        peers: vec![
+            ("db".into(), "10.88.0.2".parse().unwrap()),
+            ("box".into(), "10.88.0.9".parse().unwrap()),
+        ],
+        ports: vec![],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -41,19 +60,7 @@ mod tests {
     #[test]
     fn hosts_lists_the_sandbox_and_its_group() {
         assert!(hosts("box", None).contains("127.0.1.1\tbox\n"));
-        let net = ValidNet {
-            group: Some("g".into()),
-            bridge: Some("br0".into()),
-            veth: "ve0".into(),
-            address: "10.88.0.3".parse().unwrap(),
-            prefix_len: 16,
-            gateway: "10.88.0.1".parse().unwrap(),
-            peers: vec![
-                ("db".into(), "10.88.0.2".parse().unwrap()),
-                ("box".into(), "10.88.0.9".parse().unwrap()),
-            ],
-            ports: vec![],
-        };
+        let net = sample_net();
         let text = hosts("box", Some(&net));
         assert!(text.contains("10.88.0.3\tbox\n"));
         assert!(text.contains("10.88.0.2\tdb\n"));

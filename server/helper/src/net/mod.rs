@@ -186,7 +186,7 @@ impl Network {
                 network.helper_dir = Some(dir);
             }
             Err(e) => {
-                let why = crate::server::error_chain(&e);
+                let why = crate::error::error_chain(&e);
                 eprintln!("sandboxd-helper: bridge mode is unavailable: {why}");
                 network.hub = Err(why);
                 return Ok(network);
@@ -343,7 +343,7 @@ impl Network {
         if let Err(e) = result {
             eprintln!(
                 "sandboxd-helper: network teardown of {id}: {}",
-                crate::server::error_chain(&e)
+                crate::error::error_chain(&e)
             );
         }
     }
@@ -384,6 +384,10 @@ fn create_hub(host: &OwnedFd, dir: &OwnedFd, path: &str) -> Result<OwnedFd, NetE
     nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(sys_err("unshare(CLONE_NEWNET)"))?;
     let result = (|| -> Result<(), NetError> {
         const SELF_NS: &CStr = c"/proc/thread-self/ns/net";
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "pinning a network namespace is a bind mount of its nsfs file"
+        )]
         nix::mount::mount(
             Some(SELF_NS),
             path,
