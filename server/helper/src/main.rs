@@ -16,6 +16,7 @@
 //! It never starts a thread, so forking it (to start monitors) is always sound.
 
 mod cgroup;
+mod child;
 mod config;
 mod dirs;
 mod disk;
@@ -26,6 +27,8 @@ mod image;
 mod info;
 mod monitor;
 mod net;
+mod output;
+mod process;
 mod sandbox;
 mod server;
 mod sys;

@@ -400,7 +400,8 @@ fn unpack_into(
         }
         CloneResult::Parent { child, pidfd } => {
             drop((report_w, sync_r, upload, rootfs, scratch));
-            let mapped = crate::monitor::write_id_maps(child, ids);
+            let mapped = crate::child::write_id_maps(child, ids)
+                .map_err(|e| internal("writing the unpacker's id maps", crate::child::chain(&e)));
             let _ = nix::sys::prctl::set_dumpable(false);
             if let Err(e) = mapped {
                 let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
