@@ -26,8 +26,24 @@ pub struct Command<'a> {
 /// Fork the command's process, which runs [`exec_command`]; report on `status` whether it was
 /// executed (`started` or `exec_failed`, see [`report_exec`]) and return its pid. The caller's
 /// copy of `stdio` is closed before the report: only the command may hold its stdio, so the end
-/// of file of the output marks the command's end.
-pub fn fork_command(
+/// of file of the output marks the command's end. When the fork itself fails, report
+/// `setup_failed` and exit: the caller (init or an exec's shim) has nothing else to do.
+pub fn start_command(
+    command: &Command<'_>,
+    stdio: Stdio,
+    last_step: &dyn Fn() -> Result<(), Errno>,
+    status: &mut File,
+) -> Pid {
+    match fork_command(command, stdio, last_step, status) {
+        Ok(pid) => pid,
+        Err(e) => {
+            super::report(status, &StatusLine::SetupFailed(super::chain(&e)));
+            sys::exit_now(1)
+        }
+    }
+}
+
+fn fork_command(
     command: &Command<'_>,
     stdio: Stdio,
     last_step: &dyn Fn() -> Result<(), Errno>,

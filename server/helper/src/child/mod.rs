@@ -17,7 +17,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use nix::unistd::Pid;
 use sandboxd_protocol::status::StatusLine;
 
-pub use command::{fork_command, Command};
+pub use command::{start_command, Command};
 pub use ids::{become_root, write_id_maps};
 pub use stdio::{open_pty, Stdio};
 

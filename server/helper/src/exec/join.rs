@@ -118,13 +118,7 @@ pub fn run_shim(plan: &Plan, fds: ShimFds) -> ! {
         env: &plan.env,
         cwd: &plan.cwd,
     };
-    let child = match child::fork_command(&command, stdio, &|| filters.apply(), &mut status) {
-        Ok(pid) => pid,
-        Err(e) => {
-            child::report(&mut status, &StatusLine::SetupFailed(child::chain(&e)));
-            sys::exit_now(1);
-        }
-    };
+    let child = child::start_command(&command, stdio, &|| filters.apply(), &mut status);
     loop {
         match waitpid(child, None) {
             Ok(WaitStatus::Exited(_, code)) => {

@@ -46,13 +46,7 @@ pub fn run(spawn: &ValidSpawn, filters: &Filters, mut status: File, stdio: Stdio
         env: &spawn.env,
         cwd: &spawn.cwd,
     };
-    let command = match child::fork_command(&command, stdio, &|| filters.apply(), &mut status) {
-        Ok(pid) => pid,
-        Err(e) => {
-            child::report(&mut status, &StatusLine::SetupFailed(child::chain(&e)));
-            sys::exit_now(1);
-        }
-    };
+    let command = child::start_command(&command, stdio, &|| filters.apply(), &mut status);
     loop {
         let Ok(signal) = waited.wait() else { continue };
         if signal != Signal::SIGCHLD {
