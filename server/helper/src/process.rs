@@ -51,6 +51,47 @@ impl Outcome {
     }
 }
 
+/// The read end of a status pipe and what it holds of an incomplete line.
+struct StatusPipe {
+    file: Option<File>,
+    buf: Vec<u8>,
+}
+
+impl StatusPipe {
+    /// Read what the (non-blocking) pipe holds and apply its complete lines to `outcome`. The
+    /// pipe is dropped at end of file, or when more than [`StatusLine::MAX_LEN`] bytes arrive
+    /// without a newline.
+    fn read(&mut self, outcome: &mut Outcome) {
+        let Some(file) = &mut self.file else { return };
+        let mut chunk = [0u8; 4096];
+        loop {
+            match file.read(&mut chunk) {
+                Ok(0) => {
+                    self.file = None;
+                    break;
+                }
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    if self.buf.len() > StatusLine::MAX_LEN {
+                        self.file = None;
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        while let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=pos).collect();
+            let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            // A line we do not know is ignored: the writer is ours, and older or newer.
+            if let Ok(line) = StatusLine::parse(&line) {
+                outcome.apply(line);
+            }
+        }
+    }
+}
+
 /// Where attached stdin goes.
 pub struct Input {
     /// The write end of stdin, or (a duplicate of) the pty master.
@@ -162,8 +203,7 @@ pub struct Process {
     pidfd: OwnedFd,
     wait_status: Option<WaitStatus>,
     exited_at: Option<Instant>,
-    status: Option<File>,
-    status_buf: Vec<u8>,
+    status: StatusPipe,
     stdout: Option<File>,
     stderr: Option<File>,
     terminal: Option<(UnixStream, bool)>,
@@ -212,8 +252,10 @@ impl Process {
             pidfd,
             wait_status: None,
             exited_at: None,
-            status: Some(status),
-            status_buf: Vec::new(),
+            status: StatusPipe {
+                file: Some(status),
+                buf: Vec::new(),
+            },
             stdout,
             stderr,
             terminal,
@@ -283,7 +325,7 @@ impl Process {
         if let Some(f) = &self.stderr {
             out.push((f.as_fd(), PollFlags::POLLIN, Event::Stderr));
         }
-        if let Some(f) = &self.status {
+        if let Some(f) = &self.status.file {
             out.push((f.as_fd(), PollFlags::POLLIN, Event::Status));
         }
         if self.wait_status.is_none() {
@@ -307,36 +349,9 @@ impl Process {
         }
     }
 
-    /// Read what the status pipe holds and apply its complete lines. The pipe is dropped at end
-    /// of file, or when more than [`StatusLine::MAX_LEN`] bytes arrive without a newline.
+    /// Read the status pipe (see [`StatusPipe::read`]).
     pub fn read_status(&mut self) {
-        let Some(file) = &mut self.status else { return };
-        let mut chunk = [0u8; 4096];
-        loop {
-            match file.read(&mut chunk) {
-                Ok(0) => {
-                    self.status = None;
-                    break;
-                }
-                Ok(n) => {
-                    self.status_buf.extend_from_slice(&chunk[..n]);
-                    if self.status_buf.len() > StatusLine::MAX_LEN {
-                        self.status = None;
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            }
-        }
-        while let Some(pos) = self.status_buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.status_buf.drain(..=pos).collect();
-            let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
-            // A line we do not know is ignored: the writer is ours, and older or newer.
-            if let Ok(line) = StatusLine::parse(&line) {
-                self.outcome.apply(line);
-            }
-        }
+        self.status.read(&mut self.outcome);
     }
 
     fn reap(&mut self) {
@@ -384,4 +399,85 @@ fn set_nonblocking(fd: BorrowedFd<'_>) {
         fd.as_raw_fd(),
         nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_pipe() -> (StatusPipe, File) {
+        let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).unwrap();
+        let pipe = StatusPipe {
+            file: Some(File::from(r)),
+            buf: Vec::new(),
+        };
+        (pipe, File::from(w))
+    }
+
+    #[test]
+    fn status_lines_apply_once_complete_and_unknown_ones_are_ignored() {
+        let (mut pipe, mut w) = status_pipe();
+        let mut outcome = Outcome::default();
+        w.write_all(b"started\nexit 4").unwrap();
+        pipe.read(&mut outcome);
+        assert!(outcome.started_at_ms.is_some());
+        assert_eq!(outcome.end, None, "half a line is kept for later");
+        w.write_all(b"2\nnonsense 1\nexit x\n").unwrap();
+        pipe.read(&mut outcome);
+        assert_eq!(outcome.end, Some((42, None)));
+        w.write_all(b"signal 9\n").unwrap();
+        drop(w);
+        pipe.read(&mut outcome);
+        assert_eq!(outcome.end, Some((137, Some(9))));
+        assert!(pipe.file.is_none(), "end of file drops the pipe");
+    }
+
+    #[test]
+    fn exec_and_setup_failures_are_recorded() {
+        let (mut pipe, mut w) = status_pipe();
+        let mut outcome = Outcome::default();
+        let lines = [
+            StatusLine::SetupFailed("joining a namespace: EPERM".into()),
+            StatusLine::ExecFailed("nope: No such file or directory".into()),
+        ];
+        for line in &lines {
+            writeln!(w, "{line}").unwrap();
+        }
+        pipe.read(&mut outcome);
+        assert_eq!(
+            outcome.setup_error.as_deref(),
+            Some("joining a namespace: EPERM")
+        );
+        assert_eq!(
+            outcome.exec_error.as_deref(),
+            Some("nope: No such file or directory")
+        );
+        // exec_failed counts as started: the command's process existed.
+        assert!(outcome.started_at_ms.is_some());
+    }
+
+    #[test]
+    fn a_line_without_end_drops_the_pipe() {
+        let (mut pipe, mut w) = status_pipe();
+        let _ = nix::fcntl::fcntl(w.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
+        let mut outcome = Outcome::default();
+        w.write_all(&vec![b'x'; StatusLine::MAX_LEN + 1]).unwrap();
+        pipe.read(&mut outcome);
+        assert!(pipe.file.is_none());
+        assert!(outcome.started_at_ms.is_none() && outcome.end.is_none());
+    }
+
+    #[test]
+    fn stdin_frames_are_written_and_close_after_the_pending_bytes() {
+        let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+        let mut input = Input::new(Some(File::from(w)), None);
+        input.apply(Frame::Stdin(b"abc".to_vec()), true);
+        // A reader's frames are ignored.
+        input.apply(Frame::Stdin(b"zzz".to_vec()), false);
+        input.apply(Frame::CloseStdin, true);
+        assert!(input.stdin.is_none(), "closed once flushed");
+        let mut got = Vec::new();
+        File::from(r).read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"abc");
+    }
 }
