@@ -30,6 +30,7 @@
 //! 7. `server`, which dispatches requests and hands each worker only what it needs; `main`.
 
 mod cgroup;
+mod child;
 mod config;
 mod dirs;
 mod disk;
@@ -44,6 +45,8 @@ mod info;
 mod layers_test;
 mod monitor;
 mod net;
+mod output;
+mod process;
 mod sandbox;
 mod server;
 mod spawn;

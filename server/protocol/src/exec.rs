@@ -75,19 +75,31 @@ pub struct ExecStatus {
 }
 
 pub fn exec_line(req: &ExecRequest) -> String {
-    // serde_json never writes a raw newline: strings escape it.
-    format!(
-        "exec {}\n",
-        serde_json::to_string(req).unwrap_or_else(|_| "{}".into())
-    )
+    format!("{}\n", ExecCommand::Start(Box::new(req.clone())))
 }
 
 pub fn wait_line(id: Uuid) -> String {
-    format!("exec-wait {id}\n")
+    format!("{}\n", ExecCommand::Wait(id))
 }
 
 pub fn attach_line(id: Uuid, stdin: bool) -> String {
-    format!("attach {id} {}\n", u8::from(stdin))
+    format!("{}\n", ExecCommand::Attach { id, stdin })
+}
+
+impl std::fmt::Display for ExecCommand {
+    /// The line without its newline (the inverse of [`parse`]).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // serde_json never writes a raw newline: strings escape it.
+            ExecCommand::Start(req) => write!(
+                f,
+                "exec {}",
+                serde_json::to_string(req).unwrap_or_else(|_| "{}".into())
+            ),
+            ExecCommand::Wait(id) => write!(f, "exec-wait {id}"),
+            ExecCommand::Attach { id, stdin } => write!(f, "attach {id} {}", u8::from(*stdin)),
+        }
+    }
 }
 
 /// A parsed exec request line.

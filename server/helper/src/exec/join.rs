@@ -12,34 +12,27 @@
 //!   sandbox's PID namespace. It stays outside that namespace itself (invisible to the sandbox),
 //!   waits for the child and reports `started`/`exec_failed`/`exit N`/`signal N` on its status
 //!   pipe, like init does for the main command.
-//! * **the process** becomes a session leader (with the pty as controlling terminal, so job
-//!   control works), wires stdio, enters the working directory, installs the same seccomp filter
-//!   as the main command as its last step and executes the command.
+//! * **the process** takes the same last steps as the main command ([`crate::child::command`]):
+//!   a session of its own (with the pty as controlling terminal, so job control works), its
+//!   stdio, its working directory, the same seccomp filter, exec.
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{IoSlice, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
 use nix::errno::Errno;
-use nix::fcntl::OFlag;
 use nix::sched::CloneFlags;
 use nix::sys::signal::Signal;
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-use nix::sys::stat::{fstat, Mode, SFlag};
 use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::{dup2, pipe2, ForkResult, Pid};
+use nix::unistd::Pid;
+use sandboxd_protocol::status::StatusLine;
 
-use crate::sandbox::init::{exec_command, report_exec};
+use crate::child::{self, Command, Stdio};
 use crate::sandbox::seccomp::Filters;
-use crate::sandbox::{become_root, harden, seccomp};
-use crate::sys::{self, fork};
+use crate::sandbox::{harden, seccomp};
+use crate::sys;
 use crate::validate::IdMap;
-
-/// The master side of a devpts instance's multiplexer: character device 5:2.
-const PTMX_MAJOR: u64 = 5;
-const PTMX_MINOR: u64 = 2;
 
 /// Everything the shim needs, prepared (and validated) by the monitor before the fork.
 pub struct Plan {
@@ -101,7 +94,7 @@ pub fn run_shim(plan: &Plan, fds: ShimFds) -> ! {
         let stdio = match plan.tty {
             Some((cols, rows)) => {
                 let socket = fds.pty_socket.ok_or("missing pty socket".to_string())?;
-                Stdio::Tty(open_pty(cols, rows, socket.as_fd())?)
+                Stdio::Tty(child::open_pty(cols, rows, socket.as_fd())?)
             }
             None => Stdio::Pipes {
                 stdin: fds.stdin,
@@ -114,41 +107,26 @@ pub fn run_shim(plan: &Plan, fds: ShimFds) -> ! {
     let (filters, stdio) = match stdio {
         Ok(x) => x,
         Err(e) => {
-            let _ = writeln!(status, "setup_failed {e}");
-            sys::exit_now(1);
-        }
-    };
-    let (exec_r, exec_w) = match pipe2(OFlag::O_CLOEXEC) {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = writeln!(status, "setup_failed exec pipe: {e}");
+            child::report(&mut status, &StatusLine::SetupFailed(e));
             sys::exit_now(1);
         }
     };
     // The fork puts the child into the sandbox's PID namespace (setns(CLONE_NEWPID) applies to
     // children only).
-    let child = match fork() {
-        Ok(ForkResult::Child) => {
-            drop((exec_r, status));
-            exec_command(&plan.command, &plan.env, &plan.cwd, filters, stdio, exec_w)
-        }
-        Ok(ForkResult::Parent { child }) => child,
-        Err(e) => {
-            let _ = writeln!(status, "setup_failed fork: {e}");
-            sys::exit_now(1);
-        }
+    let command = Command {
+        argv: &plan.command,
+        env: &plan.env,
+        cwd: &plan.cwd,
     };
-    // Only the process may hold its stdio: their end of file marks the end of its output.
-    drop((stdio, exec_w));
-    report_exec(exec_r, &plan.command[0], &mut status);
+    let child = child::start_command(&command, stdio, &|| filters.apply(), &mut status);
     loop {
         match waitpid(child, None) {
             Ok(WaitStatus::Exited(_, code)) => {
-                let _ = writeln!(status, "exit {code}");
+                child::report(&mut status, &StatusLine::Exit(code));
                 sys::exit_now(0);
             }
             Ok(WaitStatus::Signaled(_, sig, _)) => {
-                let _ = writeln!(status, "signal {}", sig as i32);
+                child::report(&mut status, &StatusLine::Signal(sig as i32));
                 sys::exit_now(0);
             }
             Err(Errno::EINTR) | Ok(_) => continue,
@@ -201,93 +179,7 @@ fn join(
     }
     // The descriptors close here (`_early`, `late` and `user_ns` drop): joined, not needed.
     drop((late, user_ns));
-    become_root(plan.ids).map_err(|e| e.to_string())?;
+    child::become_root(plan.ids).map_err(|e| child::chain(&e))?;
     harden::apply(&plan.capabilities).map_err(|e| e.to_string())?;
     seccomp::precompiled(plan.nested_user_namespaces).map_err(|e| e.to_string())
-}
-
-/// A process's stdio (an exec's, or the main command's).
-pub(crate) enum Stdio {
-    Tty(OwnedFd),
-    Pipes {
-        stdin: Option<OwnedFd>,
-        stdout: OwnedFd,
-        stderr: OwnedFd,
-    },
-}
-
-/// Open a pseudo-terminal in the sandbox's own devpts (we are in its mount namespace), check
-/// that it is one, size it, send the master to the monitor and return the slave.
-pub(crate) fn open_pty(cols: u16, rows: u16, socket: BorrowedFd<'_>) -> Result<OwnedFd, String> {
-    fn err(what: &'static str) -> impl Fn(Errno) -> String {
-        move |e| format!("{what}: {e}")
-    }
-    // O_NOFOLLOW and O_NONBLOCK: whatever the sandbox put in its /dev, this neither follows a
-    // link nor blocks on a fifo; the checks below refuse anything but a devpts multiplexer.
-    let master = crate::sys::open(
-        "/dev/pts/ptmx",
-        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK,
-        Mode::empty(),
-    )
-    .map_err(err("opening /dev/pts/ptmx"))?;
-    let st = fstat(master.as_raw_fd()).map_err(err("fstat of the pty master"))?;
-    let is_ptmx = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFCHR
-        && libc::major(st.st_rdev) as u64 == PTMX_MAJOR
-        && libc::minor(st.st_rdev) as u64 == PTMX_MINOR;
-    if !is_ptmx {
-        return Err("/dev/pts/ptmx is not a pty multiplexer".into());
-    }
-    sys::pty_unlock(master.as_fd()).map_err(err("unlocking the pty"))?;
-    sys::set_window_size(master.as_fd(), cols, rows).map_err(err("sizing the pty"))?;
-    let slave = sys::pty_peer(master.as_fd()).map_err(err("opening the pty's slave"))?;
-    let fds = [master.as_raw_fd()];
-    let cmsg = [ControlMessage::ScmRights(&fds)];
-    sendmsg::<()>(
-        socket.as_raw_fd(),
-        &[IoSlice::new(b"m")],
-        &cmsg,
-        MsgFlags::empty(),
-        None,
-    )
-    .map_err(err("handing the pty to the monitor"))?;
-    Ok(slave)
-}
-
-/// Make `stdio` descriptors 0, 1 and 2 of a session leader (a terminal also becomes its
-/// controlling terminal). The originals stay open (close-on-exec) until the caller closes them.
-pub(crate) fn wire_stdio(stdio: Stdio) -> Result<(), Errno> {
-    // Move the descriptors above 10 first, so the dup2s cannot clobber one another (the
-    // originals close as they are replaced; the high copies close on return, once 0, 1 and 2
-    // are set).
-    let high = |fd: OwnedFd| sys::dup_at_least(fd.as_fd(), 10);
-    match stdio {
-        Stdio::Tty(slave) => {
-            let slave = high(slave)?;
-            sys::set_controlling_tty(slave.as_fd())?;
-            for target in 0..=2 {
-                dup2(slave.as_raw_fd(), target)?;
-            }
-            Ok(())
-        }
-        Stdio::Pipes {
-            stdin,
-            stdout,
-            stderr,
-        } => {
-            let (out, err) = (high(stdout)?, high(stderr)?);
-            // Without stdin: the sandbox's own /dev/null (no host descriptor crosses over).
-            let input = match stdin {
-                Some(fd) => high(fd)?,
-                None => sys::open(
-                    "/dev/null",
-                    OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-                    Mode::empty(),
-                )?,
-            };
-            dup2(input.as_raw_fd(), 0)?;
-            dup2(out.as_raw_fd(), 1)?;
-            dup2(err.as_raw_fd(), 2)?;
-            Ok(())
-        }
-    }
 }

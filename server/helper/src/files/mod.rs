@@ -337,10 +337,10 @@ fn clone_worker(
         }
         Ok(CloneResult::Parent { child, pidfd }) => {
             drop((sync_r, work, image, root_lock));
-            if let Err(e) = crate::monitor::write_id_maps(child, files.spawn.ids) {
+            if let Err(e) = crate::child::write_id_maps(child, files.spawn.ids) {
                 let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
                 let _ = nix::sys::wait::waitpid(child, None);
-                return fail("writing the worker's id maps", &e.message);
+                return fail("writing the worker's id maps", &crate::child::chain(&e));
             }
             let _ = nix::sys::prctl::set_dumpable(false);
             let _ = (&std::fs::File::from(sync_w)).write_all(b"1");

@@ -76,6 +76,8 @@ pub enum ImageError {
     Encode(#[source] serde_json::Error),
     #[error("clone")]
     Clone(#[source] sys::ForkError),
+    #[error("writing the unpacker's id maps")]
+    IdMaps(#[source] crate::child::ChildError),
     /// The unpacker ended without reporting success.
     #[error("unpacking: {0}")]
     Unpacker(String),
@@ -473,12 +475,12 @@ fn unpack_into(
         }
         CloneResult::Parent { child, pidfd } => {
             drop((report_w, sync_r, upload, rootfs, scratch));
-            let mapped = crate::monitor::write_id_maps(child, ids);
+            let mapped = crate::child::write_id_maps(child, ids).map_err(ImageError::IdMaps);
             let _ = nix::sys::prctl::set_dumpable(false);
             if let Err(e) = mapped {
                 let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
                 let _ = waitpid(child, None);
-                return Err(ImageError::Reported(e));
+                return Err(e);
             }
             let _ = File::from(sync_w).write_all(b"1");
             let mut report = Vec::new();

@@ -16,13 +16,13 @@ pub(crate) mod init;
 pub mod rootfs;
 pub mod seccomp;
 
-use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
+use sandboxd_protocol::status::StatusLine;
 
+use crate::child::{self, GateWaiter, Stdio};
 use crate::sys;
-use crate::validate::{IdMap, ValidSpawn};
+use crate::validate::ValidSpawn;
 
 /// Descriptors the sandbox's init inherits from its monitor.
 pub struct InitFds {
@@ -30,8 +30,8 @@ pub struct InitFds {
     pub work: OwnedFd,
     /// Its path, to reopen it inside the new mount namespace.
     pub work_path: std::path::PathBuf,
-    /// Read end of the "maps are written" pipe.
-    pub sync: OwnedFd,
+    /// The child's end of the "maps are written" gate.
+    pub sync: GateWaiter,
     /// Write end of init's status pipe to the monitor.
     pub status: OwnedFd,
     pub stdout: OwnedFd,
@@ -66,6 +66,21 @@ pub struct SetupError {
     pub source: nix::errno::Errno,
 }
 
+impl From<child::ChildError> for SetupError {
+    fn from(e: child::ChildError) -> SetupError {
+        let (step, source) = match e {
+            child::ChildError::Identity { step, source }
+            | child::ChildError::Start { step, source } => (step.to_string(), source),
+            child::ChildError::WriteIdMap { file, source } => (
+                format!("writing {file}"),
+                nix::errno::Errno::from_raw(source.raw_os_error().unwrap_or(libc::EIO)),
+            ),
+            child::ChildError::Fork(e) => ("fork".to_string(), e.into()),
+        };
+        SetupError { step, source }
+    }
+}
+
 pub(crate) fn step(step: impl Into<String>) -> impl FnOnce(nix::errno::Errno) -> SetupError {
     let step = step.into();
     move |source| SetupError { step, source }
@@ -79,7 +94,7 @@ pub fn run_init(spawn: &ValidSpawn, mut fds: InitFds) -> ! {
             _ => fds.work.as_raw_fd(),
         },
         fds.work.as_raw_fd(),
-        fds.sync.as_raw_fd(),
+        fds.sync.raw().as_raw_fd(),
         fds.status.as_raw_fd(),
         fds.stdout.as_raw_fd(),
         fds.stderr.as_raw_fd(),
@@ -92,18 +107,20 @@ pub fn run_init(spawn: &ValidSpawn, mut fds: InitFds) -> ! {
         sys::exit_now(1);
     }
     let mut status = std::fs::File::from(fds.status);
+    let mut fail = |why: String| -> ! {
+        child::report(&mut status, &StatusLine::SetupFailed(why));
+        sys::exit_now(1)
+    };
     // Until the monitor has written our maps we are nobody; a closed pipe means it gave up.
-    let mut byte = [0u8; 1];
-    if !matches!(nix::unistd::read(fds.sync.as_raw_fd(), &mut byte), Ok(1)) {
+    if !fds.sync.wait() {
         sys::exit_now(1);
     }
-    drop(fds.sync);
     if fds.unshare_cgroupns && nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP).is_err()
     {
-        let _ = writeln!(status, "setup_failed unsharing the cgroup namespace");
-        sys::exit_now(1);
+        fail("unsharing the cgroup namespace".into());
     }
-    let prepared = become_root(spawn.ids)
+    let prepared = child::become_root(spawn.ids)
+        .map_err(SetupError::from)
         .and_then(|()| {
             rootfs::build(
                 spawn,
@@ -123,51 +140,25 @@ pub fn run_init(spawn: &ValidSpawn, mut fds: InitFds) -> ! {
         .and_then(|()| harden::apply(&spawn.capabilities));
     drop(fds.work);
     if let Err(e) = prepared {
-        let _ = writeln!(status, "setup_failed {e}");
-        sys::exit_now(1);
+        fail(e.to_string());
     }
     let filters = match seccomp::precompiled(spawn.nested_user_namespaces) {
         Ok(filters) => filters,
-        Err(e) => {
-            let _ = writeln!(status, "setup_failed {e}");
-            sys::exit_now(1);
-        }
+        Err(e) => fail(e.to_string()),
     };
     let stdio = match (spawn.tty, fds.pty_socket) {
         // The terminal comes from the sandbox's own devpts: we are inside its root now.
         (Some((cols, rows)), Some(socket)) => {
-            match crate::exec::join::open_pty(cols, rows, std::os::fd::AsFd::as_fd(&socket)) {
-                Ok(slave) => crate::exec::join::Stdio::Tty(slave),
-                Err(e) => {
-                    let _ = writeln!(status, "setup_failed {e}");
-                    sys::exit_now(1);
-                }
+            match child::open_pty(cols, rows, std::os::fd::AsFd::as_fd(&socket)) {
+                Ok(slave) => Stdio::Tty(slave),
+                Err(e) => fail(e),
             }
         }
-        _ => crate::exec::join::Stdio::Pipes {
+        _ => Stdio::Pipes {
             stdin: fds.stdin,
             stdout: fds.stdout,
             stderr: fds.stderr,
         },
     };
     init::run(spawn, filters, status, stdio)
-}
-
-/// Switch every id to root of the new user namespace, so that the host sees the mapped ids and
-/// the process keeps no trace of the monitor's identity.
-pub(crate) fn become_root(ids: IdMap) -> Result<(), SetupError> {
-    let root_g = Gid::from_raw(0);
-    let root_u = Uid::from_raw(0);
-    setresgid(root_g, root_g, root_g).map_err(step("setresgid"))?;
-    if matches!(ids, IdMap::Range { .. }) {
-        // Rootless namespaces have setgroups denied; there the group list is already empty.
-        setgroups(&[]).map_err(step("setgroups"))?;
-    }
-    setresuid(root_u, root_u, root_u).map_err(step("setresuid"))?;
-    // If the monitor dies, nothing would enforce the timeout, record the exit or answer a kill:
-    // the sandbox dies with it. (Set after the uid change, which clears the setting.)
-    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-        .map_err(step("prctl(PR_SET_PDEATHSIG)"))?;
-    // A uid change resets dumpability; keep init out of reach of ptrace and /proc/1/mem.
-    nix::sys::prctl::set_dumpable(false).map_err(step("prctl(PR_SET_DUMPABLE)"))
 }
