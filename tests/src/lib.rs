@@ -869,24 +869,12 @@ impl Reply {
 
 impl Daemon {
     /// `POST /v1/sandboxes/{id}/start` of a created sandbox right after a file transfer into it.
-    /// A transfer's worker holds the created root until it has exited, a moment after the
-    /// transfer's answer; a start meanwhile answers 409 `conflict` ("retry") and leaves the
-    /// sandbox `created` (the documented behaviour). The start is retried on exactly that answer,
-    /// for up to 10 seconds; any other answer is returned as it is.
+    /// A transfer's worker holds the created root until it has exited, and the daemon answers a
+    /// transfer only once its worker is gone, so a start right after the answer must find the
+    /// sandbox free: no retry here (a 409 would be the race coming back).
     pub fn start_after_transfer(&self, id: &str) -> Reply {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let reply = self
-                .request("POST", &format!("/v1/sandboxes/{id}/start"))
-                .send();
-            let busy = reply.status == 409
-                && serde_json::from_slice::<Value>(&reply.bytes)
-                    .is_ok_and(|e| e["error"]["code"] == "conflict");
-            if !busy || Instant::now() > deadline {
-                return reply;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.request("POST", &format!("/v1/sandboxes/{id}/start"))
+            .send()
     }
 
     /// Create a sandbox without waiting for it and return its id (asserting 201).

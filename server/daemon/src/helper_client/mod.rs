@@ -303,10 +303,32 @@ struct SocketTransfer {
     ready: FileReady,
 }
 
+/// How long a finished transfer waits for its worker to go (see [`worker_gone`]).
+const WORKER_EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Wait until the worker closed the connection, which it does by exiting. A worker that built a
+/// stopped sandbox's root holds the sandbox's `monitor.lock` (and the root's mounts) until it
+/// exits, so answering the client only then means a `start` right after a transfer finds the
+/// lock free instead of answering 409. Bounded: a worker that lingers does not hold the answer.
+async fn worker_gone(stream: &mut UnixStream) {
+    let mut sink = [0u8; 64];
+    let _ = tokio::time::timeout(WORKER_EXIT_WAIT, async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 impl SocketTransfer {
     async fn verdict(mut self) -> Result<(), TransferError> {
         match read_response(&mut self.stream).await {
-            Ok(Response::FileDone) => Ok(()),
+            Ok(Response::FileDone) => {
+                worker_gone(&mut self.stream).await;
+                Ok(())
+            }
             Ok(Response::Error(e)) => Err(TransferError::Refused(e)),
             Ok(other) => Err(TransferError::Unexpected(format!("{other:?}"))),
             Err(e) => Err(TransferError::Helper(e)),
@@ -332,7 +354,10 @@ impl FileTransfer for SocketTransfer {
                 return Ok(Some(Bytes::from(buf)));
             }
             match read_response(&mut self.stream).await {
-                Ok(Response::FileDone) => Ok(None),
+                Ok(Response::FileDone) => {
+                    worker_gone(&mut self.stream).await;
+                    Ok(None)
+                }
                 Ok(Response::Error(e)) => Err(TransferError::Refused(e)),
                 Ok(other) => Err(TransferError::Unexpected(format!("{other:?}"))),
                 Err(e) => Err(TransferError::Helper(e)),
