@@ -872,6 +872,16 @@ fn stalled_download(d: &Daemon, id: &str, path: &str) -> std::net::TcpStream {
     stream
 }
 
+/// A stalled download whose answer has begun: its worker has built the root, dropped every
+/// capability and opened the file (it answers only then), and now waits for us to read.
+fn ready_download(d: &Daemon, id: &str, path: &str) -> std::net::TcpStream {
+    let mut stream = stalled_download(d, id, path);
+    let mut head = [0u8; 12];
+    std::io::Read::read_exact(&mut stream, &mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200", "{}", String::from_utf8_lossy(&head));
+    stream
+}
+
 /// Processes of `uid` outside the pid namespace of the sandbox's init (if it runs): file workers.
 fn workers_of(uid: u32, init_pid: Option<i32>) -> Vec<i32> {
     let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
@@ -926,7 +936,7 @@ fn the_file_worker_is_the_sandboxs_root_without_capabilities() {
     let host_uid = s.host_uid.expect("host uid");
     let id = s.id.to_string();
     assert!(workers_of(host_uid, None).is_empty());
-    let stream = stalled_download(&d, &id, "/work/big");
+    let stream = ready_download(&d, &id, "/work/big");
     assert_capless_worker(host_uid, None);
     drop(stream);
     assert!(
@@ -950,7 +960,7 @@ fn the_file_worker_is_the_sandboxs_root_without_capabilities() {
     assert!(sandboxd_tests::eventually(Duration::from_secs(10), || {
         workers_of(host_uid, init).is_empty()
     }));
-    let stream = stalled_download(&d, &id, "/work/big");
+    let stream = ready_download(&d, &id, "/work/big");
     assert_capless_worker(host_uid, init);
     drop(stream);
     assert!(sandboxd_tests::eventually(Duration::from_secs(30), || {
