@@ -665,6 +665,13 @@ pub struct Quota {
     pub max_memory_bytes: Option<u64>,
 }
 
+/// Body of `POST /v1/tickets`: the sandbox (id or name) whose websocket routes the ticket opens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTicket {
+    pub sandbox: String,
+}
+
 /// Answer of `POST /v1/tickets`: a single-use websocket ticket, valid for 30 seconds, to pass as
 /// `?ticket=` on a websocket upgrade instead of the `Authorization` header.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -326,29 +326,29 @@ fn only_admins_manage_tokens_and_quotas() {
     assert_eq!(reply.status, 201, "{}", reply.body);
 }
 
+/// A ticket for the websocket routes of `sandbox`, minted with `token`.
+fn ticket_for(d: &Daemon, token: Option<&str>, sandbox: &str) -> Reply {
+    d.request("POST", "/v1/tickets")
+        .token(token)
+        .json(&json!({ "sandbox": sandbox }))
+        .send()
+}
+
+fn ticket(d: &Daemon, token: Option<&str>, sandbox: &str) -> String {
+    let reply = ticket_for(d, token, sandbox);
+    assert_eq!(reply.status, 200, "ticket: {}", reply.body);
+    let json = reply.json();
+    assert!(json["expires_at"].is_string(), "{json}");
+    json["ticket"].as_str().unwrap().to_string()
+}
+
 #[test]
 fn a_websocket_ticket_works_once() {
     require_e2e!();
     let d = Daemon::start(Mode::Privileged);
     let (sandbox, _) = d.run(&["echo", "through a ticket"]);
     let path = format!("/v1/sandboxes/{}/logs", sandbox.id);
-    let ticket = |token: Option<&str>| {
-        let reply = d
-            .request("POST", "/v1/tickets")
-            .token(token)
-            .json(&json!({}))
-            .send();
-        assert!(
-            reply.status / 100 == 2,
-            "ticket: {} {}",
-            reply.status,
-            reply.body
-        );
-        let json = reply.json();
-        assert!(json["expires_at"].is_string(), "{json}");
-        json["ticket"].as_str().unwrap().to_string()
-    };
-    let t = ticket(d.token());
+    let t = ticket(&d, d.token(), &sandbox.id.to_string());
     let ws = d
         .websocket_as(&format!("{path}?ticket={t}"), None)
         .unwrap_or_else(|status| panic!("a fresh ticket was refused with {status}"));
@@ -359,17 +359,79 @@ fn a_websocket_ticket_works_once() {
     let bogus = d.websocket_as(&format!("{path}?ticket=nope"), None);
     assert_eq!(bogus.err(), Some(401), "a made-up ticket");
     // A ticket is not a bearer token for plain HTTP.
-    let t = ticket(d.token());
+    let t = ticket(&d, d.token(), &sandbox.id.to_string());
     let reply = d
         .request("GET", &format!("{path}?ticket={t}"))
         .token(None)
         .send();
     assert_ne!(reply.status, 200, "a ticket opened a plain HTTP route");
-    // A ticket of another tenant does not open this tenant's sandbox.
+    // Another tenant cannot get a ticket for this tenant's sandbox.
     let other = d.create_token("team-t", "user");
-    let t = ticket(Some(&other));
-    let ws = d.websocket_as(&format!("{path}?ticket={t}"), None);
-    assert_eq!(ws.err(), Some(404), "another tenant's ticket");
+    let reply = ticket_for(&d, Some(&other), &sandbox.id.to_string());
+    reply.assert_error(404, "another tenant's sandbox");
+}
+
+/// Issue 12 finding 4: a ticket opens only a real websocket upgrade of its own sandbox's
+/// websocket routes; never a plain route (an admin ticket once minted an admin token), never
+/// another sandbox.
+#[test]
+fn a_ticket_opens_only_its_own_sandboxs_websocket() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let (mine, _) = d.run(&["echo", "mine"]);
+    let (other, _) = d.run(&["echo", "other"]);
+    let upgrade = |method: &str, path: &str| {
+        d.request(method, path)
+            .token(None)
+            .header("Connection", "Upgrade")
+            .header("Upgrade", "websocket")
+            .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("Sec-WebSocket-Version", "13")
+    };
+    // An admin ticket on the token API, dressed as an upgrade.
+    let t = ticket(&d, d.token(), &mine.id.to_string());
+    let reply = upgrade("POST", &format!("/v1/tokens?ticket={t}"))
+        .json(&json!({"tenant": "default", "role": "admin"}))
+        .send();
+    assert_eq!(
+        reply.status, 401,
+        "a ticket on POST /v1/tokens: {}",
+        reply.body
+    );
+    let t = ticket(&d, d.token(), &mine.id.to_string());
+    let reply = upgrade("GET", &format!("/v1/sandboxes/{}?ticket={t}", mine.id)).send();
+    assert_eq!(
+        reply.status, 401,
+        "a ticket on GET /v1/sandboxes/ID: {}",
+        reply.body
+    );
+    // `Upgrade: websocket` alone is no handshake.
+    let t = ticket(&d, d.token(), &mine.id.to_string());
+    let reply = d
+        .request("GET", &format!("/v1/sandboxes/{}/logs?ticket={t}", mine.id))
+        .token(None)
+        .header("Upgrade", "websocket")
+        .send();
+    assert_eq!(reply.status, 401, "a half handshake: {}", reply.body);
+    // Another sandbox's logs websocket.
+    let t = ticket(&d, d.token(), &mine.id.to_string());
+    let ws = d.websocket_as(&format!("/v1/sandboxes/{}/logs?ticket={t}", other.id), None);
+    assert_eq!(ws.err(), Some(401), "a ticket on another sandbox");
+    // Refused there, and used up: it no longer opens its own sandbox either.
+    let ws = d.websocket_as(&format!("/v1/sandboxes/{}/logs?ticket={t}", mine.id), None);
+    assert_eq!(
+        ws.err(),
+        Some(401),
+        "a ticket tried on another sandbox is used up"
+    );
+    // Positive control: its own sandbox's logs websocket.
+    let t = ticket(&d, d.token(), &mine.id.to_string());
+    let ws = d
+        .websocket_as(&format!("/v1/sandboxes/{}/logs?ticket={t}", mine.id), None)
+        .unwrap_or_else(|status| panic!("the ticket's own sandbox refused it with {status}"));
+    assert_eq!(read_websocket(ws).bytes(None), b"mine\n");
+    // A ticket for an unknown sandbox is not issued.
+    ticket_for(&d, d.token(), "no-such-sandbox").assert_error(404, "an unknown sandbox");
 }
 
 #[test]

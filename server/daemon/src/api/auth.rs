@@ -1,5 +1,6 @@
 //! Authentication at the edge: every route but `GET /healthz` needs `Authorization: Bearer
-//! <token>` (or, on a websocket upgrade, a single-use `?ticket=` from `POST /v1/tickets`).
+//! <token>` (or, on a real websocket upgrade of one of the websocket routes of the sandbox the
+//! ticket was issued for, a single-use `?ticket=` from `POST /v1/tickets`).
 //!
 //! The layer inserts a [`Principal`] request extension that handlers read; a request without one
 //! never reaches a handler that needs it (the extractor fails closed). A [`LocalPeer`] extension,
@@ -103,11 +104,45 @@ fn bearer(headers: &HeaderMap) -> Credential<'_> {
     }
 }
 
-fn is_websocket(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+/// Whether a header's comma-separated values include `token` (case-insensitive).
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|part| part.trim().eq_ignore_ascii_case(token))
+        })
+    })
+}
+
+/// A real websocket handshake (RFC 6455 section 4.1): `GET`, `Connection: upgrade`,
+/// `Upgrade: websocket`, a `Sec-WebSocket-Key` and `Sec-WebSocket-Version: 13`.
+fn is_websocket_upgrade(method: &Method, headers: &HeaderMap) -> bool {
+    method == Method::GET
+        && header_has_token(headers, header::CONNECTION, "upgrade")
+        && header_has_token(headers, header::UPGRADE, "websocket")
+        && headers
+            .get(header::SEC_WEBSOCKET_KEY)
+            .is_some_and(|k| !k.as_bytes().is_empty())
+        && headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .is_some_and(|v| v.as_bytes() == b"13")
+}
+
+/// The sandbox (id or name, as written) of a websocket route's path: `/v1/sandboxes/{id}/logs`,
+/// `/v1/sandboxes/{id}/attach`, `/v1/sandboxes/{id}/execs/{exec_id}/logs` and
+/// `/v1/sandboxes/{id}/execs/{exec_id}/attach`. `None` for every other path.
+fn websocket_route_sandbox(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v1/sandboxes/")?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    let ok = match parts.as_slice() {
+        [_, "logs" | "attach"] => true,
+        [_, "execs", exec, "logs" | "attach"] => !exec.is_empty(),
+        _ => false,
+    };
+    match parts.first() {
+        Some(id) if ok && !id.is_empty() => Some(id),
+        _ => None,
+    }
 }
 
 /// The `ticket` query parameter, if any.
@@ -145,8 +180,19 @@ pub async fn authenticate(
             return unauthorized("the Authorization header must be `Bearer <token>`")
         }
         Credential::None => match ticket_param(request.uri().query()) {
-            Some(ticket) if is_websocket(request.headers()) => auth.redeem_ticket(&ticket).await,
-            Some(_) => return unauthorized("a ticket is accepted only on a websocket upgrade"),
+            Some(ticket) => {
+                let sandbox = websocket_route_sandbox(request.uri().path())
+                    .filter(|_| is_websocket_upgrade(request.method(), request.headers()));
+                match sandbox {
+                    Some(sandbox) => auth.redeem_ticket(&ticket, sandbox).await,
+                    None => {
+                        return unauthorized(
+                            "a ticket is accepted only on a websocket upgrade of a sandbox's \
+                             logs or attach route",
+                        )
+                    }
+                }
+            }
             None => return unauthorized("missing bearer token (Authorization: Bearer <token>)"),
         },
     };
@@ -155,7 +201,9 @@ pub async fn authenticate(
             request.extensions_mut().insert(principal);
             next.run(request).await
         }
-        Ok(None) => unauthorized("invalid, expired or revoked token"),
+        Ok(None) => {
+            unauthorized("invalid, expired or revoked token (or a ticket used on another sandbox)")
+        }
         Err(e) => ApiError::internal(&e).into_response(),
     }
 }
