@@ -506,6 +506,8 @@ error_codes! {
     NotFound = "not_found",
     MethodNotAllowed = "method_not_allowed",
     Conflict = "conflict",
+    /// An admin named a sandbox by a name several tenants use: address it by id.
+    AmbiguousName = "ambiguous_name",
     PayloadTooLarge = "payload_too_large",
     UnsupportedMediaType = "unsupported_media_type",
     Unprocessable = "unprocessable",

@@ -38,6 +38,8 @@ pub enum StoreError {
     Query(#[from] sqlx::Error),
     #[error("the name is already taken")]
     NameTaken,
+    #[error("sandboxes of several tenants are named {0:?}")]
+    AmbiguousName(String),
     #[error("no free uid slot")]
     NoCapacity,
     #[error("quota exceeded: {0}")]
@@ -520,21 +522,28 @@ impl Store {
         row.map(|r| to_sandbox(&r).map(|(_, s)| s)).transpose()
     }
 
-    /// A sandbox by name, only if it belongs to `tenant` (any tenant when `None`).
+    /// A sandbox by name, only if it belongs to `tenant`. Names are unique per tenant; with
+    /// `None` (an admin) the name must name one sandbox across all tenants, else
+    /// `AmbiguousName`.
     pub async fn get_by_name_in(
         &self,
         name: &str,
         tenant: Option<&str>,
     ) -> Result<Option<Sandbox>, StoreError> {
         let sql = format!(
-            "SELECT {COLUMNS} FROM sandboxes WHERE name = ?1 AND (?2 IS NULL OR tenant = ?2)"
+            "SELECT {COLUMNS} FROM sandboxes WHERE name = ?1 AND (?2 IS NULL OR tenant = ?2) \
+             LIMIT 2"
         );
-        let row = sqlx::query(&sql)
+        let rows = sqlx::query(&sql)
             .bind(name)
             .bind(tenant)
-            .fetch_optional(&self.reader)
+            .fetch_all(&self.reader)
             .await?;
-        row.map(|r| to_sandbox(&r).map(|(_, s)| s)).transpose()
+        match rows.as_slice() {
+            [] => Ok(None),
+            [row] => to_sandbox(row).map(|(_, s)| Some(s)),
+            _ => Err(StoreError::AmbiguousName(name.to_owned())),
+        }
     }
 
     pub async fn get(&self, id: Uuid) -> Result<Option<Sandbox>, StoreError> {

@@ -514,3 +514,52 @@ fn a_user_reads_its_own_quota_and_not_another_tenants() {
         .send();
     assert_eq!(other.status, 404, "{}", other.body);
 }
+
+/// Issue 12 finding 10: sandbox names are unique per tenant. Two tenants both use `build-1`,
+/// each sees its own by name, and neither learns of the other's; an admin naming it is told to
+/// use the id.
+#[test]
+fn names_are_unique_per_tenant() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let a = d.create_token("team-a", "user");
+    let b = d.create_token("team-b", "user");
+    let create = |token: &str| {
+        d.request("POST", "/v1/sandboxes?wait=true")
+            .token(Some(token))
+            .json(&json!({"name": "build-1", "command": ["true"]}))
+            .send()
+    };
+    let made_a = create(&a);
+    assert_eq!(made_a.status, 201, "tenant a: {}", made_a.body);
+    let made_b = create(&b);
+    assert_eq!(made_b.status, 201, "tenant b, same name: {}", made_b.body);
+    let id_a = made_a.json()["id"].as_str().unwrap().to_string();
+    let id_b = made_b.json()["id"].as_str().unwrap().to_string();
+    assert_ne!(id_a, id_b);
+    for (token, id) in [(&a, &id_a), (&b, &id_b)] {
+        let got = d
+            .request("GET", "/v1/sandboxes/build-1")
+            .token(Some(token))
+            .send();
+        assert_eq!(got.status, 200, "{}", got.body);
+        assert_eq!(got.json()["id"].as_str(), Some(id.as_str()), "{}", got.body);
+    }
+    // Within one tenant a name is still taken.
+    create(&a).assert_error(409, "the same name twice in one tenant");
+    // An admin naming it: two tenants use it, so it is ambiguous, never one picked at random.
+    let code = d
+        .request("GET", "/v1/sandboxes/build-1")
+        .send()
+        .assert_error(409, "an admin naming a shared name");
+    assert_eq!(code, "ambiguous_name");
+    // Once only one tenant uses it, the admin finds that one.
+    let gone = d
+        .request("DELETE", &format!("/v1/sandboxes/{id_b}"))
+        .token(Some(&b))
+        .send();
+    assert_eq!(gone.status, 204, "{}", gone.body);
+    let got = d.request("GET", "/v1/sandboxes/build-1").send();
+    assert_eq!(got.status, 200, "{}", got.body);
+    assert_eq!(got.json()["id"].as_str(), Some(id_a.as_str()));
+}
