@@ -52,6 +52,16 @@ impl Principal {
         }
     }
 
+    /// A sandbox as this principal may see it: host details (`init_pid`, `host_uid`) are for
+    /// admins only; a `user` token's sandbox objects omit them.
+    pub fn shown(&self, mut sandbox: sandboxd_api::Sandbox) -> sandboxd_api::Sandbox {
+        if !self.is_admin() {
+            sandbox.init_pid = None;
+            sandbox.host_uid = None;
+        }
+        sandbox
+    }
+
     /// 403 `forbidden` unless an admin.
     pub fn require_admin(&self) -> Result<(), ApiError> {
         if self.is_admin() {
