@@ -563,3 +563,73 @@ fn names_are_unique_per_tenant() {
     assert_eq!(got.status, 200, "{}", got.body);
     assert_eq!(got.json()["id"].as_str(), Some(id_a.as_str()));
 }
+
+/// A `GET /v1/info` with `token`, sent from the source address 127.0.0.2 (loopback accepts any
+/// 127/8 source): another client address than the test's other requests. Returns the status.
+fn info_from_127_0_0_2(d: &Daemon, token: &str) -> u16 {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let daemon: std::net::SocketAddrV4 = d.addr.parse().expect("the daemon's address is IPv4");
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 2, 0)).unwrap();
+    connect(fd.as_raw_fd(), &SockaddrIn::from(daemon)).unwrap();
+    let mut stream = std::net::TcpStream::from(fd);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /v1/info HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n",
+        d.addr
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {answer:?}"))
+}
+
+/// Issue 12 finding 11: failed authentication is limited per client address, not per
+/// Authorization value, so rotating made-up tokens is no way around it; another address is not
+/// affected.
+#[test]
+fn failed_authentication_is_limited_per_address() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let valid = d.token().expect("the admin token").to_string();
+    let mut limited = None;
+    for i in 0..50 {
+        let bogus = format!("sbx_{i:064x}");
+        let reply = d.request("GET", "/v1/info").token(Some(&bogus)).send();
+        match reply.status {
+            401 => {}
+            429 => {
+                limited = Some(reply);
+                break;
+            }
+            other => panic!("bogus token {i}: {other} {}", reply.body),
+        }
+    }
+    let reply = limited.expect("50 different bogus tokens from one address were never limited");
+    assert_eq!(reply.assert_error(429, "failed auth"), "rate_limited");
+    let retry: u64 = reply
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("a Retry-After in seconds");
+    assert!(retry >= 1, "{retry}");
+    // The address is held back whatever it sends, a valid token included...
+    let same = d.request("GET", "/v1/info").token(Some(&valid)).send();
+    assert_eq!(same.status, 429, "{}", same.body);
+    // ...but another address, with a valid token, works (positive control).
+    assert_eq!(info_from_127_0_0_2(&d, &valid), 200);
+}

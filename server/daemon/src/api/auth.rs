@@ -7,9 +7,11 @@
 //! set by the unix-socket listener for the daemon's own user, stands for the admin of tenant
 //! `default` without a token.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -17,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 pub use crate::auth::Principal;
 pub use sandboxd_api::Role;
 
+use super::limits::{rate_limited, RateLimiter};
 use super::ApiError;
 use crate::auth::Auth;
 use crate::sandboxes::Scope;
@@ -172,11 +175,59 @@ fn is_public(method: &Method, path: &str) -> bool {
     method == Method::GET && path == "/healthz"
 }
 
-pub async fn authenticate(
-    State(auth): State<Arc<Auth>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+/// Failed authentications allowed per client address in a burst, and how fast the allowance
+/// comes back: beyond it, every credential from that address is 429 until it refills (whatever
+/// the token, so rotating made-up tokens gains nothing). The local socket is exempt.
+pub const FAILED_AUTH_BURST: u32 = 20;
+pub const FAILED_AUTH_PER_SEC: f64 = 0.5;
+
+/// The authentication layer's state: token checks, and failed attempts per client address.
+#[derive(Clone)]
+pub struct Gate {
+    auth: Arc<Auth>,
+    failures: Arc<RateLimiter>,
+}
+
+impl Gate {
+    pub fn new(auth: Arc<Auth>) -> Self {
+        Gate {
+            auth,
+            failures: Arc::new(RateLimiter::new(FAILED_AUTH_PER_SEC, FAILED_AUTH_BURST)),
+        }
+    }
+}
+
+/// The key failed attempts count against: the peer's IP address (`transport.rs` sets it on
+/// every TCP and TLS connection; only the local socket and in-process tests have none).
+fn address_key(request: &Request) -> Option<Vec<u8>> {
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| format!("ip:{}", addr.ip()).into_bytes())
+}
+
+pub async fn authenticate(State(gate): State<Gate>, request: Request, next: Next) -> Response {
+    let key = address_key(&request);
+    let Some(key) = key.filter(|_| {
+        !is_public(request.method(), request.uri().path())
+            && request.extensions().get::<LocalPeer>().is_none()
+    }) else {
+        return check_credentials(&gate.auth, request, next).await;
+    };
+    if let Err(wait) = gate.failures.peek(&key, Instant::now()) {
+        return rate_limited(wait);
+    }
+    let presented = request.headers().contains_key(header::AUTHORIZATION)
+        || ticket_param(request.uri().query()).is_some();
+    let response = check_credentials(&gate.auth, request, next).await;
+    if presented && response.status() == StatusCode::UNAUTHORIZED {
+        // A credential that was presented and refused: one failure of this address.
+        let _ = gate.failures.check(&key, Instant::now());
+    }
+    response
+}
+
+async fn check_credentials(auth: &Auth, mut request: Request, next: Next) -> Response {
     if is_public(request.method(), request.uri().path()) {
         return next.run(request).await;
     }
@@ -220,5 +271,8 @@ pub async fn authenticate(
 
 /// Wrap a router in the authentication layer ([`super::app`] does it already).
 pub fn protect(router: axum::Router, auth: Arc<Auth>) -> axum::Router {
-    router.layer(axum::middleware::from_fn_with_state(auth, authenticate))
+    router.layer(axum::middleware::from_fn_with_state(
+        Gate::new(auth),
+        authenticate,
+    ))
 }

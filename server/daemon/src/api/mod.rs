@@ -197,7 +197,7 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(extract::MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(
-            auth,
+            auth::Gate::new(auth),
             auth::authenticate,
         ))
         .with_state(state)
