@@ -32,6 +32,12 @@ const COLUMNS: &str = "seq, id, name, state, exit_code, signal, reason, error, h
 pub enum StoreError {
     #[error("opening the database")]
     Open(#[source] sqlx::Error),
+    #[error("making the database file {path} private (0600)")]
+    Private {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("migrating the database")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database query failed")]
@@ -120,6 +126,41 @@ pub struct Store {
 impl Store {
     /// Open (creating if needed) the database at `path` and apply the migrations.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        // The database holds every tenant's specs (env values included) and the token table:
+        // it is created 0600 here, and SQLite gives its `-wal` and `-shm` the mode of the
+        // database file. An existing database is made private too (it was 0644 before).
+        {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            let private = |source| StoreError::Private {
+                path: path.to_owned(),
+                source,
+            };
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+                .open(path)
+                .map_err(private)?;
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(private)?;
+            for suffix in ["-wal", "-shm"] {
+                let mut side = path.as_os_str().to_owned();
+                side.push(suffix);
+                match std::fs::set_permissions(&side, std::fs::Permissions::from_mode(0o600)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => {
+                        return Err(StoreError::Private {
+                            path: side.into(),
+                            source,
+                        })
+                    }
+                }
+            }
+        }
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
