@@ -58,7 +58,9 @@ fn assert_unauthorized(reply: &Reply, what: &str) {
 #[test]
 fn every_route_but_healthz_needs_a_valid_token() {
     require_e2e!();
-    let d = Daemon::start(Mode::Privileged);
+    // Hundreds of refused credentials from one address: the per-address limit on failed
+    // authentication (tested on its own below) is raised so that every answer is the 401.
+    let d = Daemon::start_with(Mode::Privileged, &["--failed-auth-burst", "100000"]);
     assert!(d.token().is_some(), "the daemon wrote no admin.token");
     let sandbox = d.start_sandbox(&["sleep", "100"]);
     let victim = d.create_token_with("default", "user", None);

@@ -189,10 +189,11 @@ pub struct Gate {
 }
 
 impl Gate {
-    pub fn new(auth: Arc<Auth>) -> Self {
+    /// `burst` refused credentials per address before 429 ([`FAILED_AUTH_BURST`] by default).
+    pub fn new(auth: Arc<Auth>, burst: u32) -> Self {
         Gate {
             auth,
-            failures: Arc::new(RateLimiter::new(FAILED_AUTH_PER_SEC, FAILED_AUTH_BURST)),
+            failures: Arc::new(RateLimiter::new(FAILED_AUTH_PER_SEC, burst)),
         }
     }
 }
@@ -272,7 +273,7 @@ async fn check_credentials(auth: &Auth, mut request: Request, next: Next) -> Res
 /// Wrap a router in the authentication layer ([`super::app`] does it already).
 pub fn protect(router: axum::Router, auth: Arc<Auth>) -> axum::Router {
     router.layer(axum::middleware::from_fn_with_state(
-        Gate::new(auth),
+        Gate::new(auth, FAILED_AUTH_BURST),
         authenticate,
     ))
 }
