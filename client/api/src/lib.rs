@@ -506,6 +506,8 @@ error_codes! {
     NotFound = "not_found",
     MethodNotAllowed = "method_not_allowed",
     Conflict = "conflict",
+    /// An admin named a sandbox by a name several tenants use: address it by id.
+    AmbiguousName = "ambiguous_name",
     PayloadTooLarge = "payload_too_large",
     UnsupportedMediaType = "unsupported_media_type",
     Unprocessable = "unprocessable",
@@ -663,6 +665,13 @@ pub struct Quota {
     /// Sum of `limits.memory_bytes` over live sandboxes at most.
     #[serde(default)]
     pub max_memory_bytes: Option<u64>,
+}
+
+/// Body of `POST /v1/tickets`: the sandbox (id or name) whose websocket routes the ticket opens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTicket {
+    pub sandbox: String,
 }
 
 /// Answer of `POST /v1/tickets`: a single-use websocket ticket, valid for 30 seconds, to pass as

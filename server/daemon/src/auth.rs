@@ -3,7 +3,8 @@
 //! A token is `sbx_` and 32 random bytes in hex. Only its SHA-256 (hex) is stored, in `tokens`
 //! (see `migrations/0004_auth.sql`); the secret is shown once, when it is created. A websocket
 //! ticket is a short-lived (30 s), single-use secret kept only in memory, for browsers, which
-//! cannot set an `Authorization` header on a websocket upgrade.
+//! cannot set an `Authorization` header on a websocket upgrade. A ticket is bound to the one
+//! sandbox it was issued for: it opens only that sandbox's websocket routes.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -73,8 +74,23 @@ pub fn valid_tenant(t: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// The sandbox a ticket was issued for: its id, and its name if it has one (a websocket URL may
+/// name the sandbox either way).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TicketTarget {
+    pub id: String,
+    pub name: Option<String>,
+}
+
+impl TicketTarget {
+    fn matches(&self, id_or_name: &str) -> bool {
+        self.id == id_or_name || self.name.as_deref() == Some(id_or_name)
+    }
+}
+
 struct PendingTicket {
     principal: Principal,
+    target: TicketTarget,
     expires: Instant,
 }
 
@@ -162,8 +178,13 @@ impl Auth {
         self.tickets.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Issue a single-use websocket ticket for `principal`; returns it and its lifetime.
-    pub fn issue_ticket(&self, principal: Principal) -> Result<(String, Duration), AuthError> {
+    /// Issue a single-use websocket ticket for `principal`, valid only on the websocket routes of
+    /// the sandbox `target`; returns it and its lifetime.
+    pub fn issue_ticket(
+        &self,
+        principal: Principal,
+        target: TicketTarget,
+    ) -> Result<(String, Duration), AuthError> {
         let ticket = format!("{TICKET_PREFIX}{}", random_hex()?);
         let now = Instant::now();
         let mut table = self.ticket_table();
@@ -181,19 +202,26 @@ impl Auth {
             hash_secret(&ticket),
             PendingTicket {
                 principal,
+                target,
                 expires: now + TICKET_TTL,
             },
         );
         Ok((ticket, TICKET_TTL))
     }
 
-    /// Use up a ticket. Its token is checked again, so revoking a token also voids its tickets.
-    pub async fn redeem_ticket(&self, ticket: &str) -> Result<Option<Principal>, AuthError> {
+    /// Use up a ticket on a websocket route of the sandbox `sandbox` (an id or a name, as the URL
+    /// gives it). A ticket used on another sandbox is refused and used up all the same. Its token
+    /// is checked again, so revoking a token also voids its tickets.
+    pub async fn redeem_ticket(
+        &self,
+        ticket: &str,
+        sandbox: &str,
+    ) -> Result<Option<Principal>, AuthError> {
         let pending = self.ticket_table().remove(&hash_secret(ticket));
         let Some(pending) = pending else {
             return Ok(None);
         };
-        if pending.expires <= Instant::now() {
+        if pending.expires <= Instant::now() || !pending.target.matches(sandbox) {
             return Ok(None);
         }
         if let Some(id) = &pending.principal.token_id {
@@ -301,14 +329,33 @@ mod tests {
         assert!(auth.bootstrap_admin(dir.path()).await.unwrap().is_some());
         assert_ne!(std::fs::read_to_string(&path).unwrap(), secret);
 
-        let (ticket, _) = auth.issue_ticket(who.clone()).unwrap();
+        let target = TicketTarget {
+            id: "a1".into(),
+            name: Some("build".into()),
+        };
+        let (ticket, _) = auth.issue_ticket(who.clone(), target.clone()).unwrap();
         // The ticket's token was revoked: it is refused (and used up).
-        assert!(auth.redeem_ticket(&ticket).await.unwrap().is_none());
+        assert!(auth.redeem_ticket(&ticket, "a1").await.unwrap().is_none());
         let (_, fresh) = auth.create_token("t", Role::User, None).await.unwrap();
         let who = auth.check_token(&fresh).await.unwrap().unwrap();
-        let (ticket, _) = auth.issue_ticket(who.clone()).unwrap();
-        assert_eq!(auth.redeem_ticket(&ticket).await.unwrap(), Some(who));
-        assert!(auth.redeem_ticket(&ticket).await.unwrap().is_none());
+        let (ticket, _) = auth.issue_ticket(who.clone(), target.clone()).unwrap();
+        assert_eq!(
+            auth.redeem_ticket(&ticket, "build").await.unwrap(),
+            Some(who.clone())
+        );
+        assert!(auth
+            .redeem_ticket(&ticket, "build")
+            .await
+            .unwrap()
+            .is_none());
+        // On another sandbox: refused, and used up.
+        let (ticket, _) = auth.issue_ticket(who, target).unwrap();
+        assert!(auth
+            .redeem_ticket(&ticket, "other")
+            .await
+            .unwrap()
+            .is_none());
+        assert!(auth.redeem_ticket(&ticket, "a1").await.unwrap().is_none());
         assert!(auth.check_token("sbx_nope").await.unwrap().is_none());
     }
 }

@@ -119,6 +119,11 @@ pub struct TransportArgs {
     #[arg(long, env = "SANDBOXD_RATE_LIMIT_BURST", value_name = "N", default_value_t = 500,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit_burst: u32,
+    /// Refused credentials one client address may send before it gets 429 (one more comes back
+    /// every 2 s).
+    #[arg(long, env = "SANDBOXD_FAILED_AUTH_BURST", value_name = "N", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub failed_auth_burst: u32,
 }
 
 /// Resource limit defaults (applied when a request omits the limit, and only where the host can

@@ -244,7 +244,8 @@ async fn serve(
     let addr = listener.local_addr().context("reading the bound address")?;
     let socket_path = state_dir.join(transport::API_SOCKET);
     let unix_listener = transport::bind_unix(&socket_path)?;
-    let state = AppState::new(svc, auth);
+    let mut state = AppState::new(svc, auth);
+    state.failed_auth_burst = args.transport.failed_auth_burst;
     sandboxd::auth::bootstrap_admin_token(&state.auth, &state_dir)
         .await
         .context("creating the admin token")?;

@@ -32,12 +32,20 @@ const COLUMNS: &str = "seq, id, name, state, exit_code, signal, reason, error, h
 pub enum StoreError {
     #[error("opening the database")]
     Open(#[source] sqlx::Error),
+    #[error("making the database file {path} private (0600)")]
+    Private {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("migrating the database")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database query failed")]
     Query(#[from] sqlx::Error),
     #[error("the name is already taken")]
     NameTaken,
+    #[error("sandboxes of several tenants are named {0:?}")]
+    AmbiguousName(String),
     #[error("no free uid slot")]
     NoCapacity,
     #[error("quota exceeded: {0}")]
@@ -118,6 +126,41 @@ pub struct Store {
 impl Store {
     /// Open (creating if needed) the database at `path` and apply the migrations.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        // The database holds every tenant's specs (env values included) and the token table:
+        // it is created 0600 here, and SQLite gives its `-wal` and `-shm` the mode of the
+        // database file. An existing database is made private too (it was 0644 before).
+        {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            let private = |source| StoreError::Private {
+                path: path.to_owned(),
+                source,
+            };
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+                .open(path)
+                .map_err(private)?;
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(private)?;
+            for suffix in ["-wal", "-shm"] {
+                let mut side = path.as_os_str().to_owned();
+                side.push(suffix);
+                match std::fs::set_permissions(&side, std::fs::Permissions::from_mode(0o600)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => {
+                        return Err(StoreError::Private {
+                            path: side.into(),
+                            source,
+                        })
+                    }
+                }
+            }
+        }
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -520,21 +563,28 @@ impl Store {
         row.map(|r| to_sandbox(&r).map(|(_, s)| s)).transpose()
     }
 
-    /// A sandbox by name, only if it belongs to `tenant` (any tenant when `None`).
+    /// A sandbox by name, only if it belongs to `tenant`. Names are unique per tenant; with
+    /// `None` (an admin) the name must name one sandbox across all tenants, else
+    /// `AmbiguousName`.
     pub async fn get_by_name_in(
         &self,
         name: &str,
         tenant: Option<&str>,
     ) -> Result<Option<Sandbox>, StoreError> {
         let sql = format!(
-            "SELECT {COLUMNS} FROM sandboxes WHERE name = ?1 AND (?2 IS NULL OR tenant = ?2)"
+            "SELECT {COLUMNS} FROM sandboxes WHERE name = ?1 AND (?2 IS NULL OR tenant = ?2) \
+             LIMIT 2"
         );
-        let row = sqlx::query(&sql)
+        let rows = sqlx::query(&sql)
             .bind(name)
             .bind(tenant)
-            .fetch_optional(&self.reader)
+            .fetch_all(&self.reader)
             .await?;
-        row.map(|r| to_sandbox(&r).map(|(_, s)| s)).transpose()
+        match rows.as_slice() {
+            [] => Ok(None),
+            [row] => to_sandbox(row).map(|(_, s)| Some(s)),
+            _ => Err(StoreError::AmbiguousName(name.to_owned())),
+        }
     }
 
     pub async fn get(&self, id: Uuid) -> Result<Option<Sandbox>, StoreError> {

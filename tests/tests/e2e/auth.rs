@@ -58,7 +58,9 @@ fn assert_unauthorized(reply: &Reply, what: &str) {
 #[test]
 fn every_route_but_healthz_needs_a_valid_token() {
     require_e2e!();
-    let d = Daemon::start(Mode::Privileged);
+    // Hundreds of refused credentials from one address: the per-address limit on failed
+    // authentication (tested on its own below) is raised so that every answer is the 401.
+    let d = Daemon::start_with(Mode::Privileged, &["--failed-auth-burst", "100000"]);
     assert!(d.token().is_some(), "the daemon wrote no admin.token");
     let sandbox = d.start_sandbox(&["sleep", "100"]);
     let victim = d.create_token_with("default", "user", None);
@@ -326,29 +328,29 @@ fn only_admins_manage_tokens_and_quotas() {
     assert_eq!(reply.status, 201, "{}", reply.body);
 }
 
+/// A ticket for the websocket routes of `sandbox`, minted with `token`.
+fn ticket_for(d: &Daemon, token: Option<&str>, sandbox: &str) -> Reply {
+    d.request("POST", "/v1/tickets")
+        .token(token)
+        .json(&json!({ "sandbox": sandbox }))
+        .send()
+}
+
+fn ticket(d: &Daemon, token: Option<&str>, sandbox: &str) -> String {
+    let reply = ticket_for(d, token, sandbox);
+    assert_eq!(reply.status, 200, "ticket: {}", reply.body);
+    let json = reply.json();
+    assert!(json["expires_at"].is_string(), "{json}");
+    json["ticket"].as_str().unwrap().to_string()
+}
+
 #[test]
 fn a_websocket_ticket_works_once() {
     require_e2e!();
     let d = Daemon::start(Mode::Privileged);
     let (sandbox, _) = d.run(&["echo", "through a ticket"]);
     let path = format!("/v1/sandboxes/{}/logs", sandbox.id);
-    let ticket = |token: Option<&str>| {
-        let reply = d
-            .request("POST", "/v1/tickets")
-            .token(token)
-            .json(&json!({}))
-            .send();
-        assert!(
-            reply.status / 100 == 2,
-            "ticket: {} {}",
-            reply.status,
-            reply.body
-        );
-        let json = reply.json();
-        assert!(json["expires_at"].is_string(), "{json}");
-        json["ticket"].as_str().unwrap().to_string()
-    };
-    let t = ticket(d.token());
+    let t = ticket(&d, d.token(), &sandbox.id.to_string());
     let ws = d
         .websocket_as(&format!("{path}?ticket={t}"), None)
         .unwrap_or_else(|status| panic!("a fresh ticket was refused with {status}"));
@@ -359,17 +361,79 @@ fn a_websocket_ticket_works_once() {
     let bogus = d.websocket_as(&format!("{path}?ticket=nope"), None);
     assert_eq!(bogus.err(), Some(401), "a made-up ticket");
     // A ticket is not a bearer token for plain HTTP.
-    let t = ticket(d.token());
+    let t = ticket(&d, d.token(), &sandbox.id.to_string());
     let reply = d
         .request("GET", &format!("{path}?ticket={t}"))
         .token(None)
         .send();
     assert_ne!(reply.status, 200, "a ticket opened a plain HTTP route");
-    // A ticket of another tenant does not open this tenant's sandbox.
+    // Another tenant cannot get a ticket for this tenant's sandbox.
     let other = d.create_token("team-t", "user");
-    let t = ticket(Some(&other));
-    let ws = d.websocket_as(&format!("{path}?ticket={t}"), None);
-    assert_eq!(ws.err(), Some(404), "another tenant's ticket");
+    let reply = ticket_for(&d, Some(&other), &sandbox.id.to_string());
+    reply.assert_error(404, "another tenant's sandbox");
+}
+
+/// Issue 12 finding 4: a ticket opens only a real websocket upgrade of its own sandbox's
+/// websocket routes; never a plain route (an admin ticket once minted an admin token), never
+/// another sandbox.
+#[test]
+fn a_ticket_opens_only_its_own_sandboxs_websocket() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let (mine, _) = d.run(&["echo", "mine"]);
+    let (other, _) = d.run(&["echo", "other"]);
+    let upgrade = |method: &str, path: &str| {
+        d.request(method, path)
+            .token(None)
+            .header("Connection", "Upgrade")
+            .header("Upgrade", "websocket")
+            .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("Sec-WebSocket-Version", "13")
+    };
+    // An admin ticket on the token API, dressed as an upgrade.
+    let t = ticket(&d, d.token(), &mine.id.to_string());
+    let reply = upgrade("POST", &format!("/v1/tokens?ticket={t}"))
+        .json(&json!({"tenant": "default", "role": "admin"}))
+        .send();
+    assert_eq!(
+        reply.status, 401,
+        "a ticket on POST /v1/tokens: {}",
+        reply.body
+    );
+    let t = ticket(&d, d.token(), &mine.id.to_string());
+    let reply = upgrade("GET", &format!("/v1/sandboxes/{}?ticket={t}", mine.id)).send();
+    assert_eq!(
+        reply.status, 401,
+        "a ticket on GET /v1/sandboxes/ID: {}",
+        reply.body
+    );
+    // `Upgrade: websocket` alone is no handshake.
+    let t = ticket(&d, d.token(), &mine.id.to_string());
+    let reply = d
+        .request("GET", &format!("/v1/sandboxes/{}/logs?ticket={t}", mine.id))
+        .token(None)
+        .header("Upgrade", "websocket")
+        .send();
+    assert_eq!(reply.status, 401, "a half handshake: {}", reply.body);
+    // Another sandbox's logs websocket.
+    let t = ticket(&d, d.token(), &mine.id.to_string());
+    let ws = d.websocket_as(&format!("/v1/sandboxes/{}/logs?ticket={t}", other.id), None);
+    assert_eq!(ws.err(), Some(401), "a ticket on another sandbox");
+    // Refused there, and used up: it no longer opens its own sandbox either.
+    let ws = d.websocket_as(&format!("/v1/sandboxes/{}/logs?ticket={t}", mine.id), None);
+    assert_eq!(
+        ws.err(),
+        Some(401),
+        "a ticket tried on another sandbox is used up"
+    );
+    // Positive control: its own sandbox's logs websocket.
+    let t = ticket(&d, d.token(), &mine.id.to_string());
+    let ws = d
+        .websocket_as(&format!("/v1/sandboxes/{}/logs?ticket={t}", mine.id), None)
+        .unwrap_or_else(|status| panic!("the ticket's own sandbox refused it with {status}"));
+    assert_eq!(read_websocket(ws).bytes(None), b"mine\n");
+    // A ticket for an unknown sandbox is not issued.
+    ticket_for(&d, d.token(), "no-such-sandbox").assert_error(404, "an unknown sandbox");
 }
 
 #[test]
@@ -451,4 +515,123 @@ fn a_user_reads_its_own_quota_and_not_another_tenants() {
         .token(Some(&user))
         .send();
     assert_eq!(other.status, 404, "{}", other.body);
+}
+
+/// Issue 12 finding 10: sandbox names are unique per tenant. Two tenants both use `build-1`,
+/// each sees its own by name, and neither learns of the other's; an admin naming it is told to
+/// use the id.
+#[test]
+fn names_are_unique_per_tenant() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let a = d.create_token("team-a", "user");
+    let b = d.create_token("team-b", "user");
+    let create = |token: &str| {
+        d.request("POST", "/v1/sandboxes?wait=true")
+            .token(Some(token))
+            .json(&json!({"name": "build-1", "command": ["true"]}))
+            .send()
+    };
+    let made_a = create(&a);
+    assert_eq!(made_a.status, 201, "tenant a: {}", made_a.body);
+    let made_b = create(&b);
+    assert_eq!(made_b.status, 201, "tenant b, same name: {}", made_b.body);
+    let id_a = made_a.json()["id"].as_str().unwrap().to_string();
+    let id_b = made_b.json()["id"].as_str().unwrap().to_string();
+    assert_ne!(id_a, id_b);
+    for (token, id) in [(&a, &id_a), (&b, &id_b)] {
+        let got = d
+            .request("GET", "/v1/sandboxes/build-1")
+            .token(Some(token))
+            .send();
+        assert_eq!(got.status, 200, "{}", got.body);
+        assert_eq!(got.json()["id"].as_str(), Some(id.as_str()), "{}", got.body);
+    }
+    // Within one tenant a name is still taken.
+    create(&a).assert_error(409, "the same name twice in one tenant");
+    // An admin naming it: two tenants use it, so it is ambiguous, never one picked at random.
+    let code = d
+        .request("GET", "/v1/sandboxes/build-1")
+        .send()
+        .assert_error(409, "an admin naming a shared name");
+    assert_eq!(code, "ambiguous_name");
+    // Once only one tenant uses it, the admin finds that one.
+    let gone = d
+        .request("DELETE", &format!("/v1/sandboxes/{id_b}"))
+        .token(Some(&b))
+        .send();
+    assert_eq!(gone.status, 204, "{}", gone.body);
+    let got = d.request("GET", "/v1/sandboxes/build-1").send();
+    assert_eq!(got.status, 200, "{}", got.body);
+    assert_eq!(got.json()["id"].as_str(), Some(id_a.as_str()));
+}
+
+/// A `GET /v1/info` with `token`, sent from the source address 127.0.0.2 (loopback accepts any
+/// 127/8 source): another client address than the test's other requests. Returns the status.
+fn info_from_127_0_0_2(d: &Daemon, token: &str) -> u16 {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let daemon: std::net::SocketAddrV4 = d.addr.parse().expect("the daemon's address is IPv4");
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 2, 0)).unwrap();
+    connect(fd.as_raw_fd(), &SockaddrIn::from(daemon)).unwrap();
+    let mut stream = std::net::TcpStream::from(fd);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /v1/info HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n",
+        d.addr
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {answer:?}"))
+}
+
+/// Issue 12 finding 11: failed authentication is limited per client address, not per
+/// Authorization value, so rotating made-up tokens is no way around it; another address is not
+/// affected.
+#[test]
+fn failed_authentication_is_limited_per_address() {
+    require_e2e!();
+    let d = Daemon::start(Mode::Privileged);
+    let valid = d.token().expect("the admin token").to_string();
+    let mut limited = None;
+    for i in 0..50 {
+        let bogus = format!("sbx_{i:064x}");
+        let reply = d.request("GET", "/v1/info").token(Some(&bogus)).send();
+        match reply.status {
+            401 => {}
+            429 => {
+                limited = Some(reply);
+                break;
+            }
+            other => panic!("bogus token {i}: {other} {}", reply.body),
+        }
+    }
+    let reply = limited.expect("50 different bogus tokens from one address were never limited");
+    assert_eq!(reply.assert_error(429, "failed auth"), "rate_limited");
+    let retry: u64 = reply
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("a Retry-After in seconds");
+    assert!(retry >= 1, "{retry}");
+    // The address is held back whatever it sends, a valid token included...
+    let same = d.request("GET", "/v1/info").token(Some(&valid)).send();
+    assert_eq!(same.status, 429, "{}", same.body);
+    // ...but another address, with a valid token, works (positive control).
+    assert_eq!(info_from_127_0_0_2(&d, &valid), 200);
 }

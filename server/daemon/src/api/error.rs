@@ -99,6 +99,11 @@ impl From<SandboxError> for ApiError {
                 ErrorCode::Conflict,
                 "name: already taken",
             ),
+            SandboxError::AmbiguousName(_) => ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorCode::AmbiguousName,
+                e.to_string(),
+            ),
             SandboxError::NoCapacity | SandboxError::NoAddress => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::NoCapacity,

@@ -79,7 +79,8 @@ pub async fn start(
     Extension(principal): Extension<Principal>,
     IdOrName(id): IdOrName,
 ) -> Result<Json<Sandbox>, ApiError> {
-    Ok(Json(state.svc.start(&principal.scope(), &id).await?))
+    let sandbox = state.svc.start(&principal.scope(), &id).await?;
+    Ok(Json(principal.shown(sandbox)))
 }
 
 pub async fn get_file(

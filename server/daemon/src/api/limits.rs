@@ -120,6 +120,25 @@ impl RateLimiter {
         }
     }
 
+    /// Whether `client` has a token left, without taking it (the bucket refills meanwhile).
+    /// `Err(wait)` as for [`RateLimiter::check`].
+    pub fn peek(&self, client: &[u8], now: Instant) -> Result<(), Duration> {
+        let key = self.hasher.hash_one(client);
+        let Ok(buckets) = self.buckets.lock() else {
+            return Ok(());
+        };
+        let Some(bucket) = buckets.get(&key) else {
+            return Ok(());
+        };
+        let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
+        let tokens = (bucket.tokens + elapsed * self.per_sec).min(self.burst);
+        if tokens >= 1.0 {
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - tokens) / self.per_sec))
+        }
+    }
+
     /// Make room: forget every client whose bucket has refilled (forgetting it changes nothing),
     /// and if none has, the least recently seen one.
     fn evict(&self, buckets: &mut HashMap<u64, Bucket>, now: Instant) {

@@ -36,11 +36,17 @@ pub struct AppState {
     pub svc: Arc<Service>,
     /// Tokens and websocket tickets.
     pub auth: Arc<crate::auth::Auth>,
+    /// Refused credentials allowed per client address in a burst (`--failed-auth-burst`).
+    pub failed_auth_burst: u32,
 }
 
 impl AppState {
     pub fn new(svc: Arc<Service>, auth: Arc<crate::auth::Auth>) -> Self {
-        AppState { svc, auth }
+        AppState {
+            svc,
+            auth,
+            failed_auth_burst: auth::FAILED_AUTH_BURST,
+        }
     }
 }
 
@@ -197,7 +203,7 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(extract::MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(
-            auth,
+            auth::Gate::new(auth, state.failed_auth_burst),
             auth::authenticate,
         ))
         .with_state(state)

@@ -37,7 +37,7 @@ pub async fn create(
         .svc
         .create(&principal.tenant, valid, params.wait)
         .await?;
-    Ok((StatusCode::CREATED, Json(sandbox)))
+    Ok((StatusCode::CREATED, Json(principal.shown(sandbox))))
 }
 
 /// The cursor is the sequence number of the last row of the previous page, base64-encoded so
@@ -116,7 +116,7 @@ pub async fn list(
     }
     let (items, next) = state.svc.list(&q).await?;
     Ok(Json(SandboxList {
-        items,
+        items: items.into_iter().map(|s| principal.shown(s)).collect(),
         next_cursor: next.map(encode_cursor),
     }))
 }
@@ -126,7 +126,8 @@ pub async fn get(
     Extension(principal): Extension<Principal>,
     IdOrName(id): IdOrName,
 ) -> Result<Json<Sandbox>, ApiError> {
-    Ok(Json(state.svc.find(&principal.scope(), &id).await?))
+    let sandbox = state.svc.find(&principal.scope(), &id).await?;
+    Ok(Json(principal.shown(sandbox)))
 }
 
 pub async fn wait(
@@ -135,7 +136,7 @@ pub async fn wait(
     IdOrName(id): IdOrName,
 ) -> Result<Json<Sandbox>, ApiError> {
     let sandbox = state.svc.find(&principal.scope(), &id).await?;
-    Ok(Json(state.svc.wait(sandbox.id).await?))
+    Ok(Json(principal.shown(state.svc.wait(sandbox.id).await?)))
 }
 
 pub async fn kill(
@@ -144,12 +145,11 @@ pub async fn kill(
     IdOrName(id): IdOrName,
     OptionalJson(body): OptionalJson<KillRequest>,
 ) -> Result<Json<Sandbox>, ApiError> {
-    Ok(Json(
-        state
-            .svc
-            .kill(&principal.scope(), &id, body.signal.as_deref())
-            .await?,
-    ))
+    let sandbox = state
+        .svc
+        .kill(&principal.scope(), &id, body.signal.as_deref())
+        .await?;
+    Ok(Json(principal.shown(sandbox)))
 }
 
 pub async fn delete(
@@ -176,12 +176,11 @@ pub async fn extend(
     ApiJson(body): ApiJson<ExtendRequest>,
 ) -> Result<Json<Sandbox>, ApiError> {
     check_lifetime("ttl_secs", body.ttl_secs)?;
-    Ok(Json(
-        state
-            .svc
-            .extend(&principal.scope(), &id, body.ttl_secs)
-            .await?,
-    ))
+    let sandbox = state
+        .svc
+        .extend(&principal.scope(), &id, body.ttl_secs)
+        .await?;
+    Ok(Json(principal.shown(sandbox)))
 }
 
 #[cfg(test)]

@@ -582,7 +582,11 @@ async fn websocket_streams_backlog_then_log_end() {
         .await
         .unwrap();
     let principal = state.auth.check_token(&secret).await.unwrap().unwrap();
-    let (ticket, _) = state.auth.issue_ticket(principal).unwrap();
+    let target = crate::auth::TicketTarget {
+        id: sb.id.to_string(),
+        name: None,
+    };
+    let (ticket, _) = state.auth.issue_ticket(principal, target).unwrap();
     let router = app(state);
     tokio::spawn(async move { axum::serve(listener, router).await });
     let plain = format!("ws://{addr}/v1/sandboxes/{}/logs?offset=1", sb.id);
@@ -1100,10 +1104,24 @@ async fn requests_need_a_valid_token() {
         .await;
     assert_eq!(status, StatusCode::OK);
     // A ticket is no substitute for a token outside a websocket upgrade.
-    let (status, ticket) = app
-        .as_token(Some(&good), Method::POST, "/v1/tickets", None)
+    let (status, created) = app
+        .as_token(
+            Some(&good),
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"command": ["true"]})),
+        )
         .await;
-    assert_eq!(status, StatusCode::OK);
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let (status, ticket) = app
+        .as_token(
+            Some(&good),
+            Method::POST,
+            "/v1/tickets",
+            Some(json!({"sandbox": created["id"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{ticket}");
     let t = ticket["ticket"].as_str().unwrap();
     let (status, _) = app
         .as_token(
@@ -1246,8 +1264,8 @@ async fn tenants_see_only_their_sandboxes() {
         )
         .await;
     assert_eq!(status, StatusCode::OK);
-    // Names stay unique across tenants.
-    let (status, _) = app
+    // Names are unique per tenant: another tenant may use the same one.
+    let (status, body) = app
         .as_token(
             Some(&b),
             Method::POST,
@@ -1255,7 +1273,7 @@ async fn tenants_see_only_their_sandboxes() {
             Some(json!({"command": ["true"], "name": "mine"})),
         )
         .await;
-    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(status, StatusCode::CREATED, "{body}");
 }
 
 #[tokio::test]

@@ -7,13 +7,13 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::{Extension, Json};
-use sandboxd_api::{CreateToken, Quota, Ticket, TokenCreated, TokenInfo, TokenList};
+use sandboxd_api::{CreateTicket, CreateToken, Quota, Ticket, TokenCreated, TokenInfo, TokenList};
 use time::OffsetDateTime;
 
 use super::auth::Principal;
 use super::extract::ApiJson;
 use super::{ApiError, AppState};
-use crate::auth::{valid_tenant, StoredQuota, StoredToken};
+use crate::auth::{valid_tenant, StoredQuota, StoredToken, TicketTarget};
 
 /// Longest token lifetime accepted: ten years.
 const MAX_TOKEN_TTL_SECS: u64 = 10 * 366 * 24 * 3600;
@@ -160,11 +160,22 @@ pub async fn get_quota(
     }))
 }
 
+/// `POST /v1/tickets`: a ticket for the websocket routes of one sandbox the caller can see (404
+/// for any other, like everywhere).
 pub async fn ticket(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    ApiJson(body): ApiJson<CreateTicket>,
 ) -> Result<Json<Ticket>, ApiError> {
-    let (ticket, ttl) = state.auth.issue_ticket(principal).map_err(internal)?;
+    let sandbox = state.svc.find(&principal.scope(), &body.sandbox).await?;
+    let target = TicketTarget {
+        id: sandbox.id.to_string(),
+        name: sandbox.name,
+    };
+    let (ticket, ttl) = state
+        .auth
+        .issue_ticket(principal, target)
+        .map_err(internal)?;
     Ok(Json(Ticket {
         ticket,
         expires_at: OffsetDateTime::now_utc() + ttl,

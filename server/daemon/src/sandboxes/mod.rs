@@ -55,6 +55,8 @@ pub enum SandboxError {
     NotFound,
     #[error("the name is already taken")]
     NameTaken,
+    #[error("sandboxes of several tenants are named {0:?}: address it by id")]
+    AmbiguousName(String),
     #[error("no free uid range: too many sandboxes are running")]
     NoCapacity,
     #[error("the sandbox is not running")]
@@ -234,15 +236,17 @@ impl Service {
         self.registry().get(&id).map(watch::Sender::subscribe)
     }
 
-    /// Find a sandbox by id (anything that parses as a UUID) or by name, within `scope`.
+    /// Find a sandbox by id (anything that parses as a UUID) or by name, within `scope`. Names
+    /// are unique per tenant: an admin's name that several tenants use is `AmbiguousName`.
     pub async fn find(&self, scope: &Scope, id_or_name: &str) -> Result<Sandbox, SandboxError> {
         let found = match Uuid::parse_str(id_or_name) {
             Ok(id) => self.store.get_in(id, scope.tenant()).await?,
-            Err(_) => {
-                self.store
-                    .get_by_name_in(id_or_name, scope.tenant())
-                    .await?
-            }
+            Err(_) => match self.store.get_by_name_in(id_or_name, scope.tenant()).await {
+                Err(StoreError::AmbiguousName(name)) => {
+                    return Err(SandboxError::AmbiguousName(name))
+                }
+                other => other?,
+            },
         };
         found.ok_or(SandboxError::NotFound)
     }
