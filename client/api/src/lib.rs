@@ -5,6 +5,8 @@
 //! same shapes for everyone else. Request types reject unknown fields so that a misspelt option is a
 //! 400 instead of being silently ignored.
 
+pub mod egress;
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};

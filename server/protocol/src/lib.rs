@@ -15,6 +15,7 @@
 
 pub mod capabilities;
 pub mod control;
+pub mod egress;
 pub mod exec;
 pub mod files;
 pub mod layout;
