@@ -34,6 +34,11 @@ pub fn detect(config: &Config, limits: &Cgroups) -> HelperInfo {
         },
         network_modes: Vec::new(),
         network_subnet: None,
+        egress: sandboxd_protocol::egress::EgressStatus {
+            available: false,
+            reason: Some("this helper does not build an egress filter yet".to_owned()),
+            ..Default::default()
+        },
     }
 }
 

@@ -53,6 +53,22 @@ pub struct FilterConfig {
     pub daemon_uid: u32,
 }
 
+/// Whether this helper gives bridged sandboxes egress, as `GET /v1/info` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressStatus {
+    pub available: bool,
+    /// Why egress is not available (and what would make it so), when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The network namespace the hub's uplink is in (`--egress-uplink`; the host's own when
+    /// absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<String>,
+    /// The resolver the filter asks (`--egress-dns`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_dns: Option<SocketAddrV4>,
+}
+
 /// One sandbox's policy, as the filter keys it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

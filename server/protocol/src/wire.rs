@@ -264,6 +264,9 @@ pub struct HelperInfo {
     /// The subnet bridged sandboxes get their addresses from (`10.88.0.0/16`), when bridged.
     #[serde(default)]
     pub network_subnet: Option<String>,
+    /// Whether bridged sandboxes can be given egress, or why not.
+    #[serde(default)]
+    pub egress: crate::egress::EgressStatus,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
