@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
 
 mod api;
+mod artifacts;
 mod auth;
 mod browser;
 mod cli;

@@ -16,7 +16,7 @@ use sandboxd_protocol::files::{FileKind, FileOp, ListingEntry};
 use sandboxd_protocol::wire::{FileReady, HelperError, HelperErrorCode, Response};
 
 use super::chunks::{ChunkReader, ChunkWriter};
-use super::resolve::{self, check_readable, errno, is_dir, is_reg, refused, Root};
+use super::resolve::{self, check_readable, errno, is_dir, is_reg, refused, Root, OUT_MODE_BITS};
 use super::{send, ValidFiles};
 
 /// How long the worker waits for the daemon to send or take the next bytes.
@@ -69,7 +69,7 @@ impl Session<'_> {
             &Response::FileReady(FileReady {
                 kind,
                 size: st.map(|s| s.st_size as u64),
-                mode: st.map(|s| s.st_mode & 0o7777),
+                mode: st.map(|s| s.st_mode & OUT_MODE_BITS),
             }),
         );
         self.downloading = !matches!(kind, FileKind::None);
