@@ -249,6 +249,14 @@ impl SandboxesDir {
             nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         )
         .map_err(io("handing work/ to the sandbox's root"))?;
+        // mkdirat honours the helper's umask; the sandbox's /work is 0755 as it always was.
+        fchmodat(
+            Some(private.as_raw_fd()),
+            WORK_DIR,
+            Mode::from_bits_truncate(0o755),
+            FchmodatFlags::NoFollowSymlink,
+        )
+        .map_err(io("setting the mode of work/"))?;
         let mut owned_dirs: Vec<(&str, u32)> = Vec::new();
         if layout.image {
             owned_dirs.push((UPPER_DIR, 0o755));

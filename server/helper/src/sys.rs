@@ -198,6 +198,20 @@ pub fn loopback_up() -> Result<(), Errno> {
     Ok(())
 }
 
+/// The helper's own umask: nothing it creates is open to other users unless a mode says so
+/// explicitly (directories a sandbox's host uid must traverse are `fchmod`ed to 0711); files the
+/// daemon reads keep their group bits (the daemon's group).
+pub const PRIVATE_UMASK: u32 = 0o027;
+
+/// The umask a sandbox's processes start with, and the one its files (its root, `/etc`, what a
+/// transfer creates) are made with: the conventional one, independent of the helper's.
+pub const SANDBOX_UMASK: u32 = 0o022;
+
+/// Set the calling process's umask.
+pub fn set_umask(mask: u32) {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
+}
+
 /// Terminate the calling process at once, without running destructors or atexit handlers.
 /// Used in forked children that must not flush buffers or unwind into the parent's code.
 pub fn exit_now(code: i32) -> ! {

@@ -8,6 +8,7 @@
 
 mod api;
 mod artifacts;
+mod at_rest;
 mod auth;
 mod browser;
 mod cli;

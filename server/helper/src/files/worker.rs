@@ -27,6 +27,8 @@ const DEFAULT_MODE: u32 = 0o644;
 
 /// Serve the transfer and answer its final frame. Returns the worker's exit code.
 pub fn serve(files: &ValidFiles, conn: &UnixStream) -> i32 {
+    // Directories a transfer makes get the sandbox's conventional modes, not the helper's.
+    crate::sys::set_umask(crate::sys::SANDBOX_UMASK);
     let mut session = Session {
         conn,
         downloading: false,

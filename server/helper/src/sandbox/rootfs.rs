@@ -622,6 +622,8 @@ pub fn build(
     ids: IdMap,
     image: Option<ImageLower>,
 ) -> Result<(), SetupError> {
+    // The sandbox's files (its `/etc`, mount points) get the sandbox's modes, not the helper's.
+    crate::sys::set_umask(crate::sys::SANDBOX_UMASK);
     let root = match (&image, &spawn.rootfs) {
         (None, _) => Root::Host(HostFacts::probe()?),
         (Some(_), Rootfs::Image { readonly, .. }) => Root::Image {
