@@ -15,6 +15,7 @@ mod cli;
 mod cli_habits;
 mod exec;
 mod files;
+mod host_view;
 mod hostile;
 mod images;
 mod isolation;
