@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use sandboxd_protocol::layout::{
     MONITOR_LOCK, OUTPUT_INDEX, OUTPUT_LOG, OVERLAY_WORK_DIR, PRIVATE_DIR, SANDBOXES_DIR, TMP_DIR,
-    UPPER_DIR, WORK_DIR,
+    UPPER_DIR, WORK_DIR, WORK_OVERLAY_DIR,
 };
 
 use sandboxd_protocol::wire::{HelperError, HelperErrorCode};
@@ -257,7 +257,7 @@ impl SandboxesDir {
             FchmodatFlags::NoFollowSymlink,
         )
         .map_err(io("setting the mode of work/"))?;
-        let mut owned_dirs: Vec<(&str, u32)> = Vec::new();
+        let mut owned_dirs: Vec<(&str, u32)> = vec![(WORK_OVERLAY_DIR, 0o700)];
         if layout.image {
             owned_dirs.push((UPPER_DIR, 0o755));
             owned_dirs.push((OVERLAY_WORK_DIR, 0o700));

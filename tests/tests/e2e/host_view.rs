@@ -1,9 +1,11 @@
-//! What a sandbox sees of the host (issue 12, finding 12): init's command line and environment
-//! say nothing of the helper (not its arguments, not the state directory, not the daemon's
-//! environment), and the dangerous parts of `/proc` are masked or read-only as in Docker's
-//! default.
+//! What a sandbox sees of the host (issue 12, finding 12): its mount table names no host path
+//! (not the state directory, not the image store, not the checkout), init's command line and
+//! environment say nothing of the helper, and the dangerous parts of `/proc` are masked or
+//! read-only as in Docker's default.
 
 use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
 use sandboxd_tests::{both_modes, Daemon, Mode};
 use serde_json::{json, Value};
@@ -42,11 +44,78 @@ fn assert_no_host_path(d: &Daemon, what: &str, seen: &str) {
     assert!(found.is_empty(), "{}", found.join("\n"));
 }
 
+/// A tiny image: `sh` and `cat` from the host with their libraries.
+fn image_tar(dir: &Path) -> Vec<u8> {
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    for bin in ["/usr/bin/dash", "/usr/bin/cat"] {
+        std::fs::copy(
+            bin,
+            root.join("bin").join(Path::new(bin).file_name().unwrap()),
+        )
+        .unwrap();
+        let out = Command::new("ldd").arg(bin).output().unwrap();
+        for lib in String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter(|w| w.starts_with('/'))
+        {
+            let target = root.join(lib.trim_start_matches('/'));
+            std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+            std::fs::copy(lib, &target).unwrap();
+        }
+    }
+    std::os::unix::fs::symlink("dash", root.join("bin/sh")).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    b.append_dir_all(".", &root).unwrap();
+    b.into_inner().unwrap()
+}
+
+fn import(d: &Daemon, name: &str) {
+    let scratch =
+        std::env::temp_dir().join(format!("sandboxd-hv-{}", uuid::Uuid::new_v4().simple()));
+    let body = image_tar(&scratch);
+    std::fs::remove_dir_all(&scratch).unwrap();
+    let reply = d
+        .request("POST", "/v1/images")
+        .query("name", name)
+        .header("content-type", "application/x-tar")
+        .body(body)
+        .timeout(Duration::from_secs(120))
+        .send();
+    assert_eq!(reply.status, 201, "{}", reply.body);
+}
+
 fn output_of(d: &Daemon, spec: Value) -> String {
     let (sandbox, out) = d.run_spec(spec.clone());
     assert_eq!(sandbox.exit_code, Some(0), "{spec}: {out}");
     out
 }
+
+fn mount_table_names_no_host_path(mode: Mode) {
+    let d = Daemon::start(mode);
+    let script = "cat /proc/self/mountinfo /proc/mounts";
+    let mut found = Vec::new();
+    let host = output_of(&d, json!({"command": ["sh", "-c", script]}));
+    assert!(host.contains(" /work "), "{host}");
+    found.extend(host_path_lines(&d, "a host-root sandbox", &host));
+    import(&d, "hv");
+    let image = output_of(
+        &d,
+        json!({"command": ["sh", "-c", script], "rootfs": {"image": "hv"}}),
+    );
+    assert!(image.contains("overlay"), "{image}");
+    found.extend(host_path_lines(&d, "an image sandbox", &image));
+    if mode == Mode::Privileged {
+        let limited = output_of(
+            &d,
+            json!({"command": ["sh", "-c", script], "limits": {"disk_bytes": 64 << 20}}),
+        );
+        found.extend(host_path_lines(&d, "a disk-limited sandbox", &limited));
+    }
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}
+both_modes!(mount_table_names_no_host_path);
 
 fn init_shows_nothing_of_the_helper(mode: Mode) {
     let d = Daemon::start(mode);
