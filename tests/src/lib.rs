@@ -176,10 +176,31 @@ pub fn ensure_user(name: &str) -> (u32, u32) {
             .expect("useradd runs");
         assert!(status.success(), "useradd {name} failed");
     }
-    let user = nix::unistd::User::from_name(name)
+    let mut user = nix::unistd::User::from_name(name)
         .ok()
         .flatten()
         .expect("the user exists now");
+    // The primary group's number must differ from the uid's, so that a test sees any file the
+    // daemon gets with "gid = uid" instead of its real group (here `useradd` often makes them
+    // equal; the uid's number may be an unrelated group, such as systemd-journal).
+    if user.uid.as_raw() == user.gid.as_raw() {
+        let free = (100..user.gid.as_raw())
+            .rev()
+            .find(|g| {
+                nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(*g))
+                    .is_ok_and(|found| found.is_none())
+            })
+            .expect("a free system gid");
+        let status = Command::new("groupmod")
+            .args(["--gid", &free.to_string(), name])
+            .status()
+            .expect("groupmod runs");
+        assert!(status.success(), "groupmod {name} failed");
+        user = nix::unistd::User::from_name(name)
+            .ok()
+            .flatten()
+            .expect("the user still exists");
+    }
     (user.uid.as_raw(), user.gid.as_raw())
 }
 

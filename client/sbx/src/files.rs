@@ -10,7 +10,7 @@ use crate::error::{ClientError, Result};
 
 /// What `GET /files` found.
 pub enum Download {
-    /// A regular file: its permission bits and its content.
+    /// A regular file: its permission bits (never setuid, setgid or sticky) and its content.
     File {
         mode: Option<u32>,
         content: std::pin::Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>,
@@ -70,7 +70,9 @@ impl Client {
             .headers()
             .get("x-sandbox-file-mode")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| u32::from_str_radix(v, 8).ok());
+            .and_then(|v| u32::from_str_radix(v, 8).ok())
+            // Permission bits only, whatever the header says (see `unpack`).
+            .map(|m| m & crate::unpack::MODE_BITS);
         Ok(Download::File {
             mode,
             content: Box::pin(body_stream(resp)),

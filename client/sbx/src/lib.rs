@@ -8,6 +8,7 @@ mod error;
 mod exec;
 mod files;
 mod logs;
+pub mod unpack;
 
 pub use client::{
     Client, CreatedToken, ListQuery, LogStream, TokenInfo, DEFAULT_LOG_RECONNECTS, DEFAULT_URL,

@@ -49,6 +49,8 @@ fn init_tracing(filter: &str) {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    // 0. Nothing created from here on is open to other users by accident.
+    privileges::set_private_umask();
     // 1. Resolve the configuration.
     args.limits.policy()?;
     // The TLS key is read now, while still privileged: it may be readable by root only.
@@ -76,17 +78,19 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     // 2. The state directory: traversable by sandbox tooling, listable only by its owner.
     create_state_dir(&state_dir)?;
-    let daemon_uid = match &target {
+    // The daemon's ids after the drop: the helper hands it its files with exactly these (the
+    // group is the user's primary group, whose number need not equal the uid's).
+    let (daemon_uid, daemon_gid) = match &target {
         Some(t) => {
             chown(&state_dir, Some(t.uid.as_raw()), Some(t.gid.as_raw()))
                 .with_context(|| format!("chown {} to {}", state_dir.display(), t.name))?;
-            t.uid.as_raw()
+            (t.uid.as_raw(), t.gid.as_raw())
         }
-        None => privileges::current_uid(),
+        None => (privileges::current_uid(), privileges::current_gid()),
     };
 
     // 3. Start the helper while still single-threaded, and wait until its socket is bound.
-    let helper_child = start_helper(&helper, &state_dir, daemon_uid, &args)?;
+    let helper_child = start_helper(&helper, &state_dir, (daemon_uid, daemon_gid), &args)?;
 
     // 4. Become the unprivileged user for good.
     if let Some(t) = &target {
@@ -121,7 +125,7 @@ fn create_state_dir(dir: &Path) -> anyhow::Result<()> {
 fn start_helper(
     helper: &PathBuf,
     state_dir: &Path,
-    daemon_uid: u32,
+    (daemon_uid, daemon_gid): (u32, u32),
     args: &Args,
 ) -> anyhow::Result<std::process::Child> {
     #[allow(
@@ -133,6 +137,8 @@ fn start_helper(
         .arg(state_dir)
         .arg("--allow-uid")
         .arg(daemon_uid.to_string())
+        .arg("--allow-gid")
+        .arg(daemon_gid.to_string())
         .arg("--uid-base")
         .arg(args.uid_base.to_string())
         .arg("--uid-slots")

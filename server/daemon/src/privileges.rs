@@ -44,6 +44,16 @@ pub fn current_uid() -> u32 {
     Uid::effective().as_raw()
 }
 
+/// Make every file the daemon creates private to its user unless a mode says otherwise (the
+/// state directory is set to 0711 explicitly). Inherited by the helper, which sets its own.
+pub fn set_private_umask() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+}
+
+pub fn current_gid() -> u32 {
+    Gid::effective().as_raw()
+}
+
 /// Look up `name` in the user database.
 pub fn lookup_user(name: &str) -> Result<Target, PrivilegeError> {
     let user = User::from_name(name)

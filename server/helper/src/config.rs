@@ -13,7 +13,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The only uid allowed to talk to the helper and to the monitors: the daemon's.
     pub allow_uid: u32,
-    /// The daemon's gid, for files the daemon must read.
+    /// The daemon's primary gid (`--allow-gid`, required as root), the group of files the
+    /// daemon must read.
     pub allow_gid: u32,
     pub mode: Mode,
     pub uid_base: u32,
@@ -45,6 +46,8 @@ pub enum ConfigError {
     UnknownArgument(String),
     #[error("--state-dir and --allow-uid are required")]
     Missing,
+    #[error("--allow-gid is required when the helper runs as root (the daemon's primary group)")]
+    MissingGid,
     #[error("uid ranges {base}..{end} overlap uid {uid} (root or the daemon's uid must never be mapped into a sandbox)")]
     Overlap { base: u64, end: u64, uid: u32 },
     #[error("uid ranges end past the largest uid ({0})")]
@@ -128,12 +131,14 @@ impl Config {
             Config {
                 state_dir,
                 allow_uid,
-                // Rootless: files stay in the helper's own group, the only one it may chown to.
-                allow_gid: allow_gid.unwrap_or(if euid == 0 {
-                    allow_uid
-                } else {
-                    nix::unistd::getegid().as_raw()
-                }),
+                // Privileged: the daemon's primary group, which only the daemon knows (a gid
+                // equal to its uid's number may be an unrelated group). Rootless: the helper's own
+                // group, the only one it may chown to.
+                allow_gid: match allow_gid {
+                    Some(gid) => gid,
+                    None if euid == 0 => return Err(ConfigError::MissingGid),
+                    None => nix::unistd::getegid().as_raw(),
+                },
                 mode,
                 uid_base,
                 uid_slots,
@@ -193,16 +198,51 @@ mod tests {
 
     #[test]
     fn privileged_ranges_never_cover_root_or_the_daemon() {
-        let ok = parse(&["--state-dir", "/s", "--allow-uid", "999"], 0).unwrap();
+        let ok = parse(
+            &[
+                "--state-dir",
+                "/s",
+                "--allow-uid",
+                "999",
+                "--allow-gid",
+                "995",
+            ],
+            0,
+        )
+        .unwrap();
         assert_eq!(ok.mode, Mode::Privileged);
+        assert_eq!((ok.allow_uid, ok.allow_gid), (999, 995));
+        assert!(matches!(
+            parse(&["--state-dir", "/s", "--allow-uid", "999"], 0),
+            Err(ConfigError::MissingGid)
+        ));
         assert_eq!(ok.slot_base(2), 100_000_000 + 2 * 65536);
         assert!(matches!(
-            parse(&["--state-dir", "/s", "--allow-uid", "100000005"], 0),
+            parse(
+                &[
+                    "--state-dir",
+                    "/s",
+                    "--allow-uid",
+                    "100000005",
+                    "--allow-gid",
+                    "5"
+                ],
+                0
+            ),
             Err(ConfigError::Overlap { .. })
         ));
         assert!(matches!(
             parse(
-                &["--state-dir", "/s", "--allow-uid", "5", "--uid-base", "0"],
+                &[
+                    "--state-dir",
+                    "/s",
+                    "--allow-uid",
+                    "5",
+                    "--allow-gid",
+                    "5",
+                    "--uid-base",
+                    "0"
+                ],
                 0
             ),
             Err(ConfigError::Overlap { .. })
@@ -212,6 +252,8 @@ mod tests {
                 "--state-dir",
                 "/s",
                 "--allow-uid",
+                "5",
+                "--allow-gid",
                 "5",
                 "--uid-slots",
                 "90000"

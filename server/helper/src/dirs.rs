@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use sandboxd_protocol::layout::{
     MONITOR_LOCK, OUTPUT_INDEX, OUTPUT_LOG, OVERLAY_WORK_DIR, PRIVATE_DIR, SANDBOXES_DIR, TMP_DIR,
-    UPPER_DIR, WORK_DIR,
+    UPPER_DIR, WORK_DIR, WORK_OVERLAY_DIR,
 };
 
 use sandboxd_protocol::wire::{HelperError, HelperErrorCode};
@@ -249,7 +249,15 @@ impl SandboxesDir {
             nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         )
         .map_err(io("handing work/ to the sandbox's root"))?;
-        let mut owned_dirs: Vec<(&str, u32)> = Vec::new();
+        // mkdirat honours the helper's umask; the sandbox's /work is 0755 as it always was.
+        fchmodat(
+            Some(private.as_raw_fd()),
+            WORK_DIR,
+            Mode::from_bits_truncate(0o755),
+            FchmodatFlags::NoFollowSymlink,
+        )
+        .map_err(io("setting the mode of work/"))?;
+        let mut owned_dirs: Vec<(&str, u32)> = vec![(WORK_OVERLAY_DIR, 0o700)];
         if layout.image {
             owned_dirs.push((UPPER_DIR, 0o755));
             owned_dirs.push((OVERLAY_WORK_DIR, 0o700));

@@ -6,8 +6,9 @@
 //! 1. ties its life to its parent's (PR_SET_PDEATHSIG, and the `--exit-with-stdin` lifeline pipe,
 //!    which also works when an unprivileged daemon may not signal a root helper) — running
 //!    sandboxes do not depend on it;
-//! 2. sanitises itself: clears the environment, closes inherited descriptors, sets a umask,
-//!    becomes non-dumpable;
+//! 2. sanitises itself: clears the environment, closes inherited descriptors, sets a private
+//!    umask (`sys::PRIVATE_UMASK`: a sandbox's processes get `SANDBOX_UMASK` back), becomes
+//!    non-dumpable;
 //! 3. parses and checks its command line;
 //! 4. opens `<state>/sandboxes` by descriptor and binds `<state>/helper/helper.sock` for the
 //!    daemon's uid;
@@ -106,7 +107,7 @@ fn run() -> Result<Never, String> {
         nix::sys::signalfd::SfdFlags::SFD_CLOEXEC | nix::sys::signalfd::SfdFlags::SFD_NONBLOCK,
     )
     .map_err(|e| format!("signalfd: {e}"))?;
-    nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
+    sys::set_umask(sys::PRIVATE_UMASK);
     nix::sys::prctl::set_dumpable(false).map_err(|e| format!("prctl: {e}"))?;
 
     // 3. Configuration.
@@ -185,7 +186,7 @@ fn bind_socket(state: &std::os::fd::OwnedFd, config: &Config) -> Result<UnixList
     match nix::sys::stat::mkdirat(
         Some(state.as_raw_fd()),
         HELPER_DIR,
-        Mode::from_bits_truncate(0o711),
+        Mode::from_bits_truncate(0o700),
     ) {
         Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
         Err(e) => return Err(format!("creating {HELPER_DIR}/: {e}")),
@@ -203,7 +204,11 @@ fn bind_socket(state: &std::os::fd::OwnedFd, config: &Config) -> Result<UnixList
             "{HELPER_DIR}/ must be owned by the helper's user and not writable by others"
         ));
     }
-    nix::sys::stat::fchmod(dir.as_raw_fd(), Mode::from_bits_truncate(0o711))
+    // Only the daemon (by its group) passes through to its socket; nobody else reaches the
+    // hub's namespace file (whose mode, 0444, the kernel fixes) or anything else in here.
+    nix::unistd::fchown(dir.as_raw_fd(), None, Some(Gid::from_raw(config.allow_gid)))
+        .map_err(|e| format!("{HELPER_DIR}/: {e}"))?;
+    nix::sys::stat::fchmod(dir.as_raw_fd(), Mode::from_bits_truncate(0o710))
         .map_err(|e| format!("{HELPER_DIR}/: {e}"))?;
     let dir = dir.as_raw_fd();
     match nix::unistd::unlinkat(

@@ -198,6 +198,67 @@ pub fn loopback_up() -> Result<(), Errno> {
     Ok(())
 }
 
+/// The start and end addresses of this process's argument and environment areas, as the kernel
+/// records them (`/proc/self/stat` fields 48 to 51): what `/proc/PID/cmdline` and `environ` show.
+fn arg_env_areas() -> Option<[(usize, usize); 2]> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces and parentheses) start at field 3.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<usize> = rest
+        .split_whitespace()
+        .skip(45)
+        .take(4)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    match fields[..] {
+        [arg_start, arg_end, env_start, env_end] if arg_start < arg_end && env_start <= env_end => {
+            Some([(arg_start, arg_end), (env_start, env_end)])
+        }
+        _ => None,
+    }
+}
+
+/// Give this process a neutral name: its command line becomes `title` (the rest of the argument
+/// area zeros), its environment area zeros, and its `comm` `title` too. For init, a fork of the
+/// helper: otherwise `/proc/1/cmdline` inside the sandbox shows the helper's path and arguments
+/// (the state directory, uid ranges) and `/proc/1/environ` the daemon's environment at start.
+pub fn retitle(title: &str) -> Result<(), Errno> {
+    let [(arg_start, arg_end), (env_start, env_end)] = arg_env_areas().ok_or(Errno::EINVAL)?;
+    let title = title.as_bytes();
+    if title.len() >= arg_end - arg_start {
+        return Err(Errno::ENAMETOOLONG);
+    }
+    let arg = std::ptr::with_exposed_provenance_mut::<u8>(arg_start);
+    let env = std::ptr::with_exposed_provenance_mut::<u8>(env_start);
+    // SAFETY: the ranges are this process's own argument and environment strings as the kernel
+    // laid them out at exec (on the initial stack, mapped and writable for the whole life of the
+    // process); `title` is shorter than the argument area, so every write stays inside it. Nothing
+    // reads these bytes as anything but NUL-terminated strings: the helper cleared its environment
+    // (no `environ` entry points there any more) and reads its arguments only at start, and both
+    // areas end in NUL after this, so a late reader sees short strings, never unterminated ones.
+    unsafe {
+        std::ptr::write_bytes(arg, 0, arg_end - arg_start);
+        std::ptr::copy_nonoverlapping(title.as_ptr(), arg, title.len());
+        std::ptr::write_bytes(env, 0, env_end - env_start);
+    }
+    let name = std::ffi::CString::new(title).map_err(|_| Errno::EINVAL)?;
+    nix::sys::prctl::set_name(&name)
+}
+
+/// The helper's own umask: nothing it creates is open to other users unless a mode says so
+/// explicitly (directories a sandbox's host uid must traverse are `fchmod`ed to 0711); files the
+/// daemon reads keep their group bits (the daemon's group).
+pub const PRIVATE_UMASK: u32 = 0o027;
+
+/// The umask a sandbox's processes start with, and the one its files (its root, `/etc`, what a
+/// transfer creates) are made with: the conventional one, independent of the helper's.
+pub const SANDBOX_UMASK: u32 = 0o022;
+
+/// Set the calling process's umask.
+pub fn set_umask(mask: u32) {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
+}
+
 /// Terminate the calling process at once, without running destructors or atexit handlers.
 /// Used in forked children that must not flush buffers or unwind into the parent's code.
 pub fn exit_now(code: i32) -> ! {

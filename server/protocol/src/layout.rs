@@ -39,6 +39,10 @@ pub const WORK_DIR: &str = "work";
 pub const UPPER_DIR: &str = "upper";
 /// The overlay's work directory (same filesystem as [`UPPER_DIR`]), inside [`PRIVATE_DIR`].
 pub const OVERLAY_WORK_DIR: &str = "overlay-work";
+/// The work directory of the overlay that shows [`WORK_DIR`] as the sandbox's `/work` (same
+/// filesystem as [`WORK_DIR`]), inside [`PRIVATE_DIR`]: an overlay's mount root is its own, so
+/// the sandbox's mount table does not show the host path of its work directory.
+pub const WORK_OVERLAY_DIR: &str = "work-overlay";
 /// The sandbox's /tmp when it has a disk limit, inside [`PRIVATE_DIR`].
 pub const TMP_DIR: &str = "tmp";
 /// The sparse file holding a disk-limited sandbox's filesystem (mounted on [`PRIVATE_DIR`]).

@@ -7,12 +7,15 @@
 #![allow(clippy::unwrap_used)] // Test code: a panic is the failure report.
 
 mod api;
+mod artifacts;
+mod at_rest;
 mod auth;
 mod browser;
 mod cli;
 mod cli_habits;
 mod exec;
 mod files;
+mod host_view;
 mod hostile;
 mod images;
 mod isolation;

@@ -239,7 +239,9 @@ async fn download(client: &Client, id: &str, remote: &str, local: &Path) -> Resu
                 .await
                 .map_err(io("writing", &target))?;
             if let Some(mode) = mode {
-                tokio::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode & 0o1777))
+                // Permission bits only: no setuid, setgid or sticky bit comes out of a sandbox.
+                let mode = mode & sandboxd_client::unpack::MODE_BITS;
+                tokio::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
                     .await
                     .map_err(io("setting the mode of", &target))?;
             }
@@ -252,16 +254,16 @@ async fn download(client: &Client, id: &str, remote: &str, local: &Path) -> Resu
             let mut stream = Box::pin(client.get_archive(id, remote).await?);
             let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Bytes>>(4);
             let dest = local.to_owned();
-            // The tar crate's unpack keeps every entry inside `dest` (no `..`, no absolute
-            // paths, no writing through links), on the client's own machine.
+            // Nothing but files, directories and links, only permission bits, nothing outside
+            // `dest`: see `sandboxd_client::unpack`.
             let unpack = tokio::task::spawn_blocking(move || {
-                let mut archive = tar::Archive::new(PieceReader {
-                    rx,
-                    piece: Bytes::new(),
-                });
-                archive.set_preserve_permissions(true);
-                archive.set_overwrite(true);
-                archive.unpack(&dest)
+                sandboxd_client::unpack::unpack(
+                    PieceReader {
+                        rx,
+                        piece: Bytes::new(),
+                    },
+                    &dest,
+                )
             });
             let mut failed = None;
             let progress = Progress::bytes(&format!("copying {remote}"), None);
@@ -286,7 +288,7 @@ async fn download(client: &Client, id: &str, remote: &str, local: &Path) -> Resu
             if let Some(e) = failed {
                 return Err(CliError::Local(format!("downloading {remote}"), e));
             }
-            unpacked.map_err(io("unpacking into", local))
+            unpacked.map_err(|e| io("unpacking into", local)(std::io::Error::other(e)))
         }
     }
 }

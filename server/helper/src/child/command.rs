@@ -112,6 +112,8 @@ pub fn exec_command(
             let _ = sys::reset_signal(s);
         }
     }
+    // The conventional umask, not the helper's private one.
+    sys::set_umask(sys::SANDBOX_UMASK);
     // stdin is the sandbox's own /dev/null unless the spec asked for stdin (a pipe from the
     // monitor) or a terminal (the sandbox's own pty, which becomes the controlling terminal):
     // no host descriptor crosses into the sandbox.

@@ -3,7 +3,10 @@
 //! Out: a walk of the tree that holds one descriptor per level, opens every entry relative to its
 //! directory with `O_NOFOLLOW` (and `O_NONBLOCK`, so a FIFO swapped in cannot block), checks that
 //! what it opened is what it listed (device and inode), stores symlinks as symlinks, skips FIFOs,
-//! sockets and device nodes, and does not cross into other mounts (as `tar --one-file-system`).
+//! sockets and device nodes (they are not content: the stream simply has no entry for them), and
+//! does not cross into other mounts (as `tar --one-file-system`). Headers carry only the
+//! permission bits (`OUT_MODE_BITS`): no setuid, setgid or sticky bit leaves a sandbox, and every
+//! owner is 0.
 //!
 //! In: the `tar` crate only *parses* the stream; every entry is created here through the
 //! extraction directory's descriptor. Entry names must be relative without `..`; the parent of
@@ -27,7 +30,7 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{unlinkat, UnlinkatFlags};
 use sandboxd_protocol::wire::HelperError;
 
-use super::resolve::{beneath, errno, is_dir, is_reg, open2, refused};
+use super::resolve::{beneath, errno, is_dir, is_reg, open2, refused, OUT_MODE_BITS};
 use super::worker::io_error;
 
 /// Deepest directory level an archive download descends to (one descriptor per level).
@@ -64,7 +67,7 @@ fn header(st: &FileStat, kind: tar::EntryType, size: u64) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
     h.set_size(size);
-    h.set_mode(st.st_mode & 0o7777);
+    h.set_mode(st.st_mode & OUT_MODE_BITS);
     h.set_mtime(st.st_mtime.max(0) as u64);
     h.set_uid(0);
     h.set_gid(0);
@@ -443,5 +446,48 @@ mod tests {
         assert!(ok("a/../../etc").is_err());
         assert!(ok("..").is_err());
         assert!(components(b"a\0b").is_err());
+    }
+
+    #[test]
+    fn no_setuid_setgid_or_sticky_bit_and_no_special_file_leaves() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let chmod = |name: &str, mode: u32| {
+            std::fs::set_permissions(dir.path().join(name), std::fs::Permissions::from_mode(mode))
+                .unwrap()
+        };
+        std::fs::write(dir.path().join("suid"), b"x").unwrap();
+        chmod("suid", 0o4755);
+        std::fs::write(dir.path().join("sgid"), b"x").unwrap();
+        chmod("sgid", 0o2711);
+        std::fs::create_dir(dir.path().join("sticky")).unwrap();
+        chmod("sticky", 0o1777);
+        nix::unistd::mkfifo(&dir.path().join("fifo"), Mode::from_bits_truncate(0o644)).unwrap();
+        let _socket = std::os::unix::net::UnixListener::bind(dir.path().join("sock")).unwrap();
+        let top = crate::sys::open(
+            dir.path(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
+        let st = fstat(top.as_raw_fd()).unwrap();
+        let mut out = Vec::new();
+        write(top, &st, ".", &mut out).unwrap();
+        let mut archive = tar::Archive::new(&out[..]);
+        let mut seen = Vec::new();
+        for entry in archive.entries().unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.path().unwrap().display().to_string();
+            seen.push((name, entry.header().mode().unwrap()));
+        }
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("sgid".to_owned(), 0o711),
+                ("sticky".to_owned(), 0o777),
+                ("suid".to_owned(), 0o755)
+            ]
+        );
     }
 }

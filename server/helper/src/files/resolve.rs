@@ -32,6 +32,11 @@ const PSEUDO_FS: &[i64] = &[
     0x7472_6163, // tracefs
 ];
 
+/// The permission bits that leave a sandbox (a download's mode, an archive's headers): never
+/// setuid, setgid or sticky, whatever the sandbox set, so that nothing it made can become a
+/// privileged program on the machine that receives it.
+pub const OUT_MODE_BITS: u32 = 0o777;
+
 /// The worker's view: its root (the sandbox's) and the mount id of `/work`.
 pub struct Root {
     root: OwnedFd,

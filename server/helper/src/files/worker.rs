@@ -16,7 +16,7 @@ use sandboxd_protocol::files::{FileKind, FileOp, ListingEntry};
 use sandboxd_protocol::wire::{FileReady, HelperError, HelperErrorCode, Response};
 
 use super::chunks::{ChunkReader, ChunkWriter};
-use super::resolve::{self, check_readable, errno, is_dir, is_reg, refused, Root};
+use super::resolve::{self, check_readable, errno, is_dir, is_reg, refused, Root, OUT_MODE_BITS};
 use super::{send, ValidFiles};
 
 /// How long the worker waits for the daemon to send or take the next bytes.
@@ -27,6 +27,8 @@ const DEFAULT_MODE: u32 = 0o644;
 
 /// Serve the transfer and answer its final frame. Returns the worker's exit code.
 pub fn serve(files: &ValidFiles, conn: &UnixStream) -> i32 {
+    // Directories a transfer makes get the sandbox's conventional modes, not the helper's.
+    crate::sys::set_umask(crate::sys::SANDBOX_UMASK);
     let mut session = Session {
         conn,
         downloading: false,
@@ -69,7 +71,7 @@ impl Session<'_> {
             &Response::FileReady(FileReady {
                 kind,
                 size: st.map(|s| s.st_size as u64),
-                mode: st.map(|s| s.st_mode & 0o7777),
+                mode: st.map(|s| s.st_mode & OUT_MODE_BITS),
             }),
         );
         self.downloading = !matches!(kind, FileKind::None);

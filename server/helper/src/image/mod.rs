@@ -165,6 +165,9 @@ impl ImageStore {
                 path.display()
             ));
         }
+        // mkdir honours the helper's umask: sandboxes' host uids must traverse (never list).
+        nix::sys::stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(0o711))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         let store = ImageStore {
             fd,
             shift_userns: Default::default(),
@@ -453,6 +456,9 @@ fn unpack_into(
         Mode::empty(),
     )
     .map_err(step("opening rootfs/"))?;
+    // The image's `/`: its mode is the image's, whatever the helper's umask.
+    nix::sys::stat::fchmod(rootfs.as_raw_fd(), Mode::from_bits_truncate(0o755))
+        .map_err(step("setting the mode of rootfs/"))?;
     for fd in [&scratch, &rootfs] {
         fchown(
             fd.as_raw_fd(),
@@ -525,6 +531,8 @@ fn unpacker(
     if crate::fds::close_all_except(&keep).is_err() {
         return 1;
     }
+    // The image's files get the archive's modes, not the helper's umask.
+    crate::sys::set_umask(crate::sys::SANDBOX_UMASK);
     let mut byte = [0u8; 1];
     if !matches!(nix::unistd::read(sync.as_raw_fd(), &mut byte), Ok(1)) {
         return 1;

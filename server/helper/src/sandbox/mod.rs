@@ -86,6 +86,9 @@ pub(crate) fn step(step: impl Into<String>) -> impl FnOnce(nix::errno::Errno) ->
     move |source| SetupError { step, source }
 }
 
+/// What the sandbox sees as init's command line and name.
+pub const INIT_TITLE: &str = "sandboxd-init";
+
 /// Run as the cloned child. Never returns.
 pub fn run_init(spawn: &ValidSpawn, mut fds: InitFds) -> ! {
     let keep: Vec<_> = [
@@ -111,6 +114,10 @@ pub fn run_init(spawn: &ValidSpawn, mut fds: InitFds) -> ! {
         child::report(&mut status, &StatusLine::SetupFailed(why));
         sys::exit_now(1)
     };
+    // The sandbox sees init as `/proc/1`: nothing of the helper's command line or environment.
+    if let Err(e) = sys::retitle(INIT_TITLE) {
+        fail(format!("renaming init: {e}"));
+    }
     // Until the monitor has written our maps we are nobody; a closed pipe means it gave up.
     if !fds.sync.wait() {
         sys::exit_now(1);

@@ -32,7 +32,7 @@ use nix::mount::{umount2, MntFlags, MsFlags};
 use nix::sys::stat::fstat;
 use nix::NixPath;
 
-use sandboxd_protocol::layout::{OVERLAY_WORK_DIR, TMP_DIR, UPPER_DIR};
+use sandboxd_protocol::layout::{OVERLAY_WORK_DIR, TMP_DIR, UPPER_DIR, WORK_OVERLAY_DIR};
 
 use super::{step, ImageLower, SetupError};
 use crate::sys::{self, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
@@ -566,6 +566,9 @@ pub struct Held {
     /// The work directory, reopened in this mount namespace (a bind source must be a mount of
     /// this namespace).
     work: OwnedFd,
+    /// `private/work-overlay`, the work directory of the overlay that mounts `work` as `/work`
+    /// (absent in a sandbox prepared before it existed: then `/work` is a plain bind).
+    work_overlay: Option<OwnedFd>,
     disk_tmp: Option<OwnedFd>,
     image: Option<ImageLayers>,
 }
@@ -596,8 +599,17 @@ impl Held {
         let disk_tmp = disk_tmp
             .then(|| open_path(&private.join(TMP_DIR), "opening the sandbox's /tmp"))
             .transpose()?;
+        let work_overlay = match open_path(&private.join(WORK_OVERLAY_DIR), "") {
+            Ok(fd) => Some(fd),
+            Err(SetupError {
+                source: Errno::ENOENT,
+                ..
+            }) => None,
+            Err(e) => return Err(step("opening the work directory's overlay")(e.source)),
+        };
         Ok(Self {
             work: reopened,
+            work_overlay,
             disk_tmp,
             image,
         })
@@ -622,6 +634,8 @@ pub fn build(
     ids: IdMap,
     image: Option<ImageLower>,
 ) -> Result<(), SetupError> {
+    // The sandbox's files (its `/etc`, mount points) get the sandbox's modes, not the helper's.
+    crate::sys::set_umask(crate::sys::SANDBOX_UMASK);
     let root = match (&image, &spawn.rootfs) {
         (None, _) => Root::Host(HostFacts::probe()?),
         (Some(_), Rootfs::Image { readonly, .. }) => Root::Image {
@@ -679,6 +693,13 @@ pub fn apply(ops: &[MountOp], held: &Held) -> Result<(), SetupError> {
             MountOp::BindReadonly { source, target } => {
                 bind_readonly(source, &at(target, pivoted))?
             }
+            MountOp::BindHeld {
+                dir: HeldDir::Work,
+                target,
+            } => match &held.work_overlay {
+                Some(overlay) => mount_work(&held.work, overlay, &at(target, pivoted), target)?,
+                None => bind_fd(&held.work, &at(target, pivoted), target)?,
+            },
             MountOp::BindHeld { dir, target } => {
                 bind_fd(held.dir(*dir)?, &at(target, pivoted), target)?
             }
@@ -851,6 +872,35 @@ fn bind_fd(fd: &OwnedFd, target: &str, name: &str) -> Result<(), SetupError> {
     .map_err(step(format!("binding {name}")))?;
     sys::mount_setattr(&cpath(target), false, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
         .map_err(step(format!("securing {name}")))
+}
+
+/// Mount the work directory at `target` (an empty directory of the new root) as an overlay: the
+/// work directory is its upper layer, `target` itself its (empty) lower one, so everything the
+/// sandbox writes lands in the work directory as plain files, exactly as with a bind. Unlike a
+/// bind, whose mount root is the work directory's path within the host's filesystem (and shows in
+/// the sandbox's mount table as the state directory's path), an overlay's root is its own, and
+/// its layers are named by descriptor: the sandbox's mount table shows no host path.
+fn mount_work(
+    work: &OwnedFd,
+    overlay: &OwnedFd,
+    target: &str,
+    name: &str,
+) -> Result<(), SetupError> {
+    let lower = open_path(Path::new(target), "opening the mount point of /work")?;
+    let options = format!(
+        "lowerdir=/proc/self/fd/{},upperdir=/proc/self/fd/{},workdir=/proc/self/fd/{},userxattr",
+        lower.as_raw_fd(),
+        work.as_raw_fd(),
+        overlay.as_raw_fd()
+    );
+    mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(options.as_str()),
+    )
+    .map_err(step(format!("mounting {name}")))
 }
 
 /// The layers of a sandbox's image root filesystem, held by descriptors.
