@@ -150,6 +150,16 @@ impl From<SandboxError> for ApiError {
                 ErrorCode::UnknownImage,
                 e.to_string(),
             ),
+            SandboxError::UnknownUser(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::UnknownUser,
+                e.to_string(),
+            ),
+            SandboxError::Launch(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::NoCommand,
+                e.to_string(),
+            ),
             SandboxError::NetworkUnavailable(m) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 ErrorCode::NetworkUnavailable,

@@ -83,6 +83,12 @@ pub enum SandboxError {
     MemoryLimitRequired,
     #[error("rootfs.image: this tenant has no image named {0:?}")]
     UnknownImage(String),
+    /// The request and its image give nothing valid to run.
+    #[error(transparent)]
+    Launch(#[from] crate::validate::LaunchError),
+    /// `user` names nobody the root filesystem knows (the helper's message).
+    #[error("user: {0}")]
+    UnknownUser(String),
     #[error("{0}")]
     NetworkUnavailable(String),
     #[error("{0}")]
@@ -272,6 +278,9 @@ impl Service {
             Some(rootfs) => Some(self.resolve_image(tenant, &rootfs.image).await?),
             None => None,
         };
+        // What runs is known before anything is created: a request that, with its image, names
+        // no program is refused here (the host name is only needed for the environment).
+        v.launch(image.as_ref().map(|i| &i.config), "")?;
         self.check_network(&v.spec).await?;
         // The setup runs in its own task so that a client hanging up cannot leave a row in
         // `creating` without a watcher.
@@ -296,10 +305,11 @@ impl Service {
         v: ValidCreate,
         resolved: Resolved,
         capabilities: Option<Vec<String>>,
-        image: Option<(String, tokio::sync::OwnedRwLockReadGuard<()>)>,
+        image: Option<images::ResolvedImage>,
     ) -> Result<Uuid, SandboxError> {
         let id = Uuid::new_v4();
         let hostname = v.hostname_for(id);
+        let launch = v.launch(image.as_ref().map(|i| &i.config), &hostname)?;
         let created_at_ms = self.clock.now_unix_ms();
         // The stored spec shows the limits in effect, daemon defaults included.
         let mut spec = v.spec.clone();
@@ -348,11 +358,11 @@ impl Service {
             uid_slot,
             hostname,
             &v,
+            launch,
             &resolved,
             capabilities,
-            image
-                .as_ref()
-                .map(|(digest, _held_until_spawned)| digest.clone()),
+            // The image's guard is held until the spawn has answered.
+            image.as_ref().map(|i| i.digest.clone()),
             network,
             false,
         );
@@ -431,6 +441,15 @@ impl Service {
                 self.notify_final(id);
                 Err(SandboxError::PortInUse(e.message))
             }
+            // Likewise a user the root does not know: the helper refused before creating
+            // anything.
+            Err(HelperClientError::Refused(e))
+                if e.code == HelperErrorCode::UnknownUser && !prepared =>
+            {
+                let _ = self.store.delete(id).await;
+                self.notify_final(id);
+                Err(SandboxError::UnknownUser(e.message))
+            }
             Ok(spawned) => {
                 self.record_ports(id, net_info, &spawned.ports).await?;
                 self.store
@@ -472,6 +491,9 @@ impl Service {
                 match source {
                     HelperClientError::Refused(e) if e.code == HelperErrorCode::PortInUse => {
                         Err(SandboxError::PortInUse(e.message))
+                    }
+                    HelperClientError::Refused(e) if e.code == HelperErrorCode::UnknownUser => {
+                        Err(SandboxError::UnknownUser(e.message))
                     }
                     source => Err(SandboxError::SpawnFailed { id, source }),
                 }
