@@ -14,6 +14,7 @@ mod cli_habits;
 mod exec;
 mod files;
 mod hostile;
+mod image_config;
 mod images;
 mod isolation;
 mod lifecycle;
