@@ -184,6 +184,9 @@ fn oci_archive(s: &Scratch) -> std::path::PathBuf {
     s.path("oci.tar")
 }
 
+/// Writes one layout of the test image into a scratch directory and returns the archive.
+type Builder = fn(&Scratch) -> std::path::PathBuf;
+
 /// Run `spec` (over `rootfs.image = image`) to its end: its exit code and output.
 fn run_in(d: &Daemon, image: &str, mut spec: Value) -> (Option<i32>, String) {
     spec["rootfs"] = json!({ "image": image });
@@ -204,7 +207,7 @@ fn sandbox_count(d: &Daemon) -> usize {
 fn image_configs_apply_in_every_layout() {
     require_e2e!();
     let d = Daemon::start(Mode::Privileged);
-    let layouts: [(&str, fn(&Scratch) -> std::path::PathBuf, &str); 4] = [
+    let layouts: [(&str, Builder, &str); 4] = [
         ("legacy", docker_legacy, "docker-archive"),
         ("podman", podman_archive, "docker-archive"),
         ("docker25", docker_25, "docker-archive"),
