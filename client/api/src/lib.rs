@@ -419,6 +419,9 @@ pub struct Sandbox {
     /// The network that was set up (null for sandboxes created before networking existed).
     #[serde(default)]
     pub network: Option<NetworkInfo>,
+    /// When the TTL (`ttl_secs`, moved by `extend`) deletes the sandbox; null without one.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
 }
 
 /// Body of `GET /v1/sandboxes`.
@@ -492,6 +495,10 @@ pub struct ErrorDetail {
     /// Stable machine-readable code such as `invalid_request`, `not_found`, `conflict`.
     pub code: ErrorCode,
     pub message: String,
+    /// The request's `X-Request-Id` (the client's own, or one the daemon made up), as in the
+    /// answer's header and the daemon's log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// Declares [`ErrorCode`]: each variant with the code it is on the wire.

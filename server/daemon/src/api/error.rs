@@ -78,6 +78,7 @@ impl IntoResponse for ApiError {
             error: ErrorDetail {
                 code: self.code,
                 message: self.message,
+                request_id: super::request_id::current(),
             },
         };
         (self.status, Json(body)).into_response()

@@ -516,6 +516,49 @@ impl Service {
         self.store.get(id).await?.ok_or(SandboxError::NotFound)
     }
 
+    /// Wait until `id` meets `condition`, for at most `timeout` (none: as long as it takes).
+    /// `Ok(None)`: the time ran out first. `Removed` answers the sandbox as last seen.
+    pub async fn wait_for(
+        &self,
+        id: Uuid,
+        condition: WaitCondition,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<Option<Sandbox>, SandboxError> {
+        let waited = async {
+            match condition {
+                // The final state has a notification; the others are polled (they are rare,
+                // and a row read is cheap).
+                WaitCondition::Exited => self.wait(id).await.map(Some),
+                WaitCondition::Running | WaitCondition::Removed => {
+                    let mut last = None;
+                    loop {
+                        match self.store.get(id).await? {
+                            None if condition == WaitCondition::Removed => {
+                                return last.ok_or(SandboxError::NotFound).map(Some)
+                            }
+                            None => return Err(SandboxError::NotFound),
+                            Some(s)
+                                if condition == WaitCondition::Running
+                                    && (s.state == SandboxState::Running || s.state.is_final()) =>
+                            {
+                                return Ok(Some(s))
+                            }
+                            Some(s) => last = Some(s),
+                        }
+                        tokio::time::sleep(WAIT_POLL).await;
+                    }
+                }
+            }
+        };
+        match timeout {
+            None => waited.await,
+            Some(t) => match tokio::time::timeout(t, waited).await {
+                Ok(result) => result,
+                Err(_elapsed) => Ok(None),
+            },
+        }
+    }
+
     /// Deliver a signal (a name like `SIGTERM`/`TERM` or a number; SIGKILL when absent).
     pub async fn kill(
         &self,
@@ -584,6 +627,24 @@ impl Service {
     }
 
     /// What this host can do, from the helper's point of view plus the daemon's constants.
+    /// `GET /readyz`: whether the database and the helper answer, each within `within`.
+    pub async fn readiness(
+        &self,
+        within: std::time::Duration,
+    ) -> (Result<(), String>, Result<(), String>) {
+        let db = match tokio::time::timeout(within, self.store.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(crate::chain(&e)),
+            Err(_) => Err("no answer in time".to_owned()),
+        };
+        let helper = match tokio::time::timeout(within, helper_client::info(&*self.helper)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(crate::chain(&e)),
+            Err(_) => Err("no answer in time".to_owned()),
+        };
+        (db, helper)
+    }
+
     pub async fn info(&self) -> Result<Info, SandboxError> {
         let h = helper_client::info(&*self.helper).await?;
         Ok(Info {
@@ -657,7 +718,11 @@ impl Service {
             return Err(SandboxError::NotFound);
         }
         self.reaper_wake.notify_one();
-        Ok(sandbox)
+        // Answered as it is now: its `expires_at` shows the new deadline.
+        self.store
+            .get(sandbox.id)
+            .await?
+            .ok_or(SandboxError::NotFound)
     }
 
     /// Bring the store and the sandbox directories back in line after a (possibly unclean) stop:
@@ -712,6 +777,20 @@ impl Service {
         Ok(())
     }
 }
+
+/// What `POST /v1/sandboxes/{id}/wait?condition=` waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitCondition {
+    /// A final state (`exited` or `failed`): Docker's `not-running`.
+    Exited,
+    /// `running`, or a final state (a sandbox that already ended will never run).
+    Running,
+    /// Gone: deleted (by `DELETE`, its TTL or `remove_after_exit_secs`).
+    Removed,
+}
+
+/// How often a `running` or `removed` wait reads the row.
+const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn lost(why: &str, now_unix_ms: i64) -> Ending {
     Ending {
