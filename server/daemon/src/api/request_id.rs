@@ -31,6 +31,10 @@ fn acceptable(id: &str) -> bool {
 
 /// The middleware.
 pub async fn layer(mut request: Request, next: Next) -> Response {
+    // A second pass (the app inside the served edge) keeps the first one's id and log line.
+    if current().is_some() {
+        return next.run(request).await;
+    }
     let given = request
         .headers()
         .get(HEADER)
