@@ -23,7 +23,19 @@ pub const CHANNEL_STDERR: u8 = 2;
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
     /// The program and its arguments; the program is looked up in `PATH` inside the sandbox.
+    /// With an image it replaces the image's `Cmd` (and follows its `Entrypoint`); absent or
+    /// empty, the image's `Cmd` is used. Required without an image.
+    #[serde(default)]
     pub command: Vec<String>,
+    /// Replaces the image's `Entrypoint` (and then its `Cmd` is not used, as with Docker's
+    /// `--entrypoint`); `[]` runs `command` alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// Who the command runs as: `UID`, `UID:GID`, `NAME` or `NAME:GROUP` (ids of the sandbox,
+    /// below 65536; names looked up in the image's `/etc/passwd` and `/etc/group`, 422 when
+    /// missing). Replaces the image's `User`; root when neither says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     /// Working directory inside the sandbox; `/work` when absent.
@@ -86,6 +98,8 @@ impl CreateSandbox {
     pub fn new(command: Vec<String>) -> CreateSandbox {
         CreateSandbox {
             command,
+            entrypoint: None,
+            user: None,
             env: BTreeMap::new(),
             cwd: None,
             hostname: None,
@@ -145,6 +159,29 @@ pub struct Image {
     pub created_at: OffsetDateTime,
     /// Sandboxes (in any state, until deleted) whose root filesystem is this image.
     pub in_use_by: u64,
+    /// What the image's configuration says about running it (empty for a root filesystem
+    /// tarball).
+    #[serde(default)]
+    pub config: ImageConfig,
+}
+
+/// The run configuration of an image (the `config` of its Docker or OCI image configuration),
+/// applied to every sandbox created from it: `env` under the request's `env`, `working_dir`
+/// when the request has no `cwd`, `entrypoint` + `cmd` as the default command, `user` when the
+/// request has none.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    /// `NAME=value` entries.
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default)]
+    pub cmd: Option<Vec<String>>,
+    #[serde(default)]
+    pub working_dir: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// `GET /v1/images`.
@@ -384,6 +421,9 @@ pub struct Sandbox {
     /// The network that was set up (null for sandboxes created before networking existed).
     #[serde(default)]
     pub network: Option<NetworkInfo>,
+    /// When the TTL (`ttl_secs`, moved by `extend`) deletes the sandbox; null without one.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
 }
 
 /// Body of `GET /v1/sandboxes`.
@@ -457,6 +497,10 @@ pub struct ErrorDetail {
     /// Stable machine-readable code such as `invalid_request`, `not_found`, `conflict`.
     pub code: ErrorCode,
     pub message: String,
+    /// The request's `X-Request-Id` (the client's own, or one the daemon made up), as in the
+    /// answer's header and the daemon's log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// Declares [`ErrorCode`]: each variant with the code it is on the wire.
@@ -527,6 +571,10 @@ error_codes! {
     NoStdin = "no_stdin",
     ExecFailed = "exec_failed",
     UnknownImage = "unknown_image",
+    /// `user` names a user or group the root filesystem does not have.
+    UnknownUser = "unknown_user",
+    /// Neither the request nor its image says what to run.
+    NoCommand = "no_command",
     ImageInUse = "image_in_use",
     ImageExists = "image_exists",
     BadImage = "bad_image",

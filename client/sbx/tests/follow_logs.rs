@@ -53,6 +53,7 @@ async fn logs(
             error: ErrorDetail {
                 code: ErrorCode::NotFound,
                 message: "no sandbox missing".into(),
+                request_id: None,
             },
         };
         return (StatusCode::NOT_FOUND, Json(body)).into_response();

@@ -26,7 +26,8 @@ mod network;
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
 const COLUMNS: &str = "seq, id, name, state, exit_code, signal, reason, error, hostname, \
-     created_at, started_at, finished_at, labels, spec, init_pid, host_uid, output_truncated, network";
+     created_at, started_at, finished_at, labels, spec, init_pid, host_uid, output_truncated, network, \
+     ttl_deadline_ms";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -587,6 +588,12 @@ impl Store {
         }
     }
 
+    /// Whether the database answers (`GET /readyz`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").fetch_one(&self.reader).await?;
+        Ok(())
+    }
+
     pub async fn get(&self, id: Uuid) -> Result<Option<Sandbox>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM sandboxes WHERE id = ?");
         let row = sqlx::query(&sql)
@@ -942,6 +949,11 @@ fn to_sandbox(row: &SqliteRow) -> Result<(i64, Sandbox), StoreError> {
             Some(json) => Some(serde_json::from_str(&json).map_err(|_| bad("network"))?),
             None => None,
         },
+        // The lifetime clock reads as Unix milliseconds (it starts equal to the wall clock and
+        // only parts from it when the wall clock is stepped), so its deadline is shown as one.
+        expires_at: row
+            .try_get::<Option<i64>, _>("ttl_deadline_ms")?
+            .map(time_of),
     };
     Ok((row.try_get("seq")?, sandbox))
 }

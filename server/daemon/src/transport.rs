@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
-use axum::http::{header, HeaderValue, Method, Request};
+use axum::http::{header, HeaderName, HeaderValue, Method, Request};
 use axum::Router;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -148,7 +148,18 @@ pub fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
         CorsLayer::new()
             .allow_origin(AllowOrigin::list(values))
             .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
-            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static(crate::api::request_id::HEADER),
+            ])
+            // A dashboard may read what the API answers beside the body.
+            .expose_headers([
+                header::LOCATION,
+                header::RETRY_AFTER,
+                HeaderName::from_static(crate::api::request_id::HEADER),
+                HeaderName::from_static("x-sandbox-file-mode"),
+            ])
             .max_age(Duration::from_secs(600)),
     )
 }
@@ -174,6 +185,9 @@ pub fn edge(app: Router, edge: &Edge) -> Router {
     let mut origins = edge.allowed_origins.clone();
     origins.extend(edge.cors_origins.iter().cloned());
     app = guard::protect(app, RequestGuard::new(&edge.allowed_hosts, &origins));
+    // The Host/Origin guard's and the burst limit's refusals get a request id as well (the
+    // app's own pass then keeps the one set here).
+    app = app.layer(axum::middleware::from_fn(crate::api::request_id::layer));
     match cors_layer(&edge.cors_origins) {
         Some(cors) => app.layer(cors),
         None => app,

@@ -2,8 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use sandboxd_api::{CreateSandbox, Limits};
-use sandboxd_protocol::rules::{EnvEntry, Hostname};
+use sandboxd_api::{CreateSandbox, ImageConfig, Limits};
+use sandboxd_protocol::rules::{EnvEntry, Hostname, UserSpec};
 use uuid::Uuid;
 
 pub const MAX_ARGS: usize = 4096;
@@ -34,13 +34,31 @@ fn invalid(msg: impl Into<String>) -> ValidationError {
     ValidationError(msg.into())
 }
 
+/// What a sandbox runs: its request over its image's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    pub command: Vec<String>,
+    /// In order: the request's variables, the image's it did not set, then the defaults.
+    pub env: Vec<(String, String)>,
+    pub cwd: String,
+    pub user: Option<String>,
+}
+
+/// Why a request and its image give nothing valid to run (422: the request itself is well
+/// formed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LaunchError {
+    #[error("command: the request has none and the image names neither an Entrypoint nor a Cmd")]
+    NoCommand,
+    #[error("the image's configuration: {0}")]
+    ImageConfig(ValidationError),
+}
+
 /// A create request whose every field is known to be acceptable.
 #[derive(Debug, Clone)]
 pub struct ValidCreate {
     /// The request as the client sent it (stored and shown as `spec`).
     pub spec: CreateSandbox,
-    pub command: Vec<String>,
-    pub cwd: String,
     pub name: Option<String>,
     pub timeout_secs: Option<u64>,
     hostname: Option<String>,
@@ -48,15 +66,24 @@ pub struct ValidCreate {
 
 impl ValidCreate {
     pub fn parse(spec: CreateSandbox) -> Result<Self, ValidationError> {
-        check_command(&spec.command)?;
-        check_env(&spec.env)?;
-        let cwd = match &spec.cwd {
-            Some(cwd) => {
-                check_cwd(cwd)?;
-                cwd.clone()
+        check_args("command", &spec.command)?;
+        if let Some(entrypoint) = &spec.entrypoint {
+            check_args("entrypoint", entrypoint)?;
+        }
+        // Without an image nothing else can say what to run.
+        if spec.rootfs.is_none() {
+            let argv0 = spec.entrypoint.iter().flatten().chain(&spec.command).next();
+            if argv0.is_none_or(|a| a.is_empty()) {
+                return Err(invalid("command: must not be empty"));
             }
-            None => DEFAULT_CWD.to_owned(),
-        };
+        }
+        if let Some(user) = &spec.user {
+            UserSpec::parse(user).map_err(|e| invalid(format!("user: {e}")))?;
+        }
+        check_env(&spec.env)?;
+        if let Some(cwd) = &spec.cwd {
+            check_cwd(cwd)?;
+        }
         if let Some(h) = &spec.hostname {
             Hostname::parse(h).map_err(|e| invalid(format!("hostname: {e}")))?;
         }
@@ -88,8 +115,6 @@ impl ValidCreate {
             check_lifetime("remove_after_exit_secs", t)?;
         }
         Ok(ValidCreate {
-            command: spec.command.clone(),
-            cwd,
             name: spec.name.clone(),
             timeout_secs: spec.limits.timeout_secs,
             hostname: spec.hostname.clone(),
@@ -110,24 +135,87 @@ impl ValidCreate {
         format!("sbx-{}", &simple[..8])
     }
 
-    /// The environment in order: the client's variables, then the defaults it did not set.
-    pub fn env_for(&self, hostname: &str) -> Vec<(String, String)> {
-        let mut env: Vec<(String, String)> = self
-            .spec
+    /// What runs, by Docker's rules: a request's `entrypoint` replaces the image's and drops
+    /// its `Cmd`; otherwise the image's `Entrypoint` is followed by the request's `command`, or
+    /// by the image's `Cmd` when the request has none. The request's `env` wins over the
+    /// image's, which wins over the defaults (`PATH`, `HOME`, `HOSTNAME`); `cwd` over
+    /// `WorkingDir` over `/work`; `user` over `User`. What the image contributes is checked as a
+    /// request's field would be.
+    pub fn launch(
+        &self,
+        image: Option<&ImageConfig>,
+        hostname: &str,
+    ) -> Result<Launch, LaunchError> {
+        let none = ImageConfig::default();
+        let image = image.unwrap_or(&none);
+        let spec = &self.spec;
+        let from_image = LaunchError::ImageConfig;
+        let (entrypoint, cmd) = match &spec.entrypoint {
+            Some(entrypoint) => (entrypoint.clone(), spec.command.clone()),
+            None if spec.command.is_empty() => (
+                image.entrypoint.clone().unwrap_or_default(),
+                image.cmd.clone().unwrap_or_default(),
+            ),
+            None => (
+                image.entrypoint.clone().unwrap_or_default(),
+                spec.command.clone(),
+            ),
+        };
+        let command: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
+        if command.first().is_none_or(|a| a.is_empty()) {
+            return Err(LaunchError::NoCommand);
+        }
+        check_args("command", &command).map_err(from_image)?;
+        let mut env: Vec<(String, String)> = spec
             .env
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        for (k, v) in [
-            ("PATH", DEFAULT_PATH),
-            ("HOME", "/root"),
-            ("HOSTNAME", hostname),
-        ] {
-            if !self.spec.env.contains_key(k) {
+        for entry in &image.env {
+            let (k, v) = entry.split_once('=').unwrap_or((entry.as_str(), ""));
+            EnvEntry::parse(k, v).map_err(|e| from_image(invalid(format!("env: {e}"))))?;
+            if !env.iter().any(|(have, _)| have == k) {
                 env.push((k.to_owned(), v.to_owned()));
             }
         }
-        env
+        if env.len() > MAX_ENV {
+            return Err(from_image(invalid(format!(
+                "env: at most {MAX_ENV} entries"
+            ))));
+        }
+        let user = spec.user.clone().or_else(|| image.user.clone());
+        if let Some(u) = &user {
+            UserSpec::parse(u).map_err(|e| from_image(invalid(format!("user: {e}"))))?;
+        }
+        // Docker's HOME: root's is /root; another user's is its passwd entry's, which only the
+        // helper reads, so it gets `/` unless the request or the image sets HOME.
+        let is_root = user
+            .as_deref()
+            .is_none_or(|u| matches!(u.split(':').next(), Some("0" | "root")));
+        let home = if is_root { "/root" } else { "/" };
+        for (k, v) in [
+            ("PATH", DEFAULT_PATH),
+            ("HOME", home),
+            ("HOSTNAME", hostname),
+        ] {
+            if !env.iter().any(|(have, _)| have == k) {
+                env.push((k.to_owned(), v.to_owned()));
+            }
+        }
+        let cwd = match (&spec.cwd, &image.working_dir) {
+            (Some(cwd), _) => cwd.clone(),
+            (None, Some(dir)) => {
+                check_cwd(dir).map_err(from_image)?;
+                dir.clone()
+            }
+            (None, None) => DEFAULT_CWD.to_owned(),
+        };
+        Ok(Launch {
+            command,
+            env,
+            cwd,
+            user,
+        })
     }
 }
 
@@ -233,16 +321,21 @@ fn check_command(command: &[String]) -> Result<(), ValidationError> {
     if command.is_empty() || command[0].is_empty() {
         return Err(invalid("command: must not be empty"));
     }
-    if command.len() > MAX_ARGS {
-        return Err(invalid(format!("command: at most {MAX_ARGS} arguments")));
+    check_args("command", command)
+}
+
+/// The sizes and bytes of an argument list (`command`, `entrypoint`), which may be empty.
+fn check_args(field: &str, args: &[String]) -> Result<(), ValidationError> {
+    if args.len() > MAX_ARGS {
+        return Err(invalid(format!("{field}: at most {MAX_ARGS} arguments")));
     }
-    if command.iter().map(String::len).sum::<usize>() > MAX_COMMAND_BYTES {
+    if args.iter().map(String::len).sum::<usize>() > MAX_COMMAND_BYTES {
         return Err(invalid(format!(
-            "command: at most {MAX_COMMAND_BYTES} bytes in total"
+            "{field}: at most {MAX_COMMAND_BYTES} bytes in total"
         )));
     }
-    if command.iter().any(|a| a.contains('\0')) {
-        return Err(invalid("command: must not contain NUL bytes"));
+    if args.iter().any(|a| a.contains('\0')) {
+        return Err(invalid(format!("{field}: must not contain NUL bytes")));
     }
     Ok(())
 }
@@ -432,13 +525,94 @@ mod tests {
         let id = Uuid::parse_str("0123abcd-0000-0000-0000-000000000000").unwrap();
         let v = spec(serde_json::json!({"command": ["x"], "name": "a_b"})).unwrap();
         assert_eq!(v.hostname_for(id), "sbx-0123abcd");
-        assert_eq!(v.cwd, "/work");
+        assert_eq!(v.launch(None, "h").unwrap().cwd, "/work");
         let v = spec(serde_json::json!({"command": ["x"], "name": "web", "env": {"HOME": "/h"}}))
             .unwrap();
         assert_eq!(v.hostname_for(id), "web");
-        let env = v.env_for("web");
+        let env = v.launch(None, "web").unwrap().env;
         assert!(env.contains(&("HOME".into(), "/h".into())));
         assert!(env.contains(&("HOSTNAME".into(), "web".into())));
         assert!(env.iter().any(|(k, _)| k == "PATH"));
+    }
+
+    #[test]
+    fn requests_combine_with_image_configs_as_docker_does() {
+        let image = ImageConfig {
+            env: vec!["PATH=/opt/bin".into(), "MODE=image".into(), "KEEP=1".into()],
+            entrypoint: Some(vec!["/entry".into(), "-e".into()]),
+            cmd: Some(vec!["default".into()]),
+            working_dir: Some("/srv".into()),
+            user: Some("app".into()),
+        };
+        let launch = |req: serde_json::Value, image: Option<&ImageConfig>| {
+            let mut req = req;
+            req["rootfs"] = serde_json::json!({"image": "i"});
+            spec(req).expect("valid").launch(image, "h")
+        };
+        let cases: &[(serde_json::Value, &[&str])] = &[
+            (serde_json::json!({}), &["/entry", "-e", "default"]),
+            (
+                serde_json::json!({"command": ["mine"]}),
+                &["/entry", "-e", "mine"],
+            ),
+            (serde_json::json!({"entrypoint": ["/other"]}), &["/other"]),
+            (
+                serde_json::json!({"entrypoint": ["/other"], "command": ["a"]}),
+                &["/other", "a"],
+            ),
+            (
+                serde_json::json!({"entrypoint": [], "command": ["sh"]}),
+                &["sh"],
+            ),
+        ];
+        for (req, want) in cases {
+            let got = launch(req.clone(), Some(&image)).expect("a command");
+            assert_eq!(got.command, *want, "{req}");
+        }
+        assert_eq!(
+            launch(serde_json::json!({"entrypoint": []}), Some(&image)),
+            Err(LaunchError::NoCommand)
+        );
+        assert_eq!(
+            launch(serde_json::json!({}), None),
+            Err(LaunchError::NoCommand)
+        );
+        let got = launch(
+            serde_json::json!({"env": {"MODE": "request"}, "cwd": "/tmp"}),
+            Some(&image),
+        )
+        .expect("a command");
+        let env = |k: &str| {
+            got.env
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(env("MODE"), Some("request"));
+        assert_eq!(env("KEEP"), Some("1"));
+        assert_eq!(env("PATH"), Some("/opt/bin"));
+        assert_eq!(env("HOME"), Some("/"));
+        assert_eq!(env("HOSTNAME"), Some("h"));
+        assert_eq!(got.env.iter().filter(|(n, _)| n == "MODE").count(), 1);
+        assert_eq!(got.cwd, "/tmp");
+        assert_eq!(got.user.as_deref(), Some("app"));
+        let got = launch(serde_json::json!({"user": "0:0"}), Some(&image)).expect("a command");
+        assert_eq!(got.cwd, "/srv");
+        assert_eq!(got.user.as_deref(), Some("0:0"));
+        assert!(got.env.contains(&("HOME".into(), "/root".into())));
+        // What the image contributes is checked like a request's field.
+        let bad = ImageConfig {
+            working_dir: Some("relative".into()),
+            ..image.clone()
+        };
+        assert!(matches!(
+            launch(serde_json::json!({}), Some(&bad)),
+            Err(LaunchError::ImageConfig(_))
+        ));
+        // Without an image the request must name a program; `user` must parse.
+        assert!(spec(serde_json::json!({"entrypoint": []})).is_err());
+        assert!(spec(serde_json::json!({"entrypoint": ["/bin/sh"]})).is_ok());
+        assert!(spec(serde_json::json!({"command": ["x"], "user": "a b"})).is_err());
+        assert!(spec(serde_json::json!({"command": ["x"], "user": "1000:1000"})).is_ok());
     }
 }

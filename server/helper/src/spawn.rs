@@ -76,6 +76,33 @@ pub fn prepare(cx: &Context<'_>, spawn: &ValidSpawn) -> Result<(), HelperError> 
 
 /// `spawn`: make (or, when `prepared`, open) the directory, then the rest, then the monitor.
 pub fn spawn(cx: &Context<'_>, spawn: &ValidSpawn, prepared: bool) -> Result<Spawned, HelperError> {
+    // The user first: a name the root does not know refuses the request before anything exists.
+    let resolved;
+    let spawn = match &spawn.user {
+        None => spawn,
+        Some(user) => {
+            let digest = match &spawn.rootfs {
+                Rootfs::Image { digest, .. } => Some(digest.as_str()),
+                Rootfs::Host => None,
+            };
+            let rootless = cx.config.mode == wire::Mode::Rootless;
+            let run_as = crate::image::passwd::resolve_for(cx.images, digest, user, rootless)
+                .map_err(|e| {
+                    let code = match e {
+                        crate::image::passwd::UserError::Read { .. } => {
+                            HelperErrorCode::SetupFailed
+                        }
+                        _ => HelperErrorCode::UnknownUser,
+                    };
+                    crate::error::wire(code, &e)
+                })?;
+            resolved = ValidSpawn {
+                run_as: Some(run_as),
+                ..spawn.clone()
+            };
+            &resolved
+        }
+    };
     let mut rollback = Rollback::new(cx, spawn.id);
     let mut files = if prepared {
         cx.sandboxes

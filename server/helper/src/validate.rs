@@ -69,6 +69,20 @@ pub struct ValidSpawn {
     pub rootfs: Rootfs,
     /// Bridged networking; `None` is mode `none` (only `lo`).
     pub network: Option<ValidNet>,
+    /// Who the command should run as, as the request said (`None`: root).
+    pub user: Option<rules::UserSpec>,
+    /// The same, resolved against the root filesystem by `spawn` before the monitor starts
+    /// (`None`: root).
+    pub run_as: Option<RunAs>,
+}
+
+/// The identity a command runs as inside the sandbox: ids of its user namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (the primary one first).
+    pub groups: Vec<u32>,
 }
 
 /// Where a sandbox's root filesystem comes from.
@@ -139,6 +153,8 @@ pub enum ValidateError {
     NetworkRootless,
     #[error("invalid network: {0}")]
     Network(String),
+    #[error("user: {0}")]
+    User(rules::RuleError),
 }
 
 /// Check a bridged network request against the helper's own subnet.
@@ -315,6 +331,12 @@ pub fn validate(req: &SpawnRequest, config: &Config) -> Result<ValidSpawn, Valid
         },
         Some(_) => return Err(ValidateError::ImageDigest),
     };
+    let user = req
+        .user
+        .as_deref()
+        .map(rules::UserSpec::parse)
+        .transpose()
+        .map_err(ValidateError::User)?;
     let network = match (&req.network, config.mode) {
         (None, _) => None,
         (Some(_), Mode::Rootless) => return Err(ValidateError::NetworkRootless),
@@ -322,6 +344,8 @@ pub fn validate(req: &SpawnRequest, config: &Config) -> Result<ValidSpawn, Valid
     };
     Ok(ValidSpawn {
         network,
+        user,
+        run_as: None,
         stdin: req.stdin,
         tty: req.tty,
         rootfs,
@@ -380,6 +404,7 @@ mod tests {
             rootfs_image: None,
             rootfs_readonly: false,
             network: None,
+            user: None,
         }
     }
 
@@ -392,6 +417,16 @@ mod tests {
     #[test]
     fn every_field_is_checked() {
         check(|_| {}, Ok(()));
+        check(|r| r.user = Some("1000:1000".into()), Ok(()));
+        check(|r| r.user = Some("app".into()), Ok(()));
+        check(
+            |r| r.user = Some("70000".into()),
+            Err(ValidateError::User(rules::RuleError::User)),
+        );
+        check(
+            |r| r.user = Some("a\0b".into()),
+            Err(ValidateError::User(rules::RuleError::User)),
+        );
         check(|r| r.command.clear(), Err(ValidateError::EmptyCommand));
         check(
             |r| r.command = vec!["a\0b".into()],

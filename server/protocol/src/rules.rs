@@ -22,6 +22,63 @@ pub enum RuleError {
     Digest,
     #[error("signal {0:?} is not allowed")]
     Signal(String),
+    #[error("must be UID, UID:GID, NAME or NAME:GROUP (ids below {ID_RANGE}, names of 1-32 letters, digits, '_', '.' or '-' not starting with '-')")]
+    User,
+}
+
+/// Ids inside a sandbox are `0..ID_RANGE` (each sandbox maps a range of this size).
+pub const ID_RANGE: u32 = 65536;
+
+/// Longest user or group name.
+pub const MAX_ID_NAME: usize = 32;
+
+/// One half of a [`UserSpec`]: a number inside the sandbox's range, or a name to look up in the
+/// root filesystem's `/etc/passwd` (or `/etc/group`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdRef {
+    Id(u32),
+    Name(String),
+}
+
+impl IdRef {
+    fn parse(s: &str) -> Result<Self, RuleError> {
+        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+            return match s.parse::<u32>() {
+                Ok(n) if n < ID_RANGE => Ok(IdRef::Id(n)),
+                _ => Err(RuleError::User),
+            };
+        }
+        let ok = (1..=MAX_ID_NAME).contains(&s.len())
+            && !s.starts_with('-')
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if ok {
+            Ok(IdRef::Name(s.to_owned()))
+        } else {
+            Err(RuleError::User)
+        }
+    }
+}
+
+/// Who a sandbox's command runs as (`user` of a spec, Docker's `--user`): `UID`, `UID:GID`,
+/// `NAME` or `NAME:GROUP`, either half a number or a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserSpec {
+    pub user: IdRef,
+    pub group: Option<IdRef>,
+}
+
+impl UserSpec {
+    pub fn parse(s: &str) -> Result<Self, RuleError> {
+        let (user, group) = match s.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (s, None),
+        };
+        Ok(UserSpec {
+            user: IdRef::parse(user)?,
+            group: group.map(IdRef::parse).transpose()?,
+        })
+    }
 }
 
 /// A host name: dot-separated labels of 1-63 of `[A-Za-z0-9-]`, none starting or ending with
@@ -262,6 +319,41 @@ mod tests {
             Err(RuleError::EnvValue("A".into()))
         );
         assert_eq!(EnvEntry::parse("A", "b").unwrap().to_assignment(), "A=b");
+    }
+
+    #[test]
+    fn users() {
+        let id = |n| Some(IdRef::Id(n));
+        let name = |s: &str| Some(IdRef::Name(s.into()));
+        let check = |s: &str, user: Option<IdRef>, group: Option<Option<IdRef>>| {
+            let want = match (user, group) {
+                (Some(user), Some(group)) => Ok(UserSpec { user, group }),
+                _ => Err(RuleError::User),
+            };
+            assert_eq!(UserSpec::parse(s), want, "{s:?}");
+        };
+        check("0", id(0), Some(None));
+        check("1000:1000", id(1000), Some(id(1000)));
+        check("65535", id(65535), Some(None));
+        check("app", name("app"), Some(None));
+        check("app:staff", name("app"), Some(name("staff")));
+        check("www-data:33", name("www-data"), Some(id(33)));
+        check("1000:_g.1", id(1000), Some(name("_g.1")));
+        for bad in [
+            "",
+            ":",
+            "1000:",
+            ":1000",
+            "65536",
+            "99999999999",
+            "-x",
+            "a b",
+            "a:b:c",
+            "a/b",
+            &"x".repeat(33),
+        ] {
+            check(bad, None, None);
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// Bumped whenever a message changes shape. The helper refuses other versions.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -123,6 +123,11 @@ pub struct SpawnRequest {
     /// Bridged networking (privileged mode only); `None` is mode `none`: only `lo`.
     #[serde(default)]
     pub network: Option<SpawnNetwork>,
+    /// Who the command runs as: `UID[:GID]` or `NAME[:GROUP]` (see `rules::UserSpec`), names
+    /// looked up by the helper in the root filesystem's `/etc/passwd` and `/etc/group`; root
+    /// when absent.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// The bridged network of a sandbox: an address the daemon allocated from the helper's subnet,
@@ -226,6 +231,29 @@ pub struct ImportedImage {
     pub skipped: u64,
     /// False when the digest was stored already and nothing was unpacked.
     pub unpacked: bool,
+    /// The image's configuration (docker-archive and OCI images; empty for a root filesystem
+    /// tarball and for images stored before configurations were kept).
+    #[serde(default)]
+    pub config: ImageConfig,
+}
+
+/// What an image's configuration says about running it (the `config` object of a Docker or OCI
+/// image configuration), checked by the unpacker: environment entries are `NAME=value` with
+/// valid names, the working directory is absolute, the user parses as a `rules::UserSpec`, and
+/// no string holds a NUL byte.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    /// `NAME=value` entries, in order.
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default)]
+    pub cmd: Option<Vec<String>>,
+    #[serde(default)]
+    pub working_dir: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -312,6 +340,9 @@ pub enum HelperErrorCode {
     ImageTooLarge,
     /// A published host port is already in use.
     PortInUse,
+    /// The spec's `user` names a user or group the root filesystem does not have (or one a
+    /// rootless sandbox cannot be).
+    UnknownUser,
 }
 
 impl HelperError {
@@ -392,6 +423,7 @@ mod tests {
             rootfs_image: Some("ab".repeat(32)),
             rootfs_readonly: false,
             network: None,
+            user: Some("app:staff".into()),
         };
         let req = Request::Files(FilesRequest {
             spawn,

@@ -69,10 +69,10 @@ fn unknown_flags_create_nothing_and_daemon_errors_show_their_code() {
     let before = ids(&d);
     // Flags sbx does not know, before the command: usage errors (status 2), nothing created.
     for (args, says) in [
-        (&["run", "-u", "1000", "--", "id"][..], "'-u'"),
-        (&["run", "--user", "1000", "id"], "--user"),
-        (&["run", "--entrypoint", "sh", "--", "id"], "--entrypoint"),
-        (&["create", "-u", "1000", "--", "id"], "'-u'"),
+        (&["run", "-Z", "1000", "--", "id"][..], "'-Z'"),
+        (&["run", "--usr", "1000", "id"], "--usr"),
+        (&["run", "--entry-point", "sh", "--", "id"], "--entry-point"),
+        (&["create", "-Z", "1000", "--", "id"], "'-Z'"),
         (&["run", "-d", "--bogus", "sleep", "9"], "--bogus"),
         // The old SANDBOX:HOST order of -p, refused with the new spelling.
         (&["run", "-p", "8080:0", "--", "true"], "-p 0:8080"),

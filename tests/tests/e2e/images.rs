@@ -21,13 +21,14 @@ const BINARIES: &[&str] = &[
     "/usr/bin/rm",
     "/usr/bin/mkdir",
     "/usr/bin/true",
+    "/usr/bin/id",
 ];
 
 /// A scratch directory for building archives, removed on drop.
-struct Scratch(PathBuf);
+pub(crate) struct Scratch(PathBuf);
 
 impl Scratch {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dir = std::env::temp_dir().join(format!(
             "sandboxd-e2e-img-{}",
             uuid::Uuid::new_v4().simple()
@@ -35,7 +36,7 @@ impl Scratch {
         std::fs::create_dir_all(&dir).unwrap();
         Scratch(dir)
     }
-    fn path(&self, p: &str) -> PathBuf {
+    pub(crate) fn path(&self, p: &str) -> PathBuf {
         self.0.join(p)
     }
 }
@@ -46,7 +47,7 @@ impl Drop for Scratch {
     }
 }
 
-fn run(cmd: &mut Command) {
+pub(crate) fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
@@ -55,14 +56,14 @@ fn run(cmd: &mut Command) {
     );
 }
 
-fn write(path: &Path, content: &str) {
+pub(crate) fn write(path: &Path, content: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, content).unwrap();
 }
 
 /// A root filesystem made of host binaries: /bin/sh and a few tools, their libraries, an /etc
 /// with root and a user 1000 who owns /home/user.
-fn build_rootfs(dir: &Path) {
+pub(crate) fn build_rootfs(dir: &Path) {
     std::fs::create_dir_all(dir.join("bin")).unwrap();
     for bin in BINARIES {
         let name = Path::new(bin).file_name().unwrap();
@@ -93,7 +94,7 @@ fn build_rootfs(dir: &Path) {
     }
 }
 
-fn tar_dir(dir: &Path, out: &Path) {
+pub(crate) fn tar_dir(dir: &Path, out: &Path) {
     run(Command::new("tar")
         .arg("--numeric-owner")
         .arg("-C")
@@ -147,7 +148,7 @@ fn docker_archive(s: &Scratch) -> PathBuf {
     s.path("docker.tar")
 }
 
-fn import(d: &Daemon, name: &str, body: Vec<u8>) -> (u16, Value) {
+pub(crate) fn import(d: &Daemon, name: &str, body: Vec<u8>) -> (u16, Value) {
     let resp = d
         .request("POST", "/v1/images")
         .query("name", name)
@@ -159,7 +160,7 @@ fn import(d: &Daemon, name: &str, body: Vec<u8>) -> (u16, Value) {
     (resp.status, body)
 }
 
-fn import_ok(d: &Daemon, name: &str, file: &Path) -> Image {
+pub(crate) fn import_ok(d: &Daemon, name: &str, file: &Path) -> Image {
     let (status, body) = import(d, name, std::fs::read(file).unwrap());
     assert_eq!(status, 201, "import {name}: {body}\n{}", d.log());
     serde_json::from_value(body).unwrap()

@@ -455,9 +455,9 @@ mod tests {
             &["run", "--memory", "lots", "--", "true"],
             &["run", "--cpus", "0", "--", "true"],
             &["run", "--pids", "0", "--", "true"],
-            &["run", "-u", "1000", "--", "id"],
-            &["run", "--user", "1000", "id"],
-            &["run", "--entrypoint", "sh", "--", "id"],
+            &["run", "-Z", "1000", "--", "id"],
+            &["run", "--usr", "1000", "id"],
+            &["run", "--entry-point", "sh", "--", "id"],
             &["run", "-p", "8080:0", "--", "true"],
             &["run", "--env-file", "/nonexistent/sbx.env", "--", "true"],
             &["exec", "x", "-u", "1000", "id"],
@@ -487,8 +487,29 @@ mod tests {
 
     #[test]
     fn unknown_flags_before_the_command_are_errors() {
-        let err = parse(&["run", "-u", "1000", "--", "id"]).expect_err("-u is no sbx flag");
+        let err = parse(&["run", "-Z", "1000", "--", "id"]).expect_err("-Z is no sbx flag");
         assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
+        let args = run_args(&[
+            "run",
+            "-u",
+            "app:staff",
+            "--entrypoint",
+            "/bin/sh",
+            "--",
+            "-c",
+            "id",
+        ]);
+        let spec = args.spec();
+        assert_eq!(spec.user.as_deref(), Some("app:staff"));
+        assert_eq!(spec.entrypoint, Some(vec!["/bin/sh".to_owned()]));
+        assert_eq!(spec.command, ["-c", "id"]);
+        // `--entrypoint ""` clears the image's; an image may supply the whole command.
+        let spec = run_args(&["run", "--image", "i", "--entrypoint", ""]).spec();
+        assert_eq!((spec.entrypoint, spec.command), (Some(vec![]), vec![]));
+        assert!(
+            parse(&["run", "--user", "1000"]).is_err(),
+            "no image, no command"
+        );
         // After the command, everything is the command's, and `--` still ends sbx's options.
         assert_eq!(run_args(&["run", "id", "-u"]).spec().command, ["id", "-u"]);
         assert_eq!(

@@ -24,7 +24,15 @@ pub struct RunArgs {
     /// Attach a label (repeatable).
     #[arg(short = 'l', long = "label", value_name = "K=V", value_parser = parse_label)]
     labels: Vec<(String, String)>,
-    /// Working directory inside the sandbox (default /work).
+    /// Run the command as this user: UID, UID:GID, NAME or NAME:GROUP (names from the image's
+    /// /etc/passwd and /etc/group). Default: the image's USER, else root.
+    #[arg(short = 'u', long, value_name = "USER")]
+    user: Option<String>,
+    /// Replace the image's ENTRYPOINT with this program (its CMD is then not used); `""`
+    /// clears it, so the command runs alone.
+    #[arg(long, value_name = "PROGRAM")]
+    entrypoint: Option<String>,
+    /// Working directory inside the sandbox (default: the image's WORKDIR, else /work).
     #[arg(short = 'w', long, value_name = "DIR")]
     cwd: Option<String>,
     /// Host name inside the sandbox.
@@ -87,7 +95,13 @@ pub struct RunArgs {
     tty: bool,
     /// The command and its arguments. Options of sbx come before it (or before `--`); an
     /// unknown option there is an error, and everything from the command on is the command's.
-    #[arg(value_name = "CMD", required = true, num_args = 1.., trailing_var_arg = true)]
+    /// With --image it may be left out: the image's CMD (after its ENTRYPOINT) runs.
+    #[arg(
+        value_name = "CMD",
+        required_unless_present = "image",
+        num_args = 1..,
+        trailing_var_arg = true
+    )]
     command: Vec<String>,
 }
 
@@ -100,6 +114,15 @@ impl RunArgs {
     fn spec_sized(&self, size: Option<(u16, u16)>) -> CreateSandbox {
         CreateSandbox {
             command: self.command.clone(),
+            // Docker's `--entrypoint ""` clears the image's entrypoint.
+            entrypoint: self.entrypoint.as_ref().map(|e| {
+                if e.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![e.clone()]
+                }
+            }),
+            user: self.user.clone(),
             env: self
                 .env_files
                 .iter()

@@ -170,9 +170,9 @@ fn ticket_param(query: Option<&str>) -> Option<String> {
     None
 }
 
-/// Routes anyone may call.
+/// Routes anyone may call: liveness, readiness and the version.
 fn is_public(method: &Method, path: &str) -> bool {
-    method == Method::GET && path == "/healthz"
+    method == Method::GET && matches!(path, "/healthz" | "/readyz" | "/version")
 }
 
 /// Failed authentications allowed per client address in a burst, and how fast the allowance

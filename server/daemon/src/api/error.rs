@@ -78,6 +78,7 @@ impl IntoResponse for ApiError {
             error: ErrorDetail {
                 code: self.code,
                 message: self.message,
+                request_id: super::request_id::current(),
             },
         };
         (self.status, Json(body)).into_response()
@@ -148,6 +149,16 @@ impl From<SandboxError> for ApiError {
             SandboxError::UnknownImage(_) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 ErrorCode::UnknownImage,
+                e.to_string(),
+            ),
+            SandboxError::UnknownUser(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::UnknownUser,
+                e.to_string(),
+            ),
+            SandboxError::Launch(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::NoCommand,
                 e.to_string(),
             ),
             SandboxError::NetworkUnavailable(m) => ApiError::new(

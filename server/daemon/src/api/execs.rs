@@ -11,7 +11,7 @@
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use sandboxd_api::{CreateExec, Exec, ExecList};
@@ -41,7 +41,10 @@ pub async fn create(
 ) -> Result<impl IntoResponse, ApiError> {
     check_exec(&body)?;
     let exec = state.svc.create_exec(&principal.scope(), &id, body).await?;
-    Ok((StatusCode::CREATED, Json(exec)))
+    Ok(super::created(
+        format!("/v1/sandboxes/{}/execs/{}", exec.sandbox_id, exec.id),
+        exec,
+    ))
 }
 
 pub async fn list(

@@ -53,7 +53,8 @@ async fn import_inner(
         .svc
         .import_image(&principal.tenant, &name, body.into_data_stream())
         .await?;
-    Ok((StatusCode::CREATED, Json(image)))
+    // Image names are `[A-Za-z0-9_.:-]`: nothing to escape in a path.
+    Ok(super::created(format!("/v1/images/{}", image.name), image))
 }
 
 pub async fn list(

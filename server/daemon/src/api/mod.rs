@@ -13,6 +13,7 @@ mod info;
 pub mod limits;
 mod logs;
 mod relay;
+pub mod request_id;
 mod sandboxes;
 mod tokens;
 
@@ -20,7 +21,7 @@ use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, Method, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
 
@@ -70,6 +71,8 @@ pub fn routes() -> Vec<Route> {
     use axum::routing::{delete, get, post, put};
     vec![
         route(Method::GET, "/healthz", get(health::healthz)),
+        route(Method::GET, "/readyz", get(health::readyz)),
+        route(Method::GET, "/version", get(health::version)),
         route(Method::GET, "/openapi.yaml", get(openapi)),
         route(Method::GET, "/v1/info", get(info::info)),
         route(Method::POST, "/v1/sandboxes", post(sandboxes::create)),
@@ -206,7 +209,19 @@ pub fn app(state: AppState) -> Router {
             auth::Gate::new(auth, state.failed_auth_burst),
             auth::authenticate,
         ))
+        // Outermost: authentication refusals carry the request id too.
+        .layer(axum::middleware::from_fn(request_id::layer))
         .with_state(state)
+}
+
+/// A 201 answer: `body` as JSON, with `Location` naming the new resource.
+pub fn created(location: String, body: impl serde::Serialize) -> Response {
+    let mut response = (StatusCode::CREATED, axum::Json(body)).into_response();
+    // Every location is built from ids and checked names: always a valid header value.
+    if let Ok(value) = header::HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
 }
 
 async fn not_found() -> ApiError {

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::auth::Principal;
 use super::extract::{ApiJson, ApiQuery, IdOrName, OptionalJson};
 use super::{ApiError, AppState};
-use crate::sandboxes::ListQuery;
+use crate::sandboxes::{ListQuery, WaitCondition};
 use crate::validate::{check_lifetime, ValidCreate};
 
 const DEFAULT_LIMIT: u32 = 100;
@@ -37,8 +37,22 @@ pub async fn create(
         .svc
         .create(&principal.tenant, valid, params.wait)
         .await?;
-    Ok((StatusCode::CREATED, Json(principal.shown(sandbox))))
+    Ok(super::created(
+        format!("/v1/sandboxes/{}", sandbox.id),
+        principal.shown(sandbox),
+    ))
 }
+
+/// `POST /wait?timeout=SECS&condition=exited|running|removed`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitParams {
+    timeout: Option<u64>,
+    condition: Option<String>,
+}
+
+/// The longest `timeout=` of a wait (an hour: longer waits loop).
+pub const MAX_WAIT_SECS: u64 = 3600;
 
 /// The cursor is the sequence number of the last row of the previous page, base64-encoded so
 /// that clients treat it as opaque.
@@ -130,13 +144,42 @@ pub async fn get(
     Ok(Json(principal.shown(sandbox)))
 }
 
+/// Wait for a condition (`exited`, the default: a final state; `running`; `removed`). With
+/// `timeout`, 408 `request_timeout` when it ran out first (the sandbox is as it was).
 pub async fn wait(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     IdOrName(id): IdOrName,
+    ApiQuery(params): ApiQuery<WaitParams>,
 ) -> Result<Json<Sandbox>, ApiError> {
+    let condition = match params.condition.as_deref() {
+        None | Some("exited") | Some("not-running") => WaitCondition::Exited,
+        Some("running") => WaitCondition::Running,
+        Some("removed") => WaitCondition::Removed,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "condition: must be exited (or not-running), running or removed",
+            ))
+        }
+    };
+    let timeout = match params.timeout {
+        None => None,
+        Some(t) if t <= MAX_WAIT_SECS => Some(std::time::Duration::from_secs(t)),
+        Some(_) => {
+            return Err(ApiError::invalid(format!(
+                "timeout: must be between 0 and {MAX_WAIT_SECS} seconds"
+            )))
+        }
+    };
     let sandbox = state.svc.find(&principal.scope(), &id).await?;
-    Ok(Json(principal.shown(state.svc.wait(sandbox.id).await?)))
+    match state.svc.wait_for(sandbox.id, condition, timeout).await? {
+        Some(sandbox) => Ok(Json(principal.shown(sandbox))),
+        None => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            sandboxd_api::ErrorCode::RequestTimeout,
+            "timeout: the sandbox did not meet the condition in time",
+        )),
+    }
 }
 
 pub async fn kill(

@@ -1675,3 +1675,260 @@ async fn network_requests_are_checked_allocated_and_shown() {
 }
 
 mod sessions;
+
+/// Send `req` (as the local admin unless it has a token) and keep the headers.
+async fn send_with_headers(
+    app: &TestApp,
+    mut req: Request<Body>,
+    local: bool,
+) -> (StatusCode, axum::http::HeaderMap, Value) {
+    if local {
+        req.extensions_mut().insert(LocalPeer);
+    }
+    let resp = app.router.clone().oneshot(req).await.unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, headers, body)
+}
+
+fn post_json(uri: &str, body: &Value) -> Request<Body> {
+    Request::builder()
+        .method(Method::POST)
+        .uri(uri)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn every_answer_has_a_request_id_echoed_when_valid_and_in_error_bodies() {
+    let app = test_app(FakeSpawn::ExitAtOnce).await;
+    let get = |id: Option<&str>| {
+        let mut req = Request::builder().uri("/v1/sandboxes/none");
+        if let Some(id) = id {
+            req = req.header("x-request-id", id);
+        }
+        req.body(Body::empty()).unwrap()
+    };
+    // A client's valid id is echoed, in the header and in the error body.
+    let (status, headers, body) = send_with_headers(&app, get(Some("trace-42.a:b")), true).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(headers["x-request-id"], "trace-42.a:b");
+    assert_eq!(body["error"]["request_id"], "trace-42.a:b");
+    // None, or an unusable one: a fresh id (32 hex digits), different each time.
+    let mut seen = BTreeSet::new();
+    for given in [None, Some("has space"), Some("")] {
+        let (_, headers, body) = send_with_headers(&app, get(given), true).await;
+        let id = headers["x-request-id"].to_str().unwrap().to_owned();
+        assert!(
+            id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id}"
+        );
+        assert_eq!(body["error"]["request_id"], id.as_str());
+        assert!(seen.insert(id));
+    }
+    // Refusals of the authentication layer and successes carry it too.
+    let (status, headers, body) = send_with_headers(&app, get(Some("no-token")), false).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(headers["x-request-id"], "no-token");
+    assert_eq!(body["error"]["request_id"], "no-token");
+    let req = Request::builder()
+        .uri("/v1/info")
+        .body(Body::empty())
+        .unwrap();
+    let (status, headers, body) = send_with_headers(&app, req, true).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers.contains_key("x-request-id"));
+    assert!(body.get("error").is_none());
+}
+
+#[tokio::test]
+async fn version_and_readyz_need_no_token() {
+    let app = test_app(FakeSpawn::ExitAtOnce).await;
+    for (uri, want) in [
+        (
+            "/version",
+            json!({"version": env!("CARGO_PKG_VERSION"), "api": "v1"}),
+        ),
+        (
+            "/readyz",
+            json!({"status": "ready", "database": "ok", "helper": "ok"}),
+        ),
+    ] {
+        let req = Request::builder().uri(uri).body(Body::empty()).unwrap();
+        let (status, _, body) = send_with_headers(&app, req, false).await;
+        assert_eq!((status, body), (StatusCode::OK, want), "{uri}");
+    }
+    // Everything else still needs one.
+    let req = Request::builder()
+        .uri("/v1/info")
+        .body(Body::empty())
+        .unwrap();
+    let (status, _, _) = send_with_headers(&app, req, false).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn every_201_names_its_resource_in_location() {
+    let app = test_app(FakeSpawn::Run).await;
+    let (status, headers, sandbox) = send_with_headers(
+        &app,
+        post_json("/v1/sandboxes", &json!({"command": ["sleep", "9"]})),
+        true,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{sandbox}");
+    let id = sandbox["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        headers[header::LOCATION],
+        format!("/v1/sandboxes/{id}").as_str()
+    );
+    let (status, headers, exec) = send_with_headers(
+        &app,
+        post_json(
+            &format!("/v1/sandboxes/{id}/execs"),
+            &json!({"command": ["true"]}),
+        ),
+        true,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{exec}");
+    let location = format!("/v1/sandboxes/{id}/execs/{}", exec["id"].as_str().unwrap());
+    assert_eq!(headers[header::LOCATION], location.as_str());
+    // The location answers.
+    let (status, _) = app.json(Method::GET, &location, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/images?name=base:1")
+        .body(Body::from(vec![1u8; 100]))
+        .unwrap();
+    let (status, headers, image) = send_with_headers(&app, req, true).await;
+    assert_eq!(status, StatusCode::CREATED, "{image}");
+    assert_eq!(headers[header::LOCATION], "/v1/images/base:1");
+    let (status, headers, token) = send_with_headers(
+        &app,
+        post_json("/v1/tokens", &json!({"tenant": "t", "role": "user"})),
+        true,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{token}");
+    let location = format!("/v1/tokens/{}", token["id"].as_str().unwrap());
+    assert_eq!(headers[header::LOCATION], location.as_str());
+    let (status, _) = app.json(Method::DELETE, &location, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn wait_takes_a_condition_and_a_timeout() {
+    let app = test_app(FakeSpawn::Run).await;
+    let (status, sandbox) = app
+        .json(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"command": ["sleep", "9"], "name": "w"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{sandbox}");
+    let app = &app;
+    let wait = |query: &'static str| async move {
+        let uri = format!("/v1/sandboxes/w/wait?{query}");
+        app.json(Method::POST, &uri, None).await
+    };
+    // Running already: `running` answers at once; `exited` runs out of time.
+    let (status, body) = wait("condition=running&timeout=5").await;
+    assert_eq!(
+        (status, body["state"].as_str()),
+        (StatusCode::OK, Some("running"))
+    );
+    let (status, body) = wait("timeout=0").await;
+    assert_error(
+        status,
+        body.to_string().as_bytes(),
+        StatusCode::REQUEST_TIMEOUT,
+        "request_timeout",
+    );
+    let (status, body) = wait("condition=removed&timeout=0").await;
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{body}");
+    for bad in [
+        "condition=paused",
+        "timeout=3601",
+        "timeout=-1",
+        "timeout=soon",
+        "other=1",
+    ] {
+        let (status, body) = app
+            .json(Method::POST, &format!("/v1/sandboxes/w/wait?{bad}"), None)
+            .await;
+        assert_error(
+            status,
+            body.to_string().as_bytes(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        );
+    }
+    // `removed` answers once the sandbox is deleted, with it as last seen.
+    let removed = {
+        let router = app.router.clone();
+        tokio::spawn(async move {
+            let mut req = Request::builder()
+                .method(Method::POST)
+                .uri("/v1/sandboxes/w/wait?condition=removed&timeout=30")
+                .body(Body::empty())
+                .unwrap();
+            req.extensions_mut().insert(LocalPeer);
+            let resp = router.oneshot(req).await.unwrap();
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, serde_json::from_slice::<Value>(&bytes).unwrap())
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (status, _) = app.json(Method::DELETE, "/v1/sandboxes/w", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = removed.await.unwrap();
+    assert_eq!(
+        (status, body["name"].as_str()),
+        (StatusCode::OK, Some("w")),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn expires_at_shows_the_ttl_deadline_and_moves_with_extend() {
+    let app = test_app(FakeSpawn::ExitAtOnce).await;
+    let (status, sandbox) = app
+        .json(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"command": ["true"], "ttl_secs": 600})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{sandbox}");
+    let sandbox: Sandbox = serde_json::from_value(sandbox).unwrap();
+    let expires = sandbox.expires_at.expect("a ttl gives expires_at");
+    let lifetime = expires - sandbox.created_at;
+    assert!(
+        (599..=601).contains(&lifetime.whole_seconds()),
+        "{lifetime}"
+    );
+    let (status, extended) = app
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/extend", sandbox.id),
+            Some(json!({"ttl_secs": 3600})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{extended}");
+    let extended: Sandbox = serde_json::from_value(extended).unwrap();
+    assert!(extended.expires_at.unwrap() > expires + time::Duration::seconds(2000));
+    let (_, plain) = app
+        .json(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"command": ["true"]})),
+        )
+        .await;
+    assert!(plain["expires_at"].is_null(), "{plain}");
+}

@@ -71,15 +71,15 @@ pub async fn create(
         .map_err(internal)?;
     tracing::info!(id = %token.id, tenant = %token.tenant, role = token.role.as_str(),
         by = ?principal.token_id, "token created");
-    Ok((
-        StatusCode::CREATED,
-        Json(TokenCreated {
+    Ok(super::created(
+        format!("/v1/tokens/{}", token.id),
+        TokenCreated {
             id: token.id,
             token: secret,
             tenant: token.tenant,
             role: token.role,
             expires_at: token.expires_at_ms.map(time_of),
-        }),
+        },
     ))
 }
 

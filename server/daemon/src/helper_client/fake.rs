@@ -311,6 +311,7 @@ impl FakeHelper {
                         layers: 1,
                         skipped: 0,
                         unpacked: true,
+                        config: Default::default(),
                     }),
                     Err(e) => Response::Error(HelperError::new(
                         wire::HelperErrorCode::Invalid,

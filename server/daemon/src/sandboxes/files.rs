@@ -19,7 +19,7 @@ use super::{SandboxError, Scope, Service};
 use crate::helper_client::{self, FileTransfer, HelperClientError, TransferError};
 use crate::limits::{self, Resolved};
 use crate::store::StoreError;
-use crate::validate::ValidCreate;
+use crate::validate::{Launch, ValidCreate};
 
 /// Why a file transfer failed.
 #[derive(Debug, thiserror::Error)]
@@ -122,14 +122,16 @@ impl Service {
             ),
             None => None,
         };
+        let launch = v.launch(image.as_ref().map(|(_, config)| config), &sandbox.hostname)?;
         let request = spawn_request(
             sandbox.id,
             uid_slot,
             sandbox.hostname.clone(),
             &v,
+            launch,
             &resolved,
             capabilities,
-            image,
+            image.map(|(digest, _)| digest),
             network,
             prepared,
         );
@@ -229,6 +231,7 @@ pub(super) fn spawn_request(
     uid_slot: Option<u32>,
     hostname: String,
     v: &ValidCreate,
+    launch: Launch,
     resolved: &Resolved,
     capabilities: Option<Vec<String>>,
     rootfs_image: Option<String>,
@@ -238,9 +241,10 @@ pub(super) fn spawn_request(
     SpawnRequest {
         id,
         uid_slot,
-        command: v.command.clone(),
-        env: v.env_for(&hostname),
-        cwd: v.cwd.clone(),
+        command: launch.command,
+        env: launch.env,
+        cwd: launch.cwd,
+        user: launch.user,
         hostname,
         timeout_secs: v.timeout_secs,
         limits: resolved.spawn,

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use sandboxd_api::Image;
+use sandboxd_api::{Image, ImageConfig};
 use sandboxd_protocol::layout::UPLOADS_DIR;
 use sandboxd_protocol::wire::HelperErrorCode;
 use sha2::{Digest, Sha256};
@@ -43,6 +43,25 @@ pub enum ImageError {
     Helper(#[from] HelperClientError),
     #[error("internal task failed")]
     Task(#[from] tokio::task::JoinError),
+}
+
+/// An image a create refers to: its digest and configuration, and a guard that keeps it from
+/// being deleted until the sandbox's row exists.
+pub struct ResolvedImage {
+    pub digest: String,
+    pub config: ImageConfig,
+    pub _guard: tokio::sync::OwnedRwLockReadGuard<()>,
+}
+
+/// The wire's image configuration (checked by the unpacker) as the API shows it.
+fn api_config(c: sandboxd_protocol::wire::ImageConfig) -> ImageConfig {
+    ImageConfig {
+        env: c.env,
+        entrypoint: c.entrypoint,
+        cmd: c.cmd,
+        working_dir: c.working_dir,
+        user: c.user,
+    }
 }
 
 /// Removes an upload file when dropped (a finished import, or a client that went away).
@@ -152,6 +171,7 @@ impl Service {
             format: imported.format,
             layers: imported.layers,
             created_at_ms: self.clock.now_unix_ms(),
+            config: api_config(imported.config),
         };
         let _guard = self.image_lock.write().await;
         match self.store.insert_image(&new).await {
@@ -204,20 +224,24 @@ impl Service {
         Ok(())
     }
 
-    /// The digest of `name` in `tenant`, and a guard that keeps it from being deleted until the
-    /// sandbox's row exists.
+    /// The digest and configuration of `name` in `tenant`, and a guard that keeps it from
+    /// being deleted until the sandbox's row exists.
     pub(super) async fn resolve_image(
         &self,
         tenant: &str,
         name: &str,
-    ) -> Result<(String, tokio::sync::OwnedRwLockReadGuard<()>), SandboxError> {
+    ) -> Result<ResolvedImage, SandboxError> {
         let guard = std::sync::Arc::clone(&self.image_lock).read_owned().await;
-        let digest = self
+        let (digest, config) = self
             .store
-            .image_digest(tenant, name)
+            .image_launch(tenant, name)
             .await?
             .ok_or_else(|| SandboxError::UnknownImage(name.to_owned()))?;
-        Ok((digest, guard))
+        Ok(ResolvedImage {
+            digest,
+            config,
+            _guard: guard,
+        })
     }
 
     /// At start: remove uploads a crash left, and stored images no row names any more.

@@ -83,6 +83,12 @@ pub enum SandboxError {
     MemoryLimitRequired,
     #[error("rootfs.image: this tenant has no image named {0:?}")]
     UnknownImage(String),
+    /// The request and its image give nothing valid to run.
+    #[error(transparent)]
+    Launch(#[from] crate::validate::LaunchError),
+    /// `user` names nobody the root filesystem knows (the helper's message).
+    #[error("user: {0}")]
+    UnknownUser(String),
     #[error("{0}")]
     NetworkUnavailable(String),
     #[error("{0}")]
@@ -272,6 +278,9 @@ impl Service {
             Some(rootfs) => Some(self.resolve_image(tenant, &rootfs.image).await?),
             None => None,
         };
+        // What runs is known before anything is created: a request that, with its image, names
+        // no program is refused here (the host name is only needed for the environment).
+        v.launch(image.as_ref().map(|i| &i.config), "")?;
         self.check_network(&v.spec).await?;
         // The setup runs in its own task so that a client hanging up cannot leave a row in
         // `creating` without a watcher.
@@ -296,10 +305,11 @@ impl Service {
         v: ValidCreate,
         resolved: Resolved,
         capabilities: Option<Vec<String>>,
-        image: Option<(String, tokio::sync::OwnedRwLockReadGuard<()>)>,
+        image: Option<images::ResolvedImage>,
     ) -> Result<Uuid, SandboxError> {
         let id = Uuid::new_v4();
         let hostname = v.hostname_for(id);
+        let launch = v.launch(image.as_ref().map(|i| &i.config), &hostname)?;
         let created_at_ms = self.clock.now_unix_ms();
         // The stored spec shows the limits in effect, daemon defaults included.
         let mut spec = v.spec.clone();
@@ -348,11 +358,11 @@ impl Service {
             uid_slot,
             hostname,
             &v,
+            launch,
             &resolved,
             capabilities,
-            image
-                .as_ref()
-                .map(|(digest, _held_until_spawned)| digest.clone()),
+            // The image's guard is held until the spawn has answered.
+            image.as_ref().map(|i| i.digest.clone()),
             network,
             false,
         );
@@ -431,6 +441,15 @@ impl Service {
                 self.notify_final(id);
                 Err(SandboxError::PortInUse(e.message))
             }
+            // Likewise a user the root does not know: the helper refused before creating
+            // anything.
+            Err(HelperClientError::Refused(e))
+                if e.code == HelperErrorCode::UnknownUser && !prepared =>
+            {
+                let _ = self.store.delete(id).await;
+                self.notify_final(id);
+                Err(SandboxError::UnknownUser(e.message))
+            }
             Ok(spawned) => {
                 self.record_ports(id, net_info, &spawned.ports).await?;
                 self.store
@@ -473,6 +492,9 @@ impl Service {
                     HelperClientError::Refused(e) if e.code == HelperErrorCode::PortInUse => {
                         Err(SandboxError::PortInUse(e.message))
                     }
+                    HelperClientError::Refused(e) if e.code == HelperErrorCode::UnknownUser => {
+                        Err(SandboxError::UnknownUser(e.message))
+                    }
                     source => Err(SandboxError::SpawnFailed { id, source }),
                 }
             }
@@ -492,6 +514,49 @@ impl Service {
             let _ = rx.wait_for(|done| *done).await;
         }
         self.store.get(id).await?.ok_or(SandboxError::NotFound)
+    }
+
+    /// Wait until `id` meets `condition`, for at most `timeout` (none: as long as it takes).
+    /// `Ok(None)`: the time ran out first. `Removed` answers the sandbox as last seen.
+    pub async fn wait_for(
+        &self,
+        id: Uuid,
+        condition: WaitCondition,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<Option<Sandbox>, SandboxError> {
+        let waited = async {
+            match condition {
+                // The final state has a notification; the others are polled (they are rare,
+                // and a row read is cheap).
+                WaitCondition::Exited => self.wait(id).await.map(Some),
+                WaitCondition::Running | WaitCondition::Removed => {
+                    let mut last = None;
+                    loop {
+                        match self.store.get(id).await? {
+                            None if condition == WaitCondition::Removed => {
+                                return last.ok_or(SandboxError::NotFound).map(Some)
+                            }
+                            None => return Err(SandboxError::NotFound),
+                            Some(s)
+                                if condition == WaitCondition::Running
+                                    && (s.state == SandboxState::Running || s.state.is_final()) =>
+                            {
+                                return Ok(Some(s))
+                            }
+                            Some(s) => last = Some(s),
+                        }
+                        tokio::time::sleep(WAIT_POLL).await;
+                    }
+                }
+            }
+        };
+        match timeout {
+            None => waited.await,
+            Some(t) => match tokio::time::timeout(t, waited).await {
+                Ok(result) => result,
+                Err(_elapsed) => Ok(None),
+            },
+        }
     }
 
     /// Deliver a signal (a name like `SIGTERM`/`TERM` or a number; SIGKILL when absent).
@@ -562,6 +627,24 @@ impl Service {
     }
 
     /// What this host can do, from the helper's point of view plus the daemon's constants.
+    /// `GET /readyz`: whether the database and the helper answer, each within `within`.
+    pub async fn readiness(
+        &self,
+        within: std::time::Duration,
+    ) -> (Result<(), String>, Result<(), String>) {
+        let db = match tokio::time::timeout(within, self.store.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(crate::chain(&e)),
+            Err(_) => Err("no answer in time".to_owned()),
+        };
+        let helper = match tokio::time::timeout(within, helper_client::info(&*self.helper)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(crate::chain(&e)),
+            Err(_) => Err("no answer in time".to_owned()),
+        };
+        (db, helper)
+    }
+
     pub async fn info(&self) -> Result<Info, SandboxError> {
         let h = helper_client::info(&*self.helper).await?;
         Ok(Info {
@@ -635,7 +718,11 @@ impl Service {
             return Err(SandboxError::NotFound);
         }
         self.reaper_wake.notify_one();
-        Ok(sandbox)
+        // Answered as it is now: its `expires_at` shows the new deadline.
+        self.store
+            .get(sandbox.id)
+            .await?
+            .ok_or(SandboxError::NotFound)
     }
 
     /// Bring the store and the sandbox directories back in line after a (possibly unclean) stop:
@@ -690,6 +777,20 @@ impl Service {
         Ok(())
     }
 }
+
+/// What `POST /v1/sandboxes/{id}/wait?condition=` waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitCondition {
+    /// A final state (`exited` or `failed`): Docker's `not-running`.
+    Exited,
+    /// `running`, or a final state (a sandbox that already ended will never run).
+    Running,
+    /// Gone: deleted (by `DELETE`, its TTL or `remove_after_exit_secs`).
+    Removed,
+}
+
+/// How often a `running` or `removed` wait reads the row.
+const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn lost(why: &str, now_unix_ms: i64) -> Ending {
     Ending {

@@ -1,6 +1,6 @@
 //! The `images` table: names (per tenant) of images the helper stores by digest.
 
-use sandboxd_api::Image;
+use sandboxd_api::{Image, ImageConfig};
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 use time::OffsetDateTime;
@@ -20,6 +20,16 @@ pub struct NewImage {
     pub format: String,
     pub layers: u32,
     pub created_at_ms: i64,
+    pub config: ImageConfig,
+}
+
+/// The `config` column: a stored configuration the daemon cannot read is a corrupt row.
+fn config_of(row: &SqliteRow) -> Result<ImageConfig, StoreError> {
+    let text: String = row.try_get("config")?;
+    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+        id: row.try_get::<String, _>("name").unwrap_or_default(),
+        what: format!("image config: {e}"),
+    })
 }
 
 /// Sandboxes of the image's tenant whose spec names the image (any state: their upper layers
@@ -45,6 +55,7 @@ fn image_row(row: &SqliteRow) -> Result<Image, StoreError> {
         created_at: OffsetDateTime::from_unix_timestamp_nanos(i128::from(created_ms) * 1_000_000)
             .map_err(|_| corrupt("created_at out of range"))?,
         in_use_by: u(row.try_get("in_use")?),
+        config: config_of(row)?,
     })
 }
 
@@ -53,8 +64,8 @@ impl Store {
     pub async fn insert_image(&self, new: &NewImage) -> Result<(), StoreError> {
         let inserted = sqlx::query(
             "INSERT INTO images (tenant, name, digest, size_bytes, archive_bytes, entries, format,
-                                 layers, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 layers, created_at, config)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&new.tenant)
         .bind(&new.name)
@@ -65,6 +76,12 @@ impl Store {
         .bind(&new.format)
         .bind(i64::from(new.layers))
         .bind(new.created_at_ms)
+        .bind(
+            serde_json::to_string(&new.config).map_err(|e| StoreError::Corrupt {
+                id: new.name.clone(),
+                what: format!("image config: {e}"),
+            })?,
+        )
         .execute(&self.writer)
         .await;
         match inserted {
@@ -91,12 +108,23 @@ impl Store {
         tenant: &str,
         name: &str,
     ) -> Result<Option<String>, StoreError> {
-        let row = sqlx::query("SELECT digest FROM images WHERE tenant = ? AND name = ?")
-            .bind(tenant)
-            .bind(name)
-            .fetch_optional(&self.reader)
-            .await?;
-        Ok(row.map(|r| r.try_get("digest")).transpose()?)
+        Ok(self.image_launch(tenant, name).await?.map(|(d, _)| d))
+    }
+
+    /// The digest (bare hex) and configuration of a tenant's image.
+    pub async fn image_launch(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<(String, ImageConfig)>, StoreError> {
+        let row =
+            sqlx::query("SELECT name, digest, config FROM images WHERE tenant = ? AND name = ?")
+                .bind(tenant)
+                .bind(name)
+                .fetch_optional(&self.reader)
+                .await?;
+        row.map(|r| Ok((r.try_get("digest")?, config_of(&r)?)))
+            .transpose()
     }
 
     pub async fn images(&self, tenant: &str) -> Result<Vec<Image>, StoreError> {
@@ -138,16 +166,20 @@ impl Store {
     /// The digest of the image a sandbox's root filesystem comes from (`None` for the host
     /// root): the name in its stored spec, looked up among its tenant's images. An image cannot
     /// be deleted while a sandbox refers to it, so this stays what it was at create.
-    pub async fn sandbox_image_digest(&self, id: Uuid) -> Result<Option<String>, StoreError> {
+    pub async fn sandbox_image_digest(
+        &self,
+        id: Uuid,
+    ) -> Result<Option<(String, ImageConfig)>, StoreError> {
         let row = sqlx::query(
-            "SELECT i.digest FROM sandboxes s JOIN images i
+            "SELECT i.name, i.digest, i.config FROM sandboxes s JOIN images i
                ON i.tenant = s.tenant AND i.name = json_extract(s.spec, '$.rootfs.image')
              WHERE s.id = ?",
         )
         .bind(id.to_string())
         .fetch_optional(&self.reader)
         .await?;
-        Ok(row.map(|r| r.try_get("digest")).transpose()?)
+        row.map(|r| Ok((r.try_get("digest")?, config_of(&r)?)))
+            .transpose()
     }
 
     /// Whether any image row (of any tenant) names this digest.

@@ -15,12 +15,15 @@ use sandboxd_protocol::status::StatusLine;
 use super::stdio::{wire_stdio, Stdio};
 use super::ChildError;
 use crate::sys;
+use crate::validate::RunAs;
 
-/// What to execute, and where.
+/// What to execute, where, and as whom.
 pub struct Command<'a> {
     pub argv: &'a [CString],
     pub env: &'a [CString],
     pub cwd: &'a CStr,
+    /// Switch to this identity before entering `cwd` (`None`: stay root of the namespace).
+    pub user: Option<&'a RunAs>,
 }
 
 /// Fork the command's process, which runs [`exec_command`]; report on `status` whether it was
@@ -123,6 +126,13 @@ pub fn exec_command(
     if let Err(e) = crate::fds::close_all_except(&[report.as_raw_fd()]) {
         fail(e, "close descriptors for");
     }
+    // The spec's user, as runc does it: groups, then gid, then uid (which drops every
+    // capability of a non-root user), before the working directory is entered as that user.
+    if let Some(user) = command.user {
+        if let Err(e) = switch_user(user) {
+            fail(e, "switch to the user for");
+        }
+    }
     if let Err(e) = nix::unistd::chdir(command.cwd) {
         fail(e, "enter the working directory for");
     }
@@ -138,6 +148,24 @@ pub fn exec_command(
     }
     let e = exec_search(command.argv, command.env);
     fail(e, "execute")
+}
+
+/// Become `user` (ids of the sandbox's user namespace). A uid change clears the parent-death
+/// signal and dumpability; both are set again as `become_root` left them.
+fn switch_user(user: &RunAs) -> Result<(), Errno> {
+    use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
+    let groups: Vec<Gid> = user.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+    match setgroups(&groups) {
+        Ok(()) => {}
+        // A rootless namespace has setgroups denied; there only root exists anyway.
+        Err(Errno::EPERM) if user.uid == 0 && user.gid == 0 => {}
+        Err(e) => return Err(e),
+    }
+    let (uid, gid) = (Uid::from_raw(user.uid), Gid::from_raw(user.gid));
+    setresgid(gid, gid, gid)?;
+    setresuid(uid, uid, uid)?;
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+    nix::sys::prctl::set_dumpable(false)
 }
 
 /// execve `argv[0]`, searching the PATH of the *sandbox's* environment (execvp would use init's).

@@ -117,6 +117,7 @@ pub fn run_shim(plan: &Plan, fds: ShimFds) -> ! {
         argv: &plan.command,
         env: &plan.env,
         cwd: &plan.cwd,
+        user: None,
     };
     let child = child::start_command(&command, stdio, &|| filters.apply(), &mut status);
     loop {

@@ -6,18 +6,33 @@
 //! compressed image archive is first decompressed to a file (its size charged to the budget);
 //! a compressed root filesystem tarball is streamed twice through the decoder (once to tell
 //! what it is, once to apply it) rather than stored decompressed.
+//!
+//! Layouts: `docker save` before Docker 25 (`<id>/layer.tar`, a repeated layer a symlink to the
+//! first), `docker save` since 25 (`manifest.json` naming `blobs/sha256/<hex>` of an OCI layout
+//! in the same archive), `podman save` / skopeo's docker-archive (top-level `<hex>.tar` layers and
+//! `<hex>.json` config, with legacy `<id>/layer.tar` symlinks to them), and OCI image layouts.
+//! A member that is a symbolic or hard link is followed inside the archive (a few hops, never
+//! outside it). The image's configuration (`Env`, `Entrypoint`, `Cmd`, `WorkingDir`, `User`)
+//! is read and checked ([`image_config`]); nothing in it is trusted.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::os::fd::OwnedFd;
 
+use sandboxd_protocol::rules;
+use sandboxd_protocol::wire::ImageConfig;
 use serde::Deserialize;
 
 use super::unpack::{self, Budget, UnpackError};
 
 /// Largest JSON document (manifest, index) read from an archive.
 const MAX_JSON: u64 = 4 << 20;
+/// Largest image configuration kept, in bytes of its strings: it travels in the unpacker's
+/// report and in `meta.json`, both read with a 64 KiB cap.
+const MAX_CONFIG_BYTES: usize = 32 * 1024;
+/// Most links followed to find a member.
+const MAX_LINK_HOPS: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -81,6 +96,52 @@ struct Member {
     size: u64,
 }
 
+/// The members of an archive that matter: regular files by name, and links (symbolic, resolved
+/// against the link's directory, or hard) by name to the name they point at.
+#[derive(Debug, Default)]
+struct Members {
+    files: HashMap<String, Member>,
+    links: HashMap<String, String>,
+}
+
+impl Members {
+    fn contains(&self, name: &str) -> bool {
+        self.files.contains_key(name) || self.links.contains_key(name)
+    }
+
+    /// The regular file `name` is or leads to.
+    fn get(&self, name: &str) -> Option<Member> {
+        let mut name = name;
+        for _ in 0..=MAX_LINK_HOPS {
+            if let Some(m) = self.files.get(name) {
+                return Some(*m);
+            }
+            name = self.links.get(name)?;
+        }
+        None
+    }
+}
+
+/// `target` of a symbolic link at `link`, as a member name: relative to the link's directory,
+/// `.` and `..` folded; `None` if it leaves the archive or is absolute.
+fn link_target(link: &str, target: &str) -> Option<String> {
+    if target.starts_with('/') {
+        return None;
+    }
+    let mut parts: Vec<&str> = link.split('/').collect();
+    parts.pop();
+    for part in target.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            p => parts.push(p),
+        }
+    }
+    Some(parts.join("/"))
+}
+
 /// The kind of upload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -104,7 +165,7 @@ fn is_image_member(name: &str) -> bool {
     matches!(name, "manifest.json" | "index.json" | "oci-layout")
         || name.starts_with("blobs/")
         || name.matches('/').count() == 1
-        || (!name.contains('/') && name.ends_with(".json"))
+        || (!name.contains('/') && (name.ends_with(".json") || name.ends_with(".tar")))
 }
 
 fn normalise(name: &[u8]) -> String {
@@ -112,10 +173,10 @@ fn normalise(name: &[u8]) -> String {
     s.trim_start_matches("./").to_owned()
 }
 
-fn format_of(members: &HashMap<String, Member>) -> Format {
-    if members.contains_key("manifest.json") {
+fn format_of(members: &Members) -> Format {
+    if members.contains("manifest.json") {
         Format::DockerArchive
-    } else if members.contains_key("index.json") && members.contains_key("oci-layout") {
+    } else if members.contains("index.json") && members.contains("oci-layout") {
         Format::OciLayout
     } else {
         Format::Rootfs
@@ -123,45 +184,57 @@ fn format_of(members: &HashMap<String, Member>) -> Format {
 }
 
 /// Scan a stream's member names (for a compressed root filesystem, which is not seekable).
-fn scan_stream<R: Read>(reader: R) -> Result<HashMap<String, Member>, UnpackError> {
+fn scan_stream<R: Read>(reader: R) -> Result<Members, UnpackError> {
     let mut archive = tar::Archive::new(reader);
-    let mut members = HashMap::new();
+    let mut members = Members::default();
     for entry in archive.entries().map_err(UnpackError::Read)? {
         let entry = entry.map_err(UnpackError::Read)?;
-        let name = normalise(&entry.path_bytes());
-        if is_image_member(&name) {
-            let size = entry.header().size().unwrap_or(0);
-            members.insert(
-                name,
-                Member {
-                    offset: entry.raw_file_position(),
-                    size,
-                },
-            );
-        }
+        note(&mut members, &entry);
     }
     Ok(members)
 }
 
+/// Keep `entry` in `members` if it is an image member: a regular file, or a link to one.
+fn note<R: Read>(members: &mut Members, entry: &tar::Entry<'_, R>) {
+    let name = normalise(&entry.path_bytes());
+    if !is_image_member(&name) {
+        return;
+    }
+    let kind = entry.header().entry_type();
+    if kind.is_file() {
+        members.files.insert(
+            name,
+            Member {
+                offset: entry.raw_file_position(),
+                size: entry.header().size().unwrap_or(0),
+            },
+        );
+    } else if kind.is_symlink() || kind.is_hard_link() {
+        let Some(target) = entry.link_name_bytes() else {
+            return;
+        };
+        let target = String::from_utf8_lossy(&target).into_owned();
+        let target = if kind.is_symlink() {
+            link_target(&name, &target)
+        } else {
+            Some(target.trim_start_matches("./").to_owned())
+        };
+        if let Some(target) = target {
+            members.links.insert(name, target);
+        }
+    }
+}
+
 /// Scan a plain archive file, seeking over contents.
-fn scan_file(file: &File) -> Result<HashMap<String, Member>, UnpackError> {
+fn scan_file(file: &File) -> Result<Members, UnpackError> {
     // Offsets are counted from where reading starts: the start of the file.
     let mut f = file;
     f.seek(SeekFrom::Start(0)).map_err(UnpackError::Read)?;
     let mut archive = tar::Archive::new(file);
-    let mut members = HashMap::new();
+    let mut members = Members::default();
     for entry in archive.entries_with_seek().map_err(UnpackError::Read)? {
         let entry = entry.map_err(UnpackError::Read)?;
-        let name = normalise(&entry.path_bytes());
-        if is_image_member(&name) && entry.header().entry_type().is_file() {
-            members.insert(
-                name,
-                Member {
-                    offset: entry.raw_file_position(),
-                    size: entry.header().size().unwrap_or(0),
-                },
-            );
-        }
+        note(&mut members, &entry);
     }
     Ok(members)
 }
@@ -175,7 +248,7 @@ fn bad(why: impl Into<String>) -> UnpackError {
 
 fn member_reader<'a>(
     file: &'a File,
-    members: &HashMap<String, Member>,
+    members: &Members,
     name: &str,
 ) -> Result<std::io::Take<&'a File>, UnpackError> {
     let m = members.get(name).ok_or_else(|| {
@@ -191,7 +264,7 @@ fn member_reader<'a>(
 
 fn read_json<T: for<'de> Deserialize<'de>>(
     file: &File,
-    members: &HashMap<String, Member>,
+    members: &Members,
     name: &str,
 ) -> Result<T, UnpackError> {
     let mut bytes = Vec::new();
@@ -204,8 +277,91 @@ fn read_json<T: for<'de> Deserialize<'de>>(
 
 #[derive(Deserialize)]
 struct DockerManifest {
+    #[serde(rename = "Config", default)]
+    config: Option<String>,
     #[serde(rename = "Layers")]
     layers: Vec<String>,
+}
+
+/// An image configuration (Docker's and OCI's share these fields); only `config` matters here.
+#[derive(Deserialize)]
+struct ImageConfigFile {
+    #[serde(default)]
+    config: Option<RawConfig>,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    #[serde(rename = "Env", default)]
+    env: Option<Vec<String>>,
+    #[serde(rename = "Entrypoint", default)]
+    entrypoint: Option<Vec<String>>,
+    #[serde(rename = "Cmd", default)]
+    cmd: Option<Vec<String>>,
+    #[serde(rename = "WorkingDir", default)]
+    working_dir: Option<String>,
+    #[serde(rename = "User", default)]
+    user: Option<String>,
+}
+
+/// Check an image's configuration: every string free of NUL bytes, environment entries
+/// `NAME=value` with valid names, the working directory absolute without `..`, the user a valid
+/// `UID[:GID]`/`NAME[:GROUP]`, and all of it small. Empty strings mean "not set", as in Docker.
+fn image_config(raw: RawConfig) -> Result<ImageConfig, UnpackError> {
+    let refuse = |why: String| bad(format!("image config: {why}"));
+    let mut total = 0usize;
+    let mut count = |s: &str| -> Result<(), UnpackError> {
+        total += s.len() + 1;
+        if s.contains('\0') {
+            return Err(refuse(format!("{s:?} contains a NUL byte")));
+        }
+        if total > MAX_CONFIG_BYTES {
+            return Err(refuse(format!("larger than {MAX_CONFIG_BYTES} bytes")));
+        }
+        Ok(())
+    };
+    let mut env = Vec::new();
+    for entry in raw.env.unwrap_or_default() {
+        count(&entry)?;
+        let (name, value) = entry.split_once('=').unwrap_or((entry.as_str(), ""));
+        rules::EnvEntry::parse(name, value).map_err(|e| refuse(format!("Env: {e}")))?;
+        env.push(format!("{name}={value}"));
+    }
+    for list in [&raw.entrypoint, &raw.cmd].into_iter().flatten() {
+        for arg in list {
+            count(arg)?;
+        }
+    }
+    let working_dir = raw.working_dir.filter(|w| !w.is_empty());
+    if let Some(w) = &working_dir {
+        count(w)?;
+        if !w.starts_with('/') || w.split('/').any(|c| c == "..") {
+            return Err(refuse(format!(
+                "WorkingDir {w:?} must be absolute, without '..'"
+            )));
+        }
+    }
+    let user = raw.user.filter(|u| !u.is_empty());
+    if let Some(u) = &user {
+        count(u)?;
+        rules::UserSpec::parse(u).map_err(|e| refuse(format!("User {u:?}: {e}")))?;
+    }
+    Ok(ImageConfig {
+        env,
+        entrypoint: raw.entrypoint.filter(|e| !e.is_empty()),
+        cmd: raw.cmd.filter(|c| !c.is_empty()),
+        working_dir,
+        user,
+    })
+}
+
+/// Read and check the configuration member `name`.
+fn read_config(file: &File, members: &Members, name: &str) -> Result<ImageConfig, UnpackError> {
+    let doc: ImageConfigFile = read_json(file, members, name)?;
+    match doc.config {
+        Some(raw) => image_config(raw),
+        None => Ok(ImageConfig::default()),
+    }
 }
 
 #[derive(Deserialize)]
@@ -234,6 +390,8 @@ struct OciIndex {
 struct OciManifest {
     #[serde(default)]
     manifests: Option<Vec<Descriptor>>,
+    #[serde(default)]
+    config: Option<Descriptor>,
     #[serde(default)]
     layers: Vec<Descriptor>,
 }
@@ -275,25 +433,33 @@ fn pick(manifests: Vec<Descriptor>) -> Result<Descriptor, UnpackError> {
     fallback.ok_or_else(|| bad("the image index lists no manifest"))
 }
 
-/// Layer member names, in the order they apply.
-fn layer_names(
-    file: &File,
-    members: &HashMap<String, Member>,
-    format: Format,
-) -> Result<Vec<String>, UnpackError> {
+/// An image's layer member names, in the order they apply, and its configuration member.
+struct Plan {
+    layers: Vec<String>,
+    config: Option<String>,
+}
+
+/// Where an image archive keeps its layers and configuration.
+fn plan(file: &File, members: &Members, format: Format) -> Result<Plan, UnpackError> {
     match format {
-        Format::Rootfs => Ok(Vec::new()),
+        Format::Rootfs => Ok(Plan {
+            layers: Vec::new(),
+            config: None,
+        }),
         Format::DockerArchive => {
             let manifests: Vec<DockerManifest> = read_json(file, members, "manifest.json")?;
             let first = manifests
                 .into_iter()
                 .next()
                 .ok_or_else(|| bad("manifest.json lists no image"))?;
-            Ok(first
-                .layers
-                .into_iter()
-                .map(|l| l.trim_start_matches("./").to_owned())
-                .collect())
+            Ok(Plan {
+                layers: first
+                    .layers
+                    .into_iter()
+                    .map(|l| l.trim_start_matches("./").to_owned())
+                    .collect(),
+                config: first.config.map(|c| c.trim_start_matches("./").to_owned()),
+            })
         }
         Format::OciLayout => {
             let index: OciIndex = read_json(file, members, "index.json")?;
@@ -308,11 +474,14 @@ fn layer_names(
                         desc = pick(list)?;
                     }
                     _ => {
-                        return manifest
-                            .layers
-                            .iter()
-                            .map(|l| blob_path(&l.digest))
-                            .collect();
+                        return Ok(Plan {
+                            layers: manifest
+                                .layers
+                                .iter()
+                                .map(|l| blob_path(&l.digest))
+                                .collect::<Result<_, _>>()?,
+                            config: manifest.config.map(|c| blob_path(&c.digest)).transpose()?,
+                        });
                     }
                 }
             }
@@ -325,6 +494,8 @@ fn layer_names(
 pub struct Unpacked {
     pub format: Format,
     pub layers: u32,
+    /// The image's configuration (empty for a root filesystem tarball).
+    pub config: ImageConfig,
 }
 
 /// Unpack `upload` into `rootfs`. `scratch` is an empty directory for a decompressed copy of a
@@ -361,6 +532,7 @@ pub fn unpack_upload(
             return Ok(Unpacked {
                 format: Format::Rootfs,
                 layers: 1,
+                config: ImageConfig::default(),
             });
         }
         // An image archive: its layers must be read in manifest order, so keep a plain copy.
@@ -372,12 +544,24 @@ pub fn unpack_upload(
         let mut f = &plain;
         f.seek(SeekFrom::Start(0)).map_err(UnpackError::Read)?;
         unpack::apply_layer(rootfs, BufReader::new(f), budget)?;
-        return Ok(Unpacked { format, layers: 1 });
+        return Ok(Unpacked {
+            format,
+            layers: 1,
+            config: ImageConfig::default(),
+        });
     }
-    let names = layer_names(&plain, &members, format)?;
+    let Plan {
+        layers: names,
+        config,
+    } = plan(&plain, &members, format)?;
     if names.is_empty() {
         return Err(bad("the image has no layers"));
     }
+    // The configuration first: a bad one refuses the image before any layer is unpacked.
+    let config = match config {
+        Some(name) => read_config(&plain, &members, &name)?,
+        None => ImageConfig::default(),
+    };
     for name in &names {
         let mut layer = BufReader::new(member_reader(&plain, &members, name)?);
         let compression = sniff(&mut layer).map_err(UnpackError::Read)?;
@@ -391,6 +575,7 @@ pub fn unpack_upload(
     Ok(Unpacked {
         format,
         layers: names.len() as u32,
+        config,
     })
 }
 
@@ -415,4 +600,97 @@ fn decompress_to_scratch(mut stream: impl Read, scratch: &OwnedFd) -> Result<Fil
     std::io::copy(&mut stream, &mut file).map_err(UnpackError::Read)?;
     file.seek(SeekFrom::Start(0)).map_err(UnpackError::Read)?;
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symbolic_links_resolve_inside_the_archive() {
+        let cases = [
+            ("abc/layer.tar", "../def/layer.tar", Some("def/layer.tar")),
+            ("abc/layer.tar", "../0123.tar", Some("0123.tar")),
+            ("abc/layer.tar", "./x/../layer2.tar", Some("abc/layer2.tar")),
+            ("abc/layer.tar", "../../etc/passwd", None),
+            ("abc/layer.tar", "/etc/passwd", None),
+            ("top.tar", "..", None),
+        ];
+        for (link, target, want) in cases {
+            assert_eq!(
+                link_target(link, target).as_deref(),
+                want,
+                "{link} -> {target}"
+            );
+        }
+    }
+
+    #[test]
+    fn members_follow_links_a_few_hops_and_no_further() {
+        let mut m = Members::default();
+        m.files.insert(
+            "0123.tar".into(),
+            Member {
+                offset: 512,
+                size: 7,
+            },
+        );
+        m.links.insert("a/layer.tar".into(), "0123.tar".into());
+        m.links.insert("b/layer.tar".into(), "a/layer.tar".into());
+        m.links.insert("loop1".into(), "loop2".into());
+        m.links.insert("loop2".into(), "loop1".into());
+        assert_eq!(m.get("b/layer.tar").map(|m| m.offset), Some(512));
+        assert!(m.contains("a/layer.tar"));
+        assert!(m.get("loop1").is_none());
+        assert!(m.get("missing").is_none());
+    }
+
+    fn raw(v: serde_json::Value) -> RawConfig {
+        let file: ImageConfigFile =
+            serde_json::from_value(serde_json::json!({ "config": v })).expect("a config document");
+        file.config.expect("a config")
+    }
+
+    #[test]
+    fn image_configs_are_checked() {
+        let ok = image_config(raw(serde_json::json!({
+            "Env": ["PATH=/usr/bin:/bin", "EMPTY=", "BARE"],
+            "Entrypoint": ["/bin/app"],
+            "Cmd": ["--serve"],
+            "WorkingDir": "/srv",
+            "User": "app:staff",
+            "ExposedPorts": {"80/tcp": {}},
+        })))
+        .expect("a valid config");
+        assert_eq!(
+            ok,
+            ImageConfig {
+                env: vec!["PATH=/usr/bin:/bin".into(), "EMPTY=".into(), "BARE=".into()],
+                entrypoint: Some(vec!["/bin/app".into()]),
+                cmd: Some(vec!["--serve".into()]),
+                working_dir: Some("/srv".into()),
+                user: Some("app:staff".into()),
+            }
+        );
+        // Empty and null mean "not set".
+        let empty = image_config(raw(serde_json::json!({
+            "Env": null, "Entrypoint": null, "Cmd": [], "WorkingDir": "", "User": ""
+        })))
+        .expect("an empty config");
+        assert_eq!(empty, ImageConfig::default());
+        for (bad, why) in [
+            (serde_json::json!({"Env": ["1X=y"]}), "Env"),
+            (serde_json::json!({"Env": ["A=b\u{0}c"]}), "NUL"),
+            (serde_json::json!({"WorkingDir": "srv"}), "WorkingDir"),
+            (serde_json::json!({"WorkingDir": "/a/../b"}), "WorkingDir"),
+            (serde_json::json!({"User": "a b"}), "User"),
+            (serde_json::json!({"User": "70000"}), "User"),
+            (serde_json::json!({"Cmd": ["x".repeat(40_000)]}), "larger"),
+        ] {
+            let e = image_config(raw(bad.clone()))
+                .expect_err("refused")
+                .to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
 }

@@ -18,6 +18,7 @@
 //! sees the image's owners (root is its root) while the files on disk keep the image range's.
 
 pub mod archive;
+pub mod passwd;
 pub mod unpack;
 
 use std::ffi::CString;
@@ -563,6 +564,7 @@ fn unpacker(
                         layers: done.layers,
                         skipped: budget.skipped,
                         unpacked: true,
+                        config: done.config,
                     })
                 }
                 Err(e) => Err(ImageError::Unpack(e)),

@@ -45,6 +45,7 @@ pub fn run(spawn: &ValidSpawn, filters: &Filters, mut status: File, stdio: Stdio
         argv: &spawn.command,
         env: &spawn.env,
         cwd: &spawn.cwd,
+        user: spawn.run_as.as_ref(),
     };
     let command = child::start_command(&command, stdio, &|| filters.apply(), &mut status);
     loop {
