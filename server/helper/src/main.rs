@@ -155,6 +155,7 @@ fn run() -> Result<Never, String> {
         layout,
         cgroup::parent_name(&config.state_dir),
         config.mode == sandboxd_protocol::wire::Mode::Privileged,
+        &std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default(),
     );
     if config.no_cgroups {
         cgroups.unavailable = Some("cgroups are disabled (--no-cgroups)".into());

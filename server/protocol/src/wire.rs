@@ -264,6 +264,10 @@ pub struct HelperInfo {
     /// The subnet bridged sandboxes get their addresses from (`10.88.0.0/16`), when bridged.
     #[serde(default)]
     pub network_subnet: Option<String>,
+    /// Why the cgroup limits missing from `enforceable_limits` cannot be enforced, with the fix
+    /// (a rootless helper without a delegated cgroup, a controller not available).
+    #[serde(default)]
+    pub limits_note: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,6 +9,7 @@
 mod api;
 mod auth;
 mod browser;
+mod cgroup_v2;
 mod cli;
 mod cli_habits;
 mod exec;
@@ -21,6 +22,7 @@ mod limits;
 mod logs;
 mod network;
 mod process_model;
+mod rootless;
 mod seccomp;
 mod smoke;
 mod transport;

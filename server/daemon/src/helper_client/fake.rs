@@ -187,6 +187,7 @@ impl FakeHelper {
                 },
                 network_subnet: (self.mode == Mode::Privileged)
                     .then(|| sandboxd_protocol::net::DEFAULT_SUBNET.into()),
+                limits_note: None,
             }),
             Request::Spawn(req) => {
                 if self.spawn == FakeSpawn::Fail {
