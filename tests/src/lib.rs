@@ -277,6 +277,11 @@ impl Daemon {
         Self::start_inner(mode, "127.0.0.1:0", extra_args, Some(cgroup))
     }
 
+    /// The first host uid of this daemon's ranges (`--uid-base`).
+    pub fn uid_base(&self) -> u32 {
+        self.uid_base
+    }
+
     /// Start the daemon in another cgroup from the next [`Daemon::restart`] on (as systemd's
     /// `DelegateSubgroup=` starts a delegated unit in a subgroup of its cgroup).
     pub fn set_cgroup(&mut self, cgroup: &Path) {

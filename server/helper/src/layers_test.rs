@@ -22,6 +22,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("fds", &[SYS]),
     ("fdfs", &[SYS]),
     ("disk", &[SYS]),
+    // Host-wide reservation of a privileged helper's uid ranges.
+    ("uidrange", &["fdfs"]),
     // Requests parsed into valid types.
     ("validate", &["config", "disk"]),
     // The sandboxes directory's layout, on the fd filesystem.

@@ -26,3 +26,4 @@ mod rootless;
 mod seccomp;
 mod smoke;
 mod transport;
+mod uid_ranges;
