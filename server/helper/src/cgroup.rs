@@ -381,6 +381,14 @@ impl Cgroups {
         out
     }
 
+    /// The directory the daemon's parent cgroup is in, on v2 (the root, or a delegated subtree).
+    pub fn v2_base(&self) -> Option<&Path> {
+        match &self.layout {
+            Layout::V2 { base, .. } => Some(base),
+            _ => None,
+        }
+    }
+
     pub fn is_v2(&self) -> bool {
         matches!(self.layout, Layout::V2 { .. })
     }

@@ -35,6 +35,7 @@ pub fn detect(config: &Config, limits: &Cgroups) -> HelperInfo {
         network_modes: Vec::new(),
         network_subnet: None,
         limits_note: limits.why_unenforceable(),
+        preflight: crate::preflight::checks(config.mode, &crate::preflight::Host::read(), limits),
     }
 }
 

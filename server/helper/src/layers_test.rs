@@ -66,7 +66,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "output", "process", "net", "image", "sandbox", "exec",
         ],
     ),
-    ("info", &[SYS, "config", "cgroup", "disk"]),
+    ("preflight", &["cgroup"]),
+    ("info", &[SYS, "config", "cgroup", "disk", "preflight"]),
     // Prepare and spawn: the directory, image, cgroup, network and monitor of a new sandbox.
     (
         "spawn",

@@ -26,7 +26,7 @@
 //! 3. `validate` (requests into valid types), then `dirs` (the sandboxes directory's layout);
 //! 4. process plumbing: `child`, `output`;
 //! 5. per-sandbox work: `net`, `image`, `sandbox` (init and its root), `files`, `exec`;
-//! 6. `monitor`, the top of per-sandbox code; `info`; `spawn` (a new sandbox's directory,
+//! 6. `monitor`, the top of per-sandbox code; `preflight` and `info`; `spawn` (a new sandbox's directory,
 //!    image, cgroup, network and monitor, rolled back by a guard);
 //! 7. `server`, which dispatches requests and hands each worker only what it needs; `main`.
 
@@ -47,6 +47,7 @@ mod layers_test;
 mod monitor;
 mod net;
 mod output;
+mod preflight;
 mod process;
 mod sandbox;
 mod server;
