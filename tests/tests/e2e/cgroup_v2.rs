@@ -215,6 +215,17 @@ fn rootless_in_a_delegated_subtree_enforces_limits() {
         format!("0::/{}/sandboxd-daemon", rel.display()),
         "the daemon moved into the leaf"
     );
+    // sbx doctor agrees: the limits hold, below the delegated subtree.
+    let doctor = d.sbx(&["doctor"]);
+    let text = String::from_utf8_lossy(&doctor.stdout).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.contains(" cgroup_limits "))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.starts_with("ok ") && line.contains(&delegated.dir.display().to_string()),
+        "{text}"
+    );
     // Restarted in the leaf (the subtree's root has controllers enabled, so no process may
     // enter it again), as systemd's DelegateSubgroup= restarts a unit.
     d.set_cgroup(&delegated.dir.join("sandboxd-daemon"));
