@@ -189,6 +189,25 @@ fn delegate(mount: &Path, own_cgroup: &str) -> Result<PathBuf, String> {
             nix::unistd::geteuid()
         ));
     }
+    // Only the daemon and the helper may be there: a cgroup that holds other processes (a
+    // terminal's scope of the user's systemd, say) is not the daemon's to take over.
+    let procs_file = root.join("cgroup.procs");
+    let procs = fs::read_to_string(&procs_file)
+        .map_err(|e| format!("reading {}: {e}", procs_file.display()))?;
+    let ours = [
+        nix::unistd::getpid().to_string(),
+        nix::unistd::getppid().to_string(),
+    ];
+    if let Some(other) = procs
+        .split_whitespace()
+        .find(|p| !ours.iter().any(|o| o == p))
+    {
+        return Err(format!(
+            "the helper's cgroup {} also holds other processes (pid {other}), so it is not \
+             delegated to sandboxd alone; rootless limits need {DELEGATION_FIX}",
+            root.display()
+        ));
+    }
     let leaf = root.join(DELEGATED_LEAF);
     mkdir(&leaf).map_err(|e| e.to_string())?;
     // Processes may fork while they are moved: a few rounds until the root is empty.
@@ -875,6 +894,12 @@ mod tests {
                 delegated.join("p").join(id.to_string())
             );
         }
+        // A subtree that holds another process is not taken over.
+        fs::write(delegated.join("cgroup.procs"), "1\n").unwrap();
+        let cg = Cgroups::setup(layout, "p".into(), false, "0::/user.slice/u/app\n");
+        assert!(cg.enforceable().is_empty());
+        let why = cg.unavailable.unwrap();
+        assert!(why.contains("other processes (pid 1)"), "{why}");
         fs::remove_dir_all(&root).unwrap();
     }
 
