@@ -34,4 +34,10 @@ set -e
 # One closing line for the whole run (cargo prints one per test binary, the last often 0 doc tests).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"
-exit "$status"
+# This host boots cgroup v1 hybrid; most users run pure v2: the cgroup, limits and rootless
+# tests again in a VM booted with cgroup_no_v1=all (about 2 to 3 minutes).
+echo "== pure cgroup v2 in a VM (tests/vm/cgroup-v2.sh)"
+vm_status=0
+./tests/vm/cgroup-v2.sh || vm_status=$?
+[ "$status" = 0 ] || exit "$status"
+exit "$vm_status"

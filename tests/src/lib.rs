@@ -127,9 +127,15 @@ fn remove_stale_binary_dirs() {
 
 /// Build the binaries once, then copy them to a world-readable directory so an unprivileged
 /// daemon can execute them wherever the checkout lives (CI clones under /root, which is 0700).
+///
+/// `SANDBOXD_E2E_BINARIES=DIR` names a directory that holds them already (the cgroup v2 VM job,
+/// where cargo cannot write the target directory): nothing is built or copied then.
 pub fn binaries() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("SANDBOXD_E2E_BINARIES") {
+            return PathBuf::from(dir);
+        }
         let profile_dir = target_dir();
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
@@ -224,6 +230,8 @@ pub struct Daemon {
     pub uid: u32,
     uid_base: u32,
     extra_args: Vec<String>,
+    /// A cgroup (v2) the daemon is started in, as systemd starts a unit in its own cgroup.
+    cgroup: Option<PathBuf>,
     child: Option<Child>,
     log: Arc<Mutex<String>>,
     http: reqwest::blocking::Client,
@@ -251,6 +259,10 @@ impl Daemon {
 
     /// Start a daemon listening on `listen` with extra command-line arguments.
     pub fn start_on(mode: Mode, listen: &str, extra_args: &[&str]) -> Daemon {
+        Self::start_inner(mode, listen, extra_args, None)
+    }
+
+    fn start_inner(mode: Mode, listen: &str, extra_args: &[&str], cgroup: Option<&Path>) -> Daemon {
         let state_dir =
             std::env::temp_dir().join(format!("sandboxd-e2e-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&state_dir).expect("create the state dir");
@@ -270,6 +282,7 @@ impl Daemon {
             uid,
             uid_base: next_uid_base(),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            cgroup: cgroup.map(Path::to_path_buf),
             child: None,
             log: Arc::new(Mutex::new(String::new())),
             http: http_client(),
@@ -279,9 +292,47 @@ impl Daemon {
         daemon
     }
 
+    /// Start a daemon inside the v2 cgroup `cgroup` (its process is moved there before it
+    /// executes, as systemd starts a unit in its cgroup), with extra arguments.
+    pub fn start_in_cgroup(mode: Mode, cgroup: &Path, extra_args: &[&str]) -> Daemon {
+        Self::start_inner(mode, "127.0.0.1:0", extra_args, Some(cgroup))
+    }
+
+    /// The first host uid of this daemon's ranges (`--uid-base`).
+    pub fn uid_base(&self) -> u32 {
+        self.uid_base
+    }
+
+    /// Start the daemon in another cgroup from the next [`Daemon::restart`] on (as systemd's
+    /// `DelegateSubgroup=` starts a delegated unit in a subgroup of its cgroup).
+    pub fn set_cgroup(&mut self, cgroup: &Path) {
+        self.cgroup = Some(cgroup.to_path_buf());
+    }
+
     /// Start (or restart) the daemon process on `listen`.
     fn spawn(&mut self, listen: &str) {
-        let mut cmd = Command::new(binaries().join("sandboxd"));
+        // In a cgroup: a shell moves itself there (as root: the write goes through the common
+        // ancestor, the root cgroup), then becomes the daemon, through setpriv when rootless.
+        let mut cmd = match &self.cgroup {
+            None => Command::new(binaries().join("sandboxd")),
+            Some(cgroup) => {
+                let mut sh = Command::new("/bin/sh");
+                sh.args(["-c", "echo $$ > \"$0\" && exec \"$@\""])
+                    .arg(cgroup.join("cgroup.procs"));
+                if self.mode == Mode::Rootless {
+                    let (uid, gid) = ensure_user(ROOTLESS_USER);
+                    sh.args([
+                        "setpriv",
+                        &format!("--reuid={uid}"),
+                        &format!("--regid={gid}"),
+                        "--clear-groups",
+                        "--",
+                    ]);
+                }
+                sh.arg(binaries().join("sandboxd"));
+                sh
+            }
+        };
         cmd.args(["--listen", listen, "--state-dir"])
             .arg(&self.state_dir)
             .args(["--uid-base", &self.uid_base.to_string(), "--uid-slots", "8"])
@@ -298,8 +349,11 @@ impl Daemon {
                 cmd.args(["--user", DAEMON_USER]);
             }
             Mode::Rootless => {
-                let (uid, gid) = ensure_user(ROOTLESS_USER);
-                cmd.uid(uid).gid(gid).env("HOME", "/nonexistent");
+                cmd.env("HOME", "/nonexistent");
+                if self.cgroup.is_none() {
+                    let (uid, gid) = ensure_user(ROOTLESS_USER);
+                    cmd.uid(uid).gid(gid);
+                }
             }
         }
         let mut child = cmd.spawn().expect("start sandboxd");

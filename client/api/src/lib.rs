@@ -469,6 +469,23 @@ pub struct Info {
     /// Resource limits this host enforces (`memory`, `cpus`, `pids`); others are answered 422.
     #[serde(default)]
     pub limits: Vec<String>,
+    /// What the host provides for this mode, each missing piece with its fix (`sbx doctor`).
+    #[serde(default)]
+    pub preflight: Vec<PreflightCheck>,
+}
+
+/// One thing the daemon's mode needs from the host (`GET /v1/info` `preflight`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreflightCheck {
+    /// A stable name: `user_namespaces`, `apparmor_userns`, `overlayfs_userns`,
+    /// `cgroup_limits`, `uid_isolation`, `subordinate_ids`, `newuidmap`, `pasta`.
+    pub name: String,
+    pub ok: bool,
+    /// What was found.
+    pub detail: String,
+    /// What to do about it, when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -165,8 +165,9 @@ impl LimitPolicy {
 pub struct HostLimits {
     pub enforceable: Vec<String>,
     pub cgroup_version: String,
-    /// Rootless helpers manage no cgroups at all.
     pub rootless: bool,
+    /// The helper's reason for the cgroup limits it cannot enforce, with the fix.
+    pub note: Option<String>,
 }
 
 impl HostLimits {
@@ -175,6 +176,7 @@ impl HostLimits {
             enforceable: info.enforceable_limits.clone(),
             cgroup_version: info.cgroup_version.clone(),
             rootless: info.mode == sandboxd_protocol::wire::Mode::Rootless,
+            note: info.limits_note.clone(),
         }
     }
 
@@ -184,8 +186,15 @@ impl HostLimits {
 
     fn why_not(&self, limit: &str) -> String {
         let controller = if limit == CPUS { "cpu" } else { limit };
+        if let Some(note) = &self.note {
+            return note.clone();
+        }
         if self.rootless {
-            return "a rootless daemon has no delegated cgroup to manage".to_owned();
+            return format!(
+                "a rootless daemon has no delegated cgroup to manage; start sandboxd under \
+                 `systemd-run --user --scope -p Delegate=yes sandboxd ...` or as the user unit \
+                 deploy/sandboxd-user.service (Delegate=yes) to enforce {controller} limits"
+            );
         }
         match self.cgroup_version.as_str() {
             "none" | "" => "no cgroup hierarchy is available to sandboxd".to_owned(),
@@ -380,6 +389,7 @@ mod tests {
             enforceable: enforceable.iter().map(|s| s.to_string()).collect(),
             cgroup_version: "v1".into(),
             rootless: false,
+            note: None,
         }
     }
 

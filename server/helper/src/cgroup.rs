@@ -142,6 +142,95 @@ pub struct Cgroups {
     parent: String,
     /// Why nothing is enforceable, when that is the case.
     pub unavailable: Option<String>,
+    /// Why some limits are not enforceable (a controller missing), when that is the case.
+    note: Option<String>,
+}
+
+/// The v2 controllers the helper enables for sandboxes.
+const WANTED_V2: [&str; 3] = ["memory", "pids", "cpu"];
+
+/// The leaf a rootless helper moves the processes of its delegated cgroup into: a cgroup with
+/// processes cannot enable controllers for its children (the "no internal processes" rule).
+pub const DELEGATED_LEAF: &str = "sandboxd-daemon";
+
+/// How a user gives a rootless daemon a cgroup subtree of its own.
+pub const DELEGATION_FIX: &str = "a delegated cgroup: start sandboxd under `systemd-run --user \
+    --scope -p Delegate=yes sandboxd ...` or as the user unit deploy/sandboxd-user.service \
+    (Delegate=yes)";
+
+/// The helper's cgroup in the unified hierarchy: the `0::/path` line of `/proc/self/cgroup`.
+pub fn own_v2_path(proc_self_cgroup: &str) -> Option<&str> {
+    proc_self_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::trim)
+}
+
+/// Take over the v2 subtree the rootless helper runs in, when it is delegated to it: move every
+/// process of it into [`DELEGATED_LEAF`] (the daemon and the helper), so that the subtree's root
+/// may enable controllers for the sandboxes' cgroups. Returns the subtree's root. A helper that
+/// restarts finds itself in the leaf already, and manages the leaf's parent again.
+fn delegate(mount: &Path, own_cgroup: &str) -> Result<PathBuf, String> {
+    let own = own_v2_path(own_cgroup).ok_or_else(|| {
+        format!("the helper's cgroup is not in the unified hierarchy; rootless limits need {DELEGATION_FIX}")
+    })?;
+    let mut root = mount.join(own.trim_start_matches('/'));
+    if root.file_name().is_some_and(|n| n == DELEGATED_LEAF) {
+        root.pop();
+    }
+    let writable = |p: &Path| nix::unistd::access(p, nix::unistd::AccessFlags::W_OK).is_ok();
+    if !(writable(&root)
+        && writable(&root.join("cgroup.procs"))
+        && writable(&root.join("cgroup.subtree_control")))
+    {
+        return Err(format!(
+            "the helper's cgroup {} is not delegated to uid {}; rootless limits need {DELEGATION_FIX}",
+            root.display(),
+            nix::unistd::geteuid()
+        ));
+    }
+    // Only the daemon and the helper may be there: a cgroup that holds other processes (a
+    // terminal's scope of the user's systemd, say) is not the daemon's to take over.
+    let procs_file = root.join("cgroup.procs");
+    let procs = fs::read_to_string(&procs_file)
+        .map_err(|e| format!("reading {}: {e}", procs_file.display()))?;
+    let ours = [
+        nix::unistd::getpid().to_string(),
+        nix::unistd::getppid().to_string(),
+    ];
+    if let Some(other) = procs
+        .split_whitespace()
+        .find(|p| !ours.iter().any(|o| o == p))
+    {
+        return Err(format!(
+            "the helper's cgroup {} also holds other processes (pid {other}), so it is not \
+             delegated to sandboxd alone; rootless limits need {DELEGATION_FIX}",
+            root.display()
+        ));
+    }
+    let leaf = root.join(DELEGATED_LEAF);
+    mkdir(&leaf).map_err(|e| e.to_string())?;
+    // Processes may fork while they are moved: a few rounds until the root is empty.
+    for _ in 0..20 {
+        let procs = fs::read_to_string(root.join("cgroup.procs"))
+            .map_err(|e| format!("reading {}: {e}", root.join("cgroup.procs").display()))?;
+        if procs.trim().is_empty() {
+            return Ok(root);
+        }
+        for pid in procs.split_whitespace() {
+            match write(&leaf.join("cgroup.procs"), pid) {
+                Ok(()) => {}
+                // Gone in between.
+                Err(CgroupError::Write { source, .. })
+                    if source.raw_os_error() == Some(nix::libc::ESRCH) => {}
+                Err(e) => return Err(format!("moving pid {pid} into {}: {e}", leaf.display())),
+            }
+        }
+    }
+    Err(format!(
+        "processes keep appearing in {}; cannot empty it to enable controllers",
+        root.display()
+    ))
 }
 
 fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
@@ -180,17 +269,40 @@ fn mkdir(path: &Path) -> Result<(), CgroupError> {
 
 impl Cgroups {
     /// Set up the parent cgroups. Never fails: what cannot be set up is reported as not
-    /// enforceable, and the daemon answers 422 for those limits.
-    pub fn setup(layout: Layout, parent: String, privileged: bool) -> Cgroups {
+    /// enforceable, and the daemon answers 422 for those limits. `own_cgroup` is the helper's
+    /// `/proc/self/cgroup`: a rootless helper manages the v2 subtree it was started in, when that
+    /// subtree is delegated to it.
+    pub fn setup(layout: Layout, parent: String, privileged: bool, own_cgroup: &str) -> Cgroups {
         let mut cgroups = Cgroups {
             layout,
             parent,
             unavailable: None,
+            note: None,
         };
         if !privileged {
-            cgroups.unavailable = Some("rootless mode has no delegated cgroup to manage".into());
-            cgroups.layout = Layout::None;
-            return cgroups;
+            let delegated = match &cgroups.layout {
+                Layout::V2 { base, .. } => delegate(base, own_cgroup),
+                Layout::V1 { .. } => Err(format!(
+                    "this host mounts cgroup v1 (or hybrid) hierarchies, which cannot be \
+                     delegated to an unprivileged user; rootless limits need the unified \
+                     hierarchy (cgroup v2, boot with systemd.unified_cgroup_hierarchy=1) and \
+                     {DELEGATION_FIX}"
+                )),
+                Layout::None => Err("no cgroup hierarchy is mounted".to_string()),
+            };
+            match delegated {
+                Ok(root) => {
+                    cgroups.layout = Layout::V2 {
+                        base: root,
+                        controllers: Vec::new(),
+                    }
+                }
+                Err(why) => {
+                    cgroups.unavailable = Some(why);
+                    cgroups.layout = Layout::None;
+                    return cgroups;
+                }
+            }
         }
         let result = match &mut cgroups.layout {
             Layout::None => Err("no cgroup hierarchy is mounted".to_string()),
@@ -203,11 +315,32 @@ impl Cgroups {
             Layout::V2 { base, controllers } => {
                 let available =
                     fs::read_to_string(base.join("cgroup.controllers")).unwrap_or_default();
-                let wanted: Vec<String> = ["memory", "pids", "cpu"]
+                let wanted: Vec<String> = WANTED_V2
                     .into_iter()
                     .filter(|c| available.split_whitespace().any(|a| a == *c))
                     .map(str::to_owned)
                     .collect();
+                let missing: Vec<&str> = WANTED_V2
+                    .into_iter()
+                    .filter(|c| !wanted.iter().any(|w| w == c))
+                    .collect();
+                if !missing.is_empty() {
+                    cgroups.note = Some(if privileged {
+                        format!(
+                            "the {} controller(s) are not available in {} (see deploy/cgroups.md)",
+                            missing.join(", "),
+                            base.display()
+                        )
+                    } else {
+                        format!(
+                            "the {} controller(s) are not delegated to {} (systemd delegates \
+                             memory, cpu and pids with Delegate=yes; a delegating parent enables \
+                             them in its cgroup.subtree_control)",
+                            missing.join(", "),
+                            base.display()
+                        )
+                    });
+                }
                 let parent = base.join(&cgroups.parent);
                 let enable = wanted
                     .iter()
@@ -231,6 +364,11 @@ impl Cgroups {
             cgroups.layout = Layout::None;
         }
         cgroups
+    }
+
+    /// Why the limits this host does not enforce are missing, with the fix, if any is missing.
+    pub fn why_unenforceable(&self) -> Option<String> {
+        self.unavailable.clone().or_else(|| self.note.clone())
     }
 
     /// Limits this host enforces, as the API names them.
@@ -260,6 +398,14 @@ impl Cgroups {
             Layout::None => {}
         }
         out
+    }
+
+    /// The directory the daemon's parent cgroup is in, on v2 (the root, or a delegated subtree).
+    pub fn v2_base(&self) -> Option<&Path> {
+        match &self.layout {
+            Layout::V2 { base, .. } => Some(base),
+            _ => None,
+        }
     }
 
     pub fn is_v2(&self) -> bool {
@@ -596,7 +742,7 @@ mod tests {
             base: root.clone(),
             controllers: Vec::new(),
         };
-        let cgroups = Cgroups::setup(layout, "sandboxd.test".into(), true);
+        let cgroups = Cgroups::setup(layout, "sandboxd.test".into(), true, "0::/\n");
         (root, cgroups)
     }
 
@@ -685,6 +831,7 @@ mod tests {
             layout,
             parent: "p".into(),
             unavailable: None,
+            note: None,
         };
         // cpu and cpuacct co-mounted: one directory, not two.
         assert_eq!(cg.v1_dirs(None).len(), 3);
@@ -695,9 +842,74 @@ mod tests {
 
     #[test]
     fn rootless_enforces_nothing_and_says_why() {
-        let cg = Cgroups::setup(Layout::from_mountinfo(""), "p".into(), false);
+        let cg = Cgroups::setup(Layout::from_mountinfo(""), "p".into(), false, "0::/\n");
         assert!(cg.enforceable().is_empty());
         assert!(cg.unavailable.is_some());
+        let v1 = "30 25 0:26 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
+        let cg = Cgroups::setup(Layout::from_mountinfo(v1), "p".into(), false, "0::/\n");
+        assert!(cg.enforceable().is_empty());
+        let why = cg.why_unenforceable().unwrap();
+        assert!(
+            why.contains("cgroup v2") && why.contains("Delegate=yes"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn rootless_takes_over_its_delegated_subtree_and_its_leaf_after_a_restart() {
+        // A fake delegated subtree `user.slice/u/app` (the process list is empty: a fake cgroupfs
+        // moves nothing).
+        let (root, _) = fake_v2("memory pids");
+        let delegated = root.join("user.slice/u/app");
+        fs::create_dir_all(delegated.join(DELEGATED_LEAF)).unwrap();
+        for f in ["cgroup.procs", "cgroup.subtree_control"] {
+            fs::write(delegated.join(f), "").unwrap();
+        }
+        fs::write(delegated.join("cgroup.controllers"), "memory pids\n").unwrap();
+        fs::create_dir(delegated.join("p")).unwrap();
+        fs::write(delegated.join("p/cgroup.subtree_control"), "").unwrap();
+        let layout = Layout::V2 {
+            base: root.clone(),
+            controllers: Vec::new(),
+        };
+        for own in [
+            "0::/user.slice/u/app\n",
+            "0::/user.slice/u/app/sandboxd-daemon\n",
+        ] {
+            let cg = Cgroups::setup(layout.clone(), "p".into(), false, own);
+            assert_eq!(cg.unavailable, None, "{own}");
+            assert_eq!(cg.enforceable(), vec!["memory", "pids"]);
+            let why = cg.why_unenforceable().unwrap();
+            assert!(
+                why.contains("cpu") && why.contains("not delegated"),
+                "{why}"
+            );
+            assert_eq!(
+                fs::read_to_string(delegated.join("cgroup.subtree_control")).unwrap(),
+                "+memory +pids"
+            );
+            let id = Uuid::new_v4();
+            assert_eq!(
+                cg.v2_dir(id).unwrap(),
+                delegated.join("p").join(id.to_string())
+            );
+        }
+        // A subtree that holds another process is not taken over.
+        fs::write(delegated.join("cgroup.procs"), "1\n").unwrap();
+        let cg = Cgroups::setup(layout, "p".into(), false, "0::/user.slice/u/app\n");
+        assert!(cg.enforceable().is_empty());
+        let why = cg.unavailable.unwrap();
+        assert!(why.contains("other processes (pid 1)"), "{why}");
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn own_cgroup_is_read_from_proc_self_cgroup() {
+        assert_eq!(
+            own_v2_path("12:pids:/x\n0::/user.slice/a.service\n"),
+            Some("/user.slice/a.service")
+        );
+        assert_eq!(own_v2_path("12:pids:/x\n"), None);
     }
 
     #[test]

@@ -161,10 +161,18 @@ impl Config {
         Ok(config)
     }
 
-    fn check_ranges(&self) -> Result<(), ConfigError> {
+    /// Every host id a privileged helper maps: the sandboxes' ranges, then one more, the image
+    /// range (see `image_base`), as `first..end`.
+    pub fn id_range(&self) -> (u64, u64) {
         let base = u64::from(self.uid_base);
-        // The sandboxes' ranges, then one more: the image range (see `image_base`).
-        let end = base + (u64::from(self.uid_slots) + 1) * u64::from(UID_RANGE_SIZE);
+        (
+            base,
+            base + (u64::from(self.uid_slots) + 1) * u64::from(UID_RANGE_SIZE),
+        )
+    }
+
+    fn check_ranges(&self) -> Result<(), ConfigError> {
+        let (base, end) = self.id_range();
         if end > u64::from(u32::MAX - 1) {
             return Err(ConfigError::TooLarge(end));
         }

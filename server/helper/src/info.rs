@@ -39,6 +39,8 @@ pub fn detect(config: &Config, limits: &Cgroups) -> HelperInfo {
             reason: Some("this helper does not build an egress filter yet".to_owned()),
             ..Default::default()
         },
+        limits_note: limits.why_unenforceable(),
+        preflight: crate::preflight::checks(config.mode, &crate::preflight::Host::read(), limits),
     }
 }
 

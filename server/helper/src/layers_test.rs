@@ -22,6 +22,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("fds", &[SYS]),
     ("fdfs", &[SYS]),
     ("disk", &[SYS]),
+    // Host-wide reservation of a privileged helper's uid ranges.
+    ("uidrange", &["fdfs"]),
     // Requests parsed into valid types.
     ("validate", &["config", "disk"]),
     // The sandboxes directory's layout, on the fd filesystem.
@@ -64,7 +66,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "output", "process", "net", "image", "sandbox", "exec",
         ],
     ),
-    ("info", &[SYS, "config", "cgroup", "disk"]),
+    ("preflight", &["cgroup"]),
+    ("info", &[SYS, "config", "cgroup", "disk", "preflight"]),
     // Prepare and spawn: the directory, image, cgroup, network and monitor of a new sandbox.
     (
         "spawn",

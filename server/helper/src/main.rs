@@ -22,11 +22,12 @@
 //! holds the table and fails on any other `crate::` edge; ARCHITECTURE.md draws it):
 //!
 //! 1. leaves: `sys` (the only `unsafe`), `config`, `error`, `cgroup`;
-//! 2. descriptors and file work by descriptor: `fds`, `fdfs`, `disk`;
+//! 2. descriptors and file work by descriptor: `fds`, `fdfs`, `disk`; `uidrange` (host-wide
+//!    reservation of the uid ranges);
 //! 3. `validate` (requests into valid types), then `dirs` (the sandboxes directory's layout);
 //! 4. process plumbing: `child`, `output`;
 //! 5. per-sandbox work: `net`, `image`, `sandbox` (init and its root), `files`, `exec`;
-//! 6. `monitor`, the top of per-sandbox code; `info`; `spawn` (a new sandbox's directory,
+//! 6. `monitor`, the top of per-sandbox code; `preflight` and `info`; `spawn` (a new sandbox's directory,
 //!    image, cgroup, network and monitor, rolled back by a guard);
 //! 7. `server`, which dispatches requests and hands each worker only what it needs; `main`.
 
@@ -47,11 +48,13 @@ mod layers_test;
 mod monitor;
 mod net;
 mod output;
+mod preflight;
 mod process;
 mod sandbox;
 mod server;
 mod spawn;
 mod sys;
+mod uidrange;
 mod validate;
 
 use std::io::Write;
@@ -113,6 +116,36 @@ fn run() -> Result<Never, String> {
     // 3. Configuration.
     let euid = nix::unistd::geteuid().as_raw();
     let config = Config::parse(args.into_iter(), euid).map_err(|e| e.to_string())?;
+    // Privileged: the uid ranges, reserved host-wide for the helper's life.
+    let _uid_reservation = match config.mode {
+        sandboxd_protocol::wire::Mode::Privileged => {
+            let (first, end) = config.id_range();
+            let read = |f| std::fs::read_to_string(f).unwrap_or_default();
+            let (passwd, group) = (read("/etc/passwd"), read("/etc/group"));
+            let (subuid, subgid) = (read("/etc/subuid"), read("/etc/subgid"));
+            uidrange::check_free(
+                first,
+                end,
+                &[
+                    ("/etc/passwd", &passwd),
+                    ("/etc/group", &group),
+                    ("/etc/subuid", &subuid),
+                    ("/etc/subgid", &subgid),
+                ],
+            )
+            .map_err(|e| e.to_string())?;
+            Some(
+                uidrange::reserve(
+                    std::path::Path::new(uidrange::RESERVATIONS),
+                    first,
+                    end,
+                    &config.state_dir,
+                )
+                .map_err(|e| error::error_chain(&e))?,
+            )
+        }
+        sandboxd_protocol::wire::Mode::Rootless => None,
+    };
 
     // 4. Directories and the socket, both reached through a descriptor of the state directory.
     let state = sys::open(
@@ -156,6 +189,7 @@ fn run() -> Result<Never, String> {
         layout,
         cgroup::parent_name(&config.state_dir),
         config.mode == sandboxd_protocol::wire::Mode::Privileged,
+        &std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default(),
     );
     if config.no_cgroups {
         cgroups.unavailable = Some("cgroups are disabled (--no-cgroups)".into());

@@ -295,6 +295,27 @@ pub struct HelperInfo {
     /// Whether bridged sandboxes can be given egress, or why not.
     #[serde(default)]
     pub egress: crate::egress::EgressStatus,
+    /// Why the cgroup limits missing from `enforceable_limits` cannot be enforced, with the fix
+    /// (a rootless helper without a delegated cgroup, a controller not available).
+    #[serde(default)]
+    pub limits_note: Option<String>,
+    /// What the host provides for this mode, each missing piece with its fix.
+    #[serde(default)]
+    pub preflight: Vec<PreflightCheck>,
+}
+
+/// One thing a mode needs from the host, as the helper finds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreflightCheck {
+    /// A stable name: `user_namespaces`, `apparmor_userns`, `overlayfs_userns`,
+    /// `cgroup_limits`, `uid_isolation`, `subordinate_ids`, `newuidmap`, `pasta`.
+    pub name: String,
+    pub ok: bool,
+    /// What was found.
+    pub detail: String,
+    /// What to do about it, when `ok` is false.
+    #[serde(default)]
+    pub fix: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

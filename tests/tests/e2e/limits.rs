@@ -1,5 +1,5 @@
 //! Resource limits, accounting and lifetimes, end to end on this host's real cgroups (v1 hybrid
-//! here; the v2 code is tested against a fake cgroupfs in the helper's unit tests).
+//! here; pure v2 in the VM job, tests/vm/cgroup-v2.sh, which also runs `cgroup_v2.rs`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -10,9 +10,19 @@ use serde_json::{json, Value};
 
 use sandboxd_tests::cgroup_parent_name as parent_name;
 
-/// Every cgroup directory of a sandbox on this (v1) host.
+/// The hierarchies the helper uses on this host: the v1 controllers' mounts, or the unified
+/// hierarchy's root alone on a pure v2 host.
+fn hierarchies() -> &'static [&'static str] {
+    if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        &[""]
+    } else {
+        &["memory", "pids", "cpu", "cpuacct"]
+    }
+}
+
+/// Every cgroup directory of a sandbox on this host.
 fn cgroup_dirs(d: &Daemon, id: &str) -> Vec<PathBuf> {
-    ["memory", "pids", "cpu", "cpuacct"]
+    hierarchies()
         .iter()
         .map(|c| {
             PathBuf::from("/sys/fs/cgroup")
@@ -25,7 +35,7 @@ fn cgroup_dirs(d: &Daemon, id: &str) -> Vec<PathBuf> {
 
 fn cgroup_children(d: &Daemon) -> Vec<String> {
     let mut out = Vec::new();
-    for c in ["memory", "pids", "cpu", "cpuacct"] {
+    for c in hierarchies() {
         let parent = PathBuf::from("/sys/fs/cgroup")
             .join(c)
             .join(parent_name(&d.state_dir));

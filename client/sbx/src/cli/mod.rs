@@ -5,6 +5,7 @@ mod args;
 mod completion;
 mod cp;
 mod create;
+mod doctor;
 mod exec;
 mod extend;
 mod format;
@@ -84,6 +85,8 @@ enum Command {
     Rm(rm::RmArgs),
     /// Show what the daemon's host can enforce.
     Info(info::InfoArgs),
+    /// Check what the daemon's host provides for its mode, and how to fix what is missing.
+    Doctor(doctor::DoctorArgs),
     /// Show a sandbox's resource use (live while it runs, final after).
     Stats(stats::StatsArgs),
     /// Delete a sandbox SECS seconds from now (sets or moves its TTL).
@@ -299,6 +302,7 @@ async fn dispatch(client: &Client, command: Command) -> Result<u8, CliError> {
         Command::Kill(args) => kill::run(client, args).await,
         Command::Rm(args) => rm::run(client, args).await,
         Command::Info(args) => info::run(client, args).await,
+        Command::Doctor(args) => doctor::run(client, args).await,
         Command::Stats(args) => stats::run(client, args).await,
         Command::Extend(args) => extend::run(client, args).await,
         Command::Token(args) => token::run(client, args).await,

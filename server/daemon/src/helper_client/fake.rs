@@ -188,6 +188,8 @@ impl FakeHelper {
                 network_subnet: (self.mode == Mode::Privileged)
                     .then(|| sandboxd_protocol::net::DEFAULT_SUBNET.into()),
                 egress: Default::default(),
+                limits_note: None,
+                preflight: Vec::new(),
             }),
             Request::Spawn(req) => {
                 if self.spawn == FakeSpawn::Fail {

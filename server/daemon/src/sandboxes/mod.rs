@@ -670,6 +670,16 @@ impl Service {
                 slots: h.uid_slots,
             },
             limits: h.enforceable_limits,
+            preflight: h
+                .preflight
+                .into_iter()
+                .map(|c| sandboxd_api::PreflightCheck {
+                    name: c.name,
+                    ok: c.ok,
+                    detail: c.detail,
+                    fix: c.fix,
+                })
+                .collect(),
         })
     }
 
