@@ -537,6 +537,10 @@ error_codes! {
     CapabilityNotAllowed = "capability_not_allowed",
     NestedUsernsNotAllowed = "nested_userns_not_allowed",
     RateLimited = "rate_limited",
+    /// A published host port outside the operator's range (`--publish-ports`).
+    PortNotAllowed = "port_not_allowed",
+    /// The daemon's state filesystem is down to its free-space reserve (507).
+    InsufficientStorage = "insufficient_storage",
 }
 
 impl std::fmt::Display for ErrorCode {

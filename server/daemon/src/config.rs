@@ -65,6 +65,13 @@ pub struct Args {
     #[arg(long, env = "SANDBOXD_NET_SUBNET", default_value = sandboxd_protocol::net::DEFAULT_SUBNET,
           value_parser = |s: &str| sandboxd_protocol::net::Subnet::parse(s).map(|n| n.to_string()))]
     pub net_subnet: String,
+    /// Host ports sandboxes may publish, `LOW-HIGH` (inclusive): a requested host port outside
+    /// it is refused (422), an unspecified one (0) is chosen inside it. The default lies in
+    /// Linux's ephemeral range, where no well-known service listens.
+    #[arg(long, env = "SANDBOXD_PUBLISH_PORTS", value_name = "LOW-HIGH",
+          default_value = sandboxd_protocol::net::DEFAULT_PUBLISH_PORTS,
+          value_parser = |s: &str| sandboxd_protocol::net::PortRange::parse(s))]
+    pub publish_ports: sandboxd_protocol::net::PortRange,
     /// Do not put sandboxes in cgroups: no memory, cpus or pids limits, no cgroup accounting
     /// (for hosts where something else manages cgroups, and for measuring their cost).
     #[arg(long, env = "SANDBOXD_NO_CGROUPS")]
@@ -186,6 +193,8 @@ impl LimitArgs {
             allowed_caps: Vec::new(),
             allow_nested_userns: false,
             max_image_bytes: self.max_image_bytes,
+            // Set from `Args::publish_ports` by the caller (it is not a limit flag).
+            publish_ports: LimitPolicy::default().publish_ports,
         };
         policy.check().map_err(ConfigError::Limits)?;
         Ok(policy)

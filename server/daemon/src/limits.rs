@@ -79,6 +79,8 @@ pub struct LimitPolicy {
     pub allow_nested_userns: bool,
     /// Largest image upload and unpacked image (`--max-image-bytes`).
     pub max_image_bytes: u64,
+    /// Host ports sandboxes may publish (`--publish-ports`).
+    pub publish_ports: sandboxd_protocol::net::PortRange,
 }
 
 /// Default `--max-image-bytes`.
@@ -100,6 +102,10 @@ impl Default for LimitPolicy {
             allowed_caps: Vec::new(),
             allow_nested_userns: false,
             max_image_bytes: DEFAULT_MAX_IMAGE_BYTES,
+            publish_ports: sandboxd_protocol::net::PortRange {
+                low: 32768,
+                high: 60999,
+            },
         }
     }
 }

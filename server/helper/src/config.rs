@@ -30,6 +30,8 @@ pub struct Config {
     pub max_image_bytes: u64,
     /// Where bridged sandboxes get their addresses (`--net-subnet`).
     pub net_subnet: sandboxd_protocol::net::Subnet,
+    /// The host ports sandboxes may publish (`--publish-ports`); unspecified ones are chosen in it.
+    pub publish_ports: sandboxd_protocol::net::PortRange,
 }
 
 /// Default cap on an image's unpacked size.
@@ -64,6 +66,7 @@ impl Config {
         let mut allow_nested_userns = false;
         let mut max_image_bytes = DEFAULT_MAX_IMAGE_BYTES;
         let mut net_subnet = None;
+        let mut publish_ports = None;
         let mut args = args.peekable();
         while let Some(flag) = args.next() {
             let mut value = || {
@@ -100,6 +103,15 @@ impl Config {
                         }
                     }
                 }
+                "--publish-ports" => {
+                    let v = value()?;
+                    match sandboxd_protocol::net::PortRange::parse(&v) {
+                        Ok(r) => publish_ports = Some(r),
+                        Err(e) => {
+                            return Err(ConfigError::InvalidValue(flag.clone(), e.to_string()))
+                        }
+                    }
+                }
                 "--allow-cap" => {
                     let name = value()?;
                     match sandboxd_protocol::capabilities::canonical(&name) {
@@ -124,32 +136,40 @@ impl Config {
         } else {
             Mode::Rootless
         };
-        let config =
-            Config {
-                state_dir,
-                allow_uid,
-                // Rootless: files stay in the helper's own group, the only one it may chown to.
-                allow_gid: allow_gid.unwrap_or(if euid == 0 {
-                    allow_uid
-                } else {
-                    nix::unistd::getegid().as_raw()
-                }),
-                mode,
-                uid_base,
-                uid_slots,
-                exit_with_stdin,
-                no_cgroups,
-                allowed_caps,
-                allow_nested_userns,
-                max_image_bytes,
-                net_subnet: match net_subnet {
-                    Some(s) => s,
-                    None => sandboxd_protocol::net::Subnet::parse(
-                        sandboxd_protocol::net::DEFAULT_SUBNET,
-                    )
-                    .map_err(|e| ConfigError::InvalidValue("--net-subnet".into(), e.to_string()))?,
-                },
-            };
+        let config = Config {
+            state_dir,
+            allow_uid,
+            // Rootless: files stay in the helper's own group, the only one it may chown to.
+            allow_gid: allow_gid.unwrap_or(if euid == 0 {
+                allow_uid
+            } else {
+                nix::unistd::getegid().as_raw()
+            }),
+            mode,
+            uid_base,
+            uid_slots,
+            exit_with_stdin,
+            no_cgroups,
+            allowed_caps,
+            allow_nested_userns,
+            max_image_bytes,
+            net_subnet: match net_subnet {
+                Some(s) => s,
+                None => {
+                    sandboxd_protocol::net::Subnet::parse(sandboxd_protocol::net::DEFAULT_SUBNET)
+                        .map_err(|e| {
+                            ConfigError::InvalidValue("--net-subnet".into(), e.to_string())
+                        })?
+                }
+            },
+            publish_ports: match publish_ports {
+                Some(r) => r,
+                None => sandboxd_protocol::net::PortRange::parse(
+                    sandboxd_protocol::net::DEFAULT_PUBLISH_PORTS,
+                )
+                .map_err(|e| ConfigError::InvalidValue("--publish-ports".into(), e.to_string()))?,
+            },
+        };
         if mode == Mode::Privileged {
             config.check_ranges()?;
         }

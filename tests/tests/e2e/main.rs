@@ -20,6 +20,7 @@ mod lifecycle;
 mod limits;
 mod logs;
 mod network;
+mod ports;
 mod process_model;
 mod seccomp;
 mod smoke;

@@ -155,6 +155,11 @@ impl From<SandboxError> for ApiError {
                 ErrorCode::NetworkUnavailable,
                 m.clone(),
             ),
+            SandboxError::PortNotAllowed(m) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::PortNotAllowed,
+                m.clone(),
+            ),
             SandboxError::PortInUse(m) => ApiError::new(
                 StatusCode::CONFLICT,
                 ErrorCode::PortInUse,

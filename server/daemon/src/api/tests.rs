@@ -1623,6 +1623,21 @@ async fn network_requests_are_checked_allocated_and_shown() {
             .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
     }
+    // Well-formed, but outside the daemon's publish range (default 32768-60999): 422.
+    for port in [6379, 32767, 61000] {
+        let (status, body) = app
+            .json(
+                Method::POST,
+                "/v1/sandboxes",
+                Some(json!({"command": ["true"], "network": {
+                    "mode": "bridge", "ports": [{"sandbox": 80, "host": port}]}})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{port}: {body}");
+        assert_eq!(body["error"]["code"], "port_not_allowed");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("32768-60999"), "{message}");
+    }
     let bridged = json!({"command": ["true"], "network": {
         "mode": "bridge", "group": "web", "ports": [{"sandbox": 8080, "host": 0}]}});
     for _ in 0..2 {

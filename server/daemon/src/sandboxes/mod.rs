@@ -87,6 +87,8 @@ pub enum SandboxError {
     NetworkUnavailable(String),
     #[error("{0}")]
     PortInUse(String),
+    #[error("{0}")]
+    PortNotAllowed(String),
     #[error("no free address in the sandbox subnet: too many bridged sandboxes are running")]
     NoAddress,
     #[error("store")]
