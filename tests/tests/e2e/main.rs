@@ -19,6 +19,7 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod logs;
+mod mistakes;
 mod network;
 mod ports;
 mod process_model;

@@ -129,7 +129,7 @@ impl From<SandboxError> for ApiError {
                 ErrorCode::MemoryLimitRequired,
                 e.to_string(),
             ),
-            SandboxError::StopTimeout | SandboxError::Busy(_) => {
+            SandboxError::StopTimeout => {
                 tracing::warn!(error = %chain(&e), "sandbox busy");
                 ApiError::new(
                     StatusCode::CONFLICT,
@@ -137,12 +137,20 @@ impl From<SandboxError> for ApiError {
                     "the sandbox is still stopping; retry",
                 )
             }
+            // What holds the sandbox (a transfer, a stop in progress) is the message itself.
+            SandboxError::Busy(m) => {
+                tracing::info!(error = %chain(&e), "sandbox busy");
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::Conflict, m.clone())
+            }
             SandboxError::SpawnFailed { id, .. } => {
                 tracing::error!(error = %chain(&e), "spawn failed");
+                // The same text as the sandbox's `error` field, which its owner can read anyway:
+                // a client that prints only this answer still says what went wrong.
+                let detail = e.spawn_failure().unwrap_or_default();
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     ErrorCode::SpawnFailed,
-                    format!("setting up sandbox {id} failed; its error field has the detail"),
+                    format!("setting up sandbox {id} failed: {detail} (also in its error field)"),
                 )
             }
             SandboxError::UnknownImage(_) => ApiError::new(

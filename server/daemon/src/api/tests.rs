@@ -442,6 +442,9 @@ async fn spawn_failures_are_500_and_recorded() {
         (status, body["error"]["code"].clone()),
         (StatusCode::INTERNAL_SERVER_ERROR, json!("spawn_failed"))
     );
+    // The answer says what failed (a client printing only it, like sbx run, shows the cause).
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("fake setup failure"), "{message}");
     let (_, body) = app.json(Method::GET, "/v1/sandboxes/f", None).await;
     assert_eq!(body["state"], json!("failed"));
     assert_eq!(body["reason"], json!("spawn_failed"));

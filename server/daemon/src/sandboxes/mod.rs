@@ -73,7 +73,8 @@ pub enum SandboxError {
     },
     #[error("the sandbox did not stop in time")]
     StopTimeout,
-    #[error("the sandbox is still busy: {0}")]
+    /// Something holds the sandbox for a moment; the message (for the client) says what.
+    #[error("the sandbox is busy: {0}")]
     Busy(String),
     #[error(transparent)]
     Limit(#[from] LimitError),
@@ -99,6 +100,23 @@ pub enum SandboxError {
     Monitor(#[from] MonitorError),
     #[error("internal task failed")]
     Task(#[from] tokio::task::JoinError),
+}
+
+impl SandboxError {
+    /// For `SpawnFailed`: what the sandbox's `error` field records (the helper's message).
+    pub fn spawn_failure(&self) -> Option<String> {
+        match self {
+            SandboxError::SpawnFailed { source, .. } => Some(spawn_failure_text(source)),
+            _ => None,
+        }
+    }
+}
+
+fn spawn_failure_text(source: &HelperClientError) -> String {
+    match source {
+        HelperClientError::Refused(e) => e.message.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// Which sandboxes a caller may see: a `user` token sees only its tenant's, an `admin` every one.
@@ -456,10 +474,7 @@ impl Service {
                     exit_code: None,
                     signal: None,
                     reason: EndReason::SpawnFailed,
-                    error: Some(match &source {
-                        HelperClientError::Refused(e) => e.message.clone(),
-                        other => other.to_string(),
-                    }),
+                    error: Some(spawn_failure_text(&source)),
                     finished_at_ms: self.clock.now_unix_ms(),
                     stats: None,
                 };
@@ -550,7 +565,11 @@ impl Service {
                 Err(HelperClientError::Refused(e)) if e.code == HelperErrorCode::NotFound => break,
                 Err(HelperClientError::Refused(e)) if e.code == HelperErrorCode::Busy => {
                     if attempt >= DESTROY_BUSY_ATTEMPTS {
-                        return Err(SandboxError::Busy(e.message));
+                        tracing::warn!(%id, error = %e.message, "the helper still holds the sandbox");
+                        return Err(SandboxError::Busy(
+                            "the sandbox is still stopping, or a file transfer holds it; retry"
+                                .into(),
+                        ));
                     }
                     tokio::time::sleep(DESTROY_BUSY_PAUSE).await;
                 }
