@@ -669,6 +669,13 @@ pub struct Quota {
     /// Sum of `limits.memory_bytes` over live sandboxes at most.
     #[serde(default)]
     pub max_memory_bytes: Option<u64>,
+    /// Image names at most.
+    #[serde(default)]
+    pub max_images: Option<u64>,
+    /// Sum of the images' stored (unpacked) `size_bytes` at most; an import that would cross it
+    /// is stopped while it unpacks.
+    #[serde(default)]
+    pub max_image_bytes: Option<u64>,
 }
 
 /// Body of `POST /v1/tickets`: the sandbox (id or name) whose websocket routes the ticket opens.

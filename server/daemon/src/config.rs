@@ -174,6 +174,13 @@ pub struct LimitArgs {
     #[arg(long, env = "SANDBOXD_MAX_IMAGE_BYTES", value_name = "SIZE",
           default_value = "8G", value_parser = limits::parse_size)]
     pub max_image_bytes: u64,
+    /// Space that must stay free on the state directory's filesystem: a size (`1G`) or a
+    /// percentage of the filesystem (`5%`); `0` for none. Below it, image imports and new
+    /// sandboxes get 507 while deletes still work (the database lives there too).
+    #[arg(long, env = "SANDBOXD_MIN_FREE_SPACE", value_name = "SIZE|PERCENT",
+          default_value = crate::storage::DEFAULT_MIN_FREE_SPACE,
+          value_parser = crate::storage::Reserve::parse)]
+    pub min_free_space: crate::storage::Reserve,
 }
 
 impl LimitArgs {

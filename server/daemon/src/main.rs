@@ -231,6 +231,7 @@ async fn serve(
         args.uid_slots,
         policy,
     );
+    svc.set_min_free_space(args.limits.min_free_space);
     svc.check_host_limits()
         .await
         .context("asking the helper what it can enforce")?;

@@ -23,6 +23,7 @@ mod mistakes;
 mod network;
 mod ports;
 mod process_model;
+mod quotas;
 mod seccomp;
 mod smoke;
 mod transport;

@@ -163,6 +163,11 @@ impl From<SandboxError> for ApiError {
                 ErrorCode::NetworkUnavailable,
                 m.clone(),
             ),
+            SandboxError::InsufficientStorage(m) => ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                ErrorCode::InsufficientStorage,
+                m.clone(),
+            ),
             SandboxError::PortNotAllowed(m) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 ErrorCode::PortNotAllowed,
@@ -249,6 +254,14 @@ impl From<ImageError> for ApiError {
             ImageError::TooLarge(m) => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::ImageTooLarge, m)
             }
+            ImageError::Quota(m) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, ErrorCode::QuotaExceeded, m)
+            }
+            ImageError::InsufficientStorage(m) => ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                ErrorCode::InsufficientStorage,
+                m,
+            ),
             ImageError::Upload(_)
             | ImageError::Store(_)
             | ImageError::Helper(_)

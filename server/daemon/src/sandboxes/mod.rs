@@ -36,6 +36,7 @@ use uuid::Uuid;
 use crate::helper_client::{self, Helper, HelperClientError};
 use crate::lifetime::Clock;
 use crate::limits::{self, HostLimits, LimitError, LimitPolicy, Resolved};
+use crate::storage::{FreeSpace, Reserve, StorageError};
 use crate::store::{Ending, NewSandbox, Store, StoreError};
 use crate::validate::ValidCreate;
 use files::spawn_request;
@@ -90,6 +91,9 @@ pub enum SandboxError {
     PortInUse(String),
     #[error("{0}")]
     PortNotAllowed(String),
+    /// The state filesystem is down to its free-space reserve (507).
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error("no free address in the sandbox subnet: too many bridged sandboxes are running")]
     NoAddress,
     #[error("store")]
@@ -158,6 +162,8 @@ pub struct Service {
     image_lock: Arc<tokio::sync::RwLock<()>>,
     /// The helper's subnet when it offers bridge mode (asked once; see `network.rs`).
     net_subnet: OnceCell<Option<sandboxd_protocol::net::Subnet>>,
+    /// What must stay free on the state directory's filesystem (`--min-free-space`).
+    min_free_space: std::sync::RwLock<Reserve>,
 }
 
 impl Service {
@@ -183,7 +189,37 @@ impl Service {
             live_execs: Mutex::new(HashMap::new()),
             image_lock: Arc::new(tokio::sync::RwLock::new(())),
             net_subnet: OnceCell::new(),
+            min_free_space: std::sync::RwLock::new(Reserve::default()),
         })
+    }
+
+    /// Set the free-space reserve (`--min-free-space`; the default is [`Reserve::default`]).
+    pub fn set_min_free_space(&self, reserve: Reserve) {
+        *self
+            .min_free_space
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = reserve;
+    }
+
+    /// Bytes the daemon may still add to its state filesystem before the reserve;
+    /// `InsufficientStorage` (507) when it is down to it. A filesystem that cannot be measured
+    /// does not block anything (it is logged).
+    pub(crate) fn require_storage(&self) -> Result<u64, SandboxError> {
+        let reserve = *self
+            .min_free_space
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        match FreeSpace::new(&self.state_dir, reserve).headroom() {
+            Ok(n) => Ok(n),
+            Err(e @ StorageError::BelowReserve { .. }) => {
+                tracing::warn!(error = %e, "refusing new data: the free-space reserve is reached");
+                Err(SandboxError::InsufficientStorage(e.to_string()))
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::chain(&e), "cannot measure the free space");
+                Ok(u64::MAX)
+            }
+        }
     }
 
     pub fn policy(&self) -> &LimitPolicy {
@@ -283,6 +319,7 @@ impl Service {
         wait: bool,
     ) -> Result<Sandbox, SandboxError> {
         let resolved = limits::resolve(&self.policy, self.host_limits().await?, &v.spec)?;
+        self.require_storage()?;
         let capabilities =
             limits::resolve_capabilities(&self.policy, v.spec.capabilities.as_ref())?;
         if v.spec.nested_user_namespaces && !self.policy.allow_nested_userns {
