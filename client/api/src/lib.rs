@@ -427,6 +427,19 @@ pub struct Info {
     /// Resource limits this host enforces (`memory`, `cpus`, `pids`); others are answered 422.
     #[serde(default)]
     pub limits: Vec<String>,
+    /// Limits a sandbox created without asking does not get, and why (a rootless host without a
+    /// delegated cgroup, no loop devices, an operator's `--default-memory 0`...): there, one
+    /// sandbox can use that resource of the host's until it runs out.
+    #[serde(default)]
+    pub unenforced: Vec<UnenforcedLimit>,
+}
+
+/// One entry of `Info::unenforced`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnenforcedLimit {
+    /// `memory`, `pids` or `disk`.
+    pub limit: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -138,9 +138,17 @@ pub struct TransportArgs {
 /// 256M = 256 MiB), optionally followed by `i`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LimitArgs {
-    /// Default memory limit of a sandbox, in bytes (none when absent).
-    #[arg(long, env = "SANDBOXD_DEFAULT_MEMORY", value_name = "SIZE", value_parser = limits::parse_size)]
-    pub default_memory: Option<u64>,
+    /// Default memory limit of a sandbox (0 for none). It bounds its tmpfs mounts too (their
+    /// pages are charged to the sandbox's cgroup), so one sandbox cannot pin the host's memory.
+    #[arg(long, env = "SANDBOXD_DEFAULT_MEMORY", value_name = "SIZE",
+          default_value = "1G", value_parser = limits::parse_size)]
+    pub default_memory: u64,
+    /// Default `limits.disk_bytes`: the size of a sandbox's own filesystem (/work, /tmp, an
+    /// image root's changes), where the host can mount one (privileged, with loop devices);
+    /// writing past it fails with ENOSPC inside. 0 for none.
+    #[arg(long, env = "SANDBOXD_DEFAULT_DISK", value_name = "SIZE",
+          default_value = "10G", value_parser = limits::parse_size)]
+    pub default_disk: u64,
     /// Largest memory limit a request may ask for.
     #[arg(long, env = "SANDBOXD_MAX_MEMORY", value_name = "SIZE", value_parser = limits::parse_size)]
     pub max_memory: Option<u64>,
@@ -187,8 +195,9 @@ impl LimitArgs {
     /// The policy, checked for consistency (defaults well-formed and within the maximums).
     pub fn policy(&self) -> Result<LimitPolicy, ConfigError> {
         let policy = LimitPolicy {
-            default_memory: self.default_memory,
+            default_memory: Some(self.default_memory).filter(|m| *m > 0),
             max_memory: self.max_memory,
+            default_disk: Some(self.default_disk).filter(|d| *d > 0),
             default_cpus: self.default_cpus,
             max_cpus: self.max_cpus,
             default_pids: Some(self.default_pids).filter(|p| *p > 0),
@@ -256,6 +265,11 @@ mod tests {
         assert_eq!(p.max_memory, Some(4 << 30));
         assert_eq!(p.default_memory, Some(256 << 20));
         assert_eq!(p.default_pids, Some(limits::DEFAULT_PIDS));
+        assert_eq!(p.default_disk, Some(10 << 30));
+        let none = Args::try_parse_from(["sandboxd", "--default-memory", "0"]).unwrap();
+        assert_eq!(none.limits.policy().unwrap().default_memory, None);
+        let plain = Args::try_parse_from(["sandboxd"]).unwrap();
+        assert_eq!(plain.limits.policy().unwrap().default_memory, Some(1 << 30));
         assert_eq!(p.default_output_bytes, 64 << 20);
         assert_eq!(p.max_output_bytes, 1 << 30);
         let args =

@@ -622,6 +622,15 @@ impl Service {
     /// What this host can do, from the helper's point of view plus the daemon's constants.
     pub async fn info(&self) -> Result<Info, SandboxError> {
         let h = helper_client::info(&*self.helper).await?;
+        let unenforced = self
+            .policy
+            .unenforced(&HostLimits::from_info(&h))
+            .into_iter()
+            .map(|(limit, reason)| sandboxd_api::UnenforcedLimit {
+                limit: limit.to_owned(),
+                reason,
+            })
+            .collect();
         Ok(Info {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             mode: h.mode.as_str().to_owned(),
@@ -644,6 +653,7 @@ impl Service {
                 size: h.uid_range_size,
                 slots: h.uid_slots,
             },
+            unenforced,
             limits: h.enforceable_limits,
         })
     }
