@@ -541,6 +541,13 @@ impl Daemon {
         }
     }
 
+    /// Start the daemon again (as [`Daemon::restart`]) with other extra arguments, kept from
+    /// then on.
+    pub fn restart_with(&mut self, extra_args: &[&str]) {
+        self.extra_args = extra_args.iter().map(|a| a.to_string()).collect();
+        self.restart();
+    }
+
     /// Start the daemon again on the same state directory and the same address.
     pub fn restart(&mut self) {
         self.kill9();

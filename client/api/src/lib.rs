@@ -472,6 +472,11 @@ pub struct Info {
     /// What the host provides for this mode, each missing piece with its fix (`sbx doctor`).
     #[serde(default)]
     pub preflight: Vec<PreflightCheck>,
+    /// Limits a sandbox created without asking does not get, and why (a rootless host without a
+    /// delegated cgroup, no loop devices, an operator's `--default-memory 0`...): there, one
+    /// sandbox can use that resource of the host's until it runs out.
+    #[serde(default)]
+    pub unenforced: Vec<UnenforcedLimit>,
 }
 
 /// One thing the daemon's mode needs from the host (`GET /v1/info` `preflight`).
@@ -486,6 +491,14 @@ pub struct PreflightCheck {
     /// What to do about it, when `ok` is false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fix: Option<String>,
+}
+
+/// One entry of `Info::unenforced`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnenforcedLimit {
+    /// `memory`, `pids` or `disk`.
+    pub limit: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -604,6 +617,10 @@ error_codes! {
     CapabilityNotAllowed = "capability_not_allowed",
     NestedUsernsNotAllowed = "nested_userns_not_allowed",
     RateLimited = "rate_limited",
+    /// A published host port outside the operator's range (`--publish-ports`).
+    PortNotAllowed = "port_not_allowed",
+    /// The daemon's state filesystem is down to its free-space reserve (507).
+    InsufficientStorage = "insufficient_storage",
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -732,6 +749,13 @@ pub struct Quota {
     /// Sum of `limits.memory_bytes` over live sandboxes at most.
     #[serde(default)]
     pub max_memory_bytes: Option<u64>,
+    /// Image names at most.
+    #[serde(default)]
+    pub max_images: Option<u64>,
+    /// Sum of the images' stored (unpacked) `size_bytes` at most; an import that would cross it
+    /// is stopped while it unpacks.
+    #[serde(default)]
+    pub max_image_bytes: Option<u64>,
 }
 
 /// Body of `POST /v1/tickets`: the sandbox (id or name) whose websocket routes the ticket opens.

@@ -65,6 +65,13 @@ pub struct Args {
     #[arg(long, env = "SANDBOXD_NET_SUBNET", default_value = sandboxd_protocol::net::DEFAULT_SUBNET,
           value_parser = |s: &str| sandboxd_protocol::net::Subnet::parse(s).map(|n| n.to_string()))]
     pub net_subnet: String,
+    /// Host ports sandboxes may publish, `LOW-HIGH` (inclusive): a requested host port outside
+    /// it is refused (422), an unspecified one (0) is chosen inside it. The default lies in
+    /// Linux's ephemeral range, where no well-known service listens.
+    #[arg(long, env = "SANDBOXD_PUBLISH_PORTS", value_name = "LOW-HIGH",
+          default_value = sandboxd_protocol::net::DEFAULT_PUBLISH_PORTS,
+          value_parser = |s: &str| sandboxd_protocol::net::PortRange::parse(s))]
+    pub publish_ports: sandboxd_protocol::net::PortRange,
     /// Do not put sandboxes in cgroups: no memory, cpus or pids limits, no cgroup accounting
     /// (for hosts where something else manages cgroups, and for measuring their cost).
     #[arg(long, env = "SANDBOXD_NO_CGROUPS")]
@@ -131,9 +138,17 @@ pub struct TransportArgs {
 /// 256M = 256 MiB), optionally followed by `i`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LimitArgs {
-    /// Default memory limit of a sandbox, in bytes (none when absent).
-    #[arg(long, env = "SANDBOXD_DEFAULT_MEMORY", value_name = "SIZE", value_parser = limits::parse_size)]
-    pub default_memory: Option<u64>,
+    /// Default memory limit of a sandbox (0 for none). It bounds its tmpfs mounts too (their
+    /// pages are charged to the sandbox's cgroup), so one sandbox cannot pin the host's memory.
+    #[arg(long, env = "SANDBOXD_DEFAULT_MEMORY", value_name = "SIZE",
+          default_value = "1G", value_parser = limits::parse_size)]
+    pub default_memory: u64,
+    /// Default `limits.disk_bytes`: the size of a sandbox's own filesystem (/work, /tmp, an
+    /// image root's changes), where the host can mount one (privileged, with loop devices);
+    /// writing past it fails with ENOSPC inside. 0 for none.
+    #[arg(long, env = "SANDBOXD_DEFAULT_DISK", value_name = "SIZE",
+          default_value = "10G", value_parser = limits::parse_size)]
+    pub default_disk: u64,
     /// Largest memory limit a request may ask for.
     #[arg(long, env = "SANDBOXD_MAX_MEMORY", value_name = "SIZE", value_parser = limits::parse_size)]
     pub max_memory: Option<u64>,
@@ -167,14 +182,22 @@ pub struct LimitArgs {
     #[arg(long, env = "SANDBOXD_MAX_IMAGE_BYTES", value_name = "SIZE",
           default_value = "8G", value_parser = limits::parse_size)]
     pub max_image_bytes: u64,
+    /// Space that must stay free on the state directory's filesystem: a size (`1G`) or a
+    /// percentage of the filesystem (`5%`); `0` for none. Below it, image imports and new
+    /// sandboxes get 507 while deletes still work (the database lives there too).
+    #[arg(long, env = "SANDBOXD_MIN_FREE_SPACE", value_name = "SIZE|PERCENT",
+          default_value = crate::storage::DEFAULT_MIN_FREE_SPACE,
+          value_parser = crate::storage::Reserve::parse)]
+    pub min_free_space: crate::storage::Reserve,
 }
 
 impl LimitArgs {
     /// The policy, checked for consistency (defaults well-formed and within the maximums).
     pub fn policy(&self) -> Result<LimitPolicy, ConfigError> {
         let policy = LimitPolicy {
-            default_memory: self.default_memory,
+            default_memory: Some(self.default_memory).filter(|m| *m > 0),
             max_memory: self.max_memory,
+            default_disk: Some(self.default_disk).filter(|d| *d > 0),
             default_cpus: self.default_cpus,
             max_cpus: self.max_cpus,
             default_pids: Some(self.default_pids).filter(|p| *p > 0),
@@ -186,6 +209,8 @@ impl LimitArgs {
             allowed_caps: Vec::new(),
             allow_nested_userns: false,
             max_image_bytes: self.max_image_bytes,
+            // Set from `Args::publish_ports` by the caller (it is not a limit flag).
+            publish_ports: LimitPolicy::default().publish_ports,
         };
         policy.check().map_err(ConfigError::Limits)?;
         Ok(policy)
@@ -240,6 +265,11 @@ mod tests {
         assert_eq!(p.max_memory, Some(4 << 30));
         assert_eq!(p.default_memory, Some(256 << 20));
         assert_eq!(p.default_pids, Some(limits::DEFAULT_PIDS));
+        assert_eq!(p.default_disk, Some(10 << 30));
+        let none = Args::try_parse_from(["sandboxd", "--default-memory", "0"]).unwrap();
+        assert_eq!(none.limits.policy().unwrap().default_memory, None);
+        let plain = Args::try_parse_from(["sandboxd"]).unwrap();
+        assert_eq!(plain.limits.policy().unwrap().default_memory, Some(1 << 30));
         assert_eq!(p.default_output_bytes, 64 << 20);
         assert_eq!(p.max_output_bytes, 1 << 30);
         let args =

@@ -10,6 +10,8 @@ pub const LAYERS: &[&[&str]] = &[
     &["lifetime", "privileges", "validate"],
     // Resource limit policy (on top of validation).
     &["limits"],
+    // The free-space reserve (sizes parsed as limits are).
+    &["storage"],
     // The resources the services use: configuration, SQL, the helper, the output logs.
     &["config", "store", "helper_client", "logs"],
     // The services: the sandbox lifecycle (execs, files, images), tokens and tickets.

@@ -8,6 +8,7 @@
 //! * [`privileges`]: user lookup and the privilege drop.
 //! * [`helper_client`]: the [`helper_client::Helper`] trait, its socket client and a fake.
 //! * [`limits`]: resource limit defaults, maximums and enforceability.
+//! * [`storage`]: the free-space reserve of the state directory's filesystem.
 //! * [`store`]: every SQL statement.
 //! * [`validate`]: parses a `CreateSandbox` request once into a validated type.
 //! * [`sandboxes`]: the lifecycle service (create, watch, kill, delete, reconcile).
@@ -18,7 +19,7 @@
 //! * [`transport`]: the TCP and unix listeners around the router.
 //!
 //! The modules form layers (checked by a unit test in `layers.rs`, described in ARCHITECTURE.md):
-//! `lifetime`, `privileges`, `validate` < `limits` < `config`, `store`, `helper_client`, `logs` <
+//! `lifetime`, `privileges`, `validate` < `limits` < `storage` < `config`, `store`, `helper_client`, `logs` <
 //! `sandboxes`, `auth` < `api` < `transport`; a module uses lower layers only, and `api` reaches
 //! the store and the helper through the services.
 
@@ -33,6 +34,7 @@ pub mod limits;
 pub mod logs;
 pub mod privileges;
 pub mod sandboxes;
+pub mod storage;
 pub mod store;
 pub mod transport;
 pub mod validate;

@@ -65,6 +65,8 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 pub struct LimitPolicy {
     pub default_memory: Option<u64>,
     pub max_memory: Option<u64>,
+    /// Default `limits.disk_bytes` (`--default-disk`), where the host can enforce it.
+    pub default_disk: Option<u64>,
     pub default_cpus: Option<f64>,
     pub max_cpus: Option<f64>,
     pub default_pids: Option<u64>,
@@ -79,6 +81,8 @@ pub struct LimitPolicy {
     pub allow_nested_userns: bool,
     /// Largest image upload and unpacked image (`--max-image-bytes`).
     pub max_image_bytes: u64,
+    /// Host ports sandboxes may publish (`--publish-ports`).
+    pub publish_ports: sandboxd_protocol::net::PortRange,
 }
 
 /// Default `--max-image-bytes`.
@@ -89,6 +93,7 @@ impl Default for LimitPolicy {
         LimitPolicy {
             default_memory: None,
             max_memory: None,
+            default_disk: None,
             default_cpus: None,
             max_cpus: None,
             default_pids: Some(DEFAULT_PIDS),
@@ -100,6 +105,10 @@ impl Default for LimitPolicy {
             allowed_caps: Vec::new(),
             allow_nested_userns: false,
             max_image_bytes: DEFAULT_MAX_IMAGE_BYTES,
+            publish_ports: sandboxd_protocol::net::PortRange {
+                low: 32768,
+                high: 60999,
+            },
         }
     }
 }
@@ -109,6 +118,7 @@ impl LimitPolicy {
     pub fn check(&self) -> Result<(), String> {
         let defaults = Limits {
             memory_bytes: self.default_memory,
+            disk_bytes: self.default_disk,
             cpus: self.default_cpus,
             pids: self.default_pids,
             output_bytes: Some(self.default_output_bytes),
@@ -148,12 +158,38 @@ impl LimitPolicy {
             (MEMORY, "--default-memory", self.default_memory.is_some()),
             (CPUS, "--default-cpus", self.default_cpus.is_some()),
             (PIDS, "--default-pids", self.default_pids.is_some()),
+            (DISK, "--default-disk", self.default_disk.is_some()),
         ] {
             if set && !host.can(name) {
                 out.push(format!(
                     "{flag} is not applied: {name} limits cannot be enforced on this host ({})",
                     host.why_not(name)
                 ));
+            }
+        }
+        out
+    }
+}
+
+impl LimitPolicy {
+    /// The limits a sandbox created without asking goes without, and why (`GET /v1/info`):
+    /// its defaults cannot be enforced on this host, or the operator turned them off.
+    pub fn unenforced(&self, host: &HostLimits) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        for (name, flag, default) in [
+            (MEMORY, "--default-memory", self.default_memory.is_some()),
+            (PIDS, "--default-pids", self.default_pids.is_some()),
+            (DISK, "--default-disk", self.default_disk.is_some()),
+        ] {
+            if !host.can(name) {
+                let why = if name == DISK {
+                    host.why_not_disk()
+                } else {
+                    host.why_not(name)
+                };
+                out.push((name, format!("cannot be enforced on this host: {why}")));
+            } else if !default {
+                out.push((name, format!("no default: this daemon runs with {flag} 0")));
             }
         }
         out
@@ -182,6 +218,16 @@ impl HostLimits {
 
     pub fn can(&self, limit: &str) -> bool {
         self.enforceable.iter().any(|l| l == limit)
+    }
+
+    fn why_not_disk(&self) -> String {
+        if self.rootless {
+            "a rootless daemon cannot mount a size-limited filesystem (that needs the privileged \
+             helper); a sandbox can fill the state directory's filesystem"
+                .into()
+        } else {
+            "it needs loop devices (/dev/loop-control) and mkfs.ext4".into()
+        }
     }
 
     fn why_not(&self, limit: &str) -> String {
@@ -311,6 +357,10 @@ pub fn resolve(
         }
         None => policy.default_pids.filter(|_| host.can(PIDS)),
     };
+    // A default disk cap applies only where a limited filesystem can be mounted.
+    let disk = req
+        .disk_bytes
+        .or(policy.default_disk.filter(|_| host.can(DISK)));
     let output = req.output_bytes.unwrap_or(policy.default_output_bytes);
     if output > policy.max_output_bytes {
         return Err(above_max(
@@ -336,14 +386,14 @@ pub fn resolve(
             cpu_millis: cpus.map(|c| (c * 1000.0).round() as u32),
             pids,
             output_bytes: output,
-            disk_bytes: req.disk_bytes,
+            disk_bytes: disk,
         },
         limits: Limits {
             timeout_secs: req.timeout_secs,
             memory_bytes: memory,
             cpus,
             pids,
-            disk_bytes: req.disk_bytes,
+            disk_bytes: disk,
             output_bytes: Some(output),
         },
     })

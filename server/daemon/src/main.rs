@@ -154,6 +154,8 @@ fn start_helper(
         .arg("--max-image-bytes")
         .arg(args.limits.max_image_bytes.to_string())
         .args(["--net-subnet", args.net_subnet.as_str()])
+        .arg("--publish-ports")
+        .arg(args.publish_ports.to_string())
         // The helper's lifeline: it exits when this pipe closes, that is when the daemon dies
         // however it dies. (PR_SET_PDEATHSIG alone is not enough: the kernel checks the dying
         // parent's permission to signal, and an unprivileged daemon may not signal a root helper.)
@@ -219,6 +221,7 @@ async fn serve(
     tracing::info!(mode = helper_mode(&helper), "connected to the helper");
     let mut policy = args.limits.policy()?;
     policy.allow_nested_userns = args.allow_nested_userns;
+    policy.publish_ports = args.publish_ports;
     for name in &args.allow_caps {
         match sandboxd_protocol::capabilities::canonical(name) {
             Some(cap) => policy.allowed_caps.push(cap),
@@ -234,6 +237,7 @@ async fn serve(
         args.uid_slots,
         policy,
     );
+    svc.set_min_free_space(args.limits.min_free_space);
     svc.check_host_limits()
         .await
         .context("asking the helper what it can enforce")?;

@@ -20,7 +20,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 mod images;
-pub use images::NewImage;
+pub use images::{image_quota_refusal, ImageUsage, NewImage};
 mod network;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
@@ -739,12 +739,16 @@ impl Store {
     /// Set (replace) a tenant's quota.
     pub async fn set_quota(&self, tenant: &str, q: &StoredQuota) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO quotas (tenant, max_sandboxes, max_memory_bytes) VALUES (?1, ?2, ?3)
-             ON CONFLICT (tenant) DO UPDATE SET max_sandboxes = ?2, max_memory_bytes = ?3",
+            "INSERT INTO quotas (tenant, max_sandboxes, max_memory_bytes, max_images,
+                                 max_image_bytes) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (tenant) DO UPDATE SET max_sandboxes = ?2, max_memory_bytes = ?3,
+                                                max_images = ?4, max_image_bytes = ?5",
         )
         .bind(tenant)
         .bind(q.max_sandboxes)
         .bind(q.max_memory_bytes)
+        .bind(q.max_images)
+        .bind(q.max_image_bytes)
         .execute(&self.writer)
         .await?;
         Ok(())
@@ -752,15 +756,29 @@ impl Store {
 
     /// A tenant's quota (all `None` when it has none).
     pub async fn quota(&self, tenant: &str) -> Result<StoredQuota, StoreError> {
-        let row =
-            sqlx::query("SELECT max_sandboxes, max_memory_bytes FROM quotas WHERE tenant = ?")
-                .bind(tenant)
-                .fetch_optional(&self.reader)
-                .await?;
+        let mut conn = self.reader.acquire().await?;
+        self.quota_in(&mut conn, tenant).await
+    }
+
+    /// A tenant's quota, read on `conn` (a transaction's, for checks that must hold at insert).
+    pub(crate) async fn quota_in(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        tenant: &str,
+    ) -> Result<StoredQuota, StoreError> {
+        let row = sqlx::query(
+            "SELECT max_sandboxes, max_memory_bytes, max_images, max_image_bytes FROM quotas
+              WHERE tenant = ?",
+        )
+        .bind(tenant)
+        .fetch_optional(conn)
+        .await?;
         Ok(match row {
             Some(r) => StoredQuota {
                 max_sandboxes: r.try_get(0)?,
                 max_memory_bytes: r.try_get(1)?,
+                max_images: r.try_get(2)?,
+                max_image_bytes: r.try_get(3)?,
             },
             None => StoredQuota::default(),
         })
@@ -812,6 +830,8 @@ impl StoredToken {
 pub struct StoredQuota {
     pub max_sandboxes: Option<i64>,
     pub max_memory_bytes: Option<i64>,
+    pub max_images: Option<i64>,
+    pub max_image_bytes: Option<i64>,
 }
 
 fn to_token(row: &SqliteRow) -> Result<StoredToken, StoreError> {

@@ -31,6 +31,8 @@ pub struct Config {
     pub max_image_bytes: u64,
     /// Where bridged sandboxes get their addresses (`--net-subnet`).
     pub net_subnet: sandboxd_protocol::net::Subnet,
+    /// The host ports sandboxes may publish (`--publish-ports`); unspecified ones are chosen in it.
+    pub publish_ports: sandboxd_protocol::net::PortRange,
 }
 
 /// Default cap on an image's unpacked size.
@@ -67,6 +69,7 @@ impl Config {
         let mut allow_nested_userns = false;
         let mut max_image_bytes = DEFAULT_MAX_IMAGE_BYTES;
         let mut net_subnet = None;
+        let mut publish_ports = None;
         let mut args = args.peekable();
         while let Some(flag) = args.next() {
             let mut value = || {
@@ -98,6 +101,15 @@ impl Config {
                     let v = value()?;
                     match sandboxd_protocol::net::Subnet::parse(&v) {
                         Ok(s) => net_subnet = Some(s),
+                        Err(e) => {
+                            return Err(ConfigError::InvalidValue(flag.clone(), e.to_string()))
+                        }
+                    }
+                }
+                "--publish-ports" => {
+                    let v = value()?;
+                    match sandboxd_protocol::net::PortRange::parse(&v) {
+                        Ok(r) => publish_ports = Some(r),
                         Err(e) => {
                             return Err(ConfigError::InvalidValue(flag.clone(), e.to_string()))
                         }
@@ -153,6 +165,13 @@ impl Config {
                         sandboxd_protocol::net::DEFAULT_SUBNET,
                     )
                     .map_err(|e| ConfigError::InvalidValue("--net-subnet".into(), e.to_string()))?,
+                },
+                publish_ports: match publish_ports {
+                    Some(r) => r,
+                    None => sandboxd_protocol::net::PortRange::parse(
+                        sandboxd_protocol::net::DEFAULT_PUBLISH_PORTS,
+                    )
+                    .map_err(|e| ConfigError::InvalidValue("--publish-ports".into(), e.to_string()))?,
                 },
             };
         if mode == Mode::Privileged {

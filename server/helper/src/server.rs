@@ -147,9 +147,13 @@ impl Helper {
                 Ok(()) => return false,
                 Err(e) => (Response::Error(e.into_wire()), false),
             },
-            Ok(Request::ImportImage { upload, digest }) => {
+            Ok(Request::ImportImage {
+                upload,
+                digest,
+                max_bytes,
+            }) => {
                 // Long work: a forked worker answers on this connection, which leaves our list.
-                self.import_in_worker(&conn.stream, upload, digest);
+                self.import_in_worker(&conn.stream, upload, digest, max_bytes);
                 return false;
             }
             Ok(request) => (self.handle(request), true),
@@ -255,11 +259,23 @@ impl Helper {
 impl Helper {
     /// Fork a worker that imports an image and answers on `stream` itself (double-forked, so
     /// the helper reaps only the short-lived intermediate process).
-    fn import_in_worker(&self, stream: &UnixStream, upload: uuid::Uuid, digest: String) {
+    fn import_in_worker(
+        &self,
+        stream: &UnixStream,
+        upload: uuid::Uuid,
+        digest: String,
+        max_bytes: Option<u64>,
+    ) {
         let (stream_fd, images_fd) = (stream.as_raw_fd(), self.images.raw_fd());
+        // The daemon may lower the cap for this import (a quota, the free-space reserve), never
+        // raise it above the operator's.
+        let mut config = self.config.clone();
+        if let Some(max) = max_bytes {
+            config.max_image_bytes = config.max_image_bytes.min(max);
+        }
         crate::image::detached(|| {
             let _ = crate::fds::close_all_except(&[stream_fd, images_fd]);
-            let response = match crate::image::import(&self.config, &self.images, upload, &digest) {
+            let response = match crate::image::import(&config, &self.images, upload, &digest) {
                 Ok(done) => Response::ImageImported(done),
                 Err(e) => Response::Error(e.into_wire()),
             };

@@ -128,7 +128,7 @@ pub fn spawn(cx: &Context<'_>, spawn: &ValidSpawn, prepared: bool) -> Result<Spa
     rollback.cgroup = true;
     let net = cx.network.prepare(spawn).map_err(|e| {
         let code = match e {
-            NetError::PortInUse(_) => HelperErrorCode::PortInUse,
+            NetError::PortInUse(_) | NetError::RangeFull(_) => HelperErrorCode::PortInUse,
             NetError::Unavailable(_) => HelperErrorCode::Invalid,
             _ => HelperErrorCode::SetupFailed,
         };

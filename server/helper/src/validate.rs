@@ -117,6 +117,11 @@ pub struct ValidNet {
     pub gateway: std::net::Ipv4Addr,
     pub peers: Vec<(String, std::net::Ipv4Addr)>,
     pub ports: Vec<PortMapping>,
+    /// Where host ports come from: a port 0 is chosen in it, starting at `port_seed`.
+    pub publish_ports: sandboxd_protocol::net::PortRange,
+    /// Where the search for a free port starts (from the sandbox's random id, so that
+    /// sandboxes started together do not all try the same ports first).
+    pub port_seed: u32,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -186,10 +191,15 @@ pub fn validate_network(
     if net.ports.len() > MAX_PORTS {
         return Err(bad(format!("at most {MAX_PORTS} published ports")));
     }
+    let range = config.publish_ports;
     for (i, p) in net.ports.iter().enumerate() {
-        // Host ports below 1024 are the host's services' (the helper binds as root).
-        if p.sandbox == 0 || (p.host != 0 && p.host < 1024) {
-            return Err(bad(format!("port {}:{}", p.sandbox, p.host)));
+        // Host ports outside the operator's range may be the host's services' (the helper binds
+        // as root); 0 is chosen inside the range when the forwarder binds.
+        if p.sandbox == 0 || (p.host != 0 && (p.host < 1024 || !range.contains(p.host))) {
+            return Err(bad(format!(
+                "port {}:{} (host ports must be in {range})",
+                p.sandbox, p.host
+            )));
         }
         let dup = net.ports[..i]
             .iter()
@@ -210,6 +220,8 @@ pub fn validate_network(
         gateway: subnet.gateway(),
         peers,
         ports: net.ports.clone(),
+        publish_ports: range,
+        port_seed: (id.as_u128() % u128::from(u32::MAX)) as u32,
     })
 }
 
@@ -380,6 +392,7 @@ mod tests {
             allow_nested_userns: false,
             max_image_bytes: 1 << 30,
             net_subnet: sandboxd_protocol::net::Subnet::parse("10.88.0.0/16").unwrap(),
+            publish_ports: sandboxd_protocol::net::PortRange::parse("32768-60999").unwrap(),
         }
     }
 
@@ -497,6 +510,10 @@ mod tests {
         assert!(net(&|n| n.group = Some("Bad Group".into())).is_err());
         assert!(net(&|n| n.peers[0].hostname = "a b".into()).is_err());
         assert!(net(&|n| n.ports[0].host = 22).is_err());
+        // Outside the operator's range (32768-60999 here): refused, whatever the daemon said.
+        assert!(net(&|n| n.ports[0].host = 6379).is_err());
+        assert!(net(&|n| n.ports[0].host = 61000).is_err());
+        assert!(net(&|n| n.ports[0].host = 40000).is_ok());
         assert!(net(&|n| n.ports[0].sandbox = 0).is_err());
         assert!(net(&|n| n.ports.push(PortMapping {
             sandbox: 80,

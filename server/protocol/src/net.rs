@@ -157,3 +157,86 @@ mod tests {
         assert!(!valid_group(&"a".repeat(64)));
     }
 }
+
+/// The default range of published host ports: inside Linux's default ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`), where no well-known service listens.
+pub const DEFAULT_PUBLISH_PORTS: &str = "32768-60999";
+
+/// The host ports sandboxes may publish (`--publish-ports LOW-HIGH`, inclusive). A requested
+/// port outside it is refused; an unspecified one (0) is chosen inside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub low: u16,
+    pub high: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortRangeError {
+    #[error("{0:?} is not a port range of the form LOW-HIGH (like 32768-60999)")]
+    Syntax(String),
+    #[error(
+        "the port range {0}-{1} is empty or starts below 1024 (the host's own services' ports)"
+    )]
+    Bounds(u16, u16),
+}
+
+impl PortRange {
+    pub fn parse(s: &str) -> Result<PortRange, PortRangeError> {
+        let syntax = || PortRangeError::Syntax(s.to_owned());
+        let (low, high) = s.trim().split_once('-').ok_or_else(syntax)?;
+        let low: u16 = low.trim().parse().map_err(|_| syntax())?;
+        let high: u16 = high.trim().parse().map_err(|_| syntax())?;
+        if low < 1024 || high < low {
+            return Err(PortRangeError::Bounds(low, high));
+        }
+        Ok(PortRange { low, high })
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        (self.low..=self.high).contains(&port)
+    }
+
+    /// Number of ports in the range.
+    pub fn len(&self) -> u32 {
+        u32::from(self.high) - u32::from(self.low) + 1
+    }
+
+    /// Never true: a parsed range holds at least one port.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The `n`-th port of the range counting from `start` and wrapping around (`start` is taken
+    /// modulo the range's length), for trying every port once from a random place.
+    pub fn nth_from(&self, start: u32, n: u32) -> u16 {
+        let offset = (start.wrapping_add(n)) % self.len();
+        // The offset is below len() <= 65536 - 1024, so this stays within low..=high.
+        u16::try_from(u32::from(self.low) + offset).unwrap_or(self.high)
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.low, self.high)
+    }
+}
+
+#[cfg(test)]
+mod port_range_tests {
+    use super::*;
+
+    #[test]
+    fn ranges_parse_and_wrap() {
+        let r = PortRange::parse(DEFAULT_PUBLISH_PORTS).unwrap();
+        assert_eq!((r.low, r.high, r.len()), (32768, 60999, 28232));
+        assert!(r.contains(32768) && r.contains(60999) && !r.contains(6379));
+        assert_eq!(r.to_string(), "32768-60999");
+        let small = PortRange::parse("40000-40002").unwrap();
+        let all: Vec<u16> = (0..3).map(|n| small.nth_from(7, n)).collect();
+        assert_eq!(all, vec![40001, 40002, 40000]);
+        assert_eq!(PortRange::parse("5000-5000").unwrap().len(), 1);
+        for bad in ["", "1-2", "80-90", "5000", "6000-5000", "a-b", "2000-70000"] {
+            assert!(PortRange::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -50,6 +50,10 @@ pub enum Request {
     ImportImage {
         upload: Uuid,
         digest: String,
+        /// A lower cap than the helper's `--max-image-bytes` for this import's unpacked bytes
+        /// (what the tenant's quota and the free-space reserve leave); it can only lower it.
+        #[serde(default)]
+        max_bytes: Option<u64>,
     },
     /// Remove a stored image (the daemon checks first that no sandbox uses it).
     DeleteImage {

@@ -1,4 +1,5 @@
-//! `sbx inspect`: one sandbox as pretty JSON, or in a `--format` of the caller's.
+//! `sbx inspect`: one sandbox as pretty JSON, or in a `--format` of the caller's; the `error` of
+//! a sandbox that failed (or whose command could not be executed) also goes to stderr.
 
 use clap::Args;
 use sandboxd_client::Client;
@@ -26,5 +27,8 @@ pub async fn run(client: &Client, args: InspectArgs) -> Result<u8, CliError> {
         }
         None => print_json(&sandbox)?,
     }
+    // On stderr as well, so that a failure is seen without reading the JSON (stdout stays the
+    // document or the format asked for).
+    super::output::note_error(&sandbox);
     Ok(0)
 }

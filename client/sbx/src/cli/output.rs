@@ -60,6 +60,14 @@ pub fn exit_status(code: Option<i32>) -> u8 {
         .unwrap_or(super::EXIT_DAEMON_ERROR)
 }
 
+/// Say on stderr why a sandbox ended badly when the daemon recorded it (`error`: its command
+/// could not be executed, or it failed): the exit code alone (127) does not tell.
+pub fn note_error(sandbox: &sandboxd_api::Sandbox) {
+    if let Some(error) = &sandbox.error {
+        eprintln!("sbx: sandbox {}: {error}", sandbox.id);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

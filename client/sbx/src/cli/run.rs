@@ -222,6 +222,7 @@ pub async fn run(client: &Client, args: RunArgs) -> Result<u8, CliError> {
             if let Some(why) = why {
                 eprintln!("sbx: sandbox {id} was killed: {why}");
             }
+            super::output::note_error(&sandbox);
             if sandbox.output_truncated {
                 eprintln!("sbx: output of {id} was truncated at limits.output_bytes");
             }

@@ -19,6 +19,7 @@ pub async fn run(client: &Client, args: WaitArgs) -> Result<u8, CliError> {
     if sandbox.state == SandboxState::Failed {
         return Err(CliError::failed(&sandbox));
     }
+    super::output::note_error(&sandbox);
     let code = sandbox
         .exit_code
         .map_or_else(|| "-".into(), |c| c.to_string());

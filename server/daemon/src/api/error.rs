@@ -130,7 +130,7 @@ impl From<SandboxError> for ApiError {
                 ErrorCode::MemoryLimitRequired,
                 e.to_string(),
             ),
-            SandboxError::StopTimeout | SandboxError::Busy(_) => {
+            SandboxError::StopTimeout => {
                 tracing::warn!(error = %chain(&e), "sandbox busy");
                 ApiError::new(
                     StatusCode::CONFLICT,
@@ -138,12 +138,20 @@ impl From<SandboxError> for ApiError {
                     "the sandbox is still stopping; retry",
                 )
             }
+            // What holds the sandbox (a transfer, a stop in progress) is the message itself.
+            SandboxError::Busy(m) => {
+                tracing::info!(error = %chain(&e), "sandbox busy");
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::Conflict, m.clone())
+            }
             SandboxError::SpawnFailed { id, .. } => {
                 tracing::error!(error = %chain(&e), "spawn failed");
+                // The same text as the sandbox's `error` field, which its owner can read anyway:
+                // a client that prints only this answer still says what went wrong.
+                let detail = e.spawn_failure().unwrap_or_default();
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     ErrorCode::SpawnFailed,
-                    format!("setting up sandbox {id} failed; its error field has the detail"),
+                    format!("setting up sandbox {id} failed: {detail} (also in its error field)"),
                 )
             }
             SandboxError::UnknownImage(_) => ApiError::new(
@@ -164,6 +172,16 @@ impl From<SandboxError> for ApiError {
             SandboxError::NetworkUnavailable(m) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 ErrorCode::NetworkUnavailable,
+                m.clone(),
+            ),
+            SandboxError::InsufficientStorage(m) => ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                ErrorCode::InsufficientStorage,
+                m.clone(),
+            ),
+            SandboxError::PortNotAllowed(m) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::PortNotAllowed,
                 m.clone(),
             ),
             SandboxError::PortInUse(m) => ApiError::new(
@@ -247,6 +265,14 @@ impl From<ImageError> for ApiError {
             ImageError::TooLarge(m) => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::ImageTooLarge, m)
             }
+            ImageError::Quota(m) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, ErrorCode::QuotaExceeded, m)
+            }
+            ImageError::InsufficientStorage(m) => ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                ErrorCode::InsufficientStorage,
+                m,
+            ),
             ImageError::Upload(_)
             | ImageError::Store(_)
             | ImageError::Helper(_)

@@ -442,6 +442,9 @@ async fn spawn_failures_are_500_and_recorded() {
         (status, body["error"]["code"].clone()),
         (StatusCode::INTERNAL_SERVER_ERROR, json!("spawn_failed"))
     );
+    // The answer says what failed (a client printing only it, like sbx run, shows the cause).
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("fake setup failure"), "{message}");
     let (_, body) = app.json(Method::GET, "/v1/sandboxes/f", None).await;
     assert_eq!(body["state"], json!("failed"));
     assert_eq!(body["reason"], json!("spawn_failed"));
@@ -1623,6 +1626,21 @@ async fn network_requests_are_checked_allocated_and_shown() {
             .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
     }
+    // Well-formed, but outside the daemon's publish range (default 32768-60999): 422.
+    for port in [6379, 32767, 61000] {
+        let (status, body) = app
+            .json(
+                Method::POST,
+                "/v1/sandboxes",
+                Some(json!({"command": ["true"], "network": {
+                    "mode": "bridge", "ports": [{"sandbox": 80, "host": port}]}})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{port}: {body}");
+        assert_eq!(body["error"]["code"], "port_not_allowed");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("32768-60999"), "{message}");
+    }
     let bridged = json!({"command": ["true"], "network": {
         "mode": "bridge", "group": "web", "ports": [{"sandbox": 8080, "host": 0}]}});
     for _ in 0..2 {
@@ -1931,4 +1949,131 @@ async fn expires_at_shows_the_ttl_deadline_and_moves_with_extend() {
         )
         .await;
     assert!(plain["expires_at"].is_null(), "{plain}");
+}
+
+#[tokio::test]
+async fn image_quotas_answer_429_and_the_reserve_507() {
+    let app = test_app(FakeSpawn::ExitAtOnce).await;
+    let (status, body) = app
+        .json(
+            Method::PUT,
+            "/v1/tenants/default/quota",
+            Some(json!({"max_images": 2, "max_image_bytes": 100})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["max_images"].clone(), body["max_image_bytes"].clone()),
+        (json!(2), json!(100))
+    );
+    let (_, body) = app
+        .json(Method::GET, "/v1/tenants/default/quota", None)
+        .await;
+    assert_eq!(body["max_image_bytes"], json!(100));
+    let import = |name: &str, len: usize| {
+        let uri = format!("/v1/images?name={name}");
+        let app = &app;
+        async move { app.raw(Method::POST, &uri, None, vec![b'x'; len]).await }
+    };
+    // The fake stores an image of its upload's size: 60 of the 100 bytes.
+    let (status, body) = import("a", 60).await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    // 60 more would cross 100: stopped while unpacking (the cap the helper got was 40).
+    let (status, body) = import("b", 60).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::TOO_MANY_REQUESTS,
+        "quota_exceeded",
+    );
+    let message = String::from_utf8_lossy(&body).into_owned();
+    for part in ["max_image_bytes", "at most 100", "60 are in use"] {
+        assert!(message.contains(part), "{part}: {message}");
+    }
+    let caps: Vec<Option<u64>> = app
+        .helper
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|r| match r {
+            sandboxd_protocol::wire::Request::ImportImage { max_bytes, .. } => Some(*max_bytes),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(caps.last(), Some(&Some(40)), "{caps:?}");
+    let (status, _) = import("b", 40).await;
+    assert_eq!(status, StatusCode::CREATED);
+    // Two images: the count is full, refused before any upload.
+    let (status, body) = import("c", 1).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::TOO_MANY_REQUESTS,
+        "quota_exceeded",
+    );
+    let message = String::from_utf8_lossy(&body).into_owned();
+    assert!(
+        message.contains("max_images") && message.contains("at most 2"),
+        "{message}"
+    );
+    let (_, list) = app.json(Method::GET, "/v1/images", None).await;
+    assert_eq!(list["images"].as_array().map(Vec::len), Some(2), "{list}");
+
+    // Down to the free-space reserve: imports, creates and starts are 507, deletes work.
+    let (status, created) = app
+        .json(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"command": ["true"], "start": false})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    app.svc
+        .set_min_free_space(crate::storage::Reserve::Percent(100.0));
+    let (status, body) = app
+        .json(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"command": ["true"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "{body}");
+    assert_eq!(body["error"]["code"], json!("insufficient_storage"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--min-free-space"),
+        "{body}"
+    );
+    let id = created["id"].as_str().unwrap();
+    let (status, _) = app
+        .json(Method::POST, &format!("/v1/sandboxes/{id}/start"), None)
+        .await;
+    assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE);
+    app.json(Method::PUT, "/v1/tenants/default/quota", Some(json!({})))
+        .await;
+    let (status, body) = import("d", 1).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::INSUFFICIENT_STORAGE,
+        "insufficient_storage",
+    );
+    let (status, _) = app.json(Method::DELETE, "/v1/images/a", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = app
+        .json(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    app.svc
+        .set_min_free_space(crate::storage::Reserve::Bytes(0));
+    let (status, _) = import("d", 1).await;
+    assert_eq!(status, StatusCode::CREATED);
 }

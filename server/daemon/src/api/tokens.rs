@@ -127,6 +127,8 @@ pub async fn put_quota(
     let quota = StoredQuota {
         max_sandboxes: to_i64("max_sandboxes", body.max_sandboxes)?,
         max_memory_bytes: to_i64("max_memory_bytes", body.max_memory_bytes)?,
+        max_images: to_i64("max_images", body.max_images)?,
+        max_image_bytes: to_i64("max_image_bytes", body.max_image_bytes)?,
     };
     state
         .auth
@@ -137,6 +139,8 @@ pub async fn put_quota(
         tenant: Some(tenant),
         max_sandboxes: body.max_sandboxes,
         max_memory_bytes: body.max_memory_bytes,
+        max_images: body.max_images,
+        max_image_bytes: body.max_image_bytes,
     }))
 }
 
@@ -157,6 +161,8 @@ pub async fn get_quota(
         tenant: Some(tenant),
         max_sandboxes: to_u64(quota.max_sandboxes),
         max_memory_bytes: to_u64(quota.max_memory_bytes),
+        max_images: to_u64(quota.max_images),
+        max_image_bytes: to_u64(quota.max_image_bytes),
     }))
 }
 

@@ -299,12 +299,26 @@ impl FakeHelper {
                 }
             }
             // Images: the fake stores nothing and reports the upload's size as the image's.
-            Request::ImportImage { upload, digest } => {
+            Request::ImportImage {
+                upload,
+                digest,
+                max_bytes,
+            } => {
                 let path = self
                     .state_dir
                     .join(sandboxd_protocol::layout::UPLOADS_DIR)
                     .join(upload.to_string());
                 match std::fs::metadata(path) {
+                    // As the real unpacker stops at its cap.
+                    Ok(m) if max_bytes.is_some_and(|max| m.len() > max) => {
+                        Response::Error(HelperError::new(
+                            wire::HelperErrorCode::ImageTooLarge,
+                            format!(
+                                "the image unpacks to more than {} bytes",
+                                max_bytes.unwrap_or(0)
+                            ),
+                        ))
+                    }
                     Ok(m) => Response::ImageImported(wire::ImportedImage {
                         digest: digest.clone(),
                         size_bytes: m.len(),

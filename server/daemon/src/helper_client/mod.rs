@@ -119,8 +119,16 @@ pub async fn import_image(
     h: &dyn Helper,
     upload: Uuid,
     digest: String,
+    max_bytes: Option<u64>,
 ) -> Result<wire::ImportedImage, HelperClientError> {
-    match h.call_long(Request::ImportImage { upload, digest }).await? {
+    match h
+        .call_long(Request::ImportImage {
+            upload,
+            digest,
+            max_bytes,
+        })
+        .await?
+    {
         Response::ImageImported(i) => Ok(i),
         other => Err(unexpected("import_image", other)),
     }

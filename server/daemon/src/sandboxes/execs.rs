@@ -80,6 +80,9 @@ impl AttachSession {
 
 /// How long a monitor may take to start an exec (joining, and executing the command).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an exec that failed to start waits for its sandbox to be seen ending (see
+/// `ended_meanwhile`) before the failure counts as the exec's own.
+const ENDING_GRACE: Duration = Duration::from_secs(2);
 /// How long a monitor may take to answer an attach.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest answer line read from a monitor.
@@ -182,6 +185,11 @@ impl Service {
             Ok(Ok((answer, _))) => answer,
             Ok(Err(MonitorError::Gone(_))) => Some(format!("err {}", proto::NOT_RUNNING)),
             Ok(Err(e)) => {
+                // A monitor that closes under us is most often a sandbox ending right now: that
+                // is the caller's race (409), not our failure.
+                if self.ended_meanwhile(sandbox.id).await {
+                    return Err(self.withdraw_exec(id).await);
+                }
                 // We cannot know whether the monitor started it: the watcher finds out.
                 tracing::error!(%id, error = %e, "sending an exec to a monitor failed");
                 tokio::spawn(watch_exec(Arc::clone(&self), sandbox.id, id));
@@ -209,11 +217,14 @@ impl Service {
             }
             Some(("err", why)) if why == proto::NOT_RUNNING => {
                 // The sandbox ended in between: as if it had been asked a moment later.
-                self.store.delete_exec(id).await?;
-                self.exec_registry().remove(&id);
-                return Err(ExecError::Sandbox(SandboxError::NotRunning));
+                return Err(self.withdraw_exec(id).await);
             }
             other => {
+                // The sandbox's init died a moment before its monitor noticed (joining it fails,
+                // or the monitor closes without answering): the exec raced the sandbox's end.
+                if self.ended_meanwhile(sandbox.id).await {
+                    return Err(self.withdraw_exec(id).await);
+                }
                 let why = match other {
                     Some(("err", why)) => why.to_owned(),
                     _ => "the monitor closed the connection without an answer".to_owned(),
@@ -235,6 +246,25 @@ impl Service {
             .exec(sandbox.id, id)
             .await?
             .ok_or(ExecError::NotFound)
+    }
+
+    /// Whether the sandbox has ended, or ends within [`ENDING_GRACE`]: a monitor whose sandbox's
+    /// init is gone closes within milliseconds, and its watcher then marks the sandbox final.
+    async fn ended_meanwhile(&self, sandbox: Uuid) -> bool {
+        if let Some(mut rx) = self.subscribe(sandbox) {
+            let _ = tokio::time::timeout(ENDING_GRACE, rx.wait_for(|done| *done)).await;
+        }
+        matches!(self.store.get(sandbox).await, Ok(Some(s)) if s.state.is_final())
+    }
+
+    /// Forget an exec that never ran because its sandbox ended first: the answer is 409
+    /// `not_running`, as if it had been asked a moment later.
+    async fn withdraw_exec(&self, id: Uuid) -> ExecError {
+        if let Err(e) = self.store.delete_exec(id).await {
+            return e.into();
+        }
+        self.notify_exec_final(id);
+        ExecError::Sandbox(SandboxError::NotRunning)
     }
 
     /// The execs of a sandbox, oldest first.

@@ -148,6 +148,7 @@ impl Service {
         if sandbox.state != SandboxState::Created {
             return Err(SandboxError::NotCreated);
         }
+        self.require_storage()?;
         let id = sandbox.id;
         if !self.store.start_created(id).await? {
             return Err(SandboxError::NotCreated);

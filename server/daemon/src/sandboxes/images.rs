@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use super::{SandboxError, Service};
 use crate::helper_client::{self, HelperClientError};
-use crate::store::{NewImage, StoreError};
+use crate::store::{image_quota_refusal, ImageUsage, NewImage, StoreError};
 
 /// Why an image operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,12 @@ pub enum ImageError {
     Bad(String),
     #[error("{0}")]
     TooLarge(String),
+    /// The tenant's image quota (429); the message names the quota, its limit and the usage.
+    #[error("{0}")]
+    Quota(String),
+    /// The state filesystem is down to its free-space reserve (507).
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error("storing the upload")]
     Upload(#[source] std::io::Error),
     #[error("store")]
@@ -62,6 +68,30 @@ fn api_config(c: sandboxd_protocol::wire::ImageConfig) -> ImageConfig {
         working_dir: c.working_dir,
         user: c.user,
     }
+}
+
+/// How many bytes of an upload may arrive between two measurements of the free space.
+const UPLOAD_MEASURE_EVERY: u64 = 4 << 20;
+
+/// What set an import's cap, so that its refusal names the right limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bound {
+    /// `--max-image-bytes` (413).
+    Daemon,
+    /// The tenant's `max_image_bytes` (429).
+    Quota,
+    /// The free-space reserve (507).
+    Reserve,
+}
+
+/// An upload received, on its way to the helper.
+struct Import {
+    upload: Upload,
+    id: Uuid,
+    digest: String,
+    total: u64,
+    cap: u64,
+    bound: Bound,
 }
 
 /// Removes an upload file when dropped (a finished import, or a client that went away).
@@ -94,6 +124,13 @@ impl Service {
         if self.store.image(tenant, name).await?.is_some() {
             return Err(ImageError::Exists);
         }
+        // A tenant at its image count (or already at its bytes) is refused before any upload.
+        let quota = self.store.quota(tenant).await?;
+        let usage = self.store.image_usage(tenant).await?;
+        if let Some(why) = image_quota_refusal(tenant, &quota, usage, 0) {
+            return Err(ImageError::Quota(why));
+        }
+        self.storage_headroom()?;
         let max = self.policy.max_image_bytes;
         let dir = self.uploads_dir();
         std::fs::DirBuilder::new()
@@ -112,6 +149,8 @@ impl Service {
             .map_err(ImageError::Upload)?;
         let mut hasher = Sha256::new();
         let mut total: u64 = 0;
+        // The upload itself takes space too: the reserve is measured again every few MiB.
+        let mut measured_at: u64 = 0;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| ImageError::Bad(format!("reading the body: {e}")))?;
             total += chunk.len() as u64;
@@ -119,6 +158,10 @@ impl Service {
                 return Err(ImageError::TooLarge(format!(
                     "the upload is larger than this daemon's maximum of {max} bytes"
                 )));
+            }
+            if total - measured_at >= UPLOAD_MEASURE_EVERY {
+                measured_at = total;
+                self.storage_headroom()?;
             }
             hasher.update(&chunk);
             file.write_all(&chunk).await.map_err(ImageError::Upload)?;
@@ -132,30 +175,82 @@ impl Service {
             sandboxd_protocol::rules::Digest::of_sha256(&hasher.finalize().into()).into_string();
         // From here on the work runs in its own task: a client hanging up must not leave an
         // unpacked image without its row (or a row-less image until the next start).
+        // What the unpacked image may take: the daemon's cap, what the tenant's quota leaves,
+        // and what is free above the reserve, whichever is least. The helper counts the bytes
+        // it stores as it writes them and stops (removing the partial image) past this cap.
+        let quota_left = quota
+            .max_image_bytes
+            .map(|q| u64::try_from(q).unwrap_or(0).saturating_sub(usage.bytes));
+        let headroom = self.storage_headroom()?;
+        let bound = if quota_left.is_some_and(|q| q < max.min(headroom)) {
+            Bound::Quota
+        } else if headroom < max {
+            Bound::Reserve
+        } else {
+            Bound::Daemon
+        };
+        let cap = max.min(headroom).min(quota_left.unwrap_or(u64::MAX));
         let svc = std::sync::Arc::clone(self);
         let (tenant, name) = (tenant.to_owned(), name.to_owned());
         tokio::spawn(async move {
-            svc.finish_import(upload, id, digest, total, &tenant, &name)
-                .await
+            let job = Import {
+                upload,
+                id,
+                digest,
+                total,
+                cap,
+                bound,
+            };
+            svc.finish_import(job, &tenant, &name, usage).await
         })
         .await?
     }
 
+    /// Bytes that may still be written above the free-space reserve (507 when none).
+    fn storage_headroom(&self) -> Result<u64, ImageError> {
+        self.require_storage().map_err(|e| match e {
+            SandboxError::InsufficientStorage(m) => ImageError::InsufficientStorage(m),
+            other => ImageError::Bad(other.to_string()),
+        })
+    }
+
     async fn finish_import(
         &self,
-        upload: Upload,
-        id: Uuid,
-        digest: String,
-        total: u64,
+        job: Import,
         tenant: &str,
         name: &str,
+        usage: ImageUsage,
     ) -> Result<Image, ImageError> {
-        let imported = helper_client::import_image(&*self.helper, id, digest.clone())
+        let Import {
+            upload,
+            id,
+            digest,
+            total,
+            cap,
+            bound,
+        } = job;
+        let imported = helper_client::import_image(&*self.helper, id, digest.clone(), Some(cap))
             .await
             .map_err(|e| match e {
-                HelperClientError::Refused(h) => match h.code {
-                    HelperErrorCode::BadImage => ImageError::Bad(h.message),
-                    HelperErrorCode::ImageTooLarge => ImageError::TooLarge(h.message),
+                HelperClientError::Refused(h) => match (h.code, bound) {
+                    (HelperErrorCode::BadImage, _) => ImageError::Bad(h.message),
+                    (HelperErrorCode::ImageTooLarge, Bound::Quota) => ImageError::Quota(format!(
+                        "quota max_image_bytes: tenant {tenant:?} may store at most {} \
+                             bytes of images; {} are in use, and this image unpacks to more \
+                             than the {cap} left (the import was stopped and removed)",
+                        usage.bytes.saturating_add(cap),
+                        usage.bytes
+                    )),
+                    (HelperErrorCode::ImageTooLarge, Bound::Reserve) => {
+                        ImageError::InsufficientStorage(format!(
+                            "the daemon's storage is full: this image unpacks to more than the \
+                             {cap} bytes free above the reserve (--min-free-space); the import \
+                             was stopped and removed"
+                        ))
+                    }
+                    (HelperErrorCode::ImageTooLarge, Bound::Daemon) => {
+                        ImageError::TooLarge(h.message)
+                    }
                     _ => ImageError::Helper(HelperClientError::Refused(h)),
                 },
                 other => ImageError::Helper(other),
@@ -174,17 +269,21 @@ impl Service {
             config: api_config(imported.config),
         };
         let _guard = self.image_lock.write().await;
-        match self.store.insert_image(&new).await {
-            Ok(()) => {}
-            Err(StoreError::NameTaken) => {
-                // Lost a race with another import of the same name: drop ours if nothing
-                // else names its content.
-                if !self.store.digest_referenced(&digest).await? {
-                    let _ = helper_client::delete_image(&*self.helper, digest).await;
-                }
-                return Err(ImageError::Exists);
-            }
+        let refused = match self.store.insert_image(&new).await {
+            Ok(()) => None,
+            // Lost a race with another import of the same name.
+            Err(StoreError::NameTaken) => Some(ImageError::Exists),
+            // Stored already (no unpacking, so no cap applied) but beyond the quota, or another
+            // import of the tenant's took the room meanwhile.
+            Err(StoreError::QuotaExceeded(why)) => Some(ImageError::Quota(why)),
             Err(e) => return Err(e.into()),
+        };
+        if let Some(refused) = refused {
+            // Drop our content if nothing else names it.
+            if !self.store.digest_referenced(&digest).await? {
+                let _ = helper_client::delete_image(&*self.helper, digest).await;
+            }
+            return Err(refused);
         }
         self.store
             .image(tenant, name)

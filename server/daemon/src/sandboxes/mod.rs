@@ -36,6 +36,7 @@ use uuid::Uuid;
 use crate::helper_client::{self, Helper, HelperClientError};
 use crate::lifetime::Clock;
 use crate::limits::{self, HostLimits, LimitError, LimitPolicy, Resolved};
+use crate::storage::{FreeSpace, Reserve, StorageError};
 use crate::store::{Ending, NewSandbox, Store, StoreError};
 use crate::validate::ValidCreate;
 use files::spawn_request;
@@ -73,7 +74,8 @@ pub enum SandboxError {
     },
     #[error("the sandbox did not stop in time")]
     StopTimeout,
-    #[error("the sandbox is still busy: {0}")]
+    /// Something holds the sandbox for a moment; the message (for the client) says what.
+    #[error("the sandbox is busy: {0}")]
     Busy(String),
     #[error(transparent)]
     Limit(#[from] LimitError),
@@ -93,6 +95,11 @@ pub enum SandboxError {
     NetworkUnavailable(String),
     #[error("{0}")]
     PortInUse(String),
+    #[error("{0}")]
+    PortNotAllowed(String),
+    /// The state filesystem is down to its free-space reserve (507).
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error("no free address in the sandbox subnet: too many bridged sandboxes are running")]
     NoAddress,
     #[error("store")]
@@ -103,6 +110,23 @@ pub enum SandboxError {
     Monitor(#[from] MonitorError),
     #[error("internal task failed")]
     Task(#[from] tokio::task::JoinError),
+}
+
+impl SandboxError {
+    /// For `SpawnFailed`: what the sandbox's `error` field records (the helper's message).
+    pub fn spawn_failure(&self) -> Option<String> {
+        match self {
+            SandboxError::SpawnFailed { source, .. } => Some(spawn_failure_text(source)),
+            _ => None,
+        }
+    }
+}
+
+fn spawn_failure_text(source: &HelperClientError) -> String {
+    match source {
+        HelperClientError::Refused(e) => e.message.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// Which sandboxes a caller may see: a `user` token sees only its tenant's, an `admin` every one.
@@ -144,6 +168,8 @@ pub struct Service {
     image_lock: Arc<tokio::sync::RwLock<()>>,
     /// The helper's subnet when it offers bridge mode (asked once; see `network.rs`).
     net_subnet: OnceCell<Option<sandboxd_protocol::net::Subnet>>,
+    /// What must stay free on the state directory's filesystem (`--min-free-space`).
+    min_free_space: std::sync::RwLock<Reserve>,
 }
 
 impl Service {
@@ -169,7 +195,37 @@ impl Service {
             live_execs: Mutex::new(HashMap::new()),
             image_lock: Arc::new(tokio::sync::RwLock::new(())),
             net_subnet: OnceCell::new(),
+            min_free_space: std::sync::RwLock::new(Reserve::default()),
         })
+    }
+
+    /// Set the free-space reserve (`--min-free-space`; the default is [`Reserve::default`]).
+    pub fn set_min_free_space(&self, reserve: Reserve) {
+        *self
+            .min_free_space
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = reserve;
+    }
+
+    /// Bytes the daemon may still add to its state filesystem before the reserve;
+    /// `InsufficientStorage` (507) when it is down to it. A filesystem that cannot be measured
+    /// does not block anything (it is logged).
+    pub(crate) fn require_storage(&self) -> Result<u64, SandboxError> {
+        let reserve = *self
+            .min_free_space
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        match FreeSpace::new(&self.state_dir, reserve).headroom() {
+            Ok(n) => Ok(n),
+            Err(e @ StorageError::BelowReserve { .. }) => {
+                tracing::warn!(error = %e, "refusing new data: the free-space reserve is reached");
+                Err(SandboxError::InsufficientStorage(e.to_string()))
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::chain(&e), "cannot measure the free space");
+                Ok(u64::MAX)
+            }
+        }
     }
 
     pub fn policy(&self) -> &LimitPolicy {
@@ -269,6 +325,7 @@ impl Service {
         wait: bool,
     ) -> Result<Sandbox, SandboxError> {
         let resolved = limits::resolve(&self.policy, self.host_limits().await?, &v.spec)?;
+        self.require_storage()?;
         let capabilities =
             limits::resolve_capabilities(&self.policy, v.spec.capabilities.as_ref())?;
         if v.spec.nested_user_namespaces && !self.policy.allow_nested_userns {
@@ -473,10 +530,7 @@ impl Service {
                     exit_code: None,
                     signal: None,
                     reason: EndReason::SpawnFailed,
-                    error: Some(match &source {
-                        HelperClientError::Refused(e) => e.message.clone(),
-                        other => other.to_string(),
-                    }),
+                    error: Some(spawn_failure_text(&source)),
                     finished_at_ms: self.clock.now_unix_ms(),
                     stats: None,
                 };
@@ -613,7 +667,11 @@ impl Service {
                 Err(HelperClientError::Refused(e)) if e.code == HelperErrorCode::NotFound => break,
                 Err(HelperClientError::Refused(e)) if e.code == HelperErrorCode::Busy => {
                     if attempt >= DESTROY_BUSY_ATTEMPTS {
-                        return Err(SandboxError::Busy(e.message));
+                        tracing::warn!(%id, error = %e.message, "the helper still holds the sandbox");
+                        return Err(SandboxError::Busy(
+                            "the sandbox is still stopping, or a file transfer holds it; retry"
+                                .into(),
+                        ));
                     }
                     tokio::time::sleep(DESTROY_BUSY_PAUSE).await;
                 }
@@ -647,6 +705,15 @@ impl Service {
 
     pub async fn info(&self) -> Result<Info, SandboxError> {
         let h = helper_client::info(&*self.helper).await?;
+        let unenforced = self
+            .policy
+            .unenforced(&HostLimits::from_info(&h))
+            .into_iter()
+            .map(|(limit, reason)| sandboxd_api::UnenforcedLimit {
+                limit: limit.to_owned(),
+                reason,
+            })
+            .collect();
         Ok(Info {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             mode: h.mode.as_str().to_owned(),
@@ -669,6 +736,7 @@ impl Service {
                 size: h.uid_range_size,
                 slots: h.uid_slots,
             },
+            unenforced,
             limits: h.enforceable_limits,
             preflight: h
                 .preflight

@@ -41,6 +41,17 @@ impl Service {
                     .into(),
             ));
         }
+        let range = self.policy.publish_ports;
+        for p in spec.network.iter().flat_map(|n| n.ports.iter()) {
+            if p.host != 0 && !range.contains(p.host) {
+                return Err(SandboxError::PortNotAllowed(format!(
+                    "network.ports: host port {} is outside this daemon's publish range {range} \
+                     (leave it 0 to get a free port of the range; an operator sets the range \
+                     with --publish-ports)",
+                    p.host
+                )));
+            }
+        }
         Ok(())
     }
 

@@ -59,9 +59,75 @@ fn image_row(row: &SqliteRow) -> Result<Image, StoreError> {
     })
 }
 
+/// What a tenant's images take: names, and the sum of their stored sizes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImageUsage {
+    pub images: u64,
+    pub bytes: u64,
+}
+
+async fn image_usage_in(
+    conn: &mut sqlx::SqliteConnection,
+    tenant: &str,
+) -> Result<ImageUsage, StoreError> {
+    let row =
+        sqlx::query("SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM images WHERE tenant = ?")
+            .bind(tenant)
+            .fetch_one(conn)
+            .await?;
+    let u = |v: i64| u64::try_from(v).unwrap_or(0);
+    Ok(ImageUsage {
+        images: u(row.try_get(0)?),
+        bytes: u(row.try_get(1)?),
+    })
+}
+
+/// Why an image would take its tenant beyond its quota (`None` when it fits): the message names
+/// the quota, its limit and the usage.
+pub fn image_quota_refusal(
+    tenant: &str,
+    quota: &super::StoredQuota,
+    usage: ImageUsage,
+    new_bytes: u64,
+) -> Option<String> {
+    let limit = |v: Option<i64>| v.map(|n| u64::try_from(n).unwrap_or(0));
+    if let Some(max) = limit(quota.max_images) {
+        if usage.images >= max {
+            return Some(format!(
+                "quota max_images: tenant {tenant:?} may have at most {max} images and has {}",
+                usage.images
+            ));
+        }
+    }
+    if let Some(max) = limit(quota.max_image_bytes) {
+        if usage.bytes.saturating_add(new_bytes) > max {
+            return Some(format!(
+                "quota max_image_bytes: tenant {tenant:?} may store at most {max} bytes of \
+                 images; {} are in use and this image needs {new_bytes}",
+                usage.bytes
+            ));
+        }
+    }
+    None
+}
+
 impl Store {
-    /// Insert an image name; `NameTaken` when the tenant has one of that name already.
+    /// A tenant's image names and the sum of their sizes.
+    pub async fn image_usage(&self, tenant: &str) -> Result<ImageUsage, StoreError> {
+        let mut conn = self.reader.acquire().await?;
+        image_usage_in(&mut conn, tenant).await
+    }
+
+    /// Insert an image name; `NameTaken` when the tenant has one of that name already,
+    /// `QuotaExceeded` when it would take the tenant beyond its image quota (checked in the
+    /// insert's transaction, on the single writer, so two imports cannot both pass).
     pub async fn insert_image(&self, new: &NewImage) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let quota = self.quota_in(&mut tx, &new.tenant).await?;
+        let usage = image_usage_in(&mut tx, &new.tenant).await?;
+        if let Some(why) = image_quota_refusal(&new.tenant, &quota, usage, new.size_bytes) {
+            return Err(StoreError::QuotaExceeded(why));
+        }
         let inserted = sqlx::query(
             "INSERT INTO images (tenant, name, digest, size_bytes, archive_bytes, entries, format,
                                  layers, created_at, config)
@@ -82,10 +148,10 @@ impl Store {
                 what: format!("image config: {e}"),
             })?,
         )
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await;
         match inserted {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(tx.commit().await?),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::NameTaken),
             Err(e) => Err(e.into()),
         }

@@ -50,6 +50,11 @@ pub fn sample_net() -> ValidNet {
             ("box".into(), "10.88.0.9".parse().unwrap()),
         ],
         ports: vec![],
+        publish_ports: sandboxd_protocol::net::PortRange {
+            low: 32768,
+            high: 60999,
+        },
+        port_seed: 0,
     }
 }
 

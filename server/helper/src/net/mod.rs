@@ -34,6 +34,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use nix::fcntl::OFlag;
 use nix::sched::CloneFlags;
 use nix::sys::stat::Mode;
+use sandboxd_protocol::net::PortRange;
 use sandboxd_protocol::wire::{self, PortMapping};
 use uuid::Uuid;
 
@@ -52,6 +53,8 @@ const SANDBOX_IFACE: &str = "eth0";
 pub enum NetError {
     #[error("host port {0} is already in use")]
     PortInUse(u16),
+    #[error("every host port of the publish range {0} is in use")]
+    RangeFull(String),
     #[error("binding host port {port}")]
     Bind {
         port: u16,
@@ -86,6 +89,25 @@ pub struct Network {
     hub: Result<OwnedFd, String>,
     /// `<state>/helper`, where the hub is bound.
     helper_dir: Option<OwnedFd>,
+}
+
+fn bind_loopback(port: u16) -> Result<TcpListener, NetError> {
+    TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => NetError::PortInUse(port),
+        _ => NetError::Bind { port, source: e },
+    })
+}
+
+/// An unspecified host port: the first free one of the operator's range, trying each port once
+/// from `seed` on (the kernel's own choice would come from the whole ephemeral range).
+fn bind_in_range(range: PortRange, seed: u32) -> Result<TcpListener, NetError> {
+    for n in 0..range.len() {
+        match bind_loopback(range.nth_from(seed, n)) {
+            Err(NetError::PortInUse(_)) => continue,
+            other => return other,
+        }
+    }
+    Err(NetError::RangeFull(range.to_string()))
 }
 
 /// A new sandbox's network, handed to its monitor.
@@ -240,14 +262,11 @@ impl Network {
         let mut listeners = Vec::new();
         if let Some(net) = &spawn.network {
             for p in &net.ports {
-                let listener = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, p.host))
-                    .map_err(|e| match e.kind() {
-                        std::io::ErrorKind::AddrInUse => NetError::PortInUse(p.host),
-                        _ => NetError::Bind {
-                            port: p.host,
-                            source: e,
-                        },
-                    })?;
+                let listener = if p.host == 0 {
+                    bind_in_range(net.publish_ports, net.port_seed)?
+                } else {
+                    bind_loopback(p.host)?
+                };
                 listeners.push((listener, p.sandbox));
             }
         }
