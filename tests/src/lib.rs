@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod internet;
+
 use sandboxd_api::Sandbox;
 use serde_json::{json, Value};
 

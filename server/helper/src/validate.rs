@@ -356,6 +356,7 @@ mod tests {
             allow_nested_userns: false,
             max_image_bytes: 1 << 30,
             net_subnet: sandboxd_protocol::net::Subnet::parse("10.88.0.0/16").unwrap(),
+            egress: Default::default(),
         }
     }
 
