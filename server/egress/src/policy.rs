@@ -212,6 +212,14 @@ impl Entry {
             .is_some_and(|until| *until > now)
     }
 
+    /// Did the filter resolve any name to `addr` for this sandbox, recently enough? If not, and
+    /// no address rule allows `addr`, no server name can make a connection there allowed.
+    pub fn resolved_any(&self, addr: Ipv4Addr, now: Instant) -> bool {
+        self.resolved
+            .values()
+            .any(|addrs| addrs.get(&addr).is_some_and(|until| *until > now))
+    }
+
     /// Remember that `name` resolved to `addrs` for `ttl`.
     pub fn remember(&mut self, name: &str, addrs: &[Ipv4Addr], ttl: Duration, now: Instant) {
         if addrs.is_empty() {
@@ -635,6 +643,7 @@ mod tests {
         let e = t.get_mut(SRC).expect("entry");
         e.remember("pypi.org", &[A], Duration::from_secs(10), now);
         assert!(e.resolved("pypi.org", A, now));
+        assert!(e.resolved_any(A, now) && !e.resolved_any(B, now));
         assert!(!e.resolved("pypi.org", B, now));
         assert!(!e.resolved("other.org", A, now));
         let later = now + Duration::from_secs(10) + RESOLVED_GRACE;

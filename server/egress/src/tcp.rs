@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sandboxd_api::egress::{DenialReason, EgressDenial};
+use sandboxd_api::egress::{DenialReason, EgressDenial, Verdict};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -25,6 +25,11 @@ use crate::sys;
 pub const PEEK_MAX: usize = 16 * 1024;
 /// Longest wait for the client's first bytes; past it the address rules decide.
 pub const PEEK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for them when the connection is denied whatever name it presents (no address
+/// rule allows the destination and no name resolved to it): the name only makes the denial's
+/// reason and record precise, and a client that waits for the server to speak first must not
+/// wait long for its reset.
+pub const PEEK_TIMEOUT_DENIED: Duration = Duration::from_millis(500);
 /// Longest wait for the destination to accept; past it the client is reset.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Copy buffer per direction and connection.
@@ -86,10 +91,12 @@ impl Tcp {
                 return reset(stream);
             }
         };
-        let found = lock_table(&self.table)
-            .get(src)
-            .map(|e| (e.id, Arc::clone(&e.policy), Arc::clone(&e.stats)));
-        let Some((id, policy, stats)) = found else {
+        let found = lock_table(&self.table).get(src).map(|e| {
+            let reachable = e.resolved_any(*dest.ip(), Instant::now())
+                || e.policy.check_address(*dest.ip(), dest.port()) == Verdict::Allow;
+            (e.id, Arc::clone(&e.policy), Arc::clone(&e.stats), reachable)
+        });
+        let Some((id, policy, stats, reachable)) = found else {
             tracing::debug!(%src, %dest, "connection from an address without a policy; reset");
             return reset(stream);
         };
@@ -106,7 +113,12 @@ impl Tcp {
         }
         let mut first = Vec::new();
         let name = if policy::name_matters(&policy, *dest.ip(), dest.port()) {
-            match peek(&mut stream, &mut first).await {
+            let wait = if reachable {
+                PEEK_TIMEOUT
+            } else {
+                PEEK_TIMEOUT_DENIED
+            };
+            match peek(&mut stream, &mut first, wait).await {
                 Ok(name) => name,
                 Err(e) => {
                     tracing::debug!(error = %e, %src, %dest, "client gone before deciding");
@@ -154,9 +166,13 @@ impl Tcp {
 }
 
 /// Read the client's first bytes into `buf` until they name a server, say there is none, fill
-/// [`PEEK_MAX`], end, or [`PEEK_TIMEOUT`] passes.
-async fn peek(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<String>> {
-    let deadline = tokio::time::Instant::now() + PEEK_TIMEOUT;
+/// [`PEEK_MAX`], end, or `wait` passes.
+async fn peek(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    wait: Duration,
+) -> io::Result<Option<String>> {
+    let deadline = tokio::time::Instant::now() + wait;
     let mut chunk = vec![0u8; 4096];
     loop {
         match sniff::server_name(buf) {
