@@ -166,6 +166,10 @@ pub struct NetworkSpec {
     /// Ports to publish on the host's 127.0.0.1. Bridge mode only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortSpec>,
+    /// Destinations outside the group the sandbox may reach (see [`egress`]); none when
+    /// absent. Bridge mode only, and only where the daemon offers egress (`GET /v1/info`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<egress::EgressPolicy>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -209,6 +213,36 @@ pub struct NetworkInfo {
     /// Published ports as bound on the host's 127.0.0.1.
     #[serde(default)]
     pub ports: Vec<PortSpec>,
+    /// The egress policy in force (the one of the request, or of the last
+    /// `PATCH /v1/sandboxes/{id}/network`); absent when the sandbox has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<egress::EgressPolicy>,
+}
+
+/// Body of `PATCH /v1/sandboxes/{id}/network`: the new egress policy, replacing the old one
+/// whole (`{"allow": []}` leaves nothing beyond the group).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkUpdate {
+    pub egress: egress::EgressPolicy,
+}
+
+/// Body of `GET /v1/sandboxes/{id}/network/denials`: the most recent first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressDenialList {
+    pub items: Vec<egress::EgressDenial>,
+}
+
+/// `egress` of `GET /v1/info`: whether bridged sandboxes can be given an egress policy here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressInfo {
+    pub available: bool,
+    /// Why not (and what would make it available), when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The daemon is connected to the egress filter right now.
+    #[serde(default)]
+    pub connected: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -429,6 +463,9 @@ pub struct Info {
     /// Resource limits this host enforces (`memory`, `cpus`, `pids`); others are answered 422.
     #[serde(default)]
     pub limits: Vec<String>,
+    /// Whether `network.egress` can be used, or why not.
+    #[serde(default)]
+    pub egress: EgressInfo,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -539,6 +576,10 @@ error_codes! {
     CapabilityNotAllowed = "capability_not_allowed",
     NestedUsernsNotAllowed = "nested_userns_not_allowed",
     RateLimited = "rate_limited",
+    /// `network.egress` on a daemon without egress, or outside bridge mode.
+    EgressUnavailable = "egress_unavailable",
+    /// The operator does not let this tenant use egress (`--egress-tenants`).
+    EgressNotAllowed = "egress_not_allowed",
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -575,6 +616,9 @@ pub struct Stats {
     pub output_bytes: u64,
     /// True once output was cut at `limits.output_bytes`.
     pub output_truncated: bool,
+    /// Egress counters (totals since the policy was first set); null without a policy.
+    #[serde(default)]
+    pub egress: Option<egress::EgressCounters>,
 }
 
 /// Body of `POST /v1/sandboxes/{id}/extend`.

@@ -1674,4 +1674,5 @@ async fn network_requests_are_checked_allocated_and_shown() {
     assert!(store.ids().await.unwrap().is_empty());
 }
 
+mod egress;
 mod sessions;
