@@ -23,8 +23,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 
-use crate::control::{lock_table, Events};
+use crate::control::Events;
 use crate::policy::{Limits, Table};
+use crate::shared::{lock_table, Throttle};
 use crate::sniff::normalize_name;
 
 /// Longest TTL the filter gives (and remembers a resolution for).
@@ -37,6 +38,8 @@ const RETRANSMIT_AFTER: Duration = Duration::from_millis(700);
 pub const MAX_INFLIGHT: usize = 256;
 /// Most addresses in one answer (keeps every answer far below 512 bytes).
 pub const MAX_ANSWERS: usize = 16;
+/// At most one log line per this period for upstream failures and overload.
+const LOG_PERIOD: Duration = Duration::from_secs(10);
 /// The EDNS payload size the filter offers (the common "DNS flag day" value).
 const EDNS_PAYLOAD: u16 = 1232;
 
@@ -74,6 +77,7 @@ pub struct Dns {
     pub limits: Arc<Limits>,
     pub upstream: SocketAddrV4,
     pub inflight: Semaphore,
+    pub failures: Throttle,
 }
 
 impl Dns {
@@ -138,13 +142,17 @@ impl Dns {
             return reply(req, ResponseCode::NoError);
         }
         let Ok(_permit) = self.inflight.try_acquire() else {
-            tracing::warn!("too many dns questions in flight; SERVFAIL");
+            if let Some(suppressed) = self.failures.allow(LOG_PERIOD) {
+                tracing::warn!(suppressed, "too many dns questions in flight; SERVFAIL");
+            }
             return reply(req, ResponseCode::ServFail);
         };
         let answer = match ask_upstream(self.upstream, query.name()).await {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!(error = %e, name = %name, "upstream dns failed; SERVFAIL");
+                if let Some(suppressed) = self.failures.allow(LOG_PERIOD) {
+                    tracing::warn!(error = %e, name = %name, suppressed, "upstream dns failed; SERVFAIL");
+                }
                 return reply(req, ResponseCode::ServFail);
             }
         };
@@ -156,7 +164,7 @@ impl Dns {
             }
             Resolution::Addresses { kept, dropped, ttl } => {
                 if let Some(first) = dropped.first() {
-                    tracing::info!(name = %name, address = %first, "dns answer in a private range dropped");
+                    tracing::debug!(name = %name, address = %first, "dns answer in a private range dropped");
                     self.denied(id, &name, Some(*first), DenialReason::PrivateRange);
                 }
                 if let Some(e) = lock_table(&self.table).get_mut(src).filter(|e| e.id == id) {
@@ -487,6 +495,7 @@ mod tests {
             limits: Arc::new(limits()),
             upstream,
             inflight: Semaphore::new(MAX_INFLIGHT),
+            failures: Throttle::default(),
         };
         (dns, id)
     }

@@ -11,12 +11,13 @@
 //! outlives daemon and helper restarts; policies come from the daemon over the control socket.
 //!
 //! Modules: `sys` (descriptors and socket options; the only `unsafe`), `policy` (the table and
-//! the decision), `sniff` (SNI and Host), `dns` (the resolver), `tcp` (connections), `control`
+//! the decision), `shared` (locks, a log throttle), `sniff` (SNI and Host), `dns` (the resolver), `tcp` (connections), `control`
 //! (the daemon's socket and events).
 
 mod control;
 mod dns;
 mod policy;
+mod shared;
 mod sniff;
 mod sys;
 mod tcp;
@@ -126,6 +127,7 @@ async fn serve(
         events: Arc::clone(&events),
         limits: Arc::clone(&limits),
         slots: Arc::new(Semaphore::new(tcp::MAX_CONNECTIONS)),
+        over_limit: shared::Throttle::default(),
     });
     let dns_side = Arc::new(dns::Dns {
         table: Arc::clone(&table),
@@ -133,6 +135,7 @@ async fn serve(
         limits,
         upstream: config.upstream_dns,
         inflight: Semaphore::new(dns::MAX_INFLIGHT),
+        failures: shared::Throttle::default(),
     });
     let control_side = Arc::new(control::Control {
         table,

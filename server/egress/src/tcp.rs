@@ -16,8 +16,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::control::{is_transient, lock_table, Events};
+use crate::control::Events;
 use crate::policy::{self, Decision, Limits, Stats, Table};
+use crate::shared::{is_transient, lock_table, Throttle};
 use crate::sniff::{self, Sniff};
 use crate::sys;
 
@@ -32,8 +33,11 @@ pub const PEEK_TIMEOUT: Duration = Duration::from_secs(5);
 pub const PEEK_TIMEOUT_DENIED: Duration = Duration::from_millis(500);
 /// Longest wait for the destination to accept; past it the client is reset.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Copy buffer per direction and connection.
-const COPY_BUF: usize = 32 * 1024;
+/// Copy buffer per direction and connection: with the peek buffer, a connection holds at most
+/// about 50 KiB of the filter's memory.
+const COPY_BUF: usize = 16 * 1024;
+/// At most one log line per this period for what a sandbox can repeat at will.
+const LOG_PERIOD: Duration = Duration::from_secs(10);
 /// Most connections the filter holds at once, all sandboxes together (each is two descriptors).
 pub const MAX_CONNECTIONS: usize = 8192;
 
@@ -43,6 +47,7 @@ pub struct Tcp {
     pub events: Arc<Events>,
     pub limits: Arc<Limits>,
     pub slots: Arc<Semaphore>,
+    pub over_limit: Throttle,
 }
 
 /// Close `s` with a reset rather than a FIN.
@@ -67,7 +72,9 @@ impl Tcp {
                 Err(e) => return Err(e),
             };
             let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
-                tracing::warn!(%peer, "too many connections; reset");
+                if let Some(suppressed) = self.over_limit.allow(LOG_PERIOD) {
+                    tracing::warn!(%peer, suppressed, "too many connections; reset");
+                }
                 reset(stream);
                 continue;
             };
@@ -101,7 +108,9 @@ impl Tcp {
             return reset(stream);
         };
         let Some(_active) = stats.enter() else {
-            tracing::warn!(sandbox = %id, "too many connections for one sandbox");
+            if let Some(suppressed) = self.over_limit.allow(LOG_PERIOD) {
+                tracing::warn!(sandbox = %id, suppressed, "too many connections for one sandbox; reset");
+            }
             stats.add(&stats.connections_denied, 1);
             self.report(id, dest, None, DenialReason::NotAllowed);
             return reset(stream);
@@ -143,14 +152,16 @@ impl Tcp {
             }
             Decision::Allowed { conn_id, cut } => {
                 tracing::debug!(sandbox = %id, %dest, name = name.as_deref().unwrap_or(""), "allowed");
-                relay(stream, dest, &first, &stats, &cut).await;
+                relay(stream, dest, first, &stats, &cut).await;
                 lock_table(&self.table).finish(src, conn_id);
             }
         }
     }
 
     fn report(&self, id: Uuid, dest: SocketAddrV4, name: Option<String>, reason: DenialReason) {
-        tracing::info!(sandbox = %id, %dest, name = name.as_deref().unwrap_or(""), ?reason, "connection denied");
+        // Denials go to the daemon as events; the log has them at debug level only, so that a
+        // sandbox cannot fill the host's disk by being denied.
+        tracing::debug!(sandbox = %id, %dest, name = name.as_deref().unwrap_or(""), ?reason, "connection denied");
         self.events.denied(
             id,
             EgressDenial {
@@ -201,7 +212,7 @@ async fn peek(
 async fn relay(
     mut client: TcpStream,
     dest: SocketAddrV4,
-    first: &[u8],
+    first: Vec<u8>,
     stats: &Stats,
     cut: &CancellationToken,
 ) {
@@ -236,16 +247,17 @@ async fn relay(
 async fn copy_both(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
-    first: &[u8],
+    first: Vec<u8>,
     stats: &Stats,
 ) -> io::Result<()> {
     let (mut client_r, mut client_w) = client.split();
     let (mut up_r, mut up_w) = upstream.split();
     let out = async {
         if !first.is_empty() {
-            up_w.write_all(first).await?;
+            up_w.write_all(&first).await?;
             stats.add(&stats.bytes_out, first.len() as u64);
         }
+        drop(first);
         copy_counted(&mut client_r, &mut up_w, stats, Direction::Out).await
     };
     let back = copy_counted(&mut up_r, &mut client_w, stats, Direction::In);
