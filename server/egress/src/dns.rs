@@ -53,6 +53,8 @@ pub enum DnsError {
     Timeout,
     #[error("the upstream resolver's answer over TCP is malformed")]
     BadTcpAnswer,
+    #[error("too many questions in flight to the upstream resolver")]
+    Busy,
 }
 
 /// What the upstream's answer comes to.
@@ -70,13 +72,35 @@ pub enum Resolution {
     },
 }
 
+/// The upstream resolver, shared by the resolver and the TCP side (which asks it itself when a
+/// connection names a host the sandbox did not resolve through the filter, or not recently).
+pub struct Upstream {
+    pub addr: SocketAddrV4,
+    inflight: Semaphore,
+}
+
+impl Upstream {
+    pub fn new(addr: SocketAddrV4) -> Upstream {
+        Upstream {
+            addr,
+            inflight: Semaphore::new(MAX_INFLIGHT),
+        }
+    }
+
+    /// What `name` resolves to, private addresses set apart.
+    pub async fn resolve(&self, name: &Name, limits: &Limits) -> Result<Resolution, DnsError> {
+        let _permit = self.inflight.try_acquire().map_err(|_| DnsError::Busy)?;
+        let answer = ask_upstream(self.addr, name).await?;
+        Ok(resolution(&answer, name, limits))
+    }
+}
+
 /// The resolver's shared state.
 pub struct Dns {
     pub table: Arc<Mutex<Table>>,
     pub events: Arc<Events>,
     pub limits: Arc<Limits>,
-    pub upstream: SocketAddrV4,
-    pub inflight: Semaphore,
+    pub upstream: Arc<Upstream>,
     pub failures: Throttle,
 }
 
@@ -135,20 +159,21 @@ impl Dns {
             return reply(req, ResponseCode::NXDomain);
         };
         let Some(name) = normalize_name(&asked).filter(|n| policy.may_resolve(n)) else {
-            self.denied(id, &asked, None, DenialReason::NotAllowed);
+            // Clients ask A and AAAA (and again on retry): one record per name and burst.
+            let first = lock_table(&self.table)
+                .get_mut(src)
+                .filter(|e| e.id == id)
+                .is_some_and(|e| e.first_dns_denial(&asked, Instant::now()));
+            if first {
+                self.denied(id, &asked, None, DenialReason::NotAllowed);
+            }
             return reply(req, ResponseCode::NXDomain);
         };
         if query.query_type() != RecordType::A {
             return reply(req, ResponseCode::NoError);
         }
-        let Ok(_permit) = self.inflight.try_acquire() else {
-            if let Some(suppressed) = self.failures.allow(LOG_PERIOD) {
-                tracing::warn!(suppressed, "too many dns questions in flight; SERVFAIL");
-            }
-            return reply(req, ResponseCode::ServFail);
-        };
-        let answer = match ask_upstream(self.upstream, query.name()).await {
-            Ok(a) => a,
+        let resolved = match self.upstream.resolve(query.name(), &self.limits).await {
+            Ok(r) => r,
             Err(e) => {
                 if let Some(suppressed) = self.failures.allow(LOG_PERIOD) {
                     tracing::warn!(error = %e, name = %name, suppressed, "upstream dns failed; SERVFAIL");
@@ -156,7 +181,7 @@ impl Dns {
                 return reply(req, ResponseCode::ServFail);
             }
         };
-        match resolution(&answer, query.name(), &self.limits) {
+        match resolved {
             Resolution::NxDomain => reply(req, ResponseCode::NXDomain),
             Resolution::Failed(code) => {
                 tracing::debug!(name = %name, ?code, "upstream dns refused; SERVFAIL");
@@ -493,8 +518,7 @@ mod tests {
             table: Arc::new(Mutex::new(table)),
             events: Arc::default(),
             limits: Arc::new(limits()),
-            upstream,
-            inflight: Semaphore::new(MAX_INFLIGHT),
+            upstream: Arc::new(Upstream::new(upstream)),
             failures: Throttle::default(),
         };
         (dns, id)
@@ -546,6 +570,10 @@ mod tests {
             [sandboxd_protocol::egress::FilterEvent::Denied { sandbox, denial }]
             if *sandbox == id && denial.protocol == "dns" && denial.name.as_deref() == Some("evil.org")
                 && denial.reason == DenialReason::NotAllowed));
+        // The same name again (AAAA, a retry): NXDOMAIN, no second record.
+        let r = dns.respond(&ask("evil.org.", RecordType::AAAA), SRC).await;
+        assert_eq!(r.response_code, ResponseCode::NXDomain);
+        assert!(dns.events_for_test().is_empty());
         // AAAA of an allowed name: no data, nothing asked upstream, no denial.
         let r = dns.respond(&ask("pypi.org.", RecordType::AAAA), SRC).await;
         assert_eq!(r.response_code, ResponseCode::NoError);

@@ -9,6 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hickory_proto::rr::Name;
 use sandboxd_api::egress::{DenialReason, EgressDenial, Verdict};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::control::Events;
+use crate::dns::{Resolution, Upstream};
 use crate::policy::{self, Decision, Limits, Stats, Table};
 use crate::shared::{is_transient, lock_table, Throttle};
 use crate::sniff::{self, Sniff};
@@ -48,6 +50,7 @@ pub struct Tcp {
     pub limits: Arc<Limits>,
     pub slots: Arc<Semaphore>,
     pub over_limit: Throttle,
+    pub upstream: Arc<Upstream>,
 }
 
 /// Close `s` with a reset rather than a FIN.
@@ -137,6 +140,9 @@ impl Tcp {
         } else {
             None
         };
+        if let Some(name) = &name {
+            self.resolve_if_needed(src, id, name, dest).await;
+        }
         let decision = lock_table(&self.table).decide_connection(
             src,
             id,
@@ -155,6 +161,30 @@ impl Tcp {
                 relay(stream, dest, first, &stats, &cut).await;
                 lock_table(&self.table).finish(src, conn_id);
             }
+        }
+    }
+
+    /// If only a resolution of `name` to `dest` is missing for the connection to be allowed,
+    /// ask the upstream now and remember its answer.
+    async fn resolve_if_needed(&self, src: Ipv4Addr, id: Uuid, name: &str, dest: SocketAddrV4) {
+        let needed = lock_table(&self.table)
+            .get(src)
+            .filter(|e| e.id == id)
+            .is_some_and(|e| e.needs_resolving(name, *dest.ip(), dest.port(), Instant::now()));
+        if !needed {
+            return;
+        }
+        let Ok(fqdn) = Name::from_ascii(format!("{name}.")) else {
+            return;
+        };
+        match self.upstream.resolve(&fqdn, &self.limits).await {
+            Ok(Resolution::Addresses { kept, ttl, .. }) => {
+                if let Some(e) = lock_table(&self.table).get_mut(src).filter(|e| e.id == id) {
+                    e.remember(name, &kept, Duration::from_secs(ttl.into()), Instant::now());
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, name, "resolving a presented name"),
         }
     }
 
