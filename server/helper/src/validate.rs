@@ -103,6 +103,9 @@ pub struct ValidNet {
     pub gateway: std::net::Ipv4Addr,
     pub peers: Vec<(String, std::net::Ipv4Addr)>,
     pub ports: Vec<PortMapping>,
+    /// The sandbox's name server: the gateway, where the egress filter answers, when this
+    /// helper has egress (`--egress-dns`); none otherwise.
+    pub resolver: Option<std::net::Ipv4Addr>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -194,6 +197,7 @@ pub fn validate_network(
         gateway: subnet.gateway(),
         peers,
         ports: net.ports.clone(),
+        resolver: config.egress.dns.map(|_| subnet.gateway()),
     })
 }
 
