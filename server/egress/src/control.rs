@@ -170,6 +170,16 @@ impl Control {
                 tracing::info!(sandbox = %id, address = %addr, cut = cuts.len(), "policy set");
             }
             FilterRequest::Remove { sandbox } => {
+                // The last totals first: a report due within the second would go with the
+                // entry.
+                let last = self
+                    .table()
+                    .entries()
+                    .find(|e| e.id == sandbox)
+                    .map(|e| e.stats.snapshot());
+                if let Some(counters) = last {
+                    self.events.push(FilterEvent::Counters { sandbox, counters });
+                }
                 let known = self.table().remove(sandbox);
                 tracing::info!(%sandbox, known, "policy removed");
             }
@@ -358,5 +368,10 @@ mod tests {
             .table()
             .get("198.51.100.2".parse().expect("addr"))
             .is_none());
+        // Its last totals went out with the removal.
+        assert!(matches!(
+            control.events.take().as_slice(),
+            [FilterEvent::Counters { sandbox, .. }] if *sandbox == id
+        ));
     }
 }
