@@ -203,6 +203,10 @@ pub struct NetworkSpec {
     /// Ports to publish on the host's 127.0.0.1. Bridge mode only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortSpec>,
+    /// Destinations outside the group the sandbox may reach (see [`egress`]); none when
+    /// absent. Bridge mode only, and only where the daemon offers egress (`GET /v1/info`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<egress::EgressPolicy>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -246,6 +250,36 @@ pub struct NetworkInfo {
     /// Published ports as bound on the host's 127.0.0.1.
     #[serde(default)]
     pub ports: Vec<PortSpec>,
+    /// The egress policy in force (the one of the request, or of the last
+    /// `PATCH /v1/sandboxes/{id}/network`); absent when the sandbox has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<egress::EgressPolicy>,
+}
+
+/// Body of `PATCH /v1/sandboxes/{id}/network`: the new egress policy, replacing the old one
+/// whole (`{"allow": []}` leaves nothing beyond the group).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkUpdate {
+    pub egress: egress::EgressPolicy,
+}
+
+/// Body of `GET /v1/sandboxes/{id}/network/denials`: the most recent first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressDenialList {
+    pub items: Vec<egress::EgressDenial>,
+}
+
+/// `egress` of `GET /v1/info`: whether bridged sandboxes can be given an egress policy here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressInfo {
+    pub available: bool,
+    /// Why not (and what would make it available), when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The daemon is connected to the egress filter right now.
+    #[serde(default)]
+    pub connected: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -477,6 +511,9 @@ pub struct Info {
     /// sandbox can use that resource of the host's until it runs out.
     #[serde(default)]
     pub unenforced: Vec<UnenforcedLimit>,
+    /// Whether `network.egress` can be used, or why not.
+    #[serde(default)]
+    pub egress: EgressInfo,
 }
 
 /// One thing the daemon's mode needs from the host (`GET /v1/info` `preflight`).
@@ -621,6 +658,10 @@ error_codes! {
     PortNotAllowed = "port_not_allowed",
     /// The daemon's state filesystem is down to its free-space reserve (507).
     InsufficientStorage = "insufficient_storage",
+    /// `network.egress` on a daemon without egress, or outside bridge mode.
+    EgressUnavailable = "egress_unavailable",
+    /// The operator does not let this tenant use egress (`--egress-tenants`).
+    EgressNotAllowed = "egress_not_allowed",
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -657,6 +698,9 @@ pub struct Stats {
     pub output_bytes: u64,
     /// True once output was cut at `limits.output_bytes`.
     pub output_truncated: bool,
+    /// Egress counters (totals since the policy was first set); null without a policy.
+    #[serde(default)]
+    pub egress: Option<egress::EgressCounters>,
 }
 
 /// Body of `POST /v1/sandboxes/{id}/extend`.

@@ -149,6 +149,7 @@ pub async fn run(client: &Client, bytes: u64, runs: u64) -> anyhow::Result<Repor
                 sandbox: SANDBOX_PORT,
                 host: 0,
             }],
+            egress: None,
         }),
         ..CreateSandbox::new(vec![
             "python3".into(),

@@ -299,6 +299,33 @@ impl Client {
             .await
     }
 
+    /// `PATCH /v1/sandboxes/{id_or_name}/network`: replace the egress policy.
+    pub async fn set_egress(
+        &self,
+        id_or_name: &str,
+        egress: &sandboxd_api::egress::EgressPolicy,
+    ) -> Result<sandboxd_api::NetworkInfo> {
+        let url = self.sandbox_url(id_or_name, &["network"]);
+        let body = sandboxd_api::NetworkUpdate {
+            egress: egress.clone(),
+        };
+        self.json(self.http.request(Method::PATCH, url).json(&body))
+            .await
+    }
+
+    /// `GET /v1/sandboxes/{id_or_name}/network/denials`: the most recent first.
+    pub async fn egress_denials(
+        &self,
+        id_or_name: &str,
+        limit: u32,
+    ) -> Result<Vec<sandboxd_api::egress::EgressDenial>> {
+        let url = self.sandbox_url(id_or_name, &["network", "denials"]);
+        let list: sandboxd_api::EgressDenialList = self
+            .json(self.http.get(url).query(&[("limit", limit.to_string())]))
+            .await?;
+        Ok(list.items)
+    }
+
     /// `DELETE /v1/sandboxes/{id_or_name}`.
     pub async fn delete(&self, id_or_name: &str) -> Result<()> {
         let url = self.sandbox_url(id_or_name, &[]);

@@ -83,6 +83,77 @@ pub struct Args {
     pub limits: LimitArgs,
     #[command(flatten)]
     pub transport: TransportArgs,
+    #[command(flatten)]
+    pub egress: EgressArgs,
+}
+
+/// Egress: the way out of bridged sandboxes (`network.egress`). The helper sets up the uplink
+/// and the filter; these flags go to its command line under the same names.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EgressArgs {
+    /// The network namespace (a path like /run/netns/NAME) the hub's uplink goes into; the
+    /// host's own when absent.
+    #[arg(long, env = "SANDBOXD_EGRESS_UPLINK", value_name = "PATH")]
+    pub egress_uplink: Option<PathBuf>,
+    /// The resolver the filter asks for names a policy allows, reached through the uplink.
+    /// Egress is offered only when it is set.
+    #[arg(long, env = "SANDBOXD_EGRESS_DNS", value_name = "ADDR[:PORT]",
+          value_parser = parse_dns)]
+    pub egress_dns: Option<String>,
+    /// An always-denied range (private, loopback, link-local, ...) that policies may open after
+    /// all; repeatable.
+    #[arg(long = "egress-allow-range", env = "SANDBOXD_EGRESS_ALLOW_RANGES",
+          value_delimiter = ',', value_name = "CIDR", value_parser = parse_cidr)]
+    pub egress_allow_ranges: Vec<String>,
+    /// The /30 (or larger) the link between the hub and the uplink namespace takes its two
+    /// addresses from (the helper's default when absent).
+    #[arg(long, env = "SANDBOXD_EGRESS_LINK", value_name = "CIDR", value_parser = parse_cidr)]
+    pub egress_link: Option<String>,
+    /// Which tenants may use egress: `all`, `none` or a comma-separated list.
+    #[arg(long, env = "SANDBOXD_EGRESS_TENANTS", value_name = "all|none|LIST",
+          default_value = "all", value_parser = limits::EgressTenants::parse)]
+    pub egress_tenants: limits::EgressTenants,
+}
+
+impl EgressArgs {
+    /// The helper's arguments for these flags.
+    pub fn helper_args(&self) -> Vec<std::ffi::OsString> {
+        let mut out: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(p) = &self.egress_uplink {
+            out.push("--egress-uplink".into());
+            out.push(p.clone().into_os_string());
+        }
+        if let Some(d) = &self.egress_dns {
+            out.push("--egress-dns".into());
+            out.push(d.into());
+        }
+        for r in &self.egress_allow_ranges {
+            out.push("--egress-allow-range".into());
+            out.push(r.into());
+        }
+        if let Some(l) = &self.egress_link {
+            out.push("--egress-link".into());
+            out.push(l.into());
+        }
+        out
+    }
+}
+
+/// `ADDR` or `ADDR:PORT` (port 53 when absent), IPv4.
+fn parse_dns(s: &str) -> Result<String, String> {
+    if s.parse::<std::net::SocketAddrV4>().is_ok() || s.parse::<std::net::Ipv4Addr>().is_ok() {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?}: expected an IPv4 address with an optional :PORT"
+        ))
+    }
+}
+
+fn parse_cidr(s: &str) -> Result<String, String> {
+    s.parse::<sandboxd_api::egress::Ipv4Net>()
+        .map(|n| n.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// How the API is reached beyond the local socket: TLS, CORS and the per-client burst limit.
@@ -211,6 +282,7 @@ impl LimitArgs {
             max_image_bytes: self.max_image_bytes,
             // Set from `Args::publish_ports` by the caller (it is not a limit flag).
             publish_ports: LimitPolicy::default().publish_ports,
+            egress_tenants: limits::EgressTenants::All,
         };
         policy.check().map_err(ConfigError::Limits)?;
         Ok(policy)
@@ -302,5 +374,56 @@ mod tests {
         assert_eq!(args.transport.rate_limit_per_sec, 5.0);
         assert!(Args::try_parse_from(["sandboxd", "--tls-cert", "c.pem"]).is_err());
         assert!(Args::try_parse_from(["sandboxd", "--rate-limit-burst", "0"]).is_err());
+    }
+
+    #[test]
+    fn egress_flags_parse_and_go_to_the_helper_by_the_same_names() {
+        let args = Args::try_parse_from(["sandboxd"]).unwrap();
+        assert!(args.egress.helper_args().is_empty());
+        assert_eq!(args.egress.egress_tenants, limits::EgressTenants::All);
+        let args = Args::try_parse_from([
+            "sandboxd",
+            "--egress-uplink",
+            "/run/netns/up",
+            "--egress-dns",
+            "198.51.100.53",
+            "--egress-allow-range",
+            "10.1.0.0/16",
+            "--egress-allow-range",
+            "192.168.7.0/24",
+            "--egress-link",
+            "169.254.77.0/30",
+            "--egress-tenants",
+            "ci,dev",
+        ])
+        .unwrap();
+        let helper: Vec<String> = args
+            .egress
+            .helper_args()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            helper,
+            [
+                "--egress-uplink",
+                "/run/netns/up",
+                "--egress-dns",
+                "198.51.100.53",
+                "--egress-allow-range",
+                "10.1.0.0/16",
+                "--egress-allow-range",
+                "192.168.7.0/24",
+                "--egress-link",
+                "169.254.77.0/30"
+            ]
+        );
+        assert!(args.egress.egress_tenants.allows("ci"));
+        assert!(!args.egress.egress_tenants.allows("other"));
+        assert!(Args::try_parse_from(["sandboxd", "--egress-dns", "dns.example"]).is_err());
+        assert!(Args::try_parse_from(["sandboxd", "--egress-allow-range", "10.0.0.1/8"]).is_err());
+        assert!(Args::try_parse_from(["sandboxd", "--egress-tenants", ","]).is_err());
+        let none = Args::try_parse_from(["sandboxd", "--egress-tenants", "none"]).unwrap();
+        assert!(!none.egress.egress_tenants.allows("default"));
     }
 }

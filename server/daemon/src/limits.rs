@@ -83,6 +83,46 @@ pub struct LimitPolicy {
     pub max_image_bytes: u64,
     /// Host ports sandboxes may publish (`--publish-ports`).
     pub publish_ports: sandboxd_protocol::net::PortRange,
+    /// Which tenants may give their sandboxes an egress policy (`--egress-tenants`).
+    pub egress_tenants: EgressTenants,
+}
+
+/// `--egress-tenants`: `all` (the default), `none`, or a comma-separated list of tenants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum EgressTenants {
+    #[default]
+    All,
+    None,
+    Only(Vec<String>),
+}
+
+impl EgressTenants {
+    pub fn parse(s: &str) -> Result<EgressTenants, String> {
+        match s.trim() {
+            "all" => Ok(EgressTenants::All),
+            "none" => Ok(EgressTenants::None),
+            list => {
+                let tenants: Vec<String> = list
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                if tenants.is_empty() {
+                    return Err("expected all, none or a comma-separated list of tenants".into());
+                }
+                Ok(EgressTenants::Only(tenants))
+            }
+        }
+    }
+
+    pub fn allows(&self, tenant: &str) -> bool {
+        match self {
+            EgressTenants::All => true,
+            EgressTenants::None => false,
+            EgressTenants::Only(list) => list.iter().any(|t| t == tenant),
+        }
+    }
 }
 
 /// Default `--max-image-bytes`.
@@ -109,6 +149,7 @@ impl Default for LimitPolicy {
                 low: 32768,
                 high: 60999,
             },
+            egress_tenants: EgressTenants::All,
         }
     }
 }

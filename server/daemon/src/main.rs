@@ -156,6 +156,7 @@ fn start_helper(
         .args(["--net-subnet", args.net_subnet.as_str()])
         .arg("--publish-ports")
         .arg(args.publish_ports.to_string())
+        .args(args.egress.helper_args())
         // The helper's lifeline: it exits when this pipe closes, that is when the daemon dies
         // however it dies. (PR_SET_PDEATHSIG alone is not enough: the kernel checks the dying
         // parent's permission to signal, and an unprivileged daemon may not signal a root helper.)
@@ -222,6 +223,7 @@ async fn serve(
     let mut policy = args.limits.policy()?;
     policy.allow_nested_userns = args.allow_nested_userns;
     policy.publish_ports = args.publish_ports;
+    policy.egress_tenants = args.egress.egress_tenants.clone();
     for name in &args.allow_caps {
         match sandboxd_protocol::capabilities::canonical(name) {
             Some(cap) => policy.allowed_caps.push(cap),
@@ -242,6 +244,10 @@ async fn serve(
         .await
         .context("asking the helper what it can enforce")?;
     svc.reconcile().await.context("reconciling state")?;
+    // After reconciliation: the filter is told the policies of the sandboxes still live.
+    svc.start_egress()
+        .await
+        .context("asking the helper about egress")?;
     svc.reconcile_images()
         .await
         .context("reconciling stored images")?;

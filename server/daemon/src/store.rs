@@ -21,13 +21,16 @@ use uuid::Uuid;
 
 mod images;
 pub use images::{image_quota_refusal, ImageUsage, NewImage};
+mod egress;
+pub use egress::LivePolicy;
 mod network;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
 const COLUMNS: &str = "seq, id, name, state, exit_code, signal, reason, error, hostname, \
      created_at, started_at, finished_at, labels, spec, init_pid, host_uid, output_truncated, network, \
-     ttl_deadline_ms";
+     ttl_deadline_ms, \
+     (SELECT policy FROM egress_policies WHERE sandbox_id = sandboxes.id) AS egress_policy";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -966,7 +969,16 @@ fn to_sandbox(row: &SqliteRow) -> Result<(i64, Sandbox), StoreError> {
         init_pid: row.try_get("init_pid")?,
         host_uid: host_uid.and_then(|u| u32::try_from(u).ok()),
         network: match row.try_get::<Option<String>, _>("network")? {
-            Some(json) => Some(serde_json::from_str(&json).map_err(|_| bad("network"))?),
+            Some(json) => {
+                let mut info: sandboxd_api::NetworkInfo =
+                    serde_json::from_str(&json).map_err(|_| bad("network"))?;
+                // The policy in force lives in its own table (PATCH replaces it).
+                info.egress = match row.try_get::<Option<String>, _>("egress_policy")? {
+                    Some(p) => Some(serde_json::from_str(&p).map_err(|_| bad("egress policy"))?),
+                    None => None,
+                };
+                Some(info)
+            }
             None => None,
         },
         // The lifetime clock reads as Unix milliseconds (it starts equal to the wall clock and

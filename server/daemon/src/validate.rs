@@ -276,6 +276,11 @@ pub const MAX_PORTS: usize = 64;
 /// The form of `network` (400 when malformed); whether this host offers the mode is the
 /// service's (422).
 pub fn check_network(net: &sandboxd_api::NetworkSpec) -> Result<(), ValidationError> {
+    if let Some(policy) = &net.egress {
+        policy
+            .check_size()
+            .map_err(|e| invalid(format!("network.egress: {e}")))?;
+    }
     if net.mode == sandboxd_api::NetworkMode::None && (net.group.is_some() || !net.ports.is_empty())
     {
         return Err(invalid(

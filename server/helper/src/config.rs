@@ -33,7 +33,114 @@ pub struct Config {
     pub net_subnet: sandboxd_protocol::net::Subnet,
     /// The host ports sandboxes may publish (`--publish-ports`); unspecified ones are chosen in it.
     pub publish_ports: sandboxd_protocol::net::PortRange,
+    /// Egress of bridged sandboxes (`--egress-*`); off unless `--egress-dns` is given.
+    pub egress: EgressConfig,
 }
+
+// --- egress (issue 13): the `--egress-*` flags, one block --------------------------------
+
+/// The default hub↔uplink link (`--egress-link`): a /30 of the CGNAT range, which every policy
+/// denies anyway (`ALWAYS_DENIED`), at its very end where carrier equipment rarely sits.
+pub const DEFAULT_EGRESS_LINK: &str = "100.127.255.252/30";
+
+/// The `--egress-*` flags. The daemon passes its own flags of the same names through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressConfig {
+    /// The network namespace the hub's uplink goes into (`--egress-uplink PATH`); `None`: the
+    /// helper's own (the host's).
+    pub uplink: Option<PathBuf>,
+    /// The resolver the filter asks (`--egress-dns ADDR[:PORT]`); egress is on only with it.
+    pub dns: Option<std::net::SocketAddrV4>,
+    /// Always-denied ranges the operator lifts (`--egress-allow-range CIDR`, repeatable).
+    pub allow_ranges: Vec<sandboxd_api::egress::Ipv4Net>,
+    /// The hub↔uplink link (`--egress-link CIDR`, a /30 or /31): the uplink's end takes the
+    /// first address, the hub's the second.
+    pub link: sandboxd_api::egress::Ipv4Net,
+}
+
+impl EgressConfig {
+    /// The uplink namespace's end of the link and the hub's end.
+    pub fn link_addresses(&self) -> (std::net::Ipv4Addr, std::net::Ipv4Addr) {
+        let base = u32::from(self.link.network());
+        let first = if self.link.prefix_len() == 31 { 0 } else { 1 };
+        (
+            std::net::Ipv4Addr::from(base + first),
+            std::net::Ipv4Addr::from(base + first + 1),
+        )
+    }
+
+    /// Parse one `--egress-*` flag's value into `self`; false when `flag` is not one of them.
+    fn parse_flag(
+        &mut self,
+        flag: &str,
+        value: &mut dyn FnMut() -> Result<String, ConfigError>,
+    ) -> Result<bool, ConfigError> {
+        let invalid = |v: String, why: &str| {
+            ConfigError::InvalidValue(flag.to_owned(), format!("{v}: {why}"))
+        };
+        match flag {
+            "--egress-uplink" => {
+                let v = value()?;
+                if !v.starts_with('/') {
+                    return Err(invalid(v, "must be an absolute path"));
+                }
+                self.uplink = Some(PathBuf::from(v));
+            }
+            "--egress-dns" => {
+                let v = value()?;
+                let addr = match v.parse::<std::net::SocketAddrV4>() {
+                    Ok(a) => a,
+                    Err(_) => match v.parse::<std::net::Ipv4Addr>() {
+                        Ok(a) => std::net::SocketAddrV4::new(a, 53),
+                        Err(_) => return Err(invalid(v, "expected ADDR or ADDR:PORT (IPv4)")),
+                    },
+                };
+                if addr.port() == 0 {
+                    return Err(invalid(v, "the port must be 1-65535"));
+                }
+                self.dns = Some(addr);
+            }
+            "--egress-allow-range" => {
+                let v = value()?;
+                let net = v
+                    .parse()
+                    .map_err(|e: sandboxd_api::egress::EgressRuleError| {
+                        invalid(v.clone(), &e.to_string())
+                    })?;
+                self.allow_ranges.push(net);
+            }
+            "--egress-link" => {
+                let v = value()?;
+                let net: sandboxd_api::egress::Ipv4Net =
+                    v.parse()
+                        .map_err(|e: sandboxd_api::egress::EgressRuleError| {
+                            invalid(v.clone(), &e.to_string())
+                        })?;
+                if !(30..=31).contains(&net.prefix_len()) {
+                    return Err(invalid(v, "the link must be a /30 or a /31"));
+                }
+                self.link = net;
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
+impl Default for EgressConfig {
+    fn default() -> EgressConfig {
+        EgressConfig {
+            uplink: None,
+            dns: None,
+            allow_ranges: Vec::new(),
+            link: DEFAULT_EGRESS_LINK
+                .parse()
+                .unwrap_or_else(|_| unreachable!("the default link parses")),
+        }
+    }
+}
+
+// --- end of egress -------------------------------------------------------------------------
 
 /// Default cap on an image's unpacked size.
 pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 8 << 30;
@@ -70,6 +177,7 @@ impl Config {
         let mut max_image_bytes = DEFAULT_MAX_IMAGE_BYTES;
         let mut net_subnet = None;
         let mut publish_ports = None;
+        let mut egress = EgressConfig::default();
         let mut args = args.peekable();
         while let Some(flag) = args.next() {
             let mut value = || {
@@ -120,6 +228,11 @@ impl Config {
                     match sandboxd_protocol::capabilities::canonical(&name) {
                         Some(cap) => allowed_caps.push(cap),
                         None => return Err(ConfigError::InvalidValue("--allow-cap".into(), name)),
+                    }
+                }
+                f if f.starts_with("--egress-") => {
+                    if !egress.parse_flag(f, &mut value)? {
+                        return Err(ConfigError::UnknownArgument(flag));
                     }
                 }
                 _ => return Err(ConfigError::UnknownArgument(flag)),
@@ -173,6 +286,7 @@ impl Config {
                     )
                     .map_err(|e| ConfigError::InvalidValue("--publish-ports".into(), e.to_string()))?,
                 },
+                egress,
             };
         if mode == Mode::Privileged {
             config.check_ranges()?;
@@ -288,6 +402,77 @@ mod tests {
             0
         )
         .is_err());
+    }
+
+    #[test]
+    fn egress_flags_parse_and_are_checked() {
+        let c = parse(&["--state-dir", "/s", "--allow-uid", "9"], 0).unwrap();
+        assert_eq!(c.egress, EgressConfig::default());
+        assert_eq!(
+            c.egress.link_addresses(),
+            (
+                "100.127.255.253".parse().unwrap(),
+                "100.127.255.254".parse().unwrap()
+            )
+        );
+        let c = parse(
+            &[
+                "--state-dir",
+                "/s",
+                "--allow-uid",
+                "9",
+                "--egress-uplink",
+                "/run/netns/x",
+                "--egress-dns",
+                "198.51.100.53",
+                "--egress-allow-range",
+                "10.1.0.0/16",
+                "--egress-allow-range",
+                "192.168.7.0/24",
+                "--egress-link",
+                "100.100.0.0/31",
+            ],
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            c.egress.uplink.as_deref(),
+            Some(std::path::Path::new("/run/netns/x"))
+        );
+        assert_eq!(c.egress.dns, Some("198.51.100.53:53".parse().unwrap()));
+        assert_eq!(c.egress.allow_ranges.len(), 2);
+        assert_eq!(
+            c.egress.link_addresses(),
+            (
+                "100.100.0.0".parse().unwrap(),
+                "100.100.0.1".parse().unwrap()
+            )
+        );
+        let c = parse(
+            &[
+                "--state-dir",
+                "/s",
+                "--allow-uid",
+                "9",
+                "--egress-dns",
+                "127.0.0.1:5353",
+            ],
+            0,
+        )
+        .unwrap();
+        assert_eq!(c.egress.dns, Some("127.0.0.1:5353".parse().unwrap()));
+        for bad in [
+            ["--egress-uplink", "relative"],
+            ["--egress-dns", "resolver.example"],
+            ["--egress-dns", "1.2.3.4:0"],
+            ["--egress-allow-range", "10.1.2.3/16"],
+            ["--egress-link", "100.100.0.0/29"],
+            ["--egress-nonsense", "x"],
+        ] {
+            let mut args = vec!["--state-dir", "/s", "--allow-uid", "9"];
+            args.extend(bad);
+            assert!(parse(&args, 0).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

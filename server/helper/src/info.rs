@@ -34,11 +34,8 @@ pub fn detect(config: &Config, limits: &Cgroups) -> HelperInfo {
         },
         network_modes: Vec::new(),
         network_subnet: None,
-        egress: sandboxd_protocol::egress::EgressStatus {
-            available: false,
-            reason: Some("this helper does not build an egress filter yet".to_owned()),
-            ..Default::default()
-        },
+        // Filled in by the server from the network (`Network::egress_status`).
+        egress: sandboxd_protocol::egress::EgressStatus::default(),
         limits_note: limits.why_unenforceable(),
         preflight: crate::preflight::checks(config.mode, &crate::preflight::Host::read(), limits),
     }

@@ -34,7 +34,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     // One process of a sandbox (the main command or an exec): its status pipe, outputs, stdin.
     ("process", &[SYS, "output"]),
     // Per-sandbox work, each only on what is below it.
-    ("net", &[SYS, "config", "error", "fds", "validate"]),
+    ("net", &[SYS, "config", "error", "fds", "fdfs", "validate"]),
     (
         "image",
         &[SYS, "config", "error", "fds", "fdfs", "validate", "child"],

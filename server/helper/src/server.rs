@@ -169,6 +169,8 @@ impl Helper {
             Request::Hello { .. } => invalid("hello was already sent".into()),
             Request::Info => {
                 let mut info = info::detect(&self.config, &self.cgroups);
+                self.network.ensure_egress();
+                info.egress = self.network.egress_status();
                 info.network_modes = self.network.modes();
                 if info.network_modes.iter().any(|m| m == "bridge") {
                     info.network_subnet = Some(self.config.net_subnet.to_string());
@@ -224,6 +226,14 @@ impl Helper {
                 Err(e) => Response::Error(e.into_wire()),
             },
             Request::Prepare(req) => match validate::validate(&req, &self.config) {
+                Ok(spawn) if spawn.network.is_some() => {
+                    // A bridged sandbox may use egress: a filter that died is started again.
+                    self.network.ensure_egress();
+                    match crate::spawn::prepare(&self.spawn_context(), &spawn) {
+                        Ok(()) => Response::Prepared,
+                        Err(e) => Response::Error(e),
+                    }
+                }
                 Ok(spawn) => match crate::spawn::prepare(&self.spawn_context(), &spawn) {
                     Ok(()) => Response::Prepared,
                     Err(e) => Response::Error(e),
@@ -234,6 +244,9 @@ impl Helper {
             Request::Files(_) => invalid("a transfer needs a connection of its own".into()),
             Request::Spawn(req) => match validate::validate(&req, &self.config) {
                 Ok(spawn) => {
+                    if spawn.network.is_some() {
+                        self.network.ensure_egress();
+                    }
                     match crate::spawn::spawn(&self.spawn_context(), &spawn, req.prepared) {
                         Ok(spawned) => Response::Spawned(spawned),
                         Err(e) => Response::Error(e),

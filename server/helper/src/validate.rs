@@ -122,6 +122,9 @@ pub struct ValidNet {
     /// Where the search for a free port starts (from the sandbox's random id, so that
     /// sandboxes started together do not all try the same ports first).
     pub port_seed: u32,
+    /// The sandbox's name server: the gateway, where the egress filter answers, when this
+    /// helper has egress (`--egress-dns`); none otherwise.
+    pub resolver: Option<std::net::Ipv4Addr>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -222,6 +225,7 @@ pub fn validate_network(
         ports: net.ports.clone(),
         publish_ports: range,
         port_seed: (id.as_u128() % u128::from(u32::MAX)) as u32,
+        resolver: config.egress.dns.map(|_| subnet.gateway()),
     })
 }
 
@@ -393,6 +397,7 @@ mod tests {
             max_image_bytes: 1 << 30,
             net_subnet: sandboxd_protocol::net::Subnet::parse("10.88.0.0/16").unwrap(),
             publish_ports: sandboxd_protocol::net::PortRange::parse("32768-60999").unwrap(),
+            egress: Default::default(),
         }
     }
 

@@ -16,6 +16,7 @@ mod cli;
 mod cli_habits;
 mod contract;
 mod defaults;
+mod egress;
 mod exec;
 mod files;
 mod host_view;

@@ -18,14 +18,27 @@ pub struct InspectArgs {
     format: Option<Format>,
 }
 
+/// Recent egress denials `inspect` adds (as `recent_egress_denials`) to a sandbox with a policy.
+const RECENT_DENIALS: u32 = 10;
+
 pub async fn run(client: &Client, args: InspectArgs) -> Result<u8, CliError> {
     let sandbox = resolve(client, &args.id).await?;
-    match &args.format {
-        Some(format) => {
-            let value = serde_json::to_value(&sandbox).map_err(CliError::Json)?;
-            println_checked(&format.render(&value).map_err(CliError::Usage)?)?;
+    let mut value = serde_json::to_value(&sandbox).map_err(CliError::Json)?;
+    let has_egress = sandbox.network.as_ref().is_some_and(|n| n.egress.is_some());
+    if has_egress {
+        let denials = client
+            .egress_denials(&sandbox.id.to_string(), RECENT_DENIALS)
+            .await?;
+        if let Some(object) = value.as_object_mut() {
+            object.insert(
+                "recent_egress_denials".into(),
+                serde_json::to_value(denials).map_err(CliError::Json)?,
+            );
         }
-        None => print_json(&sandbox)?,
+    }
+    match &args.format {
+        Some(format) => println_checked(&format.render(&value).map_err(CliError::Usage)?)?,
+        None => print_json(&value)?,
     }
     // On stderr as well, so that a failure is seen without reading the JSON (stdout stays the
     // document or the format asked for).

@@ -103,6 +103,8 @@ enum Command {
     Cp(cp::CpArgs),
     /// Import, list and remove images (root filesystems for `sbx run --image`).
     Image(image::ImageArgs),
+    /// A sandbox's egress: `sbx network set ID --egress RULE...`, `sbx network denials ID`.
+    Network(network::NetworkArgs),
     /// Print a shell completion script: `source <(sbx completion bash)`, or save the output of
     /// `sbx completion zsh` as `_sbx` in a directory of `$fpath`, or of `sbx completion fish` as
     /// `~/.config/fish/completions/sbx.fish`.
@@ -311,6 +313,7 @@ async fn dispatch(client: &Client, command: Command) -> Result<u8, CliError> {
         Command::Start(args) => start::run(client, args).await,
         Command::Cp(args) => cp::run(client, args).await,
         Command::Image(args) => image::run(client, args).await,
+        Command::Network(args) => network::run(client, args).await,
         Command::Completion(args) => completion::run(&args),
     }
 }

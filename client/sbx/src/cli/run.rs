@@ -84,6 +84,15 @@ pub struct RunArgs {
     /// refused, write `-p 0:8080` or `-p 8080`.
     #[arg(short = 'p', long = "publish", value_name = "HOST:SANDBOX", value_parser = super::network::parse_port)]
     publish: Vec<sandboxd_api::PortSpec>,
+    /// Let the sandbox reach a destination outside its group (repeatable; implies --net
+    /// bridge): a name (pypi.org), a wildcard (*.pythonhosted.org), an address or CIDR
+    /// (203.0.113.7, 198.51.100.0/24), each with an optional :PORT, or '*' for every public
+    /// destination. Without it a bridged sandbox reaches nothing beyond its group.
+    #[arg(long = "egress", value_name = "RULE", value_parser = super::network::parse_rule)]
+    egress: Vec<sandboxd_api::egress::EgressRule>,
+    /// Deny a destination --egress would allow (repeatable; wins over --egress).
+    #[arg(long = "egress-deny", value_name = "RULE", value_parser = super::network::parse_rule)]
+    egress_deny: Vec<sandboxd_api::egress::EgressRule>,
     /// Print the sandbox id and return at once.
     #[arg(short, long)]
     pub(super) detach: bool,
@@ -160,7 +169,12 @@ impl RunArgs {
                 image,
                 readonly: self.readonly_root,
             }),
-            network: super::network::spec(self.net, &self.group, &self.publish),
+            network: super::network::spec(
+                self.net,
+                &self.group,
+                &self.publish,
+                super::network::policy(&self.egress, &self.egress_deny),
+            ),
         }
     }
 }

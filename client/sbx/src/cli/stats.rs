@@ -61,7 +61,7 @@ fn format_stats(s: &Stats) -> String {
             ""
         }
     );
-    let rows = [
+    let mut rows = vec![
         ("memory", size(s.memory_bytes)),
         ("memory peak", size(s.memory_peak_bytes)),
         ("cpu time", cpu),
@@ -70,6 +70,18 @@ fn format_stats(s: &Stats) -> String {
         ("disk", size(s.disk_bytes)),
         ("output", output),
     ];
+    if let Some(e) = &s.egress {
+        rows.push((
+            "egress",
+            format!(
+                "{} allowed, {} denied, {} out, {} in",
+                e.connections_allowed,
+                e.connections_denied,
+                size(Some(e.bytes_out)),
+                size(Some(e.bytes_in))
+            ),
+        ));
+    }
     rows.iter()
         .map(|(k, v)| format!("{:<13}{v}", format!("{k}:")))
         .collect::<Vec<_>>()
@@ -91,11 +103,24 @@ mod tests {
             disk_bytes: Some(512),
             output_bytes: 10,
             output_truncated: true,
+            egress: None,
         };
         assert_eq!(
             format_stats(&s),
             "memory:      3.0 MiB\nmemory peak: -\ncpu time:    1.500s\npids:        2\n\
              pids peak:   -\ndisk:        512 B\noutput:      10 B (truncated)"
+        );
+        let e = Stats {
+            egress: Some(sandboxd_api::egress::EgressCounters {
+                connections_allowed: 3,
+                connections_denied: 1,
+                bytes_out: 2048,
+                bytes_in: 10,
+            }),
+            ..s
+        };
+        assert!(
+            format_stats(&e).ends_with("\negress:      3 allowed, 1 denied, 2.0 KiB out, 10 B in")
         );
     }
 }

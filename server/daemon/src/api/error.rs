@@ -184,6 +184,16 @@ impl From<SandboxError> for ApiError {
                 ErrorCode::PortNotAllowed,
                 m.clone(),
             ),
+            SandboxError::EgressUnavailable(m) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::EgressUnavailable,
+                m.clone(),
+            ),
+            SandboxError::EgressNotAllowed(_) => ApiError::new(
+                StatusCode::FORBIDDEN,
+                ErrorCode::EgressNotAllowed,
+                e.to_string(),
+            ),
             SandboxError::PortInUse(m) => ApiError::new(
                 StatusCode::CONFLICT,
                 ErrorCode::PortInUse,

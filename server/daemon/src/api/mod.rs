@@ -12,6 +12,7 @@ mod images;
 mod info;
 pub mod limits;
 mod logs;
+mod network;
 mod relay;
 pub mod request_id;
 mod sandboxes;
@@ -68,7 +69,7 @@ fn route(method: Method, path: &'static str, handler: MethodRouter<AppState>) ->
 
 /// Every route of the API, in one place.
 pub fn routes() -> Vec<Route> {
-    use axum::routing::{delete, get, post, put};
+    use axum::routing::{delete, get, patch, post, put};
     vec![
         route(Method::GET, "/healthz", get(health::healthz)),
         route(Method::GET, "/readyz", get(health::readyz)),
@@ -103,6 +104,16 @@ pub fn routes() -> Vec<Route> {
             Method::POST,
             "/v1/sandboxes/{id}/extend",
             post(sandboxes::extend),
+        ),
+        route(
+            Method::PATCH,
+            "/v1/sandboxes/{id}/network",
+            patch(network::patch),
+        ),
+        route(
+            Method::GET,
+            "/v1/sandboxes/{id}/network/denials",
+            get(network::denials),
         ),
         route(Method::POST, "/v1/tokens", post(tokens::create)),
         route(Method::GET, "/v1/tokens", get(tokens::list)),

@@ -1692,6 +1692,7 @@ async fn network_requests_are_checked_allocated_and_shown() {
     assert!(store.ids().await.unwrap().is_empty());
 }
 
+mod egress;
 mod sessions;
 
 /// Send `req` (as the local admin unless it has a token) and keep the headers.

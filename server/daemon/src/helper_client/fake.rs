@@ -53,6 +53,8 @@ pub struct FakeHelper {
     pub stats: SandboxStats,
     /// Every request received, in order.
     pub requests: StdMutex<Vec<Request>>,
+    /// What `Info` reports about egress (unavailable unless a test says otherwise).
+    pub egress: StdMutex<sandboxd_protocol::egress::EgressStatus>,
     /// Files by sandbox and path: content and permission bits.
     files: Files,
 }
@@ -97,6 +99,11 @@ impl FakeHelper {
                 output_truncated: false,
             },
             requests: StdMutex::new(Vec::new()),
+            egress: StdMutex::new(sandboxd_protocol::egress::EgressStatus {
+                available: false,
+                reason: Some("the fake helper has no egress filter".into()),
+                ..Default::default()
+            }),
             files: Arc::new(StdMutex::new(HashMap::new())),
         })
     }
@@ -187,7 +194,11 @@ impl FakeHelper {
                 },
                 network_subnet: (self.mode == Mode::Privileged)
                     .then(|| sandboxd_protocol::net::DEFAULT_SUBNET.into()),
-                egress: Default::default(),
+                egress: self
+                    .egress
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
                 limits_note: None,
                 preflight: Vec::new(),
             }),

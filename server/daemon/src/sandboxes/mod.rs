@@ -8,6 +8,7 @@
 //! Lifetimes (`ttl_secs`, `remove_after_exit_secs`, `/extend`) are enforced by one reaper task
 //! (see [`reaper`]) that sleeps until the earliest deadline in the store.
 
+mod egress;
 mod execs;
 mod files;
 mod images;
@@ -17,6 +18,7 @@ mod reaper;
 mod watcher;
 
 pub use crate::store::ListQuery;
+pub use egress::{EgressLinkError, MAX_DENIALS_LISTED};
 pub use execs::{AttachSession, ExecError};
 pub use files::{FileError, Transfer};
 pub use images::ImageError;
@@ -102,6 +104,10 @@ pub enum SandboxError {
     InsufficientStorage(String),
     #[error("no free address in the sandbox subnet: too many bridged sandboxes are running")]
     NoAddress,
+    #[error("{0}")]
+    EgressUnavailable(String),
+    #[error("network.egress: tenant {0:?} may not use egress on this daemon (--egress-tenants)")]
+    EgressNotAllowed(String),
     #[error("store")]
     Store(#[from] StoreError),
     #[error("helper")]
@@ -170,6 +176,8 @@ pub struct Service {
     net_subnet: OnceCell<Option<sandboxd_protocol::net::Subnet>>,
     /// What must stay free on the state directory's filesystem (`--min-free-space`).
     min_free_space: std::sync::RwLock<Reserve>,
+    /// Egress: the helper's status and the filter link (set by `start_egress`).
+    egress: std::sync::OnceLock<egress::EgressState>,
 }
 
 impl Service {
@@ -196,6 +204,7 @@ impl Service {
             image_lock: Arc::new(tokio::sync::RwLock::new(())),
             net_subnet: OnceCell::new(),
             min_free_space: std::sync::RwLock::new(Reserve::default()),
+            egress: std::sync::OnceLock::new(),
         })
     }
 
@@ -339,6 +348,7 @@ impl Service {
         // no program is refused here (the host name is only needed for the environment).
         v.launch(image.as_ref().map(|i| &i.config), "")?;
         self.check_network(&v.spec).await?;
+        self.check_create_egress(tenant, &v.spec)?;
         // The setup runs in its own task so that a client hanging up cannot leave a row in
         // `creating` without a watcher.
         let svc = Arc::clone(self);
@@ -397,6 +407,17 @@ impl Service {
                 });
             }
         };
+        if let Some(policy) = v.spec.network.as_ref().and_then(|n| n.egress.as_ref()) {
+            if let Err(e) = self
+                .store
+                .set_egress_policy(id, policy, created_at_ms)
+                .await
+            {
+                let _ = self.store.delete(id).await;
+                self.registry().remove(&id);
+                return Err(e.into());
+            }
+        }
         let (net_info, network) = if v.spec.start {
             match self.assign_network(id, &v.spec).await {
                 Ok(n) => n,
@@ -495,6 +516,7 @@ impl Service {
                     Err(e) => tracing::warn!(%id, error = %e, "removing a refused sandbox failed"),
                 }
                 let _ = self.store.delete(id).await;
+                self.forget_policy(id);
                 self.notify_final(id);
                 Err(SandboxError::PortInUse(e.message))
             }
@@ -541,6 +563,7 @@ impl Service {
                 if let Err(e) = helper_client::destroy(&*self.helper, id).await {
                     tracing::warn!(%id, error = %e, "removing a failed sandbox failed");
                 }
+                self.forget_policy(id);
                 self.notify_final(id);
                 match source {
                     HelperClientError::Refused(e) if e.code == HelperErrorCode::PortInUse => {
@@ -681,6 +704,7 @@ impl Service {
         if !self.store.delete(id).await? {
             return Err(SandboxError::NotFound);
         }
+        self.forget_policy(id);
         Ok(())
     }
 
@@ -748,12 +772,20 @@ impl Service {
                     fix: c.fix,
                 })
                 .collect(),
+            egress: self.egress_info(),
         })
     }
 
     /// Resource figures: live from the helper while the sandbox runs, the stored final ones after.
     pub async fn stats(&self, scope: &Scope, id_or_name: &str) -> Result<Stats, SandboxError> {
         let sandbox = self.find(scope, id_or_name).await?;
+        let id = sandbox.id;
+        let mut stats = self.resource_stats(&sandbox).await?;
+        stats.egress = self.egress_counters(id).await?;
+        Ok(stats)
+    }
+
+    async fn resource_stats(&self, sandbox: &Sandbox) -> Result<Stats, SandboxError> {
         let id = sandbox.id;
         if sandbox.state == SandboxState::Running {
             match helper_client::stats(&*self.helper, id).await {
@@ -899,6 +931,7 @@ fn api_stats(s: SandboxStats) -> Stats {
         disk_bytes: s.disk_bytes,
         output_bytes: s.output_bytes,
         output_truncated: s.output_truncated,
+        egress: None,
     }
 }
 

@@ -99,8 +99,11 @@ impl Service {
             address: Some(address.to_string()),
             gateway: Some(subnet.gateway().to_string()),
             ports: requested.ports.clone(),
+            egress: None,
         };
         self.store.set_network(id, &info).await?;
+        // Before the sandbox starts: its first connection already finds its policy.
+        self.push_policy(id, address).await?;
         let spawn = SpawnNetwork {
             group: requested.group,
             address,

@@ -49,6 +49,8 @@ pub(super) async fn watch(svc: Arc<Service>, id: Uuid) {
     if let Err(e) = svc.store.finish(id, &ending, svc.clock.now_ms()).await {
         tracing::error!(%id, error = %e, "recording a sandbox exit failed");
     }
+    // After the row is final, so that a Sync in between does not bring the policy back.
+    svc.forget_policy(id);
     svc.notify_final(id);
 }
 

@@ -119,6 +119,7 @@ mod tests {
             address: Some("10.88.0.2".into()),
             gateway: Some("10.88.0.1".into()),
             ports: vec![],
+            egress: None,
         };
         store.set_network(ids[2], &info).await.unwrap();
         assert_eq!(

@@ -24,8 +24,11 @@
 //! bridge left without a port.
 
 pub mod etc;
+pub mod filter;
 pub mod forward;
 mod netlink;
+pub mod nft;
+pub mod uplink;
 
 use std::ffi::CStr;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
@@ -89,6 +92,18 @@ pub struct Network {
     hub: Result<OwnedFd, String>,
     /// `<state>/helper`, where the hub is bound.
     helper_dir: Option<OwnedFd>,
+    /// Egress (privileged mode with `--egress-dns`): the uplink and the filter, or why not.
+    egress: Result<Egress, String>,
+    /// The `--egress-*` flags, as `GET /v1/info` shows them.
+    egress_flags: crate::config::EgressConfig,
+}
+
+/// The egress side of the hub, as set up at start.
+struct Egress {
+    uplink: uplink::Uplink,
+    /// The filter's configuration, without its descriptors (bound at each start).
+    filter: sandboxd_protocol::egress::FilterConfig,
+    daemon_gid: u32,
 }
 
 fn bind_loopback(port: u16) -> Result<TcpListener, NetError> {
@@ -196,6 +211,12 @@ impl Network {
             privileged: config.mode == wire::Mode::Privileged,
             hub: Err("rootless mode has no privileged helper".into()),
             helper_dir: None,
+            egress: Err(if config.egress.dns.is_none() {
+                "egress is off: the daemon was started without --egress-dns".into()
+            } else {
+                "rootless mode has no egress filter yet".into()
+            }),
+            egress_flags: config.egress.clone(),
         };
         if !network.privileged {
             return Ok(network);
@@ -210,6 +231,7 @@ impl Network {
             Err(e) => {
                 let why = crate::error::error_chain(&e);
                 eprintln!("sandboxd-helper: bridge mode is unavailable: {why}");
+                network.egress = Err(format!("bridge mode is unavailable: {why}"));
                 network.hub = Err(why);
                 return Ok(network);
             }
@@ -222,7 +244,170 @@ impl Network {
             nl.remove_empty_bridges()?;
             Ok(())
         })?;
+        // Bridged frames stay out of the hub's IP hooks (br_netfilter), so that its table sees
+        // only what is routed to the hub itself.
+        let hub = network
+            .hub()?
+            .try_clone_to_owned()
+            .map_err(|e| NetError::Sysctl("hub", e))?;
+        inside(hub.as_fd(), network.host.as_fd(), || {
+            match std::fs::write("/proc/sys/net/bridge/bridge-nf-call-iptables", "0") {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(NetError::Sysctl("bridge/bridge-nf-call-iptables", e))
+                }
+                _ => Ok(()),
+            }
+        })?;
+        if config.egress.dns.is_some() {
+            network.egress = network.setup_egress(config).map_err(|why| {
+                eprintln!("sandboxd-helper: egress is unavailable: {why}");
+                why
+            });
+        } else {
+            network.remove_stale_egress(config);
+        }
         Ok(network)
+    }
+
+    /// The uplink, both tables and the filter (see `uplink.rs`, `filter.rs`).
+    fn setup_egress(&self, config: &Config) -> Result<Egress, String> {
+        let chain = |e: &dyn std::error::Error| crate::error::error_chain(e);
+        let hub = self.hub().map_err(|e| chain(&e))?;
+        let hub = hub.try_clone_to_owned().map_err(|e| chain(&e))?;
+        let dir = self
+            .helper_dir
+            .as_ref()
+            .ok_or_else(|| "no helper directory".to_owned())?;
+        let flags = &config.egress;
+        let subnet: sandboxd_api::egress::Ipv4Net = config
+            .net_subnet
+            .to_string()
+            .parse()
+            .map_err(|e: sandboxd_api::egress::EgressRuleError| e.to_string())?;
+        let uplink_ns =
+            uplink::open_uplink(flags.uplink.as_deref(), &self.host).map_err(|e| chain(&e))?;
+        let names = uplink::Names::for_state_dir(&config.state_dir);
+        let addresses = flags.link_addresses();
+        let up = uplink::setup(
+            &hub,
+            &self.host,
+            uplink_ns,
+            names,
+            flags.link,
+            addresses,
+            &uplink::HubRules {
+                subnet,
+                filter_port: uplink::FILTER_PORT,
+            },
+        )
+        .map_err(|e| chain(&e))?;
+        // Never a destination: the host's own addresses (the helper's namespace; the uplink's
+        // loopback addresses are not among them: a test internet serves from there), the link,
+        // and the uplink namespace's addresses on its other links.
+        let host_addresses = Netlink::connect_here()
+            .and_then(|nl| nl.addresses())
+            .map_err(|e| chain(&e))?;
+        let mut denied: Vec<sandboxd_api::egress::Ipv4Net> = host_addresses
+            .iter()
+            .map(|(_, a, _)| *a)
+            .chain(up.uplink_local.iter().copied())
+            .filter_map(|a| sandboxd_api::egress::Ipv4Net::new(a, 32))
+            .collect();
+        denied.push(flags.link);
+        denied.sort_by_key(|n| (u32::from(n.network()), n.prefix_len()));
+        denied.dedup();
+        let egress = Egress {
+            filter: sandboxd_protocol::egress::FilterConfig {
+                tcp_fd: -1,
+                dns_fd: -1,
+                control_fd: -1,
+                upstream_dns: flags.dns.ok_or_else(|| "no --egress-dns".to_owned())?,
+                subnet,
+                lifted: flags.allow_ranges.clone(),
+                denied,
+                daemon_uid: config.allow_uid,
+            },
+            daemon_gid: config.allow_gid,
+            uplink: up,
+        };
+        if let Err(e) = self.start_filter(&egress, &hub, dir) {
+            egress.uplink.teardown(&hub, &self.host);
+            return Err(e);
+        }
+        Ok(egress)
+    }
+
+    fn start_filter(&self, egress: &Egress, hub: &OwnedFd, dir: &OwnedFd) -> Result<bool, String> {
+        filter::ensure(filter::FilterStart {
+            helper_dir: dir.as_fd(),
+            hub: hub.as_fd(),
+            host: self.host.as_fd(),
+            config: egress.filter.clone(),
+            daemon_gid: egress.daemon_gid,
+        })
+        .map_err(|e| crate::error::error_chain(&e))
+    }
+
+    /// Egress is off now: stop a filter an earlier helper started, remove its link and table
+    /// from the hub (the uplink namespace's end goes with the link).
+    fn remove_stale_egress(&self, config: &Config) {
+        let Some(dir) = &self.helper_dir else { return };
+        filter::stop(dir.as_fd());
+        let table = uplink::Names::for_state_dir(&config.state_dir).table;
+        let result = self.in_hub(|nl| {
+            nl.delete(uplink::HUB_LINK)?;
+            Ok(())
+        });
+        let hub = self.hub().ok().map(|h| h.try_clone_to_owned());
+        if let Some(Ok(hub)) = hub {
+            let _ = inside(hub.as_fd(), self.host.as_fd(), || {
+                nft::Nft::connect_here()
+                    .and_then(|mut n| n.delete_table(&table))
+                    .map_err(|e| NetError::Unavailable(crate::error::error_chain(&e)))
+            });
+        }
+        if let Err(e) = result {
+            eprintln!(
+                "sandboxd-helper: removing a stale uplink: {}",
+                crate::error::error_chain(&e)
+            );
+        }
+    }
+
+    /// Start the filter again if it died (called before requests that need it).
+    pub fn ensure_egress(&self) {
+        let (Ok(egress), Some(dir), Ok(hub)) = (&self.egress, &self.helper_dir, self.hub()) else {
+            return;
+        };
+        let Ok(hub) = hub.try_clone_to_owned() else {
+            return;
+        };
+        if let Err(why) = self.start_filter(egress, &hub, dir) {
+            eprintln!("sandboxd-helper: restarting the egress filter: {why}");
+        }
+    }
+
+    /// Whether bridged sandboxes get egress, for `GET /v1/info`.
+    pub fn egress_status(&self) -> sandboxd_protocol::egress::EgressStatus {
+        let reason = match (&self.egress, &self.helper_dir) {
+            (Err(why), _) => Some(why.clone()),
+            (Ok(_), Some(dir)) if !filter::running(dir.as_fd()) => {
+                Some("the egress filter is not running".to_owned())
+            }
+            (Ok(_), _) => None,
+        };
+        sandboxd_protocol::egress::EgressStatus {
+            available: reason.is_none(),
+            reason,
+            uplink: Some(
+                self.egress_flags
+                    .uplink
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "the host's network namespace".to_owned()),
+            ),
+            upstream_dns: self.egress_flags.dns,
+        }
     }
 
     /// Network modes this helper offers.
@@ -303,10 +488,11 @@ impl Network {
         // 4. The group's bridge and the veth pair, then the sandbox's side.
         let hub = self.hub()?;
         let linked = self.in_hub(|hub_nl| {
-            match &net.bridge {
+            let device = match &net.bridge {
                 Some(name) => {
                     let bridge = hub_nl.ensure_bridge(name, net.gateway, net.prefix_len)?;
                     hub_nl.add_veth(&net.veth, Some(bridge), SANDBOX_IFACE, netns.as_fd())?;
+                    bridge
                 }
                 None => {
                     hub_nl.add_veth(&net.veth, None, SANDBOX_IFACE, netns.as_fd())?;
@@ -315,7 +501,14 @@ impl Network {
                         source: nix::errno::Errno::ENODEV,
                     })?;
                     hub_nl.add_address(veth, net.gateway, net.prefix_len)?;
+                    veth
                 }
+            };
+            // With egress, the hub itself answers the sandbox (the filter's DNS replies and
+            // accepted connections, resets, port unreachables): every device holds the gateway
+            // and the subnet's route, so a host route names the one that leads to this sandbox.
+            if self.egress.is_ok() {
+                hub_nl.replace_host_route(net.address, device, net.gateway)?;
             }
             Ok(())
         });
@@ -372,12 +565,19 @@ impl Network {
         let Some(dir) = &self.helper_dir else { return };
         let idle = self.in_hub(|nl| {
             let _ = nl.remove_empty_bridges();
-            Ok(!nl
-                .links()?
-                .iter()
-                .any(|l| l.kind == Some(rtnetlink::packet_route::link::InfoKind::Veth)))
+            Ok(!nl.links()?.iter().any(|l| {
+                l.kind == Some(rtnetlink::packet_route::link::InfoKind::Veth)
+                    && l.name != uplink::HUB_LINK
+            }))
         });
         if idle.unwrap_or(false) {
+            // No sandbox left: the filter, the uplink and both tables go with the hub.
+            if let (Ok(egress), Ok(hub)) = (&self.egress, self.hub()) {
+                filter::stop(dir.as_fd());
+                if let Ok(hub) = hub.try_clone_to_owned() {
+                    egress.uplink.teardown(&hub, &self.host);
+                }
+            }
             let path = format!("/proc/self/fd/{}/{HUB_FILE}", dir.as_raw_fd());
             if nix::mount::umount2(path.as_str(), nix::mount::MntFlags::MNT_DETACH).is_ok() {
                 let _ = nix::unistd::unlinkat(

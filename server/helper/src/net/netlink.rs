@@ -194,6 +194,85 @@ impl Netlink {
         })
     }
 
+    /// Like [`Netlink::add_address`], but an address already there is no error.
+    pub fn ensure_address(
+        &self,
+        index: u32,
+        address: Ipv4Addr,
+        prefix_len: u8,
+    ) -> Result<(), NetlinkError> {
+        match self.add_address(index, address, prefix_len) {
+            Err(NetlinkError::Request { source, .. })
+                if errno_of(&source) == Some(libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// The default route via `gateway`, replacing any other default route.
+    pub fn replace_default_route(&self, gateway: Ipv4Addr) -> Result<(), NetlinkError> {
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(gateway)
+            .build();
+        self.rt.block_on(async {
+            self.handle
+                .route()
+                .add(route)
+                .replace()
+                .execute()
+                .await
+                .map_err(request(format!("setting the default route via {gateway}")))
+        })
+    }
+
+    /// A host route to `address` out of the link `index`, from `source`, replacing any other
+    /// route to that address.
+    pub fn replace_host_route(
+        &self,
+        address: Ipv4Addr,
+        index: u32,
+        source: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(address, 32)
+            .output_interface(index)
+            .pref_source(source)
+            .scope(rtnetlink::packet_route::route::RouteScope::Link)
+            .build();
+        self.rt.block_on(async {
+            self.handle
+                .route()
+                .add(route)
+                .replace()
+                .execute()
+                .await
+                .map_err(request(format!("routing {address} to link {index}")))
+        })
+    }
+
+    /// Every IPv4 address of this namespace: (link index, address, prefix length).
+    pub fn addresses(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>, NetlinkError> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        self.rt.block_on(async {
+            let mut out = Vec::new();
+            let mut stream = self.handle.address().get().execute();
+            while let Some(msg) = stream
+                .try_next()
+                .await
+                .map_err(request("listing addresses"))?
+            {
+                for attr in &msg.attributes {
+                    if let AddressAttribute::Local(IpAddr::V4(a)) = attr {
+                        out.push((msg.header.index, *a, msg.header.prefix_len));
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
     /// Delete the link `name`; false if it did not exist.
     pub fn delete(&self, name: &str) -> Result<bool, NetlinkError> {
         let Some(index) = self.index(name)? else {
