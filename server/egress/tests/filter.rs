@@ -90,10 +90,19 @@ fn can_run() -> bool {
         && *NFT.get_or_init(|| {
             if !have_nft() {
                 eprintln!("nft is missing: apt-get install -y nftables");
-                let _ = Command::new("apt-get")
-                    .args(["install", "-y", "-q", "nftables"])
-                    .env("DEBIAN_FRONTEND", "noninteractive")
-                    .status();
+                let apt = |args: &[&str]| {
+                    Command::new("apt-get")
+                        .args(args)
+                        .env("DEBIAN_FRONTEND", "noninteractive")
+                        .stdout(Stdio::null())
+                        .status()
+                        .is_ok_and(|s| s.success())
+                };
+                // A fresh machine may have no package lists yet.
+                if !apt(&["install", "-y", "-q", "nftables"]) {
+                    apt(&["update", "-q"]);
+                    apt(&["install", "-y", "-q", "nftables"]);
+                }
             }
             have_nft()
         });
