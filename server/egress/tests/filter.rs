@@ -682,6 +682,28 @@ fn private_ranges_rebinding_and_strangers() {
     in_netns(|| async {
         let _tls = internet().await;
         let filter = Filter::start().await;
+        // Only the daemon's uid may use the control socket: another gets no Ready line.
+        std::fs::set_permissions(
+            &filter.control,
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+        let out = {
+            let _g = spawn_lock();
+            Command::new("python3")
+                .args([
+                    "-c",
+                    "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); \
+                     s.settimeout(5); print(repr(s.recv(100)))",
+                ])
+                .arg(&filter.control)
+                .uid(NOBODY)
+                .gid(NOBODY)
+                .output()
+                .expect("python3")
+        };
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "b''");
         let mut d = filter.daemon().await;
         let id = Uuid::new_v4();
         d.send(&FilterRequest::Sync {
@@ -844,6 +866,11 @@ fn counters_add_up_and_a_policy_change_cuts_an_open_connection() {
         // A new daemon connection replaces the old one and gets every sandbox's totals after
         // its Sync (the bytes survived the policy change).
         let mut d2 = filter.daemon().await;
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Ok(Some(_)) = d.lines.next_line().await {}
+        })
+        .await;
+        assert!(closed.is_ok(), "the replaced daemon connection stays open");
         d2.send(&FilterRequest::Sync {
             sandboxes: vec![sp(id, r#"{"allow":["other.example"]}"#)],
         })
