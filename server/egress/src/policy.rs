@@ -391,20 +391,16 @@ impl Table {
         }
     }
 
-    /// Drop a sandbox's policy and close its connections. Whether it was known.
-    pub fn remove(&mut self, sandbox: Uuid) -> bool {
+    /// Drop a sandbox's policy and close its connections. Its totals, if it was known.
+    pub fn remove(&mut self, sandbox: Uuid) -> Option<Arc<Stats>> {
         let addr = self
             .by_addr
             .iter()
             .find(|(_, e)| e.id == sandbox)
             .map(|(a, _)| *a);
-        match addr.and_then(|a| self.by_addr.remove(&a)) {
-            Some(mut e) => {
-                e.cut_all();
-                true
-            }
-            None => false,
-        }
+        let mut e = addr.and_then(|a| self.by_addr.remove(&a))?;
+        e.cut_all();
+        Some(e.stats)
     }
 
     /// Replace the whole set: sandboxes not listed are removed, the others set.
@@ -674,9 +670,9 @@ mod tests {
         t.sync(vec![sp(b, src_b, policy(&["*"], &[]))]);
         assert!(ca.is_cancelled() && !cb.is_cancelled());
         assert!(t.get(SRC).is_none());
-        assert!(t.remove(b));
+        assert!(t.remove(b).is_some());
         assert!(cb.is_cancelled());
-        assert!(!t.remove(b));
+        assert!(t.remove(b).is_none());
         // A connection decided for a sandbox that is gone is denied.
         assert!(matches!(
             t.decide_connection(SRC, a, A, 80, None, now),
