@@ -35,9 +35,11 @@ pub const PEEK_TIMEOUT: Duration = Duration::from_secs(5);
 pub const PEEK_TIMEOUT_DENIED: Duration = Duration::from_millis(500);
 /// Longest wait for the destination to accept; past it the client is reset.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Copy buffer per direction and connection: with the peek buffer, a connection holds at most
-/// about 50 KiB of the filter's memory.
-const COPY_BUF: usize = 16 * 1024;
+/// Copy buffer per direction and connection, at first: a read that fills it doubles it, up to
+/// [`COPY_BUF_MAX`], so that a bulk transfer needs fewer system calls while most connections
+/// (a request, an answer) hold little memory. At most about 150 KiB per connection.
+const COPY_BUF: usize = 8 * 1024;
+const COPY_BUF_MAX: usize = 64 * 1024;
 /// At most one log line per this period for what a sandbox can repeat at will.
 const LOG_PERIOD: Duration = Duration::from_secs(10);
 /// Most connections the filter holds at once, all sandboxes together (each is two descriptors).
@@ -319,6 +321,9 @@ where
         }
         w.write_all(&buf[..n]).await?;
         stats.add(counter, n as u64);
+        if n == buf.len() && buf.len() < COPY_BUF_MAX {
+            buf.resize(buf.len() * 2, 0);
+        }
     }
 }
 
