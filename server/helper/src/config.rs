@@ -252,42 +252,43 @@ impl Config {
         } else {
             Mode::Rootless
         };
-        let config =
-            Config {
-                state_dir,
-                allow_uid,
-                // Privileged: the daemon's primary group, which only the daemon knows (a gid
-                // equal to its uid's number may be an unrelated group). Rootless: the helper's own
-                // group, the only one it may chown to.
-                allow_gid: match allow_gid {
-                    Some(gid) => gid,
-                    None if euid == 0 => return Err(ConfigError::MissingGid),
-                    None => nix::unistd::getegid().as_raw(),
-                },
-                mode,
-                uid_base,
-                uid_slots,
-                exit_with_stdin,
-                no_cgroups,
-                allowed_caps,
-                allow_nested_userns,
-                max_image_bytes,
-                net_subnet: match net_subnet {
-                    Some(s) => s,
-                    None => sandboxd_protocol::net::Subnet::parse(
-                        sandboxd_protocol::net::DEFAULT_SUBNET,
-                    )
-                    .map_err(|e| ConfigError::InvalidValue("--net-subnet".into(), e.to_string()))?,
-                },
-                publish_ports: match publish_ports {
-                    Some(r) => r,
-                    None => sandboxd_protocol::net::PortRange::parse(
-                        sandboxd_protocol::net::DEFAULT_PUBLISH_PORTS,
-                    )
-                    .map_err(|e| ConfigError::InvalidValue("--publish-ports".into(), e.to_string()))?,
-                },
-                egress,
-            };
+        let config = Config {
+            state_dir,
+            allow_uid,
+            // Privileged: the daemon's primary group, which only the daemon knows (a gid
+            // equal to its uid's number may be an unrelated group). Rootless: the helper's own
+            // group, the only one it may chown to.
+            allow_gid: match allow_gid {
+                Some(gid) => gid,
+                None if euid == 0 => return Err(ConfigError::MissingGid),
+                None => nix::unistd::getegid().as_raw(),
+            },
+            mode,
+            uid_base,
+            uid_slots,
+            exit_with_stdin,
+            no_cgroups,
+            allowed_caps,
+            allow_nested_userns,
+            max_image_bytes,
+            net_subnet: match net_subnet {
+                Some(s) => s,
+                None => {
+                    sandboxd_protocol::net::Subnet::parse(sandboxd_protocol::net::DEFAULT_SUBNET)
+                        .map_err(|e| {
+                            ConfigError::InvalidValue("--net-subnet".into(), e.to_string())
+                        })?
+                }
+            },
+            publish_ports: match publish_ports {
+                Some(r) => r,
+                None => sandboxd_protocol::net::PortRange::parse(
+                    sandboxd_protocol::net::DEFAULT_PUBLISH_PORTS,
+                )
+                .map_err(|e| ConfigError::InvalidValue("--publish-ports".into(), e.to_string()))?,
+            },
+            egress,
+        };
         if mode == Mode::Privileged {
             config.check_ranges()?;
         }
