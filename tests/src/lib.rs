@@ -148,7 +148,7 @@ pub fn binaries() -> &'static Path {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the binaries directory");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        for bin in ["sandboxd", "sandboxd-helper", "sbx"] {
+        for bin in ["sandboxd", "sandboxd-helper", "sandboxd-egress", "sbx"] {
             let dest = dir.join(bin);
             // A hard link costs no space (a copy of the debug binaries is about 240 MB per test
             // process); a copy only where the target directory is on another filesystem.

@@ -103,6 +103,8 @@ pub struct ValidNet {
     pub gateway: std::net::Ipv4Addr,
     pub peers: Vec<(String, std::net::Ipv4Addr)>,
     pub ports: Vec<PortMapping>,
+    /// The gateway answers DNS (egress is configured: `--egress-dns`), so resolv.conf names it.
+    pub resolver: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -192,6 +194,7 @@ pub fn validate_network(
         address: net.address,
         prefix_len: subnet.prefix_len(),
         gateway: subnet.gateway(),
+        resolver: config.egress.dns.is_some(),
         peers,
         ports: net.ports.clone(),
     })
