@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::policy::{Cut, Table};
+use crate::shared::{is_transient, lock_table};
 use crate::sys;
 
 /// Most events kept for the daemon; past it the oldest are dropped (and counted).
@@ -138,7 +139,18 @@ impl Control {
             }
         };
         match request {
-            FilterRequest::Sync { sandboxes } => {
+            FilterRequest::Sync { mut sandboxes } => {
+                // An oversized policy (the daemon refuses them) is left out, and said so; its
+                // sandbox then has no policy here, so it reaches nothing.
+                sandboxes.retain(|sp| match sp.policy.check_size() {
+                    Ok(()) => true,
+                    Err(e) => {
+                        self.events.push(FilterEvent::Error {
+                            message: format!("sandbox {}: {e}", sp.sandbox),
+                        });
+                        false
+                    }
+                });
                 let n = sandboxes.len();
                 let cuts = self.table().sync(sandboxes);
                 self.report_cuts(&cuts);
@@ -147,6 +159,12 @@ impl Control {
             }
             FilterRequest::Set(sp) => {
                 let (id, addr) = (sp.sandbox, sp.address);
+                if let Err(e) = sp.policy.check_size() {
+                    self.events.push(FilterEvent::Error {
+                        message: format!("sandbox {id}: {e}"),
+                    });
+                    return;
+                }
                 let cuts = self.table().set(sp);
                 self.report_cuts(&cuts);
                 tracing::info!(sandbox = %id, address = %addr, cut = cuts.len(), "policy set");
@@ -287,30 +305,6 @@ impl Control {
             _ = stop.cancelled() => Ok(()),
         }
     }
-}
-
-pub fn lock_table(table: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
-    // Every change to the table is a few map operations that cannot panic half-way in a way
-    // that breaks an invariant another reader relies on; a poisoned lock is still consistent.
-    table.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Accept errors that say nothing about the listener (a peer gone, descriptors short).
-pub fn is_transient(e: &std::io::Error) -> bool {
-    use nix::errno::Errno;
-    let Some(raw) = e.raw_os_error() else {
-        return false;
-    };
-    matches!(
-        Errno::from_raw(raw),
-        Errno::ECONNABORTED
-            | Errno::EMFILE
-            | Errno::ENFILE
-            | Errno::ENOBUFS
-            | Errno::ENOMEM
-            | Errno::EPROTO
-            | Errno::EINTR
-    )
 }
 
 #[cfg(test)]

@@ -23,8 +23,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 
-use crate::control::{lock_table, Events};
+use crate::control::Events;
 use crate::policy::{Limits, Table};
+use crate::shared::{lock_table, Throttle};
 use crate::sniff::normalize_name;
 
 /// Longest TTL the filter gives (and remembers a resolution for).
@@ -37,6 +38,8 @@ const RETRANSMIT_AFTER: Duration = Duration::from_millis(700);
 pub const MAX_INFLIGHT: usize = 256;
 /// Most addresses in one answer (keeps every answer far below 512 bytes).
 pub const MAX_ANSWERS: usize = 16;
+/// At most one log line per this period for upstream failures and overload.
+const LOG_PERIOD: Duration = Duration::from_secs(10);
 /// The EDNS payload size the filter offers (the common "DNS flag day" value).
 const EDNS_PAYLOAD: u16 = 1232;
 
@@ -50,6 +53,8 @@ pub enum DnsError {
     Timeout,
     #[error("the upstream resolver's answer over TCP is malformed")]
     BadTcpAnswer,
+    #[error("too many questions in flight to the upstream resolver")]
+    Busy,
 }
 
 /// What the upstream's answer comes to.
@@ -67,13 +72,36 @@ pub enum Resolution {
     },
 }
 
+/// The upstream resolver, shared by the resolver and the TCP side (which asks it itself when a
+/// connection names a host the sandbox did not resolve through the filter, or not recently).
+pub struct Upstream {
+    pub addr: SocketAddrV4,
+    inflight: Semaphore,
+}
+
+impl Upstream {
+    pub fn new(addr: SocketAddrV4) -> Upstream {
+        Upstream {
+            addr,
+            inflight: Semaphore::new(MAX_INFLIGHT),
+        }
+    }
+
+    /// What `name` resolves to, private addresses set apart.
+    pub async fn resolve(&self, name: &Name, limits: &Limits) -> Result<Resolution, DnsError> {
+        let _permit = self.inflight.try_acquire().map_err(|_| DnsError::Busy)?;
+        let answer = ask_upstream(self.addr, name).await?;
+        Ok(resolution(&answer, name, limits))
+    }
+}
+
 /// The resolver's shared state.
 pub struct Dns {
     pub table: Arc<Mutex<Table>>,
     pub events: Arc<Events>,
     pub limits: Arc<Limits>,
-    pub upstream: SocketAddrV4,
-    pub inflight: Semaphore,
+    pub upstream: Arc<Upstream>,
+    pub failures: Throttle,
 }
 
 impl Dns {
@@ -131,24 +159,29 @@ impl Dns {
             return reply(req, ResponseCode::NXDomain);
         };
         let Some(name) = normalize_name(&asked).filter(|n| policy.may_resolve(n)) else {
-            self.denied(id, &asked, None, DenialReason::NotAllowed);
+            // Clients ask A and AAAA (and again on retry): one record per name and burst.
+            let first = lock_table(&self.table)
+                .get_mut(src)
+                .filter(|e| e.id == id)
+                .is_some_and(|e| e.first_dns_denial(&asked, Instant::now()));
+            if first {
+                self.denied(id, &asked, None, DenialReason::NotAllowed);
+            }
             return reply(req, ResponseCode::NXDomain);
         };
         if query.query_type() != RecordType::A {
             return reply(req, ResponseCode::NoError);
         }
-        let Ok(_permit) = self.inflight.try_acquire() else {
-            tracing::warn!("too many dns questions in flight; SERVFAIL");
-            return reply(req, ResponseCode::ServFail);
-        };
-        let answer = match ask_upstream(self.upstream, query.name()).await {
-            Ok(a) => a,
+        let resolved = match self.upstream.resolve(query.name(), &self.limits).await {
+            Ok(r) => r,
             Err(e) => {
-                tracing::warn!(error = %e, name = %name, "upstream dns failed; SERVFAIL");
+                if let Some(suppressed) = self.failures.allow(LOG_PERIOD) {
+                    tracing::warn!(error = %e, name = %name, suppressed, "upstream dns failed; SERVFAIL");
+                }
                 return reply(req, ResponseCode::ServFail);
             }
         };
-        match resolution(&answer, query.name(), &self.limits) {
+        match resolved {
             Resolution::NxDomain => reply(req, ResponseCode::NXDomain),
             Resolution::Failed(code) => {
                 tracing::debug!(name = %name, ?code, "upstream dns refused; SERVFAIL");
@@ -156,7 +189,7 @@ impl Dns {
             }
             Resolution::Addresses { kept, dropped, ttl } => {
                 if let Some(first) = dropped.first() {
-                    tracing::info!(name = %name, address = %first, "dns answer in a private range dropped");
+                    tracing::debug!(name = %name, address = %first, "dns answer in a private range dropped");
                     self.denied(id, &name, Some(*first), DenialReason::PrivateRange);
                 }
                 if let Some(e) = lock_table(&self.table).get_mut(src).filter(|e| e.id == id) {
@@ -485,8 +518,8 @@ mod tests {
             table: Arc::new(Mutex::new(table)),
             events: Arc::default(),
             limits: Arc::new(limits()),
-            upstream,
-            inflight: Semaphore::new(MAX_INFLIGHT),
+            upstream: Arc::new(Upstream::new(upstream)),
+            failures: Throttle::default(),
         };
         (dns, id)
     }
@@ -537,6 +570,10 @@ mod tests {
             [sandboxd_protocol::egress::FilterEvent::Denied { sandbox, denial }]
             if *sandbox == id && denial.protocol == "dns" && denial.name.as_deref() == Some("evil.org")
                 && denial.reason == DenialReason::NotAllowed));
+        // The same name again (AAAA, a retry): NXDOMAIN, no second record.
+        let r = dns.respond(&ask("evil.org.", RecordType::AAAA), SRC).await;
+        assert_eq!(r.response_code, ResponseCode::NXDomain);
+        assert!(dns.events_for_test().is_empty());
         // AAAA of an allowed name: no data, nothing asked upstream, no denial.
         let r = dns.respond(&ask("pypi.org.", RecordType::AAAA), SRC).await;
         assert_eq!(r.response_code, ResponseCode::NoError);

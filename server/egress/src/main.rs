@@ -11,12 +11,13 @@
 //! outlives daemon and helper restarts; policies come from the daemon over the control socket.
 //!
 //! Modules: `sys` (descriptors and socket options; the only `unsafe`), `policy` (the table and
-//! the decision), `sniff` (SNI and Host), `dns` (the resolver), `tcp` (connections), `control`
+//! the decision), `shared` (locks, a log throttle), `sniff` (SNI and Host), `dns` (the resolver), `tcp` (connections), `control`
 //! (the daemon's socket and events).
 
 mod control;
 mod dns;
 mod policy;
+mod shared;
 mod sniff;
 mod sys;
 mod tcp;
@@ -113,6 +114,7 @@ async fn serve(
     let table = Arc::new(Mutex::new(policy::Table::default()));
     let events = Arc::new(control::Events::default());
     let limits = Arc::new(policy::Limits::from_config(&config));
+    let upstream = Arc::new(dns::Upstream::new(config.upstream_dns));
     tracing::info!(
         tcp = %tcp::describe(&tcp),
         dns = %dns.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -126,13 +128,15 @@ async fn serve(
         events: Arc::clone(&events),
         limits: Arc::clone(&limits),
         slots: Arc::new(Semaphore::new(tcp::MAX_CONNECTIONS)),
+        over_limit: shared::Throttle::default(),
+        upstream: Arc::clone(&upstream),
     });
     let dns_side = Arc::new(dns::Dns {
         table: Arc::clone(&table),
         events: Arc::clone(&events),
         limits,
-        upstream: config.upstream_dns,
-        inflight: Semaphore::new(dns::MAX_INFLIGHT),
+        upstream,
+        failures: shared::Throttle::default(),
     });
     let control_side = Arc::new(control::Control {
         table,

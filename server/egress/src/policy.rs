@@ -31,6 +31,8 @@ pub const MAX_NAMES: usize = 4096;
 /// How long after its TTL a resolved address still counts, for clients that connect just as
 /// the record expires (or cache a little longer than told).
 pub const RESOLVED_GRACE: Duration = Duration::from_secs(60);
+/// A DNS denial of the same name by the same sandbox within this window is not recorded again.
+pub const DNS_DENIAL_WINDOW: Duration = Duration::from_secs(5);
 /// Most connections one sandbox may have open (or being decided) at once; past it a new one is
 /// reset and recorded as `not_allowed`.
 pub const MAX_CONNECTIONS_PER_SANDBOX: usize = 256;
@@ -190,6 +192,8 @@ pub struct Entry {
     pub stats: Arc<Stats>,
     /// Name → address → until when it counts as resolved for that name.
     resolved: HashMap<String, HashMap<Ipv4Addr, Instant>>,
+    /// Names whose DNS denial was last recorded when.
+    dns_denials: HashMap<String, Instant>,
     conns: HashMap<u64, Conn>,
 }
 
@@ -200,6 +204,7 @@ impl Entry {
             policy: Arc::new(policy),
             stats,
             resolved: HashMap::new(),
+            dns_denials: HashMap::new(),
             conns: HashMap::new(),
         }
     }
@@ -218,6 +223,32 @@ impl Entry {
         self.resolved
             .values()
             .any(|addrs| addrs.get(&addr).is_some_and(|until| *until > now))
+    }
+
+    /// Would a connection to `dest:port` presenting `name` be allowed if `name` resolved to
+    /// `dest`, and has it not (recently, through the filter)? Then the filter asks the upstream
+    /// itself before deciding: a client may have cached an answer longer than told, or from
+    /// before the filter restarted.
+    pub fn needs_resolving(&self, name: &str, dest: Ipv4Addr, port: u16, now: Instant) -> bool {
+        !self.resolved(name, dest, now)
+            && decide(&self.policy, dest, port, Some(name), false)
+                == Err(DenialReason::NameMismatch)
+    }
+
+    /// Should a DNS denial of `name` be recorded now (none within [`DNS_DENIAL_WINDOW`])?
+    pub fn first_dns_denial(&mut self, name: &str, now: Instant) -> bool {
+        if self
+            .dns_denials
+            .get(name)
+            .is_some_and(|t| now < *t + DNS_DENIAL_WINDOW)
+        {
+            return false;
+        }
+        if self.dns_denials.len() >= MAX_NAMES {
+            self.dns_denials.retain(|_, t| now < *t + DNS_DENIAL_WINDOW);
+        }
+        self.dns_denials.insert(name.to_owned(), now);
+        true
     }
 
     /// Remember that `name` resolved to `addrs` for `ttl`.
@@ -644,6 +675,12 @@ mod tests {
         e.remember("pypi.org", &[A], Duration::from_secs(10), now);
         assert!(e.resolved("pypi.org", A, now));
         assert!(e.resolved_any(A, now) && !e.resolved_any(B, now));
+        assert!(!e.needs_resolving("pypi.org", A, 443, now));
+        assert!(e.needs_resolving("pypi.org", B, 443, now));
+        assert!(!e.needs_resolving("other.org", B, 443, now));
+        assert!(e.first_dns_denial("x.org", now));
+        assert!(!e.first_dns_denial("x.org", now + Duration::from_secs(1)));
+        assert!(e.first_dns_denial("x.org", now + DNS_DENIAL_WINDOW));
         assert!(!e.resolved("pypi.org", B, now));
         assert!(!e.resolved("other.org", A, now));
         let later = now + Duration::from_secs(10) + RESOLVED_GRACE;

@@ -9,6 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hickory_proto::rr::Name;
 use sandboxd_api::egress::{DenialReason, EgressDenial, Verdict};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -16,8 +17,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::control::{is_transient, lock_table, Events};
+use crate::control::Events;
+use crate::dns::{Resolution, Upstream};
 use crate::policy::{self, Decision, Limits, Stats, Table};
+use crate::shared::{is_transient, lock_table, Throttle};
 use crate::sniff::{self, Sniff};
 use crate::sys;
 
@@ -32,8 +35,11 @@ pub const PEEK_TIMEOUT: Duration = Duration::from_secs(5);
 pub const PEEK_TIMEOUT_DENIED: Duration = Duration::from_millis(500);
 /// Longest wait for the destination to accept; past it the client is reset.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Copy buffer per direction and connection.
-const COPY_BUF: usize = 32 * 1024;
+/// Copy buffer per direction and connection: with the peek buffer, a connection holds at most
+/// about 50 KiB of the filter's memory.
+const COPY_BUF: usize = 16 * 1024;
+/// At most one log line per this period for what a sandbox can repeat at will.
+const LOG_PERIOD: Duration = Duration::from_secs(10);
 /// Most connections the filter holds at once, all sandboxes together (each is two descriptors).
 pub const MAX_CONNECTIONS: usize = 8192;
 
@@ -43,6 +49,8 @@ pub struct Tcp {
     pub events: Arc<Events>,
     pub limits: Arc<Limits>,
     pub slots: Arc<Semaphore>,
+    pub over_limit: Throttle,
+    pub upstream: Arc<Upstream>,
 }
 
 /// Close `s` with a reset rather than a FIN.
@@ -67,7 +75,9 @@ impl Tcp {
                 Err(e) => return Err(e),
             };
             let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
-                tracing::warn!(%peer, "too many connections; reset");
+                if let Some(suppressed) = self.over_limit.allow(LOG_PERIOD) {
+                    tracing::warn!(%peer, suppressed, "too many connections; reset");
+                }
                 reset(stream);
                 continue;
             };
@@ -101,7 +111,9 @@ impl Tcp {
             return reset(stream);
         };
         let Some(_active) = stats.enter() else {
-            tracing::warn!(sandbox = %id, "too many connections for one sandbox");
+            if let Some(suppressed) = self.over_limit.allow(LOG_PERIOD) {
+                tracing::warn!(sandbox = %id, suppressed, "too many connections for one sandbox; reset");
+            }
             stats.add(&stats.connections_denied, 1);
             self.report(id, dest, None, DenialReason::NotAllowed);
             return reset(stream);
@@ -128,6 +140,9 @@ impl Tcp {
         } else {
             None
         };
+        if let Some(name) = &name {
+            self.resolve_if_needed(src, id, name, dest).await;
+        }
         let decision = lock_table(&self.table).decide_connection(
             src,
             id,
@@ -143,14 +158,40 @@ impl Tcp {
             }
             Decision::Allowed { conn_id, cut } => {
                 tracing::debug!(sandbox = %id, %dest, name = name.as_deref().unwrap_or(""), "allowed");
-                relay(stream, dest, &first, &stats, &cut).await;
+                relay(stream, dest, first, &stats, &cut).await;
                 lock_table(&self.table).finish(src, conn_id);
             }
         }
     }
 
+    /// If only a resolution of `name` to `dest` is missing for the connection to be allowed,
+    /// ask the upstream now and remember its answer.
+    async fn resolve_if_needed(&self, src: Ipv4Addr, id: Uuid, name: &str, dest: SocketAddrV4) {
+        let needed = lock_table(&self.table)
+            .get(src)
+            .filter(|e| e.id == id)
+            .is_some_and(|e| e.needs_resolving(name, *dest.ip(), dest.port(), Instant::now()));
+        if !needed {
+            return;
+        }
+        let Ok(fqdn) = Name::from_ascii(format!("{name}.")) else {
+            return;
+        };
+        match self.upstream.resolve(&fqdn, &self.limits).await {
+            Ok(Resolution::Addresses { kept, ttl, .. }) => {
+                if let Some(e) = lock_table(&self.table).get_mut(src).filter(|e| e.id == id) {
+                    e.remember(name, &kept, Duration::from_secs(ttl.into()), Instant::now());
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, name, "resolving a presented name"),
+        }
+    }
+
     fn report(&self, id: Uuid, dest: SocketAddrV4, name: Option<String>, reason: DenialReason) {
-        tracing::info!(sandbox = %id, %dest, name = name.as_deref().unwrap_or(""), ?reason, "connection denied");
+        // Denials go to the daemon as events; the log has them at debug level only, so that a
+        // sandbox cannot fill the host's disk by being denied.
+        tracing::debug!(sandbox = %id, %dest, name = name.as_deref().unwrap_or(""), ?reason, "connection denied");
         self.events.denied(
             id,
             EgressDenial {
@@ -201,7 +242,7 @@ async fn peek(
 async fn relay(
     mut client: TcpStream,
     dest: SocketAddrV4,
-    first: &[u8],
+    first: Vec<u8>,
     stats: &Stats,
     cut: &CancellationToken,
 ) {
@@ -236,16 +277,17 @@ async fn relay(
 async fn copy_both(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
-    first: &[u8],
+    first: Vec<u8>,
     stats: &Stats,
 ) -> io::Result<()> {
     let (mut client_r, mut client_w) = client.split();
     let (mut up_r, mut up_w) = upstream.split();
     let out = async {
         if !first.is_empty() {
-            up_w.write_all(first).await?;
+            up_w.write_all(&first).await?;
             stats.add(&stats.bytes_out, first.len() as u64);
         }
+        drop(first);
         copy_counted(&mut client_r, &mut up_w, stats, Direction::Out).await
     };
     let back = copy_counted(&mut up_r, &mut client_w, stats, Direction::In);

@@ -11,6 +11,7 @@ mod auth;
 mod browser;
 mod cli;
 mod cli_habits;
+mod egress;
 mod egress_hub;
 mod exec;
 mod files;

@@ -57,6 +57,15 @@ fn format_info(info: &Info, url: &str) -> String {
                 info.uid_ranges.base, info.uid_ranges.size, info.uid_ranges.slots
             ),
         ),
+        (
+            "egress",
+            match (&info.egress.available, &info.egress.reason) {
+                (true, _) if info.egress.connected => "available".to_owned(),
+                (true, _) => "available (the filter is not connected right now)".to_owned(),
+                (false, Some(why)) => format!("no: {why}"),
+                (false, None) => "no".to_owned(),
+            },
+        ),
     ];
     lines
         .iter()
