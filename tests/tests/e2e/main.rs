@@ -17,6 +17,7 @@ mod cli_habits;
 mod contract;
 mod defaults;
 mod egress;
+mod egress_hub;
 mod exec;
 mod files;
 mod host_view;
