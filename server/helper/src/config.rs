@@ -407,7 +407,11 @@ mod tests {
 
     #[test]
     fn egress_flags_parse_and_are_checked() {
-        let c = parse(&["--state-dir", "/s", "--allow-uid", "9"], 0).unwrap();
+        let c = parse(
+            &["--state-dir", "/s", "--allow-uid", "9", "--allow-gid", "9"],
+            0,
+        )
+        .unwrap();
         assert_eq!(c.egress, EgressConfig::default());
         assert_eq!(
             c.egress.link_addresses(),
@@ -421,6 +425,8 @@ mod tests {
                 "--state-dir",
                 "/s",
                 "--allow-uid",
+                "9",
+                "--allow-gid",
                 "9",
                 "--egress-uplink",
                 "/run/netns/x",
@@ -455,6 +461,8 @@ mod tests {
                 "/s",
                 "--allow-uid",
                 "9",
+                "--allow-gid",
+                "9",
                 "--egress-dns",
                 "127.0.0.1:5353",
             ],
@@ -470,9 +478,16 @@ mod tests {
             ["--egress-link", "100.100.0.0/29"],
             ["--egress-nonsense", "x"],
         ] {
-            let mut args = vec!["--state-dir", "/s", "--allow-uid", "9"];
+            let mut args = vec!["--state-dir", "/s", "--allow-uid", "9", "--allow-gid", "9"];
+            assert!(parse(&args, 0).is_ok());
             args.extend(bad);
-            assert!(parse(&args, 0).is_err(), "{bad:?}");
+            assert!(
+                matches!(
+                    parse(&args, 0),
+                    Err(ConfigError::InvalidValue(..) | ConfigError::UnknownArgument(_))
+                ),
+                "{bad:?}"
+            );
         }
     }
 
