@@ -34,15 +34,22 @@ fn denied_syscalls_fail_inside_a_sandbox() {
         "sh", "-c", "while [ ! -x /work/probe ]; do sleep 0.05; done; exec /work/probe"
     ]}));
     let id = sandbox.id.to_string();
-    let host_uid = sandbox
-        .host_uid
-        .expect("a running sandbox shows its host uid");
-    let work = d.sandbox_dir(&id).join("private").join("work");
-    // Compile next to the final name and rename, so the sandbox never runs a half-written file.
-    let partial = work.join(".probe.partial");
-    compile_probe(&partial);
-    std::os::unix::fs::chown(&partial, Some(host_uid), Some(host_uid)).expect("chown probe");
-    std::fs::rename(&partial, work.join("probe")).expect("rename probe");
+    // Compiled on the host, then sent through the API (which writes beside the name and renames,
+    // so the sandbox never runs a half-written file): the sandbox's /work is an overlay of its
+    // work directory, which does not see files written into that directory behind its back.
+    let scratch =
+        std::env::temp_dir().join(format!("sandboxd-probe-{}", uuid::Uuid::new_v4().simple()));
+    compile_probe(&scratch);
+    let probe = std::fs::read(&scratch).expect("read the probe");
+    std::fs::remove_file(&scratch).expect("remove the probe");
+    let put = d
+        .request(
+            "PUT",
+            &format!("/v1/sandboxes/{id}/files?path=/work/probe&mode=0755"),
+        )
+        .body(probe)
+        .send();
+    assert_eq!(put.status, 204, "upload the probe: {}", put.body);
 
     let done = d.wait(&id);
     let out = String::from_utf8_lossy(&d.logs(&id, "")).into_owned();
