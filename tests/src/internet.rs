@@ -287,11 +287,12 @@ impl TestInternet {
 
     /// The names of the namespace's links.
     pub fn links(&self) -> Vec<String> {
-        self.ip(&["-o", "link", "show"])
-            .lines()
-            .filter_map(|l| l.split(": ").nth(1))
-            .map(|n| n.split('@').next().unwrap_or(n).to_owned())
-            .collect()
+        links_in(&self.path)
+    }
+
+    /// The names of the namespace's nftables tables (family `ip`).
+    pub fn nft_tables(&self) -> Vec<String> {
+        nft_tables(&self.path)
     }
 }
 
@@ -723,6 +724,100 @@ pub fn https_get(
     }
 }
 
+/// The names of the nftables tables of the `ip` family in the network namespace `ns` (a file
+/// like `/run/netns/NAME` or a hub's bind mount), by a netlink dump from a thread inside it.
+pub fn nft_tables(ns: &std::path::Path) -> Vec<String> {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || {
+        enter(&ns).expect("entering the namespace");
+        list_tables().expect("listing nftables tables")
+    })
+    .join()
+    .expect("the listing thread panicked")
+}
+
+fn list_tables() -> std::io::Result<Vec<String>> {
+    use nix::sys::socket::{
+        bind, recv, send, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
+        SockType,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkNetFilter,
+    )?;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
+    // nlmsghdr (GETTABLE of nftables, REQUEST|DUMP) + nfgenmsg (family ip).
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&20u32.to_ne_bytes());
+    msg.extend_from_slice(&((10u16 << 8) | 1).to_ne_bytes());
+    msg.extend_from_slice(&(0x1u16 | 0x300).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(&[2, 0, 0, 0]);
+    send(fd.as_raw_fd(), &msg, MsgFlags::empty())?;
+    let mut names = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        let mut rest = &buf[..n];
+        while rest.len() >= 16 {
+            let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let ty = u16::from_ne_bytes([rest[4], rest[5]]);
+            if len < 16 || len > rest.len() {
+                return Err(std::io::Error::other("a malformed netlink message"));
+            }
+            match ty {
+                3 => return Ok(names),
+                2 => {
+                    let errno = i32::from_ne_bytes([rest[16], rest[17], rest[18], rest[19]]);
+                    if errno != 0 {
+                        return Err(std::io::Error::from_raw_os_error(-errno));
+                    }
+                }
+                _ => {
+                    let mut attrs = &rest[20..len];
+                    while attrs.len() >= 4 {
+                        let alen = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+                        let aty = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x7fff;
+                        if alen < 4 || alen > attrs.len() {
+                            break;
+                        }
+                        if aty == 1 {
+                            let name = attrs[4..alen].split(|b| *b == 0).next().unwrap_or(&[]);
+                            names.push(String::from_utf8_lossy(name).into_owned());
+                        }
+                        attrs = attrs.get((alen + 3) & !3..).unwrap_or(&[]);
+                    }
+                }
+            }
+            rest = rest.get((len + 3) & !3..).unwrap_or(&[]);
+        }
+    }
+}
+
+/// The names of the links of the network namespace `ns` (a file), by `ip` run inside it.
+pub fn links_in(ns: &std::path::Path) -> Vec<String> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", ns.display()))
+        .args(["ip", "-o", "link", "show"])
+        .output()
+        .expect("nsenter runs");
+    assert!(
+        out.status.success(),
+        "ip link in {}: {}",
+        ns.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -748,6 +843,7 @@ mod tests {
         net.add_a("*.wild.test", OTHER);
         net.add_cert("tls-only.test");
         assert!(net.links().contains(&"lo".to_owned()));
+        assert!(net.nft_tables().is_empty());
         let dns = net.dns();
         let ca = net.ca_pem();
         let (www, wild, apex, nx, http, https, other, echo) = net.inside(move || {

@@ -178,7 +178,8 @@ impl Control {
                     .find(|e| e.id == sandbox)
                     .map(|e| e.stats.snapshot());
                 if let Some(counters) = last {
-                    self.events.push(FilterEvent::Counters { sandbox, counters });
+                    self.events
+                        .push(FilterEvent::Counters { sandbox, counters });
                 }
                 let known = self.table().remove(sandbox);
                 tracing::info!(%sandbox, known, "policy removed");

@@ -12,6 +12,7 @@ mod browser;
 mod cli;
 mod cli_habits;
 mod egress;
+mod egress_hub;
 mod exec;
 mod files;
 mod hostile;

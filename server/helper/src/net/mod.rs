@@ -15,6 +15,10 @@
 //! only of its own user namespace) has no CAP_NET_ADMIN over it: it cannot add an address or a
 //! route, or take another sandbox's address.
 //!
+//! With egress (`--egress-dns`), the hub also gets an uplink pair, one nftables table (TCP from
+//! sandbox devices redirected to the filter, anything else beyond the subnet rejected) and the
+//! filter process (`uplink.rs`, `nft.rs`, `filter.rs`); the hub still routes nothing.
+//!
 //! Order for a bridged sandbox (`prepare`): bind the published ports on the host (a conflict
 //! fails first, before anything else exists); create the namespace and set its sysctls; bring
 //! `lo` up; make sure the group's bridge exists in the hub; create the veth pair with the
