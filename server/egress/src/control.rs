@@ -170,19 +170,15 @@ impl Control {
                 tracing::info!(sandbox = %id, address = %addr, cut = cuts.len(), "policy set");
             }
             FilterRequest::Remove { sandbox } => {
-                // The last totals first: a report due within the second would go with the
-                // entry.
-                let last = self
-                    .table()
-                    .entries()
-                    .find(|e| e.id == sandbox)
-                    .map(|e| e.stats.snapshot());
-                if let Some(counters) = last {
-                    self.events
-                        .push(FilterEvent::Counters { sandbox, counters });
+                let removed = self.table().remove(sandbox);
+                tracing::info!(%sandbox, known = removed.is_some(), "policy removed");
+                // The last totals, if they changed since last reported: the daemon keeps them.
+                if let Some(stats) = removed.filter(|s| s.dirty.swap(false, Ordering::Relaxed)) {
+                    self.events.push(FilterEvent::Counters {
+                        sandbox,
+                        counters: stats.snapshot(),
+                    });
                 }
-                let known = self.table().remove(sandbox);
-                tracing::info!(%sandbox, known, "policy removed");
             }
         }
     }
@@ -364,15 +360,18 @@ mod tests {
             control.events.take().as_slice(),
             [FilterEvent::Error { .. }]
         ));
+        // Remove reports the last totals if they changed.
+        let addr = "198.51.100.2".parse().expect("addr");
+        {
+            let t = control.table();
+            let stats = &t.get(addr).expect("entry").stats;
+            stats.add(&stats.bytes_out, 42);
+        }
         control.handle_line(&format!(r#"{{"op":"remove","sandbox":"{id}"}}"#));
-        assert!(control
-            .table()
-            .get("198.51.100.2".parse().expect("addr"))
-            .is_none());
-        // Its last totals went out with the removal.
-        assert!(matches!(
-            control.events.take().as_slice(),
-            [FilterEvent::Counters { sandbox, .. }] if *sandbox == id
-        ));
+        assert!(control.table().get(addr).is_none());
+        assert!(matches!(control.events.take().as_slice(),
+            [FilterEvent::Counters { sandbox, counters }] if *sandbox == id && counters.bytes_out == 42));
+        control.handle_line(&format!(r#"{{"op":"remove","sandbox":"{id}"}}"#));
+        assert!(control.events.take().is_empty());
     }
 }

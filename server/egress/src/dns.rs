@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 
 use crate::control::Events;
 use crate::policy::{Limits, Table};
-use crate::shared::{lock_table, Throttle};
+use crate::shared::{is_transient, lock_table, Throttle};
 use crate::sniff::normalize_name;
 
 /// Longest TTL the filter gives (and remembers a resolution for).
@@ -112,9 +112,11 @@ impl Dns {
         loop {
             let (n, src) = match sock.recv_from(&mut buf).await {
                 Ok(r) => r,
-                // An ICMP error for an earlier reply, say: nothing to do with the next question.
-                Err(e) if e.raw_os_error().is_some() => {
+                // An ICMP error for an earlier reply, or memory short for a moment: nothing to
+                // do with the next question.
+                Err(e) if is_transient(&e) || e.kind() == std::io::ErrorKind::ConnectionRefused => {
                     tracing::debug!(error = %e, "dns receive");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
                 Err(e) => return Err(e),

@@ -10,13 +10,15 @@
 //! gateway) and `control_fd` (the daemon's listening unix socket). It runs until SIGTERM and
 //! outlives daemon and helper restarts; policies come from the daemon over the control socket.
 //!
-//! Modules: `sys` (descriptors and socket options; the only `unsafe`), `policy` (the table and
+//! Modules: `sys` (descriptors and socket options; the only `unsafe`), `seccomp` (its own
+//! system call filter), `policy` (the table and
 //! the decision), `shared` (locks, a log throttle), `sniff` (SNI and Host), `dns` (the resolver), `tcp` (connections), `control`
 //! (the daemon's socket and events).
 
 mod control;
 mod dns;
 mod policy;
+mod seccomp;
 mod shared;
 mod sniff;
 mod sys;
@@ -76,6 +78,16 @@ fn run() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start the runtime")?;
+    // Seccomp needs no_new_privs without CAP_SYS_ADMIN (the helper sets it already; the filter
+    // never executes anything, so setting it again costs nothing).
+    nix::sys::prctl::set_no_new_privs().context("set no_new_privs")?;
+    match seccomp::install() {
+        Ok(()) => tracing::info!("seccomp filter installed"),
+        Err(seccomp::SeccompError::Arch) => {
+            tracing::warn!("no seccomp filter for this architecture; running without")
+        }
+        Err(e) => return Err(e).context("seccomp"),
+    }
     runtime.block_on(serve(config, tcp, dns, control))
 }
 

@@ -283,15 +283,20 @@ impl Entry {
     /// Cancel (and forget) every connection the current policy no longer allows.
     fn cut_disallowed(&mut self) -> Vec<Cut> {
         let policy = Arc::clone(&self.policy);
+        let now = Instant::now();
+        let resolved = &self.resolved;
         let mut cuts = Vec::new();
         self.conns.retain(|_, c| {
-            let verdict = decide(
-                &policy,
-                c.dest,
-                c.port,
-                c.name.as_deref(),
-                c.basis == Basis::Name,
-            );
+            // Allowed by its name once, it stays resolved for its whole life; allowed by an
+            // address rule, its name may have resolved to its destination meanwhile.
+            let name_resolved = c.basis == Basis::Name
+                || c.name.as_deref().is_some_and(|n| {
+                    resolved
+                        .get(n)
+                        .and_then(|a| a.get(&c.dest))
+                        .is_some_and(|until| *until > now)
+                });
+            let verdict = decide(&policy, c.dest, c.port, c.name.as_deref(), name_resolved);
             match verdict {
                 Ok(_) => true,
                 Err(reason) => {
@@ -386,20 +391,16 @@ impl Table {
         }
     }
 
-    /// Drop a sandbox's policy and close its connections. Whether it was known.
-    pub fn remove(&mut self, sandbox: Uuid) -> bool {
+    /// Drop a sandbox's policy and close its connections. Its totals, if it was known.
+    pub fn remove(&mut self, sandbox: Uuid) -> Option<Arc<Stats>> {
         let addr = self
             .by_addr
             .iter()
             .find(|(_, e)| e.id == sandbox)
             .map(|(a, _)| *a);
-        match addr.and_then(|a| self.by_addr.remove(&a)) {
-            Some(mut e) => {
-                e.cut_all();
-                true
-            }
-            None => false,
-        }
+        let mut e = addr.and_then(|a| self.by_addr.remove(&a))?;
+        e.cut_all();
+        Some(e.stats)
     }
 
     /// Replace the whole set: sandboxes not listed are removed, the others set.
@@ -633,12 +634,26 @@ mod tests {
         assert!(by_name.is_cancelled() && !by_addr.is_cancelled());
         assert_eq!(t.open_connections(SRC), 1);
 
+        // Allowed by an address rule with a name that resolved there: a policy that keeps only
+        // the name rule keeps it.
+        t.set(sp(
+            id,
+            SRC,
+            policy(&["203.0.113.20:22", "203.0.113.10"], &[]),
+        ));
+        let (_, by_addr_named) =
+            allowed(t.decide_connection(SRC, id, A, 8080, Some("pypi.org".into()), now));
+        assert!(t
+            .set(sp(id, SRC, policy(&["203.0.113.20:22", "pypi.org"], &[])))
+            .is_empty());
+        assert!(!by_addr_named.is_cancelled());
+
         // A deny rule for the address cuts the other one.
         let cuts = t.set(sp(id, SRC, policy(&["*"], &["203.0.113.20"])));
         assert_eq!(cuts.len(), 1);
-        assert!(by_addr.is_cancelled());
+        assert!(by_addr.is_cancelled() && !by_addr_named.is_cancelled());
         let stats = t.get(SRC).expect("entry").stats.snapshot();
-        assert_eq!(stats.connections_allowed, 2);
+        assert_eq!(stats.connections_allowed, 3);
         assert_eq!(stats.connections_denied, 0);
     }
 
@@ -655,9 +670,9 @@ mod tests {
         t.sync(vec![sp(b, src_b, policy(&["*"], &[]))]);
         assert!(ca.is_cancelled() && !cb.is_cancelled());
         assert!(t.get(SRC).is_none());
-        assert!(t.remove(b));
+        assert!(t.remove(b).is_some());
         assert!(cb.is_cancelled());
-        assert!(!t.remove(b));
+        assert!(t.remove(b).is_none());
         // A connection decided for a sandbox that is gone is denied.
         assert!(matches!(
             t.decide_connection(SRC, a, A, 80, None, now),

@@ -14,7 +14,8 @@ pub fn lock_table(table: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
     table.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Accept errors that say nothing about the listener (a peer gone, descriptors short).
+/// Accept and receive errors that say nothing about the socket itself (a peer gone, an ICMP
+/// error for an earlier datagram, descriptors or memory short for a moment).
 pub fn is_transient(e: &std::io::Error) -> bool {
     use nix::errno::Errno;
     let Some(raw) = e.raw_os_error() else {
@@ -29,6 +30,8 @@ pub fn is_transient(e: &std::io::Error) -> bool {
             | Errno::ENOMEM
             | Errno::EPROTO
             | Errno::EINTR
+            | Errno::EHOSTUNREACH
+            | Errno::ENETUNREACH
     )
 }
 

@@ -177,12 +177,8 @@ fn http_host(buf: &[u8]) -> Sniff {
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(buf) {
         Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => {
-            // A partial request whose headers are all there (a long header still being sent
-            // is the only way to get here with Host already parsed) still needs its end: the
-            // parser only fills headers on completion.
-            return Sniff::Incomplete;
-        }
+        // The headers end with an empty line; until then Host may still come.
+        Ok(httparse::Status::Partial) => return Sniff::Incomplete,
         Err(_) => return Sniff::NoName,
     }
     let Some(host) = request

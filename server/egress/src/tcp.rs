@@ -35,9 +35,11 @@ pub const PEEK_TIMEOUT: Duration = Duration::from_secs(5);
 pub const PEEK_TIMEOUT_DENIED: Duration = Duration::from_millis(500);
 /// Longest wait for the destination to accept; past it the client is reset.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Copy buffer per direction and connection: with the peek buffer, a connection holds at most
-/// about 50 KiB of the filter's memory.
-const COPY_BUF: usize = 16 * 1024;
+/// Copy buffer per direction and connection, at first: a read that fills it doubles it, up to
+/// [`COPY_BUF_MAX`], so that a bulk transfer needs fewer system calls while most connections
+/// (a request, an answer) hold little memory. At most about 150 KiB per connection.
+const COPY_BUF: usize = 8 * 1024;
+const COPY_BUF_MAX: usize = 64 * 1024;
 /// At most one log line per this period for what a sandbox can repeat at will.
 const LOG_PERIOD: Duration = Duration::from_secs(10);
 /// Most connections the filter holds at once, all sandboxes together (each is two descriptors).
@@ -319,6 +321,9 @@ where
         }
         w.write_all(&buf[..n]).await?;
         stats.add(counter, n as u64);
+        if n == buf.len() && buf.len() < COPY_BUF_MAX {
+            buf.resize(buf.len() * 2, 0);
+        }
     }
 }
 
@@ -328,4 +333,131 @@ pub fn describe(listener: &TcpListener) -> String {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| Ipv4Addr::UNSPECIFIED.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::sync::atomic::Ordering;
+
+    /// A connected pair on loopback: (the client's end, the filter's end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (client.expect("connect"), accepted.expect("accept").0)
+    }
+
+    #[tokio::test]
+    async fn peek_reads_until_the_name_and_keeps_the_bytes() {
+        let (mut client, mut filter) = pair().await;
+        let req = b"GET / HTTP/1.1\r\nHost: pypi.org\r\n\r\n";
+        client.write_all(&req[..10]).await.expect("write");
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            client.write_all(&req[10..]).await.expect("write");
+            client
+        });
+        let mut buf = Vec::new();
+        let name = peek(&mut filter, &mut buf, PEEK_TIMEOUT)
+            .await
+            .expect("peek");
+        assert_eq!(name.as_deref(), Some("pypi.org"));
+        assert_eq!(buf, req);
+        drop(writer.await);
+    }
+
+    #[tokio::test]
+    async fn peek_gives_up_after_its_wait_or_its_limit() {
+        let (_client, mut filter) = pair().await;
+        let start = Instant::now();
+        let mut buf = Vec::new();
+        let name = peek(&mut filter, &mut buf, Duration::from_millis(200))
+            .await
+            .expect("peek");
+        assert_eq!(name, None);
+        assert!(start.elapsed() >= Duration::from_millis(200));
+
+        // A request line longer than the limit.
+        let (mut client, mut filter) = pair().await;
+        let mut long = b"GET /".to_vec();
+        long.resize(PEEK_MAX + 100, b'a');
+        let w = tokio::spawn(async move {
+            let _ = client.write_all(&long).await;
+            client
+        });
+        let mut buf = Vec::new();
+        let name = peek(&mut filter, &mut buf, PEEK_TIMEOUT)
+            .await
+            .expect("peek");
+        assert_eq!((name, buf.len()), (None, PEEK_MAX));
+        drop(w.await);
+    }
+
+    #[tokio::test]
+    async fn relay_counts_both_ways_and_a_cut_resets_the_client() {
+        // The destination: an echo server.
+        let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let SocketAddr::V4(dest) = echo.local_addr().expect("addr") else {
+            panic!("v4")
+        };
+        tokio::spawn(async move {
+            let (mut s, _) = echo.accept().await.expect("accept");
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+        let (mut client, filter) = pair().await;
+        let stats = Arc::new(Stats::default());
+        let cut = CancellationToken::new();
+        let relay_task = {
+            let (stats, cut) = (Arc::clone(&stats), cut.clone());
+            tokio::spawn(async move { relay(filter, dest, b"first".to_vec(), &stats, &cut).await })
+        };
+        let mut got = [0u8; 5];
+        client
+            .read_exact(&mut got)
+            .await
+            .expect("read the first bytes back");
+        assert_eq!(&got, b"first");
+        let data = vec![1u8; 200_000];
+        client.write_all(&data).await.expect("write");
+        let mut back = vec![0u8; data.len()];
+        client.read_exact(&mut back).await.expect("read back");
+        assert_eq!(back, data);
+        assert_eq!(stats.bytes_out.load(Ordering::Relaxed), 200_005);
+        assert_eq!(stats.bytes_in.load(Ordering::Relaxed), 200_005);
+        cut.cancel();
+        relay_task.await.expect("relay ends");
+        let mut b = [0u8; 1];
+        let r = client.read(&mut b).await;
+        assert!(
+            matches!(&r, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_destination_resets_the_client() {
+        let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let SocketAddr::V4(dest) = closed.local_addr().expect("addr") else {
+            panic!("v4")
+        };
+        drop(closed);
+        let (mut client, filter) = pair().await;
+        relay(
+            filter,
+            dest,
+            Vec::new(),
+            &Stats::default(),
+            &CancellationToken::new(),
+        )
+        .await;
+        let mut b = [0u8; 1];
+        let r = client.read(&mut b).await;
+        assert!(
+            matches!(&r, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "{r:?}"
+        );
+    }
 }

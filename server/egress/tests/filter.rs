@@ -90,10 +90,19 @@ fn can_run() -> bool {
         && *NFT.get_or_init(|| {
             if !have_nft() {
                 eprintln!("nft is missing: apt-get install -y nftables");
-                let _ = Command::new("apt-get")
-                    .args(["install", "-y", "-q", "nftables"])
-                    .env("DEBIAN_FRONTEND", "noninteractive")
-                    .status();
+                let apt = |args: &[&str]| {
+                    Command::new("apt-get")
+                        .args(args)
+                        .env("DEBIAN_FRONTEND", "noninteractive")
+                        .stdout(Stdio::null())
+                        .status()
+                        .is_ok_and(|s| s.success())
+                };
+                // A fresh machine may have no package lists yet.
+                if !apt(&["install", "-y", "-q", "nftables"]) {
+                    apt(&["update", "-q"]);
+                    apt(&["install", "-y", "-q", "nftables"]);
+                }
             }
             have_nft()
         });
@@ -228,6 +237,17 @@ impl Filter {
             control: control_path,
             _dir: TempDir(dir),
         }
+    }
+
+    /// A field of the filter's `/proc/<pid>/status`.
+    fn status(&self, field: &str) -> String {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .unwrap_or_else(|| panic!("no {field} in the filter's status"))
+            .trim()
+            .to_owned()
     }
 
     async fn daemon(&self) -> Daemon {
@@ -553,6 +573,11 @@ fn names_over_http_and_tls_forged_names_and_denials() {
         let tls = internet().await;
         let filter = Filter::start().await;
         let mut d = filter.daemon().await;
+        // It serves as nobody, without any capability, under its own seccomp filter.
+        assert_eq!(filter.status("Uid:"), "65534\t65534\t65534\t65534");
+        assert_eq!(filter.status("CapEff:"), "0000000000000000");
+        assert_eq!(filter.status("NoNewPrivs:"), "1");
+        assert_eq!(filter.status("Seccomp:"), "2");
         let id = Uuid::new_v4();
         d.send(&FilterRequest::Sync {
             sandboxes: vec![sp(id, r#"{"allow":["allowed.example","*.wild.example"]}"#)],
@@ -673,6 +698,28 @@ fn private_ranges_rebinding_and_strangers() {
     in_netns(|| async {
         let _tls = internet().await;
         let filter = Filter::start().await;
+        // Only the daemon's uid may use the control socket: another gets no Ready line.
+        std::fs::set_permissions(
+            &filter.control,
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+        let out = {
+            let _g = spawn_lock();
+            Command::new("python3")
+                .args([
+                    "-c",
+                    "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); \
+                     s.settimeout(5); print(repr(s.recv(100)))",
+                ])
+                .arg(&filter.control)
+                .uid(NOBODY)
+                .gid(NOBODY)
+                .output()
+                .expect("python3")
+        };
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "b''");
         let mut d = filter.daemon().await;
         let id = Uuid::new_v4();
         d.send(&FilterRequest::Sync {
@@ -718,11 +765,10 @@ fn private_ranges_rebinding_and_strangers() {
             ("dns", Some(Ipv4Addr::LOCALHOST), DenialReason::PrivateRange)
         );
 
-        // A source without a policy is reset, and records nothing (it has no sandbox).
-        let mut s = connect_from(STRANGER, SocketAddrV4::new(WEB2, 80))
-            .await
-            .unwrap();
-        assert_reset("stranger", async move {
+        // A source without a policy is reset, and records nothing (it has no sandbox). The
+        // reset may come before connect() returns (the filter reads nothing first).
+        assert_reset("stranger", async {
+            let mut s = connect_from(STRANGER, SocketAddrV4::new(WEB2, 80)).await?;
             s.write_all(b"GET / HTTP/1.1\r\nHost: x.example\r\n\r\n")
                 .await?;
             let mut b = [0u8; 1];
@@ -835,6 +881,11 @@ fn counters_add_up_and_a_policy_change_cuts_an_open_connection() {
         // A new daemon connection replaces the old one and gets every sandbox's totals after
         // its Sync (the bytes survived the policy change).
         let mut d2 = filter.daemon().await;
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Ok(Some(_)) = d.lines.next_line().await {}
+        })
+        .await;
+        assert!(closed.is_ok(), "the replaced daemon connection stays open");
         d2.send(&FilterRequest::Sync {
             sandboxes: vec![sp(id, r#"{"allow":["other.example"]}"#)],
         })
