@@ -103,8 +103,9 @@ pub struct ValidNet {
     pub gateway: std::net::Ipv4Addr,
     pub peers: Vec<(String, std::net::Ipv4Addr)>,
     pub ports: Vec<PortMapping>,
-    /// The gateway answers DNS (egress is configured: `--egress-dns`), so resolv.conf names it.
-    pub resolver: bool,
+    /// The sandbox's name server: the gateway, where the egress filter answers, when this
+    /// helper has egress (`--egress-dns`); none otherwise.
+    pub resolver: Option<std::net::Ipv4Addr>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -194,9 +195,9 @@ pub fn validate_network(
         address: net.address,
         prefix_len: subnet.prefix_len(),
         gateway: subnet.gateway(),
-        resolver: config.egress.dns.is_some(),
         peers,
         ports: net.ports.clone(),
+        resolver: config.egress.dns.map(|_| subnet.gateway()),
     })
 }
 

@@ -22,18 +22,20 @@ pub fn hosts(hostname: &str, net: Option<&ValidNet>) -> String {
 }
 
 /// /etc/resolv.conf: with egress, the gateway (the egress filter answers the names the
-/// sandbox's policy allows, NXDOMAIN for the rest); without, no name server is reachable from a
-/// sandbox (nothing is routed beyond the daemon's bridges), so none is listed. Names of the
-/// group resolve through /etc/hosts either way.
+/// sandbox's policy allows, NXDOMAIN for the rest); without it no name server is reachable from
+/// a sandbox (nothing is routed beyond the daemon's bridges), so none is listed, and names of
+/// the group resolve through /etc/hosts.
 pub fn resolv_conf(net: Option<&ValidNet>) -> String {
     match net {
         None => {
             "# sandboxd: this sandbox has no network (mode \"none\"), so no name servers\n".into()
         }
-        Some(net) if net.resolver => format!(
-            "# sandboxd: the gateway answers the names this sandbox's egress policy allows\n\
-             nameserver {}\noptions timeout:2 attempts:2\n",
-            net.gateway
+        Some(ValidNet {
+            resolver: Some(gateway),
+            ..
+        }) => format!(
+            "# sandboxd: the gateway answers the names the egress policy allows\n\
+             nameserver {gateway}\n"
         ),
         Some(_) => "# sandboxd: bridged network without a way out, so no name servers;\n\
                     # the sandboxes of the group are in /etc/hosts\n"
@@ -57,7 +59,7 @@ pub fn sample_net() -> ValidNet {
             ("box".into(), "10.88.0.9".parse().unwrap()),
         ],
         ports: vec![],
-        resolver: false,
+        resolver: None,
     }
 }
 
@@ -75,7 +77,7 @@ mod tests {
         assert!(!text.contains("10.88.0.9"));
         assert!(resolv_conf(Some(&net)).lines().all(|l| l.starts_with('#')));
         let with_egress = ValidNet {
-            resolver: true,
+            resolver: Some(net.gateway),
             ..net
         };
         assert!(resolv_conf(Some(&with_egress)).contains("\nnameserver 10.88.0.1\n"));

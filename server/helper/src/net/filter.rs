@@ -259,7 +259,8 @@ impl Child<'_> {
         nix::unistd::dup2(null.as_raw_fd(), 0).map_err(|e| format!("stdin: {e}"))?;
         nix::unistd::dup2(null.as_raw_fd(), 1).map_err(|e| format!("stdout: {e}"))?;
         nix::unistd::dup2(self.log.as_raw_fd(), 2).map_err(|e| format!("stderr: {e}"))?;
-        // Closed before the sweep below, which would otherwise close it under its owner.
+        // Closed now: `close_all_except` below closes every other descriptor, and an owned one
+        // dropped after that would abort the process (std's IO safety check on EBADF).
         drop(null);
         // The pid file, while still root (the helper's directory is root's).
         let pid = nix::unistd::getpid().as_raw();

@@ -280,6 +280,7 @@ impl Network {
             &uplink::HubRules {
                 subnet,
                 filter_port: uplink::FILTER_PORT,
+                filter_uid: config.allow_uid,
             },
         )
         .map_err(|e| chain(&e))?;

@@ -87,6 +87,7 @@ pub enum Hook {
     Prerouting = 0,
     Input = 1,
     Forward = 2,
+    Output = 3,
     Postrouting = 4,
 }
 
@@ -145,6 +146,7 @@ pub enum Expr {
 pub enum MetaKey {
     IifName = 6,
     OifName = 7,
+    SkUid = 10,
     L4Proto = 16,
 }
 
@@ -246,6 +248,17 @@ pub mod matches {
 
     fn host(addr: Ipv4Addr) -> Ipv4Net {
         Ipv4Net::new(addr, 32).unwrap_or_else(|| unreachable!("a /32 has no host bits"))
+    }
+
+    /// The packet's socket belongs to `uid` (locally generated packets with a full socket).
+    pub fn skuid(uid: u32) -> Vec<Expr> {
+        vec![
+            Expr::Meta(MetaKey::SkUid),
+            Expr::Cmp {
+                equal: true,
+                data: uid.to_ne_bytes().to_vec(),
+            },
+        ]
     }
 
     /// `ct state` has any of `bits`.
@@ -804,7 +817,13 @@ mod tests {
             rs.base_chain("nat", Hook::Prerouting, -100, ChainType::Nat);
             rs.base_chain("post", Hook::Postrouting, 100, ChainType::Nat);
             rs.base_chain("in", Hook::Input, 0, ChainType::Filter);
+            rs.base_chain("out", Hook::Output, 0, ChainType::Filter);
             rs.chain("sbx");
+            rs.rule(
+                "out",
+                &[matches::oifname("uplink0", true), matches::skuid(999)],
+                Expr::Verdict(Verdict::Accept),
+            );
             let net = "10.88.0.0/16".parse().unwrap();
             rs.rule(
                 "pre",

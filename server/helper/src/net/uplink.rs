@@ -17,7 +17,9 @@
 //!   accept (the nat chain redirects it); anything else reject (ICMP port unreachable: fast);
 //! * prerouting (nat, -100): TCP from a sandbox device to outside the subnet → redirect to the
 //!   filter's port on the gateway (the original destination stays readable: `SO_ORIGINAL_DST`);
-//! * input (filter, 0): from `uplink0` only replies (established, related).
+//! * input (filter, 0): from `uplink0` only replies (established, related);
+//! * output (filter, 0): out of `uplink0` only packets of the filter's sockets (the daemon's
+//!   uid) and replies.
 //!
 //! IP forwarding stays off in the hub: the filter terminates every TCP connection and opens its
 //! own from the hub's link address, and nothing else leaves. UDP beyond DNS is refused.
@@ -121,6 +123,8 @@ impl Names {
 pub struct HubRules {
     pub subnet: Ipv4Net,
     pub filter_port: u16,
+    /// The filter's uid (the daemon's): only its sockets open connections out of `uplink0`.
+    pub filter_uid: u32,
 }
 
 /// The hub's ruleset (see the module documentation).
@@ -130,6 +134,7 @@ pub fn hub_ruleset(table: &str, rules: &HubRules) -> Ruleset {
     rs.chain("from_sandbox");
     rs.base_chain("redirect", Hook::Prerouting, -100, ChainType::Nat);
     rs.base_chain("input", Hook::Input, 0, ChainType::Filter);
+    rs.base_chain("output", Hook::Output, 0, ChainType::Filter);
     for prefix in SANDBOX_DEVICE_PREFIXES {
         rs.rule(
             "prerouting",
@@ -168,6 +173,25 @@ pub fn hub_ruleset(table: &str, rules: &HubRules) -> Ruleset {
     rs.rule(
         "input",
         &[m::iifname(HUB_LINK)],
+        Expr::Verdict(Verdict::Drop),
+    );
+    // Out of the uplink: the filter's own connections and replies, nothing else of the hub's.
+    rs.rule(
+        "output",
+        &[m::oifname(HUB_LINK, true), m::skuid(rules.filter_uid)],
+        Expr::Verdict(Verdict::Accept),
+    );
+    rs.rule(
+        "output",
+        &[
+            m::oifname(HUB_LINK, true),
+            m::ct_state(nft::CT_ESTABLISHED | nft::CT_RELATED),
+        ],
+        Expr::Verdict(Verdict::Accept),
+    );
+    rs.rule(
+        "output",
+        &[m::oifname(HUB_LINK, true)],
         Expr::Verdict(Verdict::Drop),
     );
     rs
@@ -411,6 +435,7 @@ mod tests {
             &HubRules {
                 subnet: "10.88.0.0/16".parse().unwrap(),
                 filter_port: FILTER_PORT,
+                filter_uid: 999,
             },
         );
         let redirects: Vec<_> = rs.rules.iter().filter(|(c, _)| c == "redirect").collect();
