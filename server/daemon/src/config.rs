@@ -209,11 +209,11 @@ pub struct TransportArgs {
 /// 256M = 256 MiB), optionally followed by `i`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LimitArgs {
-    /// Default memory limit of a sandbox (0 for none). It bounds its tmpfs mounts too (their
-    /// pages are charged to the sandbox's cgroup), so one sandbox cannot pin the host's memory.
-    #[arg(long, env = "SANDBOXD_DEFAULT_MEMORY", value_name = "SIZE",
-          default_value = "1G", value_parser = limits::parse_size)]
-    pub default_memory: u64,
+    /// Default memory limit of a sandbox (0 for none; default 1G, or --max-memory when that is
+    /// lower). It bounds its tmpfs mounts too (their pages are charged to the sandbox's cgroup),
+    /// so one sandbox cannot pin the host's memory.
+    #[arg(long, env = "SANDBOXD_DEFAULT_MEMORY", value_name = "SIZE", value_parser = limits::parse_size)]
+    pub default_memory: Option<u64>,
     /// Default `limits.disk_bytes`: the size of a sandbox's own filesystem (/work, /tmp, an
     /// image root's changes), where the host can mount one (privileged, with loop devices);
     /// writing past it fails with ENOSPC inside. 0 for none.
@@ -266,7 +266,13 @@ impl LimitArgs {
     /// The policy, checked for consistency (defaults well-formed and within the maximums).
     pub fn policy(&self) -> Result<LimitPolicy, ConfigError> {
         let policy = LimitPolicy {
-            default_memory: Some(self.default_memory).filter(|m| *m > 0),
+            default_memory: match self.default_memory {
+                Some(0) => None,
+                Some(m) => Some(m),
+                None => Some(self.max_memory.map_or(limits::DEFAULT_MEMORY, |max| {
+                    max.min(limits::DEFAULT_MEMORY)
+                })),
+            },
             max_memory: self.max_memory,
             default_disk: Some(self.default_disk).filter(|d| *d > 0),
             default_cpus: self.default_cpus,
@@ -342,6 +348,9 @@ mod tests {
         assert_eq!(none.limits.policy().unwrap().default_memory, None);
         let plain = Args::try_parse_from(["sandboxd"]).unwrap();
         assert_eq!(plain.limits.policy().unwrap().default_memory, Some(1 << 30));
+        // A lower maximum lowers the implicit default (an explicit one above it is an error).
+        let low = Args::try_parse_from(["sandboxd", "--max-memory", "256M"]).unwrap();
+        assert_eq!(low.limits.policy().unwrap().default_memory, Some(256 << 20));
         assert_eq!(p.default_output_bytes, 64 << 20);
         assert_eq!(p.max_output_bytes, 1 << 30);
         let args =

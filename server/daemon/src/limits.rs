@@ -19,6 +19,8 @@ pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * KIB;
 pub const GIB: u64 = 1024 * MIB;
 
+/// Default `limits.memory_bytes` (`--default-memory`; applied only where memory can be enforced).
+pub const DEFAULT_MEMORY: u64 = GIB;
 /// Default `limits.pids` (applied only where pids can be enforced).
 pub const DEFAULT_PIDS: u64 = 4096;
 /// Default and largest `limits.output_bytes`.

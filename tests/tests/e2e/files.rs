@@ -969,7 +969,9 @@ fn the_file_worker_is_the_sandboxs_root_without_capabilities() {
 }
 
 fn a_running_sandbox_is_reached_through_its_own_root(mode: Mode) {
-    let d = Daemon::start(mode);
+    // Without a disk cap, /tmp is a tmpfs (with one, it lives on the sandbox's own filesystem
+    // and stays until delete, like /work).
+    let d = Daemon::start_with(mode, &["--default-disk", "0"]);
     // The running sandbox's tmpfs /tmp is its own: the API sees it while it runs.
     let s = d.create(json!({
         "command": ["sh", "-c", "echo running > /tmp/state; echo $$ > /work/pid; \
