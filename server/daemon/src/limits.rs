@@ -328,6 +328,24 @@ pub struct Resolved {
     pub limits: Limits,
 }
 
+/// Fit the disk cap to the filesystem that will hold it (`capacity` bytes, the state
+/// directory's): a requested cap beyond it is refused (the sandbox's filesystem could never be
+/// made, or never be filled), a default one is lowered to it.
+pub fn fit_disk(resolved: &mut Resolved, requested: bool, capacity: u64) -> Result<(), LimitError> {
+    let Some(disk) = resolved.spawn.disk_bytes.filter(|d| *d > capacity) else {
+        return Ok(());
+    };
+    if requested {
+        return Err(LimitError::Exceeded(format!(
+            "limits.disk_bytes: {disk} is more than the daemon's state filesystem holds \
+             ({capacity} bytes)"
+        )));
+    }
+    resolved.spawn.disk_bytes = Some(capacity);
+    resolved.limits.disk_bytes = Some(capacity);
+    Ok(())
+}
+
 fn above_max(
     field: &str,
     value: impl std::fmt::Display,
@@ -453,6 +471,35 @@ pub fn check_ttl(policy: &LimitPolicy, ttl_secs: u64) -> Result<(), LimitError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_disk_cap_beyond_the_filesystem_is_refused_when_asked_and_lowered_by_default() {
+        let resolved = |disk: u64| Resolved {
+            spawn: SpawnLimits {
+                disk_bytes: Some(disk),
+                ..SpawnLimits::default()
+            },
+            limits: Limits {
+                disk_bytes: Some(disk),
+                ..Limits::default()
+            },
+        };
+        let mut r = resolved(10 * GIB);
+        assert!(fit_disk(&mut r, true, 20 * GIB).is_ok());
+        assert_eq!(r.spawn.disk_bytes, Some(10 * GIB));
+        let mut r = resolved(1 << 50);
+        let err = fit_disk(&mut r, true, 20 * GIB).unwrap_err();
+        assert!(
+            matches!(&err, LimitError::Exceeded(m) if m.contains("limits.disk_bytes")),
+            "{err}"
+        );
+        let mut r = resolved(10 * GIB);
+        assert!(fit_disk(&mut r, false, 4 * GIB).is_ok());
+        assert_eq!(
+            (r.spawn.disk_bytes, r.limits.disk_bytes),
+            (Some(4 * GIB), Some(4 * GIB))
+        );
+    }
 
     #[test]
     fn sizes_parse() {

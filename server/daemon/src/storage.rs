@@ -85,6 +85,15 @@ pub struct FreeSpace {
     reserve: Reserve,
 }
 
+/// Size of the filesystem that holds `path`, in bytes.
+pub fn capacity(path: &Path) -> Result<u64, StorageError> {
+    let st = nix::sys::statvfs::statvfs(path).map_err(|source| StorageError::Statvfs {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok((st.blocks() as u64).saturating_mul(st.fragment_size() as u64))
+}
+
 impl FreeSpace {
     pub fn new(path: &Path, reserve: Reserve) -> Self {
         FreeSpace {

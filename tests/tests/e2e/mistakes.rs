@@ -1,6 +1,7 @@
 //! User mistakes get a 4xx that says what happened, never a 5xx or a misleading message: an
 //! exec racing its sandbox's exit is 409 `not_running`; a start while a file transfer holds the
-//! sandbox names the transfer; `sbx` prints a sandbox's `error` field.
+//! sandbox names the transfer; `sbx` prints a sandbox's `error` field; a disk cap beyond what
+//! the state filesystem holds is 422, not a `spawn_failed` 500.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -163,3 +164,43 @@ fn sbx_prints_a_sandboxs_error(mode: Mode) {
     assert_eq!(doc["error"], json!(error));
 }
 both_modes!(sbx_prints_a_sandboxs_error);
+
+/// `limits.disk_bytes` larger than the daemon's state filesystem (here 1 PiB, which ext4 cannot
+/// even size a file to) is the client's mistake: 422 naming the field, for a create and for a
+/// created sandbox's start alike; a cap that fits still works.
+#[test]
+fn a_disk_cap_beyond_the_filesystem_is_422() {
+    let d = Daemon::start(Mode::Privileged);
+    let info = d.get("/v1/info").json();
+    if !info["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l == "disk")
+    {
+        assert!(
+            std::env::var("SANDBOXD_E2E_REQUIRE").is_err(),
+            "this host cannot enforce disk limits: {info}"
+        );
+        return;
+    }
+    for start in [true, false] {
+        let reply = d
+            .request("POST", "/v1/sandboxes")
+            .json(
+                &json!({"command": ["true"], "start": start, "limits": {"disk_bytes": 1u64 << 50}}),
+            )
+            .send();
+        assert_eq!(reply.status, 422, "{}", reply.body);
+        let body = reply.json();
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("limits.disk_bytes"),
+            "{body}"
+        );
+    }
+    let s = d.create(json!({"command": ["true"], "limits": {"disk_bytes": 64u64 << 20}}));
+    assert_eq!(d.wait(&s.id.to_string()).state, SandboxState::Exited);
+}

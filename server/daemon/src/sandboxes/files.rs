@@ -102,7 +102,8 @@ impl Service {
         };
         let v = ValidCreate::parse(sandbox.spec.clone())
             .map_err(|e| corrupt(format!("stored spec: {}", e.0)))?;
-        let resolved = limits::resolve(&self.policy, self.host_limits().await?, &v.spec)?;
+        let mut resolved = limits::resolve(&self.policy, self.host_limits().await?, &v.spec)?;
+        self.fit_disk(&mut resolved, &v.spec)?;
         let capabilities =
             limits::resolve_capabilities(&self.policy, v.spec.capabilities.as_ref())?;
         let uid_slot = self.store.uid_slot(sandbox.id).await?;

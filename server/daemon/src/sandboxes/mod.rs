@@ -237,6 +237,26 @@ impl Service {
         }
     }
 
+    /// Fit the sandbox's disk cap to the state filesystem, which holds its image
+    /// ([`limits::fit_disk`]). A filesystem that cannot be measured leaves the cap as it is.
+    pub(crate) fn fit_disk(
+        &self,
+        resolved: &mut limits::Resolved,
+        spec: &sandboxd_api::CreateSandbox,
+    ) -> Result<(), SandboxError> {
+        match crate::storage::capacity(&self.state_dir) {
+            Ok(capacity) => Ok(limits::fit_disk(
+                resolved,
+                spec.limits.disk_bytes.is_some(),
+                capacity,
+            )?),
+            Err(e) => {
+                tracing::warn!(error = %crate::chain(&e), "cannot measure the state filesystem");
+                Ok(())
+            }
+        }
+    }
+
     pub fn policy(&self) -> &LimitPolicy {
         &self.policy
     }
@@ -333,7 +353,8 @@ impl Service {
         v: ValidCreate,
         wait: bool,
     ) -> Result<Sandbox, SandboxError> {
-        let resolved = limits::resolve(&self.policy, self.host_limits().await?, &v.spec)?;
+        let mut resolved = limits::resolve(&self.policy, self.host_limits().await?, &v.spec)?;
+        self.fit_disk(&mut resolved, &v.spec)?;
         self.require_storage()?;
         let capabilities =
             limits::resolve_capabilities(&self.policy, v.spec.capabilities.as_ref())?;
