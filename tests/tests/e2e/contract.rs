@@ -97,9 +97,21 @@ fn schemathesis_finds_nothing() {
             .env("SCHEMATHESIS_HOOKS", "")
             .env("NO_COLOR", "1"),
     );
+    // A spawn_failed answer keeps its detail in the sandbox's error field: show those.
+    let failed: String = if ok {
+        String::new()
+    } else {
+        let list = d.get("/v1/sandboxes?state=failed&limit=1000").json();
+        list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| format!("{} {}: {}\n", s["id"], s["reason"], s["error"]))
+            .collect()
+    };
     assert!(
         ok,
-        "schemathesis found problems:\n{text}\n--- daemon log ---\n{}",
+        "schemathesis found problems:\n{text}\n--- failed sandboxes ---\n{failed}\n--- daemon log ---\n{}",
         tail(&d.log())
     );
 }
