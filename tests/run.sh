@@ -19,6 +19,24 @@ if ! out="$(pip_install "$osv" 2>&1)"; then
     pip_install --break-system-packages "$osv"
 fi
 python3 -m openapi_spec_validator openapi.yaml
+
+# --- issue 17: the contract proven by outside tools (schemathesis, openapi-python-client) ---
+# Installed (pinned, tests/contract/requirements.txt) into a virtual environment of their own;
+# the e2e tests in tests/tests/e2e/contract.rs run them against a real daemon and fail the run
+# on any finding (they fail, not skip, under SANDBOXD_E2E_REQUIRE=1 without these tools).
+echo "== contract tools (schemathesis, openapi-python-client) into target/contract-tools"
+tools="$PWD/target/contract-tools"
+if ! "$tools/bin/python" -c 'import sys' 2>/dev/null; then
+    if ! python3 -m venv "$tools" 2>/dev/null; then
+        # Debian's python3 keeps venv in a package of its own.
+        rm -rf "$tools"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+        python3 -m venv "$tools"
+    fi
+fi
+"$tools/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/contract/requirements.txt
+export SANDBOXD_CONTRACT_TOOLS="$tools/bin"
+# --- end of issue 17's block ---
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy (warnings are errors)"

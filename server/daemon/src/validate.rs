@@ -22,6 +22,9 @@ pub const MIN_OUTPUT_BYTES: u64 = 1024;
 /// Smallest `limits.disk_bytes` (ext4 needs some room of its own).
 pub const MIN_DISK_BYTES: u64 = 16 << 20;
 
+/// The largest integer the contract (int64) and the database hold.
+pub const MAX_INT64: u64 = i64::MAX as u64;
+
 pub const DEFAULT_CWD: &str = "/work";
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -69,6 +72,8 @@ impl ValidCreate {
         check_args("command", &spec.command)?;
         if let Some(entrypoint) = &spec.entrypoint {
             check_args("entrypoint", entrypoint)?;
+            let both: Vec<String> = entrypoint.iter().chain(&spec.command).cloned().collect();
+            check_args("entrypoint and command together", &both)?;
         }
         // Without an image nothing else can say what to run.
         if spec.rootfs.is_none() {
@@ -221,6 +226,20 @@ impl ValidCreate {
 
 /// The form of each limit (400 when malformed); maximums and enforceability are `limits.rs`'s.
 pub fn check_limits(l: &Limits) -> Result<(), ValidationError> {
+    // Sizes and counts are int64 in the contract and in the database: a larger u64 is a 400,
+    // never a store error (schemathesis sent 2^63).
+    for (field, value) in [
+        ("memory_bytes", l.memory_bytes),
+        ("pids", l.pids),
+        ("disk_bytes", l.disk_bytes),
+        ("output_bytes", l.output_bytes),
+    ] {
+        if value.is_some_and(|v| v > MAX_INT64) {
+            return Err(invalid(format!(
+                "limits.{field}: must be at most {MAX_INT64}"
+            )));
+        }
+    }
     if let Some(t) = l.timeout_secs {
         if !(1..=MAX_TIMEOUT_SECS).contains(&t) {
             return Err(invalid(format!(
@@ -474,6 +493,18 @@ mod tests {
         check(json!({"command": ["a\u{0}b"]}), Some("command"));
         check(json!({"command": ["x"], "env": {"1A": "x"}}), Some("env"));
         check(json!({"command": ["x"], "env": {"A_1": "x"}}), None);
+        for field in ["memory_bytes", "pids", "disk_bytes", "output_bytes"] {
+            check(
+                json!({"command": ["x"], "limits": {field: 9_223_372_036_854_775_808u64}}),
+                Some(&format!("limits.{field}")),
+            );
+        }
+        // The helper takes at most 4096 arguments in all: entrypoint and command together.
+        let half: Vec<String> = (0..2100).map(|i| i.to_string()).collect();
+        check(
+            json!({"entrypoint": half, "command": half}),
+            Some("entrypoint and command"),
+        );
         check(json!({"command": ["x"], "cwd": "rel"}), Some("cwd"));
         check(json!({"command": ["x"], "cwd": "/a/../b"}), Some("cwd"));
         check(
