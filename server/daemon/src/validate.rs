@@ -261,8 +261,13 @@ pub fn check_limits(l: &Limits) -> Result<(), ValidationError> {
             )));
         }
     }
-    if l.pids == Some(0) {
-        return Err(invalid("limits.pids: must be at least 1"));
+    if l.pids
+        .is_some_and(|p| !(1..=sandboxd_protocol::wire::MAX_PIDS).contains(&p))
+    {
+        return Err(invalid(format!(
+            "limits.pids: must be between 1 and {} (the kernel's most)",
+            sandboxd_protocol::wire::MAX_PIDS
+        )));
     }
     if l.disk_bytes.is_some_and(|d| d < MIN_DISK_BYTES) {
         return Err(invalid(format!(
@@ -533,6 +538,7 @@ mod tests {
             (json!({"cpus": -1}), "limits.cpus"),
             (json!({"cpus": 1025}), "limits.cpus"),
             (json!({"pids": 0}), "limits.pids"),
+            (json!({"pids": 4_194_305}), "limits.pids"),
             (json!({"output_bytes": 1023}), "limits.output_bytes"),
         ] {
             check(json!({"command": ["x"], "limits": limits}), Some(field));

@@ -304,7 +304,9 @@ pub fn validate(req: &SpawnRequest, config: &Config) -> Result<ValidSpawn, Valid
     if l.cpu_millis.is_some_and(|c| c == 0 || c > 1_024_000) {
         return Err(ValidateError::Limit("cpu_millis"));
     }
-    if l.pids == Some(0) {
+    if l.pids
+        .is_some_and(|p| !(1..=sandboxd_protocol::wire::MAX_PIDS).contains(&p))
+    {
         return Err(ValidateError::Limit("pids"));
     }
     if l.output_bytes < 1024 {

@@ -166,6 +166,9 @@ pub struct PortMapping {
 }
 
 /// Resource limits of a sandbox, already checked by the daemon against what the host enforces.
+/// Largest `pids` limit: the kernel's `PID_MAX_LIMIT` on 64-bit (`pids.max` refuses more).
+pub const MAX_PIDS: u64 = 4_194_304;
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpawnLimits {
