@@ -82,7 +82,11 @@ const HOST_ETC: &[&str] = &[
     "xattr.conf",
 ];
 
-/// Files of /proc that reveal or change host state: hidden behind /dev/null.
+/// Files of /proc that reveal or change host state: hidden behind /dev/null. Docker's default
+/// set first; then host kernel and hardware facts no sandboxed program needs (the kernel's boot
+/// line, its symbols, modules and configuration, physical memory and I/O maps, page and slab
+/// internals, the host's disks and swap, devices, interrupts, and every process's file locks).
+/// What ordinary tools read (`meminfo`, `cpuinfo`, `stat`, `loadavg`, `uptime`, `vmstat`) stays.
 const PROC_MASKED_FILES: &[&str] = &[
     "kcore",
     "keys",
@@ -90,6 +94,30 @@ const PROC_MASKED_FILES: &[&str] = &[
     "sched_debug",
     "latency_stats",
     "timer_stats",
+    "cmdline",
+    "kallsyms",
+    "modules",
+    "config.gz",
+    "kmsg",
+    "iomem",
+    "ioports",
+    "vmallocinfo",
+    "slabinfo",
+    "kpagecount",
+    "kpageflags",
+    "kpagecgroup",
+    "buddyinfo",
+    "pagetypeinfo",
+    "zoneinfo",
+    "partitions",
+    "diskstats",
+    "swaps",
+    "devices",
+    "interrupts",
+    "softirqs",
+    "locks",
+    "mtrr",
+    "dma",
 ];
 /// Directories of /proc hidden behind an empty read-only tmpfs.
 const PROC_MASKED_DIRS: &[&str] = &["acpi", "scsi", "asound"];
@@ -1071,6 +1099,30 @@ mask-file /proc/timer_list
 mask-file /proc/sched_debug
 mask-file /proc/latency_stats
 mask-file /proc/timer_stats
+mask-file /proc/cmdline
+mask-file /proc/kallsyms
+mask-file /proc/modules
+mask-file /proc/config.gz
+mask-file /proc/kmsg
+mask-file /proc/iomem
+mask-file /proc/ioports
+mask-file /proc/vmallocinfo
+mask-file /proc/slabinfo
+mask-file /proc/kpagecount
+mask-file /proc/kpageflags
+mask-file /proc/kpagecgroup
+mask-file /proc/buddyinfo
+mask-file /proc/pagetypeinfo
+mask-file /proc/zoneinfo
+mask-file /proc/partitions
+mask-file /proc/diskstats
+mask-file /proc/swaps
+mask-file /proc/devices
+mask-file /proc/interrupts
+mask-file /proc/softirqs
+mask-file /proc/locks
+mask-file /proc/mtrr
+mask-file /proc/dma
 mask-dir /proc/acpi
 mask-dir /proc/scsi
 mask-dir /proc/asound
