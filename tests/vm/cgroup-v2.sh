@@ -14,6 +14,15 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo="$(pwd)"
 cache="${SANDBOXD_VM_CACHE:-$repo/target/vm}"
+for dir in "$repo" "$cache"; do
+    case "$dir/" in
+        /tmp/* | /run/* | /var/cache/* | /var/tmp/*)
+            echo "the VM job cannot run from $dir: virtme-ng hides /tmp, /run, /var/cache and" \
+                "/var/tmp from the guest; use a checkout (and SANDBOXD_VM_CACHE) elsewhere" >&2
+            exit 1
+            ;;
+    esac
+done
 # The tests that need the unified hierarchy, and the limits, OOM and stats tests of both modes.
 # Skipped in the VM: what does not touch cgroups (output cap, TTL, the daemon's maximums), and
 # the CPU share measurement, which compares cgroup CPU time with wall-clock time and is not
