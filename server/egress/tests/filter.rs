@@ -216,7 +216,7 @@ impl Filter {
             for fd in [tcp.as_fd(), dns.as_fd(), control.as_fd()] {
                 inheritable(&fd, true);
             }
-            let child = Command::new(env!("CARGO_BIN_EXE_sandboxd-egress"))
+            let child = Command::new(filter_binary())
                 .arg("--config")
                 .arg(serde_json::to_string(&config).unwrap())
                 .env("SANDBOXD_EGRESS_LOG", "debug")
@@ -894,4 +894,20 @@ fn counters_add_up_and_a_policy_change_cuts_an_open_connection() {
         assert_eq!((c.bytes_out, c.bytes_in), (sent + 5, sent + 5));
         assert_eq!((c.connections_allowed, c.connections_denied), (1, 1));
     });
+}
+
+/// The filter binary where `nobody` may execute it: a copy in a 0755 directory of its own (a
+/// checkout under /root, which is 0700, is out of its reach).
+fn filter_binary() -> &'static std::path::Path {
+    use std::os::unix::fs::PermissionsExt;
+    static COPY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("sandboxd-egress-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create the binary's directory");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let bin = dir.join("sandboxd-egress");
+        std::fs::copy(env!("CARGO_BIN_EXE_sandboxd-egress"), &bin).expect("copy sandboxd-egress");
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        bin
+    })
 }
