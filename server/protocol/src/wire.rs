@@ -244,24 +244,10 @@ pub struct ImportedImage {
     pub config: ImageConfig,
 }
 
-/// What an image's configuration says about running it (the `config` object of a Docker or OCI
-/// image configuration), checked by the unpacker: environment entries are `NAME=value` with
-/// valid names, the working directory is absolute, the user parses as a `rules::UserSpec`, and
-/// no string holds a NUL byte.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageConfig {
-    /// `NAME=value` entries, in order.
-    #[serde(default)]
-    pub env: Vec<String>,
-    #[serde(default)]
-    pub entrypoint: Option<Vec<String>>,
-    #[serde(default)]
-    pub cmd: Option<Vec<String>>,
-    #[serde(default)]
-    pub working_dir: Option<String>,
-    #[serde(default)]
-    pub user: Option<String>,
-}
+/// What an image's configuration says about running it: the API's own type, checked by the
+/// unpacker (environment entries are `NAME=value` with valid names, the working directory is
+/// absolute, the user parses as a `rules::UserSpec`, and no string holds a NUL byte).
+pub use sandboxd_api::ImageConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -59,17 +59,6 @@ pub struct ResolvedImage {
     pub _guard: tokio::sync::OwnedRwLockReadGuard<()>,
 }
 
-/// The wire's image configuration (checked by the unpacker) as the API shows it.
-fn api_config(c: sandboxd_protocol::wire::ImageConfig) -> ImageConfig {
-    ImageConfig {
-        env: c.env,
-        entrypoint: c.entrypoint,
-        cmd: c.cmd,
-        working_dir: c.working_dir,
-        user: c.user,
-    }
-}
-
 /// How many bytes of an upload may arrive between two measurements of the free space.
 const UPLOAD_MEASURE_EVERY: u64 = 4 << 20;
 
@@ -266,7 +255,7 @@ impl Service {
             format: imported.format,
             layers: imported.layers,
             created_at_ms: self.clock.now_unix_ms(),
-            config: api_config(imported.config),
+            config: imported.config,
         };
         let _guard = self.image_lock.write().await;
         let refused = match self.store.insert_image(&new).await {
